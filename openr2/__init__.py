@@ -1,0 +1,30 @@
+"""openr2: an open, private DeepSeek-R2-class reasoning system.
+
+Public API (imported lazily so `import openr2` and `openr2 --help` stay instant):
+    load_model(path, dtype=torch.float32, device="cpu") -> model;  model(input_ids) -> logits
+    save_model(model, path)
+    ModelConfig.from_pretrained(path)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "load_model", "save_model"]
+
+if TYPE_CHECKING:
+    from openr2.config import ModelConfig
+    from openr2.model.hf_io import load_model, save_model
+
+
+def __getattr__(name: str):
+    if name == "ModelConfig":
+        from openr2.config import ModelConfig
+
+        return ModelConfig
+    if name in ("load_model", "save_model"):
+        from openr2.model import hf_io
+
+        return getattr(hf_io, name)
+    raise AttributeError(f"module 'openr2' has no attribute {name!r}")

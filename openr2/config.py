@@ -1,0 +1,264 @@
+"""ModelConfig: the architecture of a DeepSeek-V2/V3 model, read from and written to HF `config.json`.
+
+Owns key names (verbatim from the checkpoints), defaults per `model_type`, validation and derived
+values. It does not build modules (model/) or know tensor names (model/hf_io.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+ROUTING_METHODS = {  # topk_method -> scoring_func it needs
+    "greedy": "softmax",
+    "group_limited_greedy": "softmax",
+    "noaux_tc": "sigmoid",
+}
+_NULLABLE = {"q_lora_rank", "pad_token_id", "bos_token_id", "eos_token_id", "num_key_value_heads"}
+_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # nominal for MLA; kept for transformers
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    routed_scaling_factor: float = 2.5
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None = plain RoPE; else {"type": "yarn", "factor", "original_max_position_embeddings",
+    # "beta_fast", "beta_slow", "mscale", "mscale_all_dim", ...} (HF's rope_scaling, legacy spelling)
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    aux_loss_alpha: float = 0.0001
+    seq_aux: bool = True
+    # FP8 block format of the stored weights ({quant_method: fp8, weight_block_size: [128, 128]}), or None
+    quantization_config: dict | None = None
+    torch_dtype: str | None = None
+    source: str = field(default="<memory>", repr=False, compare=False)  # where it was read from, for errors
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_v3(self) -> bool:
+        return self.model_type == "deepseek_v3"
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule: dense for the first `first_k_dense_replace` layers, then MoE every `moe_layer_freq`."""
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under YaRN (as HF and vLLM do)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("mscale_all_dim"):
+            m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "<dict>") -> ModelConfig:
+        """Build from a parsed HF config.json dict. Unknown keys are ignored; bad values raise ValueError."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+        model_type = hf.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{source}: key 'model_type' is {model_type!r}; openr2 reads {', '.join(MODEL_TYPES)}")
+        defaults = _defaults_for(model_type)
+        names = {f.name for f in dataclasses.fields(cls)} - {"source", "rope_scaling", "rope_theta"}
+        kwargs: dict[str, Any] = {k: hf[k] for k in names if k in hf and (hf[k] is not None or k in _NULLABLE)}
+        if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:  # transformers 5.x alias
+            kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+        kwargs["rope_theta"], kwargs["rope_scaling"] = _read_rope(hf, source)
+        if "torch_dtype" not in kwargs and isinstance(hf.get("dtype"), str):
+            kwargs["torch_dtype"] = hf["dtype"]
+        cfg = dataclasses.replace(defaults, **kwargs, source=source)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read `config.json` from a checkpoint directory (or the file itself)."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no such config file")
+        try:
+            with open(file, encoding="utf-8") as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, source=file)
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers (5.x, and older tooling via the legacy keys) loads."""
+        out: dict[str, Any] = {"architectures": [_ARCHITECTURES[self.model_type]]}
+        for f in dataclasses.fields(self):
+            if f.name in ("source", "rope_scaling", "torch_dtype", "quantization_config"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**{k: v for k, v in self.rope_scaling.items() if k != "type"}, "rope_type": "yarn",
+                    "rope_theta": self.rope_theta}
+        out["rope_parameters"] = rope
+        if self.is_v3:
+            out["num_mtp_layers"] = self.num_nextn_predict_layers  # transformers 5.x name; defaults to 1 if absent
+        if self.torch_dtype:
+            out["dtype"] = self.torch_dtype
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_hf(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"{self.source}: key '{key}' {why} (got {getattr(self, key, None)!r})")
+
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
+        for key in positive:
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(key, "must be a positive integer")
+        for key in ["intermediate_size", "moe_intermediate_size", "n_shared_experts", "n_routed_experts",
+                    "first_k_dense_replace", "num_nextn_predict_layers"]:
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(key, "must be a non-negative integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise bad("q_lora_rank", "must be a positive integer or null")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "must be 'silu'")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise bad("rms_norm_eps", "must be > 0")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
+            raise bad("rope_theta", "must be > 1")
+        if self.first_k_dense_replace < self.num_hidden_layers and self.intermediate_size == 0 and \
+                self.first_k_dense_replace > 0:
+            raise bad("intermediate_size", "must be > 0 when there are dense layers")
+        if not isinstance(self.moe_layer_freq, int) or self.moe_layer_freq < 1:
+            raise bad("moe_layer_freq", "must be an integer >= 1")
+        has_moe = any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)) or self.num_nextn_predict_layers
+        if has_moe and self.n_routed_experts > 0:
+            self._validate_routing(bad)
+
+    def _validate_routing(self, bad) -> None:
+        if self.moe_intermediate_size <= 0:
+            raise bad("moe_intermediate_size", "must be > 0 for MoE layers")
+        if self.topk_method not in ROUTING_METHODS:
+            raise bad("topk_method", f"must be one of {sorted(ROUTING_METHODS)}")
+        if self.scoring_func != ROUTING_METHODS[self.topk_method]:
+            raise bad("scoring_func", f"must be {ROUTING_METHODS[self.topk_method]!r} with topk_method "
+                                      f"{self.topk_method!r}")
+        if not (isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.n_routed_experts):
+            raise bad("num_experts_per_tok", f"must be in 1..n_routed_experts ({self.n_routed_experts})")
+        if self.topk_method == "greedy":
+            return
+        if not (isinstance(self.n_group, int) and self.n_group > 0 and self.n_routed_experts % self.n_group == 0):
+            raise bad("n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
+        if not (isinstance(self.topk_group, int) and 0 < self.topk_group <= self.n_group):
+            raise bad("topk_group", f"must be in 1..n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_method == "noaux_tc" and per_group < 2:
+            raise bad("n_group", "leaves fewer than 2 experts per group (noaux_tc scores groups by their top-2)")
+        if self.topk_group * per_group < self.num_experts_per_tok:
+            raise bad("topk_group", "keeps fewer experts than num_experts_per_tok")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _defaults_for(model_type: str) -> ModelConfig:
+    if model_type == "deepseek_v3":
+        return ModelConfig(model_type=model_type, rope_scaling=None)
+    # transformers' DeepseekV2Config defaults, with the V2-family routing fields
+    return ModelConfig(
+        model_type=model_type, vocab_size=102400, hidden_size=4096, intermediate_size=11008,
+        moe_intermediate_size=1407, num_hidden_layers=32, num_attention_heads=32, n_shared_experts=2,
+        n_routed_experts=64, num_experts_per_tok=6, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, first_k_dense_replace=0,
+        q_lora_rank=1536, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, aux_loss_alpha=0.001,
+    )
+
+
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "attention_factor", "truncate")
+
+
+def _read_rope(hf: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, yarn dict or None) from `rope_parameters` (transformers 5.x) or legacy `rope_scaling`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: key '{key}' must be an object")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise ValueError(f"{source}: key '{key}.rope_type' is {kind!r}; openr2 supports 'default' and 'yarn'")
+    yarn = {"type": "yarn", **{k: params[k] for k in _YARN_KEYS if params.get(k) is not None}}
+    yarn.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
+    factor = yarn.get("factor")
+    if factor is None:  # transformers derives it from the context extension
+        factor = hf.get("max_position_embeddings", 4096) / yarn["original_max_position_embeddings"]
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"{source}: key '{key}.factor' must be a positive number (got {factor!r})")
+    yarn["factor"] = factor
+    return theta, yarn

@@ -1,0 +1,275 @@
+"""Checkpoint I/O in the Hugging Face DeepSeek-V2/V3 layout: the one place that knows HF tensor names.
+
+Loads a directory holding config.json and one or more safetensors files (sharded through
+model.safetensors.index.json or not): per-expert tensors are stacked, FP8 e4m3 weights with 128x128
+`weight_scale_inv` block scales are dequantised to the asked dtype while loading, the model is built on the
+meta device and materialised tensor by tensor (peak memory near the model size). Saves the same layout
+(per-expert names, MTP copies of embedding and head) so that transformers loads our saves.
+Every problem with the files raises an error naming the file and tensor; no half-loaded model escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from openr2.config import ModelConfig
+from openr2.model.moe import Gate
+from openr2.model.transformer import Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+# ---------------------------------------------------------------------------------------------- names
+def _hf_prefix(ours: str, num_layers: int) -> str:
+    """Our module path -> HF's: add `model.`, and MTP module k lives at HF layer num_layers + k."""
+    if ours.startswith("lm_head."):
+        return ours
+    if ours.startswith("mtp."):
+        _, k, rest = ours.split(".", 2)
+        return f"model.layers.{num_layers + int(k)}.{rest}"
+    return "model." + ours
+
+
+def hf_names(ours: str, config: ModelConfig) -> list[str]:
+    """HF tensor names that make up one of our parameters (several for stacked experts, in expert order)."""
+    hf = _hf_prefix(ours, config.num_hidden_layers)
+    m = _EXPERTS.match(hf)
+    if not m:
+        return [hf]
+    base, kind = m.groups()
+    projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    return [f"{base}.{e}.{p}.weight" for e in range(config.n_routed_experts) for p in projs]
+
+
+def _mtp_copies(config: ModelConfig) -> dict[str, str]:
+    """HF names of the MTP layers' copies of embedding and head -> the main tensor they copy."""
+    out = {}
+    for k in range(config.num_nextn_predict_layers):
+        layer = f"model.layers.{config.num_hidden_layers + k}"
+        out[f"{layer}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"{layer}.shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+def _our_params(model: Transformer) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers, tied weights once (the embedding)."""
+    sd = model.state_dict(keep_vars=True)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------- files
+class _CheckpointFiles:
+    """Which file holds each tensor, with open handles; errors name the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.where: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(path, name)):
+                    raise FileNotFoundError(f"{index}: shard {name!r} is missing from {path}")
+        else:
+            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+            weight_map = None
+            if not files:
+                raise FileNotFoundError(f"{path}: no *.safetensors files")
+        for name in files:
+            handle = self._open(name)
+            for key in handle.keys():
+                if key in self.where:
+                    raise ValueError(f"{path}: tensor {key!r} is stored twice ({self.where[key]}, {name})")
+                self.where[key] = name
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.where.get(key) != name:
+                    raise ValueError(f"{os.path.join(path, name)}: tensor {key!r} listed in {INDEX_FILE} "
+                                     f"is not in that shard")
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            file = os.path.join(self.path, name)
+            try:
+                self._handles[name] = safe_open(file, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+        return self._handles[name]
+
+    def file_of(self, key: str) -> str:
+        return os.path.join(self.path, self.where[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.where[key]).get_slice(key).get_shape())
+
+    def read(self, key: str) -> torch.Tensor:
+        try:
+            return self._open(self.where[key]).get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{self.file_of(key)}: cannot read tensor {key!r} ({e})") from None
+
+
+def _dequantize_fp8(files: _CheckpointFiles, key: str, weight: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """W[i, j] = float(Wq[i, j]) * scale_inv[i // b0, j // b1] (scale_inv is a multiplier despite its name)."""
+    scale_key = key + "_scale_inv"
+    if scale_key not in files.where:
+        raise ValueError(f"{files.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r}")
+    scale = files.read(scale_key).float()
+    rows, cols = weight.shape
+    want = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{files.file_of(scale_key)}: tensor {scale_key!r} has shape {tuple(scale.shape)}, "
+                         f"expected {want} for {block[0]}x{block[1]} blocks of {tuple(weight.shape)}")
+    scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               ) -> Transformer:
+    """Load an HF-layout DeepSeek-V2/V3 checkpoint directory into a ready (eval-mode) model."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    config = ModelConfig.from_pretrained(path)
+    files = _CheckpointFiles(path)
+    block = list((config.quantization_config or {}).get("weight_block_size") or [128, 128])
+
+    n_mtp = config.num_nextn_predict_layers
+    if n_mtp and not any(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in files.where):
+        warnings.warn(f"{path}: config announces {n_mtp} MTP layer(s) but the files hold no MTP tensors "
+                      f"(as transformers saves); loading with MTP off", stacklevel=2)
+        config.num_nextn_predict_layers = 0
+    config.quantization_config = None  # weights are dequantised below
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    params = _our_params(model)
+    wanted = {ours: hf_names(ours, config) for ours in params}
+    _check_names(files, config, wanted)
+
+    state = {}
+    for ours, meta in params.items():
+        target_dtype = torch.float32 if _is_router(model, ours) else dtype
+        state[ours] = _read_param(files, wanted[ours], meta, target_dtype, device, block)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def _is_router(model: Transformer, ours: str) -> bool:
+    owner = model.get_submodule(ours.rsplit(".", 1)[0])
+    return isinstance(owner, Gate)
+
+
+def _check_names(files: _CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:
+    expected = {n for names in wanted.values() for n in names}
+    optional = set(_mtp_copies(config))
+    if config.tie_word_embeddings:
+        optional.add("lm_head.weight")
+    present = set(files.where)
+    missing = sorted(expected - present)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{files.path}: tensor {missing[0]!r} is missing{more}")
+    scales = {n + "_scale_inv" for n in expected}
+    unexpected = sorted(present - expected - optional - scales)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ValueError(f"{files.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more}")
+
+
+def _read_param(files: _CheckpointFiles, names: list[str], meta: torch.Tensor, dtype, device, block):
+    """Read the HF tensor(s) of one parameter, dequantise FP8, check shapes, stack experts, cast, place."""
+    out = torch.empty(meta.shape, dtype=dtype, device=device)
+    slices = [out]
+    if len(names) > 1:  # stacked experts: names are per expert (gate, up) or (down), in expert order
+        per_expert = len(names) // meta.shape[0]
+        rows = meta.shape[1] // per_expert
+        slices = [out[e, i * rows : (i + 1) * rows] for e in range(meta.shape[0]) for i in range(per_expert)]
+    for name, dest in zip(names, slices):
+        shape = files.shape(name)
+        if shape != tuple(dest.shape):
+            raise ValueError(f"{files.file_of(name)}: tensor {name!r} has shape {shape}, "
+                             f"expected {tuple(dest.shape)}")
+        tensor = files.read(name)
+        if tensor.dtype in _FP8_DTYPES:
+            tensor = _dequantize_fp8(files, name, tensor, block)
+        dest.copy_(tensor)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- save
+def hf_state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of the whole checkpoint, experts unstacked, MTP copies included."""
+    config = model.config
+    for ours, tensor in _our_params(model).items():
+        names = hf_names(ours, config)
+        if len(names) == 1:
+            yield names[0], tensor.detach()
+            continue
+        per_expert = len(names) // tensor.shape[0]
+        rows = tensor.shape[1] // per_expert
+        for i, name in enumerate(names):
+            e, part = divmod(i, per_expert)
+            yield name, tensor.detach()[e, part * rows : (part + 1) * rows]
+    main = {"model.embed_tokens.weight": model.embed_tokens.weight, "lm_head.weight": model.lm_head.weight}
+    for name, source in _mtp_copies(config).items():
+        yield name, main[source].detach()
+
+
+def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and safetensors (sharded with an index past max_shard_bytes) in the HF layout."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    config = model.config
+    config_out = ModelConfig.from_hf(config.to_hf(), source=config.source)
+    config_out.torch_dtype = str(model.dtype).removeprefix("torch.")
+    config_out.save_pretrained(path)
+
+    # Plan shards from sizes first, then materialise one shard at a time (peak memory ~ one shard).
+    shard_of, sizes = {}, [0]
+    for name, tensor in hf_state_items(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            sizes.append(0)
+        shard_of[name] = len(sizes) - 1
+        sizes[-1] += nbytes
+    total = len(sizes)
+    files = ["model.safetensors"] if total == 1 else \
+        [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    for old in os.listdir(path):  # stale shards of an earlier save would confuse every loader
+        if (old.startswith("model") and old.endswith(".safetensors") and old not in files) or old == INDEX_FILE:
+            os.remove(os.path.join(path, old))
+    for i, file in enumerate(files):
+        # own storage on CPU: safetensors rejects views that share memory
+        shard = {n: t.to("cpu").contiguous().clone() for n, t in hf_state_items(model) if shard_of[n] == i}
+        tmp = os.path.join(path, file + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, file))
+    if total > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": {n: files[i] for n, i in shard_of.items()}}
+        with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+
+

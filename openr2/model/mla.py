@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention (MLA) with two paths over one latent cache, and the contiguous latent cache.
+
+Per token only the normalised latent c_kv [C] and the shared rotated rope key k_rope [R] are cached.
+- `naive`: expand K/V from the latent through kv_b_proj and run torch's scaled_dot_product_attention with
+  the explicit (YaRN-corrected) scale; the compute-bound path for prefill and training, flash kernels on GPU.
+- `absorbed`: fold W_UK into the query and W_UV into the output, attending directly over the latent
+  (MQA with one 576-dim key and one 512-dim value shared by all heads); the memory-bound decode path.
+Both paths read and write the same cache, so a sequence may be prefilled with one and decoded with the other.
+
+Shape legend: B batch, T query tokens, S key tokens, H heads, D hidden, C kv_lora_rank, R rope dim,
+N qk_nope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openr2.config import ModelConfig
+from openr2.model.layers import RMSNorm
+from openr2.model.rope import apply_rope
+
+ATTN_IMPLS = ("naive", "absorbed")
+
+
+class LatentCache:
+    """Contiguous latent KV cache: per layer c_kv [B, S_max, C] and k_rope [B, S_max, R].
+
+    All rows share one length (no padding); `update` writes a layer's new tokens and returns everything
+    cached so far for that layer; the model calls `advance` once per forward, after its last layer.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_tokens: int, kv_lora_rank: int,
+                 rope_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.c_kv = torch.zeros(num_layers, batch_size, max_tokens, kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(num_layers, batch_size, max_tokens, rope_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, batch_size: int, max_tokens: int,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LatentCache:
+        return cls(config.num_hidden_layers, batch_size, max_tokens, config.kv_lora_rank,
+                   config.qk_rope_head_dim, dtype, device)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.c_kv.shape[2]
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        start, end = self.length, self.length + c_kv.shape[1]
+        if end > self.max_tokens:
+            raise ValueError(f"latent cache holds {self.max_tokens} tokens; {end} requested")
+        self.c_kv[layer_idx, :, start:end] = c_kv
+        self.k_rope[layer_idx, :, start:end] = k_rope
+        return self.c_kv[layer_idx, :, :end], self.k_rope[layer_idx, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.scale = config.softmax_scale
+        self.interleaved = config.rope_interleave
+        d, h, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 whatever rms_norm_eps says (as HF)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, attn_impl: str = "naive") -> torch.Tensor:
+        """x [B, T, D], positions [B, T] (absolute), cos/sin [B, T, R/2] -> [B, T, D]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], self.interleaved)
+
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved)
+        if cache is not None:
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+
+        # Causal mask from absolute positions; keys of a contiguous cache sit at positions 0..S-1.
+        S = c_kv.shape[1]
+        plain_causal = S == T and cache is None
+        mask = None if plain_causal else _causal_mask(positions, S)
+        if attn_impl == "naive":
+            out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask)
+        elif attn_impl == "absorbed":
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim))
+
+    def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Expand the latent into per-head K [B,H,S,N+R] and V [B,H,S,V]; SDPA. Returns [B, T, H, V]."""
+        B, S, _ = c_kv.shape
+        H = self.num_heads
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None, scale=self.scale,
+        )
+        return out.transpose(1, 2)
+
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+        scores = torch.einsum("bthc,bsc->bths", q_latent, c_kv) + torch.einsum("bthr,bsr->bths", q_rope, k_rope)
+        scores = scores * self.scale
+        if mask is None:
+            T = scores.shape[1]
+            mask = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()[None]
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
+        o_latent = torch.einsum("bths,bsc->bthc", probs, c_kv)
+        return torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
+
+
+def _causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, T, S] bool: query at absolute position p sees keys at positions 0..p."""
+    key_pos = torch.arange(num_keys, device=positions.device)
+    return key_pos[None, None, :] <= positions[:, :, None]

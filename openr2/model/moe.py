@@ -1,0 +1,140 @@
+"""DeepSeekMoE: the router (softmax / sigmoid gates, group-limited top-k, correction bias) and the experts.
+
+Routed experts are stored stacked: gate_up_proj [E, 2I, D] (rows [0, I) gate, [I, 2I) up) and
+down_proj [E, D, I], the layout transformers keeps in memory. Two expert paths, chosen by an argument:
+- `looped`: for each expert, gather its tokens, run it, add back (the reference);
+- `grouped`: sort (token, slot) pairs by expert once, one matmul per expert over contiguous rows, one
+  activation over all rows, one scatter-add back (the fast path).
+The router computes in float32 from float32 weights whatever the model dtype (as transformers does), so
+near-ties pick the same experts.
+
+Shape legend: N tokens (B*T flattened), D hidden, I moe_intermediate_size, E routed experts, K experts
+per token, G groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openr2.config import ModelConfig
+from openr2.model.layers import MLP
+
+MOE_IMPLS = ("looped", "grouped")
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.method = config.topk_method
+        self.num_groups, self.topk_groups = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            # Aux-loss-free balancing bias: selection only, never in the weights; updated outside the optimizer.
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, K] float32, expert ids [N, K], scores [N, E] float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.method == "noaux_tc" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
+        if self.method != "greedy" and self.topk_groups < self.num_groups:
+            grouped = choice.view(-1, self.num_groups, self.num_experts // self.num_groups)
+            if self.method == "noaux_tc":  # V3: a group scores the sum of its two best experts
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:  # V2 group_limited_greedy: a group scores its best expert
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            choice = grouped.masked_fill(~keep[:, :, None], float("-inf")).flatten(1)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, ids, scores
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.intermediate = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str = "grouped"):
+        """x [N, D], weights [N, K], ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
+        if impl == "grouped":
+            return self._grouped(x, weights, ids)
+        if impl == "looped":
+            return self._looped(x, weights, ids)
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def _looped(self, x, weights, ids):
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(ids == e)
+            if token.numel():
+                y = self._expert(e, x[token]) * weights[token, slot, None]
+                out.index_add_(0, token, y.to(x.dtype))
+        return out
+
+    def _grouped(self, x, weights, ids):
+        N, K = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token = order // K  # the token each sorted (token, slot) pair came from
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        h = _segment_mm(x[token], self.gate_up_proj, counts)
+        gate, up = h.chunk(2, dim=-1)
+        y = _segment_mm(F.silu(gate) * up, self.down_proj, counts)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of x sorted by expert, counts[e] rows each -> concat_e x_e @ w[e]^T  (w [E, out, in])."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        out = x.new_empty(x.shape[0], w.shape[1])  # write in place: no concat copy at inference
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x[start : start + n], w[e].t(), out=out[start : start + n])
+                start += n
+        return out
+    parts, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            parts.append(x[start : start + n] @ w[e].t())
+            start += n
+    return torch.cat(parts) if parts else x.new_empty(0, w.shape[1])
+
+
+class MoE(nn.Module):
+    """y = sum_{i in TopK} g_i E_i(x) + shared(x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = RoutedExperts(config)
+        n_shared = config.n_shared_experts
+        self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+
+    def forward(self, x: torch.Tensor, moe_impl: str = "grouped") -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids, _ = self.gate(flat)
+        out = self.experts(flat, weights, ids, moe_impl).view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,36 @@
+"""Multi-token prediction (DeepSeek-V3): extra decoder blocks that draft the token after next.
+
+Depth k at position i: x = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) (embedding first, as the
+checkpoints and vLLM order it), then a full decoder block, then shared_head.norm and the main model's
+head. Embedding and head are shared with the main model; the checkpoint's copies under
+`model.layers.{N+k}.` are dropped on load and written back on save (model/hf_io.py).
+Its parameter names equal the checkpoint's names under `model.layers.{N+k}.`.
+
+Shape legend: B batch, T tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from openr2.config import ModelConfig
+from openr2.model.layers import RMSNorm
+from openr2.model.transformer import DecoderLayer
+
+
+class MTPLayer(DecoderLayer):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, positions, cos, sin,
+                moe_impl: str = "grouped") -> torch.Tensor:
+        """hidden [B, T, D] (h^{k-1}), next_embeds [B, T, D] (Emb(t_{i+k})) -> block output [B, T, D]."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        return super().forward(x, positions, cos, sin, None, "naive", moe_impl)

@@ -1,0 +1,137 @@
+"""The decoder layer and the whole causal LM: embeddings -> layers (MLA + dense MLP or MoE) -> norm -> head.
+
+`Transformer(config)` builds the model; `model(input_ids)` returns logits. Attribute names follow the
+HF DeepSeek modules (embed_tokens, layers.i.self_attn.q_a_proj, ..., norm, lm_head) so model/hf_io.py only
+adds the `model.` prefix and unstacks experts. MTP modules (model/mtp.py) hang off `mtp`.
+
+Shape legend: B batch, T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from openr2.config import ModelConfig
+from openr2.model.layers import MLP, RMSNorm
+from openr2.model.mla import MLA, LatentCache
+from openr2.model.moe import Gate, MoE, RoutedExperts
+from openr2.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: h = x + MLA(norm(x)); out = h + FFN(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped"):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        from openr2.model.mtp import MTPLayer  # mtp builds DecoderLayers from this module
+
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
+                                 for k in range(config.num_nextn_predict_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
+                return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (and the final-normed hidden [B, T, D] if return_hidden).
+
+        positions default to cache.length + 0..T-1; a given cache is written and advanced by T.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl)
+        if cache is not None:
+            cache.advance(T)
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                    moe_impl: str = "grouped") -> list[torch.Tensor]:
+        """Draft logits of each MTP depth k = 1..D from the main model's final-normed hidden [B, T, D].
+
+        Depth k at position i combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}; its logits have
+        T - k positions. h^0 is the main model's hidden, h^k the output of depth k's block.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        drafts, h = [], hidden
+        for k, mtp in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            pos = positions[:, : T - k]
+            cos, sin = self.rotary(pos, h.dtype)
+            h = mtp(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), pos, cos, sin, moe_impl)
+            drafts.append(self.lm_head(mtp.shared_head.norm(h)))
+        return drafts
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Fresh initialisation for training: normal(0, initializer_range) matrices, unit norms, zero biases."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, RoutedExperts):
+                module.gate_up_proj.normal_(0.0, std, generator=generator)
+                module.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(module, Gate):
+                module.weight.normal_(0.0, std, generator=generator)
+                if hasattr(module, "e_score_correction_bias"):
+                    module.e_score_correction_bias.zero_()
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0):
+    """A freshly initialised model (float32 router whatever `dtype`)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = Transformer(config)
+    model.init_weights(gen)
+    return cast_model(model, dtype).to(device)
+
+
+def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Cast to `dtype`, keeping router weights and correction biases in float32 (as transformers does)."""
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Gate):
+            module.float()
+    return model

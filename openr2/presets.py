@@ -1,0 +1,111 @@
+"""Named model configs as plain functions: test configs, the benchmark model, and the official ones.
+
+Official values are those of the released config.json files (DeepSeek-V3/R1, V2, V2-Lite).
+"""
+
+from __future__ import annotations
+
+from openr2.config import ModelConfig
+
+_YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+_YARN_V2 = {**_YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def deepseek_v3() -> ModelConfig:
+    """DeepSeek-V3 / R1 (671B total, ~37B active)."""
+    return ModelConfig(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8, routed_scaling_factor=2.5,
+        n_group=8, topk_group=4, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+        first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840, rope_scaling=dict(_YARN_V3),
+        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "weight_block_size": [128, 128]},
+    )
+
+
+def deepseek_v2() -> ModelConfig:
+    """DeepSeek-V2 (236B total, ~21B active)."""
+    return ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+        n_shared_experts=2, n_routed_experts=160, num_experts_per_tok=6, routed_scaling_factor=16.0,
+        n_group=8, topk_group=3, topk_method="group_limited_greedy", scoring_func="softmax",
+        norm_topk_prob=False, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=1536,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840,
+        rope_scaling=dict(_YARN_V2), bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=0.001,
+        torch_dtype="bfloat16",
+    )
+
+
+def deepseek_v2_lite() -> ModelConfig:
+    """DeepSeek-V2-Lite (15.7B total, ~2.4B active): no q compression, 64 experts, greedy routing."""
+    return ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, routed_scaling_factor=1.0,
+        n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840, rope_scaling=dict(_YARN_V2),
+        bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=0.001, torch_dtype="bfloat16",
+    )
+
+
+def tiny_v3() -> ModelConfig:
+    """A few-hundred-thousand-parameter V3 (q LoRA, YaRN, sigmoid + group-limited routing, MTP) for tests."""
+    return ModelConfig(
+        model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1,
+        n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, max_position_embeddings=512,
+        rope_scaling={**_YARN_V3, "factor": 4, "original_max_position_embeddings": 128},
+        num_nextn_predict_layers=1,
+    )
+
+
+def tiny_v2() -> ModelConfig:
+    """A V2-Lite-shaped test model: plain q_proj, softmax greedy routing, no YaRN, two dense layers."""
+    return ModelConfig(
+        model_type="deepseek_v2", vocab_size=256, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, n_shared_experts=2,
+        n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, first_k_dense_replace=2,
+        kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        max_position_embeddings=512, rope_scaling=None, bos_token_id=0, eos_token_id=1,
+    )
+
+
+def bench_moe() -> ModelConfig:
+    """The forward-benchmark model: 6 layers, hidden 256, 16 experts top-2 (bench/forward.py)."""
+    return ModelConfig(
+        model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=768,
+        moe_intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, n_shared_experts=1,
+        n_routed_experts=16, num_experts_per_tok=2, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+        first_k_dense_replace=1, kv_lora_rank=128, q_lora_rank=192, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, max_position_embeddings=4096,
+        rope_scaling={**_YARN_V3, "factor": 4, "original_max_position_embeddings": 1024},
+    )
+
+
+PRESETS = {
+    "deepseek-v3": deepseek_v3,
+    "deepseek-r1": deepseek_v3,
+    "deepseek-v2": deepseek_v2,
+    "deepseek-v2-lite": deepseek_v2_lite,
+    "tiny-v3": tiny_v3,
+    "tiny-v2": tiny_v2,
+    "bench-moe": bench_moe,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    config = PRESETS[name]()
+    config.source = f"preset {name}"
+    config.validate()
+    return config

@@ -1,0 +1,70 @@
+"""MLA: absorbed == naive on random weights (with and without a cache), and the latent cache itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from openr2.model.mla import MLA, LatentCache
+from openr2.model.rope import RotaryEmbedding
+from openr2.presets import tiny_v2, tiny_v3
+from tests.hf_utils import max_diff
+
+
+def _mla(config, seed=0):
+    torch.manual_seed(seed)
+    mla = MLA(config, layer_idx=0)
+    with torch.no_grad():
+        for p in mla.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))  # norms and biases near 1
+    return mla
+
+
+@pytest.mark.parametrize("config", [tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), attention_bias=True)],
+                         ids=["q-lora-yarn", "plain-q", "attention-bias"])
+def test_absorbed_equals_naive(config):
+    mla, rotary = _mla(config), RotaryEmbedding(config)
+    x = torch.randn(3, 11, config.hidden_size)
+    positions = torch.arange(11).expand(3, 11)
+    cos, sin = rotary(positions, x.dtype)
+    with torch.no_grad():
+        naive = mla(x, positions, cos, sin, attn_impl="naive")
+        absorbed = mla(x, positions, cos, sin, attn_impl="absorbed")
+    assert naive.abs().max() > 0.1
+    assert max_diff(naive, absorbed) < 1e-5
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorbed"])
+def test_chunked_prefill_through_cache_matches_one_pass(attn_impl):
+    """Three chunks (5, 4, 1 tokens) written to and read from one cache == one pass without a cache."""
+    config = tiny_v3()
+    mla, rotary = _mla(config, seed=1), RotaryEmbedding(config)
+    x = torch.randn(2, 10, config.hidden_size)
+    positions = torch.arange(10).expand(2, 10)
+    cos, sin = rotary(positions, x.dtype)
+    cache = LatentCache(1, 2, 16, config.kv_lora_rank, config.qk_rope_head_dim)
+    outs = []
+    with torch.no_grad():
+        full = mla(x, positions, cos, sin, attn_impl="naive")
+        for start, end in [(0, 5), (5, 9), (9, 10)]:
+            outs.append(mla(x[:, start:end], positions[:, start:end], cos[:, start:end], sin[:, start:end],
+                            cache, attn_impl))
+            cache.advance(end - start)
+    assert max_diff(torch.cat(outs, 1), full) < 1e-5
+    # the cache holds only the latent and the rope key: C + R numbers per token per layer
+    assert cache.c_kv.shape[-1] + cache.k_rope.shape[-1] == config.kv_lora_rank + config.qk_rope_head_dim
+    assert cache.c_kv[0, :, 10:].abs().sum() == 0 and cache.c_kv[0, :, :10].abs().sum() > 0
+
+
+def test_cache_overflow_and_bad_impl():
+    config = tiny_v2()
+    mla, rotary = _mla(config), RotaryEmbedding(config)
+    x = torch.randn(1, 5, config.hidden_size)
+    positions = torch.arange(5)[None]
+    cos, sin = rotary(positions, x.dtype)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        mla(x, positions, cos, sin, LatentCache(1, 1, 4, config.kv_lora_rank, config.qk_rope_head_dim))
+    with pytest.raises(ValueError, match="attn_impl"):
+        mla(x, positions, cos, sin, attn_impl="flash")

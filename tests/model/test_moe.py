@@ -1,0 +1,122 @@
+"""The router against transformers' routers, and grouped vs looped experts (outputs and gradients)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from openr2.model.moe import Gate, MoE, RoutedExperts
+from openr2.presets import tiny_v2, tiny_v3
+from tests.hf_utils import max_diff
+
+V2_GROUPED = dataclasses.replace(tiny_v2(), topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                 routed_scaling_factor=16.0)
+CONFIGS = {"v3-noaux_tc": tiny_v3(), "v2-greedy": tiny_v2(), "v2-group_limited_greedy": V2_GROUPED}
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_gate_matches_transformers_router(name):
+    import transformers
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    config = CONFIGS[name]
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+    ref = (DeepseekV3TopkRouter if config.is_v3 else DeepseekV2TopkRouter)(hf_config)
+    ours = Gate(config)
+    with torch.no_grad():
+        ours.weight.copy_(_randn(*ours.weight.shape, seed=1))
+        ref.weight.copy_(ours.weight)
+        if config.is_v3:
+            ours.e_score_correction_bias.copy_(_randn(config.n_routed_experts, seed=2).abs() * 0.3)
+            ref.e_score_correction_bias.copy_(ours.e_score_correction_bias)
+    x = _randn(1024, config.hidden_size, seed=3)
+    weights, ids, _ = ours(x)
+    _, ref_weights, ref_ids = ref(x)
+    # transformers picks with sorted=False: compare expert sets, and weights in the same expert order
+    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    assert max_diff(weights.gather(1, order), ref_weights.gather(1, ref_order)) < 1e-6
+
+
+def test_correction_bias_selects_but_does_not_weigh():
+    config = tiny_v3()
+    gate = Gate(config)
+    with torch.no_grad():
+        gate.weight.copy_(_randn(*gate.weight.shape, seed=4))
+        gate.e_score_correction_bias.zero_()
+        gate.e_score_correction_bias[5] = 10.0  # expert 5 always selected ...
+    x = _randn(64, config.hidden_size, seed=5)
+    weights, ids, scores = gate(x)
+    assert (ids == 5).any(dim=-1).all()
+    # ... but weighted by its plain sigmoid score, renormalised over the chosen set, times 2.5
+    picked = scores.gather(1, ids)
+    assert torch.allclose(weights, picked / picked.sum(-1, keepdim=True) * 2.5, atol=1e-6)
+    assert torch.allclose(weights.sum(-1), torch.full((64,), 2.5), atol=1e-5)
+
+
+def test_group_limited_routing_stays_in_kept_groups():
+    config = V2_GROUPED
+    gate = Gate(config)
+    with torch.no_grad():
+        gate.weight.copy_(_randn(*gate.weight.shape, seed=6))
+    _, ids, scores = gate(_randn(256, config.hidden_size, seed=7))
+    per_group = config.n_routed_experts // config.n_group
+    best_groups = scores.view(256, config.n_group, per_group).amax(-1).topk(config.topk_group).indices
+    for row_groups, kept in zip((ids // per_group).tolist(), best_groups.tolist()):
+        assert set(row_groups) <= set(kept)
+
+
+def _experts(config, seed=8):
+    experts = RoutedExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(_randn(*experts.gate_up_proj.shape, seed=seed) * 0.2)
+        experts.down_proj.copy_(_randn(*experts.down_proj.shape, seed=seed + 1) * 0.2)
+    return experts
+
+
+def test_grouped_equals_looped_outputs_and_gradients():
+    config = tiny_v3()
+    experts = _experts(config)
+    n, k, e = 200, config.num_experts_per_tok, config.n_routed_experts
+    x = _randn(n, config.hidden_size, seed=9).requires_grad_()
+    ids = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(i))[:k] for i in range(n)])
+    ids[ids == 3] = 4  # expert 3 gets no tokens: both paths must skip it
+    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], (ids[:, 1] + 1) % e, ids[:, 1])
+    ids[ids == 3] = 5
+    assert not (ids == 3).any() and (ids[:, 0] != ids[:, 1]).all()
+    weights = _randn(n, k, seed=10).abs().requires_grad_()
+
+    grads = {}
+    for impl in ("looped", "grouped"):
+        out = experts(x, weights, ids, impl)
+        (out * _randn(*out.shape, seed=11)).sum().backward()
+        grads[impl] = (out.detach(), x.grad.clone(), weights.grad.clone(), experts.gate_up_proj.grad.clone(),
+                       experts.down_proj.grad.clone())
+        x.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
+    for looped, grouped in zip(grads["looped"], grads["grouped"]):
+        assert looped.abs().max() > 0
+        assert max_diff(looped, grouped) < 1e-5
+
+
+def test_moe_block_paths_agree_and_include_shared_experts():
+    config = tiny_v2()
+    moe = MoE(config)
+    with torch.no_grad():
+        for i, p in enumerate(moe.parameters()):
+            p.copy_(_randn(*p.shape, seed=20 + i) * 0.2)
+    x = _randn(2, 9, config.hidden_size, seed=12)
+    with torch.no_grad():
+        looped, grouped = moe(x, "looped"), moe(x, "grouped")
+        assert max_diff(looped, grouped) < 1e-5
+        weights, ids, _ = moe.gate(x.view(-1, config.hidden_size))
+        routed = moe.experts(x.view(-1, config.hidden_size), weights, ids, "looped").view_as(x)
+        assert max_diff(grouped, routed + moe.shared_experts(x)) < 1e-5
+    with pytest.raises(ValueError, match="moe_impl"):
+        moe(x, "fast")
