@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/openr2 info $(or $(MODEL),tiny-v3)
+	$(VENV)/bin/openr2 info $(or $(MODEL),deepseek-v3)
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,0 +1,71 @@
+"""The whole model: default positions, dtypes (router stays float32), MTP shapes, training-mode gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openr2.model.moe import Gate
+from openr2.model.transformer import build_model
+from openr2.presets import tiny_v2, tiny_v3
+from tests.hf_utils import max_diff
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(tiny_v3(), seed=0).eval()
+
+
+def _ids(config, batch=2, tokens=12, seed=0):
+    return torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def test_default_positions_are_zero_based(model):
+    ids = _ids(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids, positions=torch.arange(12).expand(2, 12)))
+        shifted = model(ids, positions=torch.arange(5, 17).expand(2, 12))
+    # attention sees relative positions only: a uniform shift changes logits by rounding alone
+    assert max_diff(shifted, model(ids)) < 1e-4
+
+
+def test_bfloat16_model_keeps_router_in_float32():
+    model = build_model(tiny_v3(), dtype=torch.bfloat16, seed=0).eval()
+    reference = build_model(tiny_v3(), seed=0).eval()
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    assert gates and all(g.weight.dtype == torch.float32 for g in gates)
+    assert all(g.e_score_correction_bias.dtype == torch.float32 for g in gates)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = _ids(model.config)
+    with torch.no_grad():
+        low, high = model(ids), reference(ids)
+    assert low.dtype == torch.bfloat16
+    # bf16 rounding (and the odd near-tie routing flip) stays small on average
+    assert (low.float() - high).abs().mean() < 0.05 * high.abs().mean()
+
+
+def test_mtp_drafts_shapes(model):
+    ids = _ids(model.config)
+    with torch.no_grad():
+        logits, hidden = model(ids, return_hidden=True)
+        drafts = model.forward_mtp(hidden, ids)
+    assert len(drafts) == 1 and drafts[0].shape == (2, 11, model.config.vocab_size)
+
+
+def test_training_step_reaches_every_parameter():
+    model = build_model(tiny_v2(), seed=1).train()
+    ids = _ids(model.config, tokens=32)
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(256.0)).item(), rel=0.05)  # fresh model: ~uniform
+    silent = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    # routed experts that no token picked get no gradient; every other parameter must
+    assert all(".experts." in n for n in silent)
+
+
+def test_tied_embeddings_share_one_tensor():
+    import dataclasses
+
+    model = build_model(dataclasses.replace(tiny_v2(), tie_word_embeddings=True))
+    assert model.lm_head.weight is model.embed_tokens.weight
