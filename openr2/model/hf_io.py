@@ -133,6 +133,8 @@ def _dequantize_fp8(files: _CheckpointFiles, key: str, weight: torch.Tensor, blo
     scale_key = key + "_scale_inv"
     if scale_key not in files.where:
         raise ValueError(f"{files.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"{files.file_of(key)}: FP8 tensor {key!r} must be 2-D, got {tuple(weight.shape)}")
     scale = files.read(scale_key).float()
     rows, cols = weight.shape
     want = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))

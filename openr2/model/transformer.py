@@ -53,10 +53,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
-                return_hidden: bool = False):
+                return_hidden: bool = False, logits_index: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, V] (and the final-normed hidden [B, T, D] if return_hidden).
 
         positions default to cache.length + 0..T-1; a given cache is written and advanced by T.
+        logits_index [B] asks for one position per row: logits [B, V] (the engine's next-token rows).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -68,6 +69,8 @@ class Transformer(nn.Module):
             x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl)
         if cache is not None:
             cache.advance(T)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=x.device), logits_index]
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits

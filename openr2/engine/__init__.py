@@ -1,0 +1,1 @@
+"""The inference engine: requests -> scheduler -> paged latent cache -> model runner -> sampling."""

@@ -1,0 +1,360 @@
+"""LLMEngine: requests in, streamed outputs with token counts out. The LLM facade is in llm.py.
+
+The engine owns requests: it validates them, hands sequences to the scheduler, asks the runner for
+logits, samples, detokenises incrementally, applies stop conditions, forks n samples off a shared prompt
+and reports usage (prompt, cached prompt, completion and reasoning tokens) with each finished request.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_bytes=64 << 20))
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from openr2.engine.kv_cache import KVPool
+from openr2.engine.prefix_cache import BlockManager
+from openr2.engine.runner import ModelRunner
+from openr2.engine.sampling import SamplingParams, make_generator, sample
+from openr2.engine.scheduler import Scheduler, SchedulerConfig
+from openr2.engine.sequence import Sequence, Status
+from openr2.engine.stop import StopChecker
+from openr2.model.transformer import Transformer
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 64
+    kv_cache_bytes: int = 256 << 20  # memory budget of the latent cache pool
+    num_blocks: int | None = None  # exact pool size; overrides kv_cache_bytes
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget: prompt chunks beyond it continue next step
+    max_model_len: int | None = None  # prompt + output; default max_position_embeddings
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list | None = None  # per token: TokenSample(token_id, logprob, top)
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None
+    text_delta: str = ""  # what this step added (streaming)
+    token_ids_delta: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    usage: Usage
+
+    @property
+    def num_cached_tokens(self) -> int:  # vLLM's name
+        return self.usage.cached_prompt_tokens
+
+
+class _Request:
+    """One request: its sequences (one until the prompt is done, then n) and the text state of each sample."""
+
+    def __init__(self, request_id, prompt, prompt_ids, params, max_tokens, salt, tokenizer, starts_in_reasoning):
+        self.request_id, self.prompt, self.prompt_ids = request_id, prompt, prompt_ids
+        self.params, self.max_tokens, self.salt = params, max_tokens, salt
+        self.seqs: list[Sequence] = []
+        self.outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
+                        for i in range(params.n)]
+        self.decoders = [_make_decoder(tokenizer, prompt_ids, params) for _ in range(params.n)]
+        self.stops = [StopChecker(params.stop, params.include_stop_str_in_output) for _ in range(params.n)]
+        self.starts_in_reasoning = starts_in_reasoning
+        self.forked = params.n == 1
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+
+def _make_decoder(tokenizer, prompt_ids, params):
+    if tokenizer is None:
+        return None
+    from openr2.tokenizer import StreamDecoder
+
+    return StreamDecoder(tokenizer, skip_special_tokens=params.skip_special_tokens)
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = config = config or EngineConfig()
+        mconf = model.config
+        self.max_model_len = min(config.max_model_len or mconf.max_position_embeddings,
+                                 mconf.max_position_embeddings)
+        if config.num_blocks is not None:
+            self.pool = KVPool(mconf, config.num_blocks, config.block_size, model.dtype, model.device)
+        else:
+            self.pool = KVPool.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
+                                           model.device)
+        self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
+        self.runner = ModelRunner(model, self.pool)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_token_id is None:
+            eos = mconf.eos_token_id
+            self.eos_token_id = eos[0] if isinstance(eos, list) else eos
+        self.think_ids = _think_ids(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: EngineConfig | None = None, dtype=torch.float32,
+                        device="cpu") -> LLMEngine:
+        import os
+
+        from openr2.model.hf_io import load_model
+
+        tokenizer = None
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from openr2.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(path)
+        return cls(load_model(path, dtype=dtype, device=device), tokenizer, config)
+
+    # ------------------------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    params: SamplingParams | None = None, salt: str | None = None) -> None:
+        """Queue a prompt (text, token ids, or {"prompt_token_ids": [...]}); salt scopes the prefix cache."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the context window of {self.max_model_len} "
+                             f"(a completion needs at least one more)")
+        if self.blocks.blocks_for(min(len(ids) + max_tokens, self.max_model_len)) > self.pool.num_blocks:
+            raise ValueError(f"prompt: {len(ids)} + max_tokens {max_tokens} tokens exceed the KV cache pool "
+                             f"({self.pool.num_blocks} blocks of {self.pool.block_size})")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        req = _Request(request_id, text, ids, params, max_tokens, salt, self.tokenizer,
+                       self._starts_in_reasoning(ids))
+        seq = self._new_seq(req, 0, list(ids))
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks are freed (cached full blocks stay findable)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+        for out in req.outputs:
+            if not out.finished:
+                out.finish_reason = "abort"
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that changed."""
+        for req in self.requests.values():
+            for out in req.outputs:
+                out.text_delta, out.token_ids_delta = "", []
+        plan = self.scheduler.schedule()
+        if not plan:
+            if self.scheduler.has_work():
+                raise RuntimeError("no sequence could be scheduled: the KV cache pool is too small")
+            return []
+        logits = self.runner.run(plan)
+        ready = []
+        for seq, n in plan:
+            seq.num_computed += n
+            self.scheduler.register_full_blocks(seq)
+            if seq.seq_id in logits:
+                ready.append(seq)
+        touched = {}
+        if ready:
+            self._sample(ready, logits, touched)
+        finished = []
+        for req in touched.values():
+            if req.finished:
+                finished.append(req.request_id)
+        outputs = [self._output(req) for req in touched.values()]
+        for request_id in finished:
+            del self.requests[request_id]
+        return outputs
+
+    def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+               salt: str | None = None) -> Iterator[RequestOutput]:
+        """Add a request and drive the engine until it finishes, yielding its output after each change."""
+        request_id = request_id or f"stream-{next(self._seq_ids)}"
+        self.add_request(request_id, prompt, params, salt)
+        while request_id in self.requests:
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+
+    # ------------------------------------------------------------------------------------ internals
+    def _new_seq(self, req: _Request, index: int, token_ids: list[int]) -> Sequence:
+        p = req.params
+        seq = Sequence(next(self._seq_ids), req.request_id, index, token_ids, len(req.prompt_ids), p,
+                       make_generator(p.seed, self.model.device, index), req.salt)
+        req.seqs.append(seq)
+        return seq
+
+    def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict) -> None:
+        rows, params, gens, prompts, outs, seqs = [], [], [], [], [], []
+        for seq in ready:
+            req = self.requests[seq.request_id]
+            # a request with n > 1 samples its n first tokens from the one prompt pass, then forks
+            group = self._fork(req, seq) if not req.forked else [seq]
+            for s in group:
+                rows.append(logits[seq.seq_id])
+                params.append(s.params)
+                gens.append(s.generator)
+                history = s.params.has_penalties  # token histories are read only for penalties
+                prompts.append(s.token_ids[: s.num_prompt_tokens] if history else None)
+                outs.append(s.output_token_ids if history else None)
+                seqs.append(s)
+        result = sample(torch.stack(rows), params, gens, prompts, outs).tolist()
+        for seq, token in zip(seqs, result):
+            req = self.requests[seq.request_id]
+            self._append(req, seq, token)
+            touched[req.request_id] = req
+
+    def _fork(self, req: _Request, parent: Sequence) -> list[Sequence]:
+        """Children share the prompt's full blocks; the partial last block is copied (or recomputed)."""
+        req.forked = True
+        children = [parent]
+        bs = self.blocks.block_size
+        full = parent.num_computed // bs
+        for i in range(1, req.params.n):
+            child = self._new_seq(req, i, list(parent.token_ids))
+            child.num_cached_prompt_tokens, child.admitted = parent.num_cached_prompt_tokens, True
+            child.block_hashes = list(parent.block_hashes)
+            partial = parent.num_computed - full * bs
+            if partial == 0 or self.blocks.num_free > 0:
+                shared = parent.block_table[:full]
+                self.blocks.acquire(shared)
+                child.block_table = list(shared)
+                if partial:
+                    (block,) = self.blocks.allocate(1)
+                    self.pool.copy_block(parent.block_table[full], block, partial)
+                    child.block_table.append(block)
+                child.num_computed, child.num_registered = parent.num_computed, parent.num_registered
+                child.status = Status.RUNNING
+                self.scheduler.running.append(child)
+            else:  # no room to copy: recompute later, reusing the cached full blocks
+                self.scheduler.add(child)
+            children.append(child)
+        return children
+
+    def _append(self, req: _Request, seq: Sequence, token) -> None:
+        out = req.outputs[seq.index]
+        p = req.params
+        seq.token_ids.append(token.token_id)
+        out.token_ids.append(token.token_id)
+        out.token_ids_delta.append(token.token_id)
+        if token.logprob is not None:
+            seq.cumulative_logprob += token.logprob
+            out.cumulative_logprob = seq.cumulative_logprob
+            if out.logprobs is not None:
+                out.logprobs.append(token)
+        reason, stop_reason = None, None
+        is_eos = token.token_id == self.eos_token_id and not p.ignore_eos
+        if is_eos:
+            reason = "stop"
+        elif token.token_id in p.stop_token_ids:
+            reason, stop_reason = "stop", token.token_id
+        decoder, stopper = req.decoders[seq.index], req.stops[seq.index]
+        if decoder is not None and not is_eos and stop_reason is None:
+            text, stopped = stopper.feed(decoder.add(token.token_id))
+            self._emit(out, text)
+            if stopped:
+                reason, stop_reason = "stop", stopper.matched
+        if reason is None and (seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if decoder is not None and stopper.matched is None:  # release held-back text
+                self._emit(out, stopper.feed(decoder.flush())[0] + stopper.flush())
+            out.finish_reason, out.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _emit(out: CompletionOutput, text: str) -> None:
+        out.text += text
+        out.text_delta += text
+
+    def _output(self, req: _Request) -> RequestOutput:
+        completion = sum(len(o.token_ids) for o in req.outputs)
+        reasoning = sum(self._reasoning_tokens(req, o.token_ids) for o in req.outputs)
+        cached = req.seqs[0].num_cached_prompt_tokens if req.seqs else 0
+        usage = Usage(len(req.prompt_ids), cached, completion, reasoning)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, req.outputs, req.finished, usage)
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("prompt: a dict prompt needs 'prompt_token_ids'")
+            ids = prompt["prompt_token_ids"]
+            text = prompt.get("prompt")
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids instead")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, prompt
+        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, int) for t in ids):
+            raise ValueError("prompt: expected a non-empty list of token ids")
+        return text, list(ids)
+
+    def _starts_in_reasoning(self, ids: list[int]) -> bool:
+        """The prompt ends inside an open <think> block (R1 templates end with '<think>\\n')."""
+        start, end = self.think_ids
+        if start is None:
+            return False
+        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
+        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
+        return last_start > last_end
+
+    def _reasoning_tokens(self, req: _Request, token_ids: list[int]) -> int:
+        start, end = self.think_ids
+        if start is None:
+            return 0
+        from openr2.chat_format import count_reasoning_tokens
+
+        return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning)
+
+
+def _think_ids(tokenizer) -> tuple[int | None, int | None]:
+    if tokenizer is None:
+        return None, None
+    return tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")

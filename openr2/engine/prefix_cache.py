@@ -1,0 +1,107 @@
+"""Block manager with prefix caching: allocation, reference counts, hash-chained reuse, LRU eviction.
+
+A full block of tokens is identified by a hash chained over everything before it (so equal blocks at
+different prefixes never collide) and seeded by an optional tenant salt (so one tenant's cached context
+never serves another). Blocks whose reference count drops to zero keep their contents and stay findable
+until the pool needs them back, oldest first (LRU). Partial blocks are never shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+
+def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    data = parent + b"".join(t.to_bytes(4, "little", signed=False) for t in tokens)
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def root_hash(salt: str | None) -> bytes:
+    """The chain's starting point: a tenant's salt scopes every hash after it."""
+    return hashlib.blake2b(("openr2:" + (salt or "")).encode(), digest_size=16).digest()
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, num_blocks: int | None = None,
+                 parent: bytes | None = None, start_block: int = 0) -> list[bytes]:
+    """Hashes of the full blocks start_block.. of token_ids (parent = hash of block start_block - 1)."""
+    full = len(token_ids) // block_size if num_blocks is None else min(num_blocks, len(token_ids) // block_size)
+    h = parent if parent is not None else root_hash(salt)
+    out = []
+    for i in range(start_block, full):
+        h = block_hash(h, token_ids[i * block_size : (i + 1) * block_size])
+        out.append(h)
+    return out
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.block_of: dict[bytes, int] = {}
+        self.free: deque[int] = deque(range(num_blocks))  # empty blocks
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, oldest first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -------------------------------------------------------------------------------- prefix lookup
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks matching the longest prefix of `hashes` (no references taken)."""
+        hits = []
+        if self.caching:
+            for h in hashes:
+                block = self.block_of.get(h)
+                if block is None:
+                    break
+                hits.append(block)
+        return hits
+
+    def cost(self, hits: list[int], num_new: int) -> int:
+        """Free blocks consumed by taking `hits` (those now evictable leave the free count) plus num_new."""
+        return num_new + sum(1 for b in hits if self.ref_count[b] == 0)
+
+    # -------------------------------------------------------------------------------- references
+    def acquire(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.ref_count[b] == 0:
+                self.evictable.pop(b, None)
+            self.ref_count[b] += 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} blocks with {self.num_free} free")  # callers check first
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.popleft()
+            else:  # reuse the least recently used cached block
+                b, _ = self.evictable.popitem(last=False)
+                del self.block_of[self.hash_of[b]]
+                self.hash_of[b] = None
+            self.ref_count[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]) -> None:
+        for b in reversed(blocks):  # a sequence's tail blocks are evicted before its head blocks
+            self.ref_count[b] -= 1
+            assert self.ref_count[b] >= 0, f"block {b} released twice"
+            if self.ref_count[b] == 0:
+                if self.hash_of[b] is not None:
+                    self.evictable[b] = None
+                else:
+                    self.free.append(b)
+
+    def register(self, block: int, h: bytes) -> None:
+        """Make a just-filled block findable by its hash (first writer wins for duplicates)."""
+        if self.caching and self.hash_of[block] is None and h not in self.block_of:
+            self.block_of[h] = block
+            self.hash_of[block] = h

@@ -1,0 +1,51 @@
+"""Turns a step's plan into tensors, runs the model over the paged cache, returns next-token logits.
+
+Rows that add one token (decode) run together through absorbed MLA, which attends over the cached latent
+without expanding it; rows that add a prompt chunk run together through the naive path (expanded K/V and
+SDPA, compute-bound). Each group is padded to its longest row; padding never reaches the cache.
+
+Shape legend: B rows, T new tokens per row (padded), V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from openr2.engine.kv_cache import KVPool
+from openr2.engine.sequence import Sequence
+from openr2.model.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, pool: KVPool):
+        self.model, self.pool = model, pool
+        self.device = model.device
+
+    @torch.inference_mode()
+    def run(self, plan: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
+        """Forward every planned (sequence, new tokens) row; logits [V] (float32) for rows that need a sample."""
+        decode = [(s, n) for s, n in plan if n == 1]
+        prefill = [(s, n) for s, n in plan if n > 1]
+        logits: dict[int, torch.Tensor] = {}
+        for group, attn_impl in ((decode, "absorbed"), (prefill, "naive")):
+            if group:
+                logits.update(self._forward(group, attn_impl))
+        return logits
+
+    def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str) -> dict[int, torch.Tensor]:
+        T = max(n for _, n in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        positions = torch.zeros(len(group), T, dtype=torch.long)
+        for b, (seq, n) in enumerate(group):
+            start = seq.num_computed
+            ids[b, :n] = torch.tensor(seq.token_ids[start : start + n])
+            positions[b, :n] = torch.arange(start, start + n)
+            positions[b, n:] = start + n - 1  # padding queries see the row's context and are dropped
+        view = self.pool.view([s.block_table for s, _ in group], [s.num_computed for s, _ in group],
+                              [n for _, n in group])
+        last = torch.tensor([n - 1 for _, n in group])
+        out = self.model(ids.to(self.device), positions.to(self.device), cache=view, attn_impl=attn_impl,
+                         logits_index=last.to(self.device))
+        out = out.float()
+        return {seq.seq_id: out[b] for b, (seq, n) in enumerate(group)
+                if seq.num_computed + n == seq.num_tokens}

@@ -1,0 +1,111 @@
+"""Continuous batching: which sequences run this step, with how many new tokens each.
+
+Every step spends a token budget: first on running sequences (one token each when decoding, a prompt
+chunk when prefilling), in admission order, preempting the most recently admitted ones (their blocks
+freed, to be recomputed later) when blocks run out; then on admitting waiting sequences, each starting
+from the longest cached prefix of its tokens. Sequences join and leave between steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from openr2.engine.prefix_cache import BlockManager, chain_hashes
+from openr2.engine.sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 512  # tokens in one step (chunked prefill budget)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig):
+        self.blocks, self.config = blocks, config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.config.max_num_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
+            while need > self.blocks.num_free and self.running[-1] is not seq:
+                self._preempt(self.running.pop())
+                preempted = True
+            if need > self.blocks.num_free:  # nothing left to take blocks from: wait for others
+                self._preempt(self.running.pop(i))
+                preempted = True
+                break
+            seq.block_table += self.blocks.allocate(need)
+            plan.append((seq, n))
+            budget -= n
+            i += 1
+        if not preempted:  # admitting while others are being evicted would thrash
+            self._admit(plan, budget)
+        return plan
+
+    def _admit(self, plan: list[tuple[Sequence, int]], budget: int) -> None:
+        bs = self.blocks.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # at least one token must be computed to get logits, so never take the block holding the last one
+            if len(seq.block_hashes) < (seq.num_tokens - 1) // bs:
+                seq.block_hashes = chain_hashes(seq.token_ids, bs, seq.salt, (seq.num_tokens - 1) // bs)
+            hits = self.blocks.lookup(seq.block_hashes[: (seq.num_tokens - 1) // bs])
+            cached = len(hits) * bs
+            n = min(seq.num_tokens - cached, budget)
+            new = self.blocks.blocks_for(cached + n) - len(hits)
+            if self.blocks.cost(hits, new) > self.blocks.num_free:
+                break
+            self.blocks.acquire(hits)
+            seq.block_table = hits + self.blocks.allocate(new)
+            seq.num_computed, seq.num_registered = cached, len(hits)
+            if not seq.admitted:
+                seq.num_cached_prompt_tokens = min(cached, seq.num_prompt_tokens)
+                seq.admitted = True
+            seq.status = Status.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks (cached ones stay findable)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.status = Status.FINISHED
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Offer each block that became full of computed tokens to the prefix cache."""
+        bs = self.blocks.block_size
+        full = seq.num_computed // bs
+        if full > len(seq.block_hashes):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes += chain_hashes(seq.token_ids, bs, seq.salt, full, parent, len(seq.block_hashes))
+        for i in range(seq.num_registered, full):
+            self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered = max(seq.num_registered, full)

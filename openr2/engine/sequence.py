@@ -1,0 +1,71 @@
+"""Per-sequence state: tokens, how many are in the cache, its blocks, and why it finished.
+
+A request with n samples runs as one sequence through its prompt, then forks into n sequences that share
+the prompt's full blocks. Text state (detokeniser, stop strings, reasoning split) is owned by the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from openr2.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # sample index within its request (0..n-1)
+    token_ids: list[int]  # prompt + generated
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    salt: str | None = None
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose latent KV is in the cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    admitted: bool = False
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of its full blocks, in order
+    num_registered: int = 0  # full blocks already offered to the prefix cache
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0
+    logprobs: list = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def needs_sample(self) -> bool:
+        """All tokens are in the cache, so the last forward produced the next token's logits."""
+        return self.num_computed == self.num_tokens
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the cache is gone; prompt and generated tokens are prefilled again."""
+        self.num_computed = 0
+        self.block_table = []
+        self.num_registered = 0
+        self.status = Status.WAITING
