@@ -4,6 +4,7 @@ Public API (imported lazily so `import openr2` and `openr2 --help` stay instant)
     load_model(path, dtype=torch.float32, device="cpu") -> model;  model(input_ids) -> logits
     save_model(model, path)
     ModelConfig.from_pretrained(path)
+    LLM(path).generate(prompts, SamplingParams(...)) / .chat(messages, ...)   (vLLM-style offline API)
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "load_model", "save_model"]
+__all__ = ["LLM", "ModelConfig", "SamplingParams", "load_model", "save_model"]
 
 if TYPE_CHECKING:
     from openr2.config import ModelConfig
+    from openr2.engine.llm import LLM
+    from openr2.engine.sampling import SamplingParams
     from openr2.model.hf_io import load_model, save_model
 
 
@@ -27,4 +30,12 @@ def __getattr__(name: str):
         from openr2.model import hf_io
 
         return getattr(hf_io, name)
+    if name == "LLM":
+        from openr2.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from openr2.engine.sampling import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'openr2' has no attribute {name!r}")

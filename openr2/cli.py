@@ -20,6 +20,10 @@ def _resolve_config(target: str):
     raise ValueError(f"{target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
 
 
+def _short(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from openr2.model.accounting import model_stats
 
@@ -33,7 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("model", f"{args.model} ({config.model_type}, {layers} layers, {config.n_routed_experts} routed experts "
                   f"top-{config.num_experts_per_tok})"),
         ("total parameters", f"{stats.total_params:,}"),
-        ("active parameters", f"{stats.active_params:,} per token ({stats.active_params / 1e9:.2f}B; head counted, "
+        ("active parameters", f"{stats.active_params:,} per token ({_short(stats.active_params)}; head counted, "
                               f"input embedding not, MTP excluded)"),
     ]
     if stats.mtp_params:
@@ -50,6 +54,115 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_params(args: argparse.Namespace):
+    from openr2.engine.sampling import SamplingParams
+
+    return SamplingParams(n=getattr(args, "n", 1), temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed, max_tokens=args.max_tokens)
+
+
+def _load_engine(args: argparse.Namespace):
+    import torch
+
+    from openr2.engine.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine.from_pretrained(args.model, EngineConfig(), getattr(torch, args.dtype), args.device)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.json, so text cannot be encoded")
+    return engine
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete one prompt (or one chat turn with --chat), streaming the text as it is generated."""
+    from openr2.chat_format import encode_chat
+
+    engine = _load_engine(args)
+    params = _sampling_params(args)
+    prompt = {"prompt_token_ids": encode_chat([{"role": "user", "content": args.prompt}], engine.tokenizer)} \
+        if args.chat else args.prompt
+    final = None
+    for out in engine.stream(prompt, params):
+        if params.n == 1:
+            print(out.outputs[0].text_delta, end="", flush=True)
+        final = out
+    if params.n > 1:
+        for o in final.outputs:
+            print(f"--- sample {o.index} ({o.finish_reason})\n{o.text}")
+    else:
+        print()
+    u = final.usage
+    print(f"[{u.prompt_tokens} prompt ({u.cached_prompt_tokens} cached), {u.completion_tokens} completion, "
+          f"{u.reasoning_tokens} reasoning tokens; finish: {final.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat: reasoning streams dimmed, the answer plain; /reset forgets, /exit quits."""
+    from openr2.chat_format import ReasoningParser, prompt_opens_reasoning, render_chat
+
+    engine = _load_engine(args)
+    params = _sampling_params(args)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    dim, plain = ("\x1b[2m", "\x1b[0m") if color else ("", "")
+    history: list[dict] = []
+    print("openr2 chat: /reset clears the conversation, /exit quits.")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        text = render_chat(history, engine.tokenizer)
+        parser = ReasoningParser(starts_in_reasoning=prompt_opens_reasoning(text))
+        prompt = {"prompt_token_ids": engine.tokenizer.encode(text)}
+        answer = _stream_turn(engine, prompt, params, parser, dim, plain)
+        history.append({"role": "assistant", "content": answer})
+
+
+def _stream_turn(engine, prompt, params, parser, dim: str, plain: str) -> str:
+    """Print one reply as it streams (reasoning dimmed, answer plain); return the answer."""
+    answer: list[str] = []
+    in_reasoning = False
+
+    def show(reasoning: str, content: str) -> None:
+        nonlocal in_reasoning
+        if reasoning:
+            print(("" if in_reasoning else dim) + reasoning, end="", flush=True)
+            in_reasoning = True
+        if content:
+            print((plain + "\n" if in_reasoning else "") + content, end="", flush=True)
+            in_reasoning = False
+            answer.append(content)
+
+    for out in engine.stream(prompt, params):
+        show(*parser.feed(out.outputs[0].text_delta))
+    show(*parser.finish())
+    print(plain)
+    return "".join(answer)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
+    p.add_argument("model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, DeepSeek's advice)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    if n:
+        p.add_argument("--n", type=int, default=1, help="number of samples")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openr2", description="Open, private DeepSeek-style reasoning models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="checkpoint directory or preset name (deepseek-v3, deepseek-v2-lite, ...)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+    gen = sub.add_parser("generate", help="complete one prompt, streaming")
+    _add_sampling_flags(gen, n=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive terminal chat")
+    _add_sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -91,6 +91,17 @@ def bench_moe() -> ModelConfig:
     )
 
 
+def small_moe() -> ModelConfig:
+    """A ~12M-parameter MoE+MLA model (6 layers, hidden 256, 16 experts top-2) for engine benchmarks."""
+    return ModelConfig(
+        model_type="deepseek_v3", vocab_size=4096, hidden_size=256, intermediate_size=768,
+        moe_intermediate_size=128, num_hidden_layers=6, num_attention_heads=8, n_shared_experts=1,
+        n_routed_experts=16, num_experts_per_tok=2, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+        first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, max_position_embeddings=8192, rope_scaling=None,
+    )
+
+
 PRESETS = {
     "deepseek-v3": deepseek_v3,
     "deepseek-r1": deepseek_v3,
@@ -99,6 +110,7 @@ PRESETS = {
     "tiny-v3": tiny_v3,
     "tiny-v2": tiny_v2,
     "bench-moe": bench_moe,
+    "small-moe": small_moe,
 }
 
 

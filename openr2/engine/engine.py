@@ -351,7 +351,7 @@ class LLMEngine:
             return 0
         from openr2.chat_format import count_reasoning_tokens
 
-        return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning)
+        return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning, start)
 
 
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:
