@@ -217,10 +217,13 @@ class LLMEngine:
         """Add a request and drive the engine until it finishes, yielding its output after each change."""
         request_id = request_id or f"stream-{next(self._seq_ids)}"
         self.add_request(request_id, prompt, params, salt)
-        while request_id in self.requests:
-            for out in self.step():
-                if out.request_id == request_id:
-                    yield out
+        try:
+            while request_id in self.requests:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+        finally:  # a consumer that stops listening must not leave its request holding blocks
+            self.abort(request_id)
 
     # ------------------------------------------------------------------------------------ internals
     def _new_seq(self, req: _Request, index: int, token_ids: list[int]) -> Sequence:

@@ -53,10 +53,11 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while len(done) < len(ids):
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]

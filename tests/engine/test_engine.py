@@ -154,3 +154,11 @@ def test_pool_sized_from_budget_holds_only_the_latent(model):
     per_token = engine.pool.nbytes / (engine.pool.num_blocks * 64 * config.num_hidden_layers)
     assert per_token == (config.kv_lora_rank + config.qk_rope_head_dim) * 4  # float32: C + R numbers
     assert engine.pool.nbytes <= 1 << 20
+
+
+def test_abandoned_stream_is_aborted(model):
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=16))
+    stream = engine.stream(_prompts([10], seed=6)[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished_requests() and engine.blocks.num_free == 16
