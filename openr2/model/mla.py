@@ -117,12 +117,22 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
+        # torch's CPU flash kernel needs one head dim for q, k and v; otherwise SDPA falls back to the
+        # math path (full [B,H,T,S] scores, a safe softmax, no causal skipping: 2-3x slower at prefill).
+        # Zero columns change nothing: zero-padded v gives zero output columns (sliced off), zero-padded
+        # q/k add nothing to the scores. On CUDA the memory-efficient and cuDNN kernels take unequal
+        # dims, so pad on CPU only.
+        v_dim, pad = v.shape[-1], q.shape[-1] - v.shape[-1]
+        if q.device.type == "cpu" and pad > 0:
+            v = F.pad(v, (0, pad))
+        elif q.device.type == "cpu" and pad < 0:
+            q, k = F.pad(q, (0, -pad)), F.pad(k, (0, -pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None, scale=self.scale,
         )
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :v_dim]
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V]."""

@@ -94,7 +94,8 @@ class RoutedExperts(nn.Module):
         order = flat_ids.argsort(stable=True)
         token = order // K  # the token each sorted (token, slot) pair came from
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        h = _segment_mm(x[token], self.gate_up_proj, counts)
+        # index_select, not x[token]: the same gather, but advanced indexing is ~5x slower on CPU.
+        h = _segment_mm(x.index_select(0, token), self.gate_up_proj, counts)
         gate, up = h.chunk(2, dim=-1)
         y = _segment_mm(F.silu(gate) * up, self.down_proj, counts)
         y = y * weights.flatten()[order, None]

@@ -1,0 +1,191 @@
+"""Prefill throughput: how many prompt tokens/s does openr2's forward process vs transformers'?
+
+Both sides run the SAME tiny DeepSeek-V3-style MoE model (`openr2.presets.bench_moe()`: 6 layers, hidden
+256, 16 routed experts top-2, q LoRA, YaRN) with the same weights: transformers builds
+DeepseekV3ForCausalLM from that config, the weights are perturbed (no zero tensors), saved with
+save_pretrained, and both sides load that one directory. Same input ids, float32, CPU, inference_mode,
+one forward over the whole prompt (no cache on either side: transformers gets use_cache=False).
+
+First the logits of every row are checked against transformers' default (fails above 1e-3); then each
+row is warmed up and timed, median of --runs, rounds interleaved across rows. The machine these run on
+is shared, so the script also reports how much CPU other processes took during the timing. Rows:
+  openr2 naive/grouped      the prefill path (expanded K/V + SDPA, sorted expert dispatch)  <- ratio
+  openr2 absorbed/grouped   the decode-oriented latent path, for comparison at this shape
+  transformers sdpa         transformers' defaults (sdpa attention, grouped_mm experts)      <- ratio
+  transformers eager        attn_implementation="eager" (--no-eager to skip)
+
+Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/forward.py [--batch 4 --seq 512 --runs 5 --threads N]
+Prints a header, a table, the ratio openr2/transformers (vs transformers' default, and vs its faster
+row) and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+import transformers  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from openr2 import load_model  # noqa: E402
+from openr2.presets import bench_moe  # noqa: E402
+
+MAX_DIFF = 1e-3
+
+
+def make_checkpoint(path: str, seed: int) -> DeepseekV3Config:
+    """Random DeepseekV3ForCausalLM of the bench_moe shape, every tensor perturbed, saved to `path`."""
+    config = bench_moe()
+    hf_config = DeepseekV3Config(**config.to_hf())
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(hf_config).float().eval()
+    with torch.no_grad():
+        # transformers initialises some tensors to constants (router weight zeros, norms ones, correction
+        # bias zeros); a parity check on those would not see a mixed-up name or layout, so nudge them all.
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand_like(b) * 0.1)
+    model.save_pretrained(path)
+    return hf_config
+
+
+def _busy_cpu_s() -> tuple[float, float] | None:
+    """(CPU-seconds the whole machine has been busy, this process's CPU-seconds), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (sum(fields[:8]) - idle) / hz, own.user + own.system
+
+
+def time_rows(rows: dict, runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds per row. Rounds are interleaved (row A, row B, ..., then again) so that a slow spell
+    of a shared machine lands on every row alike instead of on whichever row happened to run then."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(runs):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per row (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--no-eager", action="store_true", help="skip the transformers eager-attention row")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    print(f"# prefill forward: openr2 vs transformers, bench_moe, batch {args.batch} x seq {args.seq}, "
+          f"float32 CPU")
+    print(f"# torch {torch.__version__}  transformers {transformers.__version__}  threads {threads}  "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}  runs {args.runs} (median)")
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        hf_config = make_checkpoint(ckpt, args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = load_model(ckpt)
+        for w in caught:  # a dropped or missing tensor would show here; the logits check below decides
+            print(f"# openr2 load warning: {w.message}")
+        hf_sdpa = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        hf_eager = None if args.no_eager else DeepseekV3ForCausalLM.from_pretrained(
+            ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    if hf_sdpa.config._attn_implementation != "sdpa":
+        print(f"# note: transformers default attention is {hf_sdpa.config._attn_implementation!r}")
+    experts_impl = hf_sdpa.config._experts_implementation
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq), generator=gen)
+    rows = {  # name -> zero-argument forward returning logits [B, T, V]
+        "openr2 naive/grouped": lambda: ours(ids, attn_impl="naive", moe_impl="grouped"),
+        "openr2 absorbed/grouped": lambda: ours(ids, attn_impl="absorbed", moe_impl="grouped"),
+        f"transformers sdpa/{experts_impl}": lambda: hf_sdpa(ids, use_cache=False).logits,
+    }
+    if hf_eager is not None:
+        rows[f"transformers eager/{experts_impl}"] = lambda: hf_eager(ids, use_cache=False).logits
+    ours_key, ref_key = "openr2 naive/grouped", f"transformers sdpa/{experts_impl}"
+
+    results = {}
+    with torch.inference_mode():
+        ref = rows[ref_key]()
+        for name, fn in rows.items():
+            diff = 0.0 if name == ref_key else (fn() - ref).abs().max().item()
+            results[name] = {"max_abs_diff": diff}
+        print(f"# logits max |diff| vs {ref_key} (max |logit| {ref.abs().max().item():.3f}): "
+              + ", ".join(f"{n}: {r['max_abs_diff']:.2e}" for n, r in results.items() if n != ref_key))
+        bad = {n: r["max_abs_diff"] for n, r in results.items() if not r["max_abs_diff"] <= MAX_DIFF}
+        if bad:
+            raise SystemExit(f"FAIL: logits differ by more than {MAX_DIFF}: {bad}")
+        del ref
+
+        tokens = args.batch * args.seq
+        before, t0 = _busy_cpu_s(), time.perf_counter()
+        for name, median_s in time_rows(rows, args.runs, args.warmup).items():
+            results[name].update(median_s=median_s, tokens_per_s=tokens / median_s)
+        after, wall_s = _busy_cpu_s(), time.perf_counter() - t0
+
+    # On a shared machine other processes steal cores mid-run; say how much, so a noisy run is visible.
+    other_frac = None
+    if before and after:
+        other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+        other_frac = other_cpu_s / (wall_s * (os.cpu_count() or 1))
+        print(f"# other processes used {other_cpu_s:.1f} CPU-s during timing ({other_frac:.0%} of the machine)"
+              + ("  <- noisy run, numbers unreliable" if other_frac > 0.05 else ""))
+
+    ratio = results[ours_key]["tokens_per_s"] / results[ref_key]["tokens_per_s"]
+    print()
+    print(f"| {'side':<32} | {'median s':>9} | {'tokens/s':>9} | {'vs transformers':>15} |")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 11}|{'-' * 17}|")
+    for name, r in results.items():
+        rel = r["tokens_per_s"] / results[ref_key]["tokens_per_s"]
+        print(f"| {name:<32} | {r['median_s']:>9.4f} | {r['tokens_per_s']:>9.0f} | {rel:>14.2f}x |")
+    print()
+    # Both sides at their best: also compare with whichever transformers row was faster this run.
+    best_ref = max((n for n in results if n.startswith("transformers")), key=lambda n: results[n]["tokens_per_s"])
+    ratio_best = results[ours_key]["tokens_per_s"] / results[best_ref]["tokens_per_s"]
+    print(f"ratio openr2/transformers (naive/grouped vs sdpa/{experts_impl}): {ratio:.2f}x;"
+          f" vs the faster transformers row ({best_ref}): {ratio_best:.2f}x")
+    print(json.dumps({
+        "bench": "forward", "model": "bench_moe", "batch": args.batch, "seq": args.seq, "dtype": "float32",
+        "device": "cpu", "threads": threads, "runs": args.runs, "torch": torch.__version__,
+        "transformers": transformers.__version__, "ratio": round(ratio, 4),
+        "ratio_vs_best_transformers": round(ratio_best, 4),
+        "other_load": None if other_frac is None else round(other_frac, 3),
+        "rows": {n: {"median_s": round(r["median_s"], 5), "tokens_per_s": round(r["tokens_per_s"], 1),
+                     "max_abs_diff": float(f"{r['max_abs_diff']:.3g}")} for n, r in results.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
