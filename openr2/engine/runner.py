@@ -1,8 +1,9 @@
 """Turns a step's plan into tensors, runs the model over the paged cache, returns next-token logits.
 
-Rows that add one token (decode) run together through absorbed MLA, which attends over the cached latent
-without expanding it; rows that add a prompt chunk run together through the naive path (expanded K/V and
-SDPA, compute-bound). Each group is padded to its longest row; padding never reaches the cache.
+Rows that add few tokens over a long context (decode, the tail of a prefix-cache hit) run together
+through absorbed MLA, which attends over the cached latent without expanding it; long prompt chunks run
+together through the naive path (expanded K/V and SDPA, compute-bound). A per-row cost model picks.
+Each group is padded to its longest row; padding never reaches the cache.
 
 Shape legend: B rows, T new tokens per row (padded), V vocab.
 """
@@ -24,13 +25,27 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
         """Forward every planned (sequence, new tokens) row; logits [V] (float32) for rows that need a sample."""
-        decode = [(s, n) for s, n in plan if n == 1]
-        prefill = [(s, n) for s, n in plan if n > 1]
+        groups: dict[str, list] = {"absorbed": [], "naive": []}
+        for seq, n in plan:
+            groups[self._attn_impl(n, seq.num_computed + n)].append((seq, n))
         logits: dict[int, torch.Tensor] = {}
-        for group, attn_impl in ((decode, "absorbed"), (prefill, "naive")):
+        for attn_impl, group in groups.items():
             if group:
                 logits.update(self._forward(group, attn_impl))
         return logits
+
+    def _attn_impl(self, num_new: int, context: int) -> str:
+        """The cheaper MLA path for num_new queries over `context` keys, per head, in multiply-adds.
+
+        naive expands every key and value from the latent (context x C x (N + V)) and then attends in
+        N + R + V dims; absorbed attends over the latent itself in C + R + C dims. Few queries over a long
+        context (decode, a prefix-cache hit) favour absorbed; long prompt chunks favour naive.
+        """
+        c = self.model.config
+        C, N, R, V = c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        naive = context * C * (N + V) + num_new * context * (N + R + V)
+        absorbed = num_new * context * (2 * C + R) + num_new * C * (N + V)
+        return "absorbed" if absorbed < naive else "naive"
 
     def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str) -> dict[int, torch.Tensor]:
         T = max(n for _, n in group)

@@ -99,8 +99,12 @@ class MLA(nn.Module):
 
         # Causal mask from absolute positions; keys of a contiguous cache sit at positions 0..S-1.
         S = c_kv.shape[1]
-        plain_causal = S == T and cache is None
-        mask = None if plain_causal else _causal_mask(positions, S)
+        if S == T and cache is None:
+            mask = None  # plain causal
+        elif B == 1 and T == 1 and attn_impl == "absorbed":
+            mask = _ALL_VISIBLE  # a lone decode token: its cache holds exactly the keys it may see
+        else:
+            mask = _causal_mask(positions, S)
         if attn_impl == "naive":
             out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask)
         elif attn_impl == "absorbed":
@@ -135,19 +139,30 @@ class MLA(nn.Module):
         return out.transpose(1, 2)[..., :v_dim]
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V]."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
-        scores = torch.einsum("bthc,bsc->bths", q_latent, c_kv) + torch.einsum("bthr,bsr->bths", q_rope, k_rope)
-        scores = scores * self.scale
-        if mask is None:
-            T = scores.shape[1]
+        """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
+
+        Heads fold into the query rows ([B, T*H, .]) so that each score / value product is one bmm
+        against the shared latent: MQA with a (C + R)-dim key and a C-dim value.
+        """
+        B, T, H, N = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, C], [H, V, C]
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
+        q_latent = q_latent.transpose(0, 1).reshape(B, T * H, -1)
+        scores = torch.bmm(q_latent, c_kv.transpose(1, 2))  # [B, T*H, S]
+        scores = torch.baddbmm(scores, q_rope.reshape(B, T * H, -1), k_rope.transpose(1, 2), alpha=self.scale,
+                               beta=self.scale)
+        if mask is None:  # plain causal over the T tokens themselves
             mask = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()[None]
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        if mask is not _ALL_VISIBLE:
+            scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None, :], float("-inf")).view(B, T * H, -1)
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
-        o_latent = torch.einsum("bths,bsc->bthc", probs, c_kv)
-        return torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
+        o_latent = torch.bmm(probs, c_kv)  # [B, T*H, C]
+        out = torch.bmm(o_latent.view(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, V]
+        return out.transpose(0, 1).view(B, T, H, self.v_dim)
+
+
+_ALL_VISIBLE = object()  # mask sentinel: every cached key is visible to every query (one-token decode)
 
 
 def _causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
