@@ -162,3 +162,9 @@ def test_abandoned_stream_is_aborted(model):
     next(stream)
     stream.close()
     assert not engine.has_unfinished_requests() and engine.blocks.num_free == 16
+
+
+def test_runner_picks_absorbed_for_few_queries_over_long_context(model):
+    runner = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=8)).runner
+    assert runner._attn_impl(1, 300) == "absorbed"
+    assert runner._attn_impl(200, 200) == "naive"

@@ -68,3 +68,21 @@ def test_cache_overflow_and_bad_impl():
         mla(x, positions, cos, sin, LatentCache(1, 1, 4, config.kv_lora_rank, config.qk_rope_head_dim))
     with pytest.raises(ValueError, match="attn_impl"):
         mla(x, positions, cos, sin, attn_impl="flash")
+
+
+def test_single_row_decode_over_cache_matches_full_pass():
+    """B = 1, T = 1 absorbed decode skips the mask: every cached key is the token's past."""
+    config = tiny_v2()
+    mla, rotary = _mla(config, seed=2), RotaryEmbedding(config)
+    x = torch.randn(1, 7, config.hidden_size)
+    positions = torch.arange(7)[None]
+    cos, sin = rotary(positions, x.dtype)
+    cache = LatentCache(1, 1, 8, config.kv_lora_rank, config.qk_rope_head_dim)
+    with torch.no_grad():
+        full = mla(x, positions, cos, sin)
+        outs = []
+        for t in range(7):
+            outs.append(mla(x[:, t : t + 1], positions[:, t : t + 1], cos[:, t : t + 1], sin[:, t : t + 1], cache,
+                            "absorbed"))
+            cache.advance(1)
+    assert max_diff(torch.cat(outs, 1), full) < 1e-5
