@@ -168,3 +168,20 @@ def test_runner_picks_absorbed_for_few_queries_over_long_context(model):
     runner = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=8)).runner
     assert runner._attn_impl(1, 300) == "absorbed"
     assert runner._attn_impl(200, 200) == "naive"
+
+
+def test_logprobs_match_the_model(model):
+    (prompt,) = _prompts([13], seed=7)
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=16))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    out = _run(engine, [("lp", prompt, params)])["lp"].outputs[0]
+    assert len(out.logprobs) == 4
+    ids = list(prompt)
+    with torch.no_grad():
+        for token, sample in zip(out.token_ids, out.logprobs):
+            ref = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+            assert sample.token_id == token == ref.argmax().item()
+            assert abs(sample.logprob - ref[token].item()) < 1e-4
+            assert [t for t, _ in sample.top] == ref.topk(3).indices.tolist()
+            ids.append(token)
+    assert abs(out.cumulative_logprob - sum(s.logprob for s in out.logprobs)) < 1e-4
