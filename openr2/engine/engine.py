@@ -12,6 +12,7 @@ and reports usage (prompt, cached prompt, completion and reasoning tokens) with 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    usage: Usage
+    usage: Usage  # reasoning_tokens is filled in when the request finishes
 
     @property
     def num_cached_tokens(self) -> int:  # vLLM's name
@@ -317,11 +318,14 @@ class LLMEngine:
         out.text_delta += text
 
     def _output(self, req: _Request) -> RequestOutput:
+        """A snapshot: later steps do not change it (token_ids lists keep growing until finished)."""
         completion = sum(len(o.token_ids) for o in req.outputs)
-        reasoning = sum(self._reasoning_tokens(req, o.token_ids) for o in req.outputs)
+        # reasoning is counted once, at the end: scanning every step would be quadratic in the length
+        reasoning = sum(self._reasoning_tokens(req, o.token_ids) for o in req.outputs) if req.finished else 0
         cached = req.seqs[0].num_cached_prompt_tokens if req.seqs else 0
         usage = Usage(len(req.prompt_ids), cached, completion, reasoning)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, req.outputs, req.finished, usage)
+        outputs = [dataclasses.replace(o) for o in req.outputs]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, req.finished, usage)
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
