@@ -1,0 +1,205 @@
+"""OpenAI-shaped errors: one exception type, its JSON body, and the FastAPI handlers that emit it.
+
+Owns `APIError` and its constructors (400/401/404/413/429/503), the body
+`{"error": {"message", "type", "param", "code"}}` that the `openai` client reads into `e.message`,
+`e.param`, `e.code`, the translation of pydantic validation errors into a 400 naming the offending field,
+and `install_error_handlers`, which makes every failure of a FastAPI app answer in that shape: FastAPI's
+default `{"detail": ...}` leaves the client with a bare "Error code: 400". Unexpected exceptions become a
+500 with a generic message; the traceback goes to the server log, never into the body.
+
+It does not decide policy (which limits apply, which parameters are unsupported): callers raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+logger = logging.getLogger("openr2.server")
+
+INVALID_REQUEST = "invalid_request_error"
+INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+
+
+class APIError(Exception):
+    """An error the client caused (4xx) or should retry (429/5xx), with OpenAI's fields."""
+
+    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, dict(headers or {})
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def __repr__(self) -> str:
+        return f"APIError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+class ParamError(ValueError):
+    """Raised inside pydantic validators: a ValueError (so pydantic collects it) that names its parameter."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, INVALID_REQUEST, param, code)
+
+
+def not_found(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """e.g. not_found("The model 'x' does not exist", "model", "model_not_found")."""
+    return APIError(404, message, INVALID_REQUEST, param, code)
+
+
+def unauthorized(message: str = "Incorrect API key provided.", code: str = "invalid_api_key") -> APIError:
+    return APIError(401, message, INVALID_REQUEST, None, code)
+
+
+def too_large(message: str = "The request body is too large.", param: str | None = None) -> APIError:
+    return APIError(413, message, INVALID_REQUEST, param, "request_too_large")
+
+
+def _retry_headers(retry_after_s: float | None) -> dict[str, str]:
+    if retry_after_s is None:
+        return {}
+    retry_after_s = max(0.0, retry_after_s)
+    # the openai client prefers retry-after-ms; retry-after must be whole seconds
+    return {"retry-after": str(math.ceil(retry_after_s)), "retry-after-ms": str(math.ceil(retry_after_s * 1000))}
+
+
+def rate_limited(retry_after_s: float | None, message: str = "Rate limit reached; retry later.",
+                 type: str = "requests") -> APIError:
+    """429 with retry-after headers; type is OpenAI's limit kind ("requests" or "tokens")."""
+    return APIError(429, message, type, None, "rate_limit_exceeded", _retry_headers(retry_after_s))
+
+
+def overloaded(message: str = "The server is overloaded; retry later.", retry_after_s: float | None = 1.0) -> APIError:
+    """503: out of KV cache or shutting down (DeepSeek's insufficient_system_resource, which clients can retry)."""
+    return APIError(503, message, "server_error", None, "server_overloaded", _retry_headers(retry_after_s))
+
+
+def context_length_exceeded(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                            param: str = "messages") -> APIError:
+    asked = f"{num_prompt_tokens} in the prompt" + (f" and {max_tokens} for the completion" if max_tokens else "")
+    message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+               f"{num_prompt_tokens + (max_tokens or 0)} tokens ({asked}). Please reduce the length of the "
+               f"prompt or max_tokens.")
+    return APIError(400, message, INVALID_REQUEST, param, "context_length_exceeded")
+
+
+def internal_error() -> APIError:
+    return APIError(500, INTERNAL_MESSAGE, "server_error")
+
+
+def stream_error_body(exc: BaseException) -> dict:
+    """What to send as `data: {...}` when a stream fails after the 200 headers went out."""
+    if isinstance(exc, APIError):
+        return exc.body()
+    logger.error("stream failed", exc_info=exc)
+    return internal_error().body()
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def param_from_loc(loc: tuple | list) -> str | None:
+    """("body", "messages", 0, "content") -> "messages[0].content"; None for the body as a whole."""
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier():
+            out += f".{part}" if out else part
+        else:
+            break  # a pydantic union tag such as 'list[int]' or 'function-after[...]': not a field
+    return out or None
+
+
+def from_validation_errors(errors: list[dict]) -> APIError:
+    """pydantic's `errors()` (or FastAPI's RequestValidationError.errors()) -> one 400 about the first error."""
+    if not errors:
+        return bad_request("Invalid request body.")
+    err = errors[0]
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return malformed_json()
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamError):
+        return bad_request(str(cause), cause.param)
+    param = param_from_loc(err.get("loc", ()))
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param)
+    if param is None:
+        return bad_request(f"Invalid request body: {err.get('msg', 'invalid value')}.")
+    msg = str(cause) if isinstance(cause, ValueError) else err.get("msg", "invalid value")
+    return bad_request(f"Invalid value for '{param}': {msg}.", param)
+
+
+def malformed_json() -> APIError:
+    return bad_request("We could not parse the JSON body of your request. The body must be valid JSON.")
+
+
+def parse_json_body(raw: bytes | str) -> dict:
+    """Decode a request body that must be a JSON object; errors are 400s, not 500s."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise malformed_json() from None
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- FastAPI
+
+def install_error_handlers(app) -> None:
+    """Route every error of `app` to OpenAI's error JSON (FastAPI imported here, not at module import)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def respond(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    async def on_api_error(request, exc: APIError):
+        return respond(exc)
+
+    async def on_validation_error(request, exc: RequestValidationError):
+        return respond(from_validation_errors(list(exc.errors())))
+
+    async def on_http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})."
+            if exc.detail and exc.detail != "Not Found":  # a route's own HTTPException(404, "...")
+                message = str(exc.detail)
+            err = APIError(404, message, INVALID_REQUEST, None, "not_found")
+        elif exc.status_code == 405:
+            err = APIError(405, f"Method {request.method} is not allowed for {request.url.path}.",
+                           INVALID_REQUEST, None, "method_not_allowed")
+        elif exc.status_code == 413:
+            err = too_large()
+        else:
+            kind = INVALID_REQUEST if exc.status_code < 500 else "server_error"
+            err = APIError(exc.status_code, str(exc.detail), kind)
+        err.headers.update(exc.headers or {})
+        return respond(err)
+
+    async def on_exception(request, exc: Exception):
+        # Starlette re-raises after sending this response, so the server also logs the traceback.
+        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return respond(internal_error())
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_exception)

@@ -1,0 +1,663 @@
+"""The wire format: OpenAI-shaped request and response models, and pure builders from engine outputs.
+
+Owns what a client may send to /v1/chat/completions and /v1/completions (validated here, so a bad value
+is a 400 that names its parameter), their conversion to the engine's SamplingParams, the response and
+stream-chunk models (OpenAI's shapes plus DeepSeek's `reasoning_content` and `prompt_cache_*` usage
+fields), and functions that turn `RequestOutput`s into those responses. It does not run the engine,
+render chat templates, frame SSE beyond one line, or know about HTTP routes (serving_*.py, app.py).
+
+Parameter policy (OpenAI clients send many fields, and anything via extra_body):
+  * honoured: OpenAI's sampling fields, `max_tokens` / `max_completion_tokens` (both given: the smaller
+    wins; the cap covers reasoning too), `stop`, `n`, `seed`, `logprobs`, `stream_options.include_usage`,
+    and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, ...);
+    DeepSeek's `thinking` and vLLM's `chat_template_kwargs.thinking` are read by `thinking_enabled`.
+  * accepted and ignored (they do not change the output): `user`, `metadata`, `store`, `service_tier`,
+    `parallel_tool_calls`, `reasoning_effort`, `prompt_cache_key`, ... and any unknown field, since
+    clients pass arbitrary `extra_body` keys; assistant `reasoning_content` on input is kept for the
+    template, never an error. `tools` with `tool_choice="none"` are accepted and not shown to the model.
+  * rejected with a 400 naming the parameter, because we would silently answer something else:
+    `tools` with any other tool_choice (no tool-call parser yet), `response_format` other than text,
+    non-text content parts, `logit_bias`, `audio`, `prediction`, legacy `functions`, `suffix` (no FIM
+    tokens in our format), `best_of` != n, `echo` with `logprobs`, and guided-decoding extras.
+
+finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
+OpenAI's Literal has no "abort", and "length" is the one value that tells a client the text was cut
+short; "stop" would claim a complete answer.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from openr2.chat_format import ReasoningParser
+from openr2.server.errors import (
+    ParamError,
+    bad_request,
+    context_length_exceeded,
+    from_validation_errors,
+)
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+TokenText = Callable[[int], str]  # token id -> its text, for logprobs (e.g. lambda i: tok.decode([i]))
+MAX_STOP_SEQUENCES = 16  # DeepSeek's limit (OpenAI allows 4)
+MIN_LOGPROB = -9999.0  # OpenAI's stand-in for "very unlikely"; JSON has no -inf
+
+
+def random_id(prefix: str) -> str:
+    """"chatcmpl-", "cmpl-": OpenAI-style ids."""
+    return prefix + secrets.token_hex(12)
+
+
+# Fields clients send that we cannot honour: name -> what makes the value a request for the feature.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(["logit_bias", "audio", "prediction", "web_search_options", "functions", "function_call",
+                     "min_tokens", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "structured_outputs"], bool),  # null/0/{}/false: harmless
+    "modalities": lambda v: bool(v) and v != ["text"],
+}
+
+
+class _Strict(BaseModel):
+    # strict: no "3" -> 3 or true -> 1; unknown fields are dropped (clients send many harmless extras)
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None  # str, a list of {"type": "text", "text": ...} parts, or None for tool-call turns
+    name: str | None = None
+    reasoning_content: str | None = None  # kept: thinking-mode tool turns must pass it back (DeepSeek)
+    prefix: bool | None = False  # DeepSeek chat prefix completion: continue this last assistant message
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("expected a string or a list of content parts")
+        for j, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {j}: only text parts ({{'type': 'text', 'text': ...}}) are supported, "
+                                 f"got type {kind!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.prefix and self.role != "assistant":
+            raise ValueError("only an assistant message can be a prefix")
+        return self
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Any = None
+    max_tokens: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, wants in _UNSUPPORTED.items():
+                if name in data and wants(data[name]):
+                    raise ParamError(name, f"'{name}' is not supported by this server.")
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("expected a non-empty string or a list of them")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return stops or None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @classmethod
+    def parse(cls, data: Any):
+        """Validate a decoded JSON body; every problem is an APIError (400) naming its parameter."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise from_validation_errors(e.errors()) from None
+
+    # subclasses say which of their fields the engine's max_tokens / logprobs came from
+    def _asked_max_tokens(self) -> tuple[int | None, str]:
+        return self.max_tokens, "max_tokens"
+
+    def _logprobs(self) -> tuple[int | None, str]:
+        return None, "logprobs"
+
+    prompt_param: ClassVar[str] = "prompt"  # blamed when the prompt does not fit the context
+
+    def to_sampling_params(self, default_max_tokens: int | None, max_model_len: int,
+                           num_prompt_tokens: int | None = None):
+        """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len.
+
+        Without max_tokens the cap is default_max_tokens (None: until the context is full), clipped to the
+        room left. Raises APIError: 400 with `param`, code "context_length_exceeded" when it cannot fit.
+        """
+        from openr2.engine.sampling import SamplingParams  # the engine (torch) only when it is needed
+
+        asked, max_param = self._asked_max_tokens()
+        room = max_model_len if num_prompt_tokens is None else max_model_len - num_prompt_tokens
+        if num_prompt_tokens is not None and room < 1:
+            raise context_length_exceeded(num_prompt_tokens, asked, max_model_len, self.prompt_param)
+        if asked is None:
+            max_tokens = min(default_max_tokens, room) if default_max_tokens is not None else (
+                room if num_prompt_tokens is not None else None)
+        elif isinstance(asked, int) and asked > room:
+            if num_prompt_tokens is None:
+                raise bad_request(f"{max_param} must be at most {max_model_len}, the context length.", max_param)
+            raise context_length_exceeded(num_prompt_tokens, asked, max_model_len, self.prompt_param)
+        else:
+            max_tokens = asked
+        logprobs, logprobs_param = self._logprobs()
+        options = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       min_p=self.min_p, presence_penalty=self.presence_penalty,
+                       frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                       seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                       ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+                       include_stop_str_in_output=self.include_stop_str_in_output)
+        options = {k: v for k, v in options.items() if v is not None}
+        rename = {"max_tokens": max_param, "logprobs": logprobs_param}
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **options)
+        except ValueError as e:  # SamplingParams names the field first: "top_p must be in (0, 1], ..."
+            message = str(e)
+            field = message.split(" ", 1)[0]
+            param = rename.get(field, field if field in options else None)
+            if param is not None:  # say it with the request's name: top_logprobs, not logprobs
+                message = param + message[len(field):]
+            raise bad_request(message.rstrip(".") + ".", param) from None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    thinking: dict | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
+    chat_template_kwargs: dict | None = None  # vLLM/SGLang: {"thinking": bool} or {"enable_thinking": bool}
+
+    prompt_param: ClassVar[str] = "messages"
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        kind = (v or {}).get("type", "text")
+        if kind != "text":
+            raise ParamError("response_format", f"response_format type {kind!r} is not supported yet; only 'text'.")
+        return v
+
+    @field_validator("thinking")
+    @classmethod
+    def _thinking(cls, v):
+        if v is not None and v.get("type") not in ("enabled", "disabled"):
+            raise ValueError("expected {'type': 'enabled'} or {'type': 'disabled'}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        for i, m in enumerate(self.messages[:-1]):
+            if m.prefix:
+                raise ParamError(f"messages[{i}].prefix", "only the last message can be a prefix.")
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true.")
+        if self.tools and self.tool_choice != "none":
+            raise ParamError("tools", "tool calling is not supported yet; omit tools or set tool_choice='none'.")
+        return self
+
+    def _asked_max_tokens(self):
+        given = [(v, k) for k, v in (("max_tokens", self.max_tokens),
+                                     ("max_completion_tokens", self.max_completion_tokens)) if v is not None]
+        return min(given) if given else (None, "max_completion_tokens")
+
+    def _logprobs(self):
+        return (self.top_logprobs or 0) if self.logprobs else None, "top_logprobs"
+
+    @property
+    def thinking_enabled(self) -> bool | None:
+        """True/False when the request chose thinking mode, None for the model's default."""
+        if self.thinking is not None:
+            return self.thinking["type"] == "enabled"
+        kwargs = self.chat_template_kwargs or {}
+        for key in ("thinking", "enable_thinking"):
+            if isinstance(kwargs.get(key), bool):
+                return kwargs[key]
+        return None
+
+    @property
+    def assistant_prefix(self) -> str | None:
+        """The text to continue when the last message is an assistant prefix, else None."""
+        last = self.messages[-1]
+        if not last.prefix:
+            return None
+        content = last.content or ""
+        return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+
+    def template_messages(self) -> list[dict]:
+        """Messages for chat_format.render_chat, without a trailing prefix message (see assistant_prefix)."""
+        msgs = self.messages[:-1] if self.messages[-1].prefix else self.messages
+        return [m.model_dump(exclude_none=True, exclude={"prefix"}) for m in msgs]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Any
+    suffix: str | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        def ids(x):
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(v, str) or ids(v):
+            return v
+        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(ids(p) for p in v)):
+            return v
+        raise ValueError("expected a string, a list of strings, a list of token ids or a list of such lists, "
+                         "none of them empty")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ParamError("suffix", "suffix (fill-in-the-middle) is not supported by this model.")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.best_of not in (None, 1, self.n):
+            raise ParamError("best_of", "best_of is not supported; use n.")
+        if self.echo and self.logprobs is not None:
+            raise ParamError("echo", "echo with logprobs needs prompt logprobs, which are not supported.")
+        return self
+
+    def _logprobs(self):
+        return self.logprobs, "logprobs"
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_cache_hit_tokens: int = 0  # DeepSeek's names; hit + miss = prompt_tokens
+    prompt_cache_miss_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _role_once(self, handler):
+        # role only on the first delta (OpenAI); content and reasoning_content always, null when unused:
+        # DeepSeek's documented loop reads delta.reasoning_content on every chunk and appends delta.content
+        # whenever it is falsy, so the finish chunk carries content "" (see ChatStream)
+        data = handler(self)
+        if data.get("role") is None:
+            data.pop("role", None)
+        return data
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None  # null on every chunk but the final `choices: []` one
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None  # None only mid-stream
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChunk(Completion):
+    """Stream chunks of /v1/completions have the same shape as the response (OpenAI's rule)."""
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "openr2"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def sse(chunk: BaseModel) -> str:
+    """One server-sent event; end the stream with SSE_DONE."""
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "length"}
+
+
+def finish_reason(engine_reason: str | None) -> str | None:
+    """Engine reason -> OpenAI's: stop, length; abort -> length (cut short, see the module docstring)."""
+    return None if engine_reason is None else _FINISH.get(engine_reason, "stop")
+
+
+def usage_from_engine(usage) -> UsageInfo:
+    """Engine (or billing) Usage, or an iterable of them (one per prompt), -> the usage object we send."""
+    usages = list(usage) if isinstance(usage, Iterable) else [usage]
+    prompt = sum(u.prompt_tokens for u in usages)
+    cached = sum(u.cached_prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_cache_hit_tokens=cached, prompt_cache_miss_tokens=prompt - cached,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                     completion_tokens_details=CompletionTokensDetails(
+                         reasoning_tokens=sum(u.reasoning_tokens for u in usages)))
+
+
+def _logprob(x: float | None) -> float:
+    return MIN_LOGPROB if x is None or math.isnan(x) or x < MIN_LOGPROB else float(x)
+
+
+def _text(token_text: TokenText | None, token_id: int) -> str:
+    return token_text(token_id) if token_text is not None else str(token_id)
+
+
+def chat_logprobs(samples: list, token_text: TokenText | None) -> ChatLogprobs:
+    """Engine TokenSamples (token_id, logprob, top) -> chat logprobs; bytes are the token text's UTF-8."""
+    content = []
+    for s in samples:
+        tops = [TopLogprob(token=(t := _text(token_text, i)), logprob=_logprob(lp), bytes=list(t.encode()))
+                for i, lp in (s.top or [])]
+        token = _text(token_text, s.token_id)
+        content.append(TokenLogprob(token=token, logprob=_logprob(s.logprob), bytes=list(token.encode()),
+                                    top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(samples: list, token_text: TokenText | None, offset: int = 0) -> CompletionLogprobs:
+    """Legacy logprobs; text_offset counts characters from `offset` (where this piece of text starts)."""
+    out = CompletionLogprobs()
+    for s in samples:
+        token = _text(token_text, s.token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(_logprob(s.logprob))
+        out.top_logprobs.append({_text(token_text, i): _logprob(lp) for i, lp in (s.top or [])})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def chat_completion_from_output(output, model: str, created: int, *, starts_in_reasoning: bool = False,
+                                parse_reasoning: bool = True, token_text: TokenText | None = None,
+                                id: str | None = None) -> ChatCompletion:
+    """A finished RequestOutput -> the chat response; reasoning is split from content when parse_reasoning
+    (starts_in_reasoning: the prompt ended inside `<think>`, see chat_format.prompt_opens_reasoning)."""
+    choices = []
+    for out in output.outputs:
+        reasoning, content = None, out.text
+        if parse_reasoning:
+            reasoning, content = ReasoningParser(starts_in_reasoning).parse(out.text)
+        logprobs = chat_logprobs(out.logprobs, token_text) if out.logprobs is not None else None
+        choices.append(ChatChoice(index=out.index, finish_reason=finish_reason(out.finish_reason) or "stop",
+                                  message=ChatResponseMessage(content=content, reasoning_content=reasoning),
+                                  logprobs=logprobs))
+    return ChatCompletion(id=id or output.request_id, created=created, model=model, choices=choices,
+                          usage=usage_from_engine(output.usage))
+
+
+class ChatStream:
+    """The chunks of one streamed chat request, in OpenAI's order: a role chunk per choice (`start`), then
+    per engine output the reasoning and content deltas and, when a choice ends, a chunk with an empty
+    content delta and its finish_reason (`feed`), then optionally the `choices: []` usage chunk (`usage_chunk`)."""
+
+    def __init__(self, id: str, model: str, created: int, n: int = 1, *, starts_in_reasoning: bool = False,
+                 parse_reasoning: bool = True, token_text: TokenText | None = None):
+        self.id, self.model, self.created, self.token_text = id, model, created, token_text
+        self.parsers = [ReasoningParser(starts_in_reasoning) if parse_reasoning else None for _ in range(n)]
+        self.num_tokens = [0] * n  # tokens seen per choice: where the next logprobs start
+        self.pending: list[list] = [[] for _ in range(n)]  # logprobs of tokens whose text is held back
+        self.done = [False] * n
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def start(self) -> list[ChatCompletionChunk]:
+        return [self.chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                for i in range(len(self.done))]
+
+    def feed(self, output) -> list[ChatCompletionChunk]:
+        chunks = []
+        for out in output.outputs:
+            i = out.index
+            if self.done[i]:
+                continue
+            if out.logprobs is not None and out.token_ids_delta:  # the list may have grown since: slice by count
+                start = self.num_tokens[i]
+                self.pending[i].extend(out.logprobs[start:start + len(out.token_ids_delta)])
+            self.num_tokens[i] += len(out.token_ids_delta)
+            parser = self.parsers[i]
+            reasoning, content = parser.feed(out.text_delta) if parser else ("", out.text_delta)
+            if out.finished and parser:
+                r, c = parser.finish()
+                reasoning, content = reasoning + r, content + c
+            pieces = [DeltaMessage(reasoning_content=reasoning)] if reasoning else []
+            pieces += [DeltaMessage(content=content)] if content else []
+            reason = finish_reason(out.finish_reason)
+            if reason is not None:
+                pieces.append(DeltaMessage(content=""))
+                self.done[i] = True
+            for k, delta in enumerate(pieces):
+                logprobs = None
+                if self.pending[i]:
+                    logprobs, self.pending[i] = chat_logprobs(self.pending[i], self.token_text), []
+                last = k == len(pieces) - 1
+                chunks.append(self.chunk([ChatChunkChoice(index=i, delta=delta, logprobs=logprobs,
+                                                          finish_reason=reason if last else None)]))
+        return chunks
+
+    def usage_chunk(self, usage) -> ChatCompletionChunk:
+        return self.chunk([], usage_from_engine(usage))
+
+
+def completion_from_outputs(outputs: list, model: str, created: int, *, id: str, n: int = 1, echo: bool = False,
+                            token_text: TokenText | None = None) -> Completion:
+    """Finished RequestOutputs, one per prompt in order -> the text completion; choice = prompt * n + sample."""
+    choices = []
+    for p, output in enumerate(outputs):
+        prefix = _echo_text(output, token_text) if echo else ""
+        for out in output.outputs:
+            logprobs = completion_logprobs(out.logprobs, token_text, len(prefix)) if out.logprobs is not None else None
+            choices.append(CompletionChoice(index=p * n + out.index, text=prefix + out.text, logprobs=logprobs,
+                                            finish_reason=finish_reason(out.finish_reason) or "stop"))
+    return Completion(id=id, created=created, model=model, choices=choices,
+                      usage=usage_from_engine([o.usage for o in outputs]))
+
+
+def _echo_text(output, token_text: TokenText | None) -> str:
+    if output.prompt is not None:
+        return output.prompt
+    return "".join(_text(token_text, t) for t in output.prompt_token_ids) if token_text else ""
+
+
+class CompletionStream:
+    """Chunks of a streamed text completion: text deltas per choice, the last one with its finish_reason."""
+
+    def __init__(self, id: str, model: str, created: int, n: int = 1, *, echo: bool = False,
+                 token_text: TokenText | None = None):
+        self.id, self.model, self.created, self.n = id, model, created, n
+        self.echo, self.token_text = echo, token_text
+        self.chars: dict[int, int] = {}  # choice -> characters sent (text_offset of the next token)
+        self.num_tokens: dict[int, int] = {}
+
+    def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def feed(self, output, prompt_index: int = 0) -> list[CompletionChunk]:
+        chunks = []
+        for out in output.outputs:
+            index = prompt_index * self.n + out.index
+            text = out.text_delta
+            if index not in self.chars:
+                self.chars[index], self.num_tokens[index] = 0, 0
+                if self.echo:
+                    text = _echo_text(output, self.token_text) + text
+            reason = finish_reason(out.finish_reason)
+            if not text and reason is None:
+                continue
+            logprobs = None
+            if out.logprobs is not None:
+                start = self.num_tokens[index]
+                samples = out.logprobs[start:start + len(out.token_ids_delta)]
+                logprobs = completion_logprobs(samples, self.token_text, self.chars[index] + len(text)
+                                               - len(out.text_delta))
+            self.num_tokens[index] += len(out.token_ids_delta)
+            self.chars[index] += len(text)
+            chunks.append(self.chunk([CompletionChoice(index=index, text=text, finish_reason=reason,
+                                                       logprobs=logprobs)]))
+        return chunks
+
+    def usage_chunk(self, usages) -> CompletionChunk:
+        return self.chunk([], usage_from_engine(usages))
+
