@@ -150,6 +150,60 @@ def _stream_turn(engine, prompt, params, parser, dim: str, plain: str) -> str:
     return "".join(answer)
 
 
+def _data_dir(args: argparse.Namespace) -> str:
+    path = os.path.expanduser(args.data_dir)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _ledger(args: argparse.Namespace):
+    from openr2.server.ledger import Ledger
+
+    path = _data_dir(args)
+    return Ledger(os.path.join(path, "ledger.sqlite"), data_dir=path, log_content=getattr(args, "log_content", False))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a checkpoint with the OpenAI-compatible API on host:port (127.0.0.1 by default)."""
+    import uvicorn
+
+    from openr2.engine.async_engine import AsyncEngine
+    from openr2.server import billing
+    from openr2.server.app import Server, ServerConfig, create_app
+
+    engine = _load_engine(args)
+    prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
+    config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+                          require_auth=args.require_auth, log_content=args.log_content)
+    server = Server(AsyncEngine(engine), _ledger(args), prices, config)
+    print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    server.engine.shutdown()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    if args.action == "create":
+        key_id, secret = ledger.create_key(args.name or "")
+        print(f"{key_id}\n{secret}\n(store the key now: only its hash is kept)")
+    elif args.action == "list":
+        for key in ledger.list_keys():
+            print(json.dumps(key))
+    else:
+        if not args.name or not ledger.revoke_key(args.name):
+            raise ValueError(f"no active key {args.name!r} to revoke")
+        print(f"revoked {args.name}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    rows = _ledger(args).usage_report(args.start, args.end, args.group_by)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
     p.add_argument("model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -178,6 +232,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive terminal chat")
     _add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default="~/.openr2", help="SQLite ledger and stored files")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--prices", default=None, help="price table (JSON or TOML, dollars per million tokens)")
+    serve.add_argument("--require-auth", action="store_true", help="require an API key even before one exists")
+    serve.add_argument("--log-content", action="store_true", help="store prompt and completion text in the ledger")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--device", default="cpu")
+    serve.set_defaults(func=cmd_serve)
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke)")
+    keys.add_argument("--data-dir", default="~/.openr2")
+    keys.set_defaults(func=cmd_keys)
+    usage = sub.add_parser("usage", help="token and cost totals from the ledger")
+    usage.add_argument("--start", type=int, default=None, help="unix seconds, inclusive")
+    usage.add_argument("--end", type=int, default=None, help="unix seconds, exclusive")
+    usage.add_argument("--group-by", choices=["day", "key", "model"], default=None)
+    usage.add_argument("--data-dir", default="~/.openr2")
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 

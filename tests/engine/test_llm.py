@@ -7,27 +7,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from openr2 import LLM, SamplingParams
-from openr2.model.hf_io import save_model
-from openr2.model.transformer import build_model
-from openr2.presets import tiny_v3
-from tests.tokenizer_utils import tiny_tokenizer
+from tests.checkpoints import save_tiny_chat_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tokenizer = tiny_tokenizer()
-    config = dataclasses.replace(tiny_v3(), vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0,
-                                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    model = build_model(config, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
     path = tmp_path_factory.mktemp("ckpt")
-    save_model(model, path)
-    tokenizer.save_pretrained(path)
+    save_tiny_chat_checkpoint(path)
     return path
 
 

@@ -1,0 +1,235 @@
+"""The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
+
+Routes so far: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream and
+non-stream), GET /v1/usage. A request is validated (protocol.py), authorised (a key once any exists, or
+with require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is
+billed from the engine's token counts, also when the client disconnects mid-stream (the request is then
+aborted and its cache blocks freed). Prompt and completion text are stored only with log_content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from openr2.chat_format import prompt_opens_reasoning, render_chat
+from openr2.engine.async_engine import AsyncEngine
+from openr2.server import billing
+from openr2.server.errors import (
+    bad_request,
+    install_error_handlers,
+    not_found,
+    parse_json_body,
+    rate_limited,
+    too_large,
+    unauthorized,
+)
+from openr2.server.ledger import Ledger
+from openr2.server.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    ChatStream,
+    CompletionRequest,
+    CompletionStream,
+    Model,
+    ModelList,
+    chat_completion_from_output,
+    completion_from_outputs,
+    random_id,
+    sse,
+)
+from openr2.server.ratelimit import RateLimiter
+
+LOCAL_KEY = "local"  # the owner of everything while no API key exists
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "openr2"
+    require_auth: bool = False
+    log_content: bool = False
+    max_body_bytes: int = 8 << 20
+    default_max_tokens: int = 4096
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None
+
+
+class Server:
+    """What the routes share: the engine front, tokenizer, ledger, prices and limits."""
+
+    def __init__(self, engine: AsyncEngine, ledger: Ledger, prices: billing.PriceTable | None = None,
+                 config: ServerConfig | None = None):
+        self.engine, self.ledger = engine, ledger
+        self.tokenizer = engine.engine.tokenizer
+        self.prices = prices or billing.PriceTable()
+        self.config = config or ServerConfig()
+        self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------------------------ helpers
+    def authorise(self, request: Request) -> str:
+        if not (self.config.require_auth or self.ledger.has_keys()):
+            return LOCAL_KEY
+        header = request.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.", "missing_api_key")
+        key_id = self.ledger.verify_key(secret.strip())
+        if key_id is None:
+            raise unauthorized()
+        return key_id
+
+    async def body(self, request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            raise too_large(f"The request body is {len(raw)} bytes; the limit is {self.config.max_body_bytes}.")
+        return parse_json_body(raw)
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise not_found(f"The model '{name}' does not exist; this server serves '{self.config.model_name}'.",
+                            "model", "model_not_found")
+
+    def admit(self, key_id: str, num_tokens: int) -> None:
+        try:
+            wait = self.limiter.acquire(key_id, num_tokens)
+        except ValueError as e:
+            raise bad_request(str(e), "max_tokens") from None
+        if wait > 0:
+            raise rate_limited(wait)
+
+    def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
+        usage = billing.Usage.of(output.usage)
+        cost = self.prices.cost(usage, batch=False)
+        self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
+                                 content=content if self.config.log_content else None)
+
+    async def first_output(self, stream: AsyncIterator):
+        """Start a request: engine-side input errors surface here, before any response is sent."""
+        try:
+            return await stream.__anext__()
+        except ValueError as e:
+            raise bad_request(str(e), str(e).split(":", 1)[0] if ":" in str(e) else None) from None
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="openr2", description="OpenAI-compatible API for openr2 models, served locally.")
+    app.state.server = server
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.config.model_name}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.authorise(request)
+        return ModelList(data=[Model(id=server.config.model_name, created=server.created)])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        key_id = server.authorise(request)
+        req = ChatCompletionRequest.parse(await server.body(request))
+        server.check_model(req.model)
+        options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
+        prompt = render_chat(req.template_messages(), server.tokenizer, **options) + (req.assistant_prefix or "")
+        ids = server.tokenizer.encode(prompt)
+        params = req.to_sampling_params(server.config.default_max_tokens, server.engine.engine.max_model_len,
+                                        len(ids))
+        server.admit(key_id, len(ids) + params.max_tokens * params.n)
+        request_id = random_id("chatcmpl-")
+        starts = prompt_opens_reasoning(prompt)
+        stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
+        first = await server.first_output(stream)
+        text = server.tokenizer.decode
+        if not req.stream:
+            last = first
+            async for last in stream:  # noqa: B007 (the last output is the answer)
+                pass
+            await asyncio.to_thread(server.bill, key_id, "/v1/chat/completions", last, request_id, prompt)
+            return chat_completion_from_output(last, req.model, int(time.time()), starts_in_reasoning=starts,
+                                               token_text=lambda i: text([i]), id=request_id)
+        chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
+                            token_text=lambda i: text([i]))
+
+        async def events():
+            last = first
+            try:
+                for chunk in chunks.start() + chunks.feed(first):
+                    yield sse(chunk)
+                async for last in stream:
+                    for chunk in chunks.feed(last):
+                        yield sse(chunk)
+                if req.include_usage:
+                    yield sse(chunks.usage_chunk(last.usage))
+                yield SSE_DONE
+            finally:  # also on disconnect: abort (frees the blocks) and bill what was generated
+                await stream.aclose()
+                server.bill(key_id, "/v1/chat/completions", last, request_id, prompt)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        key_id = server.authorise(request)
+        req = CompletionRequest.parse(await server.body(request))
+        server.check_model(req.model)
+        prompts = [p if isinstance(p, list) else server.tokenizer.encode(p) for p in req.prompts()]
+        if len(prompts) > 1 and req.stream:
+            raise bad_request("Streaming takes one prompt per request.", "prompt")
+        max_model_len = server.engine.engine.max_model_len
+        params = [req.to_sampling_params(16, max_model_len, len(ids)) for ids in prompts]
+        server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
+        request_id = random_id("cmpl-")
+        text = server.tokenizer.decode
+        if req.stream:
+            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
+            first = await server.first_output(stream)
+            chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
+                                      token_text=lambda i: text([i]))
+
+            async def events():
+                last = first
+                try:
+                    for chunk in chunks.feed(first):
+                        yield sse(chunk)
+                    async for last in stream:
+                        for chunk in chunks.feed(last):
+                            yield sse(chunk)
+                    if req.include_usage:
+                        yield sse(chunks.usage_chunk([last.usage]))
+                    yield SSE_DONE
+                finally:
+                    await stream.aclose()
+                    server.bill(key_id, "/v1/completions", last, request_id)
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def run(i: int, ids: list[int]):
+            sub_id = f"{request_id}-{i}"
+            stream = server.engine.generate({"prompt_token_ids": ids}, params[i], sub_id, key_id)
+            last = await server.first_output(stream)
+            async for last in stream:  # noqa: B007
+                pass
+            await asyncio.to_thread(server.bill, key_id, "/v1/completions", last, sub_id)
+            return last
+
+        outputs = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
+        return completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
+                                       echo=bool(req.echo), token_text=lambda i: text([i]))
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, start: int | None = None, end: int | None = None,
+                    group_by: str | None = None):
+        key_id = server.authorise(request)
+        if group_by not in (None, "day", "key", "model"):
+            raise bad_request("group_by must be one of day, key, model.", "group_by")
+        rows = server.ledger.usage_report(start, end, group_by, key_id=key_id)
+        return {"object": "list", "data": rows}
+
+    return app

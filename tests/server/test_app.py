@@ -1,0 +1,166 @@
+"""The server end to end: a live uvicorn on 127.0.0.1 driven by the official openai client (strict)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from openr2.engine.async_engine import AsyncEngine
+from openr2.engine.engine import EngineConfig, LLMEngine
+from openr2.server import billing
+from openr2.server.app import Server, ServerConfig, create_app
+from openr2.server.ledger import Ledger
+from tests.checkpoints import save_tiny_chat_checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(base_url, Server) of a running server; stopped after the module."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_tiny_chat_checkpoint(ckpt)
+    data = tmp_path_factory.mktemp("data")
+    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
+    server = Server(engine, Ledger(data / "ledger.sqlite", data_dir=data), billing.PriceTable(),
+                    ServerConfig(model_name="tiny", default_max_tokens=16))
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", server
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+def _client(base_url, key="unused"):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, _strict_response_validation=True)
+
+
+def test_models_and_health(live):
+    base_url, _ = live
+    assert [m.id for m in _client(base_url).models.list().data] == ["tiny"]
+    assert httpx.get(base_url + "/health").json()["status"] == "ok"
+
+
+def test_chat_non_stream_has_full_usage_and_reasoning(live):
+    base_url, _ = live
+    resp = _client(base_url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8, temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason in ("length", "stop")
+    u = resp.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens <= 8
+    assert u.prompt_cache_hit_tokens + u.prompt_cache_miss_tokens == u.prompt_tokens
+    assert u.prompt_tokens_details.cached_tokens == u.prompt_cache_hit_tokens
+    # the R1 prompt opens <think>: without </think> the whole output is reasoning
+    assert choice.message.reasoning_content is not None or choice.message.content is not None
+    assert u.completion_tokens_details.reasoning_tokens <= u.completion_tokens
+
+
+def test_chat_stream_matches_non_stream_and_ends_with_usage(live):
+    base_url, _ = live
+    client = _client(base_url)
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Count: 1 2 3"}], max_tokens=10,
+                  temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reasoning == (whole.choices[0].message.reasoning_content or "")
+    assert content == (whole.choices[0].message.content or "")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_completions(live):
+    base_url, _ = live
+    resp = _client(base_url).completions.create(model="tiny", prompt=["The answer is", "What is"], max_tokens=5,
+                                                temperature=0)
+    assert len(resp.choices) == 2 and resp.usage.completion_tokens == 10
+
+
+def _totals(base_url):
+    rows = httpx.get(base_url + "/v1/usage").json()["data"]
+    return rows[0] if rows else {"cost_pico_usd": 0, "prompt_tokens": 0, "requests": 0}
+
+
+def test_repeated_prompt_hits_the_cache_and_is_billed_exactly(live):
+    base_url, _ = live
+    client = _client(base_url)
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "The answer is 42. " * 20}], max_tokens=2,
+                  temperature=0)
+    client.chat.completions.create(**kwargs)
+    before = _totals(base_url)
+    again = client.chat.completions.create(**kwargs)
+    after = _totals(base_url)
+    u = again.usage
+    assert u.prompt_cache_hit_tokens > 0
+    cost = billing.PriceTable().cost(billing.Usage(u.prompt_tokens, u.prompt_cache_hit_tokens, u.completion_tokens))
+    # miss tokens at $0.14/M, hit tokens at $0.014/M, output at $0.28/M: in pico-dollars, to the token
+    assert cost == (u.prompt_cache_miss_tokens * 140_000 + u.prompt_cache_hit_tokens * 14_000
+                    + u.completion_tokens * 280_000)
+    assert after["cost_pico_usd"] - before["cost_pico_usd"] == cost
+    assert after["requests"] - before["requests"] == 1
+
+
+def test_errors_are_openai_json(live):
+    base_url, _ = live
+    client = _client(base_url)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=-1)
+    assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi " * 600}],
+                                       max_tokens=4)
+    assert err.value.code == "context_length_exceeded"
+    r = httpx.post(base_url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_disconnect_mid_stream_aborts_and_bills(live):
+    base_url, server = live
+    before = server.ledger.usage_report()[0]["requests"] if server.ledger.usage_report() else 0
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # hang up after a few events
+    deadline = time.time() + 10
+    engine = server.engine.engine
+    while (engine.has_unfinished_requests() or server.ledger.usage_report()[0]["requests"] == before) \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_unfinished_requests()
+    assert engine.blocks.num_free == engine.pool.num_blocks
+    assert server.ledger.usage_report()[0]["requests"] == before + 1
+
+
+def test_keys_required_once_one_exists(live):
+    base_url, server = live
+    key_id, secret = server.ledger.create_key("alice")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            _client(base_url, "sk-wrong").models.list()
+        assert httpx.get(base_url + "/v1/models").status_code == 401
+        assert _client(base_url, secret).models.list().data[0].id == "tiny"
+        assert httpx.get(base_url + "/v1/usage", headers={"authorization": f"Bearer {secret}"}).json()["data"] == []
+    finally:
+        server.ledger.revoke_key(key_id)
