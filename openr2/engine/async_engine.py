@@ -29,7 +29,7 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changed it; the last one is finished.
 
         Bad input raises ValueError before anything is queued.
@@ -39,7 +39,7 @@ class AsyncEngine:
         with self._work:
             if self._stopped:
                 raise RuntimeError("engine is shut down")
-            self.engine.add_request(request_id, prompt, params, salt)
+            self.engine.add_request(request_id, prompt, params, salt, priority)
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
             self._work.notify()
         finished = False

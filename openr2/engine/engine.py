@@ -23,7 +23,7 @@ from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.runner import ModelRunner
 from openr2.engine.sampling import SamplingParams, make_generator, sample
-from openr2.engine.scheduler import Scheduler, SchedulerConfig
+from openr2.engine.scheduler import Scheduler, SchedulerConfig, insert_by_priority
 from openr2.engine.sequence import Sequence, Status
 from openr2.engine.stop import StopChecker
 from openr2.model.transformer import Transformer
@@ -82,9 +82,10 @@ class RequestOutput:
 class _Request:
     """One request: its sequences (one until the prompt is done, then n) and the text state of each sample."""
 
-    def __init__(self, request_id, prompt, prompt_ids, params, max_tokens, salt, tokenizer, starts_in_reasoning):
+    def __init__(self, request_id, prompt, prompt_ids, params, max_tokens, salt, priority, tokenizer,
+                 starts_in_reasoning):
         self.request_id, self.prompt, self.prompt_ids = request_id, prompt, prompt_ids
-        self.params, self.max_tokens, self.salt = params, max_tokens, salt
+        self.params, self.max_tokens, self.salt, self.priority = params, max_tokens, salt, priority
         self.seqs: list[Sequence] = []
         self.outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
                         for i in range(params.n)]
@@ -145,8 +146,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                    params: SamplingParams | None = None, salt: str | None = None) -> None:
-        """Queue a prompt (text, token ids, or {"prompt_token_ids": [...]}); salt scopes the prefix cache."""
+                    params: SamplingParams | None = None, salt: str | None = None, priority: int = 0) -> None:
+        """Queue a prompt (text, token ids, or {"prompt_token_ids": [...]}); salt scopes the prefix cache;
+        priority 0 is interactive, higher values (batch work) yield to it."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -161,7 +163,7 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
-        req = _Request(request_id, text, ids, params, max_tokens, salt, self.tokenizer,
+        req = _Request(request_id, text, ids, params, max_tokens, salt, priority, self.tokenizer,
                        self._starts_in_reasoning(ids))
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
@@ -230,7 +232,7 @@ class LLMEngine:
     def _new_seq(self, req: _Request, index: int, token_ids: list[int]) -> Sequence:
         p = req.params
         seq = Sequence(next(self._seq_ids), req.request_id, index, token_ids, len(req.prompt_ids), p,
-                       make_generator(p.seed, self.model.device, index), req.salt)
+                       make_generator(p.seed, self.model.device, index), req.salt, req.priority)
         req.seqs.append(seq)
         return seq
 
@@ -275,7 +277,7 @@ class LLMEngine:
                     child.block_table.append(block)
                 child.num_computed, child.num_registered = parent.num_computed, parent.num_registered
                 child.status = Status.RUNNING
-                self.scheduler.running.append(child)
+                insert_by_priority(self.scheduler.running, child)
             else:  # no room to copy: recompute later, reusing the cached full blocks
                 self.scheduler.add(child)
             children.append(child)

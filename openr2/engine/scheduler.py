@@ -1,9 +1,10 @@
 """Continuous batching: which sequences run this step, with how many new tokens each.
 
 Every step spends a token budget: first on running sequences (one token each when decoding, a prompt
-chunk when prefilling), in admission order, preempting the most recently admitted ones (their blocks
-freed, to be recomputed later) when blocks run out; then on admitting waiting sequences, each starting
-from the longest cached prefix of its tokens. Sequences join and leave between steps.
+chunk when prefilling), in priority then admission order, preempting from the other end (lowest
+priority, most recently admitted; their blocks freed, to be recomputed later) when blocks run out; then
+on admitting waiting sequences, best priority first, each starting from the longest cached prefix of its
+tokens. Sequences join and leave between steps. Priority 0 is interactive, 1 is batch work.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        insert_by_priority(self.waiting, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -79,14 +80,14 @@ class Scheduler:
                 seq.admitted = True
             seq.status = Status.RUNNING
             self.waiting.popleft()
-            self.running.append(seq)
+            insert_by_priority(self.running, seq)
             plan.append((seq, n))
             budget -= n
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.block_table)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        insert_by_priority(self.waiting, seq, first=True)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
@@ -109,3 +110,11 @@ class Scheduler:
         for i in range(seq.num_registered, full):
             self.blocks.register(seq.block_table[i], seq.block_hashes[i])
         seq.num_registered = max(seq.num_registered, full)
+
+
+def insert_by_priority(queue, seq: Sequence, first: bool = False) -> None:
+    """Insert after every sequence of the same or better priority (before them with first=True)."""
+    i = len(queue)
+    while i > 0 and (queue[i - 1].priority > seq.priority or first and queue[i - 1].priority == seq.priority):
+        i -= 1
+    queue.insert(i, seq)

@@ -30,6 +30,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None
     salt: str | None = None
+    priority: int = 0  # lower runs first: 0 interactive, 1 batch jobs
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose latent KV is in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache at first admission

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
 
 Routes so far: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream and
-non-stream), GET /v1/usage. A request is validated (protocol.py), authorised (a key once any exists, or
+non-stream), GET /v1/usage, and the files and batches routes of batches.py (whose worker runs here). A request is validated (protocol.py), authorised (a key once any exists, or
 with require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is
 billed from the engine's token counts, also when the client disconnects mid-stream (the request is then
 aborted and its cache blocks freed). Prompt and completion text are stored only with log_content.
@@ -10,6 +10,7 @@ aborted and its cache blocks freed). Prompt and completion text are stored only 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -109,6 +110,66 @@ class Server:
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
 
+    def prepare_chat(self, body: dict):
+        """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""
+        req = ChatCompletionRequest.parse(body)
+        self.check_model(req.model)
+        options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
+        prompt = render_chat(req.template_messages(), self.tokenizer, **options) + (req.assistant_prefix or "")
+        ids = self.tokenizer.encode(prompt)
+        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.engine.max_model_len, len(ids))
+        return req, prompt, ids, params
+
+    async def run_chat(self, key_id: str, req, prompt: str, ids: list[int], params, request_id: str,
+                       priority: int = 0, bill: bool = True):
+        """Run a non-streamed chat request to the end: (ChatCompletion, final engine output) when not billing
+        here (the batch worker bills with the line), else the ChatCompletion after billing."""
+        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id,
+                                      priority)
+        last = await self.first_output(stream)
+        async for last in stream:  # noqa: B007 (the last output is the answer)
+            pass
+        text = self.tokenizer.decode
+        response = chat_completion_from_output(last, req.model, int(time.time()),
+                                               starts_in_reasoning=prompt_opens_reasoning(prompt),
+                                               token_text=lambda i: text([i]), id=request_id)
+        if not bill:
+            return response, last
+        await asyncio.to_thread(self.bill, key_id, "/v1/chat/completions", last, request_id, prompt)
+        return response
+
+    def prepare_completion(self, body: dict):
+        """Validate a completions body: (request, prompt id lists, one SamplingParams per prompt)."""
+        req = CompletionRequest.parse(body)
+        self.check_model(req.model)
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in req.prompts()]
+        if len(prompts) > 1 and req.stream:
+            raise bad_request("Streaming takes one prompt per request.", "prompt")
+        max_model_len = self.engine.engine.max_model_len
+        return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids)) for ids in prompts]
+
+    async def run_completion(self, key_id: str, req, prompts: list[list[int]], params: list, request_id: str,
+                             priority: int = 0, bill: bool = True):
+        """All prompts concurrently to the end; like run_chat, returns (Completion, outputs) when not billing."""
+
+        async def run(i: int, ids: list[int]):
+            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}", key_id,
+                                          priority)
+            last = await self.first_output(stream)
+            async for last in stream:  # noqa: B007
+                pass
+            return last
+
+        outputs = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
+        text = self.tokenizer.decode
+        response = completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
+                                           echo=bool(req.echo), token_text=lambda i: text([i]))
+        if not bill:
+            return response, outputs
+        for i, out in enumerate(outputs):
+            await asyncio.to_thread(self.bill, key_id, "/v1/completions", out, f"{request_id}-{i}")
+        return response
+
     async def first_output(self, stream: AsyncIterator):
         """Start a request: engine-side input errors surface here, before any response is sent."""
         try:
@@ -118,9 +179,21 @@ class Server:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="openr2", description="OpenAI-compatible API for openr2 models, served locally.")
+    from openr2.server.batches import BatchWorker, add_batch_routes
+
+    server.batch_worker = BatchWorker(server)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker = asyncio.create_task(server.batch_worker.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(title="openr2", description="OpenAI-compatible API for openr2 models, served locally.",
+                  lifespan=lifespan)
     app.state.server = server
     install_error_handlers(app)
+    add_batch_routes(app, server)
 
     @app.get("/health")
     async def health():
@@ -134,26 +207,15 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         key_id = server.authorise(request)
-        req = ChatCompletionRequest.parse(await server.body(request))
-        server.check_model(req.model)
-        options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
-        prompt = render_chat(req.template_messages(), server.tokenizer, **options) + (req.assistant_prefix or "")
-        ids = server.tokenizer.encode(prompt)
-        params = req.to_sampling_params(server.config.default_max_tokens, server.engine.engine.max_model_len,
-                                        len(ids))
+        req, prompt, ids, params = server.prepare_chat(await server.body(request))
         server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
         starts = prompt_opens_reasoning(prompt)
+        if not req.stream:
+            return await server.run_chat(key_id, req, prompt, ids, params, request_id)
         stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
         first = await server.first_output(stream)
         text = server.tokenizer.decode
-        if not req.stream:
-            last = first
-            async for last in stream:  # noqa: B007 (the last output is the answer)
-                pass
-            await asyncio.to_thread(server.bill, key_id, "/v1/chat/completions", last, request_id, prompt)
-            return chat_completion_from_output(last, req.model, int(time.time()), starts_in_reasoning=starts,
-                                               token_text=lambda i: text([i]), id=request_id)
         chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
                             token_text=lambda i: text([i]))
 
@@ -177,51 +239,33 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         key_id = server.authorise(request)
-        req = CompletionRequest.parse(await server.body(request))
-        server.check_model(req.model)
-        prompts = [p if isinstance(p, list) else server.tokenizer.encode(p) for p in req.prompts()]
-        if len(prompts) > 1 and req.stream:
-            raise bad_request("Streaming takes one prompt per request.", "prompt")
-        max_model_len = server.engine.engine.max_model_len
-        params = [req.to_sampling_params(16, max_model_len, len(ids)) for ids in prompts]
+        req, prompts, params = server.prepare_completion(await server.body(request))
         server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
+        if not req.stream:
+            return await server.run_completion(key_id, req, prompts, params, request_id)
         text = server.tokenizer.decode
-        if req.stream:
-            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
-            first = await server.first_output(stream)
-            chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
-                                      token_text=lambda i: text([i]))
+        stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
+        first = await server.first_output(stream)
+        chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
+                                  token_text=lambda i: text([i]))
 
-            async def events():
-                last = first
-                try:
-                    for chunk in chunks.feed(first):
+        async def events():
+            last = first
+            try:
+                for chunk in chunks.feed(first):
+                    yield sse(chunk)
+                async for last in stream:
+                    for chunk in chunks.feed(last):
                         yield sse(chunk)
-                    async for last in stream:
-                        for chunk in chunks.feed(last):
-                            yield sse(chunk)
-                    if req.include_usage:
-                        yield sse(chunks.usage_chunk([last.usage]))
-                    yield SSE_DONE
-                finally:
-                    await stream.aclose()
-                    server.bill(key_id, "/v1/completions", last, request_id)
+                if req.include_usage:
+                    yield sse(chunks.usage_chunk([last.usage]))
+                yield SSE_DONE
+            finally:
+                await stream.aclose()
+                server.bill(key_id, "/v1/completions", last, request_id)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        async def run(i: int, ids: list[int]):
-            sub_id = f"{request_id}-{i}"
-            stream = server.engine.generate({"prompt_token_ids": ids}, params[i], sub_id, key_id)
-            last = await server.first_output(stream)
-            async for last in stream:  # noqa: B007
-                pass
-            await asyncio.to_thread(server.bill, key_id, "/v1/completions", last, sub_id)
-            return last
-
-        outputs = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
-        return completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
-                                       echo=bool(req.echo), token_text=lambda i: text([i]))
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/v1/usage")
     async def usage(request: Request, start: int | None = None, end: int | None = None,

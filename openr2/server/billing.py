@@ -64,6 +64,12 @@ class Usage:
             return counts
         return cls(*(getattr(counts, f.name) for f in fields(cls)))
 
+    @classmethod
+    def total(cls, usages) -> Usage:
+        """The sum of several requests' counts (a completions call with several prompts)."""
+        usages = list(usages)
+        return cls(*(sum(getattr(u, f.name) for u in usages) for f in fields(cls)))
+
 
 # File/dict keys are in dollars per million tokens, as a price list reads; the dataclass holds micro-dollars.
 _FILE_KEYS = {

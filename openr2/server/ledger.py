@@ -531,6 +531,10 @@ class Ledger:
         """(batches, has_more), newest first; `after` is the last id of the previous page."""
         return self._page("batches", key_id, after, limit, "desc", self._batch_obj)
 
+    def batch_owner(self, batch_id: str) -> str:
+        """The key that created the batch: its lines run, and are billed, as that key."""
+        return self._batch_row(batch_id)["key_id"]
+
     def list_active_batches(self) -> list[str]:
         """Ids of every key's unfinished batches, oldest first: what a worker resumes after a restart."""
         marks = ",".join("?" * len(ACTIVE_BATCH_STATES))

@@ -185,3 +185,17 @@ def test_logprobs_match_the_model(model):
             assert [t for t, _ in sample.top] == ref.topk(3).indices.tolist()
             ids.append(token)
     assert abs(out.cumulative_logprob - sum(s.logprob for s in out.logprobs)) < 1e-4
+
+
+def test_interactive_requests_run_before_batch_work(model):
+    """A batch-priority request waits while interactive ones fill the step, and is preempted first."""
+    prompts = _prompts([20, 20, 20], seed=8)
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=64, max_num_seqs=2))
+    engine.add_request("batch", prompts[0], GREEDY, priority=1)
+    engine.add_request("chat-1", prompts[1], GREEDY)
+    engine.add_request("chat-2", prompts[2], GREEDY)
+    engine.step()
+    assert {s.request_id for s in engine.scheduler.running} == {"chat-1", "chat-2"}
+    done = _run(engine, [])
+    assert set(done) == {"batch", "chat-1", "chat-2"}
+    assert done["batch"].outputs[0].token_ids == _naive_greedy(model, prompts[0], 16)

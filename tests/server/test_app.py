@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -151,6 +152,55 @@ def test_disconnect_mid_stream_aborts_and_bills(live):
     assert not engine.has_unfinished_requests()
     assert engine.blocks.num_free == engine.pool.num_blocks
     assert server.ledger.usage_report()[0]["requests"] == before + 1
+
+
+def _batch_file(n: int, max_tokens: int = 4) -> bytes:
+    lines = [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "tiny", "max_tokens": max_tokens, "temperature": 0,
+                                  "messages": [{"role": "user", "content": f"What is {i}+{i}?"}]}})
+             for i in range(n)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _wait_for_batch(client, batch_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        time.sleep(0.1)
+    raise AssertionError(f"batch {batch_id} did not finish: {batch.status}")
+
+
+def test_batch_of_20_end_to_end_at_half_price(live):
+    base_url, _ = live
+    client = _client(base_url)
+    before = _totals(base_url)
+    upload = client.files.create(file=("batch.jsonl", _batch_file(20)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = _wait_for_batch(client, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 20 and batch.request_counts.failed == 0
+    lines = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"req-{i}" for i in range(20))
+    usage = [x["response"]["body"]["usage"] for x in lines]
+    full_price = sum(billing.PriceTable().cost(billing.Usage(u["prompt_tokens"], u["prompt_cache_hit_tokens"],
+                                                             u["completion_tokens"])) for u in usage)
+    after = _totals(base_url)
+    assert after["requests"] - before["requests"] == 20
+    assert after["cost_pico_usd"] - before["cost_pico_usd"] == full_price // 2  # batch jobs are 50% off
+
+
+def test_files_are_scoped_and_errors_are_clear(live):
+    base_url, _ = live
+    client = _client(base_url)
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    bad = client.files.create(file=("bad.jsonl", b"not json\n"), purpose="batch")
+    batch = _wait_for_batch(client, client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
+                                                          completion_window="24h").id)
+    assert batch.status == "failed" and batch.errors.data
 
 
 def test_keys_required_once_one_exists(live):

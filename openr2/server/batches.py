@@ -1,0 +1,180 @@
+"""Files and batches, as OpenAI's Batch API: the /v1/files and /v1/batches routes and the batch worker.
+
+The worker runs inside the server's event loop. It resumes every unfinished batch at startup (lines a
+killed server had claimed go back to pending: they were never committed, so never billed), validates new
+batches, runs their lines through the same code as the interactive endpoints but at batch priority (they
+yield to interactive requests in the scheduler), and records each line's response together with its bill,
+at the batch discount, in one transaction. Finished batches get their output and error files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+
+from openr2.server import billing
+from openr2.server.errors import APIError, bad_request, not_found, too_large
+
+logger = logging.getLogger("openr2.server")
+BATCH_PRIORITY = 1
+
+
+def _page(items: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": items, "has_more": has_more,
+            "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}
+
+
+def _as_400(e: ValueError) -> APIError:
+    message = str(e)
+    param = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
+    return APIError(409 if type(e).__name__ == "BatchStateError" else 400, message, param=param)
+
+
+def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> None:
+    ledger = server.ledger
+
+    @app.post("/v1/files")
+    async def create_file(request: Request):
+        key_id = server.authorise(request)
+        size = int(request.headers.get("content-length") or 0)
+        if size > max_file_bytes:
+            raise too_large(f"Files are limited to {max_file_bytes} bytes.", "file")
+        form = await request.form()
+        upload, purpose = form.get("file"), form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise bad_request("Upload the JSONL as the multipart field 'file'.", "file")
+        content = await upload.read()
+        if len(content) > max_file_bytes:
+            raise too_large(f"Files are limited to {max_file_bytes} bytes.", "file")
+        if purpose != "batch":
+            raise bad_request("purpose must be 'batch'.", "purpose")
+        try:
+            return await asyncio.to_thread(ledger.create_file, key_id, upload.filename or "upload.jsonl", purpose,
+                                           content)
+        except ValueError as e:
+            raise _as_400(e) from None
+
+    @app.get("/v1/files")
+    async def list_files(request: Request, purpose: str | None = None, after: str | None = None, limit: int = 100):
+        key_id = server.authorise(request)
+        return _page(*ledger.list_files(key_id, purpose, after, limit))
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(request: Request, file_id: str):
+        found = ledger.get_file(server.authorise(request), file_id)
+        if found is None:
+            raise not_found(f"No such file: {file_id}", "file_id")
+        return found
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(request: Request, file_id: str):
+        path = ledger.file_path(server.authorise(request), file_id)
+        if path is None:
+            raise not_found(f"No such file: {file_id}", "file_id")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(request: Request, file_id: str):
+        if not ledger.delete_file(server.authorise(request), file_id):
+            raise not_found(f"No such file: {file_id}", "file_id")
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request):
+        key_id = server.authorise(request)
+        body = await server.body(request)
+        if not isinstance(body.get("input_file_id"), str) or not isinstance(body.get("endpoint"), str):
+            raise bad_request("input_file_id and endpoint are required strings.", "input_file_id")
+        try:
+            batch = ledger.create_batch(key_id, body["input_file_id"], body["endpoint"],
+                                        body.get("completion_window", "24h"), body.get("metadata"))
+        except ValueError as e:
+            raise _as_400(e) from None
+        server.batch_worker.wake()
+        return batch
+
+    @app.get("/v1/batches")
+    async def list_batches(request: Request, after: str | None = None, limit: int = 20):
+        return _page(*ledger.list_batches(server.authorise(request), after, limit))
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(request: Request, batch_id: str):
+        found = ledger.get_batch(server.authorise(request), batch_id)
+        if found is None:
+            raise not_found(f"No such batch: {batch_id}", "batch_id")
+        return found
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(request: Request, batch_id: str):
+        try:
+            found = ledger.cancel_batch(server.authorise(request), batch_id)
+        except ValueError as e:
+            raise _as_400(e) from None
+        if found is None:
+            raise not_found(f"No such batch: {batch_id}", "batch_id")
+        return found
+
+
+class BatchWorker:
+    """Drives every active batch to its end; `concurrency` lines per batch are in the engine at once."""
+
+    def __init__(self, server, concurrency: int = 8, poll_s: float = 0.5):
+        self.server, self.concurrency, self.poll_s = server, concurrency, poll_s
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        ledger = self.server.ledger
+        resumed = await asyncio.to_thread(ledger.reset_in_flight)
+        if resumed:
+            logger.info("resuming %d batch lines interrupted by the last shutdown", resumed)
+        while True:
+            busy = False
+            for batch_id in await asyncio.to_thread(ledger.list_active_batches):
+                try:
+                    busy |= await self._advance(batch_id)
+                except Exception:  # one broken batch must not stop the others
+                    logger.exception("batch %s failed to advance", batch_id)
+            if not busy:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _advance(self, batch_id: str) -> bool:
+        ledger = self.server.ledger
+        batch = await asyncio.to_thread(ledger.validate_batch, batch_id, [self.server.config.model_name])
+        if batch["status"] == "in_progress":
+            lines = await asyncio.to_thread(ledger.claim_pending, batch_id, self.concurrency)
+            if lines:
+                key_id = ledger.batch_owner(batch_id)
+                await asyncio.gather(*(self._run_line(batch_id, batch["endpoint"], key_id, line) for line in lines))
+                return True
+        await asyncio.to_thread(ledger.finalize_batch, batch_id)
+        return False
+
+    async def _run_line(self, batch_id: str, endpoint: str, key_id: str, line: dict) -> None:
+        server, request_id = self.server, line["id"]
+        try:
+            if endpoint == "/v1/chat/completions":
+                req, prompt, ids, params = server.prepare_chat(line["body"])
+                response, out = await server.run_chat(key_id, req, prompt, ids, params, request_id, BATCH_PRIORITY,
+                                                      bill=False)
+                usage = billing.Usage.of(out.usage)
+            else:
+                req, prompts, params = server.prepare_completion(line["body"])
+                response, outs = await server.run_completion(key_id, req, prompts, params, request_id,
+                                                             BATCH_PRIORITY, bill=False)
+                usage = billing.Usage.total(billing.Usage.of(o.usage) for o in outs)
+            cost = server.prices.cost(usage, batch=True)
+            await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
+                                    response.model_dump(), request_id, usage, cost)
+        except APIError as e:  # the line's own fault: an error line, not billed
+            await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], e.status,
+                                    e.body(), request_id)
