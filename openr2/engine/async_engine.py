@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from openr2.engine.engine import LLMEngine, RequestOutput
 from openr2.engine.sampling import SamplingParams
+
+ADMISSION_WINDOW_S = 0.003  # after idling, wait this long so requests arriving together start together
 
 
 class AsyncEngine:
@@ -68,8 +71,13 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._work:
+                idle = False
                 while not self._stopped and not self.engine.has_unfinished_requests():
+                    idle = True
                     self._work.wait()
+            if idle:  # a burst of requests is arriving: let it gather so its prompts prefill together
+                time.sleep(ADMISSION_WINDOW_S)
+            with self._work:
                 if self._stopped:
                     return
                 try:
@@ -80,15 +88,22 @@ class AsyncEngine:
                     self._queues.clear()
                     self._stopped = True
                     return
-                deliveries = []
+                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
                 for out in outputs:
                     target = self._queues.get(out.request_id)
                     if target is not None:
-                        deliveries.append((target, out))
+                        by_loop.setdefault(target[0], []).append((target[1], out))
                         if out.finished:
                             del self._queues[out.request_id]
-            for (loop, queue), out in deliveries:  # outside the lock: the next step may start at once
+            # One wake-up per event loop per step (outside the lock: the next step may start at once).
+            for loop, deliveries in by_loop.items():
                 try:
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                    loop.call_soon_threadsafe(_deliver, deliveries)
                 except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                    self.abort(out.request_id)
+                    for _, out in deliveries:
+                        self.abort(out.request_id)
+
+
+def _deliver(deliveries: list) -> None:
+    for queue, out in deliveries:
+        queue.put_nowait(out)
