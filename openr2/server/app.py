@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
 
-Routes so far: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream and
+Routes so far: GET /health, GET /metrics (metrics.py), GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream and
 non-stream), GET /v1/usage, and the files and batches routes of batches.py (whose worker runs here). A request is validated (protocol.py), authorised (a key once any exists, or
 with require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is
 billed from the engine's token counts, also when the client disconnects mid-stream (the request is then
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from openr2.chat_format import prompt_opens_reasoning, render_chat
 from openr2.engine.async_engine import AsyncEngine
@@ -31,6 +32,7 @@ from openr2.server.errors import (
     unauthorized,
 )
 from openr2.server.ledger import Ledger
+from openr2.server.metrics import Metrics, MetricsMiddleware
 from openr2.server.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -47,6 +49,25 @@ from openr2.server.protocol import (
 from openr2.server.ratelimit import RateLimiter
 
 LOCAL_KEY = "local"  # the owner of everything while no API key exists
+
+
+def _json_body_doc(model) -> dict:
+    """openapi_extra documenting a JSON body the handler reads itself (metadata only: validation stays in
+    protocol.py). The model's $defs are inlined, as refs inside openapi_extra would not resolve."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.split("/")[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 @dataclass
@@ -71,6 +92,7 @@ class Server:
         self.config = config or ServerConfig()
         self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
+        self.metrics = Metrics(self)
 
     # ------------------------------------------------------------------------------------ helpers
     def authorise(self, request: Request) -> str:
@@ -105,6 +127,7 @@ class Server:
             raise rate_limited(wait)
 
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
+        self.metrics.count_usage(endpoint, output.usage)
         usage = billing.Usage.of(output.usage)
         cost = self.prices.cost(usage, batch=False)
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
@@ -121,19 +144,25 @@ class Server:
         return req, prompt, ids, params
 
     async def run_chat(self, key_id: str, req, prompt: str, ids: list[int], params, request_id: str,
-                       priority: int = 0, bill: bool = True):
+                       priority: int = 0, bill: bool = True, start: float | None = None):
         """Run a non-streamed chat request to the end: (ChatCompletion, final engine output) when not billing
-        here (the batch worker bills with the line), else the ChatCompletion after billing."""
+        here (the batch worker bills with the line), else the ChatCompletion after billing. Interactive
+        requests (bill=True) are timed into the latency histograms from `start` (perf_counter)."""
+        timer = self.metrics.timer(start) if bill else None
         stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id,
                                       priority)
         last = await self.first_output(stream)
+        if timer:
+            timer.feed(last)
         async for last in stream:  # noqa: B007 (the last output is the answer)
-            pass
+            if timer:
+                timer.feed(last)
         text = self.tokenizer.decode
         response = chat_completion_from_output(last, req.model, int(time.time()),
                                                starts_in_reasoning=prompt_opens_reasoning(prompt),
                                                token_text=lambda i: text([i]), id=request_id)
         if not bill:
+            self.metrics.count_usage("batch:/v1/chat/completions", last.usage)
             return response, last
         await asyncio.to_thread(self.bill, key_id, "/v1/chat/completions", last, request_id, prompt)
         return response
@@ -149,15 +178,19 @@ class Server:
         return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids)) for ids in prompts]
 
     async def run_completion(self, key_id: str, req, prompts: list[list[int]], params: list, request_id: str,
-                             priority: int = 0, bill: bool = True):
+                             priority: int = 0, bill: bool = True, start: float | None = None):
         """All prompts concurrently to the end; like run_chat, returns (Completion, outputs) when not billing."""
 
         async def run(i: int, ids: list[int]):
+            timer = self.metrics.timer(start) if bill else None
             stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}", key_id,
                                           priority)
             last = await self.first_output(stream)
+            if timer:
+                timer.feed(last)
             async for last in stream:  # noqa: B007
-                pass
+                if timer:
+                    timer.feed(last)
             return last
 
         outputs = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
@@ -165,6 +198,8 @@ class Server:
         response = completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
                                            echo=bool(req.echo), token_text=lambda i: text([i]))
         if not bill:
+            for out in outputs:
+                self.metrics.count_usage("batch:/v1/completions", out.usage)
             return response, outputs
         for i, out in enumerate(outputs):
             await asyncio.to_thread(self.bill, key_id, "/v1/completions", out, f"{request_id}-{i}")
@@ -180,6 +215,7 @@ class Server:
 
 def create_app(server: Server) -> FastAPI:
     from openr2.server.batches import BatchWorker, add_batch_routes
+    from openr2.server.pages import add_page_routes
 
     server.batch_worker = BatchWorker(server)
 
@@ -189,32 +225,46 @@ def create_app(server: Server) -> FastAPI:
         yield
         worker.cancel()
 
+    # Private by default: FastAPI's built-in OpenTelemetry (0.165+) could export spans when OTEL_*
+    # variables are set; this server never sends anything anywhere, so it is switched off.
+    no_telemetry = {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}} \
+        if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
     app = FastAPI(title="openr2", description="OpenAI-compatible API for openr2 models, served locally.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, **no_telemetry)
     app.state.server = server
     install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
     add_batch_routes(app, server)
+    add_page_routes(app, server)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": server.config.model_name}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        # no API key, like /health and vLLM's /metrics: counts and timings only (see metrics.py)
+        body, content_type = server.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorise(request)
         return ModelList(data=[Model(id=server.config.model_name, created=server.created)])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
+        start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompt, ids, params = server.prepare_chat(await server.body(request))
         server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
         starts = prompt_opens_reasoning(prompt)
         if not req.stream:
-            return await server.run_chat(key_id, req, prompt, ids, params, request_id)
+            return await server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)
         stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
         first = await server.first_output(stream)
+        timer = server.metrics.timer(start)
         text = server.tokenizer.decode
         chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
                             token_text=lambda i: text([i]))
@@ -222,9 +272,11 @@ def create_app(server: Server) -> FastAPI:
         async def events():
             last = first
             try:
+                timer.feed(first)
                 for chunk in chunks.start() + chunks.feed(first):
                     yield sse(chunk)
                 async for last in stream:
+                    timer.feed(last)
                     for chunk in chunks.feed(last):
                         yield sse(chunk)
                 if req.include_usage:
@@ -236,26 +288,30 @@ def create_app(server: Server) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body_doc(CompletionRequest))
     async def completions(request: Request):
+        start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompts, params = server.prepare_completion(await server.body(request))
         server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
         if not req.stream:
-            return await server.run_completion(key_id, req, prompts, params, request_id)
+            return await server.run_completion(key_id, req, prompts, params, request_id, start=start)
         text = server.tokenizer.decode
         stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
         first = await server.first_output(stream)
+        timer = server.metrics.timer(start)
         chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
                                   token_text=lambda i: text([i]))
 
         async def events():
             last = first
             try:
+                timer.feed(first)
                 for chunk in chunks.feed(first):
                     yield sse(chunk)
                 async for last in stream:
+                    timer.feed(last)
                     for chunk in chunks.feed(last):
                         yield sse(chunk)
                 if req.include_usage:
@@ -273,6 +329,9 @@ def create_app(server: Server) -> FastAPI:
         key_id = server.authorise(request)
         if group_by not in (None, "day", "key", "model"):
             raise bad_request("group_by must be one of day, key, model.", "group_by")
+        for name, value in (("start", start), ("end", end)):
+            if value is not None and not -(2**63) <= value < 2**63:  # SQLite integers are 64-bit
+                raise bad_request(f"{name} must be a Unix time in seconds.", name)
         rows = server.ledger.usage_report(start, end, group_by, key_id=key_id)
         return {"object": "list", "data": rows}
 

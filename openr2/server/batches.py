@@ -33,6 +33,14 @@ def _as_400(e: ValueError) -> APIError:
     return APIError(409 if type(e).__name__ == "BatchStateError" else 400, message, param=param)
 
 
+def _limit(limit: int, most: int) -> int:
+    """A page size from the query: 1..most, else a 400 (not a ValueError deep in the ledger, nor an
+    integer too large for SQLite)."""
+    if not 1 <= limit <= most:
+        raise bad_request(f"limit must be between 1 and {most}, got {limit}.", "limit")
+    return limit
+
+
 def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> None:
     ledger = server.ledger
 
@@ -60,7 +68,7 @@ def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> N
     @app.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, after: str | None = None, limit: int = 100):
         key_id = server.authorise(request)
-        return _page(*ledger.list_files(key_id, purpose, after, limit))
+        return _page(*ledger.list_files(key_id, purpose, after, _limit(limit, 10_000)))
 
     @app.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str):
@@ -88,6 +96,8 @@ def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> N
         body = await server.body(request)
         if not isinstance(body.get("input_file_id"), str) or not isinstance(body.get("endpoint"), str):
             raise bad_request("input_file_id and endpoint are required strings.", "input_file_id")
+        if not isinstance(body.get("completion_window", "24h"), str):
+            raise bad_request("completion_window must be a string such as '24h'.", "completion_window")
         try:
             batch = ledger.create_batch(key_id, body["input_file_id"], body["endpoint"],
                                         body.get("completion_window", "24h"), body.get("metadata"))
@@ -98,7 +108,7 @@ def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> N
 
     @app.get("/v1/batches")
     async def list_batches(request: Request, after: str | None = None, limit: int = 20):
-        return _page(*ledger.list_batches(server.authorise(request), after, limit))
+        return _page(*ledger.list_batches(server.authorise(request), after, _limit(limit, 100)))
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(request: Request, batch_id: str):

@@ -18,7 +18,8 @@ processes (the `openr2 keys`/`usage` CLI) may open the same file at the same tim
 while the server writes, and busy_timeout makes writers wait instead of failing.
 
 Privacy. Prompt and completion text are stored only when opened with log_content=True. Batch request
-and response bodies are kept only until the batch is finalised; then the output file is the record.
+and response bodies are kept only until the batch is finalised; then the output file is the record
+(secure_delete and a WAL checkpoint then clear them from the database file's bytes too).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class Ledger:
         if mode.lower() != "wal":
             raise ValueError(f"{self.path}: cannot enable WAL journal (got {mode}); is it on a network filesystem?")
         self._db.execute("PRAGMA synchronous=FULL")
+        # privacy: overwrite deleted or replaced content with zeros, so cleared batch bodies (and revoked
+        # rows) do not linger in free space of the file (see finalize_batch for the WAL)
+        self._db.execute("PRAGMA secure_delete=ON")
         self._migrate()
 
     def close(self) -> None:
@@ -507,6 +511,9 @@ class Ledger:
         if not committed:
             for file_id, _ in files.values():
                 self._file_path(file_id).unlink(missing_ok=True)
+        else:  # the WAL still holds the pages with the bodies: copy them back and empty it
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return self._batch_obj(self._batch_row(batch_id))
 
     def cancel_batch(self, key_id: str, batch_id: str) -> dict | None:

@@ -113,6 +113,9 @@ class ChatMessage(_Strict):
         return self
 
 
+MAX_N = 128  # OpenAI's limit on choices per request
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by chat and text completions."""
 
@@ -199,6 +202,8 @@ class _SamplingRequest(_Strict):
         else:
             max_tokens = asked
         logprobs, logprobs_param = self._logprobs()
+        if isinstance(self.n, int) and self.n > MAX_N:  # unbounded n would hold the engine for hours
+            raise bad_request(f"n must be at most {MAX_N}, got {self.n}.", "n")
         options = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                        min_p=self.min_p, presence_penalty=self.presence_penalty,
                        frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,

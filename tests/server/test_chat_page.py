@@ -1,0 +1,361 @@
+"""The chat page (server/pages.py + server/static/index.html): served self-contained, prices exact, and
+driven end to end in headless Chromium against a live server with the tiny checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from openr2.server import billing
+from openr2.server.pages import add_page_routes, chat_page_html
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT_COPY = "/tmp/openr2_chat_page.png"
+
+# A price table unlike the defaults, so a page or route that ignored the server's table would show.
+PRICES = billing.PriceTable(input_miss_micro_usd_per_mtok=270_000, input_hit_micro_usd_per_mtok=70_000,
+                            output_micro_usd_per_mtok=1_100_000, batch_discount_percent=50)
+
+
+def _page_client(prices=PRICES) -> TestClient:
+    app = FastAPI()
+    add_page_routes(app, SimpleNamespace(prices=prices, config=SimpleNamespace(model_name="tiny")))
+    return TestClient(app)
+
+
+# ------------------------------------------------------------------------------------------------ fast
+
+def test_page_is_self_contained():
+    r = _page_client().get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert html == chat_page_html() and "<textarea" in html and "/v1/chat/completions" in html
+    assert not re.findall(r"(?i)\b(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html), "the page must not name other hosts"
+    for url in re.findall(r"""(?i)\b(?:src|href|action)\s*=\s*["']([^"']*)["']""", html):
+        assert url.startswith("data:") or url.startswith("/") or "://" not in url, url
+    assert "@import" not in html and "url(" not in html
+    # the browser is told to refuse any other origin, too
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+
+
+def test_prices_match_the_table():
+    body = _page_client().get("/v1/prices").json()
+    exact = PRICES.to_dict()
+    for key, value in exact.items():
+        assert body[key] == value
+    for key, name in [("input_miss", "input_miss_micro_usd_per_mtok"), ("input_hit", "input_hit_micro_usd_per_mtok"),
+                      ("output", "output_micro_usd_per_mtok")]:
+        micro = getattr(PRICES, name)
+        assert body["micro_usd_per_mtok"][key] == micro
+        assert Decimal(body["usd_per_mtok"][key]) * 10**6 == micro  # exact decimal string
+        assert body["usd_per_mtok_number"][key] == micro / 10**6
+        assert body[f"{key}_usd_per_mtok"] == body["usd_per_mtok"][key]
+    assert body["usd_per_mtok"] == {"input_miss": "0.27", "input_hit": "0.07", "output": "1.10"}
+    assert body["batch_discount_percent"] == 50 and body["currency"] == "USD" and body["model"] == "tiny"
+    default = _page_client(billing.PriceTable()).get("/v1/prices").json()
+    assert default["usd_per_mtok"] == {"input_miss": "0.14", "input_hit": "0.014", "output": "0.28"}
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_chromium() -> str | None:
+    """The path of Debian's chromium, installing it when missing and we may; None if impossible."""
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True, timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, check=True,
+                           capture_output=True, timeout=1200)
+        except (subprocess.SubprocessError, OSError):
+            return None
+    return CHROMIUM if os.access(CHROMIUM, os.X_OK) else None
+
+
+def _ensure_playwright():
+    """playwright.sync_api, pip-installing the package into this interpreter when missing; None if impossible.
+    Never `playwright install`: we drive the system chromium, no browser download."""
+    try:
+        return importlib.import_module("playwright.sync_api")
+    except ImportError:
+        pass
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright"], check=True,
+                       capture_output=True, timeout=900)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module("playwright.sync_api")
+    except ImportError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def live_with_page(tmp_path_factory):
+    """(base_url, Server) of a running server whose app has the page routes; stopped after the module."""
+    from openr2.engine.async_engine import AsyncEngine
+    from openr2.engine.engine import EngineConfig, LLMEngine
+    from openr2.server.app import Server, ServerConfig, create_app
+    from openr2.server.ledger import Ledger
+    from tests.checkpoints import save_tiny_chat_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_tiny_chat_checkpoint(ckpt)
+    data = tmp_path_factory.mktemp("data")
+    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
+    ledger = Ledger(data / "ledger.sqlite", data_dir=data)
+    server = Server(engine, ledger, PRICES, ServerConfig(model_name="tiny", default_max_tokens=16))
+    app = create_app(server)
+    if not any(getattr(r, "path", None) == "/v1/prices" for r in app.routes):  # until create_app wires it
+        add_page_routes(app, server)
+    base_url, stop = _serve(app)
+    yield base_url, server
+    stop()
+    engine.shutdown()
+    if hasattr(ledger, "close"):
+        ledger.close()
+
+
+_STATS = re.compile(r"prompt (\d+) · cached (\d+) · completion (\d+) · reasoning (\d+) · (\$\d+\.\d+)")
+
+
+def _browser_or_skip():
+    """(chromium path, playwright.sync_api), or skip saying what is missing."""
+    chromium = _ensure_chromium()
+    if chromium is None:
+        pytest.skip(f"{CHROMIUM} is missing and cannot be installed here (needs root and apt-get: "
+                    "apt-get install chromium)")
+    sync_api = _ensure_playwright()
+    if sync_api is None:
+        pytest.skip("the playwright package is missing and `pip install playwright` failed")
+    return chromium, sync_api
+
+
+def _serve(app):
+    """Run app on a free local port in a thread: (base_url, stop)."""
+    import uvicorn
+
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.mark.slow
+def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
+    chromium, sync_api = _browser_or_skip()
+    base_url, server = live_with_page
+
+    requests, problems, bodies = [], [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 820})
+            page.set_default_timeout(60_000)
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+
+            def on_request(r):
+                if r.url.endswith("/v1/chat/completions"):
+                    bodies.append(json.loads(r.post_data))
+
+            page.on("request", on_request)
+            page.goto(base_url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+            page.fill("#max-tokens", "12")
+            page.fill("#temperature", "0")
+
+            # Shift+Enter is a newline, Enter sends
+            page.click("#prompt")
+            page.keyboard.type("What is 2+2?")
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.type("Think step by step.")
+            assert page.input_value("#prompt") == "What is 2+2?\nThink step by step."
+            assert bodies == []
+            page.keyboard.press("Enter")
+
+            turn = page.locator(".msg.assistant").nth(0)
+            turn.locator(".stats").wait_for(state="visible")
+            page.wait_for_selector(".msg.assistant:not(.streaming)")
+            reasoning = turn.locator("details.thinking .reasoning").text_content()
+            answer = turn.locator(".answer").text_content()
+            # the R1 prompt ends inside <think>: the tiny model's output is (at least at first) reasoning
+            assert reasoning.strip(), "the thinking block shows the streamed reasoning"
+            assert turn.locator("details.thinking").is_visible()
+            if not answer:  # still thinking when max_tokens ran out: the block stays open
+                assert turn.locator("details.thinking").get_attribute("open") is not None
+            else:  # the answer started: the block folded away
+                assert turn.locator("details.thinking").get_attribute("open") is None
+
+            stats = turn.locator(".stats").text_content()
+            m = _STATS.search(stats)
+            assert m, stats
+            prompt, cached, completion, reasoning_tokens = map(int, m.groups()[:4])
+            assert 0 < completion <= 12 and reasoning_tokens <= completion and cached <= prompt
+            cost = PRICES.cost(billing.Usage(prompt, cached, completion, reasoning_tokens))
+            assert m.group(5) == billing.format_usd(cost)  # exact, at the server's own prices
+            assert bodies[0]["stream"] is True and bodies[0]["stream_options"] == {"include_usage": True}
+            assert bodies[0]["max_tokens"] == 12 and bodies[0]["temperature"] == 0 and bodies[0]["model"] == "tiny"
+            assert bodies[0]["messages"] == [{"role": "user", "content": "What is 2+2?\nThink step by step."}]
+
+            # a second turn sends the whole conversation (answers only; reasoning is not sent back)
+            page.fill("#prompt", "And 3+3?")
+            page.click("#send")
+            page.locator(".msg.assistant").nth(1).locator(".stats").wait_for(state="visible")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant.streaming').length === 0")
+            msgs = bodies[1]["messages"]
+            assert [x["role"] for x in msgs] == ["user", "assistant", "user"]
+            assert msgs[1] == {"role": "assistant", "content": answer} and msgs[2]["content"] == "And 3+3?"
+
+            shot = tmp_path / "chat_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            shutil.copyfile(shot, SCREENSHOT_COPY)
+
+            # errors show the OpenAI error message
+            page.fill("#temperature", "-1")
+            page.fill("#prompt", "x")
+            page.press("#prompt", "Enter")
+            err = page.locator(".msg.assistant").nth(2).locator(".error")
+            err.wait_for(state="visible")
+            assert "temperature" in err.text_content() and "HTTP 400" in err.text_content()
+            assert page.input_value("#prompt") == "x"  # kept for a retry
+
+            # new chat forgets the history
+            page.click("#new-chat")
+            assert page.locator(".msg").count() == 0
+            page.fill("#temperature", "0")
+            page.fill("#prompt", "Hello")
+            page.press("#prompt", "Enter")
+            page.locator(".msg.assistant .stats").wait_for(state="visible")
+            assert bodies[-1]["messages"] == [{"role": "user", "content": "Hello"}]
+        finally:
+            browser.close()
+
+    assert all(u.startswith(base_url) or u.startswith("data:") for u in requests), requests
+    # the only console errors allowed are the deliberate 400's own "Failed to load resource" line
+    assert all("400" in x for x in problems), problems
+
+
+def _fake_stream_app():
+    """The page routes plus a scripted /v1/chat/completions that streams reasoning, then an answer (or an
+    error event), as CRLF-framed SSE cut into 7-byte reads: lines, line breaks and UTF-8 characters split."""
+    import asyncio
+
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    add_page_routes(app, SimpleNamespace(prices=PRICES, config=SimpleNamespace(model_name="fake")))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "me"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        fail = body["messages"][-1]["content"] == "fail"
+
+        def chunk(delta=None, finish=None, usage=None):
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                    "choices": choices, "usage": usage}
+
+        events = [chunk({"role": "assistant", "content": None, "reasoning_content": ""})]
+        events += [chunk({"content": None, "reasoning_content": t}) for t in ["Two plus ", "two… ", "is 4 ✓."]]
+        if fail:
+            events.append({"error": {"message": "The engine ran out of cache blocks.", "type": "server_error",
+                                     "param": None, "code": None}})
+        else:
+            events += [chunk({"content": t, "reasoning_content": None}) for t in ["The answer ", "is 4. 你好"]]
+            events.append(chunk({"content": ""}, "stop"))
+            events.append(chunk(usage={"prompt_tokens": 1000, "completion_tokens": 30, "total_tokens": 1030,
+                                       "prompt_cache_hit_tokens": 640, "prompt_cache_miss_tokens": 360,
+                                       "prompt_tokens_details": {"cached_tokens": 640},
+                                       "completion_tokens_details": {"reasoning_tokens": 12}}))
+        text = ": keep-alive\r\n\r\n" + "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events)
+        if not fail:
+            text += "data: [DONE]\r\n\r\n"
+        raw = text.encode()
+
+        async def pieces():
+            for i in range(0, len(raw), 7):
+                yield raw[i:i + 7]
+                await asyncio.sleep(0.002)
+
+        return StreamingResponse(pieces(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.mark.slow
+def test_chat_page_splits_thinking_from_the_answer_across_split_reads(tmp_path):
+    chromium, sync_api = _browser_or_skip()
+    base_url, stop = _serve(_fake_stream_app())
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 700})
+                page.set_default_timeout(30_000)
+                page.goto(base_url + "/")
+                page.wait_for_function("document.getElementById('model').textContent === 'fake'")
+                page.fill("#prompt", "What is 2+2?")
+                page.press("#prompt", "Enter")
+                turn = page.locator(".msg.assistant").nth(0)
+                turn.locator(".stats").wait_for(state="visible")
+                page.wait_for_selector(".msg.assistant:not(.streaming)")
+                thinking = turn.locator("details.thinking")
+                assert thinking.locator(".reasoning").text_content() == "Two plus two… is 4 ✓."
+                assert thinking.get_attribute("open") is None  # folded once the answer started
+                assert thinking.locator("summary").text_content().startswith("Thought for")
+                assert turn.locator(".answer").text_content() == "The answer is 4. 你好"
+                cost = PRICES.cost(billing.Usage(1000, 640, 30, 12))  # 360 x 0.27 + 640 x 0.07 + 30 x 1.10 per M
+                assert turn.locator(".stats").text_content() == (
+                    f"prompt 1000 · cached 640 · completion 30 · reasoning 12 · {billing.format_usd(cost)}")
+                page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)
+
+                page.fill("#prompt", "fail")  # an error event after the 200 headers
+                page.press("#prompt", "Enter")
+                err = page.locator(".msg.assistant").nth(1).locator(".error")
+                err.wait_for(state="visible")
+                assert err.text_content() == "The engine ran out of cache blocks."
+                assert page.locator(".msg.assistant").nth(1).locator(".reasoning").text_content().startswith("Two")
+            finally:
+                browser.close()
+    finally:
+        stop()
