@@ -1,4 +1,4 @@
-# make run: set up, then serve (for now: describe) the bundled model.  make test: set up, then run the tests.
+# make run: set up, then serve the demo model (chat page + API on 127.0.0.1:8000).  make test: set up, then test.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: setup
-	$(VENV)/bin/openr2 info $(or $(MODEL),deepseek-v3)
+# Until the trained demo model is bundled (openr2/assets/demo), `make run` serves an untrained placeholder.
+BUNDLED := openr2/assets/demo
+PLACEHOLDER := .cache/demo-untrained
+DEMO := $(if $(wildcard $(BUNDLED)/config.json),$(BUNDLED),$(PLACEHOLDER))
+
+$(PLACEHOLDER)/config.json: | $(STAMP)
+	$(VENV)/bin/openr2 init-demo $(PLACEHOLDER)
+
+run: setup $(if $(MODEL),,$(DEMO)/config.json)
+	$(VENV)/bin/openr2 serve --model $(or $(MODEL),$(DEMO)) --served-model-name openr2-demo --host 127.0.0.1 --port 8000
 
 test: setup
 	$(PY) -m pytest -q

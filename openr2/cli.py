@@ -204,6 +204,43 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
+    """Reasoning-shaped text to train the placeholder's tokenizer on (digits, operators, think tags)."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        a, b = rng.randint(0, 9999), rng.randint(0, 9999)
+        op, result = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
+        lines.append(f"What is {a} {op} {b}?<think>\nLet me work it out step by step: {a} {op} {b} = {result}.\n"
+                     f"</think>\n\nThe answer is {result}.")
+    return lines
+
+
+def cmd_init_demo(args: argparse.Namespace) -> int:
+    """Write an UNTRAINED small-moe checkpoint with a tokenizer, so the server has something to serve
+    before the trained demo model exists (its answers are noise)."""
+    import dataclasses
+
+    from openr2.model.hf_io import save_model
+    from openr2.model.transformer import build_model
+    from openr2.presets import small_moe
+    from openr2.tokenizer import train_bpe
+
+    tokenizer = train_bpe(_demo_corpus(), vocab_size=4096)
+    config = dataclasses.replace(small_moe(), vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    save_model(build_model(config, seed=args.seed), args.out)
+    tokenizer.save_pretrained(args.out)
+    with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
+        f.write("# openr2 placeholder (untrained)\n\nRandom small-moe weights and a BPE tokenizer, written by "
+                "`openr2 init-demo` so that `make run` has a model to serve. Its answers are noise; the "
+                "trained demo model replaces it.\n")
+    print(f"wrote an untrained small-moe placeholder to {args.out}")
+    return 0
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
     p.add_argument("model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -244,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
     serve.set_defaults(func=cmd_serve)
+    demo = sub.add_parser("init-demo", help="write an untrained placeholder checkpoint for the server")
+    demo.add_argument("out", help="output directory")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_init_demo)
     keys = sub.add_parser("keys", help="API keys: create, list, revoke")
     keys.add_argument("action", choices=["create", "list", "revoke"])
     keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke)")

@@ -58,3 +58,12 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "openr2", "info", "tiny-v2", "--json"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["model_type"] == "deepseek_v2"
+
+
+def test_init_demo_writes_a_servable_placeholder(tmp_path):
+    from openr2 import LLM, SamplingParams
+
+    assert main(["init-demo", str(tmp_path / "demo")]) == 0
+    llm = LLM(tmp_path / "demo", num_blocks=32)
+    out = llm.chat([{"role": "user", "content": "What is 2 + 2?"}], SamplingParams(max_tokens=4))[0]
+    assert len(out.outputs[0].token_ids) >= 1 and out.prompt_token_ids[0] == llm.tokenizer.bos_token_id
