@@ -174,7 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-                          require_auth=args.require_auth, log_content=args.log_content)
+                          require_auth=args.require_auth, log_content=args.log_content,
+                          requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min)
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prices", default=None, help="price table (JSON or TOML, dollars per million tokens)")
     serve.add_argument("--require-auth", action="store_true", help="require an API key even before one exists")
     serve.add_argument("--log-content", action="store_true", help="store prompt and completion text in the ledger")
+    serve.add_argument("--requests-per-min", type=int, default=None, help="per-key request limit (429 past it)")
+    serve.add_argument("--tokens-per-min", type=int, default=None, help="per-key prompt + max output token limit")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
     serve.set_defaults(func=cmd_serve)
