@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Until the trained demo model is bundled (openr2/assets/demo), `make run` serves an untrained placeholder.
-BUNDLED := openr2/assets/demo
+# Until the trained demo model is bundled (openr2/assets/openr2-demo), `make run` serves an untrained placeholder.
+BUNDLED := openr2/assets/openr2-demo
 PLACEHOLDER := .cache/demo-untrained
 DEMO := $(if $(wildcard $(BUNDLED)/config.json),$(BUNDLED),$(PLACEHOLDER))
 
