@@ -1,8 +1,9 @@
-"""A live server for the server tests: uvicorn on 127.0.0.1 in a thread, over the tiny chat checkpoint."""
+"""Live servers for the server tests: uvicorn on 127.0.0.1 in a thread (over the tiny chat checkpoint)."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -14,28 +15,43 @@ from openr2.engine.engine import EngineConfig, LLMEngine
 from openr2.server import billing
 from openr2.server.app import Server, ServerConfig, create_app
 from openr2.server.ledger import Ledger
-from tests.server.test_app import _free_port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
-def serve(ckpt: Path, data: Path, config: ServerConfig | None = None, log_content: bool = False):
-    """Yield (base_url, Server); the ledger is data/ledger.sqlite."""
-    config = config or ServerConfig(model_name="tiny", default_max_tokens=16)
-    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
-    ledger = Ledger(data / "ledger.sqlite", data_dir=data, log_content=log_content)
-    server = Server(engine, ledger, billing.PriceTable(), config)
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+def run_app(app):
+    """Yield the base URL of `app` served on a free loopback port; stop it afterwards."""
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not uv.started and time.time() < deadline:
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", server
+        yield f"http://127.0.0.1:{port}"
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def serve(ckpt: Path, data: Path, config: ServerConfig | None = None, log_content: bool = False,
+          prices: billing.PriceTable | None = None):
+    """Yield (base_url, Server); the ledger is data/ledger.sqlite."""
+    config = config or ServerConfig(model_name="tiny", default_max_tokens=16)
+    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
+    ledger = Ledger(data / "ledger.sqlite", data_dir=data, log_content=log_content)
+    server = Server(engine, ledger, prices or billing.PriceTable(), config)
+    try:
+        with run_app(create_app(server)) as base_url:
+            yield base_url, server
+    finally:
         engine.shutdown()
         ledger.close()
 

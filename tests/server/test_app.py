@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from openr2.engine.async_engine import AsyncEngine
-from openr2.engine.engine import EngineConfig, LLMEngine
 from openr2.server import billing
-from openr2.server.app import Server, ServerConfig, create_app
-from openr2.server.ledger import Ledger
 from tests.checkpoints import save_tiny_chat_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server._live import serve
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +19,8 @@ def live(tmp_path_factory):
     """(base_url, Server) of a running server; stopped after the module."""
     ckpt = tmp_path_factory.mktemp("ckpt")
     save_tiny_chat_checkpoint(ckpt)
-    data = tmp_path_factory.mktemp("data")
-    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
-    server = Server(engine, Ledger(data / "ledger.sqlite", data_dir=data), billing.PriceTable(),
-                    ServerConfig(model_name="tiny", default_max_tokens=16))
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", server
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.shutdown()
+    with serve(ckpt, tmp_path_factory.mktemp("data")) as running:
+        yield running
 
 
 def _client(base_url, key="unused"):

@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server.test_app import _batch_file, _free_port
+from tests.server._live import free_port
+from tests.server.test_app import _batch_file
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def _serve(ckpt, data, port):
 def test_sigkill_mid_batch_then_resume(tmp_path):
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
     save_tiny_chat_checkpoint(ckpt)
-    port = _free_port()
+    port = free_port()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     proc = _serve(ckpt, data, port)
     try:

@@ -8,11 +8,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from decimal import Decimal
 from types import SimpleNamespace
 
@@ -22,6 +19,8 @@ from fastapi.testclient import TestClient
 
 from openr2.server import billing
 from openr2.server.pages import add_page_routes, chat_page_html
+from tests.checkpoints import save_tiny_chat_checkpoint
+from tests.server._live import run_app, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -75,12 +74,6 @@ def test_prices_match_the_table():
 
 # ------------------------------------------------------------------------------------------------ browser
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_chromium() -> str | None:
     """The path of Debian's chromium, installing it when missing and we may; None if impossible."""
     if os.access(CHROMIUM, os.X_OK):
@@ -118,27 +111,10 @@ def _ensure_playwright():
 @pytest.fixture(scope="module")
 def live_with_page(tmp_path_factory):
     """(base_url, Server) of a running server whose app has the page routes; stopped after the module."""
-    from openr2.engine.async_engine import AsyncEngine
-    from openr2.engine.engine import EngineConfig, LLMEngine
-    from openr2.server.app import Server, ServerConfig, create_app
-    from openr2.server.ledger import Ledger
-    from tests.checkpoints import save_tiny_chat_checkpoint
-
     ckpt = tmp_path_factory.mktemp("ckpt")
     save_tiny_chat_checkpoint(ckpt)
-    data = tmp_path_factory.mktemp("data")
-    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
-    ledger = Ledger(data / "ledger.sqlite", data_dir=data)
-    server = Server(engine, ledger, PRICES, ServerConfig(model_name="tiny", default_max_tokens=16))
-    app = create_app(server)
-    if not any(getattr(r, "path", None) == "/v1/prices" for r in app.routes):  # until create_app wires it
-        add_page_routes(app, server)
-    base_url, stop = _serve(app)
-    yield base_url, server
-    stop()
-    engine.shutdown()
-    if hasattr(ledger, "close"):
-        ledger.close()
+    with serve(ckpt, tmp_path_factory.mktemp("data"), prices=PRICES) as running:
+        yield running
 
 
 _STATS = re.compile(r"prompt (\d+) · cached (\d+) · completion (\d+) · reasoning (\d+) · (\$\d+\.\d+)")
@@ -154,25 +130,6 @@ def _browser_or_skip():
     if sync_api is None:
         pytest.skip("the playwright package is missing and `pip install playwright` failed")
     return chromium, sync_api
-
-
-def _serve(app):
-    """Run app on a free local port in a thread: (base_url, stop)."""
-    import uvicorn
-
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-
-    def stop():
-        uv.should_exit = True
-        thread.join(timeout=10)
-
-    return f"http://127.0.0.1:{port}", stop
 
 
 @pytest.mark.slow
@@ -325,37 +282,34 @@ def _fake_stream_app():
 @pytest.mark.slow
 def test_chat_page_splits_thinking_from_the_answer_across_split_reads(tmp_path):
     chromium, sync_api = _browser_or_skip()
-    base_url, stop = _serve(_fake_stream_app())
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1000, "height": 700})
-                page.set_default_timeout(30_000)
-                page.goto(base_url + "/")
-                page.wait_for_function("document.getElementById('model').textContent === 'fake'")
-                page.fill("#prompt", "What is 2+2?")
-                page.press("#prompt", "Enter")
-                turn = page.locator(".msg.assistant").nth(0)
-                turn.locator(".stats").wait_for(state="visible")
-                page.wait_for_selector(".msg.assistant:not(.streaming)")
-                thinking = turn.locator("details.thinking")
-                assert thinking.locator(".reasoning").text_content() == "Two plus two… is 4 ✓."
-                assert thinking.get_attribute("open") is None  # folded once the answer started
-                assert thinking.locator("summary").text_content().startswith("Thought for")
-                assert turn.locator(".answer").text_content() == "The answer is 4. 你好"
-                cost = PRICES.cost(billing.Usage(1000, 640, 30, 12))  # 360 x 0.27 + 640 x 0.07 + 30 x 1.10 per M
-                assert turn.locator(".stats").text_content() == (
-                    f"prompt 1000 · cached 640 · completion 30 · reasoning 12 · {billing.format_usd(cost)}")
-                page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)
+    with run_app(_fake_stream_app()) as base_url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.set_default_timeout(30_000)
+            page.goto(base_url + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'fake'")
+            page.fill("#prompt", "What is 2+2?")
+            page.press("#prompt", "Enter")
+            turn = page.locator(".msg.assistant").nth(0)
+            turn.locator(".stats").wait_for(state="visible")
+            page.wait_for_selector(".msg.assistant:not(.streaming)")
+            thinking = turn.locator("details.thinking")
+            assert thinking.locator(".reasoning").text_content() == "Two plus two… is 4 ✓."
+            assert thinking.get_attribute("open") is None  # folded once the answer started
+            assert thinking.locator("summary").text_content().startswith("Thought for")
+            assert turn.locator(".answer").text_content() == "The answer is 4. 你好"
+            cost = PRICES.cost(billing.Usage(1000, 640, 30, 12))  # 360 x 0.27 + 640 x 0.07 + 30 x 1.10 per M
+            assert turn.locator(".stats").text_content() == (
+                f"prompt 1000 · cached 640 · completion 30 · reasoning 12 · {billing.format_usd(cost)}")
+            page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)
 
-                page.fill("#prompt", "fail")  # an error event after the 200 headers
-                page.press("#prompt", "Enter")
-                err = page.locator(".msg.assistant").nth(1).locator(".error")
-                err.wait_for(state="visible")
-                assert err.text_content() == "The engine ran out of cache blocks."
-                assert page.locator(".msg.assistant").nth(1).locator(".reasoning").text_content().startswith("Two")
-            finally:
-                browser.close()
-    finally:
-        stop()
+            page.fill("#prompt", "fail")  # an error event after the 200 headers
+            page.press("#prompt", "Enter")
+            err = page.locator(".msg.assistant").nth(1).locator(".error")
+            err.wait_for(state="visible")
+            assert err.text_content() == "The engine ran out of cache blocks."
+            assert page.locator(".msg.assistant").nth(1).locator(".reasoning").text_content().startswith("Two")
+        finally:
+            browser.close()
+
