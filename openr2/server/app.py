@@ -205,6 +205,26 @@ class Server:
             await asyncio.to_thread(self.bill, key_id, "/v1/completions", out, f"{request_id}-{i}")
         return response
 
+    async def sse_events(self, stream: AsyncIterator, first, chunks, include_usage: bool, start: float, key_id: str,
+                         endpoint: str, request_id: str, prompt: str | None = None):
+        """The server-sent events of one streamed request (chunks: a ChatStream or CompletionStream)."""
+        timer, last = self.metrics.timer(start), first
+        try:
+            timer.feed(first)
+            for chunk in (chunks.start() if hasattr(chunks, "start") else []) + chunks.feed(first):
+                yield sse(chunk)
+            async for last in stream:
+                timer.feed(last)
+                for chunk in chunks.feed(last):
+                    yield sse(chunk)
+            if include_usage:
+                usage = last.usage if isinstance(chunks, ChatStream) else [last.usage]
+                yield sse(chunks.usage_chunk(usage))
+            yield SSE_DONE
+        finally:  # also on disconnect: abort (frees the blocks) and bill what was generated
+            await stream.aclose()
+            self.bill(key_id, endpoint, last, request_id, prompt)
+
     async def first_output(self, stream: AsyncIterator):
         """Start a request: engine-side input errors surface here, before any response is sent."""
         try:
@@ -264,29 +284,12 @@ def create_app(server: Server) -> FastAPI:
             return await server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)
         stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
         first = await server.first_output(stream)
-        timer = server.metrics.timer(start)
         text = server.tokenizer.decode
         chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
                             token_text=lambda i: text([i]))
-
-        async def events():
-            last = first
-            try:
-                timer.feed(first)
-                for chunk in chunks.start() + chunks.feed(first):
-                    yield sse(chunk)
-                async for last in stream:
-                    timer.feed(last)
-                    for chunk in chunks.feed(last):
-                        yield sse(chunk)
-                if req.include_usage:
-                    yield sse(chunks.usage_chunk(last.usage))
-                yield SSE_DONE
-            finally:  # also on disconnect: abort (frees the blocks) and bill what was generated
-                await stream.aclose()
-                server.bill(key_id, "/v1/chat/completions", last, request_id, prompt)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/chat/completions",
+                                   request_id, prompt)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @app.post("/v1/completions", openapi_extra=_json_body_doc(CompletionRequest))
     async def completions(request: Request):
@@ -300,28 +303,11 @@ def create_app(server: Server) -> FastAPI:
         text = server.tokenizer.decode
         stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
         first = await server.first_output(stream)
-        timer = server.metrics.timer(start)
         chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
                                   token_text=lambda i: text([i]))
-
-        async def events():
-            last = first
-            try:
-                timer.feed(first)
-                for chunk in chunks.feed(first):
-                    yield sse(chunk)
-                async for last in stream:
-                    timer.feed(last)
-                    for chunk in chunks.feed(last):
-                        yield sse(chunk)
-                if req.include_usage:
-                    yield sse(chunks.usage_chunk([last.usage]))
-                yield SSE_DONE
-            finally:
-                await stream.aclose()
-                server.bill(key_id, "/v1/completions", last, request_id)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/completions",
+                                   request_id)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @app.get("/v1/usage")
     async def usage(request: Request, start: int | None = None, end: int | None = None,
