@@ -33,18 +33,20 @@ from openr2.server.errors import (
 )
 from openr2.server.ledger import Ledger
 from openr2.server.metrics import Metrics, MetricsMiddleware
-from openr2.server.protocol import (
+from openr2.server.outputs import (
     SSE_DONE,
-    ChatCompletionRequest,
     ChatStream,
-    CompletionRequest,
     CompletionStream,
-    Model,
-    ModelList,
     chat_completion_from_output,
     completion_from_outputs,
-    random_id,
     sse,
+)
+from openr2.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Model,
+    ModelList,
+    random_id,
 )
 from openr2.server.ratelimit import RateLimiter
 

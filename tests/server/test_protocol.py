@@ -19,19 +19,21 @@ from openai.types.chat import ChatCompletionChunk as SDKChatCompletionChunk
 from openr2.engine.engine import CompletionOutput, RequestOutput, Usage
 from openr2.engine.sampling import TokenSample
 from openr2.server.errors import APIError
-from openr2.server.protocol import (
+from openr2.server.outputs import (
     SSE_DONE,
-    ChatCompletionRequest,
     ChatStream,
-    CompletionRequest,
     CompletionStream,
-    Model,
-    ModelList,
     chat_completion_from_output,
     completion_from_outputs,
     finish_reason,
     sse,
     usage_from_engine,
+)
+from openr2.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Model,
+    ModelList,
 )
 
 VOCAB = {1: "<think>", 2: "</think>", 3: "Hi", 4: " there", 5: "é"}
