@@ -1,10 +1,12 @@
 """The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
 
-Routes so far: GET /health, GET /metrics (metrics.py), GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream and
-non-stream), GET /v1/usage, and the files and batches routes of batches.py (whose worker runs here). A request is validated (protocol.py), authorised (a key once any exists, or
-with require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is
-billed from the engine's token counts, also when the client disconnects mid-stream (the request is then
-aborted and its cache blocks freed). Prompt and completion text are stored only with log_content.
+Routes: GET /health, GET /metrics (metrics.py), GET /v1/models, POST /v1/chat/completions and
+POST /v1/completions (stream and non-stream), GET /v1/usage, the files and batches routes of batches.py
+(whose worker runs here) and the chat page of pages.py. A request is validated (protocol.py), authorised
+(a key once any exists, or with require_auth), rate limited, rendered and tokenised, then streamed from
+the engine; its usage is billed from the engine's token counts, also when the client disconnects
+mid-stream (the request is then aborted and its cache blocks freed). Prompt and completion text are
+stored only with log_content.
 """
 
 from __future__ import annotations
