@@ -1,0 +1,1 @@
+"""Training: data (synthetic tasks, corpora, packing, SFT batches), the trainer, checkpoints, GRPO."""

@@ -1,0 +1,582 @@
+"""Training data: synthetic reasoning tasks, corpora readers, LM packing and SFT batches.
+
+Owns the seeded task generators (addition, subtraction, multiplication, countdown, modular arithmetic)
+with short, regular chains of thought, their verifiers, the train/test split by a stable hash of the
+canonical problem, readers for JSONL / text / GSM8K files, `PackedLMDataset` (pretraining windows) and
+`SFTDataset` (padded, shifted, masked batches), both deterministic and resumable from `state_dict()`.
+It does not own the chat format (chat_format.py) nor the training loop (trainer.py).
+
+Held-out split: `split_of` hashes the canonical problem (task + operands, commutative operands sorted,
+so 589+347 is the same problem as 347+589) with sha256; ~5% is "test". `generate` rejects problems of
+the other split, so a test problem can never appear in a training stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from openr2.tokenizer import Tokenizer
+
+TEST_FRACTION = 0.05
+IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: the user's question, the reasoning to write inside <think>, and the bare answer.
+
+    `key` is the canonical problem (what the split hashes); `target` and `numbers` are set for countdown,
+    whose answer is one of many valid expressions.
+    """
+    task: str
+    difficulty: int
+    prompt: str
+    reasoning: str
+    answer: str
+    key: str
+    numbers: tuple[int, ...] = ()
+    target: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+def _digits(n: int) -> int:
+    return len(str(abs(n)))
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    """A number with exactly `digits` digits (0-9 for one digit)."""
+    if digits < 1:
+        raise ValueError(f"digits={digits}: must be at least 1")
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def _pair(rng: random.Random, digits: int) -> tuple[int, int]:
+    """One operand of `digits` digits, the other of 1..digits digits, in random order (mixed lengths)."""
+    a, b = _operand(rng, digits), _operand(rng, rng.randint(1, digits))
+    return (a, b) if rng.random() < 0.5 else (b, a)
+
+
+def addition_problem(a: int, b: int) -> Problem:
+    """`What is a+b?` worked column by column, right to left: `7+9+0=16, write 6 carry 1`."""
+    if a < 0 or b < 0:
+        raise ValueError(f"addition: operands must be non-negative, got {a}, {b}")
+    lines, carry, n = [], 0, max(_digits(a), _digits(b))
+    for i in range(n):
+        x, y = a // 10 ** i % 10, b // 10 ** i % 10
+        s = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={s}, write {s % 10} carry {s // 10}")
+        carry = s // 10
+    if carry:
+        lines.append(f"write carry {carry}")
+    lines.append(f"{a}+{b}={a + b}")
+    return Problem("addition", n, f"What is {a}+{b}?", "\n".join(lines), str(a + b),
+                   f"addition:{min(a, b)}+{max(a, b)}")
+
+
+def subtraction_problem(a: int, b: int) -> Problem:
+    """`What is a-b?` (a >= b) column by column: `17-9-0=8, write 8 borrow 1` when a column borrows."""
+    if not 0 <= b <= a:
+        raise ValueError(f"subtraction: need 0 <= b <= a, got {a}-{b}")
+    lines, borrow, n = [], 0, _digits(a)
+    for i in range(n):
+        x, y = a // 10 ** i % 10, b // 10 ** i % 10
+        nxt = 1 if x - y - borrow < 0 else 0
+        lines.append(f"{x + 10 * nxt}-{y}-{borrow}={x + 10 * nxt - y - borrow}, write {x + 10 * nxt - y - borrow} "
+                     f"borrow {nxt}")
+        borrow = nxt
+    lines.append(f"{a}-{b}={a - b}")
+    return Problem("subtraction", n, f"What is {a}-{b}?", "\n".join(lines), str(a - b), f"subtraction:{a}-{b}")
+
+
+def multiplication_problem(a: int, b: int) -> Problem:
+    """`What is a*b?` as one partial product per digit of b (right to left), then their sum."""
+    if a < 0 or b < 0:
+        raise ValueError(f"multiplication: operands must be non-negative, got {a}, {b}")
+    parts = [a * (b // 10 ** i % 10) * 10 ** i for i in range(_digits(b))]
+    lines = [f"{a}*{b // 10 ** i % 10 * 10 ** i}={p}" for i, p in enumerate(parts)]
+    if len(parts) > 1:  # one partial product is already the whole product
+        lines += [f"{'+'.join(map(str, parts))}={a * b}", f"{a}*{b}={a * b}"]
+    return Problem("multiplication", max(_digits(a), _digits(b)), f"What is {a}*{b}?", "\n".join(lines),
+                   str(a * b), f"multiplication:{min(a, b)}*{max(a, b)}")
+
+
+def _mod_line(x: int, m: int) -> str:
+    return f"{x}={x // m}*{m}+{x % m}"
+
+
+def modular_problem(a: int, op: str, b: int, m: int) -> Problem:
+    """`What is (a+b) mod m?` / `(a*b) mod m` / `(a-b) mod m` / `a^b mod m`, one line per operation.
+
+    Powers reduce the base first, then multiply and reduce once per exponent step (keep b small).
+    """
+    if m < 2 or a < 0 or b < 0:
+        raise ValueError(f"modular: need m >= 2 and non-negative operands, got {a}{op}{b} mod {m}")
+    if op in "+-*" and len(op) == 1:
+        v = a + b if op == "+" else a - b if op == "-" else a * b
+        lines = [f"{a}{op}{b}={v}", _mod_line(v, m)]  # floor division keeps this right for v < 0 too
+        prompt = f"What is ({a}{op}{b}) mod {m}?"
+        key = f"{min(a, b)}{op}{max(a, b)}" if op != "-" else f"{a}-{b}"
+    elif op == "^":
+        if b < 1:
+            raise ValueError(f"modular: exponent must be at least 1, got {b}")
+        r = a % m
+        lines = [_mod_line(a, m)]
+        acc = r
+        for _ in range(b - 1):
+            lines.append(f"{acc}*{r}={acc * r}={acc * r // m}*{m}+{acc * r % m}")
+            acc = acc * r % m
+        v = pow(a, b, m)
+        assert acc == v
+        prompt, key = f"What is {a}^{b} mod {m}?", f"{a}^{b}"
+    else:
+        raise ValueError(f"modular: unknown operation {op!r}; expected one of + - * ^")
+    lines.append(f"answer {v % m}")
+    return Problem("modular", max(_digits(a), _digits(b), _digits(m)), prompt, "\n".join(lines), str(v % m),
+                   f"modular:{key}%{m}")
+
+
+def countdown_problem(numbers: Sequence[int], target: int, steps: Sequence[tuple[int, str, int]] | None = None
+                      ) -> Problem:
+    """Reach `target` from `numbers` (each at most once) with + - * /; reasoning = one line per step.
+
+    `steps` are (x, op, y) applied in order, each result usable by later steps; without them a solver
+    finds some. Raises ValueError when the target is unreachable.
+    """
+    numbers = tuple(int(n) for n in numbers)
+    if steps is None:
+        steps = _solve_countdown(list(numbers), target)
+        if steps is None:
+            raise ValueError(f"countdown: {target} cannot be made from {list(numbers)}")
+    exprs: dict[int, list[str]] = {}  # value -> expressions available for it (a multiset of values)
+    for n in numbers:
+        exprs.setdefault(n, []).append(str(n))
+    lines, last = [], None
+    if not steps and target in numbers:
+        lines, last = [f"{target} is given"], str(target)
+    for x, op, y in steps:
+        ex, ey = exprs[x].pop(), exprs[y].pop()
+        v = _apply(x, op, y)
+        assert v is not None and v == int(v)
+        v = int(v)
+        exprs.setdefault(v, []).append(f"({ex}{op}{ey})")
+        lines.append(f"{x}{op}{y}={v}")
+        last = exprs[v][-1]
+    if last is None or _parse_expr(last)[0] != target:
+        raise ValueError(f"countdown: steps {list(steps)} do not reach {target}")
+    answer = last[1:-1] if last.startswith("(") else last  # drop the outer parentheses only
+    nums = ", ".join(map(str, numbers))
+    prompt = f"Using the numbers {nums}, make {target}. Use + - * / and each number at most once."
+    return Problem("countdown", len(numbers), prompt, "\n".join(lines), answer,
+                   f"countdown:{','.join(map(str, sorted(numbers)))}={target}", numbers, target)
+
+
+def _apply(x: int | Fraction, op: str, y: int | Fraction) -> Fraction | None:
+    """x op y exactly; None for a division by zero."""
+    x = Fraction(x)
+    return {"+": x + y, "-": x - y, "*": x * y}[op] if op != "/" else (None if y == 0 else x / y)
+
+
+def _solve_countdown(values: list[int], target: int, depth: int = 0) -> list[tuple[int, str, int]] | None:
+    """Depth-first search over pairs with non-negative integer intermediates; fine for <= 5 numbers."""
+    if depth == 0 and target in values:
+        return []
+    for i in range(len(values)):
+        for j in range(len(values)):
+            if i == j:
+                continue
+            x, y = values[i], values[j]
+            for op in "+-*/":
+                if op in "+*" and i > j:
+                    continue
+                v = _apply(x, op, y)
+                if v is None or v < 0 or v.denominator != 1:
+                    continue
+                rest = [values[k] for k in range(len(values)) if k not in (i, j)] + [int(v)]
+                if int(v) == target:
+                    return [(x, op, y)]
+                if len(rest) > 1:
+                    found = _solve_countdown(rest, target, depth + 1)
+                    if found is not None:
+                        return [(x, op, y)] + found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- generators
+
+def addition(rng: random.Random, digits: int) -> Problem:
+    return addition_problem(*_pair(rng, digits))
+
+
+def subtraction(rng: random.Random, digits: int) -> Problem:
+    a, b = _pair(rng, digits)
+    return subtraction_problem(max(a, b), min(a, b))
+
+
+def multiplication(rng: random.Random, digits: int) -> Problem:
+    return multiplication_problem(*_pair(rng, digits))
+
+
+def modular(rng: random.Random, digits: int) -> Problem:
+    """(a op b) mod m with a, b of up to `digits` digits, or a^e mod m with e in 2..5; m has `digits` digits."""
+    m = max(2, _operand(rng, digits))
+    op = rng.choice("+-*^")
+    if op == "^":
+        return modular_problem(_operand(rng, digits), "^", rng.randint(2, 5), m)
+    a, b = _pair(rng, digits)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    return modular_problem(a, op, b, m)
+
+
+def countdown(rng: random.Random, num_operands: int) -> Problem:
+    """`num_operands` numbers in 1..25 combined in random order with random operations (integer, >= 0)."""
+    if num_operands < 2:
+        raise ValueError(f"countdown: num_operands={num_operands}: must be at least 2")
+    while True:
+        numbers = [rng.randint(1, 25) for _ in range(num_operands)]
+        pool, steps = list(numbers), []
+        rng.shuffle(pool)
+        acc = pool[0]
+        for y in pool[1:]:
+            ops = ["+", "*"] + (["-"] if acc > y else []) + (["/"] if y > 1 and acc % y == 0 else [])
+            op = rng.choice(ops)
+            x, yy = (acc, y) if op in "-/" or rng.random() < 0.5 else (y, acc)
+            steps.append((x, op, yy))
+            acc = int(_apply(x, op, yy))
+        if 1 <= acc <= 999:
+            return countdown_problem(numbers, acc, steps)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    generator: Callable[[random.Random, int], Problem]
+    min_difficulty: int
+    max_difficulty: int
+    knob: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "addition": TaskSpec(addition, 1, 10, "digits"),
+    "subtraction": TaskSpec(subtraction, 1, 10, "digits"),
+    "multiplication": TaskSpec(multiplication, 1, 5, "digits"),
+    "countdown": TaskSpec(countdown, 2, 5, "num_operands"),
+    "modular": TaskSpec(modular, 1, 4, "digits"),
+}
+
+
+def split_of(problem: Problem) -> str:
+    """"train" or "test" from a sha256 of the canonical problem; stable across runs and machines."""
+    h = int.from_bytes(hashlib.sha256(problem.key.encode()).digest()[:8], "big")
+    return "test" if h % 10_000 < TEST_FRACTION * 10_000 else "train"
+
+
+def generate(task: str, difficulty: int, split: str, n: int | None, seed: int = 0, unique: bool = False,
+             max_tries: int = 100_000) -> Iterator[Problem]:
+    """Yield n problems (forever if n is None) of `split` only, deterministic for (task, difficulty, seed).
+
+    Problems of the other split are rejected. `unique` skips repeats (for eval sets). Raises ValueError
+    when `max_tries` draws in a row yield nothing usable (e.g. a test split of 1-digit addition).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: unknown; expected one of {sorted(TASKS)}")
+    spec = TASKS[task]
+    if not spec.min_difficulty <= difficulty <= spec.max_difficulty:
+        raise ValueError(f"{task}: {spec.knob}={difficulty} outside [{spec.min_difficulty}, {spec.max_difficulty}]")
+    if split not in ("train", "test"):
+        raise ValueError(f"split {split!r}: expected 'train' or 'test'")
+    rng = random.Random(f"{task}:{difficulty}:{seed}")  # str seeds are hashed with sha512: stable
+    seen: set[str] = set()
+    count = misses = 0
+    while n is None or count < n:
+        p = spec.generator(rng, difficulty)
+        if split_of(p) != split or (unique and p.key in seen):
+            misses += 1
+            if misses >= max_tries:
+                raise ValueError(f"{task} {spec.knob}={difficulty}: no new {split} problem in {max_tries} draws")
+            continue
+        misses = 0
+        if unique:
+            seen.add(p.key)
+        count += 1
+        yield p
+
+
+# ---------------------------------------------------------------------------------------------- verifying
+
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def verify(problem: Problem, answer_text: str) -> bool:
+    """Is answer_text (the text after </think>) a correct answer? Integers compare exactly (commas and a
+    trailing period ignored); countdown answers must evaluate to the target using each given number at
+    most once (an optional trailing `=target` is allowed)."""
+    text = answer_text.strip()
+    if problem.target is not None:
+        text = text.split("=")[0].strip() if text.count("=") == 1 else text
+        try:
+            value, used = _parse_expr(text)
+        except ValueError:
+            return False
+        available = list(problem.numbers)
+        for u in used:
+            if u not in available:
+                return False
+            available.remove(u)
+        return value == problem.target
+    text = text.replace(",", "").rstrip(".")
+    return bool(_INT.match(text)) and bool(_INT.match(problem.answer.replace(",", ""))) and \
+        int(text) == int(problem.answer.replace(",", ""))
+
+
+_TOKEN = re.compile(r"\s*(\d+|[-+*/()])")
+
+
+def _parse_expr(text: str) -> tuple[Fraction, list[int]]:
+    """Parse + - * / ( ) over non-negative integers, exactly (Fractions), without eval: a recursive descent
+    over expr := term (('+'|'-') term)*, term := atom (('*'|'/') atom)*, atom := int | '(' expr ')'.
+    Returns (value, numbers used); raises ValueError on anything else."""
+    text, tokens, pos = text.replace("×", "*").replace("÷", "/").rstrip(), [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise ValueError(f"unexpected character at {pos}: {text[pos:pos + 5]!r}")
+        tokens.append(m.group(1))
+        pos = m.end()
+    if not tokens or len(tokens) > 200:
+        raise ValueError("empty or too long expression")
+    tokens.append("")  # end marker
+    used: list[int] = []
+    i = 0
+
+    def take(*expected: str) -> str:
+        nonlocal i
+        t = tokens[i]
+        if expected and t not in expected:
+            raise ValueError(f"expected one of {expected}, got {t!r}")
+        i += t != ""
+        return t
+
+    def atom() -> Fraction:
+        t = take()
+        if t.isdigit():
+            used.append(int(t))
+            return Fraction(int(t))
+        if t != "(":
+            raise ValueError(f"unexpected {t!r}")
+        v = expr()
+        take(")")
+        return v
+
+    def binary(operand: Callable[[], Fraction], ops: str) -> Fraction:
+        v = operand()
+        while tokens[i] and tokens[i] in ops:
+            op, r = take(), operand()
+            w = _apply(v, op, r)
+            if w is None:
+                raise ValueError("division by zero")
+            v = w
+        return v
+
+    def term() -> Fraction:
+        return binary(atom, "*/")
+
+    def expr() -> Fraction:
+        return binary(term, "+-")
+
+    value = expr()
+    take("")
+    return value, used
+
+
+# ---------------------------------------------------------------------------------------------- chat / text
+
+def to_messages(problem: Problem, system: str | None = None) -> list[dict[str, str]]:
+    """The problem as a chat: the user's question and an R1 reply `<think>\\nR\\n</think>\\n\\nA`."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": problem.prompt},
+                   {"role": "assistant", "content": f"<think>\n{problem.reasoning}\n</think>\n\n{problem.answer}"}]
+
+
+def sft_example(problem: Problem, tokenizer: Tokenizer, system: str | None = None) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of the problem's chat, mask 1 on the assistant's completion only."""
+    from openr2.chat_format import encode_chat_for_training
+
+    return encode_chat_for_training(to_messages(problem, system), tokenizer)
+
+
+def to_text(problem: Problem) -> str:
+    """Plain running text for a pretraining corpus (no chat markers): question, working, answer."""
+    return f"{problem.prompt}\n{problem.reasoning}\nThe answer is {problem.answer}."
+
+
+def read_jsonl(path: str | os.PathLike, field: str | None = None) -> Iterator[Any]:
+    """Records of a JSONL file (blank lines skipped), or the `field` of each; errors name path and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+            if field is None:
+                yield record
+            elif not isinstance(record, dict) or field not in record:
+                raise ValueError(f"{path}:{lineno}: no field {field!r}")
+            else:
+                yield record[field]
+
+
+_CALC = re.compile(r"<<[^>]*>>")
+
+
+def read_gsm8k(path: str | os.PathLike) -> list[Problem]:
+    """GSM8K-format records {"question", "answer": "working\\n#### 72"} as problems; the `<<48/2=24>>`
+    calculator annotations are dropped and the final answer loses its thousands commas."""
+    out = []
+    for i, rec in enumerate(read_jsonl(path)):
+        if not isinstance(rec, dict) or "question" not in rec or "####" not in rec.get("answer", ""):
+            raise ValueError(f"{path}: record {i + 1}: expected 'question' and an 'answer' with '####'")
+        working, final = rec["answer"].rsplit("####", 1)
+        q = rec["question"].strip()
+        out.append(Problem("gsm8k", 0, q, _CALC.sub("", working).strip(), final.strip().replace(",", ""),
+                           "gsm8k:" + q))
+    return out
+
+
+def read_text(path: str | os.PathLike, sep: str | None = "\n\n") -> list[str]:
+    """Documents of a text file split on `sep` (blank lines by default; None: the whole file), non-empty."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    docs = [text] if sep is None else text.split(sep)
+    return [d.strip("\n") for d in docs if d.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+class _Resumable:
+    """Shared by the two datasets: epochs of `batches_per_epoch` batches over items in a seeded per-epoch
+    order (or as given); the position is (epoch, index of the next batch), all that a resume needs."""
+    batch_size: int
+    batches_per_epoch: int
+    shuffle: bool
+    seed: int
+    epoch: int = 0
+    index: int = 0
+
+    def _next_items(self, num_items: int) -> list[int]:
+        order = list(range(num_items))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        items = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return items
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class PackedLMDataset(_Resumable):
+    """Pretraining batches [B, T+1] cut from one token stream (documents each followed by EOS).
+
+    Window k is stream[k*T : k*T+T+1] (consecutive windows share one token, so every token is a target
+    once); batch i holds windows i*B..i*B+B-1 in order (or a seeded per-epoch permutation with
+    shuffle=True); the remainder of an epoch is dropped and iteration wraps forever. Inputs are
+    batch[:, :-1], targets batch[:, 1:]. `state_dict()` is {"epoch", "index"} (the next batch).
+    """
+
+    def __init__(self, documents: Iterable[Sequence[int]], batch_size: int, seq_len: int, eos_id: int,
+                 bos_id: int | None = None, shuffle: bool = False, seed: int = 0):
+        stream: list[int] = []
+        for doc in documents:
+            stream += ([bos_id] if bos_id is not None else []) + list(doc) + [eos_id]
+        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+        self.shuffle, self.seed = shuffle, seed
+        self.num_windows = (len(stream) - 1) // seq_len if seq_len > 0 else 0
+        self.batches_per_epoch = self.num_windows // batch_size if batch_size > 0 else 0
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"PackedLMDataset: {len(stream)} tokens cannot fill one batch of "
+                             f"{batch_size} x {seq_len}+1")
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], tokenizer: Tokenizer, batch_size: int, seq_len: int, **kw: Any
+                   ) -> PackedLMDataset:
+        return cls((tokenizer.encode(t) for t in texts), batch_size, seq_len, tokenizer.eos_token_id, **kw)
+
+    def __next__(self) -> torch.Tensor:
+        import torch
+
+        T = self.seq_len
+        return torch.tensor([self.stream[k * T:k * T + T + 1] for k in self._next_items(self.num_windows)],
+                            dtype=torch.long)
+
+
+class SFTDataset(_Resumable):
+    """SFT batches (input_ids [B, L], labels [B, L]) from (ids, loss_mask) examples, L <= max_len.
+
+    labels[t] = ids[t+1] where loss_mask[t+1] is 1, else -100 (also on padding); inputs are right-padded
+    with pad_id to the longest example of the batch (or max_len with pad_to_max). Examples longer than
+    max_len+1 tokens are dropped, not truncated (a cut answer would teach the model to stop mid-way);
+    `num_dropped` counts them. Order: a seeded shuffle per epoch (shuffle=False: as given); `epochs=None`
+    repeats forever. `state_dict()` is {"epoch", "index"} (the next batch).
+    """
+
+    def __init__(self, examples: Iterable[tuple[Sequence[int], Sequence[int]]], batch_size: int, max_len: int,
+                 pad_id: int, seed: int = 0, shuffle: bool = True, epochs: int | None = None,
+                 drop_last: bool = True, pad_to_max: bool = False):
+        self.examples, self.num_dropped = [], 0
+        for ids, mask in examples:
+            if len(ids) != len(mask):
+                raise ValueError(f"SFT example {len(self.examples) + self.num_dropped}: ids and loss_mask "
+                                 f"differ in length ({len(ids)} vs {len(mask)})")
+            if 2 <= len(ids) <= max_len + 1:
+                self.examples.append((list(ids), list(mask)))
+            else:
+                self.num_dropped += 1
+        self.batch_size, self.max_len, self.pad_id = batch_size, max_len, pad_id
+        self.seed, self.shuffle, self.epochs, self.pad_to_max = seed, shuffle, epochs, pad_to_max
+        n = len(self.examples)
+        self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"SFTDataset: {n} usable examples ({self.num_dropped} longer than "
+                             f"max_len={max_len} dropped) cannot fill one batch of {batch_size}")
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        rows = [self.examples[k] for k in self._next_items(len(self.examples))]
+        L = self.max_len if self.pad_to_max else max(len(ids) - 1 for ids, _ in rows)
+        inputs = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
+        for r, (ids, mask) in enumerate(rows):
+            inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            labels[r, :len(ids) - 1] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])])
+        return inputs, labels
+
+
+def sft_batches(examples: Iterable[tuple[Sequence[int], Sequence[int]]], batch_size: int, max_len: int,
+                pad_id: int, **kw: Any) -> SFTDataset:
+    """Shorthand for SFTDataset(examples, batch_size, max_len, pad_id, **kw)."""
+    return SFTDataset(examples, batch_size, max_len, pad_id, **kw)

@@ -1,0 +1,296 @@
+"""Tests for openr2/train/data.py: generator correctness (checked independently), split hygiene,
+determinism, the countdown verifier, GSM8K parsing, packing and SFT batches with exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from openr2.chat_format import EOS
+from openr2.train import data
+from openr2.train.data import (
+    IGNORE_INDEX,
+    TASKS,
+    PackedLMDataset,
+    Problem,
+    addition_problem,
+    countdown_problem,
+    generate,
+    modular_problem,
+    read_gsm8k,
+    read_jsonl,
+    read_text,
+    sft_batches,
+    sft_example,
+    split_of,
+    subtraction_problem,
+    to_messages,
+    verify,
+)
+from tests.tokenizer_utils import tiny_tokenizer
+
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k_train.jsonl"
+N_PER_DIFFICULTY = 2000
+
+
+def _digit(n: int, i: int) -> int:
+    return n // 10 ** i % 10
+
+
+def _exact(expr: str) -> Fraction:
+    """Evaluate a vetted arithmetic string exactly (test-side oracle, independent of data._parse_expr)."""
+    assert re.fullmatch(r"[\d+\-*/() ]+", expr), expr
+    return eval(re.sub(r"(\d+)", r"Fraction(\1)", expr), {"Fraction": Fraction})  # noqa: S307 - vetted charset
+
+
+def _problems(task: str):
+    spec = TASKS[task]
+    for d in range(spec.min_difficulty, spec.max_difficulty + 1):
+        rng = random.Random(d)
+        for _ in range(N_PER_DIFFICULTY):
+            p = spec.generator(rng, d)
+            assert p.task == task and p.difficulty == d
+            yield p
+
+
+def _check_columns(p: Problem, a: int, b: int, op: str) -> None:
+    lines = p.reasoning.split("\n")
+    n = max(len(str(a)), len(str(b)))
+    carry = 0
+    word = "carry" if op == "+" else "borrow"
+    for i in range(n):
+        m = re.fullmatch(rf"(\d+)\{op}(\d)\{op}(\d)=(\d+), write (\d) {word} (\d)", lines[i])
+        assert m, lines[i]
+        x, y, c, s, w, k = map(int, m.groups())
+        assert (x % 10, y, c) == (_digit(a, i), _digit(b, i), carry)
+        if op == "+":
+            assert s == x + y + c and w == s % 10 and k == s // 10
+        else:
+            assert x - y - c == s == w and 0 <= s <= 9 and (x >= 10) == (k == 1)
+        carry = k
+    rest = lines[n:]
+    if op == "+" and carry:
+        assert rest.pop(0) == f"write carry {carry}"
+    result = a + b if op == "+" else a - b
+    assert rest == [f"{a}{op}{b}={result}"]
+    assert p.answer == str(result) and verify(p, p.answer) and not verify(p, str(result + 1))
+
+
+def test_addition_and_subtraction_columns():
+    for task, op in (("addition", "+"), ("subtraction", "-")):
+        for p in _problems(task):
+            a, b = map(int, re.fullmatch(rf"What is (\d+)\{op}(\d+)\?", p.prompt).groups())
+            assert max(len(str(a)), len(str(b))) == p.difficulty
+            _check_columns(p, a, b, op)
+
+
+def test_demo_question_347_plus_589():
+    p = addition_problem(347, 589)
+    assert p.prompt == "What is 347+589?" and p.answer == "936"
+    assert p.reasoning.split("\n") == ["7+9+0=16, write 6 carry 1", "4+8+1=13, write 3 carry 1",
+                                       "3+5+1=9, write 9 carry 0", "347+589=936"]
+    assert split_of(p) == split_of(addition_problem(589, 347))  # commuted problems share a split
+    assert subtraction_problem(1000, 1).answer == "999"
+    with pytest.raises(ValueError):
+        subtraction_problem(1, 2)
+
+
+def test_multiplication_partial_products():
+    for p in _problems("multiplication"):
+        a, b = map(int, re.fullmatch(r"What is (\d+)\*(\d+)\?", p.prompt).groups())
+        lines = p.reasoning.split("\n")
+        parts = []
+        for i in range(len(str(b))):
+            x, y, v = map(int, re.fullmatch(r"(\d+)\*(\d+)=(\d+)", lines[i]).groups())
+            assert x == a and y == _digit(b, i) * 10 ** i and v == x * y
+            parts.append(v)
+        if len(parts) > 1:
+            assert lines[len(parts):] == [f"{'+'.join(map(str, parts))}={a * b}", f"{a}*{b}={a * b}"]
+        else:
+            assert len(lines) == 1
+        assert p.answer == str(a * b) and verify(p, p.answer)
+
+
+def test_modular_working():
+    for p in _problems("modular"):
+        m = re.fullmatch(r"What is \((\d+)([+\-*])(\d+)\) mod (\d+)\?|What is (\d+)\^(\d+) mod (\d+)\?", p.prompt)
+        assert m, p.prompt
+        if m.group(1):
+            a, op, b, mod = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            truth = int(_exact(f"{a}{op}{b}")) % mod
+        else:
+            a, e, mod = int(m.group(5)), int(m.group(6)), int(m.group(7))
+            truth = pow(a, e, mod)
+        lines = p.reasoning.split("\n")
+        for line in lines[:-1]:  # every working line is a chain of equal expressions
+            values = {_exact(part) for part in line.split("=")}
+            assert len(values) == 1, line
+        assert lines[-1] == f"answer {truth}" and p.answer == str(truth) and verify(p, p.answer)
+    assert modular_problem(3, "^", 4, 5).answer == "1"
+
+
+def test_countdown_solutions():
+    for p in _problems("countdown"):
+        assert len(p.numbers) == p.difficulty and p.target is not None and 1 <= p.target <= 999
+        assert _exact(p.answer) == p.target
+        used = Counter(int(t) for t in re.findall(r"\d+", p.answer))
+        assert not used - Counter(p.numbers)
+        for line in p.reasoning.split("\n"):
+            lhs, rhs = line.split("=")
+            assert _exact(lhs) == int(rhs)
+        assert verify(p, p.answer)
+
+
+def test_countdown_verifier():
+    p = countdown_problem([25, 3, 4, 7], 105)
+    assert verify(p, p.answer)
+    assert verify(p, "(25+3)*4-7") and verify(p, " 4*(25+3) - 7 ") and verify(p, "(25+3)*4-7 = 105")
+    assert not verify(p, "(25+3)*4-6")  # 6 is not given
+    assert not verify(p, "25*4+7-3-3+1")  # 3 used twice, 1 not given
+    assert not verify(p, "(25+3)*4")  # wrong value
+    assert not verify(p, "105") and not verify(p, "") and not verify(p, "(25+3)*4-7)")
+    assert not verify(p, "__import__('os')") and not verify(p, "25/0+80")
+    q = countdown_problem([6, 4, 2], 3)  # fractions are exact
+    assert verify(q, "6/4*2") and verify(q, q.answer)
+    with pytest.raises(ValueError):
+        countdown_problem([1, 1], 50)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_split_hygiene_and_determinism(task):
+    spec = TASKS[task]
+    d = min(spec.max_difficulty, spec.min_difficulty + 2)
+    train_keys, test_keys = set(), set()
+    for seed in range(12):
+        train = list(generate(task, d, "train", 200, seed=seed))
+        test = list(generate(task, d, "test", 20, seed=seed))
+        assert len(train) == 200 and len(test) == 20
+        assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "test" for p in test)
+        train_keys |= {p.key for p in train}
+        test_keys |= {p.key for p in test}
+    assert not train_keys & test_keys
+    assert list(generate(task, d, "train", 50, seed=3)) == list(generate(task, d, "train", 50, seed=3))
+    assert list(generate(task, d, "train", 50, seed=3)) != list(generate(task, d, "train", 50, seed=4))
+    evals = list(generate(task, d, "test", 20, seed=0, unique=True))
+    assert len({p.key for p in evals}) == 20
+
+
+def test_split_fraction_and_errors():
+    ps = list(itertools.islice(generate("addition", 4, "train", None, seed=0, max_tries=10**6), 1))
+    assert ps and split_of(ps[0]) == "train"
+    rng = random.Random(0)
+    frac = sum(split_of(TASKS["addition"].generator(rng, 5)) == "test" for _ in range(20000)) / 20000
+    assert 0.04 < frac < 0.06
+    with pytest.raises(ValueError):
+        list(generate("addition", 1, "test", 1000, unique=True, max_tries=2000))  # too few 1-digit problems
+    with pytest.raises(ValueError):
+        next(generate("nope", 1, "train", 1))
+    with pytest.raises(ValueError):
+        next(generate("addition", 99, "train", 1))
+
+
+def test_sft_example_matches_chat_format():
+    tok = tiny_tokenizer()
+    p = addition_problem(347, 589)
+    msgs = to_messages(p)
+    assert msgs[0] == {"role": "user", "content": "What is 347+589?"}
+    ids, mask = sft_example(p, tok)
+    completion = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert completion == p.reasoning + "\n</think>\n\n936" + EOS
+    assert tok.decode([t for t, m in zip(ids, mask) if not m]).endswith("What is 347+589?<｜Assistant｜><think>\n")
+
+
+def test_sft_batches_labels_and_resume():
+    tok = tiny_tokenizer()
+    examples = [sft_example(p, tok) for p in generate("addition", 3, "train", 23, seed=1)]
+    examples.append(([1] * 500, [1] * 500))  # too long: dropped, not truncated
+    ds = sft_batches(examples, batch_size=4, max_len=120, pad_id=tok.pad_token_id, seed=7)
+    assert ds.num_dropped == 1 and ds.batches_per_epoch == 5
+    by_input = {tuple(ids[:-1]): (ids, mask) for ids, mask in examples[:-1]}
+    for _ in range(3):
+        inputs, labels = next(ds)
+        assert inputs.shape == labels.shape and inputs.dtype == labels.dtype == torch.long
+        for row_in, row_lab in zip(inputs.tolist(), labels.tolist()):
+            key = next(k for k in by_input if tuple(row_in[:len(k)]) == k and
+                       all(t == tok.pad_token_id for t in row_in[len(k):]))
+            ids, mask = by_input[key]
+            n = len(ids) - 1
+            expect = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX] * (len(row_in) - n)
+            assert row_lab == expect
+    state = ds.state_dict()
+    nxt = [next(ds) for _ in range(7)]  # crosses an epoch boundary
+    fresh = sft_batches(examples, batch_size=4, max_len=120, pad_id=tok.pad_token_id, seed=7)
+    fresh.load_state_dict(state)
+    for (a, b), (c, d) in zip(nxt, (next(fresh) for _ in range(7))):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    once = sft_batches(examples[:-1], 5, 120, 0, shuffle=False, epochs=1, drop_last=False)
+    assert sum(x.shape[0] for x, _ in once) == 23
+
+
+def test_packing_contiguous_and_resume():
+    rng = random.Random(0)
+    docs, counter = [], 10
+    for _ in range(40):
+        n = rng.randint(1, 30)
+        docs.append(list(range(counter, counter + n)))
+        counter += n
+    eos = 1
+    stream = [t for d in docs for t in d + [eos]]
+    ds = PackedLMDataset(docs, batch_size=3, seq_len=16, eos_id=eos)
+    per_epoch = ds.batches_per_epoch
+    assert per_epoch == (len(stream) - 1) // 16 // 3
+    batches = [next(ds) for _ in range(per_epoch + 2)]
+    flat = [b for batch in batches[:per_epoch] for b in batch.tolist()]
+    for k, row in enumerate(flat):
+        assert batches[0].shape == (3, 17) and row == stream[k * 16:k * 16 + 17]
+    assert torch.equal(batches[per_epoch], batches[0])  # wraps to the start
+    for shuffle in (False, True):
+        a = PackedLMDataset(docs, 2, 8, eos, shuffle=shuffle, seed=5)
+        for _ in range(5):
+            next(a)
+        state = a.state_dict()
+        expect = [next(a) for _ in range(2 * a.batches_per_epoch)]
+        b = PackedLMDataset(docs, 2, 8, eos, shuffle=shuffle, seed=5)
+        b.load_state_dict(state)
+        assert all(torch.equal(x, next(b)) for x in expect)
+    with pytest.raises(ValueError):
+        PackedLMDataset([[5, 6]], batch_size=2, seq_len=16, eos_id=eos)
+    tok = tiny_tokenizer()
+    texts = [data.to_text(p) for p in generate("addition", 2, "train", 30)]
+    assert next(PackedLMDataset.from_texts(texts, tok, 2, 32)).shape == (2, 33)
+
+
+def test_corpora(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert list(read_jsonl(path, "text")) == ["a", "b"]
+    path.write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=":2:"):
+        list(read_jsonl(path, "text"))
+    txt = tmp_path / "c.txt"
+    txt.write_text("doc one\nline\n\n\ndoc two\n")
+    assert read_text(txt) == ["doc one\nline", "doc two"] and read_text(txt, sep=None) == ["doc one\nline\n\n\ndoc two"]
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="shared GSM8K data not present")
+def test_gsm8k(tmp_path):
+    head = tmp_path / "gsm8k_head.jsonl"
+    with open(GSM8K, encoding="utf-8") as f:
+        head.write_text("".join(itertools.islice(f, 50)))
+    problems = read_gsm8k(head)
+    assert len(problems) == 50
+    first = problems[0]
+    assert first.prompt.startswith("Natalia sold clips") and first.answer == "72"
+    assert first.reasoning == ("Natalia sold 48/2 = 24 clips in May.\n"
+                               "Natalia sold 48+24 = 72 clips altogether in April and May.")
+    for p in problems:
+        assert re.fullmatch(r"-?\d+", p.answer), p.answer
+        assert "<<" not in p.reasoning and "####" not in p.reasoning and verify(p, p.answer)
+        assert split_of(p) in ("train", "test")
