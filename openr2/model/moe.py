@@ -137,7 +137,12 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Te
 
 
 class MoE(nn.Module):
-    """y = sum_{i in TopK} g_i E_i(x) + shared(x)."""
+    """y = sum_{i in TopK} g_i E_i(x) + shared(x).
+
+    While training it also keeps what balancing needs: `expert_load` counts the tokens routed to each
+    expert since the last `update_correction_bias`, and `aux_loss` is the last forward's sequence-wise
+    balance loss (DeepSeek-V3's L_Bal, weight aux_loss_alpha; None when alpha is 0 or not training).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -145,13 +150,53 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(config)
         n_shared = config.n_shared_experts
         self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+        self.aux_loss_alpha = config.aux_loss_alpha
+        # not a buffer (never saved or cast); on the CPU explicitly, also when the model is built on "meta"
+        self.expert_load = torch.zeros(config.n_routed_experts, device="cpu")
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, moe_impl: str = "grouped") -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids, _ = self.gate(flat)
+        weights, ids, scores = self.gate(flat)
+        if self.training:
+            self._balance_stats(ids, scores, shape[0])
         out = self.experts(flat, weights, ids, moe_impl).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _balance_stats(self, ids: torch.Tensor, scores: torch.Tensor, batch: int) -> None:
+        E, K = self.gate.num_experts, self.gate.top_k
+        counts = torch.bincount(ids.flatten(), minlength=E)
+        self.expert_load = self.expert_load.to(counts.device) + counts.float()
+        if not self.aux_loss_alpha:
+            self.aux_loss = None
+            return
+        # per sequence: f_i = E / (K T) * #tokens choosing i, P_i = mean_t s'_i,t (s' normalised per token)
+        T = ids.shape[0] // batch
+        chosen = torch.zeros(batch * T, E, device=ids.device).scatter_(1, ids, 1.0).view(batch, T, E)
+        f = chosen.sum(1) * (E / (K * T))
+        p = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E).mean(1)
+        self.aux_loss = self.aux_loss_alpha * (f * p).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_correction_bias(model: nn.Module, gamma: float) -> list[dict]:
+    """Auxiliary-loss-free balancing, after an optimizer step: b_i += gamma * sign(mean load - load_i) for
+    every noaux_tc gate, from the load accumulated since the last call (reset here). Returns per MoE layer
+    {"max_over_mean": ..., "tokens": ...}. Under data parallelism, all-reduce `expert_load` first."""
+    stats = []
+    for module in model.modules():
+        if isinstance(module, MoE):
+            load = module.expert_load
+            mean = load.mean()
+            if load.sum() > 0:
+                stats.append({"max_over_mean": (load.max() / mean).item(), "tokens": int(load.sum().item() /
+                                                                                         module.gate.top_k)})
+                if hasattr(module.gate, "e_score_correction_bias") and gamma:
+                    bias = module.gate.e_score_correction_bias
+                    bias += gamma * torch.sign(mean - load).to(bias)
+            module.expert_load = torch.zeros_like(load)
+    return stats

@@ -132,3 +132,52 @@ def test_decode_sized_batches_match_looped(num_tokens):
     weights = _randn(num_tokens, 2, seed=32).abs()
     with torch.no_grad():
         assert max_diff(experts(x, weights, ids, "grouped"), experts(x, weights, ids, "looped")) < 1e-6
+
+
+def test_sequence_aux_loss_is_alpha_for_uniform_routing():
+    from openr2.model.moe import MoE
+
+    config = dataclasses.replace(tiny_v3(), aux_loss_alpha=1e-4)
+    moe = MoE(config).train()
+    E, K, T = config.n_routed_experts, config.num_experts_per_tok, 8
+    ids = torch.arange(T * K).view(T, K) % E  # every expert chosen equally often
+    scores = torch.full((T, E), 0.5)
+    moe._balance_stats(ids, scores, batch=1)
+    assert moe.aux_loss.item() == pytest.approx(1e-4)
+    assert torch.equal(moe.expert_load, torch.full((E,), T * K / E))
+
+
+def test_bias_updates_balance_a_skewed_router():
+    """Aux-loss-free balancing alone (no gradients) evens out a router that favours a few experts."""
+    from openr2.model.moe import MoE, update_correction_bias
+
+    config = tiny_v3()
+    held_out = _randn(4096, config.hidden_size, seed=41)[None]
+
+    def imbalance(gamma: float) -> float:
+        moe = MoE(config)
+        with torch.no_grad():
+            for i, p in enumerate(moe.parameters()):
+                p.copy_(_randn(*p.shape, seed=50 + i) * 0.2)
+            moe.gate.weight[:2] += _randn(config.hidden_size, seed=60)  # experts 0, 1 attract tokens
+            moe.gate.e_score_correction_bias.zero_()
+        moe.train()
+        with torch.no_grad():
+            for step in range(300):
+                moe(_randn(4, 64, config.hidden_size, seed=100 + step))
+                update_correction_bias(moe, gamma)
+            moe(held_out)
+        return update_correction_bias(moe, 0.0)[0]["max_over_mean"]
+
+    balanced, skewed = imbalance(0.003), imbalance(0.0)
+    print(f"max/mean expert load on held-out tokens: with bias updates {balanced:.2f}, without {skewed:.2f}")
+    assert balanced <= 1.3 < skewed
+
+
+def test_loads_are_counted_only_while_training():
+    from openr2.model.moe import MoE
+
+    moe = MoE(tiny_v3()).eval()
+    with torch.no_grad():
+        moe(_randn(1, 4, tiny_v3().hidden_size, seed=70))
+    assert moe.expert_load.sum() == 0 and moe.aux_loss is None
