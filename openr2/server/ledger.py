@@ -1,6 +1,7 @@
 """The server's durable state in one SQLite file: usage rows, hashed API keys, files, batches.
 
-Owns the schema and every query; file contents live beside the database under data_dir/files/<id>.
+Owns the schema and every query (the batch queries in batch_store.py, a mixin of Ledger); file contents
+live beside the database under data_dir/files/<id>.
 It does not compute prices (billing.py), parse HTTP, or run models: a batch worker drives the batch
 methods (validate_batch -> claim_pending -> complete_request -> finalize_batch) and calls
 reset_in_flight() once at startup.
@@ -32,10 +33,16 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's public names)
+    ACTIVE_BATCH_STATES,
+    BatchStateError,
+    BatchStore,
+    new_id,
+)
 from openr2.server.billing import Usage, format_usd
 
 SCHEMA_VERSION = 1
@@ -44,11 +51,6 @@ KEY_RANDOM_CHARS = 32
 KEY_LOOKUP_CHARS = 8  # first random chars, stored in clear to find the row; 48 of 192 bits
 PBKDF2_ITERATIONS = 1_000  # keys are 192 random bits: the hash only hides them, no stretching needed
 FILE_PURPOSES = ("batch", "batch_output", "user_data", "assistants", "fine-tune", "vision", "evals")
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-COMPLETION_WINDOWS_S = {"24h": 24 * 3600}
-MAX_BATCH_LINES = 50_000
-MAX_CUSTOM_ID_CHARS = 64
-ACTIVE_BATCH_STATES = ("validating", "in_progress", "finalizing", "cancelling")
 
 _SCHEMA = """
 CREATE TABLE api_keys (
@@ -82,19 +84,11 @@ CREATE INDEX batch_requests_state ON batch_requests(batch_id, state, line);
 _MIGRATIONS: dict[int, str] = {}  # version -> SQL that upgrades from version - 1 (none yet)
 
 
-class BatchStateError(ValueError):
-    """The batch is in a state that does not allow the operation (the HTTP layer answers 409)."""
-
-
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
-
-
 def _hash_secret(secret: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations)
 
 
-class Ledger:
+class Ledger(BatchStore):
     """SQLite-backed state of one server. `key_id` scopes files, batches and usage: pass the verified key's
     id, or any fixed string (e.g. "local") when the server runs without keys."""
 
@@ -173,7 +167,7 @@ class Ledger:
             raise ValueError("name must be a non-empty string")
         secret = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_CHARS * 3 // 4)
         assert len(secret) == len(KEY_PREFIX) + KEY_RANDOM_CHARS
-        key_id, salt = _new_id("key_"), secrets.token_bytes(16)
+        key_id, salt = new_id("key_"), secrets.token_bytes(16)
         lookup = secret[len(KEY_PREFIX):len(KEY_PREFIX) + KEY_LOOKUP_CHARS]
         with self._tx() as db:
             db.execute("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,NULL)",
@@ -314,7 +308,7 @@ class Ledger:
             raise ValueError(f"filename must be a non-empty name of at most 255 chars, got {filename!r}")
         if not isinstance(content, (bytes, bytearray)):
             raise ValueError("file content must be bytes")
-        file_id = _new_id("file-")
+        file_id = new_id("file-")
         self._write_blob(file_id, bytes(content))
         with self._tx() as db:
             return self._insert_file(db, file_id, key_id, filename, purpose, len(content))
@@ -362,294 +356,6 @@ class Ledger:
         return [to_obj(dict(r)) for r in rows[:limit]], len(rows) > limit
 
     # ---------------------------------------------------------------- batches
-
-    def create_batch(self, key_id: str, input_file_id: str, endpoint: str, completion_window: str = "24h",
-                     metadata: dict | None = None) -> dict:
-        """A batch in `validating`; the worker's validate_batch reads its lines (uploads may be large)."""
-        if endpoint not in BATCH_ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}, got {endpoint!r}")
-        if completion_window not in COMPLETION_WINDOWS_S:
-            raise ValueError(f"completion_window must be one of {', '.join(COMPLETION_WINDOWS_S)}, "
-                             f"got {completion_window!r}")
-        _check_metadata(metadata)
-        batch_id, now = _new_id("batch_"), self._now()
-        with self._tx() as db:
-            f = db.execute("SELECT purpose FROM files WHERE id = ? AND key_id = ?", (input_file_id, key_id)).fetchone()
-            if f is None:
-                raise ValueError(f"input_file_id: no file {input_file_id!r}")
-            if f["purpose"] != "batch":
-                raise ValueError(f"input_file_id: file {input_file_id!r} has purpose {f['purpose']!r}, not 'batch'")
-            db.execute("INSERT INTO batches (id, key_id, endpoint, input_file_id, completion_window, status,"
-                       " metadata, created_at, expires_at) VALUES (?,?,?,?,?,'validating',?,?,?)",
-                       (batch_id, key_id, endpoint, input_file_id, completion_window,
-                        json.dumps(metadata) if metadata is not None else None, now,
-                        now + COMPLETION_WINDOWS_S[completion_window]))
-        return self.get_batch(key_id, batch_id)
-
-    def validate_batch(self, batch_id: str, models: Collection[str] | None = None) -> dict:
-        """validating -> in_progress with one pending row per line, or -> failed with errors.data listing
-        the bad lines. A no-op in any other state, so it is safe to call again after a restart."""
-        row = self._batch_row(batch_id)
-        if row["status"] == "validating":
-            path = self._file_path(row["input_file_id"])
-            content = path.read_bytes() if path.is_file() else None
-            requests, errors, model = _parse_batch_input(content, row["endpoint"], models)
-            now = self._now()
-            with self._tx() as db:
-                if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] == "validating":
-                    if errors:
-                        db.execute("UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ?",
-                                   (now, json.dumps(errors), batch_id))
-                    else:
-                        db.executemany("INSERT INTO batch_requests (batch_id, custom_id, line, id, body, state)"
-                                       " VALUES (?,?,?,?,?,'pending')",
-                                       [(batch_id, cid, line, _new_id("batch_req_"), body)
-                                        for line, cid, body in requests])
-                        db.execute("UPDATE batches SET status = 'in_progress', in_progress_at = ?, model = ?"
-                                   " WHERE id = ?", (now, model, batch_id))
-        return self._batch_obj(self._batch_row(batch_id))
-
-    def claim_pending(self, batch_id: str, n: int) -> list[dict]:
-        """Mark up to n pending lines running and return them ({id, custom_id, body}) in file order.
-        Returns [] unless the batch is in_progress and inside its completion window."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        with self._tx() as db:
-            b = db.execute("SELECT status, expires_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
-            if b is None or b["status"] != "in_progress" or self._now() >= b["expires_at"]:
-                return []
-            rows = db.execute("SELECT custom_id, id, body FROM batch_requests WHERE batch_id = ? AND"
-                              " state = 'pending' ORDER BY line LIMIT ?", (batch_id, n)).fetchall()
-            db.executemany("UPDATE batch_requests SET state = 'running' WHERE batch_id = ? AND custom_id = ?",
-                           [(batch_id, r["custom_id"]) for r in rows])
-        return [{"id": r["id"], "custom_id": r["custom_id"], "body": json.loads(r["body"])} for r in rows]
-
-    def complete_request(self, batch_id: str, custom_id: str, status_code: int, body: dict, request_id: str,
-                         usage=None, cost: int = 0) -> bool:
-        """Record one line's response and, when `usage` is given, its bill (cost = prices.cost(usage,
-        batch=True)) in one transaction. False, with nothing written, if the line was already finished:
-        the first completion wins and a duplicate is never billed."""
-        if isinstance(status_code, bool) or not isinstance(status_code, int):
-            raise ValueError(f"status_code must be an integer, got {status_code!r}")
-        with self._tx() as db:
-            r = db.execute("SELECT r.state, r.body, b.key_id, b.endpoint, b.model FROM batch_requests r"
-                           " JOIN batches b ON b.id = r.batch_id WHERE r.batch_id = ? AND r.custom_id = ?",
-                           (batch_id, custom_id)).fetchone()
-            if r is None:
-                raise ValueError(f"custom_id: batch {batch_id!r} has no line {custom_id!r}")
-            if r["state"] not in ("pending", "running"):
-                return False
-            state = "done" if 200 <= status_code < 300 else "failed"
-            db.execute("UPDATE batch_requests SET state = ?, status_code = ?, request_id = ?, response = ?"
-                       " WHERE batch_id = ? AND custom_id = ?",
-                       (state, status_code, request_id, json.dumps(body), batch_id, custom_id))
-            if usage is not None:
-                content = {"request": json.loads(r["body"]), "response": body} if self.log_content else None
-                if not self._insert_usage(db, r["key_id"], r["model"], r["endpoint"], Usage.of(usage), True,
-                                          cost, request_id, batch_id, custom_id, content):
-                    raise ValueError(f"request_id {request_id!r} is already billed")  # rolls the line back
-        return True
-
-    def reset_in_flight(self) -> int:
-        """Call once at startup, before any worker: lines claimed by a dead process go back to pending
-        (their results were never committed, so they were never billed). Returns how many."""
-        with self._tx() as db:
-            return db.execute("UPDATE batch_requests SET state = 'pending' WHERE state = 'running'").rowcount
-
-    def finalize_batch(self, batch_id: str) -> dict | None:
-        """Write the output/error files and end the batch (completed, cancelled or expired), once no line
-        is running and none is left to run (or it was cancelled, or its window passed). None if not yet."""
-        b = self._batch_row(batch_id)
-        if b["status"] not in ("in_progress", "finalizing", "cancelling"):
-            return self._batch_obj(b) if b["status"] not in ACTIVE_BATCH_STATES else None
-        states = dict(self._query("SELECT state, COUNT(*) FROM batch_requests WHERE batch_id = ? GROUP BY state",
-                                  (batch_id,)))
-        now = self._now()
-        if states.get("running"):
-            return None
-        if b["status"] == "cancelling":
-            final, leftover = "cancelled", "batch_cancelled"
-        elif states.get("pending"):
-            if now < b["expires_at"]:
-                return None
-            final, leftover = "expired", "batch_expired"
-        else:
-            final, leftover = "completed", None
-            with self._tx() as db:  # visible while the files are written
-                db.execute("UPDATE batches SET status = 'finalizing', finalizing_at = ? WHERE id = ? AND"
-                           " status = 'in_progress'", (now, batch_id))
-        out, err = [], []
-        for r in self._query("SELECT * FROM batch_requests WHERE batch_id = ? ORDER BY line", (batch_id,)):
-            line = {"id": r["id"], "custom_id": r["custom_id"], "response": None, "error": None}
-            if r["state"] in ("done", "failed"):
-                line["response"] = {"status_code": r["status_code"], "request_id": r["request_id"],
-                                    "body": json.loads(r["response"])}
-            else:
-                line["error"] = {"code": leftover, "message": f"the batch was {final} before this request ran"}
-            (out if r["state"] == "done" else err).append(json.dumps(line, ensure_ascii=False))
-        # Blobs first, rows after (one transaction): a crash in between leaves only orphan blobs, and the
-        # next finalize_batch starts over.
-        files = {}
-        for kind, lines in (("output", out), ("error", err)):
-            if lines:
-                files[kind] = (_new_id("file-"), ("\n".join(lines) + "\n").encode())
-                self._write_blob(*files[kind])
-        with self._tx() as db:
-            if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] == final:
-                committed = False  # another caller finished it first
-            else:
-                committed = True
-                for kind, (file_id, data) in files.items():
-                    self._insert_file(db, file_id, b["key_id"], f"{batch_id}_{kind}.jsonl", "batch_output", len(data))
-                if leftover:
-                    db.execute("UPDATE batch_requests SET state = ? WHERE batch_id = ? AND state = 'pending'",
-                               (final, batch_id))
-                db.execute("UPDATE batch_requests SET body = NULL, response = NULL WHERE batch_id = ?", (batch_id,))
-                db.execute(f"UPDATE batches SET status = ?, {final}_at = ?, output_file_id = ?, error_file_id = ?"
-                           " WHERE id = ?", (final, now, files.get("output", (None,))[0],
-                                             files.get("error", (None,))[0], batch_id))
-        if not committed:
-            for file_id, _ in files.values():
-                self._file_path(file_id).unlink(missing_ok=True)
-        else:  # the WAL still holds the pages with the bodies: copy them back and empty it
-            with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        return self._batch_obj(self._batch_row(batch_id))
-
-    def cancel_batch(self, key_id: str, batch_id: str) -> dict | None:
-        """validating/in_progress -> cancelling (-> cancelled at once if nothing is running). None if this
-        key has no such batch; BatchStateError if it already ended otherwise."""
-        with self._tx() as db:
-            b = db.execute("SELECT status FROM batches WHERE id = ? AND key_id = ?", (batch_id, key_id)).fetchone()
-            if b is None:
-                return None
-            if b["status"] in ("validating", "in_progress"):
-                db.execute("UPDATE batches SET status = 'cancelling', cancelling_at = ? WHERE id = ?",
-                           (self._now(), batch_id))
-            elif b["status"] not in ("cancelling", "cancelled"):
-                raise BatchStateError(f"status: batch {batch_id} is {b['status']} and cannot be cancelled")
-        return self.finalize_batch(batch_id) or self.get_batch(key_id, batch_id)
-
-    def get_batch(self, key_id: str, batch_id: str) -> dict | None:
-        rows = self._query("SELECT * FROM batches WHERE id = ? AND key_id = ?", (batch_id, key_id))
-        return self._batch_obj(rows[0]) if rows else None
-
-    def list_batches(self, key_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        """(batches, has_more), newest first; `after` is the last id of the previous page."""
-        return self._page("batches", key_id, after, limit, "desc", self._batch_obj)
-
-    def batch_owner(self, batch_id: str) -> str:
-        """The key that created the batch: its lines run, and are billed, as that key."""
-        return self._batch_row(batch_id)["key_id"]
-
-    def list_active_batches(self) -> list[str]:
-        """Ids of every key's unfinished batches, oldest first: what a worker resumes after a restart."""
-        marks = ",".join("?" * len(ACTIVE_BATCH_STATES))
-        return [r[0] for r in self._query(f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY rowid",
-                                          ACTIVE_BATCH_STATES)]
-
-    def _batch_row(self, batch_id: str) -> dict:
-        rows = self._query("SELECT * FROM batches WHERE id = ?", (batch_id,))
-        if not rows:
-            raise ValueError(f"batch_id: no batch {batch_id!r}")
-        return dict(rows[0])
-
-    def _batch_obj(self, b) -> dict:
-        b = dict(b)
-        states = dict(self._query("SELECT state, COUNT(*) FROM batch_requests WHERE batch_id = ? GROUP BY state",
-                                  (b["id"],)))
-        u = self._query("SELECT TOTAL(prompt_tokens), TOTAL(cached_prompt_tokens), TOTAL(completion_tokens),"
-                        " TOTAL(reasoning_tokens) FROM usage WHERE batch_id = ?", (b["id"],))[0]
-        prompt, cached, completion, reasoning = (int(x) for x in u)
-        obj = {"id": b["id"], "object": "batch", "endpoint": b["endpoint"],
-               "errors": {"object": "list", "data": json.loads(b["errors"])} if b["errors"] else None,
-               "input_file_id": b["input_file_id"], "completion_window": b["completion_window"],
-               "status": b["status"], "output_file_id": b["output_file_id"], "error_file_id": b["error_file_id"]}
-        for t in ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
-                  "expired_at", "cancelling_at", "cancelled_at"):
-            obj[t] = b[t]
-        obj["request_counts"] = {"total": sum(states.values()), "completed": states.get("done", 0),
-                                 "failed": sum(states.get(s, 0) for s in ("failed", "cancelled", "expired"))}
-        obj["metadata"] = json.loads(b["metadata"]) if b["metadata"] else None
-        obj["model"] = b["model"]
-        obj["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                        "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
-                        "total_tokens": prompt + completion}
-        return obj
-
-
-def _check_metadata(metadata) -> None:
-    if metadata is None:
-        return
-    if not isinstance(metadata, dict) or len(metadata) > 16:
-        raise ValueError("metadata must be an object of at most 16 pairs")
-    for k, v in metadata.items():
-        if not isinstance(k, str) or len(k) > 64 or not isinstance(v, str) or len(v) > 512:
-            raise ValueError(f"metadata: keys must be strings of at most 64 chars and values of at most 512, "
-                             f"got {k!r}")
-
-
-def _parse_batch_input(content: bytes | None, endpoint: str, models: Collection[str] | None):
-    """Input JSONL -> ([(line, custom_id, body json)], errors, model). Errors use OpenAI's
-    {code, line, message, param} shape; the first 100 are kept."""
-    errors: list[dict] = []
-
-    def error(line, code, message, param=None):
-        errors.append({"code": code, "line": line, "message": message, "param": param})
-
-    if content is None:
-        error(None, "file_not_found", "the input file was deleted", "input_file_id")
-        return [], errors, None
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError:
-        error(None, "invalid_file", "the input file is not UTF-8", "input_file_id")
-        return [], errors, None
-    requests, seen, model = [], set(), None
-    for i, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            error(i, "invalid_json", "line is not valid JSON")
-            continue
-        if not isinstance(obj, dict):
-            error(i, "invalid_request", "line must be a JSON object")
-            continue
-        cid, body = obj.get("custom_id"), obj.get("body")
-        if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
-            error(i, "invalid_custom_id", f"custom_id must be a string of 1-{MAX_CUSTOM_ID_CHARS} chars", "custom_id")
-            continue
-        if cid in seen:
-            error(i, "duplicate_custom_id", f"custom_id {cid!r} appears more than once", "custom_id")
-            continue
-        seen.add(cid)
-        if obj.get("method") != "POST":
-            error(i, "invalid_method", "method must be POST", "method")
-        if obj.get("url") != endpoint:
-            error(i, "invalid_url", f"url must equal the batch endpoint {endpoint}", "url")
-        if not isinstance(body, dict):
-            error(i, "invalid_request", "body must be a JSON object", "body")
-            continue
-        if body.get("stream"):
-            error(i, "invalid_request", "stream is not allowed in batch requests", "body.stream")
-        m = body.get("model")
-        if not isinstance(m, str) or not m:
-            error(i, "invalid_request", "body.model is required", "body.model")
-        elif models is not None and m not in models:
-            error(i, "model_not_found", f"model {m!r} is not served here", "body.model")
-        elif model is None:
-            model = m
-        elif m != model:
-            error(i, "mismatched_model", f"all lines must use one model ({model!r}), got {m!r}", "body.model")
-        requests.append((i, cid, json.dumps(body)))
-    if len(requests) > MAX_BATCH_LINES:
-        error(None, "too_many_requests", f"a batch holds at most {MAX_BATCH_LINES} requests")
-    if not requests and not errors:
-        error(None, "empty_file", "the input file has no requests", "input_file_id")
-    return requests, errors[:100], model
-
 
 def _file_obj(row: dict) -> dict:
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
