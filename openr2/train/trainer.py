@@ -1,0 +1,384 @@
+"""One training loop for pretraining and SFT: step, accumulate, log, checkpoint (eval and plots: later).
+
+`TrainConfig` holds every option (from keyword arguments, a dict, or a JSON/TOML file); unknown keys and
+impossible values raise ValueError naming the key before any work. `Trainer(model, dataset, config,
+tokenizer).train()` runs `config.steps` optimizer steps:
+
+- loss = CE(main logits) + sum of MoE.aux_loss (sequence-wise balance loss, weight aux_loss_alpha, when the
+  MoE layers provide it) + mtp_lambda * mean_k CE(depth-k drafts) when the model has MTP layers;
+  pretrain batches are [B, T+1] windows (inputs [:, :-1], targets [:, 1:]), SFT batches (input_ids,
+  labels) with -100 on ignored positions. With grad_accum > 1 each micro-batch's mean loss is divided by
+  grad_accum (so micro-batches weigh equally, whatever their count of target tokens).
+- AdamW; weight decay on tensors of 2+ dimensions (matrices, embeddings, stacked experts, router weight),
+  none on 1-D tensors (norm gains, biases). The noaux_tc correction bias is a buffer, never in the optimizer.
+- LR: linear warmup from lr/warmup_steps to lr over warmup_steps, then cosine to lr * min_lr_ratio.
+- gradient clipping to grad_clip (0: off; the norm is still measured and logged).
+- after each optimizer step, auxiliary-loss-free balancing `update_correction_bias(model, balance_gamma)`.
+- a JSONL line per logged step (out_dir/log.jsonl): step, loss, (mtp_loss, aux_loss), lr, tokens_per_s,
+  grad_norm, expert load max/mean per MoE layer; a tqdm progress bar.
+- checkpoints (checkpoint.py) every save_every steps and at the end; Ctrl-C (SIGINT) finishes the current
+  step, saves and returns cleanly. `resume` restores model, optimizer, step, data position and RNG states,
+  so a resumed run reproduces an uninterrupted one bitwise on CPU.
+Float32 on CPU; bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from openr2.train.data import IGNORE_INDEX
+
+MODES = ("pretrain", "sft")
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "pretrain"
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    balance_gamma: float = 1e-3
+    aux_loss_alpha: float = 1e-4  # 0 = off
+    mtp_lambda: float = 0.3
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 3
+    out_dir: str = "runs/train"
+    resume: str | None = None  # a run directory (follows `latest`) or a step directory
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"train config: expected a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"train config: unknown key {key!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+        """JSON (.json) or TOML (.toml) file; `overrides` (e.g. command-line flags) win."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            if path.endswith(".toml"):
+                import tomllib
+
+                with open(path, "rb") as f:
+                    values = tomllib.load(f)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    values = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise ValueError(f"{path}: cannot parse config: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of options at the top level")
+        try:
+            return cls.from_dict({**values, **overrides})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"train config: {key}={getattr(self, key)!r}: {why}")
+
+        ints = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "log_every",
+                "save_every", "keep_last")
+        floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
+                  "mtp_lambda")
+        for k in ints:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(k, "must be an integer")
+        for k in floats:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(k, "must be a finite number")
+            setattr(self, k, float(v))
+        if self.mode not in MODES:
+            raise bad("mode", f"expected one of {MODES}")
+        for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, k) < 1:
+                raise bad(k, "must be at least 1")
+        for k in ("warmup_steps", "save_every", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
+                  "mtp_lambda"):
+            if getattr(self, k) < 0:
+                raise bad(k, "must be non-negative")
+        if self.lr <= 0:
+            raise bad("lr", "must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "must be in [0, 1]")
+        betas = self.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or \
+                not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            raise bad("betas", "expected two numbers in [0, 1)")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
+            raise bad("out_dir", "must be a non-empty path")
+        self.out_dir = os.fspath(self.out_dir)
+        if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
+            raise bad("resume", "must be a path or null")
+        if not isinstance(self.deterministic, bool):
+            raise bad("deterministic", "must be true or false")
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup, then cosine down to lr * min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on 2+-D parameters, none on 1-D ones (norm gains, biases); tied weights once."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _moe_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from openr2.model.moe import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, dataset: Any, config: TrainConfig, tokenizer: Any = None,
+                 on_step: Callable[[int, dict], None] | None = None):
+        self.model, self.dataset, self.config, self.tokenizer = model, dataset, config, tokenizer
+        self.on_step = on_step  # called after each step with (step, log record); tests use it
+        for key in ("batch_size", "seq_len"):
+            have = getattr(dataset, key, None)
+            if key == "seq_len" and config.mode == "sft":
+                continue
+            if have is not None and have != getattr(config, key):
+                raise ValueError(f"train config: {key}={getattr(config, key)} but the dataset has {key}={have}")
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        try:
+            import numpy as np
+
+            np.random.seed(config.seed)
+        except ImportError:  # pragma: no cover
+            pass
+        self.moe = _moe_modules(model)
+        for m in self.moe:  # the sequence-wise aux loss weight comes from the training config
+            if hasattr(m, "aux_loss_alpha"):
+                m.aux_loss_alpha = config.aux_loss_alpha
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
+                                           betas=config.betas, weight_decay=config.weight_decay,
+                                           foreach=False)
+        self.step = 0
+        self.interrupted = False
+        self.history: list[dict] = []
+        if config.resume:
+            self._resume(config.resume)
+
+    # ------------------------------------------------------------------ resume / save
+    def _resume(self, path: str) -> None:
+        state = load_checkpoint(path, dtype=self.model.dtype, device=self.model.device)
+        loaded = state["model"].state_dict()
+        mine = self.model.state_dict()
+        missing = [k for k in mine if k not in loaded]
+        if missing:
+            raise ValueError(f"{state['path']}: checkpoint lacks {missing[:3]} of this model")
+        with torch.no_grad():
+            for k, v in mine.items():
+                v.copy_(loaded[k])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{state['path']}: optimizer state does not fit this model: {e}") from e
+        self.step = int(state["step"])
+        if state["data"] is not None and hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state["data"])
+        set_rng_states(state["rng"])
+        self._truncate_log(self.step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past the resumed step (written by the killed run after its last checkpoint)."""
+        path = os.path.join(self.config.out_dir, LOG_FILE)
+        if not os.path.isfile(path):
+            return
+        keep = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
+    def save(self) -> str:
+        return save_checkpoint(self.config.out_dir, self.model, self.tokenizer, self.optimizer, None, self.step,
+                               self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else None,
+                               rng_states(), self.config.to_dict(), keep_last=self.config.keep_last)
+
+    # ------------------------------------------------------------------ one step
+    def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.model.device
+        if self.config.mode == "pretrain":
+            if not isinstance(batch, torch.Tensor):
+                raise ValueError("mode=pretrain expects [B, T+1] token tensors; got "
+                                 f"{type(batch).__name__} (use mode=sft for (input_ids, labels) batches)")
+            batch = batch.to(device)
+            return batch[:, :-1], batch[:, 1:]
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("mode=sft expects (input_ids, labels) batches")
+        return batch[0].to(device), batch[1].to(device)
+
+    def _micro_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        model, cfg = self.model, self.config
+        has_mtp = cfg.mtp_lambda > 0 and len(getattr(model, "mtp", ())) > 0
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else \
+            torch.autocast("cpu", enabled=False)
+        parts: dict[str, float] = {}
+        with autocast:
+            logits, hidden = model(inputs, return_hidden=True)
+            loss = ce = _ce(logits, targets)
+            parts["loss"] = ce.item()
+            if has_mtp:
+                drafts = model.forward_mtp(hidden, inputs)
+                if drafts:
+                    mtp = torch.stack([_ce(d, targets[:, k:]) for k, d in enumerate(drafts, start=1)]).mean()
+                    loss = loss + cfg.mtp_lambda * mtp
+                    parts["mtp_loss"] = mtp.item()
+            aux = [m.aux_loss for m in self.moe if getattr(m, "aux_loss", None) is not None]
+            if aux:
+                aux_sum = torch.stack([a.float() for a in aux]).sum()
+                loss = loss + aux_sum
+                parts["aux_loss"] = aux_sum.item()
+        return loss, parts
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.config, self.model
+        t0 = time.perf_counter()
+        model.train()
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            inputs, targets = self._split(next(self.dataset))
+            loss, parts = self._micro_loss(inputs, targets)
+            (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            tokens += int((targets != IGNORE_INDEX).sum().item())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+                                                   foreach=False)
+        self.optimizer.step()
+        loads = self._balance()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        record = {"step": self.step, **sums, "lr": lr, "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                  "grad_norm": float(grad_norm), "tokens": tokens}
+        if loads is not None:
+            record["expert_load"] = loads
+        return record
+
+    def _balance(self) -> list[dict] | None:
+        """Correction-bias update from the step's expert loads; max/mean load per MoE layer."""
+        try:
+            from openr2.model.moe import update_correction_bias
+        except ImportError:
+            return None
+        stats = update_correction_bias(self.model, self.config.balance_gamma)
+        if isinstance(stats, dict):
+            stats = [{"layer": k, **v} if isinstance(v, dict) else {"layer": k, "value": v} for k, v in stats.items()]
+        return stats
+
+    # ------------------------------------------------------------------ loop
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    def train(self) -> list[dict]:
+        """Run to config.steps (or until Ctrl-C); return the log records of this call."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
+        log_path = os.path.join(cfg.out_dir, LOG_FILE)
+        saved_at = None
+        try:
+            with open(log_path, "a", encoding="utf-8") as log, \
+                    tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True,
+                         disable=None) as bar:
+                while self.step < cfg.steps and not self.interrupted:
+                    record = self.train_step()
+                    self.history.append(record)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
+                        saved_at = self.step
+                    if self.on_step is not None:
+                        self.on_step(self.step, record)
+            if saved_at != self.step:
+                self.save()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        return self.history
