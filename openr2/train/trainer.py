@@ -36,9 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from openr2.model.moe import MoE, update_correction_bias
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.data import IGNORE_INDEX
 
@@ -179,9 +181,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _moe_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from openr2.model.moe import MoE
-
+def _moe_modules(model: torch.nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
@@ -205,16 +205,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        try:
-            import numpy as np
-
-            np.random.seed(config.seed)
-        except ImportError:  # pragma: no cover
-            pass
+        np.random.seed(config.seed)
         self.moe = _moe_modules(model)
         for m in self.moe:  # the sequence-wise aux loss weight comes from the training config
-            if hasattr(m, "aux_loss_alpha"):
-                m.aux_loss_alpha = config.aux_loss_alpha
+            m.aux_loss_alpha = config.aux_loss_alpha
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
                                            betas=config.betas, weight_decay=config.weight_decay,
                                            foreach=False)
@@ -328,20 +322,13 @@ class Trainer:
         dt = time.perf_counter() - t0
         record = {"step": self.step, **sums, "lr": lr, "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                   "grad_norm": float(grad_norm), "tokens": tokens}
-        if loads is not None:
+        if loads:
             record["expert_load"] = loads
         return record
 
-    def _balance(self) -> list[dict] | None:
+    def _balance(self) -> list[dict]:
         """Correction-bias update from the step's expert loads; max/mean load per MoE layer."""
-        try:
-            from openr2.model.moe import update_correction_bias
-        except ImportError:
-            return None
-        stats = update_correction_bias(self.model, self.config.balance_gamma)
-        if isinstance(stats, dict):
-            stats = [{"layer": k, **v} if isinstance(v, dict) else {"layer": k, "value": v} for k, v in stats.items()]
-        return stats
+        return update_correction_bias(self.model, self.config.balance_gamma)
 
     # ------------------------------------------------------------------ loop
     def _on_sigint(self, signum, frame) -> None:
