@@ -53,9 +53,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
-                return_hidden: bool = False, logits_index: torch.Tensor | None = None):
+                return_hidden: bool = False, logits_index: torch.Tensor | None = None, with_mtp: bool = False):
         """input_ids [B, T] -> logits [B, T, V] (and the final-normed hidden [B, T, D] if return_hidden).
 
+        with_mtp: (logits, MTP draft logits of each depth) in one call, so data-parallel wrappers (DDP,
+        FSDP) see every parameter used inside their forward.
         positions default to cache.length + 0..T-1; a given cache is written and advanced by T.
         logits_index [B] asks for one position per row: logits [B, V] (the engine's next-token rows).
         """
@@ -73,6 +75,8 @@ class Transformer(nn.Module):
             x = x[torch.arange(B, device=x.device), logits_index]
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
+        if with_mtp:
+            return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return (logits, hidden) if return_hidden else logits
 
     def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -91,8 +95,8 @@ class Transformer(nn.Module):
                 break
             pos = positions[:, : T - k]
             cos, sin = self.rotary(pos, h.dtype)
-            h = mtp(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), pos, cos, sin, moe_impl)
-            drafts.append(self.lm_head(mtp.shared_head.norm(h)))
+            h, normed = mtp(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), pos, cos, sin, moe_impl)
+            drafts.append(self.lm_head(normed))
         return drafts
 
     @property

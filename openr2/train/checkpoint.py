@@ -89,12 +89,13 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, optimizer_state: dict,
                     scheduler: Any, step: int, data_state: dict | None, rng: dict | None = None,
                     config: dict | None = None, keep_last: int | None = None, extra: dict | None = None) -> str:
     """Write out_dir/step-XXXXXXX atomically, point `latest` at it, keep the newest `keep_last`; return its path.
 
-    `rng` defaults to the current RNG states (rng_states()). `scheduler` may be None or anything with
+    `optimizer_state` is the optimizer's state dict (parameter-name keyed under data parallelism, see
+    trainer.py). `rng` defaults to the current RNG states (rng_states()). `scheduler` may be None or anything with
     state_dict(). `extra` is stored as is (must be torch.load(weights_only=True)-safe).
     """
     from openr2.model.hf_io import save_model
@@ -112,7 +113,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
             tokenizer.save_pretrained(tmp)
         state = {
             "step": int(step),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "data": data_state,
             "rng": rng if rng is not None else rng_states(),

@@ -1,4 +1,4 @@
-"""One training loop for pretraining and SFT: step, accumulate, log, checkpoint (eval and plots: later).
+"""One training loop for pretraining and SFT: step, accumulate, log, evaluate, checkpoint; one or N processes.
 
 `TrainConfig` holds every option (from keyword arguments, a dict, or a JSON/TOML file); unknown keys and
 impossible values raise ValueError naming the key before any work. `Trainer(model, dataset, config,
@@ -19,6 +19,10 @@ tokenizer).train()` runs `config.steps` optimizer steps:
 - checkpoints (checkpoint.py) every save_every steps and at the end; Ctrl-C (SIGINT) finishes the current
   step, saves and returns cleanly. `resume` restores model, optimizer, step, data position and RNG states,
   so a resumed run reproduces an uninterrupted one bitwise on CPU.
+- under torchrun (distributed.py): DDP or FSDP2, each rank trains on its rows of the global batch with
+  losses normalised by the global token count (N processes == one process on the whole batch); rank 0
+  logs, evaluates and saves; checkpoints hold whole tensors and name-keyed optimizer state, so a run can
+  resume under a different parallelism.
 Float32 on CPU; bf16 autocast on CUDA.
 """
 
@@ -41,11 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from openr2.model.moe import MoE, update_correction_bias
+from openr2.train import distributed as dist_utils
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.data import IGNORE_INDEX
+from openr2.train.distributed import STRATEGIES
 
 MODES = ("pretrain", "sft")
 LOG_FILE = "log.jsonl"
+EVAL_FILE = "eval.jsonl"
 
 
 @dataclass
@@ -71,6 +78,8 @@ class TrainConfig:
     out_dir: str = "runs/train"
     resume: str | None = None  # a run directory (follows `latest`) or a step directory
     deterministic: bool = True
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,7 +130,7 @@ class TrainConfig:
             return ValueError(f"train config: {key}={getattr(self, key)!r}: {why}")
 
         ints = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "log_every",
-                "save_every", "keep_last")
+                "save_every", "keep_last", "eval_every")
         floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
                   "mtp_lambda")
         for k in ints:
@@ -138,7 +147,7 @@ class TrainConfig:
         for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
             if getattr(self, k) < 1:
                 raise bad(k, "must be at least 1")
-        for k in ("warmup_steps", "save_every", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
+        for k in ("warmup_steps", "save_every", "eval_every", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
                   "mtp_lambda"):
             if getattr(self, k) < 0:
                 raise bad(k, "must be non-negative")
@@ -158,6 +167,8 @@ class TrainConfig:
             raise bad("resume", "must be a path or null")
         if not isinstance(self.deterministic, bool):
             raise bad("deterministic", "must be true or false")
+        if self.distributed not in STRATEGIES:
+            raise bad("distributed", f"expected one of {STRATEGIES}")
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -185,22 +196,34 @@ def _moe_modules(model: torch.nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class Trainer:
+    """The loop. Under torchrun every rank builds the same Trainer; rank 0 alone logs, evaluates and saves.
+
+    `evaluator(model, step) -> dict` (optional) runs on rank 0 every eval_every steps and at the end, on
+    the whole (unsharded) model; its record goes to out_dir/eval.jsonl. `on_step(step, record)` is called
+    after each step (tests use it).
+    """
+
     def __init__(self, model: torch.nn.Module, dataset: Any, config: TrainConfig, tokenizer: Any = None,
-                 on_step: Callable[[int, dict], None] | None = None):
+                 on_step: Callable[[int, dict], None] | None = None,
+                 evaluator: Callable[[torch.nn.Module, int], dict] | None = None):
         self.model, self.dataset, self.config, self.tokenizer = model, dataset, config, tokenizer
-        self.on_step = on_step  # called after each step with (step, log record); tests use it
+        self.on_step, self.evaluator = on_step, evaluator
         for key in ("batch_size", "seq_len"):
             have = getattr(dataset, key, None)
             if key == "seq_len" and config.mode == "sft":
                 continue
             if have is not None and have != getattr(config, key):
                 raise ValueError(f"train config: {key}={getattr(config, key)} but the dataset has {key}={have}")
+        self.dist = dist_utils.current()
+        if config.batch_size % self.dist.world_size:
+            raise ValueError(f"train config: batch_size={config.batch_size} is not divisible by the "
+                             f"{self.dist.world_size} processes")
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
@@ -209,97 +232,155 @@ class Trainer:
         self.moe = _moe_modules(model)
         for m in self.moe:  # the sequence-wise aux loss weight comes from the training config
             m.aux_loss_alpha = config.aux_loss_alpha
+        self.has_mtp = config.mtp_lambda > 0 and len(getattr(model, "mtp", ())) > 0
+        self.module = dist_utils.wrap(model, config.distributed, self.dist)  # what the step calls
+        self.sharded = dist_utils.is_sharded(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
                                            betas=config.betas, weight_decay=config.weight_decay,
                                            foreach=False)
+        self._plain_copy: torch.nn.Module | None = None
         self.step = 0
         self.interrupted = False
         self.history: list[dict] = []
         if config.resume:
             self._resume(config.resume)
 
+    # ------------------------------------------------------------------ state dicts (any parallelism)
+    def _optimizer_state(self) -> dict:
+        """Parameter-name keyed, whole (unsharded) optimizer state: the same file whatever the parallelism."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
+
+    def full_model(self) -> torch.nn.Module:
+        """The model with whole tensors, for saving and evaluation: the model itself unless FSDP sharded it
+        (then a plain copy on rank 0, filled from the gathered state; every rank must call this)."""
+        if not self.sharded:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from openr2.model.transformer import build_model
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return self.model
+        if self._plain_copy is None:
+            self._plain_copy = build_model(self.model.config, seed=None)
+        self._plain_copy.load_state_dict(state)
+        return self._plain_copy
+
     # ------------------------------------------------------------------ resume / save
     def _resume(self, path: str) -> None:
-        state = load_checkpoint(path, dtype=self.model.dtype, device=self.model.device)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = load_checkpoint(path, dtype=self.model.dtype, device="cpu")
         loaded = state["model"].state_dict()
-        mine = self.model.state_dict()
-        missing = [k for k in mine if k not in loaded]
+        missing = [k for k in self.model.state_dict() if k not in loaded]
         if missing:
             raise ValueError(f"{state['path']}: checkpoint lacks {missing[:3]} of this model")
-        with torch.no_grad():
-            for k, v in mine.items():
-                v.copy_(loaded[k])
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, loaded, options=options)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"{state['path']}: optimizer state does not fit this model: {e}") from e
         self.step = int(state["step"])
         if state["data"] is not None and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["data"])
         set_rng_states(state["rng"])
-        self._truncate_log(self.step)
+        if self.dist.is_main:
+            for name in (LOG_FILE, EVAL_FILE):
+                _truncate_log(os.path.join(self.config.out_dir, name), self.step)
+        dist_utils.barrier(self.dist)
 
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines past the resumed step (written by the killed run after its last checkpoint)."""
-        path = os.path.join(self.config.out_dir, LOG_FILE)
-        if not os.path.isfile(path):
-            return
-        keep = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
+    def save(self) -> str | None:
+        """Checkpoint (collective under data parallelism: every rank calls it; rank 0 writes)."""
+        model, optimizer_state = self.full_model(), self._optimizer_state()
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.config.out_dir, model, self.tokenizer, optimizer_state, None, self.step,
+                                   self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else None,
+                                   rng_states(), self.config.to_dict(), keep_last=self.config.keep_last)
+        dist_utils.barrier(self.dist)
+        return path
 
-    def save(self) -> str:
-        return save_checkpoint(self.config.out_dir, self.model, self.tokenizer, self.optimizer, None, self.step,
-                               self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else None,
-                               rng_states(), self.config.to_dict(), keep_last=self.config.keep_last)
+    def evaluate(self) -> dict | None:
+        """Run the evaluator on rank 0 (collective: every rank calls it); append to eval.jsonl."""
+        if self.evaluator is None:
+            return None
+        model = self.full_model()
+        record = None
+        if self.dist.is_main:
+            record = {"step": self.step, **self.evaluator(model, self.step)}
+            with open(os.path.join(self.config.out_dir, EVAL_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        dist_utils.barrier(self.dist)
+        return record
 
     # ------------------------------------------------------------------ one step
     def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, targets) rows of the global batch."""
         device = self.model.device
         if self.config.mode == "pretrain":
             if not isinstance(batch, torch.Tensor):
                 raise ValueError("mode=pretrain expects [B, T+1] token tensors; got "
                                  f"{type(batch).__name__} (use mode=sft for (input_ids, labels) batches)")
-            batch = batch.to(device)
+            batch = dist_utils.shard_rows(batch, self.dist).to(device)
             return batch[:, :-1], batch[:, 1:]
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ValueError("mode=sft expects (input_ids, labels) batches")
-        return batch[0].to(device), batch[1].to(device)
+        return (dist_utils.shard_rows(batch[0], self.dist).to(device),
+                dist_utils.shard_rows(batch[1], self.dist).to(device))
 
-    def _micro_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        model, cfg = self.model, self.config
-        has_mtp = cfg.mtp_lambda > 0 and len(getattr(model, "mtp", ())) > 0
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else \
+    def _global_count(self, targets: torch.Tensor) -> torch.Tensor:
+        return dist_utils.all_reduce_sum((targets != IGNORE_INDEX).sum().float(), self.dist)
+
+    def _micro_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch loss to backpropagate and its parts (token sums and global counts, to log).
+
+        Token losses are sums over this rank's tokens divided by the global token count, times the world
+        size because DDP and FSDP average gradients over ranks: N ranks then produce exactly the gradient
+        of the global token mean. The sequence-wise aux loss is a per-rank mean over equal row counts, so
+        the ranks' average is already the global mean.
+        """
+        W = self.dist.world_size
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.model.device.type == "cuda" else \
             torch.autocast("cpu", enabled=False)
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         with autocast:
-            logits, hidden = model(inputs, return_hidden=True)
-            loss = ce = _ce(logits, targets)
-            parts["loss"] = ce.item()
-            if has_mtp:
-                drafts = model.forward_mtp(hidden, inputs)
-                if drafts:
-                    mtp = torch.stack([_ce(d, targets[:, k:]) for k, d in enumerate(drafts, start=1)]).mean()
-                    loss = loss + cfg.mtp_lambda * mtp
-                    parts["mtp_loss"] = mtp.item()
+            if self.has_mtp:
+                logits, drafts = self.module(inputs, with_mtp=True)
+            else:
+                logits, drafts = self.module(inputs), []
+            count = self._global_count(targets)
+            ce_sum = _ce_sum(logits, targets)
+            loss = ce_sum * (W / count.clamp(min=1))
+            parts["loss"] = (ce_sum.detach(), count)
+            if drafts:
+                mtp_terms, mtp_logged = [], []
+                for k, d in enumerate(drafts, start=1):
+                    n = self._global_count(targets[:, k:]).clamp(min=1)
+                    term = _ce_sum(d, targets[:, k:])
+                    mtp_terms.append(term / n)
+                    mtp_logged.append(term.detach() / n)
+                loss = loss + self.config.mtp_lambda * W * torch.stack(mtp_terms).mean()
+                parts["mtp_loss"] = (torch.stack(mtp_logged).mean(), torch.tensor(1.0))
             aux = [m.aux_loss for m in self.moe if getattr(m, "aux_loss", None) is not None]
             if aux:
                 aux_sum = torch.stack([a.float() for a in aux]).sum()
                 loss = loss + aux_sum
-                parts["aux_loss"] = aux_sum.item()
+                parts["aux_loss"] = (aux_sum.detach() / W, torch.tensor(1.0))
         return loss, parts
 
     def train_step(self) -> dict[str, Any]:
-        cfg, model = self.config, self.model
+        cfg = self.config
         t0 = time.perf_counter()
-        model.train()
+        self.module.train()
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -310,12 +391,18 @@ class Trainer:
             inputs, targets = self._split(next(self.dataset))
             loss, parts = self._micro_loss(inputs, targets)
             (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            tokens += int((targets != IGNORE_INDEX).sum().item())
+            for k, (value, count) in parts.items():
+                if k != "loss":  # mtp and aux parts are already means on this rank; summed over ranks here
+                    value = dist_utils.all_reduce_sum(value.clone(), self.dist) / count
+                else:
+                    value = dist_utils.all_reduce_sum(value.clone(), self.dist) / count.clamp(min=1)
+                    tokens += int(count.item())
+                sums[k] = sums.get(k, 0.0) + value.item() / cfg.grad_accum
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
                                                    foreach=False)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         loads = self._balance()
         self.step += 1
@@ -327,7 +414,10 @@ class Trainer:
         return record
 
     def _balance(self) -> list[dict]:
-        """Correction-bias update from the step's expert loads; max/mean load per MoE layer."""
+        """Correction-bias update from the step's expert loads (summed over ranks, so every rank applies the
+        same update); max/mean load per MoE layer."""
+        for m in self.moe:
+            dist_utils.all_reduce_sum(m.expert_load, self.dist)
         return update_correction_bias(self.model, self.config.balance_gamma)
 
     # ------------------------------------------------------------------ loop
@@ -336,21 +426,31 @@ class Trainer:
             raise KeyboardInterrupt
         self.interrupted = True
 
+    def _agree_interrupted(self) -> bool:
+        """Stop together: any rank's Ctrl-C stops all of them after the same step."""
+        if not self.dist.enabled:
+            return self.interrupted
+        flag = dist_utils.all_reduce_sum(torch.tensor(float(self.interrupted)), self.dist)
+        self.interrupted = bool(flag.item() > 0)
+        return self.interrupted
+
     def train(self) -> list[dict]:
         """Run to config.steps (or until Ctrl-C); return the log records of this call."""
         from tqdm import tqdm
 
-        cfg = self.config
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        cfg, main = self.config, self.dist.is_main
+        if main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        dist_utils.barrier(self.dist)
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
-        saved_at = None
+        saved_at = evaluated_at = None
         try:
-            with open(log_path, "a", encoding="utf-8") as log, \
+            with open(log_path if main else os.devnull, "a", encoding="utf-8") as log, \
                     tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True,
-                         disable=None) as bar:
-                while self.step < cfg.steps and not self.interrupted:
+                         disable=None if main else True) as bar:
+                while self.step < cfg.steps and not self._agree_interrupted():
                     record = self.train_step()
                     self.history.append(record)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -358,14 +458,43 @@ class Trainer:
                         log.flush()
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._log_eval(bar, self.evaluate())
+                        evaluated_at = self.step
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save()
                         saved_at = self.step
                     if self.on_step is not None:
                         self.on_step(self.step, record)
+            if evaluated_at != self.step and not self.interrupted:
+                self._log_eval(None, self.evaluate())
             if saved_at != self.step:
                 self.save()
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         return self.history
+
+    @staticmethod
+    def _log_eval(bar, record: dict | None) -> None:
+        if record is None:
+            return
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                        if not isinstance(v, (dict, list)))
+        (bar.write if bar is not None else print)(f"eval {text}")
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log lines past the resumed step (written by the killed run after its last checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
