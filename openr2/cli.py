@@ -242,6 +242,52 @@ def cmd_init_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from openr2.train.run import config_from, train
+
+    flags = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
+    config = config_from(args.preset, args.config, **flags)  # rejects bad options before any work
+    summary = train(config, export=args.export)
+    if summary.get("export") or "plots" in summary:
+        print(json.dumps(summary))
+    return 130 if summary.get("interrupted") else 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from openr2.tokenizer import train_bpe
+    from openr2.train.run import tokenizer_corpus
+    from openr2.train.trainer import TrainConfig
+
+    cfg = TrainConfig(data=args.data or [], tasks=args.tasks, num_examples=args.num_examples, seed=args.seed)
+    tokenizer = train_bpe(tokenizer_corpus(cfg, max_task_texts=args.num_examples), vocab_size=args.vocab_size,
+                          min_frequency=args.min_frequency)
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out}/tokenizer.json and tokenizer_config.json ({tokenizer.vocab_size} tokens)")
+    return 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--batch-size, --lr, ...); only the flags given override."""
+    import dataclasses
+    import typing
+
+    from openr2.train.trainer import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, hint, kw = "--" + f.name.replace("_", "-"), hints[f.name], {"dest": "opt_" + f.name,
+                                                                          "default": argparse.SUPPRESS}
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "betas":
+            p.add_argument(flag, nargs=2, type=float, metavar=("B1", "B2"), **kw)
+        elif f.name == "data":
+            p.add_argument(flag, nargs="+", metavar="FILE", **kw)
+        else:
+            base = next((t for t in (int, float) if hint is t or hint == t | None), str)
+            p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
     p.add_argument("model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -288,6 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out", help="output directory")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_init_demo)
+    train = sub.add_parser("train", help="pretrain or SFT a model (one process, or under torchrun)",
+                           description="Options: defaults < --preset recipe < --config file < flags.")
+    train.add_argument("--preset", default=None, help="a recipe, e.g. demo (the bundled demo model)")
+    train.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig options")
+    train.add_argument("--export", default=None, help="also write the final model (servable) to this directory")
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    tok_train = tok_sub.add_parser("train", help="train a byte-level BPE with DeepSeek's chat tokens")
+    tok_train.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    tok_train.add_argument("--vocab-size", type=int, default=512)
+    tok_train.add_argument("--min-frequency", type=int, default=2)
+    tok_train.add_argument("--data", nargs="+", metavar="FILE", help=".txt or .jsonl files")
+    tok_train.add_argument("--tasks", default=None, help="synthetic task mixture, e.g. addition:1-5,countdown")
+    tok_train.add_argument("--num-examples", type=int, default=20_000, help="synthetic problems to sample")
+    tok_train.add_argument("--seed", type=int, default=0)
+    tok_train.set_defaults(func=cmd_tokenizer)
     keys = sub.add_parser("keys", help="API keys: create, list, revoke")
     keys.add_argument("action", choices=["create", "list", "revoke"])
     keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke)")

@@ -80,6 +80,20 @@ class TrainConfig:
     deterministic: bool = True
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
+    # What to train and on what (read by run.py, the `openr2 train` command; the loop ignores them).
+    model: str = "small-moe"  # a preset name or a directory/config.json (fresh weights)
+    init_from: str | None = None  # a checkpoint to start from instead (e.g. SFT after pretraining)
+    tokenizer: str | None = None  # a tokenizer directory; default: init_from's, else one trained on the data
+    vocab_size: int = 512  # of a tokenizer trained here
+    data: list[str] = dataclasses.field(default_factory=list)  # .txt / .jsonl (text, messages, GSM8K) files
+    tasks: str | None = None  # synthetic task mixture, e.g. "addition:1-5:3,countdown:2-4"
+    num_examples: int = 50_000  # synthetic problems drawn from `tasks`
+    eval_tasks: str | None = None  # task accuracy by greedy generation, e.g. "addition:3,subtraction:3"
+    eval_samples: int = 100  # held-out problems per task and difficulty at each evaluation
+    final_eval_samples: int = 0  # at the end (0: eval_samples)
+    eval_max_tokens: int = 512
+    device: str = "auto"  # auto: cuda when available
+    threads: int = 0  # torch threads on CPU (0: torch's default)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,26 +112,11 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         """JSON (.json) or TOML (.toml) file; `overrides` (e.g. command-line flags) win."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            if path.endswith(".toml"):
-                import tomllib
-
-                with open(path, "rb") as f:
-                    values = tomllib.load(f)
-            else:
-                with open(path, encoding="utf-8") as f:
-                    values = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-            raise ValueError(f"{path}: cannot parse config: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of options at the top level")
+        values = read_config_file(path)
         try:
             return cls.from_dict({**values, **overrides})
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise ValueError(f"{os.fspath(path)}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,7 +129,8 @@ class TrainConfig:
             return ValueError(f"train config: {key}={getattr(self, key)!r}: {why}")
 
         ints = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "log_every",
-                "save_every", "keep_last", "eval_every")
+                "save_every", "keep_last", "eval_every", "vocab_size", "num_examples", "eval_samples",
+                "final_eval_samples", "eval_max_tokens", "threads")
         floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
                   "mtp_lambda")
         for k in ints:
@@ -144,10 +144,11 @@ class TrainConfig:
             setattr(self, k, float(v))
         if self.mode not in MODES:
             raise bad("mode", f"expected one of {MODES}")
-        for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
+        for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "num_examples",
+                  "eval_samples", "eval_max_tokens"):
             if getattr(self, k) < 1:
                 raise bad(k, "must be at least 1")
-        for k in ("warmup_steps", "save_every", "eval_every", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
+        for k in ("warmup_steps", "save_every", "eval_every", "final_eval_samples", "threads", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
                   "mtp_lambda"):
             if getattr(self, k) < 0:
                 raise bad(k, "must be non-negative")
@@ -169,6 +170,37 @@ class TrainConfig:
             raise bad("deterministic", "must be true or false")
         if self.distributed not in STRATEGIES:
             raise bad("distributed", f"expected one of {STRATEGIES}")
+        for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, str) and v):
+                raise bad(k, "must be a non-empty string" + ("" if k in ("model", "device") else " or null"))
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not isinstance(self.data, list) or not all(isinstance(d, str) and d for d in self.data):
+            raise bad("data", "expected a list of file paths")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise bad("device", "expected auto, cpu or cuda[:N]")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw options of a JSON or TOML config file (validated by TrainConfig.from_dict)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        else:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"{path}: cannot parse config: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of options at the top level")
+    return values
 
 
 def lr_at(config: TrainConfig, step: int) -> float:

@@ -1,0 +1,93 @@
+"""Evaluation during and after training: held-out SFT loss, and task accuracy by greedy generation through
+the engine (the same path that serves the model, so a score here is what users get).
+
+Problems come from the test split only (data.split_of), drawn fresh and without repeats for a seed;
+an answer is the text after `</think>` (a reply whose reasoning never closes has no answer and is wrong),
+checked with data.verify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from openr2.chat_format import THINK_END
+from openr2.train.data import IGNORE_INDEX, Problem, generate, to_messages, verify
+
+
+@dataclass
+class TaskResult:
+    task: str
+    difficulty: int
+    correct: int = 0
+    total: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def held_out_problems(task: str, difficulty: int, n: int, seed: int = 0) -> list[Problem]:
+    """Up to n distinct test-split problems (fewer when the task has fewer, e.g. 1-digit addition)."""
+    out: list[Problem] = []
+    try:
+        for p in generate(task, difficulty, "test", n, seed=seed, unique=True, max_tries=20_000):
+            out.append(p)
+    except ValueError:  # the test split ran out of new problems
+        pass
+    return out
+
+
+def answer_of(completion: str) -> str | None:
+    """The answer after the reasoning, or None when `</think>` never came."""
+    if THINK_END not in completion:
+        return None
+    return completion.rsplit(THINK_END, 1)[1].strip()
+
+
+def task_accuracy(model, tokenizer, task: str, difficulty: int, n: int, seed: int = 0, max_tokens: int = 512,
+                  keep_rows: bool = False, llm=None) -> TaskResult:
+    """Greedy accuracy on n fresh held-out problems, all generated in one continuous batch."""
+    from openr2.engine.llm import LLM
+    from openr2.engine.sampling import SamplingParams
+
+    problems = held_out_problems(task, difficulty, n, seed)
+    result = TaskResult(task, difficulty)
+    if not problems:
+        return result
+    was_training = model.training
+    llm = llm or LLM(model, tokenizer, max_num_seqs=128, max_num_batched_tokens=2048)
+    try:
+        outs = llm.chat([to_messages(p)[:-1] for p in problems], SamplingParams(temperature=0, max_tokens=max_tokens))
+    finally:
+        model.train(was_training)
+    for p, out in zip(problems, outs):
+        text = out.outputs[0].text
+        answer = answer_of(text)
+        ok = answer is not None and verify(p, answer)
+        result.correct += ok
+        result.total += 1
+        if keep_rows:
+            result.rows.append({"prompt": p.prompt, "expected": p.answer, "output": text, "correct": ok})
+    return result
+
+
+@torch.no_grad()
+def held_out_loss(model, batches) -> float:
+    """Mean token cross-entropy of the model over (input_ids, labels) batches (labels -100 = ignored)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for inputs, labels in batches:
+            logits = model(inputs.to(model.device))
+            labels = labels.to(model.device)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            total += loss.item()
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,73 @@
+"""A weighted mixture of synthetic tasks as SFT examples: what `openr2 train --tasks ...` and the demo recipe
+train on.
+
+`parse_mixture("addition:1-5:3,countdown:2-3")` gives one `MixtureItem` per (task, difficulty) with a
+weight (the weight of a range is shared by its difficulties, default 1). `mixture_examples` draws N
+problems of the *train* split only (see data.split_of), each item's share proportional to its weight,
+deterministically for a seed, and encodes them as (ids, loss_mask) SFT examples.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from openr2.train.data import TASKS, Problem, generate, sft_example
+
+if TYPE_CHECKING:
+    from openr2.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class MixtureItem:
+    task: str
+    difficulty: int
+    weight: float
+
+
+def parse_mixture(spec: str) -> list[MixtureItem]:
+    """`task[:lo[-hi]][:weight]` items separated by commas; no difficulty means the task's whole range."""
+    items: list[MixtureItem] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        fields = part.split(":")
+        task = fields[0]
+        if task not in TASKS or len(fields) > 3:
+            raise ValueError(f"tasks: {part!r}: expected task[:lo[-hi]][:weight] with task one of {sorted(TASKS)}")
+        spec_ = TASKS[task]
+        lo, hi = spec_.min_difficulty, spec_.max_difficulty
+        weight = 1.0
+        try:
+            if len(fields) > 1 and fields[1]:
+                lo_s, _, hi_s = fields[1].partition("-")
+                lo, hi = int(lo_s), int(hi_s or lo_s)
+            if len(fields) > 2:
+                weight = float(fields[2])
+        except ValueError:
+            raise ValueError(f"tasks: {part!r}: difficulty must be N or LO-HI and weight a number") from None
+        if not spec_.min_difficulty <= lo <= hi <= spec_.max_difficulty:
+            raise ValueError(f"tasks: {part!r}: {spec_.knob} range {lo}-{hi} outside "
+                             f"[{spec_.min_difficulty}, {spec_.max_difficulty}]")
+        if not weight > 0:
+            raise ValueError(f"tasks: {part!r}: weight must be positive")
+        items += [MixtureItem(task, d, weight / (hi - lo + 1)) for d in range(lo, hi + 1)]
+    if not items:
+        raise ValueError("tasks: empty mixture")
+    return items
+
+
+def mixture_problems(items: list[MixtureItem], n: int, seed: int = 0) -> Iterator[Problem]:
+    """n train-split problems, interleaved at random in proportion to the weights (deterministic)."""
+    streams = [generate(it.task, it.difficulty, "train", None, seed=seed) for it in items]
+    rng = random.Random(f"mixture:{seed}")
+    weights = [it.weight for it in items]
+    for k in rng.choices(range(len(items)), weights=weights, k=n):
+        yield next(streams[k])
+
+
+def mixture_examples(items: list[MixtureItem], n: int, tokenizer: Tokenizer, seed: int = 0
+                     ) -> list[tuple[list[int], list[int]]]:
+    return [sft_example(p, tokenizer) for p in mixture_problems(items, n, seed)]

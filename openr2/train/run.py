@@ -1,0 +1,293 @@
+"""`openr2 train`: from a TrainConfig to a trained checkpoint — tokenizer, model, data, evaluation, plots.
+
+The loop itself is trainer.py; this module assembles its inputs:
+- the tokenizer: `tokenizer` (a directory), else init_from's, else a byte-level BPE trained here on the
+  data (saved as out_dir/tokenizer); a resumed run always reuses the checkpoint's tokenizer;
+- the model: fresh weights of a preset or config.json (`model`), or the weights of `init_from`;
+- the data: `tasks` (synthetic problems of the train split, mixture.py) and `data` files: .txt (documents
+  separated by blank lines), .jsonl with "text" (pretraining), "messages" (chats) or GSM8K
+  "question"/"answer" records; pretraining packs text, SFT trains on assistant tokens only;
+- the evaluator (rank 0): held-out loss on test-split problems and greedy task accuracy through the engine.
+At the end rank 0 writes loss/accuracy/expert-load PNG plots (plots.py) and, with `export`, a servable
+model directory (weights, tokenizer, generation_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from openr2.train import distributed
+from openr2.train.trainer import TrainConfig, Trainer, read_config_file
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The bundled demo model (openr2/assets/openr2-demo): ~1.8M active of ~5M parameters, SFT from scratch on
+    # the synthetic reasoning tasks; about 40 minutes on 2 CPU cores.
+    "demo": {
+        "mode": "sft", "model": "demo", "vocab_size": 512, "seq_len": 256, "batch_size": 32, "steps": 5000,
+        "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.05, "weight_decay": 0.1, "grad_clip": 1.0,
+        "tasks": "addition:1-5:4,subtraction:1-5:2,multiplication:1-3:2,modular:1-2:1,countdown:2-4:1",
+        "num_examples": 160_000, "eval_every": 1000,
+        "eval_tasks": "addition:1-5,subtraction:1-5,multiplication:1-3,modular:1-2,countdown:2-4", "eval_samples": 50, "final_eval_samples": 500, "save_every": 500, "out_dir": "runs/demo",
+        "deterministic": False, "mtp_lambda": 0.0, "log_every": 10,
+    },
+}
+
+
+def config_from(preset: str | None = None, config_file: str | None = None, **flags: Any) -> TrainConfig:
+    """Defaults < the recipe `preset` < the config file < command-line flags; validated before any work."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in RECIPES:
+            raise ValueError(f"train: unknown preset {preset!r}; known: {', '.join(RECIPES)}")
+        values.update(RECIPES[preset])
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    try:
+        cfg = TrainConfig.from_dict({**values, **flags})
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}" if config_file else str(e)) from e
+    check_inputs(cfg)
+    return cfg
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What the config names must exist and parse: task mixtures, data files, the model, init_from."""
+    from openr2.presets import PRESETS
+    from openr2.train.mixture import parse_mixture
+
+    for key in ("tasks", "eval_tasks"):
+        if getattr(cfg, key):
+            try:
+                parse_mixture(getattr(cfg, key))
+            except ValueError as e:
+                raise ValueError(f"train config: {key}: {e}") from None
+    for path in cfg.data:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"train config: data: {path}: no such file")
+    if not cfg.init_from and cfg.model not in PRESETS and not os.path.exists(cfg.model):
+        raise ValueError(f"train config: model={cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
+    for key in ("init_from", "tokenizer"):
+        if getattr(cfg, key) and not os.path.isdir(getattr(cfg, key)):
+            raise FileNotFoundError(f"train config: {key}: {getattr(cfg, key)}: no such directory")
+    if not cfg.tasks and not cfg.data:
+        raise ValueError("train config: no data: give tasks and/or data files")
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_tokenizer(cfg: TrainConfig, dist: distributed.Dist):
+    from openr2.tokenizer import Tokenizer, train_bpe
+
+    if cfg.resume:
+        from openr2.train.checkpoint import resolve_checkpoint
+
+        return Tokenizer.from_pretrained(resolve_checkpoint(cfg.resume))
+    if cfg.tokenizer:
+        return Tokenizer.from_pretrained(cfg.tokenizer)
+    if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "tokenizer.json")):
+        return Tokenizer.from_pretrained(cfg.init_from)
+    path = os.path.join(cfg.out_dir, "tokenizer")
+    if dist.is_main:
+        tokenizer = train_bpe(tokenizer_corpus(cfg), vocab_size=cfg.vocab_size)
+        tokenizer.save_pretrained(path)
+    distributed.barrier(dist)
+    return Tokenizer.from_pretrained(path)
+
+
+def tokenizer_corpus(cfg: TrainConfig, max_task_texts: int = 20_000) -> list[str]:
+    """Text to train a tokenizer on: the data files' text and a sample of the task problems."""
+    from openr2.train.data import to_text
+    from openr2.train.mixture import mixture_problems, parse_mixture
+
+    texts = [t for path in cfg.data for t in _file_texts(path)]
+    if cfg.tasks:
+        n = min(cfg.num_examples, max_task_texts)
+        texts += [to_text(p) + "\n" + p.answer for p in mixture_problems(parse_mixture(cfg.tasks), n, cfg.seed + 1)]
+    if not texts:
+        raise ValueError("train: no data: give tasks and/or data files")
+    return texts
+
+
+def _file_texts(path: str) -> list[str]:
+    """Plain text of a data file, whatever its kind (for the tokenizer and pretraining)."""
+    from openr2.chat_format import render_chat
+    from openr2.train.data import read_jsonl, read_text
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
+    if not path.endswith(".jsonl"):
+        return read_text(path)
+    out = []
+    for i, rec in enumerate(read_jsonl(path), 1):
+        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            out.append(rec["text"])
+        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            out.append(render_chat(rec["messages"], add_generation_prompt=False))
+        elif isinstance(rec, dict) and "question" in rec and "answer" in rec:
+            out.append(f"{rec['question']}\n{rec['answer']}")
+        else:
+            raise ValueError(f"{path}: record {i}: expected a 'text', 'messages' or GSM8K 'question'/'answer' field")
+    return out
+
+
+def _file_sft_examples(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
+    from openr2.chat_format import encode_chat_for_training
+    from openr2.train.data import read_gsm8k, read_jsonl, sft_example
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
+    if not path.endswith(".jsonl"):
+        raise ValueError(f"{path}: SFT data must be .jsonl with 'messages' or GSM8K 'question'/'answer' records")
+    first = next(iter(read_jsonl(path)), None)
+    if isinstance(first, dict) and "question" in first:
+        return [sft_example(p, tokenizer) for p in read_gsm8k(path)]
+    out = []
+    for i, rec in enumerate(read_jsonl(path), 1):
+        if not (isinstance(rec, dict) and isinstance(rec.get("messages"), list)):
+            raise ValueError(f"{path}: record {i}: expected a 'messages' list (or GSM8K records)")
+        try:
+            out.append(encode_chat_for_training(rec["messages"], tokenizer))
+        except ValueError as e:
+            raise ValueError(f"{path}: record {i}: {e}") from e
+    return out
+
+
+def build_dataset(cfg: TrainConfig, tokenizer):
+    from openr2.train.data import PackedLMDataset, SFTDataset, to_text
+    from openr2.train.mixture import mixture_examples, mixture_problems, parse_mixture
+
+    items = parse_mixture(cfg.tasks) if cfg.tasks else []
+    if cfg.mode == "pretrain":
+        texts = [t for path in cfg.data for t in _file_texts(path)]
+        texts += [to_text(p) for p in mixture_problems(items, cfg.num_examples, cfg.seed)] if items else []
+        if not texts:
+            raise ValueError("train: no data: give tasks and/or data files")
+        return PackedLMDataset.from_texts(texts, tokenizer, cfg.batch_size, cfg.seq_len, shuffle=True, seed=cfg.seed)
+    examples = [e for path in cfg.data for e in _file_sft_examples(path, tokenizer)]
+    examples += mixture_examples(items, cfg.num_examples, tokenizer, cfg.seed) if items else []
+    if not examples:
+        raise ValueError("train: no data: give tasks and/or data files")
+    return SFTDataset(examples, cfg.batch_size, cfg.seq_len, tokenizer.pad_token_id, seed=cfg.seed)
+
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
+    import dataclasses
+
+    from openr2.config import ModelConfig
+    from openr2.model.hf_io import load_model
+    from openr2.model.transformer import build_model as fresh
+    from openr2.presets import PRESETS, get_preset
+
+    if cfg.init_from:
+        model = load_model(cfg.init_from, device=device)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"{cfg.init_from}: vocab_size {model.config.vocab_size} < the tokenizer's "
+                             f"{tokenizer.vocab_size}")
+        return model
+    if cfg.model in PRESETS:
+        config = get_preset(cfg.model)
+    elif os.path.exists(cfg.model):
+        config = ModelConfig.from_pretrained(cfg.model)
+    else:
+        raise ValueError(f"train: model={cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, quantization_config=None,
+                                 torch_dtype="float32")
+    config.validate()
+    return fresh(config, device=device, seed=cfg.seed)
+
+
+def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
+    """Held-out loss (test-split problems of the training tasks) and greedy accuracy on eval_tasks."""
+    from openr2.train.data import SFTDataset, sft_example
+    from openr2.train.evaluate import held_out_loss, held_out_problems, task_accuracy
+    from openr2.train.mixture import parse_mixture
+
+    eval_items = parse_mixture(cfg.eval_tasks) if cfg.eval_tasks else []
+    loss_batches = None
+    if cfg.tasks and cfg.mode == "sft":
+        problems = [p for it in parse_mixture(cfg.tasks) for p in held_out_problems(it.task, it.difficulty, 16,
+                                                                                      seed=cfg.seed + 7)]
+        if problems:
+            ds = SFTDataset([sft_example(p, tokenizer) for p in problems], min(32, len(problems)), cfg.seq_len,
+                            tokenizer.pad_token_id, shuffle=False, epochs=1, drop_last=False)
+            loss_batches = list(ds)
+    if not eval_items and loss_batches is None:
+        return None
+
+    def evaluate(model, step: int) -> dict:
+        record: dict[str, Any] = {}
+        if loss_batches is not None:
+            record["eval_loss"] = held_out_loss(model, loss_batches)
+        n = cfg.eval_samples
+        if step == final_step and cfg.final_eval_samples:
+            n = cfg.final_eval_samples
+        accuracy = {}
+        for it in eval_items:
+            result = task_accuracy(model, tokenizer, it.task, it.difficulty, n, seed=cfg.seed,
+                                   max_tokens=cfg.eval_max_tokens)
+            accuracy[f"{it.task}:{it.difficulty}"] = {"accuracy": result.accuracy, "n": result.total}
+        if accuracy:
+            record["accuracy"] = accuracy
+        return record
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+def train(cfg: TrainConfig, export: str | None = None) -> dict[str, Any]:
+    """Train as configured (one process or one rank of torchrun); returns a summary (rank 0's is complete)."""
+    dist = distributed.init(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.time()
+    tokenizer = build_tokenizer(cfg, dist)
+    dataset = build_dataset(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, device)
+    trainer = Trainer(model, dataset, cfg, tokenizer, evaluator=make_evaluator(cfg, tokenizer, cfg.steps))
+    history = trainer.train()
+    wall = time.time() - start
+    summary: dict[str, Any] = {"steps": trainer.step, "wall_time_s": round(wall, 1), "interrupted": trainer.interrupted}
+    if history:
+        summary["final_loss"] = history[-1]["loss"]
+    if dist.is_main:
+        from openr2.train.plots import plot_run
+
+        summary["plots"] = plot_run(cfg.out_dir)
+        if export and not trainer.interrupted:
+            export_model(trainer.full_model(), tokenizer, export)
+            summary["export"] = export
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+    elif export and not trainer.interrupted:
+        trainer.full_model()  # the collective gather needs every rank
+    distributed.barrier(dist)
+    return summary
+
+
+def export_model(model, tokenizer, path: str) -> None:
+    """A servable directory: HF-layout weights, tokenizer, generation_config.json."""
+    from openr2.model.hf_io import save_model
+
+    save_model(model, path)
+    tokenizer.save_pretrained(path)
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "do_sample": False, "max_new_tokens": 512}
+    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation, f, indent=2)
