@@ -207,3 +207,27 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     (tmp_path / LATEST).write_text("step-0000099\n")
     with pytest.raises(FileNotFoundError, match="step-0000099"):
         load_checkpoint(tmp_path)
+
+
+def _held_out_load(gamma: float, steps: int = 80) -> list[float]:
+    """Train with correction-bias updates of size gamma (aux loss off), then max/mean expert load per MoE
+    layer on a held-out batch."""
+    from openr2.model.moe import update_correction_bias
+
+    model = build_model(tiny_v3(), seed=0)
+    data = PackedLMDataset(_docs(), 8, 32, eos_id=2, shuffle=True, seed=1)
+    trainer = Trainer(model, data, TrainConfig(steps=steps, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2,
+                                               balance_gamma=gamma, aux_loss_alpha=0.0, out_dir="unused"))
+    for _ in range(steps):
+        trainer.train_step()
+    held_out = next(PackedLMDataset(_docs(7) + _docs(8) + _docs(9), 64, 16, eos_id=2, seed=3))
+    model.train()  # loads are counted in training mode; no_grad keeps the weights as they are
+    with torch.no_grad():
+        model(held_out[:, :-1])
+    return [s["max_over_mean"] for s in update_correction_bias(model, 0.0)]
+
+
+def test_aux_loss_free_balancing_during_training():
+    on, off = _held_out_load(1e-2), _held_out_load(0.0)
+    print(f"held-out max/mean expert load per MoE layer: bias updates on {on}, off {off}")
+    assert max(on) <= 1.3 and max(off) > 1.5 and sum(off) > sum(on) + 0.5
