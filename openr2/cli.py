@@ -247,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
     config = config_from(args.preset, args.config, **flags)  # rejects bad options before any work
-    summary = train(config, export=args.export)
+    summary = train(config, export=args.export, command=" ".join(["openr2", *sys.argv[1:]]))
     if summary.get("export") or "plots" in summary:
         print(json.dumps(summary))
     return 130 if summary.get("interrupted") else 0

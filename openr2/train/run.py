@@ -247,7 +247,20 @@ def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
 
 # ---------------------------------------------------------------------------------------------- run
 
-def train(cfg: TrainConfig, export: str | None = None) -> dict[str, Any]:
+def machine_description() -> str:
+    import platform
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} vCPUs ({cpu}), {threads} torch threads, torch {torch.__version__}"
+
+
+def train(cfg: TrainConfig, export: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Train as configured (one process or one rank of torchrun); returns a summary (rank 0's is complete)."""
     dist = distributed.init(resolve_device(cfg.device))
     device = resolve_device(cfg.device)
@@ -263,7 +276,8 @@ def train(cfg: TrainConfig, export: str | None = None) -> dict[str, Any]:
     trainer = Trainer(model, dataset, cfg, tokenizer, evaluator=make_evaluator(cfg, tokenizer, cfg.steps))
     history = trainer.train()
     wall = time.time() - start
-    summary: dict[str, Any] = {"steps": trainer.step, "wall_time_s": round(wall, 1), "interrupted": trainer.interrupted}
+    summary: dict[str, Any] = {"steps": trainer.step, "wall_time_s": round(wall, 1), "interrupted": trainer.interrupted,
+                               "machine": machine_description()}
     if history:
         summary["final_loss"] = history[-1]["loss"]
     if dist.is_main:
@@ -271,7 +285,12 @@ def train(cfg: TrainConfig, export: str | None = None) -> dict[str, Any]:
 
         summary["plots"] = plot_run(cfg.out_dir)
         if export and not trainer.interrupted:
-            export_model(trainer.full_model(), tokenizer, export)
+            from openr2.train.model_card import write_model_card
+
+            final = trainer.full_model()
+            export_model(final, tokenizer, export)
+            write_model_card(export, final.config, cfg, summary, trainer.evals[-1] if trainer.evals else None,
+                             command or "openr2 train", cfg.out_dir)
             summary["export"] = export
         with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)

@@ -274,6 +274,7 @@ class Trainer:
         self.step = 0
         self.interrupted = False
         self.history: list[dict] = []
+        self.evals: list[dict] = []  # this call's evaluation records (rank 0)
         if config.resume:
             self._resume(config.resume)
 
@@ -349,6 +350,7 @@ class Trainer:
         record = None
         if self.dist.is_main:
             record = {"step": self.step, **self.evaluator(model, self.step)}
+            self.evals.append(record)
             with open(os.path.join(self.config.out_dir, EVAL_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         dist_utils.barrier(self.dist)
