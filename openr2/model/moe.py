@@ -4,7 +4,8 @@ Routed experts are stored stacked: gate_up_proj [E, 2I, D] (rows [0, I) gate, [I
 down_proj [E, D, I], the layout transformers keeps in memory. Two expert paths, chosen by an argument:
 - `looped`: for each expert, gather its tokens, run it, add back (the reference);
 - `grouped`: sort (token, slot) pairs by expert once, one matmul per expert over contiguous rows, one
-  activation over all rows, one scatter-add back (the fast path).
+  activation over all rows, one scatter-add back (the fast path). With gradients on (training) it runs
+  as one autograd Function with a hand-written backward (`_GroupedExperts`), same numbers, fewer copies.
 The router computes in float32 from float32 weights whatever the model dtype (as transformers does), so
 near-ties pick the same experts.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from openr2.config import ModelConfig
 from openr2.model.layers import MLP
@@ -107,6 +109,8 @@ class RoutedExperts(nn.Module):
         order = flat_ids.argsort(stable=True)
         token = order // K  # the token each sorted (token, slot) pair came from
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        if torch.is_grad_enabled() and _fused_ok(x, weights, self.gate_up_proj, self.down_proj):
+            return _GroupedExperts.apply(x, weights, self.gate_up_proj, self.down_proj, token, order, counts)
         # index_select, not x[token]: the same gather, but advanced indexing is ~5x slower on CPU.
         h = _segment_mm(x.index_select(0, token), self.gate_up_proj, counts)
         gate, up = h.chunk(2, dim=-1)
@@ -134,6 +138,78 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Te
             parts.append(x[start : start + n] @ w[e].t())
             start += n
     return torch.cat(parts) if parts else x.new_empty(0, w.shape[1])
+
+
+def _fused_ok(x, weights, gate_up, down) -> bool:
+    """The training path's hand-written backward covers one dtype throughout and no autocast."""
+    return (x.dtype == weights.dtype == gate_up.dtype == down.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """The grouped expert path with a hand-written backward (training).
+
+    Autograd over the plain grouped code records per-expert slices of the rows and of the stacked
+    weights; the backward of each slice allocates a zero tensor of the whole operand and the partial
+    gradients are summed (E full-size fills and adds per matmul), and chunk/cat add copies. Here each
+    expert's forward and backward matmuls write straight into their rows of preallocated outputs.
+
+    x [N, D], weights [N, K], gate_up [E, 2I, D], down [E, D, I], token/order [N*K] (pairs sorted by
+    expert: pair p came from token[p], flat slot order[p]), counts[e] pairs per expert -> [N, D].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, gate_up, down, token, order, counts):
+        inter = down.shape[2]
+        xs = x.index_select(0, token)  # [P, D]
+        h = _segment_mm(xs, gate_up, counts)  # [P, 2I] (grad is off here: written in place)
+        gate, up = h[:, :inter], h[:, inter:]
+        act = F.silu(gate) * up  # [P, I]
+        y = _segment_mm(act, down, counts)  # [P, D], unweighted
+        w = weights.reshape(-1).index_select(0, order)  # [P]
+        out = torch.zeros_like(x).index_add_(0, token, y * w[:, None])
+        ctx.save_for_backward(xs, h, act, y, w, gate_up, down, token, order)
+        ctx.counts, ctx.weights_shape = counts, weights.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        xs, h, act, y, w, gate_up, down, token, order = ctx.saved_tensors
+        counts, inter = ctx.counts, down.shape[2]
+        need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
+        gy = grad_out.index_select(0, token)  # [P, D]: d loss / d (w * y)
+        grad_weights = None
+        if need_w:
+            per_pair = (gy * y).sum(-1)
+            grad_weights = torch.empty_like(per_pair).index_copy_(0, order, per_pair).view(ctx.weights_shape)
+        gy.mul_(w[:, None])  # d loss / d y
+        grad_down = _segment_mm_grad_w(gy, act, counts, down) if need_down else None
+        g_act = _segment_mm(gy, down.transpose(1, 2), counts)  # [P, I]
+        gate, up = h[:, :inter], h[:, inter:]
+        g_h = torch.empty_like(h)
+        torch.mul(g_act, F.silu(gate), out=g_h[:, inter:])
+        g_h[:, :inter] = torch.ops.aten.silu_backward(g_act * up, gate)
+        grad_gate_up = _segment_mm_grad_w(g_h, xs, counts, gate_up) if need_gu else None
+        grad_x = None
+        if need_x:
+            g_xs = _segment_mm(g_h, gate_up.transpose(1, 2), counts)  # [P, D]
+            grad_x = torch.zeros(ctx.weights_shape[0], xs.shape[1], dtype=g_xs.dtype,
+                                 device=g_xs.device).index_add_(0, token, g_xs)
+        return grad_x, grad_weights, grad_gate_up, grad_down, None, None, None
+
+
+def _segment_mm_grad_w(g: torch.Tensor, x: torch.Tensor, counts: list[int], w: torch.Tensor) -> torch.Tensor:
+    """Gradient of the stacked weight w [E, out, in] of a segment mm: grad[e] = g_e^T @ x_e (zero if empty)."""
+    grad = torch.empty_like(w)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(g[start : start + n].t(), x[start : start + n], out=grad[e])
+            start += n
+        else:
+            grad[e].zero_()
+    return grad
 
 
 class MoE(nn.Module):

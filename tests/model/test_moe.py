@@ -181,3 +181,71 @@ def test_loads_are_counted_only_while_training():
     with torch.no_grad():
         moe(_randn(1, 4, tiny_v3().hidden_size, seed=70))
     assert moe.expert_load.sum() == 0 and moe.aux_loss is None
+
+
+def _skewed_routing(n, config, seed):
+    """ids [n, K] (distinct per token; expert 3 gets no token, expert 0 most) and weights [n, K]."""
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(n)])
+    ids[ids == 3] = 0
+    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], (ids[:, 1] + 1) % e, ids[:, 1])
+    ids[ids == 3] = 5
+    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], (ids[:, 1] + 2) % e, ids[:, 1])
+    assert not (ids == 3).any() and (ids[:, 0] != ids[:, 1]).all()
+    return ids
+
+
+@pytest.mark.parametrize("n", [9, 300])
+def test_training_grouped_backward_equals_autograd_of_plain_grouped(n, monkeypatch):
+    """The hand-written backward of the training path (_GroupedExperts) against autograd over the plain
+    grouped code (the path it replaces): outputs and the gradients of x, weights and both expert stacks."""
+    import openr2.model.moe as moe_mod
+
+    config = tiny_v3()
+    experts = _experts(config, seed=40)
+    x = _randn(n, config.hidden_size, seed=41).requires_grad_()
+    ids = _skewed_routing(n, config, seed=42)
+    weights = _randn(n, config.num_experts_per_tok, seed=43).abs().requires_grad_()
+    grad_out = _randn(n, config.hidden_size, seed=44)
+
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(moe_mod, "_fused_ok", lambda *a, fused=fused: fused)
+        out = experts(x, weights, ids, "grouped")
+        assert (out.grad_fn.name() == "_GroupedExpertsBackward") == fused
+        out.backward(grad_out)
+        results[fused] = (out.detach(), x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+        x.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
+    for fast, plain in zip(results[True], results[False]):
+        assert plain.abs().max() > 0
+        assert max_diff(fast, plain) < 1e-5
+    assert (results[True][3][3] == 0).all() and (results[True][4][3] == 0).all()  # unused expert: zero grad
+
+
+def test_training_grouped_backward_gradcheck():
+    """float64 gradcheck of _GroupedExperts (x, weights, gate_up, down) against finite differences."""
+    from openr2.model.moe import _GroupedExperts
+
+    config = tiny_v3()
+    n, k, e, d, i = 7, config.num_experts_per_tok, config.n_routed_experts, 6, 5
+    ids = _skewed_routing(n, config, seed=50)
+    order = ids.flatten().argsort(stable=True)
+    counts = torch.bincount(ids.flatten(), minlength=e).tolist()
+    args = [_randn(n, d, seed=51), _randn(n, k, seed=52).abs(), _randn(e, 2 * i, d, seed=53),
+            _randn(e, d, i, seed=54)]
+    args = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: _GroupedExperts.apply(*a, order // k, order, counts), args)
+
+
+def test_training_step_uses_the_fused_path_only_with_grad():
+    config = tiny_v3()
+    experts = _experts(config, seed=60)
+    x = _randn(40, config.hidden_size, seed=61)
+    ids = _skewed_routing(40, config, seed=62)
+    weights = _randn(40, 2, seed=63).abs()
+    with torch.no_grad():
+        ref = experts(x, weights, ids, "looped")
+        assert max_diff(experts(x, weights, ids, "grouped"), ref) < 1e-5
+    out = experts(x, weights, ids, "grouped")
+    assert out.grad_fn.name() == "_GroupedExpertsBackward" and max_diff(out.detach(), ref) < 1e-5
