@@ -182,6 +182,10 @@ class LLMEngine:
                 out.finish_reason = "abort"
         return self._output(req)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop all cached prefixes (vLLM's name): call it after updating the model's weights in place."""
+        self.blocks.reset()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

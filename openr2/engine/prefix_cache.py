@@ -100,6 +100,15 @@ class BlockManager:
                 else:
                     self.free.append(b)
 
+    def reset(self) -> None:
+        """Forget every cached prefix (after the weights change, cached K/V is stale): unreferenced cached
+        blocks become free, blocks in use stay with their sequences but can no longer be hit."""
+        for b in self.evictable:
+            self.free.append(b)
+        self.evictable.clear()
+        self.block_of.clear()
+        self.hash_of = [None] * self.num_blocks
+
     def register(self, block: int, h: bytes) -> None:
         """Make a just-filled block findable by its hash (first writer wins for duplicates)."""
         if self.caching and self.hash_of[block] is None and h not in self.block_of:

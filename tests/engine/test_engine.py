@@ -75,6 +75,11 @@ def test_prefix_cache_hit_gives_the_same_tokens(model):
     assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
     other_tenant = _run(engine, [("t", {"prompt_token_ids": prompt}, GREEDY, "tenant-b")])["t"]
     assert other_tenant.usage.cached_prompt_tokens == 0
+    engine.reset_prefix_cache()  # e.g. after a weight update: nothing cached is served again
+    assert not engine.blocks.block_of and engine.blocks.num_free == engine.pool.num_blocks
+    after = _run(engine, [("after", prompt, GREEDY)])["after"]
+    assert after.usage.cached_prompt_tokens == 0 and after.outputs[0].token_ids == cold.outputs[0].token_ids
+    assert engine.blocks.block_of  # its blocks are cached again
 
 
 def test_n_seeded_samples_are_reproducible_and_share_the_prompt(model):
