@@ -253,6 +253,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    from openr2.train.grpo import config_from, run
+
+    flags = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
+    summary = run(config_from(args.config, **flags))  # the config is validated before any work
+    print(json.dumps(summary))
+    return 130 if summary.get("interrupted") else 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from openr2.tokenizer import train_bpe
     from openr2.train.run import tokenizer_corpus
@@ -266,15 +275,13 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--batch-size, --lr, ...); only the flags given override."""
+def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of a config dataclass (--batch-size, --lr, ...); only the flags given override."""
     import dataclasses
     import typing
 
-    from openr2.train.trainer import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
         flag, hint, kw = "--" + f.name.replace("_", "-"), hints[f.name], {"dest": "opt_" + f.name,
                                                                           "default": argparse.SUPPRESS}
         if hint is bool:
@@ -339,8 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=None, help="a recipe, e.g. demo (the bundled demo model)")
     train.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig options")
     train.add_argument("--export", default=None, help="also write the final model (servable) to this directory")
-    _add_train_flags(train)
+    from openr2.train.grpo import GRPOConfig
+    from openr2.train.trainer import TrainConfig
+
+    _add_config_flags(train, TrainConfig)
     train.set_defaults(func=cmd_train)
+    rl = sub.add_parser("rl", help="GRPO from an SFT checkpoint with verifiable, majority-vote or self-judged rewards",
+                        description="Options: defaults < --config file < flags.")
+    rl.add_argument("--config", default=None, help="a JSON or TOML file of GRPOConfig options")
+    _add_config_flags(rl, GRPOConfig)
+    rl.set_defaults(func=cmd_rl)
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     tok_train = tok_sub.add_parser("train", help="train a byte-level BPE with DeepSeek's chat tokens")

@@ -59,13 +59,16 @@ def parse_mixture(spec: str) -> list[MixtureItem]:
     return items
 
 
-def mixture_problems(items: list[MixtureItem], n: int, seed: int = 0) -> Iterator[Problem]:
-    """n train-split problems, interleaved at random in proportion to the weights (deterministic)."""
+def mixture_problems(items: list[MixtureItem], n: int | None, seed: int = 0) -> Iterator[Problem]:
+    """n train-split problems (forever if n is None), interleaved at random in proportion to the weights;
+    deterministic for the seed, and the first m of n are the same for every n >= m."""
     streams = [generate(it.task, it.difficulty, "train", None, seed=seed) for it in items]
     rng = random.Random(f"mixture:{seed}")
     weights = [it.weight for it in items]
-    for k in rng.choices(range(len(items)), weights=weights, k=n):
-        yield next(streams[k])
+    count = 0
+    while n is None or count < n:
+        yield next(streams[rng.choices(range(len(items)), weights=weights)[0]])
+        count += 1
 
 
 def mixture_examples(items: list[MixtureItem], n: int, tokenizer: Tokenizer, seed: int = 0

@@ -81,3 +81,41 @@ def plot_run(out_dir: str) -> list[str]:
         ax.legend(fontsize=7)
         save(fig, "expert_load.png")
     return written
+
+
+def plot_rl(out_dir: str) -> list[str]:
+    """rl.png: reward per source and ground-truth accuracy of the rollouts per step, and held-out greedy
+    accuracy at each evaluation (from an `openr2 rl` run's log.jsonl and eval.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from openr2.train.trainer import EVAL_FILE, LOG_FILE
+
+    log, evals = _records(os.path.join(out_dir, LOG_FILE)), _records(os.path.join(out_dir, EVAL_FILE))
+    if not log and not evals:
+        return []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = sorted({k for r in log for k in r if k.startswith("reward_") and not k.endswith("_std")})
+    for key in keys + ["accuracy", "pseudo_label_accuracy"]:
+        points = [(r["step"], r[key]) for r in log if key in r]
+        if points:
+            left.plot(*zip(*points), label=key, lw=1)
+    left.set(xlabel="step", title="rollouts (training prompts)", ylim=(0, 1.02))
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    names = sorted({k for r in evals for k, v in r.items() if isinstance(v, dict)})
+    for name in names:
+        for metric in ("greedy", "maj@8", "pass@8"):
+            points = [(r["step"], r[name][metric]) for r in evals if metric in r.get(name, {})]
+            if points:
+                right.plot(*zip(*points), "o-", ms=3, label=f"{name} {metric}")
+    right.set(xlabel="step", title="held-out accuracy", ylim=(0, 1.02))
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "rl.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

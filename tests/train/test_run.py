@@ -67,7 +67,7 @@ def _train(tmp_path: Path, *extra: str) -> int:
     return main(["train", "--model", "tiny-v3", "--mode", "sft", "--tasks", "addition:1-2,subtraction:2",
                  "--num-examples", "300", "--steps", "6", "--batch-size", "4", "--seq-len", "160", "--lr", "3e-3",
                  "--warmup-steps", "2", "--vocab-size", "300", "--eval-tasks", "addition:2", "--eval-samples", "3",
-                 "--eval-max-tokens", "24", "--eval-every", "3", "--out-dir", str(out), "--threads", "1", *extra])
+                 "--eval-max-tokens", "24", "--eval-every", "3", "--out-dir", str(out), *extra])
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_train_cli_pretrain_on_text(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"The number {i} is followed by {i + 1}." for i in range(300)))
     assert main(["train", "--model", "tiny-v2", "--data", str(corpus), "--steps", "4", "--batch-size", "4",
-                 "--seq-len", "32", "--vocab-size", "300", "--out-dir", str(tmp_path / "run"), "--threads", "1"]) == 0
+                 "--seq-len", "32", "--vocab-size", "300", "--out-dir", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-0000004"
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
 

@@ -1,0 +1,538 @@
+"""GRPO with rewards the system makes itself (`openr2 rl`).
+
+One step: draw prompts (train split of the task mixture), sample a group of G completions per prompt with
+the engine — which runs the policy module itself, so updated weights are used at once (its prefix cache
+is reset after each update, never a reload from disk) — score them (rewards.py), and update:
+
+- advantages A_i = r_i - mean(group) (Dr. GRPO; `scale_rewards` also divides by the group std);
+- dynamic sampling (DAPO): groups whose rewards are all equal carry no signal; they are dropped and more
+  prompts are drawn, up to `max_sampling_rounds` rounds, to fill `prompts_per_step` groups;
+- completions cut by max_tokens are masked out of the loss (`mask_truncated`);
+- token-level loss (DAPO): sum over every completion token of -min(ratio A, clip(ratio, 1-clip_low,
+  1+clip_high) A), divided by the number of such tokens; ratio = pi / pi_old, where pi_old is the policy
+  that sampled (ratio 1 on the first of `ppo_epochs` passes over the same rollouts);
+- optional KL to a frozen copy of the starting model, k3 estimator, weight `kl_beta` (default 0).
+Log-probabilities use the sampling temperature (logits / T), as the sampler did.
+
+Logs (out_dir/log.jsonl): reward mean/std per source, accuracy against the ground truth whenever it is
+known (reported, never used for training unless `verifiable` is a reward source), pseudo-label accuracy of
+the majority vote, judge accuracy, KL, clip fraction, completion length, truncation rate, zero-variance
+groups, tokens/s; eval.jsonl: held-out greedy accuracy, pass@1 / maj@k / pass@k by sampling.
+Checkpoints as in trainer.py (atomic, exact resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from openr2.train import rewards as R
+from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from openr2.train.data import Problem, to_messages
+from openr2.train.mixture import mixture_problems, parse_mixture
+from openr2.train.trainer import EVAL_FILE, LOG_FILE, _truncate_log, param_groups, read_config_file
+
+JUDGES = ("policy", "frozen")  # or a checkpoint directory
+
+
+@dataclass
+class GRPOConfig:
+    model: str = ""  # the starting checkpoint (an SFT model)
+    task: str = "addition:4"  # prompts: a task mixture (train split), e.g. "addition:4-5,countdown:3"
+    rewards: str = "verifiable:1,format:0.1"  # label-free: "majority:1,format:0.1"; also judge:W
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 256
+    lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1  # passes over each step's rollouts (ratio and clipping matter from the second)
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # DAPO's clip-higher
+    kl_beta: float = 0.0
+    scale_rewards: bool = False  # divide advantages by the group std (off: Dr. GRPO)
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = 4
+    mask_truncated: bool = True
+    judge: str = "policy"  # who judges with judge rewards: the policy, a frozen copy, or a checkpoint path
+    judge_samples: int = 4
+    judge_max_tokens: int = 128
+    eval_every: int = 20  # 0: only at the start and the end
+    eval_tasks: str | None = None  # default: the training task mixture
+    eval_samples: int = 200  # held-out problems per task and difficulty
+    eval_k: int = 8  # samples per problem for pass@1 / maj@k / pass@k (0: greedy only)
+    seed: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    out_dir: str = "runs/rl"
+    resume: str | None = None
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"rl config: unknown key {key!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"rl config: {key}={getattr(self, key)!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int",) and (isinstance(v, bool) or not isinstance(v, int)):
+                raise bad(f.name, "must be an integer")
+            if f.type in ("float",):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise bad(f.name, "must be a finite number")
+                setattr(self, f.name, float(v))
+            if f.type == "bool" and not isinstance(v, bool):
+                raise bad(f.name, "must be true or false")
+        for k in ("steps", "prompts_per_step", "group_size", "max_tokens", "ppo_epochs", "max_sampling_rounds",
+                  "judge_samples", "judge_max_tokens", "eval_samples", "keep_last"):
+            if getattr(self, k) < 1:
+                raise bad(k, "must be at least 1")
+        for k in ("warmup_steps", "weight_decay", "grad_clip", "clip_low", "clip_high", "kl_beta", "eval_every",
+                  "eval_k", "save_every", "threads", "temperature"):
+            if getattr(self, k) < 0:
+                raise bad(k, "must be non-negative")
+        if self.group_size < 2:
+            raise bad("group_size", "must be at least 2 (advantages are relative to the group)")
+        if self.temperature == 0:
+            raise bad("temperature", "must be positive: a group of greedy samples is one sample repeated")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.lr <= 0:
+            raise bad("lr", "must be positive")
+        if self.clip_low >= 1:
+            raise bad("clip_low", "must be below 1")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise bad("betas", "expected two numbers in [0, 1)")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if not self.model:
+            raise bad("model", "the starting checkpoint is required")
+        for key in ("task", "eval_tasks"):
+            if getattr(self, key) is not None:
+                try:
+                    parse_mixture(getattr(self, key))
+                except ValueError as e:
+                    raise ValueError(f"rl config: {key}: {e}") from None
+        try:
+            R.parse_reward_spec(self.rewards)
+        except ValueError as e:
+            raise ValueError(f"rl config: {e}") from None
+
+
+def config_from(config_file: str | None = None, **flags: Any) -> GRPOConfig:
+    values = read_config_file(config_file) if config_file else {}
+    try:
+        return GRPOConfig.from_dict({**values, **flags})
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}" if config_file else str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+def group_advantages(rewards: list[float], scale: bool = False, eps: float = 1e-6) -> list[float]:
+    """r - mean(r) of one group (and / std(r) with scale=True; population std)."""
+    mean = sum(rewards) / len(rewards)
+    adv = [r - mean for r in rewards]
+    if scale:
+        std = math.sqrt(sum(a * a for a in adv) / len(adv))
+        adv = [a / (std + eps) for a in adv]
+    return adv
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_low: float, clip_high: float, ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level clipped policy-gradient loss.
+
+    logp, old_logp, mask [N, L] (per completion token), advantages [N]. Returns (loss, stats) with loss =
+    sum over masked tokens of (-min(ratio A, clip(ratio) A) + kl_beta * k3) / number of masked tokens.
+    """
+    mask = mask.to(logp.dtype)
+    count = mask.sum().clamp(min=1)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None].to(logp.dtype)
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    stats = {"clip_fraction": (((clipped < unclipped).to(logp.dtype) * mask).sum() / count).item()}
+    if ref_logp is not None:
+        log_r = ref_logp - logp
+        k3 = torch.exp(log_r) - log_r - 1  # unbiased, non-negative estimate of KL(pi || ref)
+        stats["kl"] = ((k3 * mask).sum() / count).item()
+        if kl_beta:
+            per_token = per_token + kl_beta * k3
+    return (per_token * mask).sum() / count, stats
+
+
+def completion_logprobs(model, sequences: list[list[int]], prompt_lens: list[int], temperature: float,
+                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token) of each completion token at the sampling temperature -> (logp [N, L], mask [N, L]),
+    L the longest completion; sequence i is prompt (prompt_lens[i] tokens) + completion."""
+    N = len(sequences)
+    T = max(len(s) for s in sequences)
+    ids = torch.full((N, T), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+    ids = ids.to(model.device)
+    logits = model(ids[:, :-1]).float() / temperature  # logits[:, t] predicts ids[:, t + 1]
+    logp_all = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
+    L = max(len(s) - p for s, p in zip(sequences, prompt_lens))
+    logp = logp_all.new_zeros(N, L)
+    mask = torch.zeros(N, L, dtype=torch.bool, device=logp.device)
+    for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        n = len(s) - p
+        logp[i, :n] = logp_all[i, p - 1:p - 1 + n]
+        mask[i, :n] = True
+    return logp, mask
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Group:
+    problem: Problem
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    parts: dict[str, list[R.Reward]] = dataclasses.field(default_factory=dict)
+    correct: list[bool] | None = None  # against the ground truth (logging only)
+
+
+class PromptStream:
+    """Problems of the task mixture's train split, in a fixed order for the seed; resumable by count."""
+
+    def __init__(self, task: str, seed: int):
+        self.items, self.seed, self.drawn = parse_mixture(task), seed, 0
+        self._it = mixture_problems(self.items, None, seed)
+
+    def take(self, n: int) -> list[Problem]:
+        self.drawn += n
+        return [next(self._it) for _ in range(n)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._it = mixture_problems(self.items, None, self.seed)
+        self.drawn = 0
+        for _ in range(int(state["drawn"])):
+            next(self._it)
+        self.drawn = int(state["drawn"])
+
+
+def sample_groups(llm, problems: list[Problem], n: int, temperature: float, top_p: float, top_k: int,
+                  max_tokens: int, seed: int) -> list[Group]:
+    """n sampled completions per problem, one request per problem (the n samples share its prompt cache)."""
+    from openr2.engine.sampling import SamplingParams
+
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                             seed=seed * 100_003 + i) for i in range(len(problems))]
+    outs = llm.chat([to_messages(p)[:-1] for p in problems], params)
+    return [Group(p, list(o.prompt_token_ids), [list(c.token_ids) for c in o.outputs], [c.text for c in o.outputs],
+                  [c.finish_reason == "length" for c in o.outputs]) for p, o in zip(problems, outs)]
+
+
+def sampled_metrics(llm, problems: list[Problem], k: int, temperature: float, max_tokens: int, seed: int
+                    ) -> dict[str, float]:
+    """pass@1 (mean over the k samples), maj@k (the majority answer is right) and pass@k (any is right)."""
+    groups = sample_groups(llm, problems, k, temperature, 1.0, -1, max_tokens, seed)
+    p1 = maj = anyk = 0.0
+    for g in groups:
+        answers = [R.answer_text(t) for t in g.texts]
+        right = [a is not None and R.is_correct(g.problem, a) for a in answers]
+        p1 += sum(right) / k
+        anyk += any(right)
+        votes = Counter(R.normalize_answer(a) for a in answers if a is not None)
+        if votes:
+            top = votes.most_common(1)[0][0]
+            maj += any(ok and R.normalize_answer(a) == top for a, ok in zip(answers, right))
+    n = max(len(groups), 1)
+    return {"pass@1": p1 / n, f"maj@{k}": maj / n, f"pass@{k}": anyk / n}
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+class GRPOTrainer:
+    def __init__(self, model, tokenizer, config: GRPOConfig, judge_model=None):
+        from openr2.engine.llm import LLM
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        cfg = config
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.weights = R.parse_reward_spec(cfg.rewards)
+        self.llm = LLM(model, tokenizer, max_num_seqs=256, max_num_batched_tokens=4096)
+        self.ref = None
+        if cfg.kl_beta > 0:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.judge_fn = None
+        if "judge" in self.weights:
+            judge_llm = self.llm if judge_model is None else LLM(judge_model, tokenizer)
+            self.judge_fn = R.make_judge(self._judge_generate(judge_llm), cfg.judge_samples)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay, foreach=False)
+        self.prompts = PromptStream(cfg.task, cfg.seed)
+        self.step = 0
+        self.interrupted = False
+        self.history: list[dict] = []
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    def _judge_generate(self, llm) -> Callable[[list[str], int], list[list[str]]]:
+        from openr2.engine.sampling import SamplingParams
+
+        def generate(prompts: list[str], k: int) -> list[list[str]]:
+            params = [SamplingParams(n=k, temperature=self.config.temperature, max_tokens=self.config.judge_max_tokens,
+                                     seed=self.config.seed * 7919 + self.step * 1009 + i) for i in range(len(prompts))]
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+            return [[c.text for c in o.outputs] for o in outs]
+
+        return generate
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self, path: str) -> None:
+        state = load_checkpoint(path, dtype=self.model.dtype, device="cpu")
+        self.model.load_state_dict(state["model"].state_dict())
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{state['path']}: optimizer state does not fit this model: {e}") from e
+        self.step = int(state["step"])
+        self.prompts.load_state_dict(state["data"])
+        set_rng_states(state["rng"])
+        for name in (LOG_FILE, EVAL_FILE):
+            _truncate_log(os.path.join(self.config.out_dir, name), self.step)
+
+    def save(self) -> str:
+        return save_checkpoint(self.config.out_dir, self.model, self.tokenizer, self.optimizer.state_dict(), None,
+                               self.step, self.prompts.state_dict(), rng_states(), self.config.to_dict(),
+                               keep_last=self.config.keep_last)
+
+    # ------------------------------------------------------------------ one step
+    def _score(self, group: Group) -> None:
+        group.rewards, group.parts = R.combine(group.problem, group.texts, self.weights, self.judge_fn)
+        if group.problem.answer is not None:  # ground truth: logged, and used only by `verifiable`
+            group.correct = [a is not None and R.is_correct(group.problem, a) for a in map(R.answer_text, group.texts)]
+
+    def collect(self) -> tuple[list[Group], dict[str, Any]]:
+        """Rollouts for one step: prompts_per_step groups with non-constant rewards (dynamic sampling)."""
+        cfg = self.config
+        kept: list[Group] = []
+        seen: list[Group] = []
+        for rnd in range(cfg.max_sampling_rounds):
+            need = cfg.prompts_per_step - len(kept)
+            if need <= 0:
+                break
+            problems = self.prompts.take(need)
+            groups = sample_groups(self.llm, problems, cfg.group_size, cfg.temperature, cfg.top_p, cfg.top_k,
+                                   cfg.max_tokens, seed=cfg.seed * 1_000_003 + self.step * 101 + rnd)
+            for g in groups:
+                self._score(g)
+                seen.append(g)
+                if not cfg.dynamic_sampling or max(g.rewards) > min(g.rewards):
+                    kept.append(g)
+            if not cfg.dynamic_sampling:
+                break
+        return kept, self._rollout_stats(seen, kept)
+
+    def _rollout_stats(self, seen: list[Group], kept: list[Group]) -> dict[str, Any]:
+        texts = [t for g in seen for t in g.texts]
+        lengths = [len(c) for g in seen for c in g.completion_ids]
+        stats: dict[str, Any] = {
+            "groups": len(seen), "groups_used": len(kept),
+            "zero_variance_fraction": sum(max(g.rewards) == min(g.rewards) for g in seen) / max(len(seen), 1),
+            "reward_mean": sum(r for g in seen for r in g.rewards) / max(len(texts), 1),
+            "completion_len": sum(lengths) / max(len(lengths), 1),
+            "truncated_fraction": sum(t for g in seen for t in g.truncated) / max(len(texts), 1),
+        }
+        for name in self.weights:
+            scores = [r.score for g in seen for r in g.parts[name]]
+            mean = sum(scores) / max(len(scores), 1)
+            stats[f"reward_{name}"] = mean
+            stats[f"reward_{name}_std"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores), 1))
+        if all(g.correct is not None for g in seen) and seen:
+            stats["accuracy"] = sum(c for g in seen for c in g.correct) / max(len(texts), 1)
+            if "majority" in self.weights:
+                labelled = [(g, R.majority_label(g.texts)) for g in seen]
+                labelled = [(g, lab) for g, lab in labelled if lab is not None]
+                if labelled:
+                    stats["pseudo_label_accuracy"] = sum(R.is_correct(g.problem, lab) for g, lab in labelled) / len(labelled)
+            if "judge" in self.weights:
+                pairs = [(r.score >= 0.5, ok) for g in seen for r, ok in zip(g.parts["judge"], g.correct)]
+                stats["judge_accuracy"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+        return stats
+
+    def _update(self, groups: list[Group]) -> dict[str, float]:
+        cfg, model = self.config, self.model
+        seqs, prompt_lens, advs, keep = [], [], [], []
+        for g in groups:
+            for ids, adv, cut in zip(g.completion_ids, group_advantages(g.rewards, cfg.scale_rewards), g.truncated):
+                if not ids:
+                    continue
+                seqs.append(g.prompt_ids + ids)
+                prompt_lens.append(len(g.prompt_ids))
+                advs.append(adv)
+                keep.append(not (cut and cfg.mask_truncated))
+        if not seqs:
+            return {}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        advantages = torch.tensor(advs, device=model.device)
+        model.eval()  # no MoE balance statistics during RL; gradients still flow
+        with torch.no_grad():
+            old_logp, mask = completion_logprobs(model, seqs, prompt_lens, cfg.temperature, pad)
+            ref_logp = completion_logprobs(self.ref, seqs, prompt_lens, cfg.temperature, pad)[0] if self.ref else None
+        mask &= torch.tensor(keep, device=mask.device)[:, None]
+        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        stats: dict[str, float] = {"lr": lr, "tokens": int(mask.sum())}
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            logp, _ = completion_logprobs(model, seqs, prompt_lens, cfg.temperature, pad)
+            loss, s = policy_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, ref_logp,
+                                  cfg.kl_beta)
+            loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+                                                  foreach=False)
+            self.optimizer.step()
+            stats.update(s)
+            stats["loss"], stats["grad_norm"] = loss.item(), float(norm)
+        with torch.no_grad():  # how far the policy moved on these tokens (k3 of new vs sampling policy)
+            new_logp, _ = completion_logprobs(model, seqs, prompt_lens, cfg.temperature, pad)
+            log_r = old_logp - new_logp
+            stats["kl_to_old"] = (((torch.exp(log_r) - log_r - 1) * mask).sum() / mask.sum().clamp(min=1)).item()
+        self.llm.engine.reset_prefix_cache()  # cached K/V came from the old weights
+        return stats
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        groups, record = self.collect()
+        record.update(self._update(groups) if groups else {"skipped": True})
+        self.step += 1
+        dt = time.perf_counter() - t0
+        record = {"step": self.step, **record, "seconds": dt}
+        record["tokens_per_s"] = sum(len(c) for g in groups for c in g.completion_ids) / dt if dt > 0 else 0.0
+        return record
+
+    # ------------------------------------------------------------------ evaluation and loop
+    def evaluate(self) -> dict[str, Any]:
+        from openr2.train.evaluate import held_out_problems, task_accuracy
+
+        cfg = self.config
+        record: dict[str, Any] = {"step": self.step}
+        for it in parse_mixture(cfg.eval_tasks or cfg.task):
+            name = f"{it.task}:{it.difficulty}"
+            greedy = task_accuracy(self.model, self.tokenizer, it.task, it.difficulty, cfg.eval_samples,
+                                   seed=cfg.seed + 1, max_tokens=cfg.max_tokens, llm=self.llm)
+            entry: dict[str, Any] = {"greedy": greedy.accuracy, "n": greedy.total}
+            if cfg.eval_k:
+                problems = held_out_problems(it.task, it.difficulty, cfg.eval_samples, seed=cfg.seed + 1)
+                entry.update(sampled_metrics(self.llm, problems, cfg.eval_k, cfg.temperature, cfg.max_tokens,
+                                             seed=cfg.seed + 2))
+            record[name] = entry
+        with open(os.path.join(cfg.out_dir, EVAL_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    def train(self) -> list[dict]:
+        from tqdm import tqdm
+
+        cfg = self.config
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
+        saved_at = None
+        try:
+            if self.step == 0:
+                self.evaluate()
+            with open(os.path.join(cfg.out_dir, LOG_FILE), "a", encoding="utf-8") as log, \
+                    tqdm(total=cfg.steps, initial=self.step, desc="grpo", dynamic_ncols=True, disable=None) as bar:
+                while self.step < cfg.steps and not self.interrupted:
+                    record = self.train_step()
+                    self.history.append(record)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', 0):.3f}")
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self.evaluate()
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
+                        saved_at = self.step
+            if not self.interrupted:
+                self.evaluate()
+            if saved_at != self.step:
+                self.save()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        return self.history
+
+
+def run(cfg: GRPOConfig) -> dict[str, Any]:
+    """`openr2 rl`: load the starting checkpoint (or resume), train, plot; returns a summary."""
+    from openr2.model.hf_io import load_model
+    from openr2.tokenizer import Tokenizer
+    from openr2.train.checkpoint import resolve_checkpoint
+    from openr2.train.plots import plot_rl
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    source = resolve_checkpoint(cfg.resume) if cfg.resume else cfg.model
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source}: no such checkpoint directory")
+    tokenizer = Tokenizer.from_pretrained(source)
+    model = load_model(cfg.model if not cfg.resume else source)
+    judge_model = None
+    if "judge" in R.parse_reward_spec(cfg.rewards) and cfg.judge != "policy":
+        judge_model = copy.deepcopy(model).eval() if cfg.judge == "frozen" else load_model(cfg.judge)
+    start = time.time()
+    trainer = GRPOTrainer(model, tokenizer, cfg, judge_model)
+    trainer.train()
+    plots = plot_rl(cfg.out_dir)
+    summary = {"steps": trainer.step, "wall_time_s": round(time.time() - start, 1), "plots": plots,
+               "interrupted": trainer.interrupted}
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    return summary
