@@ -205,6 +205,45 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint (local engine) or an OpenAI-compatible endpoint on a task; print the summary."""
+    import dataclasses
+
+    from openr2.eval.runner import EvalConfig, run_eval
+
+    config = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    results = run_eval(config, progress=not args.no_progress)
+    print(results["markdown"])
+    print(f"results: {config.out_path()}", file=sys.stderr)
+    return 0
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    from openr2.eval.runner import EvalConfig
+    from openr2.eval.tasks import TASK_NAMES
+
+    d = EvalConfig(task="")
+    p.add_argument("--task", required=True, help=" | ".join(TASK_NAMES))
+    p.add_argument("--data", default=None, help="JSONL file (required for aime and gpqa; format in the README)")
+    p.add_argument("--model", default=None, help="checkpoint directory: run it here with the engine")
+    p.add_argument("--base-url", default=None, help="or an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="for --base-url (default $OPENAI_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the endpoint's model id (with --base-url)")
+    p.add_argument("--limit", type=int, default=None, help="first N items only")
+    p.add_argument("--samples", type=int, default=d.samples, help="K samples per item: pass@1 over K, maj@K, pass@k")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default 0.6, top-p 0.95)")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="per sample, reasoning included")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="HTTP requests in flight")
+    p.add_argument("--retries", type=int, default=d.retries, help="HTTP retries on 429/5xx/connection errors")
+    p.add_argument("--seed", type=int, default=d.seed, help="per-request seeds and the GPQA choice order derive from it")
+    p.add_argument("--out", default=None, help="results JSON (rerun with it to resume); a .md summary beside it")
+    p.add_argument("--prices", default=None, help="price table for the cost column (JSON or TOML)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _demo_corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
     """Reasoning-shaped text to train the placeholder's tokenizer on (digits, operators, think tags)."""
     import random
@@ -378,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", choices=["day", "key", "model"], default=None)
     usage.add_argument("--data-dir", default="~/.openr2")
     usage.set_defaults(func=cmd_usage)
+    ev = sub.add_parser("eval", help="score a checkpoint or an OpenAI-compatible endpoint on a benchmark")
+    _add_eval_flags(ev)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
