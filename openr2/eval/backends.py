@@ -6,7 +6,7 @@ goes. Both backends split reasoning from the answer the way our server does, so 
 same answers either way; neither grades.
 
   LocalBackend   a checkpoint through LLMEngine (continuous batching: every request is queued at once).
-  HTTPBackend    POST {base_url}/chat/completions, `concurrency` requests in flight on a thread pool;
+  HTTPBackend    POST {base_url}/chat/completions, `concurrency` requests in flight (threads);
                  429 and 5xx (and dropped connections) are retried with exponential backoff, waiting at
                  least what Retry-After / retry-after-ms asks; any other error stops the run with the
                  endpoint's own message. Standard library only (urllib), so nothing else is needed.
@@ -17,12 +17,13 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import queue
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from openr2.server.billing import Usage
@@ -175,20 +176,28 @@ class HTTPBackend:
         return Completion(content, reasoning, choice.get("finish_reason"), _usage(usage))
 
     def run(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
-        """Completions as they finish, at most `concurrency` in flight; the first hard error cancels the rest."""
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openr2-eval")
-        queue, running = list(reversed(requests)), {}
-        try:
-            while queue or running:
-                while queue and len(running) < self.concurrency:  # submit lazily: a failure leaves nothing queued
-                    r = queue.pop()
-                    running[pool.submit(self.complete, r)] = r
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    r = running.pop(future)
-                    yield r, future.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        """Completions as they finish, at most `concurrency` in flight; the first hard error stops the run.
+
+        Each request runs on a daemon thread, so an error or Ctrl-C returns at once instead of waiting for
+        the requests still in flight (whose answers are dropped; a resumed run asks them again)."""
+        results: queue.SimpleQueue = queue.SimpleQueue()
+
+        def work(r: Request) -> None:
+            try:
+                results.put((r, self.complete(r), None))
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                results.put((r, None, e))
+
+        todo, in_flight = list(reversed(requests)), 0
+        while todo or in_flight:
+            while todo and in_flight < self.concurrency:  # submit lazily: after a failure nothing more is sent
+                threading.Thread(target=work, args=(todo.pop(),), name="openr2-eval", daemon=True).start()
+                in_flight += 1
+            r, completion, error = results.get()
+            in_flight -= 1
+            if error is not None:
+                raise error
+            yield r, completion
 
     def close(self) -> None:
         pass
