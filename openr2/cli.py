@@ -169,13 +169,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from openr2.engine.async_engine import AsyncEngine
     from openr2.server import billing
-    from openr2.server.app import Server, ServerConfig, create_app
+    from openr2.server.app import Server, ServerConfig, create_app, generation_defaults
 
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                           require_auth=args.require_auth, log_content=args.log_content,
-                          requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min)
+                          requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
+                          default_sampling=generation_defaults(args.model))
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
+import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -83,6 +86,27 @@ class ServerConfig:
     default_max_tokens: int = 4096
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
+    default_sampling: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
+
+
+def generation_defaults(model_dir: str) -> dict:
+    """Default sampling options from a checkpoint's generation_config.json, as vLLM applies them:
+    temperature, top_p, top_k, min_p, repetition_penalty (`do_sample: false` means greedy)."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    out = {k: config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+           if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 class Server:
@@ -144,7 +168,8 @@ class Server:
         options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
         prompt = render_chat(req.template_messages(), self.tokenizer, **options) + (req.assistant_prefix or "")
         ids = self.tokenizer.encode(prompt)
-        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.engine.max_model_len, len(ids))
+        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.engine.max_model_len, len(ids),
+                                        self.config.default_sampling)
         return req, prompt, ids, params
 
     async def run_chat(self, key_id: str, req, prompt: str, ids: list[int], params, request_id: str,
@@ -179,7 +204,8 @@ class Server:
         if len(prompts) > 1 and req.stream:
             raise bad_request("Streaming takes one prompt per request.", "prompt")
         max_model_len = self.engine.engine.max_model_len
-        return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids)) for ids in prompts]
+        return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling)
+                              for ids in prompts]
 
     async def run_completion(self, key_id: str, req, prompts: list[list[int]], params: list, request_id: str,
                              priority: int = 0, bill: bool = True, start: float | None = None):

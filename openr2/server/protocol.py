@@ -178,9 +178,11 @@ class _SamplingRequest(_Strict):
     prompt_param: ClassVar[str] = "prompt"  # blamed when the prompt does not fit the context
 
     def to_sampling_params(self, default_max_tokens: int | None, max_model_len: int,
-                           num_prompt_tokens: int | None = None):
+                           num_prompt_tokens: int | None = None, defaults: dict | None = None):
         """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len.
 
+        `defaults` (the model's generation_config.json, as vLLM uses it) fill the sampling options the
+        request leaves out.
         Without max_tokens the cap is default_max_tokens (None: until the context is full), clipped to the
         room left. Raises APIError: 400 with `param`, code "context_length_exceeded" when it cannot fit.
         """
@@ -208,7 +210,7 @@ class _SamplingRequest(_Strict):
                        seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
                        ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
                        include_stop_str_in_output=self.include_stop_str_in_output)
-        options = {k: v for k, v in options.items() if v is not None}
+        options = {**(defaults or {}), **{k: v for k, v in options.items() if v is not None}}
         rename = {"max_tokens": max_param, "logprobs": logprobs_param}
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **options)

@@ -374,3 +374,25 @@ def test_bad_completion_requests_name_the_param(patch, param):
     with pytest.raises(APIError) as e:
         CompletionRequest.parse({"model": "m", "prompt": "x", **patch})
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_generation_config_defaults_fill_what_the_request_leaves_out(tmp_path):
+    from openr2.server.app import generation_defaults
+    from openr2.server.protocol import ChatCompletionRequest
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_p": 0.9, "eos_token_id": 1}))
+    defaults = generation_defaults(str(tmp_path))
+    assert defaults == {"temperature": 0.0, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_k": 20}))
+    defaults = generation_defaults(str(tmp_path))
+    assert defaults == {"temperature": 0.6, "top_k": 20}
+    msgs = [{"role": "user", "content": "hi"}]
+    params = ChatCompletionRequest.parse({"model": "m", "messages": msgs}).to_sampling_params(8, 100, 3, defaults)
+    assert (params.temperature, params.top_k) == (0.6, 20)
+    params = ChatCompletionRequest.parse({"model": "m", "messages": msgs, "temperature": 1.2}).to_sampling_params(
+        8, 100, 3, defaults)
+    assert (params.temperature, params.top_k) == (1.2, 20)
+    assert generation_defaults(str(tmp_path / "nowhere")) == {}
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        generation_defaults(str(tmp_path))
