@@ -90,9 +90,13 @@ class LocalBackend:
         try:
             for n, r in enumerate(requests):
                 text = render_chat(r.messages, tok)  # as the server renders it, so both see the same ids
+                ids = tok.encode(text)
+                if len(ids) + r.max_tokens > self.engine.max_model_len:  # the server answers 400; so do we
+                    raise ValueError(f"item {r.item_id}: {len(ids)} prompt tokens + max_tokens {r.max_tokens} exceed "
+                                     f"the model's context of {self.engine.max_model_len}; lower --max-tokens")
                 params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
                 request_id = f"eval-{n}-{r.item_id}-{r.index}"
-                self.engine.add_request(request_id, {"prompt_token_ids": tok.encode(text), "prompt": text}, params)
+                self.engine.add_request(request_id, {"prompt_token_ids": ids, "prompt": text}, params)
                 pending[request_id] = (r, prompt_opens_reasoning(text))
             while pending:
                 for out in self.engine.step():

@@ -181,6 +181,8 @@ def run_eval(config: EvalConfig, backend=None, progress: bool = True, save_every
                         sample_seed(config.seed, it.id, i)) for it in todo for i in range(config.samples)]
     by_id = {it.id: it for it in todo}
     partial: dict[str, list] = {}
+    if requests and backend is None:
+        backend = make_backend(config)  # before the clock: wall_s times the generation, not model loading
     start, last_save = time.perf_counter(), 0.0
 
     def save() -> dict:
@@ -197,7 +199,6 @@ def run_eval(config: EvalConfig, backend=None, progress: bool = True, save_every
     bar = tqdm(total=len(todo), desc=config.task, unit="item", disable=not progress, dynamic_ncols=True)
     try:
         if requests:
-            backend = backend or make_backend(config)
             for r, completion in backend.run(requests):
                 partial.setdefault(r.item_id, []).append((r, completion))
                 if len(partial[r.item_id]) < config.samples:

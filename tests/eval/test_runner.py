@@ -110,3 +110,10 @@ def test_local_engine_synthetic_and_resume(tiny, tmp_path):
     assert Counting.asked == 2 and more["summary"]["items"] == 4  # only the new item's two samples ran
     assert more["items"][:3] == first["items"]
     assert os.path.exists(str(tmp_path / "syn.md"))
+
+
+def test_local_refuses_what_the_server_would(tiny, tmp_path):
+    """prompt + max_tokens past the context is a 400 from the server, so the local run refuses it too."""
+    with pytest.raises(ValueError, match="lower --max-tokens"):
+        run_eval(EvalConfig(task="gsm8k", model=str(tiny), limit=1, max_tokens=10_000, out=str(tmp_path / "r.json")),
+                 progress=False)
