@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from openr2.eval.backends import EndpointError, LocalBackend
+from openr2.eval.backends import Completion, EndpointError, LocalBackend
 from openr2.eval.runner import EvalConfig, run_eval, sample_seed
 from openr2.server.billing import PriceTable, Usage
 from tests.checkpoints import save_tiny_chat_checkpoint
@@ -117,3 +117,28 @@ def test_local_refuses_what_the_server_would(tiny, tmp_path):
     with pytest.raises(ValueError, match="lower --max-tokens"):
         run_eval(EvalConfig(task="gsm8k", model=str(tiny), limit=1, max_tokens=10_000, out=str(tmp_path / "r.json")),
                  progress=False)
+
+
+def test_reasoning_is_never_graded(tmp_path):
+    reply = _reply("I am not sure.")
+    reply["choices"][0]["message"]["reasoning_content"] = "so the total is \\boxed{18}"
+    with scripted([(200, {}, reply)]) as (url, _):
+        results = run_eval(EvalConfig(task="gsm8k", base_url=url, model_name="m", limit=1, out=str(tmp_path / "r.json")),
+                           progress=False)
+    sample = results["items"][0]["samples"][0]
+    assert sample["reasoning"] == "so the total is \\boxed{18}" and sample["extracted"] is None and not sample["correct"]
+
+
+def test_ctrl_c_keeps_what_was_scored(tmp_path):
+    class Interrupted:
+        def run(self, requests):
+            for r in requests[:2]:
+                yield r, Completion("\\boxed{18}", None, "stop", Usage(5, 0, 1, 0))
+            raise KeyboardInterrupt
+
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(EvalConfig(task="gsm8k", base_url="http://127.0.0.1:1/v1", model_name="m", limit=4, out=str(out)),
+                 Interrupted(), progress=False, save_every_s=1e9)
+    saved = json.loads(out.read_text())
+    assert [it["id"] for it in saved["items"]] == ["gsm8k-0", "gsm8k-1"] and saved["summary"]["pass@1"] == 0.5
