@@ -5,7 +5,8 @@ answer text, finish reason, usage), yielding them as they finish so the runner c
 goes. Both backends split reasoning from the answer the way our server does, so the same model gives the
 same answers either way; neither grades.
 
-  LocalBackend   a checkpoint through LLMEngine (continuous batching: every request is queued at once).
+  LocalBackend   a checkpoint through LLMEngine (continuous batching: every request is queued at once),
+                 with the sampling defaults of its generation_config.json, as the server applies them.
   HTTPBackend    POST {base_url}/chat/completions, `concurrency` requests in flight (threads);
                  429 and 5xx (and dropped connections) are retried with exponential backoff, waiting at
                  least what Retry-After / retry-after-ms asks; any other error stops the run with the
@@ -81,6 +82,12 @@ class LocalBackend:
                                                     device)
         if self.engine.tokenizer is None:
             raise ValueError(f"{model}: no tokenizer.json, so prompts cannot be encoded")
+        # options a request leaves out come from generation_config.json, exactly as `openr2 serve` fills them
+        self.defaults = {}
+        if not isinstance(model, LLMEngine):
+            from openr2.server.app import generation_defaults
+
+            self.defaults = generation_defaults(str(model))
 
     def run(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         from openr2.chat_format import ReasoningParser, prompt_opens_reasoning, render_chat
@@ -94,7 +101,8 @@ class LocalBackend:
                 if len(ids) + r.max_tokens > self.engine.max_model_len:  # the server answers 400; so do we
                     raise ValueError(f"item {r.item_id}: {len(ids)} prompt tokens + max_tokens {r.max_tokens} exceed "
                                      f"the model's context of {self.engine.max_model_len}; lower --max-tokens")
-                params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
+                params = SamplingParams(**{**self.defaults, "temperature": r.temperature, "top_p": r.top_p,
+                                           "max_tokens": r.max_tokens, "seed": r.seed})
                 request_id = f"eval-{n}-{r.item_id}-{r.index}"
                 self.engine.add_request(request_id, {"prompt_token_ids": ids, "prompt": text}, params)
                 pending[request_id] = (r, prompt_opens_reasoning(text))

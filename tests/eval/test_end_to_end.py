@@ -9,7 +9,7 @@ import json
 import pytest
 
 from openr2.cli import main
-from openr2.server.app import ServerConfig
+from openr2.server.app import ServerConfig, generation_defaults
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import free_port, serve
 
@@ -24,7 +24,10 @@ COMPARED = ("index", "seed", "reasoning", "content", "extracted", "correct", "fi
 def live(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_tiny_chat_checkpoint(ckpt)
-    with serve(ckpt, tmp_path_factory.mktemp("data"), ServerConfig(model_name="tiny")) as (base_url, server):
+    # defaults the eval does not send: both sides must apply them
+    (ckpt / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.3, "top_k": 20}))
+    config = ServerConfig(model_name="tiny", default_sampling=generation_defaults(str(ckpt)))
+    with serve(ckpt, tmp_path_factory.mktemp("data"), config) as (base_url, server):
         yield ckpt, base_url + "/v1", server
 
 
