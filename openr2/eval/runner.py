@@ -30,7 +30,7 @@ from openr2.eval.tasks import Item, load_items, resolve_data
 
 FORMAT_VERSION = 1
 # settings that change what an item's samples mean: a resumed run must match them
-_RESUME_KEYS = ("task", "model", "samples", "temperature", "top_p", "max_tokens", "seed")
+_RESUME_KEYS = ("task", "data", "model", "samples", "temperature", "top_p", "max_tokens", "seed")
 
 
 @dataclass
