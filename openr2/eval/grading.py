@@ -74,6 +74,7 @@ def _untext(s: str) -> str:
 def extract_choice(text: str, num_choices: int = 4) -> str | None:
     """The chosen letter (A, B, ...) of a multiple-choice reply, or None."""
     valid = "ABCDEFGHIJ"[:num_choices]
+    text = text.replace("**", "")  # markdown bold: "**B**", "**Answer:** C"
     candidates = [_untext(b) for b in reversed(boxed_contents(text))]
     phrase = _phrase(text)
     if phrase is not None:

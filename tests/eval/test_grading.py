@@ -60,6 +60,8 @@ def test_boxed_nested_braces():
     ("The answer is C because days get shorter.", "C"),
     ("Answer: D", "D"),
     ("**Answer:** (A)", "A"),
+    ("After checking each option:\n\n**B**", "B"),
+    ("Answer: **C**", "C"),
     ("\\boxed{\\text{(D)}}", "D"),
     ("\\boxed{B}", "B"),
     ("Options (A) and (C) are wrong, so it must be (B)", "B"),
