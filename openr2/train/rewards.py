@@ -6,7 +6,7 @@ Each source returns one `Reward(score, reason)` per completion of a group, so th
     source(problem, completions: list[str]) -> list[Reward]
 
 - `verifiable`: 1 if the answer after `</think>` is right (task verifier for synthetic problems, exact
-  integer match, else math-verify equivalence when installed); needs the ground truth.
+  integer match, else math-verify equivalence); needs the ground truth.
 - `format`: 1 if the completion is `reasoning\\n</think>\\n\\nanswer` with one non-empty answer line.
 - `majority`: label-free (TTRL): the most common parsed answer of the group is the pseudo-label; a sample
   agreeing with it gets 1. No pseudo-label (and all zeros) when the top answers tie or nobody answered.
@@ -53,7 +53,7 @@ def normalize_answer(answer: str) -> str:
 
 def is_correct(problem: Problem, answer: str) -> bool:
     """Ground-truth check: the task's verifier (synthetic tasks, countdown expressions), else exact match
-    of normalised answers, else math-verify equivalence (LaTeX, fractions) when it is installed."""
+    of normalised answers, else math-verify equivalence (LaTeX, fractions; the eval harness's grader)."""
     if problem.task in TASKS:
         return verify(problem, answer)
     if normalize_answer(answer) == normalize_answer(problem.answer):

@@ -33,7 +33,6 @@ def test_verifiable():
 
 
 def test_verifiable_uses_math_verify_for_latex():
-    pytest.importorskip("math_verify")
     math = Problem("math", 0, "q", "w", "\\frac{1}{2}", "math:q")
     assert [r.score for r in R.verifiable(math, [_c("0.5"), _c("\\frac{2}{4}"), _c("1/3")])] == [1.0, 1.0, 0.0]
 
