@@ -32,7 +32,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -270,6 +269,8 @@ def sample_groups(llm, problems: list[Problem], n: int, temperature: float, top_
 def sampled_metrics(llm, problems: list[Problem], k: int, temperature: float, max_tokens: int, seed: int
                     ) -> dict[str, float]:
     """pass@1 (mean over the k samples), maj@k (the majority answer is right) and pass@k (any is right)."""
+    from openr2.eval.metrics import majority
+
     groups = sample_groups(llm, problems, k, temperature, 1.0, -1, max_tokens, seed)
     p1 = maj = anyk = 0.0
     for g in groups:
@@ -277,10 +278,7 @@ def sampled_metrics(llm, problems: list[Problem], k: int, temperature: float, ma
         right = [a is not None and R.is_correct(g.problem, a) for a in answers]
         p1 += sum(right) / k
         anyk += any(right)
-        votes = Counter(R.normalize_answer(a) for a in answers if a is not None)
-        if votes:
-            top = votes.most_common(1)[0][0]
-            maj += any(ok and R.normalize_answer(a) == top for a, ok in zip(answers, right))
+        maj += majority([None if a is None else R.normalize_answer(a) for a in answers], right)[1]
     n = max(len(groups), 1)
     return {"pass@1": p1 / n, f"maj@{k}": maj / n, f"pass@{k}": anyk / n}
 
