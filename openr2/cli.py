@@ -315,6 +315,14 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write an int8 / int4 weight-only copy of a float checkpoint (checked before anything is written)."""
+    from openr2.quant.checkpoint import quantize_checkpoint
+
+    print(json.dumps(quantize_checkpoint(args.model, args.out, args.scheme, args.group_size, args.symmetric)))
+    return 0
+
+
 def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
     """One flag per field of a config dataclass (--batch-size, --lr, ...); only the flags given override."""
     import dataclasses
@@ -418,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", choices=["day", "key", "model"], default=None)
     usage.add_argument("--data-dir", default="~/.openr2")
     usage.set_defaults(func=cmd_usage)
+    quant = sub.add_parser("quantize", help="int8 / int4 weight-only copy of a checkpoint (load_model, LLM, serve run it)")
+    quant.add_argument("model", help="float checkpoint directory")
+    quant.add_argument("--scheme", required=True, help="int8 (per output channel) | int4 (group-wise)")
+    quant.add_argument("--group-size", type=int, default=64, help="int4 columns per scale: 32 | 64 | 128")
+    quant.add_argument("--symmetric", action="store_true", help="int4 without zero points")
+    quant.add_argument("--out", required=True, help="new output directory")
+    quant.set_defaults(func=cmd_quantize)
     ev = sub.add_parser("eval", help="score a checkpoint or an OpenAI-compatible endpoint on a benchmark")
     _add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)

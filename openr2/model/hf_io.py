@@ -26,7 +26,8 @@ from openr2.model.moe import Gate
 from openr2.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# stacked experts, or (quantized checkpoints) one of their stored tensors: experts.gate_up_proj.weight_scale
+_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(?:\.(weight\w*))?$")
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
@@ -47,9 +48,9 @@ def hf_names(ours: str, config: ModelConfig) -> list[str]:
     m = _EXPERTS.match(hf)
     if not m:
         return [hf]
-    base, kind = m.groups()
+    base, kind, tensor = m.groups()
     projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
-    return [f"{base}.{e}.{p}.weight" for e in range(config.n_routed_experts) for p in projs]
+    return [f"{base}.{e}.{p}.{tensor or 'weight'}" for e in range(config.n_routed_experts) for p in projs]
 
 
 def _mtp_copies(config: ModelConfig) -> dict[str, str]:
@@ -147,8 +148,12 @@ def _dequantize_fp8(files: _CheckpointFiles, key: str, weight: torch.Tensor, blo
 
 # ---------------------------------------------------------------------------------------------- load
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               ) -> Transformer:
-    """Load an HF-layout DeepSeek-V2/V3 checkpoint directory into a ready (eval-mode) model."""
+               keep_fp8: bool = False) -> Transformer:
+    """Load an HF-layout DeepSeek-V2/V3 checkpoint directory into a ready (eval-mode) model.
+
+    Quantized checkpoints (`openr2 quantize`: int8/int4) load into drop-in quantized layers (quant/).
+    FP8 block weights are dequantised to `dtype` unless keep_fp8, which keeps every module whose stored
+    weights are all FP8 in FP8 with per-use dequantisation (half the memory of bf16)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
@@ -161,22 +166,37 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         warnings.warn(f"{path}: config announces {n_mtp} MTP layer(s) but the files hold no MTP tensors "
                       f"(as transformers saves); loading with MTP off", stacklevel=2)
         config.num_nextn_predict_layers = 0
-    config.quantization_config = None  # weights are dequantised below
+    quantized = config.quantization_config or {}
+    config.quantization_config = None  # weights are dequantised below, unless held quantized
 
     with torch.device("meta"):
         model = Transformer(config)
+    if quantized.get("quant_method") == "openr2" or (keep_fp8 and quantized.get("quant_method") == "fp8"):
+        from openr2.quant.checkpoint import quantize_meta_model
+
+        quantize_meta_model(model, quantized, files, dtype, block)
     params = _our_params(model)
-    wanted = {ours: hf_names(ours, config) for ours in params}
+    names = _quant_names(model)
+    wanted = {ours: hf_names(names.get(ours, ours), config) for ours in params}
     _check_names(files, config, wanted)
 
     state = {}
     for ours, meta in params.items():
-        target_dtype = torch.float32 if _is_router(model, ours) else dtype
+        target_dtype = torch.float32 if _is_router(model, ours) else meta.dtype if ours in names else dtype
         state[ours] = _read_param(files, wanted[ours], meta, target_dtype, device, block)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def _quant_names(model: Transformer) -> dict[str, str]:
+    """Quantized buffers' keys -> their names in the checkpoint layout (empty for a float model)."""
+    if not any(type(m).__module__ == "openr2.quant.layers" for m in model.modules()):
+        return {}
+    from openr2.quant.layers import checkpoint_names
+
+    return checkpoint_names(model)
 
 
 def _is_router(model: Transformer, ours: str) -> bool:
@@ -215,7 +235,7 @@ def _read_param(files: _CheckpointFiles, names: list[str], meta: torch.Tensor, d
             raise ValueError(f"{files.file_of(name)}: tensor {name!r} has shape {shape}, "
                              f"expected {tuple(dest.shape)}")
         tensor = files.read(name)
-        if tensor.dtype in _FP8_DTYPES:
+        if tensor.dtype in _FP8_DTYPES and dest.dtype not in _FP8_DTYPES:  # kept FP8: copied as stored
             tensor = _dequantize_fp8(files, name, tensor, block)
         dest.copy_(tensor)
     return out
@@ -225,8 +245,9 @@ def _read_param(files: _CheckpointFiles, names: list[str], meta: torch.Tensor, d
 def hf_state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs of the whole checkpoint, experts unstacked, MTP copies included."""
     config = model.config
+    quant_names = _quant_names(model)
     for ours, tensor in _our_params(model).items():
-        names = hf_names(ours, config)
+        names = hf_names(quant_names.get(ours, ours), config)
         if len(names) == 1:
             yield names[0], tensor.detach()
             continue
@@ -248,6 +269,13 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
     config_out = ModelConfig.from_hf(config.to_hf(), source=config.source)
     config_out.torch_dtype = str(model.dtype).removeprefix("torch.")
     config_out.save_pretrained(path)
+    if config.quantization_config and _quant_names(model):  # to_hf leaves it out: loads dequantise by default
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+        hf["quantization_config"] = config.quantization_config
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+            f.write("\n")
 
     # Plan shards from sizes first, then materialise one shard at a time (peak memory ~ one shard).
     shard_of, sizes = {}, [0]
