@@ -323,6 +323,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """Write a checkpoint as one GGUF file for llama.cpp / Ollama (architecture deepseek2)."""
+    from openr2.export.gguf import export_gguf
+
+    print(json.dumps(export_gguf(args.model, args.out, args.type, args.name, args.pre_tokenizer)))
+    return 0
+
+
 def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
     """One flag per field of a config dataclass (--batch-size, --lr, ...); only the flags given override."""
     import dataclasses
@@ -433,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--symmetric", action="store_true", help="int4 without zero points")
     quant.add_argument("--out", required=True, help="new output directory")
     quant.set_defaults(func=cmd_quantize)
+    gguf = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp / Ollama")
+    gguf.add_argument("model", help="checkpoint directory with tokenizer.json (float or FP8)")
+    gguf.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    gguf.add_argument("--type", default="f16", help="f32 | f16 | bf16 | q8_0 | q4_0 (default f16)")
+    gguf.add_argument("--name", default=None, help="general.name (default: the directory name)")
+    gguf.add_argument("--pre-tokenizer", default=None,
+                      help="llama.cpp pre-tokenizer name; default: derived from tokenizer.json's regexes")
+    gguf.set_defaults(func=cmd_export_gguf)
     ev = sub.add_parser("eval", help="score a checkpoint or an OpenAI-compatible endpoint on a benchmark")
     _add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
