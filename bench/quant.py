@@ -195,6 +195,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for k in kernels:
         print(f"| {k['shape']} | {k['M']} | {k['path']} | {k['us']:.1f} |")
+    print(f"# load average at the end (1/5 min): {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} "
+          f"on {os.cpu_count()} CPUs (this run included)")
     print(json.dumps({"bench": "quant", "model": os.path.relpath(model_dir), "threads": torch.get_num_threads(),
                       "problems_per_task": args.problems, "rows": results, "targets": targets, "kernels": kernels}))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from openr2.quant import schemes
 from openr2.quant.checkpoint import quantize_checkpoint, quantize_model
 from openr2.quant.layers import QuantExperts, QuantLinear, weight_bytes
 from tests.checkpoints import save_tiny_chat_checkpoint
+
+DEMO = Path(__file__).resolve().parents[2] / "openr2" / "assets" / "openr2-demo"
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +187,26 @@ def test_quantized_model_generates_and_serves(ckpt, tmp_path):
         resp = client.completions.create(model="tiny", prompt="What is 12+30?", max_tokens=12, temperature=0)
     assert resp.choices[0].text == quantized.text
     assert resp.usage.completion_tokens == len(quantized.token_ids)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the bundled demo model is not there yet")
+@pytest.mark.parametrize("scheme, group", [("int8", None), ("int4", 64)])
+def test_quantized_demo_model_loads_and_serves(tmp_path, scheme, group):
+    import openai
+
+    from openr2.server.app import ServerConfig
+    from tests.server._live import serve
+
+    out = tmp_path / "demo-q"
+    summary = quantize_checkpoint(DEMO, out, scheme, group)
+    assert summary["weight_bytes"] / summary["float_weight_bytes"] <= (0.28 if scheme == "int8" else 0.17)
+    config = ServerConfig(model_name="demo-q", default_max_tokens=300)
+    with serve(out, tmp_path / "data", config) as (base_url, _):
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0,
+                               _strict_response_validation=True)
+        resp = client.chat.completions.create(model="demo-q", messages=[{"role": "user", "content": "What is 347+589?"}],
+                                              max_tokens=300, temperature=0)
+    message = resp.choices[0].message
+    assert "347+589=936" in (message.reasoning_content or ""), message
+    assert message.content.strip() == "936", message
