@@ -66,7 +66,9 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         lines += ["## Held-out accuracy", "",
                   "Greedy decoding through the openr2 engine on fresh test-split problems (distinct, never "
                   "trained on); a reply counts only if the text after `</think>` is exactly right "
-                  "(countdown: any expression that reaches the target using the given numbers).", ""]
+                  "(countdown: any expression that reaches the target using the given numbers). Small "
+                  "difficulties may have fewer distinct test-split problems than asked for; all of them are used.",
+                  ""]
         lines += _accuracy_table(final_eval["accuracy"])
         if "eval_loss" in final_eval:
             lines += ["", f"Held-out loss (assistant tokens): {final_eval['eval_loss']:.4f} nats/token."]
