@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Until the trained demo model is bundled (openr2/assets/openr2-demo), `make run` serves an untrained placeholder.
+# make run serves the bundled demo model (openr2/assets/openr2-demo); without it, an untrained placeholder.
 BUNDLED := openr2/assets/openr2-demo
 PLACEHOLDER := .cache/demo-untrained
 DEMO := $(if $(wildcard $(BUNDLED)/config.json),$(BUNDLED),$(PLACEHOLDER))
