@@ -15,15 +15,6 @@ from tests.server._live import free_port, serve
 
 pytestmark = pytest.mark.slow
 
-
-def _has_gsm8k() -> bool:
-    from openr2.eval.tasks import resolve_data
-
-    try:
-        return resolve_data("gsm8k", None) is not None
-    except FileNotFoundError:
-        return False
-
 # what must match between backends; cache hits (and so cost) depend on request order, not on the model
 COMPARED = ("index", "seed", "reasoning", "content", "extracted", "correct", "finish_reason", "prompt_tokens",
             "completion_tokens", "reasoning_tokens")
@@ -48,7 +39,6 @@ def _items(path):
     return json.loads(path.read_text())["items"]
 
 
-@pytest.mark.skipif(not _has_gsm8k(), reason="../shared/data/gsm8k_test.jsonl is not checked out next to the repo")
 def test_local_and_http_agree_item_by_item(live, tmp_path, capsys):
     ckpt, url, _ = live
     assert _eval("--model", str(ckpt), "--limit", "10", "--out", str(tmp_path / "local.json")) == 0
