@@ -234,7 +234,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=d.samples, help="K samples per item: pass@1 over K, maj@K, pass@k")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default 0.6, top-p 0.95)")
     p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="per sample, reasoning included")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="per sample, reasoning included (default: up to 4096, clipped to the model's context)")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="HTTP requests in flight")
     p.add_argument("--retries", type=int, default=d.retries, help="HTTP retries on 429/5xx/connection errors")
     p.add_argument("--seed", type=int, default=d.seed, help="per-request seeds and the GPQA choice order derive from it")

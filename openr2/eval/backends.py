@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from openr2.server.billing import Usage
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+DEFAULT_MAX_TOKENS = 4096  # what `openr2 serve` caps a request without max_tokens at (ServerConfig)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Request:
     messages: list[dict]
     temperature: float
     top_p: float
-    max_tokens: int
+    max_tokens: int | None  # None: the server's default, as much as the context allows up to 4096
     seed: int
 
 
@@ -98,11 +99,13 @@ class LocalBackend:
             for n, r in enumerate(requests):
                 text = render_chat(r.messages, tok)  # as the server renders it, so both see the same ids
                 ids = tok.encode(text)
-                if len(ids) + r.max_tokens > self.engine.max_model_len:  # the server answers 400; so do we
-                    raise ValueError(f"item {r.item_id}: {len(ids)} prompt tokens + max_tokens {r.max_tokens} exceed "
+                room = self.engine.max_model_len - len(ids)
+                max_tokens = min(DEFAULT_MAX_TOKENS, room) if r.max_tokens is None else r.max_tokens
+                if max_tokens > room or max_tokens < 1:  # the server answers 400; so do we
+                    raise ValueError(f"item {r.item_id}: {len(ids)} prompt tokens + max_tokens {max_tokens} exceed "
                                      f"the model's context of {self.engine.max_model_len}; lower --max-tokens")
                 params = SamplingParams(**{**self.defaults, "temperature": r.temperature, "top_p": r.top_p,
-                                           "max_tokens": r.max_tokens, "seed": r.seed})
+                                           "max_tokens": max_tokens, "seed": r.seed})
                 request_id = f"eval-{n}-{r.item_id}-{r.index}"
                 self.engine.add_request(request_id, {"prompt_token_ids": ids, "prompt": text}, params)
                 pending[request_id] = (r, prompt_opens_reasoning(text))
@@ -140,8 +143,11 @@ class HTTPBackend:
         self.retries = 0  # how many retries this backend has made (reported in the summary)
 
     def body(self, r: Request) -> dict:
-        return {"model": self.model_name, "messages": r.messages, "temperature": r.temperature, "top_p": r.top_p,
+        body = {"model": self.model_name, "messages": r.messages, "temperature": r.temperature, "top_p": r.top_p,
                 "max_tokens": r.max_tokens, "seed": r.seed, "stream": False}
+        if r.max_tokens is None:  # leave the cap to the endpoint (ours: 4096, clipped to the context)
+            del body["max_tokens"]
+        return body
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()

@@ -45,7 +45,7 @@ class EvalConfig:
     samples: int = 1
     temperature: float = 0.6  # DeepSeek-R1's evaluation setting (with top_p 0.95)
     top_p: float = 0.95
-    max_tokens: int = 4096
+    max_tokens: int | None = None  # None: up to 4096, clipped to the model's context (the server's default)
     concurrency: int = 8
     seed: int = 0
     out: str | None = None  # default eval-<task>-<model>.json
@@ -62,7 +62,7 @@ class EvalConfig:
         if self.model is not None and not os.path.isdir(self.model):
             raise FileNotFoundError(f"--model {self.model}: not a checkpoint directory")
         for name, low in (("samples", 1), ("max_tokens", 1), ("concurrency", 1), ("retries", 0)):
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")

@@ -142,3 +142,23 @@ def test_ctrl_c_keeps_what_was_scored(tmp_path):
                  Interrupted(), progress=False, save_every_s=1e9)
     saved = json.loads(out.read_text())
     assert [it["id"] for it in saved["items"]] == ["gsm8k-0", "gsm8k-1"] and saved["summary"]["pass@1"] == 0.5
+
+
+def test_default_max_tokens_fits_a_short_context(tmp_path):
+    """Without --max-tokens a model with a small context is not refused: the cap is clipped to the room
+    left, as the server does; the HTTP body then leaves max_tokens out."""
+    import dataclasses
+
+    from openr2.eval.backends import HTTPBackend, Request
+    from openr2.model.hf_io import load_model, save_model
+
+    tiny = tmp_path / "tiny"
+    save_tiny_chat_checkpoint(tiny)
+    model = load_model(str(tiny))
+    model.config = dataclasses.replace(model.config, max_position_embeddings=256)
+    save_model(model, str(tiny))
+    results = run_eval(EvalConfig(task="synthetic:addition:2", model=str(tiny), limit=2, temperature=0.0,
+                                  out=str(tmp_path / "r.json")), progress=False)
+    assert all(s["completion_tokens"] > 0 for it in results["items"] for s in it["samples"])
+    body = HTTPBackend("http://127.0.0.1:1/v1", "m").body(Request("x", 0, [], 0.0, 1.0, None, 1))
+    assert "max_tokens" not in body
