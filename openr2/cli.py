@@ -1,4 +1,5 @@
-"""The `openr2` command line: parses `openr2 <verb>` and dispatches. Imports lazily so --help is instant."""
+"""The `openr2` command line: parses `openr2 <verb>` and dispatches; each verb imports what it needs when it runs
+(the train and rl flags are generated from their config dataclasses, so building the parser imports those)."""
 
 from __future__ import annotations
 
