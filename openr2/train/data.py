@@ -173,7 +173,7 @@ def countdown_problem(numbers: Sequence[int], target: int, steps: Sequence[tuple
         exprs.setdefault(v, []).append(f"({ex}{op}{ey})")
         lines.append(f"{x}{op}{y}={v}")
         last = exprs[v][-1]
-    if last is None or _parse_expr(last)[0] != target:
+    if last is None or parse_expression(last)[0] != target:
         raise ValueError(f"countdown: steps {list(steps)} do not reach {target}")
     answer = last[1:-1] if last.startswith("(") else last  # drop the outer parentheses only
     nums = ", ".join(map(str, numbers))
@@ -326,7 +326,7 @@ def verify(problem: Problem, answer_text: str) -> bool:
     if problem.target is not None:
         text = text.split("=")[0].strip() if text.count("=") == 1 else text
         try:
-            value, used = _parse_expr(text)
+            value, used = parse_expression(text)
         except ValueError:
             return False
         available = list(problem.numbers)
@@ -343,7 +343,7 @@ def verify(problem: Problem, answer_text: str) -> bool:
 _TOKEN = re.compile(r"\s*(\d+|[-+*/()])")
 
 
-def _parse_expr(text: str) -> tuple[Fraction, list[int]]:
+def parse_expression(text: str) -> tuple[Fraction, list[int]]:
     """Parse + - * / ( ) over non-negative integers, exactly (Fractions), without eval: a recursive descent
     over expr := term (('+'|'-') term)*, term := atom (('*'|'/') atom)*, atom := int | '(' expr ')'.
     Returns (value, numbers used); raises ValueError on anything else."""

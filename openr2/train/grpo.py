@@ -385,11 +385,13 @@ class GRPOTrainer:
             stats[f"reward_{name}_std"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores), 1))
         if all(g.correct is not None for g in seen) and seen:
             stats["accuracy"] = sum(c for g in seen for c in g.correct) / max(len(texts), 1)
-            if "majority" in self.weights:
+            if "majority" in self.weights:  # is the pseudo-label the answer of a correct sample?
                 labelled = [(g, R.majority_label(g.texts)) for g in seen]
-                labelled = [(g, lab) for g, lab in labelled if lab is not None]
-                if labelled:
-                    stats["pseudo_label_accuracy"] = sum(R.is_correct(g.problem, lab) for g, lab in labelled) / len(labelled)
+                right = [any(ok and a is not None and R.normalize_answer(a) == label
+                             for a, ok in zip(map(R.answer_text, g.texts), g.correct))
+                         for g, label in labelled if label is not None]
+                if right:
+                    stats["pseudo_label_accuracy"] = sum(right) / len(right)
             if "judge" in self.weights:
                 pairs = [(r.score >= 0.5, ok) for g in seen for r, ok in zip(g.parts["judge"], g.correct)]
                 stats["judge_accuracy"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)

@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from openr2.chat_format import THINK_END
-from openr2.train.data import TASKS, Problem, verify
+from openr2.train.data import TASKS, Problem, parse_expression, verify
 
 _INT = re.compile(r"^[+-]?\d[\d,]*$")
+_EXPR = re.compile(r"^[\d\s+\-*/()×÷]+(=\s*\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,20 @@ def answer_text(completion: str) -> str | None:
 
 
 def normalize_answer(answer: str) -> str:
-    """Canonical form for voting: trimmed, a trailing period dropped, thousands commas out of integers."""
+    """Canonical form for voting: trimmed, a trailing period dropped, thousands commas out of integers, and an
+    arithmetic expression replaced by its exact value (answers are compared by what they equal, as TTRL
+    compares math answers by equivalence: `3*5+7` and `7+3*5` are one vote for 22)."""
     a = answer.strip().rstrip(".").strip()
     if _INT.match(a):
         a = a.replace(",", "").lstrip("+")
-        a = str(int(a))
+        return str(int(a))
+    if _EXPR.match(a) and any(op in a for op in "+-*/"):
+        try:
+            value = parse_expression(a.split("=")[0])[0]
+        except (ValueError, ZeroDivisionError):
+            pass
+        else:
+            return str(value)  # "22" or "7/2"
     return re.sub(r"\s+", " ", a)
 
 

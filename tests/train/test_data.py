@@ -45,7 +45,7 @@ def _digit(n: int, i: int) -> int:
 
 
 def _exact(expr: str) -> Fraction:
-    """Evaluate a vetted arithmetic string exactly (test-side oracle, independent of data._parse_expr)."""
+    """Evaluate a vetted arithmetic string exactly (test-side oracle, independent of data.parse_expression)."""
     assert re.fullmatch(r"[\d+\-*/() ]+", expr), expr
     return eval(re.sub(r"(\d+)", r"Fraction(\1)", expr), {"Fraction": Fraction})  # noqa: S307 - vetted charset
 
