@@ -1,5 +1,5 @@
-"""The `openr2` command line: parses `openr2 <verb>` and dispatches; each verb imports what it needs when it runs
-(the train and rl flags are generated from their config dataclasses, so building the parser imports those)."""
+"""The `openr2` command line: parses `openr2 <verb>` and dispatches. Imports lazily so --help is instant (the
+train and rl flags come from openr2/train/config.py, which is torch-free)."""
 
 from __future__ import annotations
 
@@ -306,8 +306,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from openr2.tokenizer import train_bpe
+    from openr2.train.config import TrainConfig
     from openr2.train.run import tokenizer_corpus
-    from openr2.train.trainer import TrainConfig
 
     cfg = TrainConfig(data=args.data or [], tasks=args.tasks, num_examples=args.num_examples, seed=args.seed)
     tokenizer = train_bpe(tokenizer_corpus(cfg, max_task_texts=args.num_examples), vocab_size=args.vocab_size,
@@ -404,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=None, help="a recipe, e.g. demo (the bundled demo model)")
     train.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig options")
     train.add_argument("--export", default=None, help="also write the final model (servable) to this directory")
-    from openr2.train.grpo import GRPOConfig
-    from openr2.train.trainer import TrainConfig
+    from openr2.train.config import GRPOConfig, TrainConfig
 
     _add_config_flags(train, TrainConfig)
     train.set_defaults(func=cmd_train)

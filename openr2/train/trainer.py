@@ -28,7 +28,6 @@ Float32 on CPU; bf16 autocast on CUDA.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -37,7 +36,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,160 +45,11 @@ import torch.nn.functional as F
 from openr2.model.moe import MoE, update_correction_bias
 from openr2.train import distributed as dist_utils
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from openr2.train.config import MODES, TrainConfig, read_config_file  # noqa: F401 (re-exported)
 from openr2.train.data import IGNORE_INDEX
-from openr2.train.distributed import STRATEGIES
 
-MODES = ("pretrain", "sft")
 LOG_FILE = "log.jsonl"
 EVAL_FILE = "eval.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    mode: str = "pretrain"
-    steps: int = 100
-    batch_size: int = 8
-    seq_len: int = 64
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    balance_gamma: float = 1e-3
-    aux_loss_alpha: float = 1e-4  # 0 = off
-    mtp_lambda: float = 0.3
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 3
-    out_dir: str = "runs/train"
-    resume: str | None = None  # a run directory (follows `latest`) or a step directory
-    deterministic: bool = True
-    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
-    eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
-    # What to train and on what (read by run.py, the `openr2 train` command; the loop ignores them).
-    model: str = "small-moe"  # a preset name or a directory/config.json (fresh weights)
-    init_from: str | None = None  # a checkpoint to start from instead (e.g. SFT after pretraining)
-    tokenizer: str | None = None  # a tokenizer directory; default: init_from's, else one trained on the data
-    vocab_size: int = 512  # of a tokenizer trained here
-    data: list[str] = dataclasses.field(default_factory=list)  # .txt / .jsonl (text, messages, GSM8K) files
-    tasks: str | None = None  # synthetic task mixture, e.g. "addition:1-5:3,countdown:2-4"
-    num_examples: int = 50_000  # synthetic problems drawn from `tasks`
-    eval_tasks: str | None = None  # task accuracy by greedy generation, e.g. "addition:3,subtraction:3"
-    eval_samples: int = 100  # held-out problems per task and difficulty at each evaluation
-    final_eval_samples: int = 0  # at the end (0: eval_samples)
-    eval_max_tokens: int = 512
-    device: str = "auto"  # auto: cuda when available
-    threads: int = 0  # torch threads on CPU (0: torch's default)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        if not isinstance(values, dict):
-            raise ValueError(f"train config: expected a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"train config: unknown key {key!r}; expected one of {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        """JSON (.json) or TOML (.toml) file; `overrides` (e.g. command-line flags) win."""
-        values = read_config_file(path)
-        try:
-            return cls.from_dict({**values, **overrides})
-        except ValueError as e:
-            raise ValueError(f"{os.fspath(path)}: {e}") from e
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"train config: {key}={getattr(self, key)!r}: {why}")
-
-        ints = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "log_every",
-                "save_every", "keep_last", "eval_every", "vocab_size", "num_examples", "eval_samples",
-                "final_eval_samples", "eval_max_tokens", "threads")
-        floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
-                  "mtp_lambda")
-        for k in ints:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad(k, "must be an integer")
-        for k in floats:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(k, "must be a finite number")
-            setattr(self, k, float(v))
-        if self.mode not in MODES:
-            raise bad("mode", f"expected one of {MODES}")
-        for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "num_examples",
-                  "eval_samples", "eval_max_tokens"):
-            if getattr(self, k) < 1:
-                raise bad(k, "must be at least 1")
-        for k in ("warmup_steps", "save_every", "eval_every", "final_eval_samples", "threads", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
-                  "mtp_lambda"):
-            if getattr(self, k) < 0:
-                raise bad(k, "must be non-negative")
-        if self.lr <= 0:
-            raise bad("lr", "must be positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise bad("min_lr_ratio", "must be in [0, 1]")
-        betas = self.betas
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or \
-                not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
-            raise bad("betas", "expected two numbers in [0, 1)")
-        self.betas = (float(betas[0]), float(betas[1]))
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
-            raise bad("out_dir", "must be a non-empty path")
-        self.out_dir = os.fspath(self.out_dir)
-        if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
-            raise bad("resume", "must be a path or null")
-        if not isinstance(self.deterministic, bool):
-            raise bad("deterministic", "must be true or false")
-        if self.distributed not in STRATEGIES:
-            raise bad("distributed", f"expected one of {STRATEGIES}")
-        for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
-            v = getattr(self, k)
-            if v is not None and not (isinstance(v, str) and v):
-                raise bad(k, "must be a non-empty string" + ("" if k in ("model", "device") else " or null"))
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if not isinstance(self.data, list) or not all(isinstance(d, str) and d for d in self.data):
-            raise bad("data", "expected a list of file paths")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise bad("device", "expected auto, cpu or cuda[:N]")
-
-
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw options of a JSON or TOML config file (validated by TrainConfig.from_dict)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        if path.endswith(".toml"):
-            import tomllib
-
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
-        else:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ValueError(f"{path}: cannot parse config: {e}") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of options at the top level")
-    return values
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
