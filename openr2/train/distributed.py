@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from openr2.train.config import STRATEGIES  # noqa: E402,F401 (re-exported)
+from openr2.train.config import STRATEGIES
 
 
 @dataclass(frozen=True)

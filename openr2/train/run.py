@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from openr2.train import distributed
-from openr2.train.trainer import TrainConfig, Trainer, read_config_file
+from openr2.train.config import TrainConfig, read_config_file
+from openr2.train.trainer import Trainer
 
 RECIPES: dict[str, dict[str, Any]] = {
     # The bundled demo model (openr2/assets/openr2-demo): ~1.1M active of ~2.4M parameters, SFT from scratch

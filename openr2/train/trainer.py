@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from openr2.model.moe import MoE, update_correction_bias
 from openr2.train import distributed as dist_utils
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from openr2.train.config import MODES, TrainConfig, read_config_file  # noqa: F401 (re-exported)
+from openr2.train.config import TrainConfig
 from openr2.train.data import IGNORE_INDEX
 
 LOG_FILE = "log.jsonl"

@@ -9,8 +9,9 @@ import torch
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
 from openr2.train import distributed
+from openr2.train.config import TrainConfig
 from openr2.train.data import IGNORE_INDEX
-from openr2.train.trainer import TrainConfig, Trainer
+from openr2.train.trainer import Trainer
 
 B, T = 8, 16
 
