@@ -300,7 +300,8 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorise(request)
-        return ModelList(data=[Model(id=server.config.model_name, created=server.created)])
+        return ModelList(data=[Model(id=server.config.model_name, created=server.created,
+                                     max_model_len=server.engine.engine.max_model_len)])
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
