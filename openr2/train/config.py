@@ -17,8 +17,45 @@ MODES = ("pretrain", "sft")
 STRATEGIES = ("ddp", "fsdp")  # data parallelism under torchrun (distributed.py)
 
 
+class _Options:
+    """What both configs share: construction from a mapping (an unknown key is named), to_dict, and the
+    type checks that follow the field annotations (int, float, bool)."""
+
+    LABEL = "config"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        if not isinstance(values, dict):
+            raise ValueError(f"{cls.LABEL}: expected a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"{cls.LABEL}: unknown key {key!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def _bad(self, key: str, why: str) -> ValueError:
+        return ValueError(f"{self.LABEL}: {key}={getattr(self, key)!r}: {why}")
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise self._bad(f.name, "must be an integer")
+            if f.type == "float":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise self._bad(f.name, "must be a finite number")
+                setattr(self, f.name, float(v))
+            if f.type == "bool" and not isinstance(v, bool):
+                raise self._bad(f.name, "must be true or false")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Options):
     mode: str = "pretrain"
     steps: int = 100
     batch_size: int = 8
@@ -60,17 +97,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        if not isinstance(values, dict):
-            raise ValueError(f"train config: expected a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"train config: unknown key {key!r}; expected one of {sorted(known)}")
-        return cls(**values)
+    LABEL = "train config"
 
+    # ------------------------------------------------------------------ construction
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         """JSON (.json) or TOML (.toml) file; `overrides` (e.g. command-line flags) win."""
@@ -80,38 +109,18 @@ class TrainConfig:
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: {e}") from e
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"train config: {key}={getattr(self, key)!r}: {why}")
-
-        ints = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "seed", "log_every",
-                "save_every", "keep_last", "eval_every", "vocab_size", "num_examples", "eval_samples",
-                "final_eval_samples", "eval_max_tokens", "threads")
-        floats = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
-                  "mtp_lambda")
-        for k in ints:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad(k, "must be an integer")
-        for k in floats:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(k, "must be a finite number")
-            setattr(self, k, float(v))
+        bad = self._bad
+        self._check_types()
         if self.mode not in MODES:
             raise bad("mode", f"expected one of {MODES}")
         for k in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "num_examples",
                   "eval_samples", "eval_max_tokens"):
             if getattr(self, k) < 1:
                 raise bad(k, "must be at least 1")
-        for k in ("warmup_steps", "save_every", "eval_every", "final_eval_samples", "threads", "weight_decay", "grad_clip", "balance_gamma", "aux_loss_alpha",
-                  "mtp_lambda"):
+        for k in ("warmup_steps", "save_every", "eval_every", "final_eval_samples", "threads", "weight_decay",
+                  "grad_clip", "balance_gamma", "aux_loss_alpha", "mtp_lambda"):
             if getattr(self, k) < 0:
                 raise bad(k, "must be non-negative")
         if self.lr <= 0:
@@ -128,8 +137,6 @@ class TrainConfig:
         self.out_dir = os.fspath(self.out_dir)
         if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
             raise bad("resume", "must be a path or null")
-        if not isinstance(self.deterministic, bool):
-            raise bad("deterministic", "must be true or false")
         if self.distributed not in STRATEGIES:
             raise bad("distributed", f"expected one of {STRATEGIES}")
         for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
@@ -166,7 +173,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(_Options):
     model: str = ""  # the starting checkpoint (an SFT model)
     task: str = "addition:4"  # prompts: a task mixture (train split), e.g. "addition:4-5,countdown:3"
     rewards: str = "verifiable:1,format:0.1"  # label-free: "majority:1,format:0.1"; also judge:W
@@ -207,33 +214,11 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"rl config: unknown key {key!r}; expected one of {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+    LABEL = "rl config"
 
     def validate(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"rl config: {key}={getattr(self, key)!r}: {why}")
-
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("int",) and (isinstance(v, bool) or not isinstance(v, int)):
-                raise bad(f.name, "must be an integer")
-            if f.type in ("float",):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise bad(f.name, "must be a finite number")
-                setattr(self, f.name, float(v))
-            if f.type == "bool" and not isinstance(v, bool):
-                raise bad(f.name, "must be true or false")
+        bad = self._bad
+        self._check_types()
         for k in ("steps", "prompts_per_step", "group_size", "max_tokens", "ppo_epochs", "max_sampling_rounds",
                   "judge_samples", "judge_max_tokens", "eval_samples", "keep_last"):
             if getattr(self, k) < 1:

@@ -309,16 +309,19 @@ class GRPOTrainer:
         advantages = torch.tensor(advs, device=model.device)
         model.eval()  # no MoE balance statistics during RL; gradients still flow
         with torch.no_grad():
-            old_logp, mask = completion_logprobs(model, seqs, prompt_lens, cfg.temperature, pad)
             ref_logp = completion_logprobs(self.ref, seqs, prompt_lens, cfg.temperature, pad)[0] if self.ref else None
-        mask &= torch.tensor(keep, device=mask.device)[:, None]
         lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        stats: dict[str, float] = {"lr": lr, "tokens": int(mask.sum())}
+        stats: dict[str, float] = {"lr": lr}
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        old_logp = mask = None
         for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            logp, _ = completion_logprobs(model, seqs, prompt_lens, cfg.temperature, pad)
+            logp, token_mask = completion_logprobs(model, seqs, prompt_lens, cfg.temperature, pad)
+            if old_logp is None:  # the first pass runs the sampling policy: it is pi_old (ratio 1)
+                old_logp = logp.detach()
+                mask = token_mask & torch.tensor(keep, device=token_mask.device)[:, None]
+                stats["tokens"] = int(mask.sum())
             loss, s = policy_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, ref_logp,
                                   cfg.kl_beta)
             loss.backward()
