@@ -76,6 +76,14 @@ def barrier(dist: Dist) -> None:
         torch_dist.barrier()
 
 
+def shutdown(dist: Dist) -> None:
+    """Leave the process group once every rank is done: a rank that tears gloo down while a peer is still
+    working (rank 0 saving, say) can abort the whole job with "terminate called without an active exception"."""
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def wrap(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.Module:
     """The module the training step calls. FSDP shards `model` in place (its parameters become DTensors)."""
     if strategy not in STRATEGIES:

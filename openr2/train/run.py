@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, export: str | None = None, command: str | None = Non
             json.dump(summary, f, indent=1)
     elif export and not trainer.interrupted:
         trainer.full_model()  # the collective gather needs every rank
-    distributed.barrier(dist)
+    distributed.shutdown(dist)
     return summary
 
 

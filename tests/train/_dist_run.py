@@ -52,8 +52,7 @@ def main(out_dir: str, strategy: str) -> None:
                     "grad_norm": [r["grad_norm"] for r in history], "tokens": [r["tokens"] for r in history],
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}},
                    os.path.join(out_dir, "result.pt"))
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
+    distributed.shutdown(dist)
 
 
 if __name__ == "__main__":
