@@ -38,6 +38,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget: prompt chunks beyond it continue next step
     max_model_len: int | None = None  # prompt + output; default max_position_embeddings
     enable_prefix_caching: bool = True
+    compile: bool = False  # torch.compile the decode step: faster small-batch decode after ~30 s of compiling
 
 
 @dataclass
@@ -121,7 +122,7 @@ class LLMEngine:
                                            model.device)
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, compile=self.config.compile)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)

@@ -3,12 +3,15 @@
 Rows that add few tokens over a long context (decode, the tail of a prefix-cache hit) run together
 through absorbed MLA, which attends over the cached latent without expanding it; long prompt chunks run
 together through the naive path (expanded K/V and SDPA, compute-bound). A per-row cost model picks.
-Each group is padded to its longest row; padding never reaches the cache.
+Each group is padded to its longest row; padding never reaches the cache. With `compile`, decode-only
+groups of up to COMPILED_MAX_ROWS rows run through the compiled decode step (engine/compiled.py).
 
 Shape legend: B rows, T new tokens per row (padded), V vocab.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -16,11 +19,18 @@ from openr2.engine.kv_cache import KVPool
 from openr2.engine.sequence import Sequence
 from openr2.model.transformer import Transformer
 
+COMPILED_MAX_ROWS = 16  # larger decode batches amortise eager dispatch over their rows anyway
+
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: KVPool):
+    def __init__(self, model: Transformer, pool: KVPool, compile: bool = False):
         self.model, self.pool = model, pool
         self.device = model.device
+        self._compiled_decode = None
+        if compile:
+            from openr2.engine.compiled import compiled_decode_step
+
+            self._compiled_decode = compiled_decode_step(model)
 
     @torch.inference_mode()
     def run(self, plan: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
@@ -58,9 +68,24 @@ class ModelRunner:
             positions[b, n:] = start + n - 1  # padding queries see the row's context and are dropped
         view = self.pool.view([s.block_table for s, _ in group], [s.num_computed for s, _ in group],
                               [n for _, n in group])
-        last = torch.tensor([n - 1 for _, n in group])
-        out = self.model(ids.to(self.device), positions.to(self.device), cache=view, attn_impl=attn_impl,
-                         logits_index=last.to(self.device))
+        if self._compiled_decode is not None and T == 1 and attn_impl == "absorbed" and len(group) <= COMPILED_MAX_ROWS:
+            out = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
+        else:
+            last = torch.tensor([n - 1 for _, n in group])
+            out = self.model(ids.to(self.device), positions.to(self.device), cache=view, attn_impl=attn_impl,
+                             logits_index=last.to(self.device))
         out = out.float()
         return {seq.seq_id: out[b] for b, (seq, n) in enumerate(group)
                 if seq.num_computed + n == seq.num_tokens}
+
+    def _decode_compiled(self, ids, positions, view):
+        try:
+            return self._compiled_decode(self.model, ids, positions, self.pool.c_kv, self.pool.k_rope,
+                                         view.gather, view.write_slots)
+        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+            # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
+            warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",
+                          stacklevel=2)
+            self._compiled_decode = None
+            return self.model(ids, positions, cache=view, attn_impl="absorbed",
+                              logits_index=torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))

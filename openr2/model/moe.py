@@ -101,8 +101,30 @@ class RoutedExperts(nn.Module):
             out[n] = acc[0]
         return out
 
+    def _tensor_only(self, x, weights, ids):
+        """The path for compiled decode: no host sync (no counts as Python ints), decode-sized N only.
+
+        Up to E (token, slot) pairs, each pair multiplies by its expert's weights gathered into a batch
+        (copies K experts per token); beyond that, every expert runs on every token and a [N, E] gain
+        matrix keeps the chosen ones (reads each expert once).
+        """
+        N, K = ids.shape
+        if N * K <= self.num_experts:
+            flat = ids.flatten()
+            h = torch.bmm(x.repeat_interleave(K, 0)[:, None], self.gate_up_proj.index_select(0, flat).transpose(1, 2))
+            gate, up = h.chunk(2, dim=-1)
+            y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]
+            return (y * weights.flatten()[:, None]).view(N, K, -1).sum(1).to(x.dtype)
+        h = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, D]
+        gains = torch.zeros(N, self.num_experts, dtype=weights.dtype, device=x.device).scatter_(1, ids, weights)
+        return torch.einsum("end,ne->nd", y.to(gains.dtype), gains).to(x.dtype)
+
     def _grouped(self, x, weights, ids):
         N, K = ids.shape
+        if torch.compiler.is_compiling():
+            return self._tensor_only(x, weights, ids)
         if N * K <= _FEW_PAIRS and not torch.is_grad_enabled():
             return self._few(x, weights, ids)
         flat_ids = ids.flatten()

@@ -69,7 +69,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
     """Rotate x [..., R] by angles whose cos/sin broadcast to [..., R/2]; the layout is kept."""
-    if interleaved and x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype:
+    if interleaved and x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype \
+            and not torch.compiler.is_compiling():  # compiled code fuses the real form below anyway
         # Interleaved pairs are complex numbers x0 + i x1: one complex multiply does the rotation. Same
         # arithmetic as the real form below, but one kernel instead of six strided ones plus a stack
         # (about 6x faster on CPU); no complex type for bfloat16/half, so those take the real form.

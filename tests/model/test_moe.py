@@ -134,6 +134,20 @@ def test_decode_sized_batches_match_looped(num_tokens):
         assert max_diff(experts(x, weights, ids, "grouped"), experts(x, weights, ids, "looped")) < 1e-6
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 9])
+def test_tensor_only_path_matches_looped(num_tokens):
+    """The compiled-decode expert path: gathered pairs up to E pairs (1-4 tokens here), every expert on
+    every token beyond (9 tokens)."""
+    config = tiny_v3()
+    experts = _experts(config, seed=33)
+    x = _randn(num_tokens, config.hidden_size, seed=34)
+    ids = torch.stack([torch.randperm(config.n_routed_experts, generator=torch.Generator().manual_seed(n))[:2]
+                       for n in range(num_tokens)])
+    weights = _randn(num_tokens, 2, seed=35).abs()
+    with torch.no_grad():
+        assert max_diff(experts._tensor_only(x, weights, ids), experts(x, weights, ids, "looped")) < 1e-5
+
+
 def test_sequence_aux_loss_is_alpha_for_uniform_routing():
     from openr2.model.moe import MoE
 
