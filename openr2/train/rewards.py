@@ -45,19 +45,22 @@ def answer_text(completion: str) -> str | None:
 
 def normalize_answer(answer: str) -> str:
     """Canonical form for voting: trimmed, a trailing period dropped, thousands commas out of integers, and an
-    arithmetic expression replaced by its exact value (answers are compared by what they equal, as TTRL
-    compares math answers by equivalence: `3*5+7` and `7+3*5` are one vote for 22)."""
+    arithmetic expression replaced by its exact value and the numbers it uses (answers are compared by
+    equivalence, as TTRL compares math answers: `3*5+7` and `7+3*5` are one vote, "22 from 3,5,7"). The
+    numbers are part of the answer: in countdown every attempt aims at the target named in the prompt, so
+    a vote by value alone would let `22` made from numbers that were never given outvote honest attempts,
+    and the policy learns to cheat (measured: greedy 41.9% -> 27.9% on countdown:2)."""
     a = answer.strip().rstrip(".").strip()
     if _INT.match(a):
         a = a.replace(",", "").lstrip("+")
         return str(int(a))
     if _EXPR.match(a) and any(op in a for op in "+-*/"):
         try:
-            value = parse_expression(a.split("=")[0])[0]
+            value, used = parse_expression(a.split("=")[0])
         except (ValueError, ZeroDivisionError):
             pass
         else:
-            return str(value)  # "22" or "7/2"
+            return f"{value} from {','.join(map(str, sorted(used)))}"  # "22 from 3,5,7" or "7/2 from 2,7"
     return re.sub(r"\s+", " ", a)
 
 

@@ -97,11 +97,13 @@ def test_combine_and_spec():
         R.combine(ADD, [_c("1")], {"judge": 1.0})
 
 
-def test_majority_votes_by_value():
-    """Equivalent answers are one vote (TTRL compares answers by equivalence): countdown expressions by value."""
+def test_majority_votes_by_value_and_numbers_used():
+    """Equivalent answers are one vote (TTRL compares answers by equivalence): countdown expressions by value
+    and the numbers they use, so reaching the target with numbers never given is a different answer."""
     cd = countdown_problem([3, 5, 7], 22)
-    group = [_c("3*5+7"), _c("7+3*5"), _c("(7+3)*5"), _c("5*3+7=22"), _c("50")]
-    assert R.normalize_answer("7+3*5") == "22" and R.normalize_answer("7/2") == "7/2"
+    group = [_c("3*5+7"), _c("7+3*5"), _c("(7+3)*5"), _c("5*3+7=22"), _c("50"), _c("11+11"), _c("11*2")]
+    assert R.normalize_answer("7+3*5") == "22 from 3,5,7" and R.normalize_answer("7/2") == "7/2 from 2,7"
+    assert R.normalize_answer("11+11") != R.normalize_answer("3*5+7")
     assert R.normalize_answer("x+1") == "x+1" and R.normalize_answer("5-") == "5-"
-    assert R.majority_label(group) == "22"
-    assert [r.score for r in R.majority(cd, group)] == [1, 1, 0, 1, 0]
+    assert R.majority_label(group) == "22 from 3,5,7"
+    assert [r.score for r in R.majority(cd, group)] == [1, 1, 0, 1, 0, 0, 0]
