@@ -80,8 +80,8 @@ class ModelRunner:
 
     def _decode_compiled(self, ids, positions, view):
         try:
-            return self._compiled_decode(self.model, ids, positions, self.pool.c_kv, self.pool.k_rope,
-                                         view.gather, view.write_slots)
+            return self._compiled_decode(ids, positions, self.pool.c_kv, self.pool.k_rope, view.gather,
+                                         view.write_slots)
         except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",

@@ -41,7 +41,8 @@ def test_compiled_decode_equals_naive_loop(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 5])
 def test_compiled_step_logits_equal_eager(model, rows):
-    """One decode step over a filled pool, compiled vs eager, and the pool writes it makes."""
+    """One decode step over a filled pool, compiled (one row: the AOTInductor package; five: torch.compile)
+    vs eager, and the pool writes it makes."""
     gen = torch.Generator().manual_seed(rows)
     num_layers, slots = model.config.num_hidden_layers, 64
     pool_c = torch.randn(num_layers, slots, model.config.kv_lora_rank, generator=gen)
@@ -55,10 +56,23 @@ def test_compiled_step_logits_equal_eager(model, rows):
     eager_c, eager_r, pool_c_before = pool_c.clone(), pool_r.clone(), pool_c.clone()
     with torch.inference_mode():
         want = compiled.decode_step(model, *args, eager_c, eager_r, gather, write_slots)
-        got = compiled.compiled_decode_step(model)(model, *args, pool_c, pool_r, gather, write_slots)
-    assert (want - got).abs().max() < 1e-5
+        got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, gather, write_slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (pool_c - eager_c).abs().max() < 1e-5 and (pool_r - eager_r).abs().max() < 1e-5
     assert not torch.equal(pool_c, pool_c_before)  # the step wrote its tokens into the pool
+    # the compiled step reads the model's own weights: an in-place update (as GRPO's) is seen
+    head = model.lm_head.weight
+    original = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.mul_(1.5)
+        with torch.inference_mode():
+            want = compiled.decode_step(model, *args, eager_c, eager_r, gather, write_slots)
+            got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, gather, write_slots)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            head.copy_(original)
 
 
 def test_falls_back_to_eager_when_compile_fails(model, monkeypatch):
