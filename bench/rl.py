@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--judge-steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--majority-min-share", type=float, default=0.0,
+                    help="label-free: the top answer's share of a group's votes needed for a pseudo-label")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
@@ -55,6 +57,7 @@ def main() -> None:
                          group_size=args.group_size, lr=args.lr, max_tokens=args.max_tokens,
                          eval_samples=args.eval_samples, eval_k=8, eval_every=0, out_dir=os.path.join(args.out_dir, mode),
                          seed=args.seed, judge_samples=2, judge_max_tokens=96,
+                         majority_min_share=args.majority_min_share,
                          max_sampling_rounds=1 if judge else 4)
         if os.path.isdir(cfg.out_dir):
             raise SystemExit(f"{cfg.out_dir} exists: choose another --out-dir")

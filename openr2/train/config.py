@@ -197,6 +197,7 @@ class GRPOConfig(_Options):
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 4
     mask_truncated: bool = True
+    majority_min_share: float = 0.0  # a group's top answer needs this share of its votes to be a pseudo-label
     judge: str = "policy"  # who judges with judge rewards: the policy, a frozen copy, or a checkpoint path
     judge_samples: int = 4
     judge_max_tokens: int = 128
@@ -233,6 +234,8 @@ class GRPOConfig(_Options):
             raise bad("temperature", "must be positive: a group of greedy samples is one sample repeated")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.majority_min_share <= 1:
+            raise bad("majority_min_share", "must be in [0, 1]")
         if self.lr <= 0:
             raise bad("lr", "must be positive")
         if self.clip_low >= 1:

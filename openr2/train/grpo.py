@@ -238,7 +238,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def _score(self, group: Group) -> None:
-        group.rewards, group.parts = R.combine(group.problem, group.texts, self.weights, self.judge_fn)
+        group.rewards, group.parts = R.combine(group.problem, group.texts, self.weights, self.judge_fn,
+                                               self.config.majority_min_share)
         if group.problem.answer is not None:  # ground truth: logged, and used only by `verifiable`
             group.correct = [a is not None and R.is_correct(group.problem, a) for a in map(R.answer_text, group.texts)]
 
@@ -281,7 +282,7 @@ class GRPOTrainer:
         if all(g.correct is not None for g in seen) and seen:
             stats["accuracy"] = sum(c for g in seen for c in g.correct) / max(len(texts), 1)
             if "majority" in self.weights:  # is the pseudo-label the answer of a correct sample?
-                labelled = [(g, R.majority_label(g.texts)) for g in seen]
+                labelled = [(g, R.majority_label(g.texts, self.config.majority_min_share)) for g in seen]
                 right = [any(ok and a is not None and R.normalize_answer(a) == label
                              for a, ok in zip(map(R.answer_text, g.texts), g.correct))
                          for g, label in labelled if label is not None]

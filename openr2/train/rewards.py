@@ -108,18 +108,22 @@ def format_reward(problem: Problem, completions: Sequence[str]) -> list[Reward]:
     return out
 
 
-def majority_label(completions: Sequence[str]) -> str | None:
-    """The group's most common normalised answer; None when nobody answered or the top answers tie."""
+def majority_label(completions: Sequence[str], min_share: float = 0.0) -> str | None:
+    """The group's most common normalised answer; None when nobody answered, the top answers tie, or the top
+    answer has under `min_share` of the group's votes (a weak majority is more often wrong: pseudo-labels
+    only from confident groups, as confidence-thresholded self-training does)."""
     votes = Counter(normalize_answer(a) for a in map(answer_text, completions) if a is not None)
     if not votes:
         return None
     (top, n), *rest = votes.most_common(2) + [(None, 0)]
-    return None if rest and rest[0][1] == n else top
+    if (rest and rest[0][1] == n) or n < min_share * len(completions):
+        return None
+    return top
 
 
-def majority(problem: Problem, completions: Sequence[str]) -> list[Reward]:
+def majority(problem: Problem, completions: Sequence[str], min_share: float = 0.0) -> list[Reward]:
     """Label-free: agreement with the group's majority answer (the ground truth is never read)."""
-    label = majority_label(completions)
+    label = majority_label(completions, min_share)
     if label is None:
         return [Reward(0.0, "no majority") for _ in completions]
     out = []
@@ -195,7 +199,7 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
 
 
 def combine(problem: Problem, completions: Sequence[str], weights: dict[str, float],
-            judge: Callable[[Problem, Sequence[str]], list[Reward]] | None = None
+            judge: Callable[[Problem, Sequence[str]], list[Reward]] | None = None, majority_min_share: float = 0.0
             ) -> tuple[list[float], dict[str, list[Reward]]]:
     """Weighted sum per completion, and each source's rewards (for logging)."""
     parts: dict[str, list[Reward]] = {}
@@ -204,6 +208,8 @@ def combine(problem: Problem, completions: Sequence[str], weights: dict[str, flo
             if judge is None:
                 raise ValueError("rewards: 'judge' needs a judge (make_judge)")
             parts[name] = judge(problem, completions)
+        elif name == "majority":
+            parts[name] = majority(problem, completions, majority_min_share)
         else:
             parts[name] = SOURCES[name](problem, completions)
     totals = [sum(weights[n] * parts[n][i].score for n in weights) for i in range(len(completions))]

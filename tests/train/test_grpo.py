@@ -108,7 +108,7 @@ def test_config_errors():
     for values, key in [({"model": "m", "group_size": 1}, "group_size"), ({"model": "m", "rewards": "x"}, "rewards"),
                         ({"model": "m", "task": "addition:99"}, "task"), ({"model": "m", "lr": 0}, "lr"),
                         ({"model": "m", "stepz": 1}, "stepz"), ({"model": "m", "temperature": 0}, "temperature"),
-                        ({}, "model")]:
+                        ({"model": "m", "majority_min_share": 1.5}, "majority_min_share"), ({}, "model")]:
         with pytest.raises(ValueError, match=key):
             GRPOConfig.from_dict(values)
 

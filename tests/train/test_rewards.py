@@ -107,3 +107,13 @@ def test_majority_votes_by_value_and_numbers_used():
     assert R.normalize_answer("x+1") == "x+1" and R.normalize_answer("5-") == "5-"
     assert R.majority_label(group) == "22 from 3,5,7"
     assert [r.score for r in R.majority(cd, group)] == [1, 1, 0, 1, 0, 0, 0]
+
+
+def test_majority_min_share_keeps_only_confident_pseudo_labels():
+    group = [_c("936"), _c("936"), _c("936"), _c("937"), _c("935"), _c("1"), _c("2"), "no answer"]
+    assert R.majority_label(group) == "936"
+    assert R.majority_label(group, min_share=0.375) == "936"  # 3 of 8 votes
+    assert R.majority_label(group, min_share=0.5) is None
+    assert [r.score for r in R.majority(ADD, group, min_share=0.5)] == [0.0] * 8
+    totals, _ = R.combine(ADD, group, {"majority": 1.0}, majority_min_share=0.5)
+    assert totals == [0.0] * 8
