@@ -90,7 +90,9 @@ def main() -> None:
 
         prompt = prompts[0]
         params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
-        rows = {"openr2 fp32": lambda: llm.generate([{"prompt_token_ids": prompt}], params)}
+        compiled = LLM(model_dir, compile=True)  # the same model with the compiled decode step
+        rows = {"openr2 fp32": lambda: llm.generate([{"prompt_token_ids": prompt}], params),
+                "openr2 fp32 compiled": lambda: compiled.generate([{"prompt_token_ids": prompt}], params)}
         for t in TYPES:
             runner = results[f"llama.cpp {t}"]["runner"]
             rows[f"llama.cpp {t}"] = (lambda r: lambda: lc.greedy(r, prompt, args.gen_tokens))(runner)
@@ -104,6 +106,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     results["openr2 fp32"] = {"file_bytes": sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                                                 if f.endswith(".safetensors"))}
+    results["openr2 fp32 compiled"] = dict(results["openr2 fp32"])
     base = args.gen_tokens / statistics.median(times["openr2 fp32"])
     print()
     print("| row | file MB | tokens/s | x openr2 | greedy = openr2 (10 prompts) | top-1 agreement |")
