@@ -179,6 +179,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           require_auth=args.require_auth, log_content=args.log_content,
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
                           default_sampling=generation_defaults(args.model))
+    if args.compile:
+        print("openr2: compiling the decode step (once; inductor caches it on disk for the next start)...")
+        engine.warm_up()
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

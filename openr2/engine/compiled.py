@@ -81,23 +81,28 @@ class CompiledDecode:
         """AOTInductor package of the one-row step (context length and pool size dynamic); False if the
         model does not export (then torch.compile serves one row too)."""
         try:
-            step = _Step(self.model)
-            context, slots = torch.export.Dim("context", min=2), torch.export.Dim("slots")
-            shapes = (None, None, {1: slots}, {1: slots}, {1: context}, None)
-            program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
-            self._package_dir = tempfile.TemporaryDirectory(prefix="openr2-decode-")
-            path = torch._inductor.aoti_compile_and_package(
-                program, package_path=os.path.join(self._package_dir.name, "decode.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
-            runner = torch._inductor.aoti_load_package(path)
-            tensors = dict(step.named_parameters()) | dict(step.named_buffers())
-            runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns() if name in tensors},
-                                  check_full_update=False, user_managed=True)
-            return runner
+            with warnings.catch_warnings():  # torch's own export/packaging trips its LeafSpec deprecation
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                return self._build_package(*example)
         except Exception as e:  # export covers what torch.compile does; if not, that path still works
             warnings.warn(f"one-row decode not exported ({type(e).__name__}: {str(e)[:200]}); using torch.compile",
                           stacklevel=2)
             return False
+
+    def _build_package(self, *example):
+        step = _Step(self.model)
+        context, slots = torch.export.Dim("context", min=2), torch.export.Dim("slots")
+        shapes = (None, None, {1: slots}, {1: slots}, {1: context}, None)
+        program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
+        self._package_dir = tempfile.TemporaryDirectory(prefix="openr2-decode-")
+        path = torch._inductor.aoti_compile_and_package(
+            program, package_path=os.path.join(self._package_dir.name, "decode.pt2"),
+            inductor_configs={"aot_inductor.package_constants_in_so": False})
+        runner = torch._inductor.aoti_load_package(path)
+        tensors = dict(step.named_parameters()) | dict(step.named_buffers())
+        runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
+        return runner
 
 
 class _Step(torch.nn.Module):

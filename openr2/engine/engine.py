@@ -187,6 +187,19 @@ class LLMEngine:
         """Drop all cached prefixes (vLLM's name): call it after updating the model's weights in place."""
         self.blocks.reset()
 
+    def warm_up(self) -> None:
+        """Run the decode shapes a server meets (one row, several rows) once on an idle engine, so that
+        compilation (EngineConfig.compile) happens now rather than inside the first requests."""
+        if self.requests:
+            raise RuntimeError("warm_up needs an idle engine")
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for rows in (1, 2):
+            for i in range(rows):
+                self.add_request(f"warm-up-{rows}-{i}", [0, 0, 0], params)
+            while self.has_unfinished_requests():
+                self.step()
+        self.reset_prefix_cache()  # the warm-up's blocks must not look like anyone's cached prefix
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

@@ -86,3 +86,15 @@ def test_falls_back_to_eager_when_compile_fails(model, monkeypatch):
         done = _run(engine, [("a", prompt, GREEDY)])
     assert engine.runner._compiled_decode is None
     assert done["a"].outputs[0].token_ids == _naive_greedy(model, prompt, GREEDY.max_tokens)
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_both_shapes_and_leaves_the_engine_clean(model):
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=16, compile=True))
+    engine.warm_up()
+    decode = engine.runner._compiled_decode
+    assert decode is not None and decode._single not in (None, False)  # the one-row package was built
+    assert not engine.requests and engine.blocks.num_free == engine.pool.num_blocks
+    assert not engine.blocks.block_of  # no warm-up prefix stays cached
+    prompt = _prompts([6], seed=3)[0]
+    assert _run(engine, [("a", prompt, GREEDY)])["a"].usage.cached_prompt_tokens == 0
