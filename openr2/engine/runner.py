@@ -4,7 +4,8 @@ Rows that add few tokens over a long context (decode, the tail of a prefix-cache
 through absorbed MLA, which attends over the cached latent without expanding it; long prompt chunks run
 together through the naive path (expanded K/V and SDPA, compute-bound). A per-row cost model picks.
 Each group is padded to its longest row; padding never reaches the cache. With `compile`, decode-only
-groups of up to COMPILED_MAX_ROWS rows run through the compiled decode step (engine/compiled.py).
+groups of up to COMPILED_DECODE_MAX_TOKENS rows run through the compiled decode step (engine/compiled.py);
+larger decode batches amortise eager dispatch over their rows anyway.
 
 Shape legend: B rows, T new tokens per row (padded), V vocab.
 """
@@ -17,9 +18,8 @@ import torch
 
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.sequence import Sequence
+from openr2.model.moe import COMPILED_DECODE_MAX_TOKENS
 from openr2.model.transformer import Transformer
-
-COMPILED_MAX_ROWS = 16  # larger decode batches amortise eager dispatch over their rows anyway
 
 
 class ModelRunner:
@@ -68,7 +68,7 @@ class ModelRunner:
             positions[b, n:] = start + n - 1  # padding queries see the row's context and are dropped
         view = self.pool.view([s.block_table for s, _ in group], [s.num_computed for s, _ in group],
                               [n for _, n in group])
-        if self._compiled_decode is not None and T == 1 and attn_impl == "absorbed" and len(group) <= COMPILED_MAX_ROWS:
+        if self._compiled_decode is not None and T == 1 and attn_impl == "absorbed" and len(group) <= COMPILED_DECODE_MAX_TOKENS:
             out = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
         else:
             last = torch.tensor([n - 1 for _, n in group])

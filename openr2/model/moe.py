@@ -104,9 +104,9 @@ class RoutedExperts(nn.Module):
     def _tensor_only(self, x, weights, ids):
         """The path for compiled decode: no host sync (no counts as Python ints), decode-sized N only.
 
-        Up to E (token, slot) pairs, each pair multiplies by its expert's weights gathered into a batch
-        (copies K experts per token); beyond that, every expert runs on every token and a [N, E] gain
-        matrix keeps the chosen ones (reads each expert once).
+        Up to E (token, slot) pairs, each pair multiplies by its expert's weights indexed by expert id
+        (inductor fuses the index into the product, so nothing is copied); beyond that, every expert runs
+        on every token and a [N, E] gain matrix keeps the chosen ones (reads each expert once).
         """
         N, K = ids.shape
         if N * K <= self.num_experts:
@@ -123,7 +123,7 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x, weights, ids):
         N, K = ids.shape
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and N <= COMPILED_DECODE_MAX_TOKENS:
             return self._tensor_only(x, weights, ids)
         if N * K <= _FEW_PAIRS and not torch.is_grad_enabled():
             return self._few(x, weights, ids)
@@ -141,6 +141,7 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
+COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)
 _FEW_PAIRS = 8  # up to this many (token, expert) pairs, sorting and scattering cost more than they save
 
 
