@@ -63,20 +63,24 @@ class PagedView:
         self.pool = pool
         bs = pool.block_size
         device = pool.c_kv.device
-        T, S = max(num_new), max(c + n for c, n in zip(num_computed, num_new))
-        gather = torch.zeros(len(block_tables), S, dtype=torch.long)  # padding reads slot 0, masked anyway
-        write_rows, write_cols, write_slots = [], [], []
-        for b, (table, done, new) in enumerate(zip(block_tables, num_computed, num_new)):
-            ctx = done + new
-            slots = _slots(table, ctx, bs)
-            gather[b, :ctx] = slots
+        contexts = [done + new for done, new in zip(num_computed, num_new)]
+        S = max(contexts)
+        # Every row's slots from its block table in one go, as few tensor ops as possible (a decode step is
+        # ~1 ms). Beyond a row's own context the gather reads block 0 or the tail of its last block: keys
+        # the causal mask hides (each query sees key positions up to its own).
+        width = -(-S // bs)
+        tables = [table[: -(-ctx // bs)] for table, ctx in zip(block_tables, contexts)]
+        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        gather = (blocks[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :S]
+        write_rows, write_cols, write_positions = [], [], []
+        for b, (done, new) in enumerate(zip(num_computed, num_new)):
             write_rows += [b] * new
             write_cols += range(new)
-            write_slots.append(slots[done:ctx])
+            write_positions += range(done, done + new)
+        rows = torch.tensor(write_rows)
         self.gather = gather.to(device)
-        self.write_index = (torch.tensor(write_rows, device=device), torch.tensor(write_cols, device=device))
-        self.write_slots = torch.cat(write_slots).to(device)
-        self.shape = (len(block_tables), T)
+        self.write_slots = gather[rows, torch.tensor(write_positions)].to(device)
+        self.write_index = (rows.to(device), torch.tensor(write_cols, device=device))
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
         """Scatter the new tokens' c_kv [B, T, C] / k_rope [B, T, R]; return [B, S, C] / [B, S, R] contexts."""
@@ -87,9 +91,3 @@ class PagedView:
 
     def advance(self, num_tokens: int) -> None:
         """Lengths live in the engine's sequences; nothing to do here."""
-
-
-def _slots(table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
-    """Pool slot of each of the first num_tokens positions of a sequence with this block table."""
-    blocks = torch.tensor(table[: -(-num_tokens // block_size)], dtype=torch.long)
-    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]

@@ -59,13 +59,13 @@ class ModelRunner:
 
     def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str) -> dict[int, torch.Tensor]:
         T = max(n for _, n in group)
-        ids = torch.zeros(len(group), T, dtype=torch.long)
-        positions = torch.zeros(len(group), T, dtype=torch.long)
-        for b, (seq, n) in enumerate(group):
+        rows, row_positions = [], []  # built as lists, one tensor each: a decode step is too short for more
+        for seq, n in group:
             start = seq.num_computed
-            ids[b, :n] = torch.tensor(seq.token_ids[start : start + n])
-            positions[b, :n] = torch.arange(start, start + n)
-            positions[b, n:] = start + n - 1  # padding queries see the row's context and are dropped
+            rows.append(seq.token_ids[start : start + n] + [0] * (T - n))
+            # padding queries see the row's context and are dropped
+            row_positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
+        ids, positions = torch.tensor(rows), torch.tensor(row_positions)
         view = self.pool.view([s.block_table for s, _ in group], [s.num_computed for s, _ in group],
                               [n for _, n in group])
         if self._compiled_decode is not None and T == 1 and attn_impl == "absorbed" and len(group) <= COMPILED_DECODE_MAX_TOKENS:
