@@ -98,3 +98,18 @@ def test_warm_up_compiles_both_shapes_and_leaves_the_engine_clean(model):
     assert not engine.blocks.block_of  # no warm-up prefix stays cached
     prompt = _prompts([6], seed=3)[0]
     assert _run(engine, [("a", prompt, GREEDY)])["a"].usage.cached_prompt_tokens == 0
+
+
+def test_quantized_models_decode_eagerly(model):
+    from openr2.quant.checkpoint import quantize_model
+
+    quantized = build_model(model.config, seed=1).eval()
+    quantized.load_state_dict(model.state_dict())
+    quantize_model(quantized, "int8")
+    with pytest.warns(UserWarning, match="quantized models decode eagerly"):
+        engine = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=8, compile=True))
+    assert engine.runner._compiled_decode is None
+    reference = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=8))
+    prompt = _prompts([6], seed=4)[0]
+    assert _run(engine, [("a", prompt, GREEDY)])["a"].outputs[0].token_ids == \
+        _run(reference, [("a", prompt, GREEDY)])["a"].outputs[0].token_ids
