@@ -28,10 +28,11 @@ class ModelRunner:
         self.device = model.device
         self._compiled_decode = None
         if compile:
-            from openr2.quant.layers import is_quantized
+            from openr2.quant.layers import quant_schemes
 
-            if is_quantized(model):  # their layers sort tokens by expert with host syncs: not traceable yet
-                warnings.warn("compile: quantized models decode eagerly (not compiled yet)", stacklevel=2)
+            if quant_schemes(model) - {"int8"}:  # int4 / fp8 unpacking compiles into slower kernels than eager
+                warnings.warn("compile: int4 and fp8 models decode eagerly (only float and int8 are compiled)",
+                              stacklevel=2)
             else:
                 from openr2.engine.compiled import compiled_decode_step
 

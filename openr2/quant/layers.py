@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openr2.model.moe import RoutedExperts
+from openr2.model.moe import COMPILED_DECODE_MAX_TOKENS, RoutedExperts
 from openr2.quant import schemes
 
 IMPLS = ("fast", "reference")
@@ -98,6 +98,11 @@ class _QuantWeight(nn.Module):
         """x [..., I] -> x @ W^T [..., O] (W the weight, or stacked slice `index`), by self.impl."""
         if self.impl == "reference":
             return F.linear(x, self.dequantize(index, x.dtype))
+        if self.scheme == "int8" and torch.compiler.is_compiling() \
+                and x.numel() <= COMPILED_DECODE_MAX_TOKENS * x.shape[-1]:
+            # compiled decode: as a product-and-sum, inductor fuses the dequantization into one kernel that
+            # reads the int8 bytes (an extern matmul would need the float weight written out first)
+            return (x[..., None, :] * self.dequantize(index, x.dtype)).sum(-1)
         if self.scheme == "int8":
             q = self.qweight if index is None else self.qweight[index]
             s = self.scale if index is None else self.scale[index]
@@ -166,7 +171,21 @@ class QuantExperts(nn.Module):
         """x [N, D], weights [N, K], ids [N, K] -> [N, D]; `impl` is the float model's looped/grouped choice."""
         if self.impl == "reference":
             return self._as_float(x.dtype).forward(x, weights, ids, impl)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] <= COMPILED_DECODE_MAX_TOKENS:
+            return self._tensor_only(x, weights, ids)
         return self._fast(x, weights, ids)
+
+    def _tensor_only(self, x, weights, ids):
+        """Compiled decode: each (token, slot) pair's expert weights indexed by id and dequantized, as a
+        product-and-sum that inductor fuses into one kernel reading the quantized bytes (no host sync)."""
+        N, K = ids.shape
+        flat = ids.flatten()
+        gate_up = self.gate_up_proj.dequantize(flat, x.dtype)  # [N*K, 2I, D]
+        down = self.down_proj.dequantize(flat, x.dtype)  # [N*K, D, I]
+        h = (x.repeat_interleave(K, 0)[:, None, :] * gate_up).sum(-1)
+        gate, up = h.chunk(2, dim=-1)
+        y = ((F.silu(gate) * up)[:, None, :] * down).sum(-1)
+        return (y * weights.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1).to(x.dtype)
 
     def _as_float(self, dtype: torch.dtype) -> RoutedExperts:
         """A float RoutedExperts holding the dequantized weights (the reference: the float model's code)."""
@@ -265,6 +284,11 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, _QuantWeight) for m in model.modules())
+
+
+def quant_schemes(model: nn.Module) -> set[str]:
+    """The quantization schemes of the model's weights ("int8", "int4", "fp8"); empty for a float model."""
+    return {m.scheme for m in model.modules() if isinstance(m, _QuantWeight)}
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -100,16 +100,32 @@ def test_warm_up_compiles_both_shapes_and_leaves_the_engine_clean(model):
     assert _run(engine, [("a", prompt, GREEDY)])["a"].usage.cached_prompt_tokens == 0
 
 
-def test_quantized_models_decode_eagerly(model):
+@pytest.mark.slow
+def test_int8_model_compiles_and_matches_eager(model):
+    """int8 weights in the compiled step (dequantized inside the fused kernels): the eager quantized model's
+    tokens, one row and several."""
     from openr2.quant.checkpoint import quantize_model
 
     quantized = build_model(model.config, seed=1).eval()
     quantized.load_state_dict(model.state_dict())
     quantize_model(quantized, "int8")
-    with pytest.warns(UserWarning, match="quantized models decode eagerly"):
+    prompts = _prompts([6, 11, 3], seed=4)
+    requests = [(str(i), p, GREEDY) for i, p in enumerate(prompts)]
+    compiled_engine = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=16, compile=True))
+    eager_engine = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=16))
+    for batch in (requests[:1], requests):
+        got, want = _run(compiled_engine, batch), _run(eager_engine, batch)
+        assert compiled_engine.runner._compiled_decode is not None
+        for rid, _, _ in batch:
+            assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids, rid
+
+
+def test_int4_models_decode_eagerly():
+    from openr2.presets import tiny_v2
+    from openr2.quant.checkpoint import quantize_model
+
+    quantized = build_model(tiny_v2(), seed=1).eval()  # widths that int4 groups of 32 divide
+    quantize_model(quantized, "int4", group_size=32)
+    with pytest.warns(UserWarning, match="int4 and fp8 models decode eagerly"):
         engine = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=8, compile=True))
     assert engine.runner._compiled_decode is None
-    reference = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=8))
-    prompt = _prompts([6], seed=4)[0]
-    assert _run(engine, [("a", prompt, GREEDY)])["a"].outputs[0].token_ids == \
-        _run(reference, [("a", prompt, GREEDY)])["a"].outputs[0].token_ids
