@@ -82,7 +82,7 @@ def hf_generate(hf, ids: torch.Tensor, new_tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def bench_decode(ours, hf, prompt, new_tokens, runs, thread_options):
+def bench_decode(ours, hf, prompt, new_tokens, runs, thread_options, int8=None):
     """(a): best thread count per side; tokens/s = new tokens / wall time of the whole generation.
 
     openr2 runs twice: eager, and with the compiled decode step (EngineConfig(compile=True)), whose
@@ -92,6 +92,8 @@ def bench_decode(ours, hf, prompt, new_tokens, runs, thread_options):
     hf_ids = torch.tensor([prompt])
     # the pools are allocated once, outside the timing, as a server would
     engines = {"openr2": new_engine(ours), "openr2 compiled": new_engine(ours, compile=True)}
+    if int8 is not None:  # another model (its own weights): its tokens are compared, not required equal
+        engines["openr2 int8 compiled"] = new_engine(int8, compile=True)
     sides = {name: (lambda e=engine: engine_generate(e, [prompt], new_tokens)[0]) for name, engine in engines.items()}
     sides["transformers"] = lambda: hf_generate(hf, hf_ids, new_tokens)
     for threads in thread_options:
@@ -110,7 +112,12 @@ def bench_decode(ours, hf, prompt, new_tokens, runs, thread_options):
                 tokens[name] = fn()
                 times[name].append(time.perf_counter() - t0)
         for name in engines:
-            if tokens[name] != tokens["transformers"]:
+            if name == "openr2 int8 compiled":
+                same = next((i for i, (a, b) in enumerate(zip(tokens[name], tokens["transformers"])) if a != b),
+                            len(tokens[name]))
+                print(f"int8 greedy tokens: the first {same} of {len(tokens[name])} equal float32's (a random "
+                      f"model's near-tied logits; bench/quant.py measures int8 quality on the demo)")
+            elif tokens[name] != tokens["transformers"]:
                 raise SystemExit(f"FAIL: {name} greedy tokens differ at {threads} threads:\n{tokens[name]}\n"
                                  f"{tokens['transformers']}")
         rows[threads] = {name: new_tokens / statistics.median(t) for name, t in times.items()}
@@ -125,6 +132,7 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--long-prompt", type=int, default=4096)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts tried in (a)")
+    ap.add_argument("--int8", action="store_true", help="(a): also the int8-quantized model, compiled")
     args = ap.parse_args()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -137,6 +145,11 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' V3 config announces an MTP layer it never saves
             ours = load_model(ckpt)
+            int8 = None
+            if args.int8:
+                from openr2.quant.checkpoint import quantize_model
+
+                int8 = quantize_model(load_model(ckpt), "int8")
     vocab = ours.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     result = {"bench": "engine", "model": "small_moe", "torch": torch.__version__,
@@ -144,21 +157,26 @@ def main() -> None:
 
     # (a) batch-1 decode
     prompt = torch.randint(0, vocab, (32,), generator=gen).tolist()
-    rows, best, compile_s = bench_decode(ours, hf, prompt, args.new_tokens, args.runs, args.threads)
+    rows, best, compile_s = bench_decode(ours, hf, prompt, args.new_tokens, args.runs, args.threads, int8)
     at_best = {name: rows[t][name] for name, t in best.items()}
     ratio_eager = at_best["openr2"] / at_best["transformers"]
     ratio_a = at_best["openr2 compiled"] / at_best["transformers"]
     print(f"\n(a) batch-1 greedy decode, 32-token prompt, {args.new_tokens} new tokens (tokens/s)")
-    print("| threads | openr2 eager | openr2 compiled | transformers generate |")
-    print("|---|---|---|---|")
+    names = list(rows[args.threads[0]])
+    print("| threads | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
     for t, r in rows.items():
-        print(f"| {t} | {r['openr2']:.1f} | {r['openr2 compiled']:.1f} | {r['transformers']:.1f} |")
+        print(f"| {t} | " + " | ".join(f"{r[n]:.1f}" for n in names) + " |")
     print(f"best: openr2 compiled {at_best['openr2 compiled']:.1f} ({best['openr2 compiled']} thr; compiling took "
           f"{compile_s:.0f} s once), eager {at_best['openr2']:.1f} ({best['openr2']} thr) vs transformers "
           f"{at_best['transformers']:.1f} ({best['transformers']} thr): {ratio_a:.2f}x compiled, "
           f"{ratio_eager:.2f}x eager (target >= 5x)")
     result["a_decode"] = {"rows": rows, "best_threads": best, "compile_s": round(compile_s, 1),
                           "ratio": round(ratio_a, 3), "ratio_eager": round(ratio_eager, 3)}
+    if int8 is not None:
+        ratio_int8 = at_best["openr2 int8 compiled"] / at_best["transformers"]
+        print(f"int8 compiled: {at_best['openr2 int8 compiled']:.1f} tok/s, {ratio_int8:.2f}x transformers (float32)")
+        result["a_decode"]["ratio_int8"] = round(ratio_int8, 3)
 
     torch.set_num_threads(max(args.threads))
     threads = torch.get_num_threads()
