@@ -38,7 +38,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget: prompt chunks beyond it continue next step
     max_model_len: int | None = None  # prompt + output; default max_position_embeddings
     enable_prefix_caching: bool = True
-    compile: bool = False  # torch.compile the decode step: faster small-batch decode after ~30 s of compiling
+    compile: bool = False  # compile the decode step (engine/compiled.py): ~20-60 s once, then faster decode
 
 
 @dataclass
