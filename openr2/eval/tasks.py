@@ -15,7 +15,6 @@ Synthetic tasks draw held-out (test split) problems from openr2.train.data, as t
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -63,20 +62,15 @@ def choice_prompt(question: str, choices: list[str]) -> list[dict]:
 
 def records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object names file:line."""
+    from openr2.train.data import jsonl_records
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    for lineno, record in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def _field(record: dict, name: str, kind, where: str):

@@ -421,22 +421,27 @@ def to_text(problem: Problem) -> str:
     return f"{problem.prompt}\n{problem.reasoning}\nThe answer is {problem.answer}."
 
 
-def read_jsonl(path: str | os.PathLike, field: str | None = None) -> Iterator[Any]:
-    """Records of a JSONL file (blank lines skipped), or the `field` of each; errors name path and line."""
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; bad JSON names file:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-            if field is None:
-                yield record
-            elif not isinstance(record, dict) or field not in record:
-                raise ValueError(f"{path}:{lineno}: no field {field!r}")
-            else:
-                yield record[field]
+                raise ValueError(f"{os.fspath(path)}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def read_jsonl(path: str | os.PathLike, field: str | None = None) -> Iterator[Any]:
+    """Records of a JSONL file (blank lines skipped), or the `field` of each; errors name path and line."""
+    for lineno, record in jsonl_records(path):
+        if field is None:
+            yield record
+        elif not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{lineno}: no field {field!r}")
+        else:
+            yield record[field]
 
 
 _CALC = re.compile(r"<<[^>]*>>")
