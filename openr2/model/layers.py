@@ -10,6 +10,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). In compiled one-token decode on CPU, written as a product and a sum: inductor
+    turns that into one vectorised reduction that streams the weight at about twice the speed of MKL's
+    matrix-vector product at these sizes (a 4096x256 head plus six small projections, one thread: 118 vs
+    227 us), and fuses it with its neighbours."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.device.type == "cpu" \
+            and not torch.is_grad_enabled():
+        y = (x.unsqueeze(-2) * weight).sum(-1)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product is `linear` (the same parameters and state-dict names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps); normalised in float32, cast back, then scaled (HF order)."""
 
@@ -32,9 +51,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.layers import RMSNorm
+from openr2.model.layers import Linear, RMSNorm
 from openr2.model.rope import apply_rope
 
 ATTN_IMPLS = ("naive", "absorbed")
@@ -72,15 +72,15 @@ class MLA(nn.Module):
         d, h, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
         bias = config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * qk, bias=False)
+            self.q_proj = Linear(d, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 whatever rms_norm_eps says (as HF)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(h * self.v_dim, d, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, attn_impl: str = "naive") -> torch.Tensor:

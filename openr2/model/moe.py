@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from openr2.config import ModelConfig
-from openr2.model.layers import MLP
+from openr2.model.layers import MLP, linear
 
 MOE_IMPLS = ("looped", "grouped")
 
@@ -42,7 +42,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] float32, expert ids [N, K], scores [N, E] float32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.method == "noaux_tc" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
         if self.method != "greedy" and self.topk_groups < self.num_groups:
@@ -111,9 +111,14 @@ class RoutedExperts(nn.Module):
         N, K = ids.shape
         if N * K <= self.num_experts:
             flat = ids.flatten()
-            h = torch.bmm(x.repeat_interleave(K, 0)[:, None], self.gate_up_proj.index_select(0, flat).transpose(1, 2))
-            gate, up = h.chunk(2, dim=-1)
-            y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]
+            x = x.repeat_interleave(K, 0)
+            if x.device.type == "cpu":  # each pair reads its own weights once: product and sum (see layers.linear)
+                gate, up = (x[:, None] * self.gate_up_proj[flat]).sum(-1).chunk(2, dim=-1)
+                y = ((F.silu(gate) * up)[:, None] * self.down_proj[flat]).sum(-1)
+            else:
+                h = torch.bmm(x[:, None], self.gate_up_proj.index_select(0, flat).transpose(1, 2))
+                gate, up = h.chunk(2, dim=-1)
+                y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]
             return (y * weights.flatten()[:, None]).view(N, K, -1).sum(1).to(x.dtype)
         h = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
         gate, up = h.chunk(2, dim=-1)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.layers import MLP, RMSNorm
+from openr2.model.layers import MLP, Linear, RMSNorm
 from openr2.model.mla import MLA, LatentCache
 from openr2.model.moe import Gate, MoE, RoutedExperts
 from openr2.model.rope import RotaryEmbedding
@@ -44,7 +44,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
