@@ -111,14 +111,11 @@ class RoutedExperts(nn.Module):
         N, K = ids.shape
         if N * K <= self.num_experts:
             flat = ids.flatten()
-            x = x.repeat_interleave(K, 0)
-            if x.device.type == "cpu":  # each pair reads its own weights once: product and sum (see layers.linear)
-                gate, up = (x[:, None] * self.gate_up_proj[flat]).sum(-1).chunk(2, dim=-1)
-                y = ((F.silu(gate) * up)[:, None] * self.down_proj[flat]).sum(-1)
-            else:
-                h = torch.bmm(x[:, None], self.gate_up_proj.index_select(0, flat).transpose(1, 2))
-                gate, up = h.chunk(2, dim=-1)
-                y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]
+            if x.device.type == "cpu":
+                return experts_per_pair(x, weights, ids, self.gate_up_proj[flat], self.down_proj[flat])
+            h = torch.bmm(x.repeat_interleave(K, 0)[:, None], self.gate_up_proj.index_select(0, flat).transpose(1, 2))
+            gate, up = h.chunk(2, dim=-1)
+            y = torch.bmm(F.silu(gate) * up, self.down_proj.index_select(0, flat).transpose(1, 2))[:, 0]
             return (y * weights.flatten()[:, None]).view(N, K, -1).sum(1).to(x.dtype)
         h = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
         gate, up = h.chunk(2, dim=-1)
@@ -144,6 +141,17 @@ class RoutedExperts(nn.Module):
         y = _segment_mm(F.silu(gate) * up, self.down_proj, counts)
         y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+def experts_per_pair(x, weights, ids, gate_up, down):
+    """Compiled decode: token n's k-th expert applied with that pair's own weights, gate_up [N*K, 2I, D] and
+    down [N*K, D, I] (indexed by expert id, or dequantized: inductor fuses either into the loads), each as a
+    product and a sum (one fused reduction reading the weights once, see layers.linear) -> [N, D]."""
+    N, K = ids.shape
+    h = (x.repeat_interleave(K, 0)[:, None, :] * gate_up).sum(-1)
+    gate, up = h.chunk(2, dim=-1)
+    y = ((F.silu(gate) * up)[:, None, :] * down).sum(-1)
+    return (y * weights.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1).to(x.dtype)
 
 
 COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openr2.model.moe import COMPILED_DECODE_MAX_TOKENS, RoutedExperts
+from openr2.model.moe import COMPILED_DECODE_MAX_TOKENS, RoutedExperts, experts_per_pair
 from openr2.quant import schemes
 
 IMPLS = ("fast", "reference")
@@ -176,16 +176,11 @@ class QuantExperts(nn.Module):
         return self._fast(x, weights, ids)
 
     def _tensor_only(self, x, weights, ids):
-        """Compiled decode: each (token, slot) pair's expert weights indexed by id and dequantized, as a
-        product-and-sum that inductor fuses into one kernel reading the quantized bytes (no host sync)."""
-        N, K = ids.shape
+        """Compiled decode: each (token, slot) pair's expert weights indexed by id and dequantized inside the
+        kernel that reads the quantized bytes (no host sync)."""
         flat = ids.flatten()
-        gate_up = self.gate_up_proj.dequantize(flat, x.dtype)  # [N*K, 2I, D]
-        down = self.down_proj.dequantize(flat, x.dtype)  # [N*K, D, I]
-        h = (x.repeat_interleave(K, 0)[:, None, :] * gate_up).sum(-1)
-        gate, up = h.chunk(2, dim=-1)
-        y = ((F.silu(gate) * up)[:, None, :] * down).sum(-1)
-        return (y * weights.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1).to(x.dtype)
+        return experts_per_pair(x, weights, ids, self.gate_up_proj.dequantize(flat, x.dtype),
+                                self.down_proj.dequantize(flat, x.dtype))
 
     def _as_float(self, dtype: torch.dtype) -> RoutedExperts:
         """A float RoutedExperts holding the dequantized weights (the reference: the float model's code)."""
