@@ -35,58 +35,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 import transformers  # noqa: E402
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
+from bench.common import busy_cpu_s, make_hf_checkpoint, time_rows  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.presets import bench_moe  # noqa: E402
 
 MAX_DIFF = 1e-3
 
 
-def make_checkpoint(path: str, seed: int) -> DeepseekV3Config:
-    """Random DeepseekV3ForCausalLM of the bench_moe shape, every tensor perturbed, saved to `path`."""
-    config = bench_moe()
-    hf_config = DeepseekV3Config(**config.to_hf())
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(hf_config).float().eval()
-    with torch.no_grad():
-        # transformers initialises some tensors to constants (router weight zeros, norms ones, correction
-        # bias zeros); a parity check on those would not see a mixed-up name or layout, so nudge them all.
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.rand_like(b) * 0.1)
-    model.save_pretrained(path)
-    return hf_config
 
 
-def _busy_cpu_s() -> tuple[float, float] | None:
-    """(CPU-seconds the whole machine has been busy, this process's CPU-seconds), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return (sum(fields[:8]) - idle) / hz, own.user + own.system
 
 
-def time_rows(rows: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per row. Rounds are interleaved (row A, row B, ..., then again) so that a slow spell
-    of a shared machine lands on every row alike instead of on whichever row happened to run then."""
-    for fn in rows.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(runs):
-        for name, fn in rows.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -112,7 +73,7 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}  runs {args.runs} (median)")
 
     with tempfile.TemporaryDirectory() as ckpt:
-        hf_config = make_checkpoint(ckpt, args.seed)
+        hf_config = make_hf_checkpoint(ckpt, bench_moe(), args.seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ours = load_model(ckpt)
@@ -150,10 +111,11 @@ def main() -> None:
         del ref
 
         tokens = args.batch * args.seq
-        before, t0 = _busy_cpu_s(), time.perf_counter()
-        for name, median_s in time_rows(rows, args.runs, args.warmup).items():
+        before, t0 = busy_cpu_s(), time.perf_counter()
+        for name, times in time_rows(rows, args.runs, args.warmup).items():
+            median_s = statistics.median(times)
             results[name].update(median_s=median_s, tokens_per_s=tokens / median_s)
-        after, wall_s = _busy_cpu_s(), time.perf_counter() - t0
+        after, wall_s = busy_cpu_s(), time.perf_counter() - t0
 
     # On a shared machine other processes steal cores mid-run; say how much, so a noisy run is visible.
     other_frac = None

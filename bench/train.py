@@ -47,8 +47,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 import transformers  # noqa: E402
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
+from bench.common import busy_cpu_s, make_hf_checkpoint, time_rows  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.config import ModelConfig  # noqa: E402
 from openr2.model.moe import MoE, update_correction_bias  # noqa: E402
@@ -76,21 +77,6 @@ def demo_config() -> ModelConfig:
 MODELS = {"demo": demo_config, "bench-moe": bench_moe}
 
 
-def make_checkpoint(path: str, config: ModelConfig, seed: int) -> DeepseekV3Config:
-    """Random DeepseekV3ForCausalLM of `config`'s shape, every tensor perturbed, saved to `path`."""
-    hf_config = DeepseekV3Config(**config.to_hf())
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(hf_config).float()
-    with torch.no_grad():
-        # transformers initialises some tensors to constants (router weight zeros, norms ones, correction
-        # bias zeros); nudge them all so that a mixed-up name or layout would show in the loss check.
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.rand_like(b) * 0.1)
-    model.save_pretrained(path)
-    return hf_config
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
@@ -153,32 +139,8 @@ class Side:
         return value
 
 
-def _busy_cpu_s() -> tuple[float, float] | None:
-    """(CPU-seconds the whole machine has been busy, this process's CPU-seconds), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return (sum(fields[:8]) - idle) / hz, own.user + own.system
 
 
-def time_rows(rows: dict, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per run of each row. Rounds are interleaved (row A, row B, ..., then again) so that a slow
-    spell of a shared machine lands on every row alike instead of on whichever row happened to run then."""
-    for fn in rows.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(runs):
-        for name, fn in rows.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:
@@ -206,7 +168,7 @@ def main() -> None:
           f"runs {args.runs} (median)")
 
     with tempfile.TemporaryDirectory() as ckpt:
-        hf_config = make_checkpoint(ckpt, config, args.seed)
+        hf_config = make_hf_checkpoint(ckpt, config, args.seed, eval_mode=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ours = load_model(ckpt)
@@ -248,9 +210,9 @@ def main() -> None:
             rows[(side.name, t)] = run
 
     tokens = args.batch * args.seq
-    before, t0 = _busy_cpu_s(), time.perf_counter()
+    before, t0 = busy_cpu_s(), time.perf_counter()
     times = time_rows(rows, args.runs, args.warmup)
-    after, wall_s = _busy_cpu_s(), time.perf_counter() - t0
+    after, wall_s = busy_cpu_s(), time.perf_counter() - t0
     other_frac = None
     if before and after:
         other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))

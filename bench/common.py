@@ -1,0 +1,58 @@
+"""Helpers shared by the benchmarks that time openr2 against transformers on one checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from openr2.config import ModelConfig
+
+
+def make_hf_checkpoint(path: str, config: ModelConfig, seed: int, eval_mode: bool = True) -> DeepseekV3Config:
+    """Random DeepseekV3ForCausalLM of `config`'s shape, every tensor perturbed, saved to `path`."""
+    hf_config = DeepseekV3Config(**config.to_hf())
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(hf_config).float()
+    if eval_mode:
+        model.eval()
+    with torch.no_grad():
+        # transformers initialises some tensors to constants (router weight zeros, norms ones, correction
+        # bias zeros); a check on those would not see a mixed-up name or layout, so nudge them all.
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand_like(b) * 0.1)
+    model.save_pretrained(path)
+    return hf_config
+
+
+def busy_cpu_s() -> tuple[float, float] | None:
+    """(CPU-seconds the whole machine has been busy, this process's CPU-seconds), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (sum(fields[:8]) - idle) / hz, own.user + own.system
+
+
+def time_rows(rows: dict, runs: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per run of each row. Rounds are interleaved (row A, row B, ..., then again) so that a slow
+    spell of a shared machine lands on every row alike instead of on whichever row happened to run then."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(runs):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
