@@ -112,6 +112,23 @@ def multiplication_problem(a: int, b: int) -> Problem:
                    str(a * b), f"multiplication:{min(a, b)}*{max(a, b)}")
 
 
+def sum_problem(numbers: Sequence[int], order: Sequence[int] | None = None) -> Problem:
+    """`What is 47+38+19?` as a running total, one addition per line, taking the terms in `order` (indices
+    into numbers; default as given). Any order is a correct working: the generator picks one at random,
+    so the task has many solution paths to one answer."""
+    if len(numbers) < 2 or any(n < 0 for n in numbers):
+        raise ValueError(f"sum: need at least two non-negative numbers, got {list(numbers)}")
+    order = list(range(len(numbers))) if order is None else list(order)
+    if sorted(order) != list(range(len(numbers))):
+        raise ValueError(f"sum: order {order} is not a permutation of the {len(numbers)} terms")
+    total, lines = numbers[order[0]], []
+    for i in order[1:]:
+        lines.append(f"{total}+{numbers[i]}={total + numbers[i]}")
+        total += numbers[i]
+    return Problem("sum", len(numbers), f"What is {'+'.join(map(str, numbers))}?", "\n".join(lines), str(total),
+                   f"sum:{'+'.join(map(str, sorted(numbers)))}")
+
+
 def _mod_line(x: int, m: int) -> str:
     return f"{x}={x // m}*{m}+{x % m}"
 
@@ -228,6 +245,14 @@ def multiplication(rng: random.Random, digits: int) -> Problem:
     return multiplication_problem(*_pair(rng, digits))
 
 
+def sum_of_terms(rng: random.Random, terms: int) -> Problem:
+    """`terms` two-digit numbers, added in a random order."""
+    numbers = [rng.randint(10, 99) for _ in range(terms)]
+    order = list(range(terms))
+    rng.shuffle(order)
+    return sum_problem(numbers, order)
+
+
 def modular(rng: random.Random, digits: int) -> Problem:
     """(a op b) mod m with a, b of up to `digits` digits, or a^e mod m with e in 2..5; m has `digits` digits."""
     m = max(2, _operand(rng, digits))
@@ -273,6 +298,7 @@ TASKS: dict[str, TaskSpec] = {
     "multiplication": TaskSpec(multiplication, 1, 5, "digits"),
     "countdown": TaskSpec(countdown, 2, 5, "num_operands"),
     "modular": TaskSpec(modular, 1, 4, "digits"),
+    "sum": TaskSpec(sum_of_terms, 3, 8, "terms"),
 }
 
 

@@ -31,6 +31,7 @@ from openr2.train.data import (
     sft_example,
     split_of,
     subtraction_problem,
+    sum_problem,
     to_messages,
     verify,
 )
@@ -116,6 +117,28 @@ def test_multiplication_partial_products():
         else:
             assert len(lines) == 1
         assert p.answer == str(a * b) and verify(p, p.answer)
+
+
+def test_sum_running_total_in_any_order():
+    orders = set()
+    for p in _problems("sum"):
+        numbers = list(map(int, re.fullmatch(r"What is (\d+(?:\+\d+)+)\?", p.prompt).group(1).split("+")))
+        assert len(numbers) == p.difficulty and all(10 <= n <= 99 for n in numbers)
+        lines = [tuple(map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", line).groups())) for line in p.reasoning.split("\n")]
+        assert len(lines) == len(numbers) - 1
+        used = [lines[0][0]] + [y for _, y, _ in lines]
+        assert sorted(used) == sorted(numbers)  # every term exactly once
+        for (x, y, v), nxt in zip(lines, lines[1:] + [None]):
+            assert v == x + y and (nxt is None or nxt[0] == v)
+        assert p.answer == str(sum(numbers)) == str(lines[-1][2]) and verify(p, p.answer)
+        assert p.key == "sum:" + "+".join(map(str, sorted(numbers)))  # the same problem in any order
+        orders.add(tuple(used) == tuple(numbers))
+    assert orders == {True, False}  # the working takes the terms in a random order, sometimes as given
+    assert sum_problem([12, 30, 7], [2, 0, 1]).reasoning == "7+12=19\n19+30=49"
+    with pytest.raises(ValueError, match="permutation"):
+        sum_problem([12, 30], [0, 0])
+    with pytest.raises(ValueError, match="at least two"):
+        sum_problem([12])
 
 
 def test_modular_working():
