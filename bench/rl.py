@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--judge-steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (rollouts, pass@1, maj@8)")
+    ap.add_argument("--kl-beta", type=float, default=0.0, help="KL penalty to the frozen start (k3 estimator)")
     ap.add_argument("--majority-min-share", type=float, default=0.0,
                     help="label-free: the top answer's share of a group's votes needed for a pseudo-label")
     ap.add_argument("--max-tokens", type=int, default=200)
@@ -54,8 +56,9 @@ def main() -> None:
         judge = mode == "self-judge"
         cfg = GRPOConfig(model=args.model, task=args.task, rewards=MODES[mode],
                          steps=args.judge_steps if judge else args.steps, prompts_per_step=args.prompts_per_step,
-                         group_size=args.group_size, lr=args.lr, max_tokens=args.max_tokens,
-                         eval_samples=args.eval_samples, eval_k=8, eval_every=0, out_dir=os.path.join(args.out_dir, mode),
+                         group_size=args.group_size, lr=args.lr, temperature=args.temperature, kl_beta=args.kl_beta,
+                         max_tokens=args.max_tokens, eval_samples=args.eval_samples, eval_k=8, eval_every=0,
+                         out_dir=os.path.join(args.out_dir, mode),
                          seed=args.seed, judge_samples=2, judge_max_tokens=96,
                          majority_min_share=args.majority_min_share,
                          max_sampling_rounds=1 if judge else 4)
@@ -75,7 +78,7 @@ def main() -> None:
 
     first = next(iter(results.values()))["before"]
     print(f"\nGRPO on {args.task} from {args.model}: {args.steps} steps x {args.prompts_per_step} prompts x "
-          f"G={args.group_size}, lr {args.lr:g}; held-out: {first['n']} problems (greedy) / 8 samples each")
+          f"G={args.group_size}, lr {args.lr:g}, T {args.temperature:g}; held-out: {first['n']} problems (greedy) / 8 samples each")
     print("| run | greedy | pass@1 | maj@8 | pass@8 | minutes |")
     print("|---|---|---|---|---|---|")
     row = lambda name, e, m: print(f"| {name} | {100 * e['greedy']:.1f}% | {100 * e['pass@1']:.1f}% | "  # noqa: E731

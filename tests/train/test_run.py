@@ -13,6 +13,7 @@ from openr2.cli import main
 from openr2.train.data import split_of
 from openr2.train.evaluate import answer_of, held_out_problems, task_accuracy
 from openr2.train.mixture import mixture_problems, parse_mixture
+from openr2.train.run import RECIPES, config_from
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -157,3 +158,9 @@ def test_tokenizer_train_cli(tmp_path):
                     "<think>", "</think>"):
         assert len(ours.encode(special)) == 1, special
     assert "{%" in json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.mark.parametrize("preset", sorted(RECIPES))
+def test_recipes_validate(preset):
+    cfg = config_from(preset)  # every key known, every value possible, every named input present
+    assert cfg.mode == "sft" and cfg.steps > 0
