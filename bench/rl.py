@@ -45,6 +45,7 @@ def main() -> None:
                     help="label-free: the top answer's share of a group's votes needed for a pseudo-label")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: start and end)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--out-dir", default="runs/rl-bench")
     ap.add_argument("--seed", type=int, default=0)
@@ -57,8 +58,8 @@ def main() -> None:
         cfg = GRPOConfig(model=args.model, task=args.task, rewards=MODES[mode],
                          steps=args.judge_steps if judge else args.steps, prompts_per_step=args.prompts_per_step,
                          group_size=args.group_size, lr=args.lr, temperature=args.temperature, kl_beta=args.kl_beta,
-                         max_tokens=args.max_tokens, eval_samples=args.eval_samples, eval_k=8, eval_every=0,
-                         out_dir=os.path.join(args.out_dir, mode),
+                         max_tokens=args.max_tokens, eval_samples=args.eval_samples, eval_k=8,
+                         eval_every=args.eval_every, out_dir=os.path.join(args.out_dir, mode),
                          seed=args.seed, judge_samples=2, judge_max_tokens=96,
                          majority_min_share=args.majority_min_share,
                          max_sampling_rounds=1 if judge else 4)
