@@ -79,7 +79,8 @@ def main() -> None:
 
     first = next(iter(results.values()))["before"]
     print(f"\nGRPO on {args.task} from {args.model}: {args.steps} steps x {args.prompts_per_step} prompts x "
-          f"G={args.group_size}, lr {args.lr:g}, T {args.temperature:g}; held-out: {first['n']} problems (greedy) / 8 samples each")
+          f"G={args.group_size}, lr {args.lr:g}, T {args.temperature:g}; held-out: {first['n']} problems (greedy) / "
+          "8 samples each")
     print("| run | greedy | pass@1 | maj@8 | pass@8 | minutes |")
     print("|---|---|---|---|---|---|")
     row = lambda name, e, m: print(f"| {name} | {100 * e['greedy']:.1f}% | {100 * e['pass@1']:.1f}% | "  # noqa: E731

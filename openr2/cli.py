@@ -357,7 +357,7 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
 
 
-COMPILE_HELP = "compile the decode step (batch-1 decode ~3x faster on CPU) after ~20-60 s of compiling, once"
+COMPILE_HELP = "compile the decode step (batch-1 decode ~4-7x faster on CPU) after ~20-60 s of compiling, once"
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:

@@ -40,7 +40,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 3-6 two-digit terms, added in a random order, stopped while 4 terms are far from saturated (held-out
     # greedy ~60-65%, maj@8 ~71-76%, pass@8 ~94-97% at temperature 0.7); ~4.5 minutes on 2 CPU cores.
     "rl-start": {
-        "mode": "sft", "init_from": os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo"),
+        "mode": "sft", "init_from": os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo")),
         "tasks": "sum:3-6", "num_examples": 40_000,
         "seq_len": 256, "batch_size": 32, "steps": 700, "lr": 1e-3, "warmup_steps": 20, "save_every": 100,
         "eval_tasks": "sum:3-6", "eval_samples": 100, "out_dir": "runs/rl-start",
