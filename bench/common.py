@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from openr2.config import ModelConfig
@@ -56,3 +58,44 @@ def time_rows(rows: dict, runs: int, warmup: int) -> dict[str, list[float]]:
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+aten = torch.ops.aten
+# The kernels whose FLOPs the model itself needs: dense products and attention, forward and backward
+# (under inference_mode the dispatcher shows linear and SDPA whole, with autograd their parts).
+HEAVY_KERNELS = {
+    aten.linear.default, aten.matmul.default, aten.mm.default, aten.mm.out, aten.addmm.default,
+    aten.bmm.default, aten.baddbmm.default, aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+}
+
+
+class HeavyKernelLog(TorchDispatchMode):
+    """Records every heavy-kernel call (function, arguments) made while active, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HEAVY_KERNELS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def heavy_kernel_replay(step) -> tuple[Callable[[], None], int]:
+    """(replay, number of calls): `replay()` runs only the matmul and attention kernels that one call of
+    `step` made, back to back, on the same tensors. Its time is a floor for any implementation that does
+    these products with these kernels, whatever it does around them."""
+    log = HeavyKernelLog()
+    with log:
+        step()
+
+    def replay() -> None:
+        with torch.no_grad():
+            for func, args, kwargs in log.calls:
+                func(*args, **kwargs)
+
+    return replay, len(log.calls)

@@ -13,6 +13,10 @@ is shared, so the script also reports how much CPU other processes took during t
   openr2 absorbed/grouped   the decode-oriented latent path, for comparison at this shape
   transformers sdpa         transformers' defaults (sdpa attention, grouped_mm experts)      <- ratio
   transformers eager        attn_implementation="eager" (--no-eager to skip)
+  openr2 kernels only       the matmul and attention kernel calls of one openr2 naive/grouped forward,
+                            replayed back to back on the same tensors with nothing between them: a floor
+                            for any implementation doing the model's products with these kernels; the
+                            transformers time over it is the highest ratio such an implementation could reach
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/forward.py [--batch 4 --seq 512 --runs 5 --threads N]
 Prints a header, a table, the ratio openr2/transformers (vs transformers' default, and vs its faster
@@ -37,17 +41,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import transformers  # noqa: E402
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
-from bench.common import busy_cpu_s, make_hf_checkpoint, time_rows  # noqa: E402
+from bench.common import busy_cpu_s, heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.presets import bench_moe  # noqa: E402
 
 MAX_DIFF = 1e-3
-
-
-
-
-
-
+FLOOR = "openr2 kernels only (floor)"
 
 
 def main() -> None:
@@ -109,12 +108,13 @@ def main() -> None:
         if bad:
             raise SystemExit(f"FAIL: logits differ by more than {MAX_DIFF}: {bad}")
         del ref
+        rows[FLOOR], n_kernel_calls = heavy_kernel_replay(rows[ours_key])
 
         tokens = args.batch * args.seq
         before, t0 = busy_cpu_s(), time.perf_counter()
         for name, times in time_rows(rows, args.runs, args.warmup).items():
             median_s = statistics.median(times)
-            results[name].update(median_s=median_s, tokens_per_s=tokens / median_s)
+            results.setdefault(name, {}).update(median_s=median_s, tokens_per_s=tokens / median_s)
         after, wall_s = busy_cpu_s(), time.perf_counter() - t0
 
     # On a shared machine other processes steal cores mid-run; say how much, so a noisy run is visible.
@@ -138,14 +138,19 @@ def main() -> None:
     ratio_best = results[ours_key]["tokens_per_s"] / results[best_ref]["tokens_per_s"]
     print(f"ratio openr2/transformers (naive/grouped vs sdpa/{experts_impl}): {ratio:.2f}x;"
           f" vs the faster transformers row ({best_ref}): {ratio_best:.2f}x")
+    ceiling = results[FLOOR]["tokens_per_s"] / results[ref_key]["tokens_per_s"]
+    print(f"ceiling: openr2's {n_kernel_calls} matmul/attention kernel calls alone take "
+          f"{results[FLOOR]['median_s']:.4f} s ({results[FLOOR]['median_s'] / results[ours_key]['median_s']:.0%} of "
+          f"its forward), so an implementation with no work besides them would reach {ceiling:.2f}x")
     print(json.dumps({
         "bench": "forward", "model": "bench_moe", "batch": args.batch, "seq": args.seq, "dtype": "float32",
         "device": "cpu", "threads": threads, "runs": args.runs, "torch": torch.__version__,
         "transformers": transformers.__version__, "ratio": round(ratio, 4),
-        "ratio_vs_best_transformers": round(ratio_best, 4),
+        "ratio_vs_best_transformers": round(ratio_best, 4), "ceiling_ratio": round(ceiling, 4),
         "other_load": None if other_frac is None else round(other_frac, 3),
         "rows": {n: {"median_s": round(r["median_s"], 5), "tokens_per_s": round(r["tokens_per_s"], 1),
-                     "max_abs_diff": float(f"{r['max_abs_diff']:.3g}")} for n, r in results.items()},
+                     **({"max_abs_diff": float(f"{r['max_abs_diff']:.3g}")} if "max_abs_diff" in r else {})}
+              for n, r in results.items()},
     }))
 
 

@@ -14,6 +14,10 @@ Same batch, float32, CPU, train mode.
   transformers  model(input_ids, use_cache=False).logits (its defaults: sdpa attention, grouped_mm
                 experts), the same explicit CE, backward, the same clipping and the same AdamW.
 openr2 does slightly more work (balance loss, load counts, correction-bias update); transformers has none.
+  openr2 kernels only   the matmul and attention kernel calls (forward and backward) of one openr2 step,
+                replayed back to back on the same tensors with nothing between them: a floor for any
+                implementation doing the model's products with these kernels; the transformers time over it
+                is the highest ratio such an implementation could reach.
 
 Models: `demo` (default), the shape of the demo model's training recipe: 4 layers (1 dense + 3 MoE),
 hidden 128, 4 heads, no q LoRA, kv LoRA 48, 8 routed experts top-2 + 1 shared, vocab 512; `bench-moe`,
@@ -49,12 +53,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import transformers  # noqa: E402
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
-from bench.common import busy_cpu_s, make_hf_checkpoint, time_rows  # noqa: E402
+from bench.common import busy_cpu_s, heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.config import ModelConfig  # noqa: E402
 from openr2.model.moe import MoE, update_correction_bias  # noqa: E402
 from openr2.presets import bench_moe  # noqa: E402
 
+FLOOR = "openr2 kernels only (floor)"
 LOSS_TOL = 1e-5       # relative, on the CE loss of one batch
 GRAD_NORM_TOL = 1e-4  # relative, on the global gradient norm of that batch
 # Trainer defaults (openr2/train/trainer.py TrainConfig)
@@ -208,6 +213,12 @@ def main() -> None:
                 torch.set_num_threads(t)
                 side.step(inputs, targets)
             rows[(side.name, t)] = run
+    replay, n_kernel_calls = heavy_kernel_replay(lambda: sides[0].step(inputs, targets))
+    for t in thread_counts:
+        def run_floor(t=t):
+            torch.set_num_threads(t)
+            replay()
+        rows[(FLOOR, t)] = run_floor
 
     tokens = args.batch * args.seq
     before, t0 = busy_cpu_s(), time.perf_counter()
@@ -228,7 +239,7 @@ def main() -> None:
     print(f"| {'side':<34} | threads | {'median s':>9} | {'tokens/s':>9} | {'vs transformers':>15} |")
     print(f"|{'-' * 36}|---------|{'-' * 11}|{'-' * 11}|{'-' * 17}|")
     for (name, t), m in med.items():
-        mark = " *" if best[name] == t else ""
+        mark = " *" if best.get(name) == t else ""
         print(f"| {name + mark:<34} | {t:>7} | {m:>9.4f} | {tokens / m:>9.0f} | {tokens / m / ref_best:>14.2f}x |")
     print("(* = the side's best thread count; 'vs transformers' = against transformers' default at its best)")
     print()
@@ -242,12 +253,17 @@ def main() -> None:
     print(f"ratio openr2/transformers (best thread count each: {best[ours_name]} / {best[ref_name]}): "
           f"{ratio:.2f}x (median of per-round ratios {paired:.2f}x); vs the faster transformers row "
           f"({fastest_ref}): {ratio_fastest:.2f}x")
+    floor_s = min(med[(FLOOR, t)] for t in thread_counts)
+    ceiling = med[(ref_name, best[ref_name])] / floor_s
+    print(f"ceiling: openr2's {n_kernel_calls} matmul/attention kernel calls of one step alone take {floor_s:.4f} s "
+          f"at best ({floor_s / med[(ours_name, best[ours_name])]:.0%} of its step), so an implementation with no "
+          f"work besides them would reach {ceiling:.2f}x")
     print(json.dumps({
         "bench": "train", "model": args.model, "batch": args.batch, "seq": args.seq, "dtype": "float32",
         "device": "cpu", "threads": thread_counts, "runs": args.runs, "torch": torch.__version__,
         "transformers": transformers.__version__, "loss": round(ref_loss, 6),
         "loss_abs_diff": float(f"{loss_diff:.3g}"), "ratio": round(ratio, 4), "ratio_paired": round(paired, 4),
-        "ratio_vs_best_transformers": round(ratio_fastest, 4),
+        "ratio_vs_best_transformers": round(ratio_fastest, 4), "ceiling_ratio": round(ceiling, 4),
         "other_load": None if other_frac is None else round(other_frac, 3),
         "rows": {f"{n} @{t}": {"median_s": round(m, 5), "tokens_per_s": round(tokens / m, 1)}
                  for (n, t), m in med.items()},
