@@ -45,19 +45,29 @@ def busy_cpu_s() -> tuple[float, float] | None:
     return (sum(fields[:8]) - idle) / hz, own.user + own.system
 
 
-def time_rows(rows: dict, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per run of each row. Rounds are interleaved (row A, row B, ..., then again) so that a slow
-    spell of a shared machine lands on every row alike instead of on whichever row happened to run then."""
+def time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, float | None]:
+    """(seconds per run of each row, the share of the machine other processes took meanwhile or None off
+    Linux). Rounds are interleaved (row A, row B, ..., then again) so that a slow spell of a shared
+    machine lands on every row alike instead of on whichever row happened to run then; how much other
+    processes took is printed, so that a noisy run is visible."""
     for fn in rows.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in rows}
+    before, t0 = busy_cpu_s(), time.perf_counter()
+    times: dict = {name: [] for name in rows}
     for _ in range(runs):
         for name, fn in rows.items():
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            times[name].append(time.perf_counter() - t1)
+    after, wall_s = busy_cpu_s(), time.perf_counter() - t0
+    if not (before and after):
+        return times, None
+    other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+    other_frac = other_cpu_s / (wall_s * (os.cpu_count() or 1))
+    print(f"# other processes used {other_cpu_s:.1f} CPU-s during timing ({other_frac:.0%} of the machine)"
+          + ("  <- noisy run, numbers unreliable" if other_frac > 0.05 else ""))
+    return times, other_frac
 
 
 aten = torch.ops.aten

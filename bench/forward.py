@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import transformers  # noqa: E402
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
-from bench.common import busy_cpu_s, heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
+from bench.common import heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.presets import bench_moe  # noqa: E402
 
@@ -111,19 +110,10 @@ def main() -> None:
         rows[FLOOR], n_kernel_calls = heavy_kernel_replay(rows[ours_key])
 
         tokens = args.batch * args.seq
-        before, t0 = busy_cpu_s(), time.perf_counter()
-        for name, times in time_rows(rows, args.runs, args.warmup).items():
+        all_times, other_frac = time_rows(rows, args.runs, args.warmup)
+        for name, times in all_times.items():
             median_s = statistics.median(times)
             results.setdefault(name, {}).update(median_s=median_s, tokens_per_s=tokens / median_s)
-        after, wall_s = busy_cpu_s(), time.perf_counter() - t0
-
-    # On a shared machine other processes steal cores mid-run; say how much, so a noisy run is visible.
-    other_frac = None
-    if before and after:
-        other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
-        other_frac = other_cpu_s / (wall_s * (os.cpu_count() or 1))
-        print(f"# other processes used {other_cpu_s:.1f} CPU-s during timing ({other_frac:.0%} of the machine)"
-              + ("  <- noisy run, numbers unreliable" if other_frac > 0.05 else ""))
 
     ratio = results[ours_key]["tokens_per_s"] / results[ref_key]["tokens_per_s"]
     print()

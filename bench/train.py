@@ -42,7 +42,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -53,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import transformers  # noqa: E402
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
-from bench.common import busy_cpu_s, heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
+from bench.common import heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.config import ModelConfig  # noqa: E402
 from openr2.model.moe import MoE, update_correction_bias  # noqa: E402
@@ -221,15 +220,7 @@ def main() -> None:
         rows[(FLOOR, t)] = run_floor
 
     tokens = args.batch * args.seq
-    before, t0 = busy_cpu_s(), time.perf_counter()
-    times = time_rows(rows, args.runs, args.warmup)
-    after, wall_s = busy_cpu_s(), time.perf_counter() - t0
-    other_frac = None
-    if before and after:
-        other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
-        other_frac = other_cpu_s / (wall_s * (os.cpu_count() or 1))
-        print(f"# other processes used {other_cpu_s:.1f} CPU-s during timing ({other_frac:.0%} of the machine)"
-              + ("  <- noisy run, numbers unreliable" if other_frac > 0.05 else ""))
+    times, other_frac = time_rows(rows, args.runs, args.warmup)
 
     med = {key: statistics.median(ts) for key, ts in times.items()}
     best = {s.name: min(thread_counts, key=lambda t, n=s.name: med[(n, t)]) for s in sides}
