@@ -10,10 +10,9 @@ Same batch, float32, CPU, train mode.
                 model(inputs, return_hidden=True) on the default training paths (naive MLA, grouped
                 experts), CE in float32, the sequence-wise balance loss of every MoE layer (alpha 1e-4)
                 and the expert-load bookkeeping, backward, clip_grad_norm_(1.0), AdamW (decay on 2+-D
-                tensors, fused as the Trainer), then update_correction_bias.
+                tensors, foreach=False as the Trainer), then update_correction_bias.
   transformers  model(input_ids, use_cache=False).logits (its defaults: sdpa attention, grouped_mm
-                experts), the same explicit CE, backward, the same clipping and the same AdamW (fused, which
-                is also what transformers' own Trainer picks by default, "adamw_torch_fused").
+                experts), the same explicit CE, backward, the same clipping and the same AdamW.
 openr2 does slightly more work (balance loss, load counts, correction-bias update); transformers has none.
   openr2 kernels only   the matmul and attention kernel calls (forward and backward) of one openr2 step,
                 replayed back to back on the same tensors with nothing between them: a floor for any
@@ -106,7 +105,7 @@ class Side:
         self.moe = [m for m in model.modules() if isinstance(m, MoE)] if is_openr2 else []
         self.params = [p for g in param_groups(model) for p in g["params"]]
         self.optimizer = torch.optim.AdamW(param_groups(model), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
-                                           fused=True)
+                                           foreach=False)
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.is_openr2:

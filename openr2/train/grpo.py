@@ -198,7 +198,7 @@ class GRPOTrainer:
             judge_llm = self.llm if judge_model is None else LLM(judge_model, tokenizer)
             self.judge_fn = R.make_judge(self._judge_generate(judge_llm), cfg.judge_samples)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay, fused=True)
+                                           weight_decay=cfg.weight_decay, foreach=False)
         self.prompts = PromptStream(cfg.task, cfg.seed)
         self.step = 0
         self.interrupted = False

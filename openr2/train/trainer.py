@@ -118,7 +118,7 @@ class Trainer:
         self.sharded = dist_utils.is_sharded(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
                                            betas=config.betas, weight_decay=config.weight_decay,
-                                           fused=True)  # one kernel for all tensors: ~3x faster on CPU
+                                           foreach=False)
         self._plain_copy: torch.nn.Module | None = None
         self.step = 0
         self.interrupted = False
