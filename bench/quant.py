@@ -6,7 +6,7 @@ directory, then load_model), so the whole path is measured. Per row:
   weight bytes   all parameters and buffers in memory (embeddings, norms, router stay float32) and the
                  quantized linear layers alone, each as a ratio of fp32
   perplexity     exp(mean token cross-entropy) of the reference completions (reasoning + answer) of fresh
-                 held-out problems (train/data.py test split), one sequence at a time
+                 held-out problems (train/tasks.py test split), one sequence at a time
   accuracy       greedy task accuracy on fresh held-out problems through the engine (train/evaluate.py)
   tokens/s       batch-1 greedy decode through LLM.generate (prompt + --gen-tokens, EOS ignored), median of
                  --runs after a warm-up

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from openr2.chat_format import THINK_END
-from openr2.train.data import IGNORE_INDEX, Problem, generate, to_messages, verify
+from openr2.train.data import IGNORE_INDEX, to_messages
+from openr2.train.tasks import Problem, generate, verify
 
 
 @dataclass

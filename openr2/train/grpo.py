@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from openr2.train import rewards as R
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.config import GRPOConfig, read_config_file
-from openr2.train.data import Problem, to_messages
+from openr2.train.data import to_messages
 from openr2.train.mixture import mixture_problems, parse_mixture
+from openr2.train.tasks import Problem
 from openr2.train.trainer import EVAL_FILE, LOG_FILE, _truncate_log, param_groups
 
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from openr2.train.data import TASKS, Problem, generate, sft_example
+from openr2.train.data import sft_example
+from openr2.train.tasks import TASKS, Problem, generate
 
 if TYPE_CHECKING:
     from openr2.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ import shutil
 from typing import Any
 
 from openr2.model.accounting import model_stats
-from openr2.train.data import TASKS
+from openr2.train.tasks import TASKS
 
 
 def _accuracy_table(accuracy: dict[str, dict]) -> list[str]:
@@ -56,7 +56,7 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         f"- data: {tc.num_examples:,} problems drawn from the train split of `{tc.tasks}` "
         "(task:difficulties:weight); loss on the assistant's tokens only",
         "- held-out split: a sha256 hash of each canonical problem puts ~5% of all problems in the test split; "
-        "the training stream never contains one (openr2/train/data.py)",
+        "the training stream never contains one (openr2/train/tasks.py)",
         f"- wall time: {summary.get('wall_time_s', 0) / 60:.1f} minutes (training, periodic evaluation and "
         "the final evaluation) on the machine described below",
         f"- machine: {summary.get('machine', 'unknown')}",

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from openr2.chat_format import THINK_END
-from openr2.train.data import TASKS, Problem, parse_expression, verify
+from openr2.train.tasks import TASKS, Problem, parse_expression, verify
 
 _INT = re.compile(r"^[+-]?\d[\d,]*$")
 _EXPR = re.compile(r"^[\d\s+\-*/()×÷]+(=\s*\d+)?$")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from openr2.train import rewards as R
-from openr2.train.data import Problem, addition_problem, countdown_problem
+from openr2.train.tasks import Problem, addition_problem, countdown_problem
 
 ADD = addition_problem(347, 589)  # 936
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from openr2.cli import main
-from openr2.train.data import split_of
 from openr2.train.evaluate import answer_of, held_out_problems, task_accuracy
 from openr2.train.mixture import mixture_problems, parse_mixture
 from openr2.train.run import RECIPES, config_from
+from openr2.train.tasks import split_of
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
