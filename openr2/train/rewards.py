@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from openr2.chat_format import THINK_END
-from openr2.train.tasks import TASKS, Problem, parse_expression, verify
+from openr2.train.tasks import JUDGE_PROMPT, TASKS, Problem, parse_expression, verdict_of, verify
 
 _INT = re.compile(r"^[+-]?\d[\d,]*$")
 _EXPR = re.compile(r"^[\d\s+\-*/()×÷]+(=\s*\d+)?$")
@@ -136,18 +136,10 @@ def majority(problem: Problem, completions: Sequence[str], min_share: float = 0.
 
 # ---------------------------------------------------------------------------------------------- self-judge
 
-JUDGE_PROMPT = ("Check the proposed answer to this problem.\nProblem: {question}\nProposed answer: {answer}\n"
-                "Work it out, then end with exactly one line: 'Verdict: correct' or 'Verdict: incorrect'.")
-_VERDICT = re.compile(r"verdict\s*[:=]\s*\**\s*(correct|incorrect|right|wrong|yes|no)\b", re.IGNORECASE)
-
-
 def parse_verdict(judge_output: str) -> float | None:
     """1.0 / 0.0 from the judge's last `Verdict: ...` line (after its reasoning), None when it gave none."""
-    text = judge_output.rsplit(THINK_END, 1)[-1]
-    found = _VERDICT.findall(text)
-    if not found:
-        return None
-    return 1.0 if found[-1].lower() in ("correct", "right", "yes") else 0.0
+    verdict = verdict_of(judge_output.rsplit(THINK_END, 1)[-1])
+    return None if verdict is None else float(verdict)
 
 
 def make_judge(generate: Callable[[list[str], int], list[list[str]]], samples: int = 4

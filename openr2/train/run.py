@@ -45,6 +45,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "seq_len": 256, "batch_size": 32, "steps": 700, "lr": 1e-3, "warmup_steps": 20, "save_every": 100,
         "eval_tasks": "sum:3-6", "eval_samples": 100, "out_dir": "runs/rl-start",
     },
+    # rl-start that can also judge: the same sums mixed 1:1 with checking a proposed total (`judge`, the
+    # prompt the self-judge reward sends), so `--rewards judge` has a judge to ask (bench/rl.py self-judge).
+    "rl-start-judge": {
+        "mode": "sft", "init_from": os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo")),
+        "tasks": "sum:3-6:1,judge:3-6:1", "num_examples": 60_000,
+        "seq_len": 256, "batch_size": 32, "steps": 1400, "lr": 1e-3, "warmup_steps": 20, "save_every": 200,
+        "eval_tasks": "sum:3-6,judge:3-6", "eval_samples": 100, "out_dir": "runs/rl-start-judge",
+    },
 }
 
 

@@ -26,8 +26,9 @@ TEST_FRACTION = 0.05
 class Problem:
     """One problem: the user's question, the reasoning to write inside <think>, and the bare answer.
 
-    `key` is the canonical problem (what the split hashes); `target` and `numbers` are set for countdown,
-    whose answer is one of many valid expressions.
+    `key` is the canonical problem; the split hashes `split_key` when set (a judging problem goes with the
+    problem it judges), else `key`. `target` and `numbers` are set for countdown, whose answer is one of
+    many valid expressions.
     """
     task: str
     difficulty: int
@@ -37,6 +38,7 @@ class Problem:
     key: str
     numbers: tuple[int, ...] = ()
     target: int | None = None
+    split_key: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -117,6 +119,28 @@ def sum_problem(numbers: Sequence[int], order: Sequence[int] | None = None) -> P
         total += numbers[i]
     return Problem("sum", len(numbers), f"What is {'+'.join(map(str, numbers))}?", "\n".join(lines), str(total),
                    f"sum:{'+'.join(map(str, sorted(numbers)))}")
+
+
+# The self-judge reward (rewards.make_judge) asks exactly this and reads the last `Verdict:` line.
+JUDGE_PROMPT = ("Check the proposed answer to this problem.\nProblem: {question}\nProposed answer: {answer}\n"
+                "Work it out, then end with exactly one line: 'Verdict: correct' or 'Verdict: incorrect'.")
+VERDICT = re.compile(r"verdict\s*[:=]\s*\**\s*(correct|incorrect|right|wrong|yes|no)\b", re.IGNORECASE)
+
+
+def verdict_of(text: str) -> bool | None:
+    """True / False from the last `Verdict: ...` in text, None when there is none."""
+    found = VERDICT.findall(text)
+    return None if not found else found[-1].lower() in ("correct", "right", "yes")
+
+
+def judge_problem(base: Problem, candidate: str) -> Problem:
+    """Checking a proposed answer to `base`: work the problem out as `base` does, compare, give a verdict.
+    Held out together with `base` (same split), so no judging problem leaks a test problem's working."""
+    right = verify(base, candidate)
+    comparison = f"{base.answer} vs proposed {candidate}: {'same' if right else 'different'}"
+    return Problem("judge", base.difficulty, JUDGE_PROMPT.format(question=base.prompt, answer=candidate),
+                   f"{base.reasoning}\n{comparison}", f"Verdict: {'correct' if right else 'incorrect'}",
+                   f"judge:{base.key}:{candidate}", split_key=base.split_key or base.key)
 
 
 def _mod_line(x: int, m: int) -> str:
@@ -243,6 +267,18 @@ def sum_of_terms(rng: random.Random, terms: int) -> Problem:
     return sum_problem(numbers, order)
 
 
+def judge_of_sum(rng: random.Random, terms: int) -> Problem:
+    """Judge a proposed total of a `sum` problem: right half the time, else a typical slip (a term left
+    out, a carry dropped or doubled, a units digit off)."""
+    base = sum_of_terms(rng, terms)
+    total = int(base.answer)
+    if rng.random() < 0.5:
+        return judge_problem(base, base.answer)
+    numbers = [int(n) for n in base.prompt.removeprefix("What is ").removesuffix("?").split("+")]
+    slips = [total - rng.choice(numbers), total + rng.choice((-20, -10, 10, 20)), total + rng.choice((-3, -2, -1, 1, 2, 3))]
+    return judge_problem(base, str(rng.choice([w for w in slips if w > 0 and w != total])))
+
+
 def modular(rng: random.Random, digits: int) -> Problem:
     """(a op b) mod m with a, b of up to `digits` digits, or a^e mod m with e in 2..5; m has `digits` digits."""
     m = max(2, _operand(rng, digits))
@@ -289,12 +325,13 @@ TASKS: dict[str, TaskSpec] = {
     "countdown": TaskSpec(countdown, 2, 5, "num_operands"),
     "modular": TaskSpec(modular, 1, 4, "digits"),
     "sum": TaskSpec(sum_of_terms, 3, 8, "terms"),
+    "judge": TaskSpec(judge_of_sum, 3, 8, "terms"),
 }
 
 
 def split_of(problem: Problem) -> str:
     """"train" or "test" from a sha256 of the canonical problem; stable across runs and machines."""
-    h = int.from_bytes(hashlib.sha256(problem.key.encode()).digest()[:8], "big")
+    h = int.from_bytes(hashlib.sha256((problem.split_key or problem.key).encode()).digest()[:8], "big")
     return "test" if h % 10_000 < TEST_FRACTION * 10_000 else "train"
 
 
@@ -337,8 +374,11 @@ _INT = re.compile(r"^[+-]?\d+$")
 def verify(problem: Problem, answer_text: str) -> bool:
     """Is answer_text (the text after </think>) a correct answer? Integers compare exactly (commas and a
     trailing period ignored); countdown answers must evaluate to the target using each given number at
-    most once (an optional trailing `=target` is allowed)."""
+    most once (an optional trailing `=target` is allowed); judging answers must give the right verdict."""
     text = answer_text.strip()
+    if problem.task == "judge":
+        verdict = verdict_of(text)
+        return verdict is not None and verdict == verdict_of(problem.answer)
     if problem.target is not None:
         text = text.split("=")[0].strip() if text.count("=") == 1 else text
         try:

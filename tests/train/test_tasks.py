@@ -12,6 +12,7 @@ from fractions import Fraction
 import pytest
 
 from openr2.train.tasks import (
+    JUDGE_PROMPT,
     TASKS,
     Problem,
     addition_problem,
@@ -125,6 +126,25 @@ def test_sum_running_total_in_any_order():
         sum_problem([12, 30], [0, 0])
     with pytest.raises(ValueError, match="at least two"):
         sum_problem([12])
+
+
+def test_judge_checks_a_proposed_sum():
+    verdicts = set()
+    for p in _problems("judge"):
+        question, proposed = re.fullmatch(r"Check the proposed answer to this problem\.\nProblem: (What is [\d+]+\?)\n"
+                                          r"Proposed answer: (\d+)\n.*", p.prompt, re.S).groups()
+        assert p.prompt == JUDGE_PROMPT.format(question=question, answer=proposed)  # what the self-judge asks
+        numbers = [int(n) for n in question.removeprefix("What is ").removesuffix("?").split("+")]
+        total, right = sum(numbers), int(proposed) == sum(numbers)
+        *working, comparison = p.reasoning.split("\n")
+        assert len(working) == len(numbers) - 1 and working[-1].endswith(f"={total}")
+        assert comparison == f"{total} vs proposed {proposed}: {'same' if right else 'different'}"
+        assert p.answer == f"Verdict: {'correct' if right else 'incorrect'}" and verify(p, p.answer)
+        assert verify(p, f"verdict: {'Right' if right else 'wrong'}.")
+        assert not verify(p, f"Verdict: {'incorrect' if right else 'correct'}") and not verify(p, proposed)
+        assert split_of(p) == split_of(sum_problem(numbers))  # held out together with the sum it judges
+        verdicts.add(right)
+    assert verdicts == {True, False}
 
 
 def test_modular_working():
