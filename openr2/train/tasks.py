@@ -1,9 +1,9 @@
 """Synthetic reasoning tasks: seeded generators, their verifiers and the held-out split.
 
 Owns the task generators (addition, subtraction, multiplication, sums of terms, countdown, modular
-arithmetic) with short, regular chains of thought and a difficulty knob each, `verify` for a model's
-answer (countdown: any expression of the given numbers that reaches the target) and the train/test
-split. Turning a problem into chat or training examples is data.py's job.
+arithmetic, and judging a proposed sum with the self-judge reward's prompt) with short, regular chains of
+thought and a difficulty knob each, `verify` for a model's answer (countdown: any expression of the given
+numbers that reaches the target) and the train/test split. Turning a problem into chat or training examples is data.py's job.
 
 Held-out split: `split_of` hashes the canonical problem (task + operands, commutative operands sorted,
 so 589+347 is the same problem as 347+589) with sha256; ~5% is "test". `generate` rejects problems of
