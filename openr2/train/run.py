@@ -25,6 +25,8 @@ from openr2.train import distributed
 from openr2.train.config import TrainConfig, read_config_file
 from openr2.train.trainer import Trainer
 
+DEMO_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo"))
+
 RECIPES: dict[str, dict[str, Any]] = {
     # The bundled demo model (openr2/assets/openr2-demo): ~1.1M active of ~2.4M parameters, SFT from scratch
     # on the synthetic reasoning tasks (one epoch of 128k problems); under 60 minutes on 2 CPU cores.
@@ -40,7 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 3-6 two-digit terms, added in a random order, stopped while 4 terms are far from saturated (held-out
     # greedy ~60-65%, maj@8 ~71-76%, pass@8 ~94-97% at temperature 0.7); ~4.5 minutes on 2 CPU cores.
     "rl-start": {
-        "mode": "sft", "init_from": os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo")),
+        "mode": "sft", "init_from": DEMO_DIR,
         "tasks": "sum:3-6", "num_examples": 40_000,
         "seq_len": 256, "batch_size": 32, "steps": 700, "lr": 1e-3, "warmup_steps": 20, "save_every": 100,
         "eval_tasks": "sum:3-6", "eval_samples": 100, "out_dir": "runs/rl-start",
@@ -48,7 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # rl-start that can also judge: the same sums mixed 1:1 with checking a proposed total (`judge`, the
     # prompt the self-judge reward sends), so `--rewards judge` has a judge to ask (bench/rl.py self-judge).
     "rl-start-judge": {
-        "mode": "sft", "init_from": os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo")),
+        "mode": "sft", "init_from": DEMO_DIR,
         "tasks": "sum:3-6:1,judge:3-6:1", "num_examples": 60_000,
         "seq_len": 256, "batch_size": 32, "steps": 1400, "lr": 1e-3, "warmup_steps": 20, "save_every": 200,
         "eval_tasks": "sum:3-6,judge:3-6", "eval_samples": 100, "out_dir": "runs/rl-start-judge",

@@ -259,22 +259,27 @@ def multiplication(rng: random.Random, digits: int) -> Problem:
     return multiplication_problem(*_pair(rng, digits))
 
 
-def sum_of_terms(rng: random.Random, terms: int) -> Problem:
-    """`terms` two-digit numbers, added in a random order."""
+def _terms(rng: random.Random, terms: int) -> tuple[list[int], list[int]]:
+    """`terms` two-digit numbers and a random order to add them in."""
     numbers = [rng.randint(10, 99) for _ in range(terms)]
     order = list(range(terms))
     rng.shuffle(order)
-    return sum_problem(numbers, order)
+    return numbers, order
+
+
+def sum_of_terms(rng: random.Random, terms: int) -> Problem:
+    """`terms` two-digit numbers, added in a random order."""
+    return sum_problem(*_terms(rng, terms))
 
 
 def judge_of_sum(rng: random.Random, terms: int) -> Problem:
     """Judge a proposed total of a `sum` problem: right half the time, else a typical slip (a term left
     out, a carry dropped or doubled, a units digit off)."""
-    base = sum_of_terms(rng, terms)
+    numbers, order = _terms(rng, terms)
+    base = sum_problem(numbers, order)
     total = int(base.answer)
     if rng.random() < 0.5:
         return judge_problem(base, base.answer)
-    numbers = [int(n) for n in base.prompt.removeprefix("What is ").removesuffix("?").split("+")]
     slips = [total - rng.choice(numbers), total + rng.choice((-20, -10, 10, 20)), total + rng.choice((-3, -2, -1, 1, 2, 3))]
     return judge_problem(base, str(rng.choice([w for w in slips if w > 0 and w != total])))
 
