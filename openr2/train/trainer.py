@@ -148,7 +148,7 @@ class Trainer:
         if not self.dist.is_main:
             return self.model
         if self._plain_copy is None:
-            self._plain_copy = build_model(self.model.config, seed=None)
+            self._plain_copy = build_model(self.model.config, dtype=self.model.dtype, seed=None)
         self._plain_copy.load_state_dict(state)
         return self._plain_copy
 

@@ -24,6 +24,13 @@ from openr2.model.hf_io import INDEX_FILE, load_model, save_model
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v2, tiny_v3
 from tests.hf_utils import max_diff, perturb_
+from tests.numerics import (
+    assert_close_to_reference,
+    assert_same_function,
+    float64_compute,
+    float64_copy,
+    reference64,
+)
 
 SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 # FP8 tensors of a DeepSeek-V3 checkpoint: every *_proj.weight inside layers except the MTP's eh_proj
@@ -339,9 +346,15 @@ def test_fp8_checkpoint_dequantises_blockwise(block, split_scales, tmp_path):
     assert loaded.config.quantization_config is None  # weights now hold the dequantised values
     assert loaded.layers[0].self_attn.o_proj.weight.dtype == torch.float32
     ids = _ids(config, seed=5)
+    # the loader dequantises to exactly the reference's weights (every tensor, bit for bit), so the same
+    # code on the same tensors gives the same logits, bit for bit
+    state, ref_state = loaded.state_dict(), reference.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert [k for k in state if not torch.equal(state[k], ref_state[k])] == []
     out, ref = _logits(loaded, ids), _logits(reference, ids)
-    assert max_diff(out, ref) < 1e-5
+    assert torch.equal(out, ref)
     # FP8 rounding is visible: a loader that ignored the scales, or skipped the FP8 step, would fail above
+    # (e4m3 rounds each weight by up to 2^-4 relative, which moves logits ~1e-2; float32 rounding: ~1e-6)
     assert max_diff(ref, _logits(model, ids)) > 1e-4
     for name in ["layers.1.mlp.experts.gate_up_proj", "mtp.0.mlp.experts.down_proj", "layers.0.mlp.up_proj.weight",
                  "layers.2.self_attn.kv_a_proj_with_mqa.weight"]:
@@ -355,6 +368,21 @@ def _rms(x, weight, eps):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+@torch.no_grad()
+def _drafts_by_hand(model, hidden, ids):
+    """The depth-1 MTP drafts, written out from the paper's equations with the model's modules."""
+    mtp, eps, T = model.mtp[0], model.config.rms_norm_eps, ids.shape[1]
+    # h_i = final-normed hidden of the main model at i; the MTP reads the embedding of t_{i+1}
+    emb = model.embed_tokens.weight[ids[:, 1:]]
+    x = torch.cat([_rms(emb, mtp.enorm.weight, eps), _rms(hidden[:, :-1], mtp.hnorm.weight, eps)], dim=-1)
+    x = x @ mtp.eh_proj.weight.T
+    positions = torch.arange(T - 1).expand(2, T - 1)
+    cos, sin = model.rotary(positions, x.dtype)
+    h = x + mtp.self_attn(_rms(x, mtp.input_layernorm.weight, eps), positions, cos, sin)
+    h = h + mtp.mlp(_rms(h, mtp.post_attention_layernorm.weight, eps), "looped")
+    return _rms(h, mtp.shared_head.norm.weight, eps) @ model.lm_head.weight.T
+
+
 def test_mtp_loads_and_drafts_as_written_out(v3, v3_dir):
     loaded = load_model(v3_dir)
     mtp = loaded.mtp[0]
@@ -363,24 +391,18 @@ def test_mtp_loads_and_drafts_as_written_out(v3, v3_dir):
         assert torch.equal(mtp.mlp.gate.e_score_correction_bias,
                            f.get_tensor("model.layers.3.mlp.gate.e_score_correction_bias"))
     config = loaded.config
-    eps = config.rms_norm_eps
     ids = _ids(config, tokens=10, seed=6)
     T = ids.shape[1]
     with torch.no_grad():
         logits, hidden = loaded(ids, return_hidden=True)
         (drafts,) = loaded.forward_mtp(hidden, ids)
-        # h_i = final-normed hidden of the main model at i; the MTP reads the embedding of t_{i+1}
-        emb = loaded.embed_tokens.weight[ids[:, 1:]]
-        x = torch.cat([_rms(emb, mtp.enorm.weight, eps), _rms(hidden[:, :-1], mtp.hnorm.weight, eps)], dim=-1)
-        x = x @ mtp.eh_proj.weight.T
-        positions = torch.arange(T - 1).expand(2, T - 1)
-        cos, sin = loaded.rotary(positions, x.dtype)
-        h = x + mtp.self_attn(_rms(x, mtp.input_layernorm.weight, eps), positions, cos, sin)
-        h = h + mtp.mlp(_rms(h, mtp.post_attention_layernorm.weight, eps), "looped")
-        expected = _rms(h, mtp.shared_head.norm.weight, eps) @ loaded.lm_head.weight.T
+    expected = _drafts_by_hand(loaded, hidden, ids)
+    with float64_compute(), torch.no_grad():  # the same by hand in float64: the reference
+        loaded64 = float64_copy(loaded)
+        ref = _drafts_by_hand(loaded64, loaded64(ids, return_hidden=True)[1], ids)
     assert drafts.shape == (2, T - 1, config.vocab_size)
     assert expected.abs().max() > 0.1
-    assert max_diff(drafts, expected) < 1e-5
+    assert_close_to_reference(drafts, expected, ref, what="MTP drafts vs by hand")
     with torch.no_grad():  # and the same as the saved model's own drafts
         (original,) = v3.forward_mtp(hidden, ids)
     assert torch.equal(drafts, original)
@@ -533,4 +555,4 @@ def test_transformers_loads_our_save_with_mtp(v3, v3_dir):
     with torch.no_grad():
         ref = hf(ids).logits
     assert ref.abs().max() > 0.1
-    assert max_diff(ref, _logits(v3, ids)) < 1e-4
+    assert_same_function(_logits(v3, ids), ref, reference64(v3, ids), what="logits, transformers reading our save")

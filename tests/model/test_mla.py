@@ -10,7 +10,7 @@ import torch
 from openr2.model.mla import MLA, LatentCache
 from openr2.model.rope import RotaryEmbedding
 from openr2.presets import tiny_v2, tiny_v3
-from tests.hf_utils import max_diff
+from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
 
 
 def _mla(config, seed=0):
@@ -20,6 +20,12 @@ def _mla(config, seed=0):
         for p in mla.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))  # norms and biases near 1
     return mla
+
+
+def _naive64(mla, x, positions, cos, sin):
+    """The naive path of a float64 copy, without a cache: the reference (tests/numerics.py)."""
+    with torch.no_grad(), float64_compute():
+        return float64_copy(mla)(x.double(), positions, cos.double(), sin.double(), attn_impl="naive")
 
 
 @pytest.mark.parametrize("config", [tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), attention_bias=True)],
@@ -33,7 +39,7 @@ def test_absorbed_equals_naive(config):
         naive = mla(x, positions, cos, sin, attn_impl="naive")
         absorbed = mla(x, positions, cos, sin, attn_impl="absorbed")
     assert naive.abs().max() > 0.1
-    assert max_diff(naive, absorbed) < 1e-5
+    assert_close_to_reference(absorbed, naive, _naive64(mla, x, positions, cos, sin), what="absorbed vs naive")
 
 
 @pytest.mark.parametrize("attn_impl", ["naive", "absorbed"])
@@ -52,7 +58,8 @@ def test_chunked_prefill_through_cache_matches_one_pass(attn_impl):
             outs.append(mla(x[:, start:end], positions[:, start:end], cos[:, start:end], sin[:, start:end],
                             cache, attn_impl))
             cache.advance(end - start)
-    assert max_diff(torch.cat(outs, 1), full) < 1e-5
+    assert_close_to_reference(torch.cat(outs, 1), full, _naive64(mla, x, positions, cos, sin),
+                              what=f"chunked through the cache ({attn_impl}) vs one pass")
     # the cache holds only the latent and the rope key: C + R numbers per token per layer
     assert cache.c_kv.shape[-1] + cache.k_rope.shape[-1] == config.kv_lora_rank + config.qk_rope_head_dim
     assert cache.c_kv[0, :, 10:].abs().sum() == 0 and cache.c_kv[0, :, :10].abs().sum() > 0
@@ -85,4 +92,5 @@ def test_single_row_decode_over_cache_matches_full_pass():
             outs.append(mla(x[:, t : t + 1], positions[:, t : t + 1], cos[:, t : t + 1], sin[:, t : t + 1], cache,
                             "absorbed"))
             cache.advance(1)
-    assert max_diff(torch.cat(outs, 1), full) < 1e-5
+    assert_close_to_reference(torch.cat(outs, 1), full, _naive64(mla, x, positions, cos, sin),
+                              what="one-row decode vs one pass")

@@ -9,7 +9,13 @@ import torch
 
 from openr2.model.moe import Gate, MoE, RoutedExperts
 from openr2.presets import tiny_v2, tiny_v3
-from tests.hf_utils import max_diff
+from tests.numerics import (
+    EPS32,
+    assert_close_to_reference,
+    assert_same_function,
+    float64_compute,
+    float64_copy,
+)
 
 V2_GROUPED = dataclasses.replace(tiny_v2(), topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                  routed_scaling_factor=16.0)
@@ -39,10 +45,14 @@ def test_gate_matches_transformers_router(name):
     x = _randn(1024, config.hidden_size, seed=3)
     weights, ids, _ = ours(x)
     _, ref_weights, ref_ids = ref(x)
+    with float64_compute():  # both routers compute in float32 whatever the input: ours, lifted, is the reference
+        weights64, ids64, _ = float64_copy(ours)(x.double())
     # transformers picks with sorted=False: compare expert sets, and weights in the same expert order
     order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
     assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
-    assert max_diff(weights.gather(1, order), ref_weights.gather(1, ref_order)) < 1e-6
+    assert torch.equal(ids, ids64)  # no near-tie flips between float32 and float64 on these inputs
+    assert_same_function(weights.gather(1, order), ref_weights.gather(1, ref_order), weights64.gather(1, order),
+                         what=f"router weights, ours vs transformers ({name})")
 
 
 def test_correction_bias_selects_but_does_not_weigh():
@@ -55,10 +65,15 @@ def test_correction_bias_selects_but_does_not_weigh():
     x = _randn(64, config.hidden_size, seed=5)
     weights, ids, scores = gate(x)
     assert (ids == 5).any(dim=-1).all()
-    # ... but weighted by its plain sigmoid score, renormalised over the chosen set, times 2.5
-    picked = scores.gather(1, ids)
-    assert torch.allclose(weights, picked / picked.sum(-1, keepdim=True) * 2.5, atol=1e-6)
-    assert torch.allclose(weights.sum(-1), torch.full((64,), 2.5), atol=1e-5)
+    # ... but weighted by its plain sigmoid score, renormalised over the chosen set, times 2.5. Against the
+    # same formula in float64 from the same float32 scores: the gate's float32 sum, division and scaling
+    # round three times, each by at most u = EPS32 / 2 relative (the 1e-20 guard changes nothing), so
+    # |w - ref| <= 3u |ref| to first order; 4u covers the higher-order terms
+    picked = scores.gather(1, ids).double()
+    ref = picked / picked.sum(-1, keepdim=True) * 2.5
+    assert ((weights.double() - ref).abs() <= 2 * EPS32 * ref.abs()).all()
+    # and they sum to 2.5: each weight within 4u of its exact share (the float64 sum adds ~1e-16)
+    assert ((weights.double().sum(-1) - 2.5).abs() <= 2 * EPS32 * 2.5).all()
 
 
 def test_group_limited_routing_stays_in_kept_groups():
@@ -81,6 +96,17 @@ def _experts(config, seed=8):
     return experts
 
 
+def _outputs_and_grads(experts, x, weights, ids, grad_out, impl):
+    """(output, grads of x, weights, gate_up_proj, down_proj) of experts(x, weights, ids, impl)."""
+    x, weights = x.detach().requires_grad_(), weights.detach().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    out = experts(x, weights, ids, impl)
+    out.backward(grad_out)
+    result = (out.detach(), x.grad, weights.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
+    experts.zero_grad(set_to_none=True)
+    return result
+
+
 def test_grouped_equals_looped_outputs_and_gradients():
     config = tiny_v3()
     experts = _experts(config)
@@ -92,17 +118,14 @@ def test_grouped_equals_looped_outputs_and_gradients():
     ids[ids == 3] = 5
     assert not (ids == 3).any() and (ids[:, 0] != ids[:, 1]).all()
     weights = _randn(n, k, seed=10).abs().requires_grad_()
+    grad_out = _randn(n, config.hidden_size, seed=11)
 
-    grads = {}
-    for impl in ("looped", "grouped"):
-        out = experts(x, weights, ids, impl)
-        (out * _randn(*out.shape, seed=11)).sum().backward()
-        grads[impl] = (out.detach(), x.grad.clone(), weights.grad.clone(), experts.gate_up_proj.grad.clone(),
-                       experts.down_proj.grad.clone())
-        x.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
-    for looped, grouped in zip(grads["looped"], grads["grouped"]):
+    grads = {impl: _outputs_and_grads(experts, x, weights, ids, grad_out, impl) for impl in ("looped", "grouped")}
+    ref = _outputs_and_grads(float64_copy(experts), x.double(), weights.double(), ids, grad_out.double(), "looped")
+    names = ("output", "grad x", "grad weights", "grad gate_up_proj", "grad down_proj")
+    for name, looped, grouped, ref64 in zip(names, grads["looped"], grads["grouped"], ref):
         assert looped.abs().max() > 0
-        assert max_diff(looped, grouped) < 1e-5
+        assert_close_to_reference(grouped, looped, ref64, what=f"grouped vs looped, {name}")
 
 
 def test_moe_block_paths_agree_and_include_shared_experts():
@@ -114,10 +137,15 @@ def test_moe_block_paths_agree_and_include_shared_experts():
     x = _randn(2, 9, config.hidden_size, seed=12)
     with torch.no_grad():
         looped, grouped = moe(x, "looped"), moe(x, "grouped")
-        assert max_diff(looped, grouped) < 1e-5
         weights, ids, _ = moe.gate(x.view(-1, config.hidden_size))
         routed = moe.experts(x.view(-1, config.hidden_size), weights, ids, "looped").view_as(x)
-        assert max_diff(grouped, routed + moe.shared_experts(x)) < 1e-5
+        with float64_compute():
+            moe64 = float64_copy(moe)
+            ref = moe64(x.double(), "looped")
+            assert torch.equal(moe64.gate(x.view(-1, config.hidden_size).double())[1], ids)  # same routing
+    assert_close_to_reference(grouped, looped, ref, what="MoE block, grouped vs looped")
+    # the block is routed experts + shared experts: the sum by hand, as a plain path
+    assert_close_to_reference(grouped, routed + moe.shared_experts(x), ref, what="MoE block = routed + shared")
     with pytest.raises(ValueError, match="moe_impl"):
         moe(x, "fast")
 
@@ -131,7 +159,9 @@ def test_decode_sized_batches_match_looped(num_tokens):
     ids = torch.tensor([[1, 6], [6, 2], [0, 7], [3, 6]])[:num_tokens]
     weights = _randn(num_tokens, 2, seed=32).abs()
     with torch.no_grad():
-        assert max_diff(experts(x, weights, ids, "grouped"), experts(x, weights, ids, "looped")) < 1e-6
+        ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
+        assert_close_to_reference(experts(x, weights, ids, "grouped"), experts(x, weights, ids, "looped"), ref,
+                                  what=f"decode-sized grouped vs looped, {num_tokens} tokens")
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 4, 9])
@@ -145,7 +175,9 @@ def test_tensor_only_path_matches_looped(num_tokens):
                        for n in range(num_tokens)])
     weights = _randn(num_tokens, 2, seed=35).abs()
     with torch.no_grad():
-        assert max_diff(experts._tensor_only(x, weights, ids), experts(x, weights, ids, "looped")) < 1e-5
+        ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
+        assert_close_to_reference(experts._tensor_only(x, weights, ids), experts(x, weights, ids, "looped"), ref,
+                                  what=f"tensor-only vs looped, {num_tokens} tokens")
 
 
 def test_sequence_aux_loss_is_alpha_for_uniform_routing():
@@ -231,9 +263,12 @@ def test_training_grouped_backward_equals_autograd_of_plain_grouped(n, monkeypat
         out.backward(grad_out)
         results[fused] = (out.detach(), x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
         x.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
-    for fast, plain in zip(results[True], results[False]):
+    # the reference: autograd over the plain grouped code, in float64
+    ref = _outputs_and_grads(float64_copy(experts), x.double(), weights.double(), ids, grad_out.double(), "grouped")
+    names = ("output", "grad x", "grad weights", "grad gate_up_proj", "grad down_proj")
+    for name, fast, plain, ref64 in zip(names, results[True], results[False], ref):
         assert plain.abs().max() > 0
-        assert max_diff(fast, plain) < 1e-5
+        assert_close_to_reference(fast, plain, ref64, what=f"fused vs autograd, {name}, {n} tokens")
     assert (results[True][3][3] == 0).all() and (results[True][4][3] == 0).all()  # unused expert: zero grad
 
 
@@ -259,7 +294,9 @@ def test_training_step_uses_the_fused_path_only_with_grad():
     ids = _skewed_routing(40, config, seed=62)
     weights = _randn(40, 2, seed=63).abs()
     with torch.no_grad():
-        ref = experts(x, weights, ids, "looped")
-        assert max_diff(experts(x, weights, ids, "grouped"), ref) < 1e-5
+        looped = experts(x, weights, ids, "looped")
+        ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
+        assert_close_to_reference(experts(x, weights, ids, "grouped"), looped, ref, what="grouped, no grad")
     out = experts(x, weights, ids, "grouped")
-    assert out.grad_fn.name() == "_GroupedExpertsBackward" and max_diff(out.detach(), ref) < 1e-5
+    assert out.grad_fn.name() == "_GroupedExpertsBackward"
+    assert_close_to_reference(out.detach(), looped, ref, what="grouped, fused training path")

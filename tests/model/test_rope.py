@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from openr2.model.rope import RotaryEmbedding, apply_rope, rope_inv_freq
 from openr2.presets import deepseek_v2_lite, deepseek_v3, tiny_v2
+from tests.numerics import EPS32, assert_close_to_reference
+
+U32 = EPS32 / 2  # float32 unit roundoff, 2^-24
+
+
+def _yarn_rtol(base: float) -> float:
+    """Relative error of a float32 evaluation of the (YaRN) inverse frequencies against exact arithmetic:
+    the exponent 2i/d rounds by u (absolute, as it is below 1), which base^e turns into ln(base) u relative;
+    pow itself is within an ulp (2u); then the reciprocal, the division by the factor and the ramp's blend
+    of two positive terms add at most u each: (ln(base) + 6) u, 9.1e-7 for base 10000."""
+    return (math.log(base) + 6) * U32
 
 
 def _hf_yarn(config):
@@ -28,7 +40,8 @@ def _hf_yarn(config):
 def test_yarn_matches_transformers(config):
     inv_freq, factor = rope_inv_freq(config)
     ref_inv_freq, ref_factor = _hf_yarn(config)
-    assert torch.allclose(inv_freq, ref_inv_freq, rtol=1e-6, atol=0)
+    # two float32 evaluations of one formula (they differ in the last ulp): each within _yarn_rtol of exact
+    assert torch.allclose(inv_freq, ref_inv_freq, rtol=2 * _yarn_rtol(config.rope_theta), atol=0)
     assert factor == pytest.approx(ref_factor)
 
 
@@ -37,8 +50,9 @@ def test_v3_yarn_ramp_bounds():
     inv_freq, factor = rope_inv_freq(deepseek_v3())
     base = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     assert factor == 1.0  # mscale == mscale_all_dim
-    assert torch.allclose(inv_freq[:11].double(), base[:11], rtol=1e-6)
-    assert torch.allclose(inv_freq[23:].double(), base[23:] / 40, rtol=1e-6)
+    rtol = _yarn_rtol(10000.0)  # float32 against the float64 frequencies
+    assert torch.allclose(inv_freq[:11].double(), base[:11], rtol=rtol, atol=0)
+    assert torch.allclose(inv_freq[23:].double(), base[23:] / 40, rtol=rtol, atol=0)
     assert ((inv_freq[11:23].double() < base[11:23]) & (inv_freq[11:23].double() > base[11:23] / 40)).all()
 
 
@@ -46,15 +60,21 @@ def test_plain_rope():
     inv_freq, factor = rope_inv_freq(tiny_v2())
     dim = tiny_v2().qk_rope_head_dim
     assert factor == 1.0
-    assert torch.allclose(inv_freq, 1.0 / 10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    # the same float32 operations on the same values: equal to the last bit
+    assert torch.equal(inv_freq, 1.0 / 10000.0 ** (torch.arange(0, dim, 2).float() / dim))
 
 
 def test_interleaved_pairs_rotate_as_complex_numbers():
     x = torch.randn(3, 5, 8)
     angle = torch.randn(3, 5, 4)
     out = apply_rope(x, angle.cos(), angle.sin())
-    ref = torch.view_as_real(torch.view_as_complex(x.view(3, 5, 4, 2)) * torch.polar(torch.ones_like(angle), angle))
-    assert torch.allclose(out, ref.flatten(-2), atol=1e-6)
+
+    def rotated(x, angle):
+        turn = torch.polar(torch.ones_like(angle), angle)
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (4, 2))) * turn)
+
+    assert_close_to_reference(out, rotated(x, angle).flatten(-2), rotated(x.double(), angle.double()).flatten(-2),
+                              what="interleaved rope vs a complex rotation")
 
 
 def test_half_split_layout_is_a_permutation_of_interleaved():
@@ -64,7 +84,8 @@ def test_half_split_layout_is_a_permutation_of_interleaved():
     perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
     inter = apply_rope(x, angle.cos(), angle.sin(), interleaved=True)
     half = apply_rope(x[..., perm], angle.cos(), angle.sin(), interleaved=False)
-    assert torch.allclose(inter[..., perm], half, atol=1e-6)
+    ref = apply_rope(x.double(), angle.double().cos(), angle.double().sin(), interleaved=True)
+    assert_close_to_reference(half, inter[..., perm], ref[..., perm], what="half-split vs interleaved")
 
 
 def test_scores_depend_only_on_relative_position():
@@ -78,5 +99,15 @@ def test_scores_depend_only_on_relative_position():
         kn = apply_rope(k, cos[0, 1], sin[0, 1])
         return (qm @ kn).item()
 
-    assert score(7, 3) == pytest.approx(score(1007, 1003), abs=1e-3)
-    assert abs(score(7, 3) - score(7, 5)) > 1e-2
+    # Rounding bound: the float32 angle p * theta_j rounds by u |p theta_j| (u = 2^-24), cos/sin add an
+    # ulp (2u); a pair j's term |q_j| |k_j| cos(angle difference) moves by at most |q_j| |k_j| times the
+    # angle errors of both positions; the rotations and the 64-term dot product round by ~64 u sum |q_i k_i|.
+    theta = rotary.inv_freq.double() * rotary.attention_factor
+    pair = (q.view(32, 2).norm(dim=-1) * k.view(32, 2).norm(dim=-1)).double()
+
+    def bound(m, n):
+        return (pair * (U32 * (m + n) * theta + 4 * 2 * U32)).sum().item() + 64 * U32 * (q.abs() @ k.abs()).item()
+
+    rounding = bound(7, 3) + bound(1007, 1003)
+    assert abs(score(7, 3) - score(1007, 1003)) <= rounding
+    assert abs(score(7, 3) - score(7, 5)) > 100 * rounding  # while another relative position changes it

@@ -1,6 +1,8 @@
 """Run by tests/train/test_distributed.py under torchrun (or plainly): a short tiny-MoE run whose losses,
-grad norms and final weights rank 0 writes to OUT/result.pt."""
+grad norms and final weights rank 0 writes to OUT/result.pt. The model and every step of the computation
+are float64 (see test_distributed.py for why)."""
 
+import contextlib
 import os
 import sys
 
@@ -12,6 +14,7 @@ from openr2.train import distributed
 from openr2.train.config import TrainConfig
 from openr2.train.data import IGNORE_INDEX
 from openr2.train.trainer import Trainer
+from tests.numerics import float64_compute
 
 B, T = 8, 16
 
@@ -39,21 +42,30 @@ class Batches:
         self.i = state["i"]
 
 
-def main(out_dir: str, strategy: str) -> None:
+def main(out_dir: str, strategy: str, dtype: str = "float64") -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     torch.set_num_threads(1)
     dist = distributed.init()
     cfg = TrainConfig(mode="sft", steps=10, batch_size=B, seq_len=T, lr=1e-2, warmup_steps=2, grad_accum=2,
                       out_dir=out_dir, distributed=strategy, log_every=1)
-    trainer = Trainer(build_model(tiny_v3(), seed=0), Batches(), cfg)
-    history = trainer.train()
-    model = trainer.full_model()
+    # .to(float64) casts the router too (build_model's dtype= keeps it float32); float64_compute() lifts the
+    # steps that cast to float32 whatever the model's dtype (RMSNorm, router, the trainer's cross-entropy).
+    # "float32" (a third argument) runs the test's old setting, for comparison.
+    model = build_model(tiny_v3(), seed=0).to(getattr(torch, dtype))
+    with float64_compute() if dtype == "float64" else contextlib.nullcontext():
+        trainer = Trainer(model, Batches(), cfg)
+        history = trainer.train()
+    # the whole weights as they are (Trainer.full_model() rebuilds an FSDP model in float32)
+    state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
         torch.save({"loss": [r["loss"] for r in history], "mtp_loss": [r["mtp_loss"] for r in history],
                     "grad_norm": [r["grad_norm"] for r in history], "tokens": [r["tokens"] for r in history],
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}},
+                    "lr": [r["lr"] for r in history],
+                    "state": {k: v.detach().clone() for k, v in state.items()}},
                    os.path.join(out_dir, "result.pt"))
     distributed.shutdown(dist)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

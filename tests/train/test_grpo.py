@@ -13,11 +13,13 @@ import torch
 from openr2.train import grpo
 from openr2.train import rewards as R
 from openr2.train.grpo import Group, GRPOConfig, group_advantages, policy_loss
+from tests.numerics import assert_close_to_reference, reference64
 
 
 def test_group_advantages():
     assert group_advantages([1, 0, 0, 1]) == [0.5, -0.5, -0.5, 0.5]
-    assert group_advantages([1, 0, 0, 1], scale=True) == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    # std 0.5 plus eps 1e-6 in the denominator: +-0.5 / 0.500001 is +-1 less 2e-6 (float64 rounding: 1e-16)
+    assert group_advantages([1, 0, 0, 1], scale=True) == pytest.approx([1, -1, -1, 1], abs=4e-6)
     assert group_advantages([0.3, 0.3, 0.3]) == [0.0, 0.0, 0.0]
     assert group_advantages([2.0, 0.0]) == [1.0, -1.0]
 
@@ -31,7 +33,8 @@ def test_token_level_aggregation_and_gradient():
     assert loss.item() == pytest.approx(-(1 * 1 + 3 * -1) / 4)  # per token, not per sequence (that gives 0)
     loss.backward()
     expected = torch.tensor([[-1 / 4, 0, 0], [1 / 4, 1 / 4, 1 / 4]])
-    assert torch.allclose(logp.grad, expected) and stats["clip_fraction"] == 0
+    # exact: the ratio is exp(0) = 1, the advantages +-1, the token count 4 (a power of two)
+    assert torch.equal(logp.grad, expected) and stats["clip_fraction"] == 0
 
 
 def test_clipping_low_and_high():
@@ -39,6 +42,9 @@ def test_clipping_low_and_high():
     logp = torch.log(torch.tensor([[1.5, 1.1, 0.5, 0.9]]))  # ratios
     mask = torch.ones(1, 4, dtype=torch.bool)
     pos, stats = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28)
+    # float32 rounding, u = 2^-24: each ratio exp(log r) is within ~4u relative of r (r and log r stored:
+    # u each, log's and exp's own rounding: ~u each), so within 6u absolute for r <= 1.5; the clip bounds
+    # 1 +- c round by u; the sum of 4 and the mean add ~3u x 4: the mean is within ~9u = 5.4e-7; abs=1e-6
     # A>0: min(r, clip(r)) -> 1.28 (clipped high), 1.1, 0.5 (unclipped, below), 0.9
     assert pos.item() == pytest.approx(-(1.28 + 1.1 + 0.5 + 0.9) / 4, abs=1e-6)
     assert stats["clip_fraction"] == pytest.approx(0.25)
@@ -56,7 +62,11 @@ def test_k3_kl():
     ref = logp + torch.tensor([[0.5, -0.5]])
     loss, s = policy_loss(logp, logp, torch.tensor([0.0]), mask, 0.2, 0.2, ref_logp=ref, kl_beta=0.1)
     k3 = [(math.exp(d) - d - 1) for d in (0.5, -0.5)]
-    assert s["kl"] == pytest.approx(sum(k3) / 2) and loss.item() == pytest.approx(0.1 * sum(k3) / 2)
+    # float32, u = 2^-24: exp(d) within 2u e^d, then - d and - 1 round by u |e^d - d| and u k3: 4.6u for
+    # d = 0.5, 2.4u for d = -0.5; their mean within 3.5u + u (the sum) ~ 4.5u = 2.7e-7 of 0.1276 (rel 2.1e-6);
+    # the loss multiplies by 0.1 (float32 0.1 and the product: 2u more)
+    assert s["kl"] == pytest.approx(sum(k3) / 2, rel=0, abs=5 * 2**-24)
+    assert loss.item() == pytest.approx(0.1 * sum(k3) / 2, rel=0, abs=0.1 * 7 * 2**-24)
 
 
 def test_completion_logprobs_match_a_plain_computation():
@@ -67,12 +77,16 @@ def test_completion_logprobs_match_a_plain_computation():
     seqs, plens = [[5, 6, 7, 8, 9], [10, 11, 12]], [3, 1]
     logp, mask = grpo.completion_logprobs(model, seqs, plens, temperature=0.7, pad_id=0)
     assert mask.tolist() == [[True, True], [True, True]]
-    for i, (s, p) in enumerate(zip(seqs, plens)):
+    for i, (s, p) in enumerate(zip(seqs, plens)):  # the batched, padded forward vs each sequence alone
         with torch.no_grad():
             logits = model(torch.tensor([s]))[0] / 0.7
-        for j in range(len(s) - p):
-            want = torch.log_softmax(logits[p - 1 + j], -1)[s[p + j]]
-            assert logp[i, j].item() == pytest.approx(want.item(), abs=1e-5)
+        logits64 = reference64(model, torch.tensor([s]))[0] / 0.7
+        n = len(s) - p
+        rows, targets = torch.arange(p - 1, p - 1 + n), torch.tensor(s[p:])
+        want = torch.log_softmax(logits, -1)[rows, targets]
+        want64 = torch.log_softmax(logits64, -1)[rows, targets]
+        assert_close_to_reference(logp[i, :n].detach(), want, want64, scale=logits64.abs().max().item(),
+                                  what=f"completion logprobs, sequence {i}")
 
 
 def test_dynamic_sampling_refills_informative_groups(monkeypatch, tmp_path):
