@@ -55,6 +55,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_dir(args: argparse.Namespace) -> str:
+    """The checkpoint of `generate` / `chat`: the positional MODEL or --model (the model card writes the
+    flag, as `serve` and `eval` take it); both are accepted when they name the same directory."""
+    given = [m for m in (args.model, args.model_flag) if m is not None]
+    if not given:
+        raise ValueError("no checkpoint given: name its directory, as MODEL or --model MODEL")
+    if len({os.path.abspath(m) for m in given}) > 1:
+        raise ValueError(f"two checkpoints given: {args.model!r} and --model {args.model_flag!r}; name one")
+    return given[0]
+
+
 def _sampling_params(args: argparse.Namespace):
     from openr2.engine.sampling import SamplingParams
 
@@ -75,13 +86,16 @@ def _load_engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Complete one prompt (or one chat turn with --chat), streaming the text as it is generated."""
+    """Answer one prompt as a user message through the model's chat template (the plain text with --raw, or
+    when the tokenizer has no template), streaming the text as it is generated."""
     from openr2.chat_format import encode_chat
 
+    args.model = _model_dir(args)
     engine = _load_engine(args)
     params = _sampling_params(args)
+    chat = not args.raw and bool(engine.tokenizer.chat_templates)
     prompt = {"prompt_token_ids": encode_chat([{"role": "user", "content": args.prompt}], engine.tokenizer)} \
-        if args.chat else args.prompt
+        if chat else args.prompt
     final = None
     for out in engine.stream(prompt, params):
         if params.n == 1:
@@ -99,15 +113,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive chat: reasoning streams dimmed, the answer plain; /reset forgets, /exit quits."""
-    from openr2.chat_format import ReasoningParser, prompt_opens_reasoning, render_chat
-
+    """Interactive chat: reasoning streams dimmed, the answer plain; /reset forgets, /exit or Ctrl-D quits
+    (exit code 0), Ctrl-C too (130, the shell's code for an interrupt)."""
+    args.model = _model_dir(args)
     engine = _load_engine(args)
-    params = _sampling_params(args)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     dim, plain = ("\x1b[2m", "\x1b[0m") if color else ("", "")
+    print("openr2 chat: /reset clears the conversation, /exit or Ctrl-D quits.")
+    try:
+        return _chat_loop(engine, _sampling_params(args), dim, plain)
+    except KeyboardInterrupt:
+        print(plain)  # leave the terminal undimmed and on a fresh line
+        return 130
+
+
+def _chat_loop(engine, params, dim: str, plain: str) -> int:
+    """Read a line, answer it, until /exit or end of input."""
+    from openr2.chat_format import ReasoningParser, prompt_opens_reasoning, render_chat
+
     history: list[dict] = []
-    print("openr2 chat: /reset clears the conversation, /exit quits.")
     while True:
         try:
             line = input(">>> ").strip()
@@ -172,21 +196,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from openr2.engine.async_engine import AsyncEngine
     from openr2.server import billing
     from openr2.server.app import Server, ServerConfig, create_app, generation_defaults
+    from openr2.server.pages import example_prompts
 
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                           require_auth=args.require_auth, log_content=args.log_content,
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
-                          default_sampling=generation_defaults(args.model))
+                          default_sampling=generation_defaults(args.model),
+                          example_prompts=example_prompts(args.model), docs=args.docs)
     if args.compile:
         print("openr2: compiling the decode step (once; inductor caches it on disk for the next start)...")
         engine.warm_up()
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning"))
+    server.engine.on_failure = lambda: setattr(http, "should_exit", True)  # a dead engine: exit, to be restarted
+    http.run()
     server.engine.shutdown()
-    return 0
+    if server.engine.failure is not None:
+        print(f"openr2: {server.engine.failure}", file=sys.stderr)
+        return 1
+    return 0 if http.started else 3  # uvicorn.run's status when it could not start (a port in use...)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -195,8 +226,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         key_id, secret = ledger.create_key(args.name or "")
         print(f"{key_id}\n{secret}\n(store the key now: only its hash is kept)")
     elif args.action == "list":
-        for key in ledger.list_keys():
+        keys = ledger.list_keys()
+        for key in keys:
             print(json.dumps(key))
+        if not keys:
+            print("no keys")
     else:
         if not args.name or not ledger.revoke_key(args.name):
             raise ValueError(f"no active key {args.name!r} to revoke")
@@ -244,7 +278,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="HTTP requests in flight")
     p.add_argument("--retries", type=int, default=d.retries, help="HTTP retries on 429/5xx/connection errors")
     p.add_argument("--seed", type=int, default=d.seed, help="per-request seeds and the GPQA choice order derive from it")
-    p.add_argument("--out", default=None, help="results JSON (rerun with it to resume); a .md summary beside it")
+    p.add_argument("--out", default=None, help="results JSON (rerun with it to resume; default "
+                   "runs/eval/eval-TASK-MODEL.json); a .md summary beside it")
     p.add_argument("--prices", default=None, help="price table for the cost column (JSON or TOML)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=d.device)
@@ -361,7 +396,8 @@ COMPILE_HELP = "compile the decode step (batch-1 decode ~4-7x faster on CPU) aft
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
-    p.add_argument("model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("model", nargs="?", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same, as a flag")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, DeepSeek's advice)")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -384,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one prompt, streaming")
     _add_sampling_flags(gen, n=True)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.add_argument("--raw", action="store_true",
+                     help="send the prompt as plain text, not as a user message through the chat template")
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive terminal chat")
     _add_sampling_flags(chat)
@@ -398,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prices", default=None, help="price table (JSON or TOML, dollars per million tokens)")
     serve.add_argument("--require-auth", action="store_true", help="require an API key even before one exists")
     serve.add_argument("--log-content", action="store_true", help="store prompt and completion text in the ledger")
+    serve.add_argument("--docs", action="store_true",
+                       help="serve FastAPI's /docs and /redoc (their pages load Swagger UI / ReDoc from a CDN)")
     serve.add_argument("--requests-per-min", type=int, default=None, help="per-key request limit (429 past it)")
     serve.add_argument("--tokens-per-min", type=int, default=None, help="per-key prompt + max output token limit")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -472,3 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"openr2 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: stop quietly, as a shell expects
+        print(file=sys.stderr)
+        return 130

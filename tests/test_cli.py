@@ -1,18 +1,31 @@
-"""`openr2 info`: the verified parameter counts and KV-cache sizes, on the meta device."""
+"""The command line: `openr2 info` (the verified parameter counts and KV-cache sizes, on the meta device),
+`generate` and `chat` (checkpoint as MODEL or --model, the chat template by default, Ctrl-C and Ctrl-D),
+`keys list`, `eval`'s default output path and `init-demo`."""
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from openr2.chat_format import encode_chat
 from openr2.cli import main
+from openr2.engine.engine import LLMEngine
+from openr2.eval.runner import EvalConfig
 from openr2.model.accounting import model_stats
 from openr2.model.hf_io import save_model
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
+from openr2.tokenizer import Tokenizer
+from tests.checkpoints import save_tiny_chat_checkpoint
 
 
 def _info_json(capsys, target):
@@ -67,3 +80,133 @@ def test_init_demo_writes_a_servable_placeholder(tmp_path):
     llm = LLM(tmp_path / "demo", num_blocks=32)
     out = llm.chat([{"role": "user", "content": "What is 2 + 2?"}], SamplingParams(max_tokens=4))[0]
     assert len(out.outputs[0].token_ids) >= 1 and out.prompt_token_ids[0] == llm.tokenizer.bos_token_id
+
+
+# ------------------------------------------------------------------------------------------------ generate, chat
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    save_tiny_chat_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch):
+    """The prompt of every engine.stream call."""
+    seen = []
+    stream = LLMEngine.stream
+
+    def spy(self, prompt, *args, **kwargs):
+        seen.append(prompt)
+        return stream(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "stream", spy)
+    return seen
+
+
+FAST = ["--max-tokens", "3", "--temperature", "0"]
+
+
+def test_checkpoint_as_model_flag_or_positional(ckpt, capsys, prompts_seen):
+    assert main(["generate", "--model", ckpt, "--prompt", "hi", *FAST]) == 0  # as the model card writes it
+    assert main(["generate", ckpt, "--prompt", "hi", *FAST]) == 0
+    assert main(["generate", ckpt, "--model", ckpt + os.sep, "--prompt", "hi", *FAST]) == 0  # the same directory
+    assert len(prompts_seen) == 3
+    capsys.readouterr()
+    for command in (["generate", "--prompt", "hi"], ["chat"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f"openr2 {command[0]}: error: no checkpoint given: name its directory, "
+                                           "as MODEL or --model MODEL\n")
+        assert main([*command, ckpt, "--model", "elsewhere"]) == 2
+        err = capsys.readouterr().err
+        assert "two checkpoints given" in err and "elsewhere" in err and "Traceback" not in err
+
+
+def test_generate_applies_the_chat_template_unless_raw(ckpt, tmp_path, capsys, prompts_seen):
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    assert main(["generate", ckpt, "--prompt", "What is 2+2?", *FAST]) == 0
+    assert prompts_seen[-1] == {"prompt_token_ids": encode_chat([{"role": "user", "content": "What is 2+2?"}],
+                                                                tokenizer)}
+    assert main(["generate", ckpt, "--prompt", "What is 2+2?", "--raw", *FAST]) == 0
+    assert prompts_seen[-1] == "What is 2+2?"
+    # a tokenizer without a chat template (a base model): the plain text
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(ckpt):
+        os.symlink(os.path.join(ckpt, name), bare / name)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").unlink()
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["generate", str(bare), "--prompt", "What is 2+2?", *FAST]) == 0
+    assert prompts_seen[-1] == "What is 2+2?"
+
+
+def test_chat_exits_cleanly_on_end_of_input(ckpt, monkeypatch, capsys, prompts_seen):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is 2+2?\n/reset\n"))
+    assert main(["chat", "--model", ckpt, *FAST]) == 0  # Ctrl-D
+    out = capsys.readouterr()
+    assert len(prompts_seen) == 1 and "(conversation cleared)" in out.out and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("where", ["prompt", "reply"])
+def test_chat_exits_130_on_ctrl_c(ckpt, monkeypatch, capsys, where):
+    lines = iter(["What is 2+2?"])
+
+    def read(prompt=""):
+        if where == "reply":
+            return next(lines)
+        raise KeyboardInterrupt
+
+    def interrupted(self, prompt, *args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(builtins, "input", read)
+    monkeypatch.setattr(LLMEngine, "stream", interrupted)
+    assert main(["chat", ckpt, *FAST]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_chat_process_exits_130_on_sigint(ckpt):
+    """The real thing: SIGINT to `python -m openr2 chat` waiting at its prompt."""
+    proc = subprocess.Popen([sys.executable, "-m", "openr2", "chat", "--model", ckpt], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen, deadline = b"", time.monotonic() + 120
+        while not seen.endswith(b">>> ") and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                seen += chunk
+        assert seen.endswith(b">>> "), seen
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------ keys, eval
+
+def test_keys_list_says_when_there_are_none(tmp_path, capsys):
+    assert main(["keys", "list", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "no keys\n"
+    assert main(["keys", "create", "laptop", "--data-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--data-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "laptop"
+
+
+def test_eval_writes_under_runs_eval_by_default(ckpt, tmp_path, monkeypatch, capsys):
+    assert EvalConfig(task="synthetic:addition:1", model="x/ckpt/").out_path() == \
+        os.path.join("runs", "eval", "eval-synthetic-addition-1-ckpt.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--task", "synthetic:addition:1", "--model", ckpt, "--limit", "1", "--max-tokens", "2",
+                 "--no-progress"]) == 0
+    name = f"eval-synthetic-addition-1-{os.path.basename(ckpt)}"
+    assert sorted(os.listdir(tmp_path / "runs" / "eval")) == [name + ".json", name + ".md"]
+    assert capsys.readouterr().err.strip().endswith(os.path.join("runs", "eval", name + ".json"))

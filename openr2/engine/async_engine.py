@@ -4,25 +4,38 @@ The engine is not thread-safe, so every touch (add, abort, step) happens under o
 thread sleeps while there is no work. Outputs are engine snapshots handed to each request's asyncio queue
 on its own event loop. A consumer that stops listening (a disconnected HTTP client) aborts its request,
 which frees its cache blocks; what it had generated is in the last output it received.
+
+Failures. A request the engine ended with an error raises RequestError from its own stream; the others
+go on. A step that fails as a whole (no single request to blame) leaves the engine in an unknown state,
+so the thread stops for good: every waiting stream, and every later generate(), raises EngineDeadError,
+`failure` says why, and `on_failure` is called (the server exits so that a supervisor restarts it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from openr2.engine.engine import LLMEngine, RequestOutput
+from openr2.engine.engine import LLMEngine, RequestError, RequestOutput
 from openr2.engine.sampling import SamplingParams
 
 ADMISSION_WINDOW_S = 0.003  # after idling, wait this long so requests arriving together start together
+logger = logging.getLogger("openr2.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine runs nothing any more: it failed (see AsyncEngine.failure) or was shut down."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_failure: Callable[[], None] | None = None):
         self.engine = engine
+        self.on_failure = on_failure  # called once, from the engine thread, when the engine dies
+        self.failure: str | None = None  # why the engine died; None while it is healthy
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -35,13 +48,14 @@ class AsyncEngine:
                        salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changed it; the last one is finished.
 
-        Bad input raises ValueError before anything is queued.
+        Bad input raises ValueError before anything is queued; a request the engine failed raises
+        RequestError; a dead or shut-down engine raises EngineDeadError.
         """
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._work:
             if self._stopped:
-                raise RuntimeError("engine is shut down")
+                raise EngineDeadError(self.failure or "the engine is shut down")
             self.engine.add_request(request_id, prompt, params, salt, priority)
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
             self._work.notify()
@@ -50,8 +64,10 @@ class AsyncEngine:
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise RuntimeError("the engine failed") from item
+                    raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestError(f"request {request_id} failed in the engine") from item.error
                 yield item
         finally:
             if not finished:  # the consumer went away, or failed: free the request's blocks now
@@ -60,6 +76,8 @@ class AsyncEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         with self._work:
             self._queues.pop(request_id, None)
+            if self.failure is not None:  # the engine's state is unknown: leave it alone
+                return None
             return self.engine.abort(request_id)
 
     def shutdown(self) -> None:
@@ -82,12 +100,9 @@ class AsyncEngine:
                     return
                 try:
                     outputs = self.engine.step()
-                except BaseException as e:  # hand the failure to every waiting caller, then stop
-                    for loop, queue in self._queues.values():
-                        loop.call_soon_threadsafe(queue.put_nowait, e)
-                    self._queues.clear()
-                    self._stopped = True
-                    return
+                except BaseException as e:  # no request to blame: the engine cannot go on
+                    self._die(e)
+                    break
                 by_loop: dict[asyncio.AbstractEventLoop, list] = {}
                 for out in outputs:
                     target = self._queues.get(out.request_id)
@@ -102,6 +117,22 @@ class AsyncEngine:
                 except RuntimeError:  # the caller's event loop is closed: nobody is listening
                     for _, out in deliveries:
                         self.abort(out.request_id)
+        if self.on_failure is not None:
+            self.on_failure()
+
+    def _die(self, error: BaseException) -> None:
+        """Under the lock: stop for good and fail every waiting stream."""
+        logger.critical("the engine failed; no request can run until the server restarts", exc_info=error)
+        self.failure = f"the engine step failed ({type(error).__name__}); see the server log"
+        self._stopped = True
+        for loop, queue in self._queues.values():
+            dead = EngineDeadError(self.failure)
+            dead.__cause__ = error
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, dead)
+            except RuntimeError:  # that caller's event loop is closed
+                pass
+        self._queues.clear()
 
 
 def _deliver(deliveries: list) -> None:

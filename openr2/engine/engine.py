@@ -4,6 +4,10 @@ The engine owns requests: it validates them, hands sequences to the scheduler, a
 logits, samples, detokenises incrementally, applies stop conditions, forks n samples off a shared prompt
 and reports usage (prompt, cached prompt, completion and reasoning tokens) with each finished request.
 
+A failure in one request's own work (forking, sampling its rows, appending its token) ends only that
+request: its output comes back finished with `error` set and the others go on. A failure of the step as a
+whole (scheduling, the model forward) raises from step(): it cannot be pinned on one request.
+
     engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_bytes=64 << 20))
     engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
     while engine.has_unfinished_requests():
@@ -66,6 +70,10 @@ class Usage:
     reasoning_tokens: int
 
 
+class RequestError(RuntimeError):
+    """One request failed inside the engine (its __cause__ says why); the other requests went on."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -74,6 +82,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     usage: Usage  # reasoning_tokens is filled in when the request finishes
+    error: Exception | None = None  # why the engine ended this request (finish_reason "abort"); None if fine
 
     @property
     def num_cached_tokens(self) -> int:  # vLLM's name
@@ -221,9 +230,11 @@ class LLMEngine:
             self.scheduler.register_full_blocks(seq)
             if seq.seq_id in logits:
                 ready.append(seq)
-        touched = {}
+        touched, failed = {}, {}
         if ready:
-            self._sample(ready, logits, touched)
+            self._sample(ready, logits, touched, failed)
+        for request_id in failed:  # one of its samples may have got a token before another failed
+            touched.pop(request_id, None)
         finished = []
         for req in touched.values():
             if req.finished:
@@ -231,6 +242,10 @@ class LLMEngine:
         outputs = [self._output(req) for req in touched.values()]
         for request_id in finished:
             del self.requests[request_id]
+        for request_id, error in failed.items():
+            out = self.abort(request_id)
+            out.error = error
+            outputs.append(out)
         return outputs
 
     def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -242,6 +257,8 @@ class LLMEngine:
             while request_id in self.requests:
                 for out in self.step():
                     if out.request_id == request_id:
+                        if out.error is not None:
+                            raise RequestError(f"request {request_id} failed") from out.error
                         yield out
         finally:  # a consumer that stops listening must not leave its request holding blocks
             self.abort(request_id)
@@ -254,24 +271,39 @@ class LLMEngine:
         req.seqs.append(seq)
         return seq
 
-    def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict) -> None:
-        rows, params, gens, prompts, outs, seqs = [], [], [], [], [], []
+    def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict, failed: dict) -> None:
+        """Sample and append a token for every ready row; a request whose own work raises goes to `failed`
+        (request_id -> the exception) and gets no token this step."""
+        rows = []  # (sequence, its logits row)
         for seq in ready:
             req = self.requests[seq.request_id]
-            # a request with n > 1 samples its n first tokens from the one prompt pass, then forks
-            group = self._fork(req, seq) if not req.forked else [seq]
-            for s in group:
-                rows.append(logits[seq.seq_id])
-                params.append(s.params)
-                gens.append(s.generator)
-                history = s.params.has_penalties  # token histories are read only for penalties
-                prompts.append(s.token_ids[: s.num_prompt_tokens] if history else None)
-                outs.append(s.output_token_ids if history else None)
-                seqs.append(s)
-        result = sample(torch.stack(rows), params, gens, prompts, outs).tolist()
-        for seq, token in zip(seqs, result):
+            try:  # a request with n > 1 samples its n first tokens from the one prompt pass, then forks
+                group = self._fork(req, seq) if not req.forked else [seq]
+            except Exception as e:
+                failed[req.request_id] = e
+                continue
+            rows += [(s, logits[seq.seq_id]) for s in group]
+        if not rows:
+            return
+        try:
+            tokens = _sample_rows(rows)
+        except Exception:  # some row broke the batch: sample each alone to find whose request it was
+            tokens = []
+            for row in rows:
+                try:
+                    tokens += _sample_rows([row])
+                except Exception as e:
+                    failed[row[0].request_id] = e
+                    tokens.append(None)
+        for (seq, _), token in zip(rows, tokens):
+            if seq.request_id in failed:
+                continue
             req = self.requests[seq.request_id]
-            self._append(req, seq, token)
+            try:
+                self._append(req, seq, token)
+            except Exception as e:
+                failed[req.request_id] = e
+                continue
             touched[req.request_id] = req
 
     def _fork(self, req: _Request, parent: Sequence) -> list[Sequence]:
@@ -379,6 +411,15 @@ class LLMEngine:
         from openr2.chat_format import count_reasoning_tokens
 
         return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning, start)
+
+
+def _sample_rows(rows: list[tuple[Sequence, torch.Tensor]]) -> list:
+    """One token (a TokenSample) per (sequence, logits row), each with its sequence's params and generator."""
+    seqs = [s for s, _ in rows]
+    history = [s.params.has_penalties for s in seqs]  # token histories are read only for penalties
+    return sample(torch.stack([row for _, row in rows]), [s.params for s in seqs], [s.generator for s in seqs],
+                  [s.token_ids[: s.num_prompt_tokens] if h else None for s, h in zip(seqs, history)],
+                  [s.output_token_ids if h else None for s, h in zip(seqs, history)]).tolist()
 
 
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from openr2.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from openr2.engine.engine import EngineConfig, LLMEngine, RequestError, RequestOutput
 from openr2.engine.sampling import SamplingParams
 from openr2.model.transformer import Transformer
 
@@ -36,7 +36,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Complete each prompt (a string, token ids, or {"prompt_token_ids": [...]}); outputs in input order."""
+        """Complete each prompt (a string, token ids, or {"prompt_token_ids": [...]}); outputs in input order.
+        Raises RequestError if one of them fails inside the engine."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
@@ -57,6 +58,10 @@ class LLM:
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while len(done) < len(ids):
                 for out in self.engine.step():
+                    if out.error is not None and out.request_id in wanted:  # the others are not worth finishing
+                        for request_id in ids:
+                            self.engine.abort(request_id)
+                        raise RequestError(f"request {out.request_id} failed") from out.error
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)

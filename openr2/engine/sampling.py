@@ -72,8 +72,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= -1 (-1 or 0 disables it), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < 2**63:  # the sampler holds it in an int64 tensor
+            raise ValueError(f"top_k must be an integer in [-1, 2**63) (-1 or 0 disables it), got {self.top_k!r}")
         if self.top_k == 0:
             self.top_k = -1
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:

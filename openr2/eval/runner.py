@@ -48,7 +48,7 @@ class EvalConfig:
     max_tokens: int | None = None  # None: up to 4096, clipped to the model's context (the server's default)
     concurrency: int = 8
     seed: int = 0
-    out: str | None = None  # default eval-<task>-<model>.json
+    out: str | None = None  # default runs/eval/eval-<task>-<model>.json
     retries: int = 5
     prices: str | None = None  # price table file for the cost column (default: our list prices)
     dtype: str = "float32"
@@ -76,7 +76,9 @@ class EvalConfig:
     def out_path(self) -> str:
         if self.out:
             return self.out
-        return f"eval-{self.task.replace(':', '-')}-{self.model_label.replace('/', '-')}.json"
+        # under runs/ (git-ignored) rather than the current directory, which is often a checkout
+        name = f"eval-{self.task.replace(':', '-')}-{self.model_label.replace('/', '-')}.json"
+        return os.path.join("runs", "eval", name)
 
     def header(self, data: str | None) -> dict:
         """What the results file records about the run (never the API key)."""

@@ -1,12 +1,14 @@
 """The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
 
-Routes: GET /health, GET /metrics (metrics.py), GET /v1/models, POST /v1/chat/completions and
-POST /v1/completions (stream and non-stream), GET /v1/usage, the files and batches routes of batches.py
-(whose worker runs here) and the chat page of pages.py. A request is validated (protocol.py), authorised
-(a key once any exists, or with require_auth), rate limited, rendered and tokenised, then streamed from
-the engine; its usage is billed from the engine's token counts, also when the client disconnects
-mid-stream (the request is then aborted and its cache blocks freed). Prompt and completion text are
-stored only with log_content.
+Routes: GET /health, GET /metrics (metrics.py), GET /v1/models and /v1/models/{id}, POST
+/v1/chat/completions and POST /v1/completions (stream and non-stream), GET /v1/usage, the files and batches
+routes of batches.py (whose worker runs here) and the chat page of pages.py. Bodies are size-limited while
+they are read (limits.py). A request is validated (protocol.py), authorised (a key once any exists, or with
+require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is billed
+from the engine's token counts, also when the client disconnects before the end, streamed or not (the
+request is then aborted and its cache blocks freed). Prompt and completion text are stored only with
+log_content. A stream that fails after its 200 headers ends with an error event, then `data: [DONE]`. A dead
+engine (async_engine.py) turns /health and every generation into a 503.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openr2.chat_format import prompt_opens_reasoning, render_chat
-from openr2.engine.async_engine import AsyncEngine
+from openr2.engine.async_engine import AsyncEngine, EngineDeadError
 from openr2.server import billing
 from openr2.server.errors import (
     bad_request,
@@ -33,10 +35,12 @@ from openr2.server.errors import (
     not_found,
     parse_json_body,
     rate_limited,
-    too_large,
+    stream_error_body,
     unauthorized,
+    unavailable,
 )
 from openr2.server.ledger import Ledger
+from openr2.server.limits import BodyLimitMiddleware
 from openr2.server.metrics import Metrics, MetricsMiddleware
 from openr2.server.outputs import (
     SSE_DONE,
@@ -83,10 +87,15 @@ class ServerConfig:
     require_auth: bool = False
     log_content: bool = False
     max_body_bytes: int = 8 << 20
+    max_file_bytes: int = 200 << 20  # POST /v1/files uploads (limits.py enforces both while reading)
+    # FastAPI's /docs and /redoc pages load Swagger UI and ReDoc from a CDN: off, so that no page of a
+    # private server sends its users' browsers elsewhere (/openapi.json is always served)
+    docs: bool = False
     default_max_tokens: int = 4096
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
     default_sampling: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
+    example_prompts: list = dataclasses.field(default_factory=list)  # the chat page's, from the model card
 
 
 def generation_defaults(model_dir: str) -> dict:
@@ -136,10 +145,7 @@ class Server:
         return key_id
 
     async def body(self, request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
-            raise too_large(f"The request body is {len(raw)} bytes; the limit is {self.config.max_body_bytes}.")
-        return parse_json_body(raw)
+        return parse_json_body(await request.body())  # at most max_body_bytes: limits.py stops the read
 
     def check_model(self, name: str) -> None:
         if name != self.config.model_name:
@@ -166,7 +172,11 @@ class Server:
         req = ChatCompletionRequest.parse(body)
         self.check_model(req.model)
         options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
-        prompt = render_chat(req.template_messages(), self.tokenizer, **options) + (req.assistant_prefix or "")
+        try:
+            prompt = render_chat(req.template_messages(), self.tokenizer, **options)
+        except ValueError as e:  # messages the template refuses (its raise_exception, roles out of order...)
+            raise bad_request(str(e), "messages") from None
+        prompt += req.assistant_prefix or ""
         ids = self.tokenizer.encode(prompt)
         params = req.to_sampling_params(self.config.default_max_tokens, self.engine.engine.max_model_len, len(ids),
                                         self.config.default_sampling)
@@ -180,12 +190,19 @@ class Server:
         timer = self.metrics.timer(start) if bill else None
         stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id,
                                       priority)
-        last = await self.first_output(stream)
-        if timer:
-            timer.feed(last)
-        async for last in stream:  # noqa: B007 (the last output is the answer)
+        last = None
+        try:
+            last = await self.first_output(stream)
             if timer:
                 timer.feed(last)
+            async for last in stream:  # noqa: B007 (the last output is the answer)
+                if timer:
+                    timer.feed(last)
+        except BaseException:  # client gone (unless_disconnected) or failed: abort (frees the blocks) and
+            await stream.aclose()  # bill what was generated, as a stream's end does
+            if bill and last is not None:
+                await asyncio.to_thread(self.bill, key_id, "/v1/chat/completions", last, request_id, prompt)
+            raise
         text = self.tokenizer.decode
         response = chat_completion_from_output(last, req.model, int(time.time()),
                                                starts_in_reasoning=prompt_opens_reasoning(prompt),
@@ -211,19 +228,34 @@ class Server:
                              priority: int = 0, bill: bool = True, start: float | None = None):
         """All prompts concurrently to the end; like run_chat, returns (Completion, outputs) when not billing."""
 
+        lasts = [None] * len(prompts)  # each prompt's latest output
+
         async def run(i: int, ids: list[int]):
             timer = self.metrics.timer(start) if bill else None
             stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}", key_id,
                                           priority)
-            last = await self.first_output(stream)
-            if timer:
-                timer.feed(last)
-            async for last in stream:  # noqa: B007
+            try:
+                lasts[i] = await self.first_output(stream)
                 if timer:
-                    timer.feed(last)
-            return last
+                    timer.feed(lasts[i])
+                async for lasts[i] in stream:
+                    if timer:
+                        timer.feed(lasts[i])
+                return lasts[i]
+            finally:
+                await stream.aclose()
 
-        outputs = await asyncio.gather(*(run(i, ids) for i, ids in enumerate(prompts)))
+        tasks = [asyncio.ensure_future(run(i, ids)) for i, ids in enumerate(prompts)]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except BaseException:  # client gone or one prompt failed: stop the others, bill what was generated
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for i, out in enumerate(lasts):
+                if bill and out is not None:
+                    await asyncio.to_thread(self.bill, key_id, "/v1/completions", out, f"{request_id}-{i}")
+            raise
         text = self.tokenizer.decode
         response = completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
                                            echo=bool(req.echo), token_text=lambda i: text([i]))
@@ -251,9 +283,29 @@ class Server:
                 usage = last.usage if isinstance(chunks, ChatStream) else [last.usage]
                 yield sse(chunks.usage_chunk(usage))
             yield SSE_DONE
+        except Exception as e:  # the 200 headers are out: say so in the stream, then end it as usual
+            error = unavailable(str(e)) if isinstance(e, EngineDeadError) else e
+            yield f"data: {json.dumps(stream_error_body(error))}\n\n"
+            yield SSE_DONE
         finally:  # also on disconnect: abort (frees the blocks) and bill what was generated
             await stream.aclose()
             self.bill(key_id, endpoint, last, request_id, prompt)
+
+    async def unless_disconnected(self, request: Request, work):
+        """Await a non-streamed request's run_chat/run_completion, cancelling it if the client hangs up
+        first: it then aborts the engine request and bills what was generated, as a stream's end does."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.cancelled():
+            return Response(status_code=499)  # nginx's "client closed request": nobody is there to read it
+        return task.result()
 
     async def first_output(self, stream: AsyncIterator):
         """Start a request: engine-side input errors surface here, before any response is sent."""
@@ -261,6 +313,12 @@ class Server:
             return await stream.__anext__()
         except ValueError as e:
             raise bad_request(str(e), str(e).split(":", 1)[0] if ":" in str(e) else None) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(server: Server) -> FastAPI:
@@ -279,16 +337,28 @@ def create_app(server: Server) -> FastAPI:
     # variables are set; this server never sends anything anywhere, so it is switched off.
     no_telemetry = {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}} \
         if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
+    docs = {} if server.config.docs else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="openr2", description="OpenAI-compatible API for openr2 models, served locally.",
-                  lifespan=lifespan, **no_telemetry)
+                  lifespan=lifespan, **docs, **no_telemetry)
     app.state.server = server
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
+
+    async def on_engine_dead(request: Request, exc: EngineDeadError):
+        err = unavailable(f"The model is unavailable: {exc}.")
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    app.add_exception_handler(EngineDeadError, on_engine_dead)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=server.config.max_body_bytes,
+                       max_file_bytes=server.config.max_file_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outermost: it counts the 413s too
     add_batch_routes(app, server)
     add_page_routes(app, server)
 
     @app.get("/health")
     async def health():
+        if server.engine.failure is not None:  # for load balancers and supervisors: take it out, restart it
+            return JSONResponse({"status": "failed", "model": server.config.model_name,
+                                 "reason": server.engine.failure}, status_code=503)
         return {"status": "ok", "model": server.config.model_name}
 
     @app.get("/metrics", include_in_schema=False)
@@ -297,11 +367,20 @@ def create_app(server: Server) -> FastAPI:
         body, content_type = server.metrics.exposition()
         return Response(body, media_type=content_type)
 
+    def served_model() -> Model:
+        return Model(id=server.config.model_name, created=server.created,
+                     max_model_len=server.engine.engine.max_model_len)
+
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorise(request)
-        return ModelList(data=[Model(id=server.config.model_name, created=server.created,
-                                     max_model_len=server.engine.engine.max_model_len)])
+        return ModelList(data=[served_model()])
+
+    @app.get("/v1/models/{model_id:path}")  # :path: served names such as "deepseek-ai/DeepSeek-R1" have slashes
+    async def model(request: Request, model_id: str):
+        server.authorise(request)
+        server.check_model(model_id)
+        return served_model()
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -312,7 +391,8 @@ def create_app(server: Server) -> FastAPI:
         request_id = random_id("chatcmpl-")
         starts = prompt_opens_reasoning(prompt)
         if not req.stream:
-            return await server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)
+            return await server.unless_disconnected(
+                request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start))
         stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
         first = await server.first_output(stream)
         text = server.tokenizer.decode
@@ -330,7 +410,8 @@ def create_app(server: Server) -> FastAPI:
         server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
         if not req.stream:
-            return await server.run_completion(key_id, req, prompts, params, request_id, start=start)
+            return await server.unless_disconnected(
+                request, server.run_completion(key_id, req, prompts, params, request_id, start=start))
         text = server.tokenizer.decode
         stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
         first = await server.first_output(stream)

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Collection
 
 from openr2.server.billing import Usage
+from openr2.server.errors import decode_json
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 COMPLETION_WINDOWS_S = {"24h": 24 * 3600}
@@ -63,19 +64,23 @@ class BatchStore:
             path = self._file_path(row["input_file_id"])
             content = path.read_bytes() if path.is_file() else None
             requests, errors, model = _parse_batch_input(content, row["endpoint"], models)
-            now = self._now()
+            if errors:
+                return self.fail_batch(batch_id, errors)
             with self._tx() as db:
                 if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] == "validating":
-                    if errors:
-                        db.execute("UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ?",
-                                   (now, json.dumps(errors), batch_id))
-                    else:
-                        db.executemany("INSERT INTO batch_requests (batch_id, custom_id, line, id, body, state)"
-                                       " VALUES (?,?,?,?,?,'pending')",
-                                       [(batch_id, cid, line, new_id("batch_req_"), body)
-                                        for line, cid, body in requests])
-                        db.execute("UPDATE batches SET status = 'in_progress', in_progress_at = ?, model = ?"
-                                   " WHERE id = ?", (now, model, batch_id))
+                    db.executemany("INSERT INTO batch_requests (batch_id, custom_id, line, id, body, state)"
+                                   " VALUES (?,?,?,?,?,'pending')",
+                                   [(batch_id, cid, line, new_id("batch_req_"), body) for line, cid, body in requests])
+                    db.execute("UPDATE batches SET status = 'in_progress', in_progress_at = ?, model = ?"
+                               " WHERE id = ?", (self._now(), model, batch_id))
+        return self._batch_obj(self._batch_row(batch_id))
+
+    def fail_batch(self, batch_id: str, errors: list[dict]) -> dict:
+        """validating -> failed with errors.data (OpenAI's {code, line, message, param}); a no-op in any
+        other state."""
+        with self._tx() as db:
+            db.execute("UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ? AND"
+                       " status = 'validating'", (self._now(), json.dumps(errors), batch_id))
         return self._batch_obj(self._batch_row(batch_id))
 
     def claim_pending(self, batch_id: str, n: int) -> list[dict]:
@@ -279,9 +284,12 @@ def _parse_batch_input(content: bytes | None, endpoint: str, models: Collection[
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except ValueError:
+            obj = decode_json(raw)
+        except json.JSONDecodeError:
             error(i, "invalid_json", "line is not valid JSON")
+            continue
+        except ValueError as e:  # valid JSON the server cannot take: nested too deeply, or not Unicode
+            error(i, "invalid_request", f"line: {e}", getattr(e, "param", None))
             continue
         if not isinstance(obj, dict):
             error(i, "invalid_request", "line must be a JSON object")

@@ -5,18 +5,29 @@ killed server had claimed go back to pending: they were never committed, so neve
 batches, runs their lines through the same code as the interactive endpoints but at batch priority (they
 yield to interactive requests in the scheduler), and records each line's response together with its bill,
 at the batch discount, in one transaction. Finished batches get their output and error files.
+
+Failures stay with their line: whatever makes a line fail is recorded as that line's error (the 4xx the
+interactive endpoint would answer, or a 500) and the batch goes on to complete. An input file that cannot
+be validated fails its batch once, with the reason in `errors`. Only a dead engine leaves lines claimed:
+the process exits, and the next start runs them.
+
+Rate limits: a batch line counts against its key's requests and tokens per minute (prompt + max_tokens
+x n, as an interactive request does), but waits for room instead of failing with a 429. A line that alone
+needs more than a minute's tokens is that line's 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 
+from openr2.engine.async_engine import EngineDeadError
 from openr2.server import billing
-from openr2.server.errors import APIError, bad_request, not_found, too_large
+from openr2.server.errors import APIError, bad_request, internal_error, not_found
 
 logger = logging.getLogger("openr2.server")
 BATCH_PRIORITY = 1
@@ -41,22 +52,17 @@ def _limit(limit: int, most: int) -> int:
     return limit
 
 
-def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> None:
+def add_batch_routes(app: FastAPI, server) -> None:
     ledger = server.ledger
 
     @app.post("/v1/files")
     async def create_file(request: Request):
         key_id = server.authorise(request)
-        size = int(request.headers.get("content-length") or 0)
-        if size > max_file_bytes:
-            raise too_large(f"Files are limited to {max_file_bytes} bytes.", "file")
-        form = await request.form()
+        form = await request.form()  # at most ServerConfig.max_file_bytes: limits.py stops the read
         upload, purpose = form.get("file"), form.get("purpose")
         if upload is None or isinstance(upload, str):
             raise bad_request("Upload the JSONL as the multipart field 'file'.", "file")
         content = await upload.read()
-        if len(content) > max_file_bytes:
-            raise too_large(f"Files are limited to {max_file_bytes} bytes.", "file")
         if purpose != "batch":
             raise bad_request("purpose must be 'batch'.", "purpose")
         try:
@@ -129,11 +135,13 @@ def add_batch_routes(app: FastAPI, server, max_file_bytes: int = 200 << 20) -> N
 
 
 class BatchWorker:
-    """Drives every active batch to its end; `concurrency` lines per batch are in the engine at once."""
+    """Drives every active batch to its end, each in its own task (so that one key's batch waiting for its
+    rate limits never holds up another key's), with `concurrency` lines per batch in the engine at once."""
 
     def __init__(self, server, concurrency: int = 8, poll_s: float = 0.5):
         self.server, self.concurrency, self.poll_s = server, concurrency, poll_s
         self._wake = asyncio.Event()
+        self._driving: dict[str, asyncio.Task] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -143,23 +151,38 @@ class BatchWorker:
         resumed = await asyncio.to_thread(ledger.reset_in_flight)
         if resumed:
             logger.info("resuming %d batch lines interrupted by the last shutdown", resumed)
-        while True:
-            busy = False
-            for batch_id in await asyncio.to_thread(ledger.list_active_batches):
-                try:
-                    busy |= await self._advance(batch_id)
-                except Exception:  # one broken batch must not stop the others
-                    logger.exception("batch %s failed to advance", batch_id)
-            if not busy:
+        try:
+            while self.server.engine.failure is None:
+                for batch_id in await asyncio.to_thread(ledger.list_active_batches):
+                    if batch_id not in self._driving:
+                        self._driving[batch_id] = asyncio.create_task(self._drive(batch_id))
                 self._wake.clear()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
-                except asyncio.TimeoutError:
-                    pass
+        finally:  # shutdown: the lines in the engine are aborted; unfinished ones resume at the next start
+            for task in list(self._driving.values()):
+                task.cancel()
+
+    async def _drive(self, batch_id: str) -> None:
+        try:
+            while await self._advance(batch_id):
+                pass
+        except EngineDeadError:
+            pass  # run() stops too
+        except Exception:  # the ledger failed (disk full...): logged, and tried again at the next poll
+            logger.exception("batch %s failed to advance", batch_id)
+        finally:
+            del self._driving[batch_id]
 
     async def _advance(self, batch_id: str) -> bool:
         ledger = self.server.ledger
-        batch = await asyncio.to_thread(ledger.validate_batch, batch_id, [self.server.config.model_name])
+        try:
+            batch = await asyncio.to_thread(ledger.validate_batch, batch_id, [self.server.config.model_name])
+        except Exception:  # an input validation did not foresee: fail the batch once, not at every poll
+            logger.exception("batch %s: its input could not be validated", batch_id)
+            batch = await asyncio.to_thread(ledger.fail_batch, batch_id, [{
+                "code": "invalid_file", "line": None, "message": "the input file could not be validated",
+                "param": "input_file_id"}])
         if batch["status"] == "in_progress":
             lines = await asyncio.to_thread(ledger.claim_pending, batch_id, self.concurrency)
             if lines:
@@ -170,21 +193,39 @@ class BatchWorker:
         return False
 
     async def _run_line(self, batch_id: str, endpoint: str, key_id: str, line: dict) -> None:
+        """Run one line and record its response with its bill, or its error (not billed)."""
         server, request_id = self.server, line["id"]
         try:
             if endpoint == "/v1/chat/completions":
                 req, prompt, ids, params = server.prepare_chat(line["body"])
+                await self._throttle(key_id, len(ids) + params.max_tokens * params.n)
                 response, out = await server.run_chat(key_id, req, prompt, ids, params, request_id, BATCH_PRIORITY,
                                                       bill=False)
                 usage = billing.Usage.of(out.usage)
             else:
                 req, prompts, params = server.prepare_completion(line["body"])
+                await self._throttle(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
                 response, outs = await server.run_completion(key_id, req, prompts, params, request_id,
                                                              BATCH_PRIORITY, bill=False)
                 usage = billing.Usage.total(billing.Usage.of(o.usage) for o in outs)
             cost = server.prices.cost(usage, batch=True)
             await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
                                     response.model_dump(), request_id, usage, cost)
-        except APIError as e:  # the line's own fault: an error line, not billed
-            await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], e.status,
-                                    e.body(), request_id)
+            return
+        except EngineDeadError:
+            raise  # not the line's fault: it stays claimed, and the next start runs it
+        except APIError as e:  # the line's own fault, as the interactive endpoint would answer it
+            error = e
+        except Exception:
+            logger.exception("batch %s: line %s failed", batch_id, line["custom_id"])
+            error = internal_error()
+        await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], error.status,
+                                error.body(), request_id)
+
+    async def _throttle(self, key_id: str, tokens: int) -> None:
+        """Wait until the key's rate limits admit `tokens` more (see the module docstring)."""
+        try:
+            while (wait := self.server.limiter.acquire(key_id, tokens)) > 0:
+                await asyncio.sleep(wait)
+        except ValueError as e:  # more than a whole minute's budget: waiting would never help
+            raise bad_request(str(e), "max_tokens") from None

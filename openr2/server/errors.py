@@ -3,7 +3,8 @@
 Owns `APIError` and its constructors (400/401/404/413/429/503), the body
 `{"error": {"message", "type", "param", "code"}}` that the `openai` client reads into `e.message`,
 `e.param`, `e.code`, the translation of pydantic validation errors into a 400 naming the offending field,
-and `install_error_handlers`, which makes every failure of a FastAPI app answer in that shape: FastAPI's
+the decoding of JSON bodies into what the rest of the server can take (`decode_json`: no deep nesting, no
+lone surrogates), and `install_error_handlers`, which makes every failure of a FastAPI app answer in that shape: FastAPI's
 default `{"detail": ...}` leaves the client with a bare "Error code: 400". Unexpected exceptions become a
 500 with a generic message; the traceback goes to the server log, never into the body.
 
@@ -15,11 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 logger = logging.getLogger("openr2.server")
 
 INVALID_REQUEST = "invalid_request_error"
 INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+MAX_JSON_DEPTH = 64  # requests nest a few levels (tool schemas a dozen); deeper is an attack on recursion
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 class APIError(Exception):
@@ -86,6 +91,11 @@ def overloaded(message: str = "The server is overloaded; retry later.", retry_af
     return APIError(503, message, "server_error", None, "server_overloaded", _retry_headers(retry_after_s))
 
 
+def unavailable(message: str) -> APIError:
+    """503 from a dead engine: only a restart helps (the server exits so that its supervisor restarts it)."""
+    return APIError(503, message, "server_error", None, "engine_unavailable", _retry_headers(5.0))
+
+
 def context_length_exceeded(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
                             param: str = "messages") -> APIError:
     asked = f"{num_prompt_tokens} in the prompt" + (f" and {max_tokens} for the completion" if max_tokens else "")
@@ -112,8 +122,10 @@ def stream_error_body(exc: BaseException) -> dict:
 def param_from_loc(loc: tuple | list) -> str | None:
     """("body", "messages", 0, "content") -> "messages[0].content"; None for the body as a whole."""
     parts = list(loc)
-    if parts and parts[0] == "body":
-        parts = parts[1:]
+    return _json_path(parts[1:] if parts and parts[0] == "body" else parts)
+
+
+def _json_path(parts) -> str | None:
     out = ""
     for part in parts:
         if isinstance(part, int):
@@ -149,12 +161,54 @@ def malformed_json() -> APIError:
     return bad_request("We could not parse the JSON body of your request. The body must be valid JSON.")
 
 
+def decode_json(raw: bytes | str):
+    """json.loads that also refuses, with a ValueError, what later stages could not take: nesting deeper
+    than MAX_JSON_DEPTH (recursive code, ours or a library's, would hit Python's recursion limit) and lone
+    UTF-16 surrogates such as "\\ud800" (no UTF-8 encoding: the tokenizer, SQLite and the response fail),
+    as a ParamError naming where. A json.JSONDecodeError (a ValueError too) means it is not JSON at all."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if isinstance(data, str):
+        _check_text(data, ())
+    stack = [(data, ())] if isinstance(data, (dict, list)) else []  # (container, path): no recursion of ours
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for key in node:
+                _check_text(key, path)
+            items = node.items()
+        elif _SCALARS.issuperset(map(type, node)):  # e.g. token ids: nothing inside (and checked at C speed)
+            continue
+        else:
+            items = enumerate(node)
+        for key, value in items:
+            if isinstance(value, str):
+                _check_text(value, (*path, key))
+            elif isinstance(value, (dict, list)):
+                stack.append((value, (*path, key)))
+    return data
+
+
+def _check_text(text: str, path: tuple) -> None:
+    if not text.isascii() and _SURROGATE.search(text):
+        raise ParamError(_json_path(path), "a lone UTF-16 surrogate (such as \\ud800) is not valid Unicode")
+
+
 def parse_json_body(raw: bytes | str) -> dict:
     """Decode a request body that must be a JSON object; errors are 400s, not 500s."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = decode_json(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise malformed_json() from None
+    except ParamError as e:
+        raise bad_request(f"Invalid value for '{e.param}': {e}." if e.param else f"Invalid request body: {e}.",
+                          e.param) from None
+    except ValueError as e:  # nested too deeply
+        raise bad_request(f"Invalid request body: {e}.") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     return data

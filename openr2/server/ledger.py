@@ -44,6 +44,7 @@ from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's
     new_id,
 )
 from openr2.server.billing import Usage, format_usd
+from openr2.server.private_files import open_private, private_dir, private_file
 
 SCHEMA_VERSION = 1
 KEY_PREFIX = "sk-openr2-"
@@ -99,8 +100,13 @@ class Ledger(BatchStore):
         self.log_content = log_content
         self._clock = clock
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "files").mkdir(parents=True, exist_ok=True)
+        for folder in (self.path.parent, self.data_dir, self.data_dir / "files"):
+            private_dir(folder)
+        # SQLite gives the -wal and -shm it creates the database file's mode; ones left by an older
+        # version are tightened here
+        private_file(self.path)
+        for extra in ("-wal", "-shm"):
+            private_file(self.path.with_name(self.path.name + extra), create=False)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so a write transaction takes the write
         # lock up front instead of failing half-way when another process writes.
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -283,7 +289,7 @@ class Ledger(BatchStore):
         """Temp file + fsync + rename + directory fsync: the file is whole or absent after a crash."""
         final = self._file_path(file_id)
         tmp = final.with_name(f".{file_id}.tmp")
-        with open(tmp, "wb") as f:
+        with open_private(tmp) as f:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())

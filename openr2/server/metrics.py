@@ -7,7 +7,8 @@ engine outputs of one request into time-to-first-token and inter-token-latency o
 decide what a request costs (billing.py) nor touch the engine beyond reading queue lengths.
 
 Series (prefix `openr2_`):
-  requests_total{route,method,status}         every HTTP request; unknown paths count as route="other"
+  requests_total{route,method,status}         every HTTP request; unknown paths count as route="other" and
+                                              methods outside HTTP's standard ones as method="other"
   prompt_tokens_total{endpoint}, cached_prompt_tokens_total{endpoint}, completion_tokens_total{endpoint}
                                               from the engine's usage counts when a request ends (billed
                                               or aborted), batch lines included (endpoint="batch:...")
@@ -31,6 +32,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 PREFIX = "openr2"
+# Label values come from the client; each distinct one is a series kept for the life of the process, so a
+# made-up method or path must not add one (a client could grow /metrics, and the memory, without bound).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                      2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -149,4 +153,5 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "other"  # unmatched paths share one label
-            self.metrics.requests.labels(template, scope.get("method", ""), str(status or 0)).inc()
+            method = scope.get("method", "")
+            self.metrics.requests.labels(template, method if method in METHODS else "other", str(status or 0)).inc()

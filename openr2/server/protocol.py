@@ -14,7 +14,9 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
   * accepted and ignored (they do not change the output): `user`, `metadata`, `store`, `service_tier`,
     `parallel_tool_calls`, `reasoning_effort`, `prompt_cache_key`, ... and any unknown field, since
     clients pass arbitrary `extra_body` keys; assistant `reasoning_content` on input is kept for the
-    template, never an error. `tools` with `tool_choice="none"` are accepted and not shown to the model.
+    template, never an error. Past assistant `tool_calls` must have OpenAI's shape (`function.name` and
+    `function.arguments` strings) for the template to render them. `tools` with `tool_choice="none"` are
+    accepted and not shown to the model.
   * rejected with a 400 naming the parameter, because we would silently answer something else:
     `tools` with any other tool_choice (no tool-call parser yet), `response_format` other than text,
     non-text content parts, `logit_bias`, `audio`, `prediction`, legacy `functions`, `suffix` (no FIM
@@ -79,13 +81,26 @@ class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCall(_Strict):
+    """A past assistant tool call, as the chat template reads it (OpenAI's shape)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # str, a list of {"type": "text", "text": ...} parts, or None for tool-call turns
     name: str | None = None
     reasoning_content: str | None = None  # kept: thinking-mode tool turns must pass it back (DeepSeek)
     prefix: bool | None = False  # DeepSeek chat prefix completion: continue this last assistant message
-    tool_calls: list[dict] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     @field_validator("content")
@@ -185,6 +200,8 @@ class _SamplingRequest(_Strict):
         request leaves out.
         Without max_tokens the cap is default_max_tokens (None: until the context is full), clipped to the
         room left. Raises APIError: 400 with `param`, code "context_length_exceeded" when it cannot fit.
+        Every option's range is SamplingParams' (one set of rules, also for offline use: whatever the
+        sampler cannot take); a value out of it is a 400 naming the request's parameter.
         """
         from openr2.engine.sampling import SamplingParams  # the engine (torch) only when it is needed
 

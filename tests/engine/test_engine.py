@@ -8,10 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from openr2.engine.engine import EngineConfig, LLMEngine
+from openr2.engine.engine import EngineConfig, LLMEngine, RequestError
 from openr2.engine.sampling import SamplingParams
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
+from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -182,14 +183,24 @@ def test_logprobs_match_the_model(model):
     out = _run(engine, [("lp", prompt, params)])["lp"].outputs[0]
     assert len(out.logprobs) == 4
     ids = list(prompt)
+    model64 = float64_copy(model)
     with torch.no_grad():
         for token, sample in zip(out.token_ids, out.logprobs):
             ref = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+            with float64_compute():
+                ref64 = torch.log_softmax(model64(torch.tensor([ids]))[0, -1], dim=-1)
             assert sample.token_id == token == ref.argmax().item()
-            assert abs(sample.logprob - ref[token].item()) < 1e-4
-            assert [t for t, _ in sample.top] == ref.topk(3).indices.tolist()
+            top = ref.topk(3).indices
+            assert [t for t, _ in sample.top] == top.tolist()
+            # the engine's logprobs (paged cache, chunked prefill, decode steps; the chosen token's and the
+            # top 3) vs the whole-sequence forward's; their rounding follows the logits' magnitude
+            picked = torch.cat([torch.tensor([token]), top])
+            got = torch.tensor([sample.logprob] + [lp for _, lp in sample.top], dtype=torch.float32)
+            assert_close_to_reference(got, ref[picked], ref64[picked], scale=ref64.abs().max().item(),
+                                      what=f"logprobs at token {len(ids) - len(prompt)}")
             ids.append(token)
-    assert abs(out.cumulative_logprob - sum(s.logprob for s in out.logprobs)) < 1e-4
+    # the same Python floats added in the same order from 0.0: equal to the last bit
+    assert out.cumulative_logprob == sum(s.logprob for s in out.logprobs)
 
 
 def test_interactive_requests_run_before_batch_work(model):
@@ -204,3 +215,33 @@ def test_interactive_requests_run_before_batch_work(model):
     done = _run(engine, [])
     assert set(done) == {"batch", "chat-1", "chat-2"}
     assert done["batch"].outputs[0].token_ids == _naive_greedy(model, prompts[0], 16)
+
+
+def _unsampleable(**options) -> SamplingParams:
+    """Params that pass validation, then are changed to what once killed the engine: the sampler's int64
+    top_k tensor overflows (a stand-in for any failure inside one request's sampling)."""
+    params = SamplingParams(temperature=1.0, ignore_eos=True, **options)
+    params.top_k = 2**63
+    return params
+
+
+def test_a_request_failing_in_the_sampler_ends_alone(model):
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=32))
+    good, bad = _prompts([9, 11], seed=5)
+    engine.add_request("good", good, GREEDY)
+    engine.add_request("bad", bad, _unsampleable(max_tokens=16, n=2))
+    done, failed = {}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.error is not None:
+                failed.append(out)
+            elif out.finished:
+                done[out.request_id] = out
+    (out,) = failed  # reported once, finished, and its blocks are back
+    assert out.request_id == "bad" and out.finished and out.outputs[0].finish_reason == "abort"
+    assert "Overflow" in str(out.error)
+    assert done["good"].outputs[0].token_ids == _naive_greedy(model, good, 16)
+    assert engine.blocks.num_free == engine.pool.num_blocks
+    with pytest.raises(RequestError):
+        list(engine.stream(bad, _unsampleable(max_tokens=4)))
+    assert not engine.has_unfinished_requests()

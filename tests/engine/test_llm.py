@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from openr2 import LLM, SamplingParams
+from openr2.engine.engine import RequestError
 from tests.checkpoints import save_tiny_chat_checkpoint
 
 
@@ -77,8 +78,8 @@ def _cli(*args, stdin=None):
 
 
 def test_cli_generate(checkpoint, llm):
-    result = _cli("generate", str(checkpoint), "--prompt", "The answer is", "--temperature", "0",
-                  "--max-tokens", "12")
+    result = _cli("generate", str(checkpoint), "--prompt", "The answer is", "--raw", "--temperature", "0",
+                  "--max-tokens", "12")  # --raw: the plain text, as llm.generate takes it
     assert result.returncode == 0, result.stderr
     expected = llm.generate("The answer is", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
     assert result.stdout.rstrip("\n") == expected
@@ -95,3 +96,13 @@ def test_cli_chat_session(checkpoint):
 def test_cli_errors_are_clear(tmp_path):
     result = _cli("generate", str(tmp_path), "--prompt", "x")
     assert result.returncode == 2 and "config.json" in result.stderr
+
+
+def test_a_request_failing_in_the_engine_raises_and_leaves_nothing_behind(llm):
+    bad = SamplingParams(temperature=1.0, max_tokens=8)
+    bad.top_k = 2**63  # past validation: the sampler's int64 tensor overflows
+    with pytest.raises(RequestError, match="failed"):
+        llm.generate(["What is 1+1?", "What is 2+2?"], [GREEDY, bad])
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.blocks.num_free == llm.engine.pool.num_blocks
+    assert len(llm.generate("What is 1+1?", GREEDY)[0].outputs[0].token_ids) == 12

@@ -34,6 +34,22 @@ def test_models_and_health(live):
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
 
 
+def test_model_retrieve(live):
+    """client.models.retrieve: the served model's object (what /v1/models lists); OpenAI's 404 otherwise."""
+    base_url, _ = live
+    client = _client(base_url)
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.object == "model"
+    assert httpx.get(base_url + "/v1/models/tiny").json() == httpx.get(base_url + "/v1/models").json()["data"][0]
+    for name in ("nope", "deepseek-ai/DeepSeek-R1", "tiny/"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve(name)
+        assert err.value.code == "model_not_found" and err.value.body["param"] == "model"
+        assert name in err.value.message
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=1).choices
+
+
 def test_chat_non_stream_has_full_usage_and_reasoning(live):
     base_url, _ = live
     resp = _client(base_url).chat.completions.create(

@@ -1,10 +1,12 @@
-"""The chat page (server/pages.py + server/static/index.html): served self-contained, prices exact, and
-driven end to end in headless Chromium against a live server with the tiny checkpoint."""
+"""The chat page (server/pages.py + server/static/index.html): served self-contained, prices exact, example
+prompts from the model card, and driven end to end in headless Chromium against a live server with the tiny
+checkpoint, the first message sent with the page exactly as it loads."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -17,8 +19,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+import openr2
 from openr2.server import billing
-from openr2.server.pages import add_page_routes, chat_page_html
+from openr2.server.app import ServerConfig
+from openr2.server.pages import add_page_routes, chat_page_html, example_prompts
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import run_app, serve
 
@@ -26,16 +30,23 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOT_COPY = "/tmp/openr2_chat_page.png"
+DEMO = os.path.join(os.path.dirname(openr2.__file__), "assets", "openr2-demo")
 
 # A price table unlike the defaults, so a page or route that ignored the server's table would show.
 PRICES = billing.PriceTable(input_miss_micro_usd_per_mtok=270_000, input_hit_micro_usd_per_mtok=70_000,
                             output_micro_usd_per_mtok=1_100_000, batch_discount_percent=50)
 
 
-def _page_client(prices=PRICES) -> TestClient:
+def _page_client(prices=PRICES, examples=()) -> TestClient:
     app = FastAPI()
-    add_page_routes(app, SimpleNamespace(prices=prices, config=SimpleNamespace(model_name="tiny")))
+    config = SimpleNamespace(model_name="tiny", example_prompts=list(examples))
+    add_page_routes(app, SimpleNamespace(prices=prices, config=config))
     return TestClient(app)
+
+
+def _page_examples(html: str) -> list[str]:
+    block = re.search(r'<script id="example-prompts" type="application/json">(.*?)</script>', html, re.S)
+    return json.loads(block.group(1))
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -52,6 +63,45 @@ def test_page_is_self_contained():
     # the browser is told to refuse any other origin, too
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+
+
+def test_example_prompts_come_from_the_model_card(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# m\n\n- not an example\n\n## Example prompts ##\n\nQuestions it answers:\n\n"
+                    "- `What is 2+2?`\n* Count to three.\n-   `` a `quoted` word ``  \n- `x` or `y`\n-\n"
+                    "### More\n- Spell cat.\n```\n# a comment, not a heading\n- code, not a bullet\n```\n"
+                    "## Use\n- `openr2 chat`\n", encoding="utf-8")
+    assert example_prompts(tmp_path) == ["What is 2+2?", "Count to three.", "a `quoted` word", "`x` or `y`",
+                                         "Spell cat."]
+    card.write_text("# m\n\n## Use\n- `openr2 chat`\n", encoding="utf-8")
+    assert example_prompts(tmp_path) == []  # no section
+    card.write_bytes(b"## Example prompts\n- \xff\n")
+    assert example_prompts(tmp_path) == []  # not UTF-8: no examples, no error
+    assert example_prompts(tmp_path / "missing") == []
+    # the bundled demo's card offers questions it answers (checked by test_bundled_demo_answers_its_examples)
+    assert "What is 347+589?" in example_prompts(DEMO)
+
+
+def test_page_carries_the_examples_as_data():
+    examples = ["What is 2+2?", "</script><script>alert(1)</script>", "<!-- é"]
+    html = _page_client(examples=examples).get("/").text
+    assert _page_examples(html) == examples  # the text cannot close the data block early
+    assert "alert(1)</script>" not in html
+    assert _page_examples(_page_client().get("/").text) == []
+
+
+@pytest.mark.slow
+def test_bundled_demo_answers_its_examples():
+    from openr2 import LLM, SamplingParams
+
+    # the `What is a+b?` ones, which this test can check
+    sums = [(q, m.groups()) for q in example_prompts(DEMO) if (m := re.fullmatch(r"What is (\d+)([-+*])(\d+)\?", q))]
+    assert sums
+    outs = LLM(DEMO, num_blocks=32).chat([[{"role": "user", "content": q}] for q, _ in sums],
+                                          SamplingParams(temperature=0, max_tokens=200))  # greedy, as it is served
+    for (question, (a, op, b)), out in zip(sums, outs):
+        right = {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](int(a), int(b))
+        assert out.outputs[0].text.rsplit("</think>", 1)[-1].strip() == str(right), (question, out.outputs[0].text)
 
 
 def test_prices_match_the_table():
@@ -108,12 +158,19 @@ def _ensure_playwright():
         return None
 
 
+TINY_EXAMPLES = ["What is 2+2?", "Count to three."]
+
+
 @pytest.fixture(scope="module")
 def live_with_page(tmp_path_factory):
-    """(base_url, Server) of a running server whose app has the page routes; stopped after the module."""
+    """(base_url, Server) of a running server whose app has the page routes; stopped after the module.
+    The server keeps its default max_tokens (as `openr2 serve` does) and offers the model card's examples."""
     ckpt = tmp_path_factory.mktemp("ckpt")
     save_tiny_chat_checkpoint(ckpt)
-    with serve(ckpt, tmp_path_factory.mktemp("data"), prices=PRICES) as running:
+    (ckpt / "README.md").write_text("# tiny\n\n## Example prompts\n\n" + "".join(f"- `{q}`\n" for q in TINY_EXAMPLES),
+                                    encoding="utf-8")
+    config = ServerConfig(model_name="tiny", example_prompts=example_prompts(ckpt))
+    with serve(ckpt, tmp_path_factory.mktemp("data"), config=config, prices=PRICES) as running:
         yield running
 
 
@@ -154,6 +211,22 @@ def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
             page.on("request", on_request)
             page.goto(base_url + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+
+            # a new user's first message: an example from the model card, every setting as the page loads
+            examples = page.locator(".empty .examples button")
+            assert examples.all_text_contents() == TINY_EXAMPLES
+            examples.nth(0).click()
+            first = page.locator(".msg.assistant").nth(0)
+            first.locator(".stats").wait_for(state="visible")
+            page.wait_for_selector(".msg.assistant:not(.streaming)")
+            assert first.locator(".error").count() == 0
+            assert bodies[0]["messages"] == [{"role": "user", "content": TINY_EXAMPLES[0]}]
+            assert "max_tokens" not in bodies[0] and "temperature" not in bodies[0]  # the server's defaults apply
+            m = _STATS.search(first.locator(".stats").text_content())
+            prompt, completion = int(m.group(1)), int(m.group(3))
+            assert completion > 0 and prompt + completion <= server.engine.engine.max_model_len
+
+            page.click("#new-chat")
             page.fill("#max-tokens", "12")
             page.fill("#temperature", "0")
 
@@ -163,7 +236,7 @@ def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
             page.keyboard.press("Shift+Enter")
             page.keyboard.type("Think step by step.")
             assert page.input_value("#prompt") == "What is 2+2?\nThink step by step."
-            assert bodies == []
+            assert len(bodies) == 1
             page.keyboard.press("Enter")
 
             turn = page.locator(".msg.assistant").nth(0)
@@ -186,16 +259,16 @@ def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
             assert 0 < completion <= 12 and reasoning_tokens <= completion and cached <= prompt
             cost = PRICES.cost(billing.Usage(prompt, cached, completion, reasoning_tokens))
             assert m.group(5) == billing.format_usd(cost)  # exact, at the server's own prices
-            assert bodies[0]["stream"] is True and bodies[0]["stream_options"] == {"include_usage": True}
-            assert bodies[0]["max_tokens"] == 12 and bodies[0]["temperature"] == 0 and bodies[0]["model"] == "tiny"
-            assert bodies[0]["messages"] == [{"role": "user", "content": "What is 2+2?\nThink step by step."}]
+            assert bodies[1]["stream"] is True and bodies[1]["stream_options"] == {"include_usage": True}
+            assert bodies[1]["max_tokens"] == 12 and bodies[1]["temperature"] == 0 and bodies[1]["model"] == "tiny"
+            assert bodies[1]["messages"] == [{"role": "user", "content": "What is 2+2?\nThink step by step."}]
 
             # a second turn sends the whole conversation (answers only; reasoning is not sent back)
             page.fill("#prompt", "And 3+3?")
             page.click("#send")
             page.locator(".msg.assistant").nth(1).locator(".stats").wait_for(state="visible")
             page.wait_for_function("document.querySelectorAll('.msg.assistant.streaming').length === 0")
-            msgs = bodies[1]["messages"]
+            msgs = bodies[2]["messages"]
             assert [x["role"] for x in msgs] == ["user", "assistant", "user"]
             assert msgs[1] == {"role": "assistant", "content": answer} and msgs[2]["content"] == "And 3+3?"
 
@@ -236,7 +309,7 @@ def _fake_stream_app():
     from fastapi.responses import StreamingResponse
 
     app = FastAPI()
-    add_page_routes(app, SimpleNamespace(prices=PRICES, config=SimpleNamespace(model_name="fake")))
+    add_page_routes(app, SimpleNamespace(prices=PRICES, config=SimpleNamespace(model_name="fake", example_prompts=[])))
 
     @app.get("/v1/models")
     async def models():

@@ -1,6 +1,7 @@
 """Errors: every failure of a FastAPI app with our handlers is OpenAI's error JSON with the right status
-(malformed JSON and invalid params 400 naming the field, unknown route 404, 405, 413, 429 with
-retry-after, 500 without a traceback), and the official client reads message, param and code from it."""
+(malformed JSON, JSON nested too deeply or with lone surrogates, and invalid params 400 naming the field,
+unknown route 404, 405, 413, 429 with retry-after, 500 without a traceback), and the official client reads
+message, param and code from it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
 from openr2.server.errors import (
+    MAX_JSON_DEPTH,
     APIError,
+    ParamError,
+    decode_json,
     error_body,
     install_error_handlers,
     not_found,
@@ -175,3 +179,25 @@ def test_helpers():
         parse_json_body(b"\xff\xfe")
     assert e.value.status == 400
     assert parse_json_body('{"a": 1}') == {"a": 1}
+
+
+def test_json_the_server_cannot_take_is_refused_where_it_is():
+    """decode_json: nesting up to MAX_JSON_DEPTH, no deeper; lone surrogates named by their path, in keys
+    and values, from escapes or raw bytes; a proper surrogate pair is one character, and fine."""
+    for n, ok in ((MAX_JSON_DEPTH, True), (MAX_JSON_DEPTH + 1, False), (100_000, False)):
+        raw = b"[" * n + b"]" * n
+        if ok:
+            decode_json(raw)
+        else:
+            with pytest.raises(ValueError, match="nested"):
+                decode_json(raw)
+    for raw, param in ((b'{"a": [1, {"b": "x\\ud800"}]}', "a[1].b"), (b'{"a": {"\\udfff": 1}}', "a"),
+                       (b'{"a": "\\xed\\xa0\\x80"}'.decode("unicode_escape").encode("latin-1"), "a"),
+                       ('"\\udc00"', None)):
+        with pytest.raises(ParamError) as e:
+            decode_json(raw)
+        assert e.value.param == param
+    assert decode_json(b'["\\ud83d\\ude00", [1, 2.5, null, true]]') == ["\U0001F600", [1, 2.5, None, True]]
+    with pytest.raises(APIError) as e:
+        parse_json_body(b'{"messages": [{"content": "\\ud800"}]}')
+    assert (e.value.status, e.value.param) == (400, "messages[0].content")

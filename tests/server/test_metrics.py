@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import string
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -117,3 +120,36 @@ def test_metrics_need_no_key_and_registries_are_per_app(live):
     assert b"openr2_completion_tokens_total" in b.exposition()[0]
     assert 'openr2_completion_tokens_total{endpoint="x"} 3.0' in a.exposition()[0].decode()
     assert "openr2_completion_tokens_total{endpoint=\"x\"}" not in b.exposition()[0].decode()
+
+
+def test_made_up_methods_and_paths_add_no_series(live):
+    """Label values are bounded: a made-up method counts as method="other", an unknown path as
+    route="other", a routed path by its template; so 200 random requests leave /metrics the same size
+    (give or take the digits of the counts)."""
+    base_url, _ = live
+    rng = random.Random(0)
+
+    def noise(client):
+        word = "".join(rng.choices(string.ascii_uppercase, k=8))
+        method = rng.choice([word, "PROPFIND", "GET", "POST"])
+        path = rng.choice([f"/{word.lower()}", f"/v1/{word.lower()}/x", f"/v1/files/file-{word}", "/v1/models"])
+        assert client.request(method, path).status_code < 500
+
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for _ in range(40):  # every (route, method, status) this noise can make exists after these
+            noise(client)
+        client.get("/metrics")  # and the scrape's own series
+        before = client.get("/metrics").text
+        for _ in range(200):
+            noise(client)
+    after = httpx.get(base_url + "/metrics").text
+
+    def series(text):
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("openr2_requests_total")}
+
+    assert series(after) == series(before)
+    assert len(after) - len(before) < 200
+    samples = _scrape(base_url)
+    assert _get(samples, "openr2_requests_total", route="other", method="other", status="404") > 0
+    assert _get(samples, "openr2_requests_total", route="/v1/models", method="other", status="405") > 0
+    assert httpx.get(base_url + "/v1/models").status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import time
 
@@ -211,6 +212,42 @@ def test_no_outbound_connections_from_any_endpoint(ckpt, tmp_path, no_network):
         for path in ("/v1/usage", "/metrics", "/health", "/", "/openapi.json", "/docs"):
             assert httpx.get(base_url + path).status_code < 500, path
     assert no_network == []
+
+
+_URL_ATTR = re.compile(r"""(?:src|href|action)\s*=\s*["']?([^"'\s>]+)""", re.I)
+_ABSOLUTE_URL = re.compile(r"""(?:https?:)?//([^/"'\s)]+)""", re.I)
+
+
+def test_no_served_page_loads_anything_from_another_host(ckpt, tmp_path):
+    """Every HTML page the server serves (the routes of /openapi.json, the pages outside it, and every
+    same-origin link of those), with the default config: no src/href/url(...) to another host. FastAPI's
+    /docs and /redoc load Swagger UI and ReDoc from a CDN, so they are off unless ServerConfig.docs."""
+    with serve(ckpt, tmp_path, _config()) as (base_url, _):
+        for path in ("/docs", "/redoc"):
+            assert _is_openai_error(httpx.get(base_url + path), 404)["code"] == "not_found"
+        spec = httpx.get(base_url + "/openapi.json").json()
+        todo = ["/", "/docs", "/redoc", "/docs/oauth2-redirect", "/metrics", "/openapi.json",
+                *(p for p, ops in spec["paths"].items() if "get" in ops and "{" not in p)]
+        seen, pages = set(), 0
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            r = httpx.get(base_url + path)
+            assert r.status_code < 500, path
+            if "html" not in r.headers.get("content-type", ""):
+                continue
+            pages += 1
+            found = _URL_ATTR.findall(r.text) + re.findall(r"url\(\s*['\"]?([^'\")]+)", r.text)
+            outside = [u for u in found if (m := _ABSOLUTE_URL.match(u)) and not _is_loopback(m.group(1).split(":")[0])]
+            assert not outside, (path, outside)
+            todo += [u.split("#")[0].split("?")[0] for u in found if u.startswith("/") and not u.startswith("//")]
+        assert pages >= 1  # the chat page at least
+        assert httpx.post(base_url + "/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).status_code == 200
+    with serve(ckpt, tmp_path, _config(docs=True)) as (base_url, _):  # the operator's explicit choice
+        assert httpx.get(base_url + "/docs").status_code == 200
 
 
 def _distinctive(tag: str) -> tuple[str, str]:
