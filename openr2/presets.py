@@ -104,13 +104,14 @@ def small_moe() -> ModelConfig:
 
 def demo() -> ModelConfig:
     """The bundled demo model (`openr2 train --preset demo`): MLA + DeepSeekMoE (8 routed experts top-2 + 1
-    shared, sigmoid noaux_tc routing), ~1.1M active of ~2.4M parameters; vocab_size is the tokenizer's."""
+    shared, sigmoid noaux_tc routing), ~1.1M active of ~2.4M parameters, and one MTP module (the engine's
+    speculative draft); vocab_size is the tokenizer's."""
     return ModelConfig(
         model_type="deepseek_v3", vocab_size=512, hidden_size=128, intermediate_size=384,
         moe_intermediate_size=128, num_hidden_layers=5, num_attention_heads=4, n_shared_experts=1,
         n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=2.5, n_group=1, topk_group=1,
         first_k_dense_replace=1, kv_lora_rank=48, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, max_position_embeddings=1024, rope_scaling=None, num_nextn_predict_layers=0,
+        v_head_dim=32, max_position_embeddings=1024, rope_scaling=None, num_nextn_predict_layers=1,
     )
 
 

@@ -87,10 +87,12 @@ class TrainConfig(_Options):
     data: list[str] = dataclasses.field(default_factory=list)  # .txt / .jsonl (text, messages, GSM8K) files
     tasks: str | None = None  # synthetic task mixture, e.g. "addition:1-5:3,countdown:2-4"
     num_examples: int = 50_000  # synthetic problems drawn from `tasks`
+    chat_variety: float = 0.0  # share of them asked as people ask: other wordings, system prompts, earlier turns
     eval_tasks: str | None = None  # task accuracy by greedy generation, e.g. "addition:3,subtraction:3"
     eval_samples: int = 100  # held-out problems per task and difficulty at each evaluation
     final_eval_samples: int = 0  # at the end (0: eval_samples)
     eval_max_tokens: int = 512
+    eval_wordings: str | None = None  # e.g. "addition:3": also asked in held-out wordings, after a system prompt, 2nd turn
     device: str = "auto"  # auto: cuda when available
     threads: int = 0  # torch threads on CPU (0: torch's default)
 
@@ -125,6 +127,8 @@ class TrainConfig(_Options):
                 raise bad(k, "must be non-negative")
         if self.lr <= 0:
             raise bad("lr", "must be positive")
+        if not 0 <= self.chat_variety <= 1:
+            raise bad("chat_variety", "must be in [0, 1]")
         if not 0 <= self.min_lr_ratio <= 1:
             raise bad("min_lr_ratio", "must be in [0, 1]")
         betas = self.betas

@@ -1,13 +1,16 @@
 """Evaluation during and after training: held-out SFT loss, and task accuracy by greedy generation through
 the engine (the same path that serves the model, so a score here is what users get).
 
-Problems come from the test split only (data.split_of), drawn fresh and without repeats for a seed;
+Problems come from the test split only (tasks.split_of), drawn fresh and without repeats for a seed, and
+are asked in the training wording or, to measure how the model takes other wordings, in held-out templates,
+after held-out system prompts or as a second turn (wordings.py);
 an answer is the text after `</think>` (a reply whose reasoning never closes has no answer and is wrong),
 checked with data.verify.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +18,7 @@ import torch
 from openr2.chat_format import THINK_END
 from openr2.train.data import IGNORE_INDEX, to_messages
 from openr2.train.tasks import Problem, generate, verify
+from openr2.train.wordings import worded_chat
 
 
 @dataclass
@@ -48,9 +52,23 @@ def answer_of(completion: str) -> str | None:
     return completion.rsplit(THINK_END, 1)[1].strip()
 
 
+# How a held-out problem is asked (wordings.py): in the training wording, or in a held-out template alone,
+# after a held-out system prompt, or as the second turn after another held-out exchange.
+SETTINGS = ("canonical", "worded", "system", "turn2")
+
+
+def _ask(problem: Problem, setting: str, rng: random.Random, earlier: Problem) -> list[dict[str, str]]:
+    if setting == "canonical":
+        return to_messages(problem)[:-1]
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r}: expected one of {SETTINGS}")
+    return worded_chat(problem, rng, [earlier] if setting == "turn2" else [], split="test",
+                       system=setting == "system", reworded=True)[:-1]
+
+
 def task_accuracy(model, tokenizer, task: str, difficulty: int, n: int, seed: int = 0, max_tokens: int = 512,
-                  keep_rows: bool = False, llm=None) -> TaskResult:
-    """Greedy accuracy on n fresh held-out problems, all generated in one continuous batch."""
+                  keep_rows: bool = False, llm=None, setting: str = "canonical") -> TaskResult:
+    """Greedy accuracy on n fresh held-out problems asked as `setting` says, in one continuous batch."""
     from openr2.engine.llm import LLM
     from openr2.engine.sampling import SamplingParams
 
@@ -58,20 +76,24 @@ def task_accuracy(model, tokenizer, task: str, difficulty: int, n: int, seed: in
     result = TaskResult(task, difficulty)
     if not problems:
         return result
+    rng = random.Random(f"ask:{setting}:{task}:{difficulty}:{seed}")
+    others = held_out_problems("addition" if task != "addition" else "subtraction", difficulty, len(problems),
+                               seed + 1)
+    chats = [_ask(p, setting, rng, others[i % len(others)] if others else p) for i, p in enumerate(problems)]
     was_training = model.training
     llm = llm or LLM(model, tokenizer, max_num_seqs=128, max_num_batched_tokens=2048)
     try:
-        outs = llm.chat([to_messages(p)[:-1] for p in problems], SamplingParams(temperature=0, max_tokens=max_tokens))
+        outs = llm.chat(chats, SamplingParams(temperature=0, max_tokens=max_tokens))
     finally:
         model.train(was_training)
-    for p, out in zip(problems, outs):
+    for p, chat, out in zip(problems, chats, outs):
         text = out.outputs[0].text
         answer = answer_of(text)
         ok = answer is not None and verify(p, answer)
         result.correct += ok
         result.total += 1
         if keep_rows:
-            result.rows.append({"prompt": p.prompt, "expected": p.answer, "output": text, "correct": ok})
+            result.rows.append({"prompt": chat[-1]["content"], "expected": p.answer, "output": text, "correct": ok})
     return result
 
 

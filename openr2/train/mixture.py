@@ -4,7 +4,8 @@ train on.
 `parse_mixture("addition:1-5:3,countdown:2-3")` gives one `MixtureItem` per (task, difficulty) with a
 weight (the weight of a range is shared by its difficulties, default 1). `mixture_examples` draws N
 problems of the *train* split only (see data.split_of), each item's share proportional to its weight,
-deterministically for a seed, and encodes them as (ids, loss_mask) SFT examples.
+deterministically for a seed, and encodes them as (ids, loss_mask) SFT examples, a share of them worded
+as people ask (wordings.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from openr2.chat_format import encode_chat_for_training
 from openr2.train.data import sft_example
 from openr2.train.tasks import TASKS, Problem, generate
+from openr2.train.wordings import worded_chat
 
 if TYPE_CHECKING:
     from openr2.tokenizer import Tokenizer
@@ -72,6 +75,20 @@ def mixture_problems(items: list[MixtureItem], n: int | None, seed: int = 0) -> 
         count += 1
 
 
-def mixture_examples(items: list[MixtureItem], n: int, tokenizer: Tokenizer, seed: int = 0
-                     ) -> list[tuple[list[int], list[int]]]:
-    return [sft_example(p, tokenizer) for p in mixture_problems(items, n, seed)]
+def mixture_examples(items: list[MixtureItem], n: int, tokenizer: Tokenizer, seed: int = 0,
+                     chat_variety: float = 0.0) -> list[tuple[list[int], list[int]]]:
+    """n SFT examples; a `chat_variety` share of them asked as people ask (wordings.worded_chat: train
+    templates, system prompts, 0-2 earlier exchanges drawn from the same mixture), the rest in the
+    training wording alone."""
+    if chat_variety <= 0:
+        return [sft_example(p, tokenizer) for p in mixture_problems(items, n, seed)]
+    rng = random.Random(f"chat-variety:{seed}")
+    earlier = mixture_problems(items, None, seed + 1)
+    out = []
+    for p in mixture_problems(items, n, seed):
+        if rng.random() < chat_variety:
+            turns = [next(earlier) for _ in range(rng.choices((0, 1, 2), weights=(55, 30, 15))[0])]
+            out.append(encode_chat_for_training(worded_chat(p, rng, turns), tokenizer))
+        else:
+            out.append(sft_example(p, tokenizer))
+    return out

@@ -21,6 +21,30 @@ def _accuracy_table(accuracy: dict[str, dict]) -> list[str]:
     return lines
 
 
+_SETTINGS = {"worded": "held-out wording", "system": "held-out wording after a held-out system prompt",
+             "turn2": "held-out wording as the second turn (after another held-out exchange)"}
+
+
+def _wordings_table(wordings: dict[str, dict]) -> list[str]:
+    lines = ["| task | difficulty | asked as | held-out problems | greedy exact accuracy |", "|---|---|---|---|---|"]
+    for name, r in wordings.items():
+        task, difficulty, setting = name.split(":")
+        knob = TASKS[task].knob if task in TASKS else "difficulty"
+        lines.append(f"| {task} | {knob}={difficulty} | {_SETTINGS.get(setting, setting)} | {r['n']} | "
+                     f"{100 * r['accuracy']:.1f}% |")
+    return lines
+
+
+def _example_prompts(tasks: str | None) -> list[str]:
+    """Questions worth trying, in wordings the card's model was trained to take (the chat page lists them)."""
+    names = {part.split(":")[0].strip() for part in (tasks or "").split(",")}
+    examples = [("addition", "What is 347+589?"), ("addition", "add 512 and 199"),
+                ("subtraction", "Subtract 199 from 512."), ("subtraction", "What's 804 - 367?"),
+                ("multiplication", "What is 3*45?"),
+                ("smalltalk", "Who are you?")]
+    return [f"- `{text}`" for task, text in examples if task in names]
+
+
 def write_model_card(path: str, config, train_config, summary: dict[str, Any], final_eval: dict | None,
                      command: str, run_dir: str) -> str:
     """Write path/README.md (and copy the run's loss/accuracy/expert-load PNGs beside it); return its path."""
@@ -70,6 +94,12 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
                   "difficulties may have fewer distinct test-split problems than asked for; all of them are used.",
                   ""]
         lines += _accuracy_table(final_eval["accuracy"])
+        if final_eval.get("wordings"):
+            lines += ["", "The same held-out problems asked as people ask: in question templates that training never "
+                      "used (`Subtract {b} from {a}.`, `{a} plus {b} = ?`, ... : a sha256 of each template puts ~20% "
+                      "of them in a held-out split, openr2/train/wordings.py), also after a held-out system prompt "
+                      "and as the second turn of a conversation:", ""]
+            lines += _wordings_table(final_eval["wordings"])
         if "eval_loss" in final_eval:
             lines += ["", f"Held-out loss (assistant tokens): {final_eval['eval_loss']:.4f} nats/token."]
         lines.append("")
@@ -80,6 +110,9 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(path, name))
             lines.append(f"![{name[:-4]}]({name})")
         lines.append("")
+    examples = _example_prompts(tc.tasks)
+    if examples:
+        lines += ["## Example prompts", ""] + examples + [""]
     lines += ["## Use", "", "```", "make run                                  # serves it (chat page + API)",
               f"openr2 chat --model {path}", "```", ""]
     card = os.path.join(path, "README.md")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from typing import Any
 
@@ -28,15 +29,18 @@ from openr2.train.trainer import Trainer
 DEMO_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "openr2-demo"))
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # The bundled demo model (openr2/assets/openr2-demo): ~1.1M active of ~2.4M parameters, SFT from scratch
-    # on the synthetic reasoning tasks (one epoch of 128k problems); under 60 minutes on 2 CPU cores.
+    # The bundled demo model (openr2/assets/openr2-demo): ~1.1M active of ~2.7M parameters and one MTP module,
+    # SFT from scratch on the synthetic reasoning tasks and small talk (one epoch of 128k problems, 60% of them
+    # asked as people ask: other wordings, system prompts, earlier turns); about an hour on 2 CPU cores.
     "demo": {
         "mode": "sft", "model": "demo", "vocab_size": 512, "seq_len": 256, "batch_size": 32, "steps": 4000,
         "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.05, "weight_decay": 0.1, "grad_clip": 1.0,
-        "tasks": "addition:1-5:3,subtraction:1-5:3,multiplication:1-3:2,modular:1-2:1,countdown:2-4:1",
-        "num_examples": 128_000, "eval_every": 1000,
-        "eval_tasks": "addition:1-5,subtraction:1-5,multiplication:1-3,modular:1-2,countdown:2-4", "eval_samples": 50, "final_eval_samples": 500, "save_every": 500, "out_dir": "runs/demo",
-        "deterministic": False, "mtp_lambda": 0.0, "log_every": 10,
+        "tasks": "addition:1-5:3,subtraction:1-5:3,multiplication:1-3:2,modular:1-2:1,countdown:2-4:1,"
+                 "smalltalk:1:0.3",
+        "num_examples": 128_000, "chat_variety": 0.6, "eval_every": 1000,
+        "eval_tasks": "addition:1-5,subtraction:1-5,multiplication:1-3,modular:1-2,countdown:2-4,smalltalk:1",
+        "eval_wordings": "addition:3,subtraction:3", "eval_samples": 50, "final_eval_samples": 500,
+        "save_every": 500, "out_dir": "runs/demo", "deterministic": False, "mtp_lambda": 0.3, "log_every": 10,
     },
     # The start of the GRPO demonstration (bench/rl.py, BENCHMARKS.md): the demo model fine-tuned on sums of
     # 3-6 two-digit terms, added in a random order, stopped while 4 terms are far from saturated (held-out
@@ -80,7 +84,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     from openr2.presets import PRESETS
     from openr2.train.mixture import parse_mixture
 
-    for key in ("tasks", "eval_tasks"):
+    for key in ("tasks", "eval_tasks", "eval_wordings"):
         if getattr(cfg, key):
             try:
                 parse_mixture(getattr(cfg, key))
@@ -129,11 +133,16 @@ def tokenizer_corpus(cfg: TrainConfig, max_task_texts: int = 20_000) -> list[str
     """Text to train a tokenizer on: the data files' text and a sample of the task problems."""
     from openr2.train.data import to_text
     from openr2.train.mixture import mixture_problems, parse_mixture
+    from openr2.train.wordings import SYSTEM_PROMPTS, reword
 
     texts = [t for path in cfg.data for t in _file_texts(path)]
     if cfg.tasks:
         n = min(cfg.num_examples, max_task_texts)
-        texts += [to_text(p) + "\n" + p.answer for p in mixture_problems(parse_mixture(cfg.tasks), n, cfg.seed + 1)]
+        problems = list(mixture_problems(parse_mixture(cfg.tasks), n, cfg.seed + 1))
+        texts += [to_text(p) + "\n" + p.answer for p in problems]
+        if cfg.chat_variety:  # the words people ask with get tokens of their own too
+            rng = random.Random(cfg.seed)
+            texts += [reword(p, rng).prompt for p in problems] + SYSTEM_PROMPTS
     if not texts:
         raise ValueError("train: no data: give tasks and/or data files")
     return texts
@@ -195,7 +204,7 @@ def build_dataset(cfg: TrainConfig, tokenizer):
             raise ValueError("train: no data: give tasks and/or data files")
         return PackedLMDataset.from_texts(texts, tokenizer, cfg.batch_size, cfg.seq_len, shuffle=True, seed=cfg.seed)
     examples = [e for path in cfg.data for e in _file_sft_examples(path, tokenizer)]
-    examples += mixture_examples(items, cfg.num_examples, tokenizer, cfg.seed) if items else []
+    examples += mixture_examples(items, cfg.num_examples, tokenizer, cfg.seed, cfg.chat_variety) if items else []
     if not examples:
         raise ValueError("train: no data: give tasks and/or data files")
     return SFTDataset(examples, cfg.batch_size, cfg.seq_len, tokenizer.pad_token_id, seed=cfg.seed)
@@ -235,6 +244,7 @@ def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
     from openr2.train.mixture import parse_mixture
 
     eval_items = parse_mixture(cfg.eval_tasks) if cfg.eval_tasks else []
+    wording_items = parse_mixture(cfg.eval_wordings) if cfg.eval_wordings else []
     loss_batches = None
     if cfg.tasks and cfg.mode == "sft":
         problems = [p for it in parse_mixture(cfg.tasks) for p in held_out_problems(it.task, it.difficulty, 16,
@@ -243,7 +253,7 @@ def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
             ds = SFTDataset([sft_example(p, tokenizer) for p in problems], min(32, len(problems)), cfg.seq_len,
                             tokenizer.pad_token_id, shuffle=False, epochs=1, drop_last=False)
             loss_batches = list(ds)
-    if not eval_items and loss_batches is None:
+    if not eval_items and not wording_items and loss_batches is None:
         return None
 
     def evaluate(model, step: int) -> dict:
@@ -260,6 +270,14 @@ def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
             accuracy[f"{it.task}:{it.difficulty}"] = {"accuracy": result.accuracy, "n": result.total}
         if accuracy:
             record["accuracy"] = accuracy
+        wordings = {}
+        for it in wording_items:
+            for setting in ("worded", "system", "turn2"):
+                result = task_accuracy(model, tokenizer, it.task, it.difficulty, n, seed=cfg.seed,
+                                       max_tokens=cfg.eval_max_tokens, setting=setting)
+                wordings[f"{it.task}:{it.difficulty}:{setting}"] = {"accuracy": result.accuracy, "n": result.total}
+        if wordings:
+            record["wordings"] = wordings
         return record
 
     return evaluate

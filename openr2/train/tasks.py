@@ -1,7 +1,8 @@
 """Synthetic reasoning tasks: seeded generators, their verifiers and the held-out split.
 
 Owns the task generators (addition, subtraction, multiplication, sums of terms, countdown, modular
-arithmetic, and judging a proposed sum with the self-judge reward's prompt) with short, regular chains of
+arithmetic, judging a proposed sum with the self-judge reward's prompt, and small talk: anything else,
+answered with what the model can do) with short, regular chains of
 thought and a difficulty knob each, `verify` for a model's answer (countdown: any expression of the given
 numbers that reaches the target) and the train/test split. Turning a problem into chat or training examples is data.py's job.
 
@@ -64,7 +65,7 @@ def addition_problem(a: int, b: int) -> Problem:
     """`What is a+b?` worked column by column, right to left: `7+9+0=16, write 6 carry 1`."""
     if a < 0 or b < 0:
         raise ValueError(f"addition: operands must be non-negative, got {a}, {b}")
-    lines, carry, n = [], 0, max(_digits(a), _digits(b))
+    lines, carry, n = [f"Problem: {a}+{b}"], 0, max(_digits(a), _digits(b))
     for i in range(n):
         x, y = a // 10 ** i % 10, b // 10 ** i % 10
         s = x + y + carry
@@ -78,16 +79,16 @@ def addition_problem(a: int, b: int) -> Problem:
 
 
 def subtraction_problem(a: int, b: int) -> Problem:
-    """`What is a-b?` (a >= b) column by column: `17-9-0=8, write 8 borrow 1` when a column borrows."""
+    """`What is a-b?` (a >= b) column by column, right to left: `2-9-0=-7, write 3 borrow 1` (a negative
+    column difference d writes d+10 and borrows), so each line needs only its own column and the borrow."""
     if not 0 <= b <= a:
         raise ValueError(f"subtraction: need 0 <= b <= a, got {a}-{b}")
-    lines, borrow, n = [], 0, _digits(a)
+    lines, borrow, n = [f"Problem: {a}-{b}"], 0, _digits(a)
     for i in range(n):
         x, y = a // 10 ** i % 10, b // 10 ** i % 10
-        nxt = 1 if x - y - borrow < 0 else 0
-        lines.append(f"{x + 10 * nxt}-{y}-{borrow}={x + 10 * nxt - y - borrow}, write {x + 10 * nxt - y - borrow} "
-                     f"borrow {nxt}")
-        borrow = nxt
+        d = x - y - borrow
+        lines.append(f"{x}-{y}-{borrow}={d}, write {d % 10} borrow {int(d < 0)}")
+        borrow = int(d < 0)
     lines.append(f"{a}-{b}={a - b}")
     return Problem("subtraction", n, f"What is {a}-{b}?", "\n".join(lines), str(a - b), f"subtraction:{a}-{b}")
 
@@ -97,7 +98,7 @@ def multiplication_problem(a: int, b: int) -> Problem:
     if a < 0 or b < 0:
         raise ValueError(f"multiplication: operands must be non-negative, got {a}, {b}")
     parts = [a * (b // 10 ** i % 10) * 10 ** i for i in range(_digits(b))]
-    lines = [f"{a}*{b // 10 ** i % 10 * 10 ** i}={p}" for i, p in enumerate(parts)]
+    lines = [f"Problem: {a}*{b}"] + [f"{a}*{b // 10 ** i % 10 * 10 ** i}={p}" for i, p in enumerate(parts)]
     if len(parts) > 1:  # one partial product is already the whole product
         lines += [f"{'+'.join(map(str, parts))}={a * b}", f"{a}*{b}={a * b}"]
     return Problem("multiplication", max(_digits(a), _digits(b)), f"What is {a}*{b}?", "\n".join(lines),
@@ -141,6 +142,34 @@ def judge_problem(base: Problem, candidate: str) -> Problem:
     return Problem("judge", base.difficulty, JUDGE_PROMPT.format(question=base.prompt, answer=candidate),
                    f"{base.reasoning}\n{comparison}", f"Verdict: {'correct' if right else 'incorrect'}",
                    f"judge:{base.key}:{candidate}", split_key=base.split_key or base.key)
+
+
+# Anything that is not arithmetic gets one reply: what the model can do, with examples it answers.
+SMALLTALK_ANSWER = ("Hi! I'm a small openr2 model trained to do arithmetic: addition, subtraction, multiplication, "
+                    "remainders and countdown puzzles. Try \"What is 347+589?\" or \"Subtract 199 from 512\".")
+_GREETINGS = ["", "Hello! ", "Hi, ", "Hey. ", "Good morning! ", "Hi there! ", "Greetings. ", "Hello again. ", "Yo, ",
+              "Good evening. ", "Hey there, "]
+_CHATTER = [
+    "", "Who are you?", "What are you?", "What's your name?", "What can you do?", "How are you?",
+    "Are you a robot?", "Can you help me?", "Tell me about yourself.", "What is the capital of France?",
+    "Tell me a joke.", "Write a poem about the sea.", "What's the weather like today?",
+    "Translate 'good night' into French.", "Who won the last world cup?", "Explain quantum physics simply.",
+    "How do I bake bread?", "What is the meaning of life?", "Can you write Python code?",
+    "Summarize the news for me.", "What time is it?", "Do you like music?", "Recommend a good book.",
+    "Why is the sky blue?", "What's your favorite color?", "Help", "Thanks!", "Good night.",
+    "How does a car engine work?", "What should I cook tonight?", "Are you better than ChatGPT?",
+    "What languages do you speak?", "Who made you?", "Is it going to rain tomorrow?", "Sing me a song.",
+]
+
+
+def smalltalk(rng: random.Random, level: int = 1) -> Problem:
+    """A message that is not an arithmetic question (a greeting and/or a question from outside arithmetic);
+    the reply says what the model can do. Split by the message (any case, punctuation ignored)."""
+    text = (rng.choice(_GREETINGS) + rng.choice(_CHATTER)).strip() or "Hello!"
+    if rng.random() < 0.2:
+        text = text.lower()
+    key = "smalltalk:" + re.sub(r"[^a-z ]", "", text.lower()).strip()
+    return Problem("smalltalk", level, text, "The message is not an arithmetic question.", SMALLTALK_ANSWER, key)
 
 
 def _mod_line(x: int, m: int) -> str:
@@ -331,6 +360,7 @@ TASKS: dict[str, TaskSpec] = {
     "modular": TaskSpec(modular, 1, 4, "digits"),
     "sum": TaskSpec(sum_of_terms, 3, 8, "terms"),
     "judge": TaskSpec(judge_of_sum, 3, 8, "terms"),
+    "smalltalk": TaskSpec(smalltalk, 1, 1, "level"),
 }
 
 
@@ -381,6 +411,8 @@ def verify(problem: Problem, answer_text: str) -> bool:
     trailing period ignored); countdown answers must evaluate to the target using each given number at
     most once (an optional trailing `=target` is allowed); judging answers must give the right verdict."""
     text = answer_text.strip()
+    if problem.task == "smalltalk":
+        return text == problem.answer
     if problem.task == "judge":
         verdict = verdict_of(text)
         return verdict is not None and verdict == verdict_of(problem.answer)

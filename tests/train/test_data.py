@@ -44,7 +44,7 @@ def test_sft_batches_labels_and_resume():
     tok = tiny_tokenizer()
     examples = [sft_example(p, tok) for p in generate("addition", 3, "train", 23, seed=1)]
     examples.append(([1] * 500, [1] * 500))  # too long: dropped, not truncated
-    ds = sft_batches(examples, batch_size=4, max_len=120, pad_id=tok.pad_token_id, seed=7)
+    ds = sft_batches(examples, batch_size=4, max_len=200, pad_id=tok.pad_token_id, seed=7)
     assert ds.num_dropped == 1 and ds.batches_per_epoch == 5
     by_input = {tuple(ids[:-1]): (ids, mask) for ids, mask in examples[:-1]}
     for _ in range(3):
@@ -59,11 +59,11 @@ def test_sft_batches_labels_and_resume():
             assert row_lab == expect
     state = ds.state_dict()
     nxt = [next(ds) for _ in range(7)]  # crosses an epoch boundary
-    fresh = sft_batches(examples, batch_size=4, max_len=120, pad_id=tok.pad_token_id, seed=7)
+    fresh = sft_batches(examples, batch_size=4, max_len=200, pad_id=tok.pad_token_id, seed=7)
     fresh.load_state_dict(state)
     for (a, b), (c, d) in zip(nxt, (next(fresh) for _ in range(7))):
         assert torch.equal(a, c) and torch.equal(b, d)
-    once = sft_batches(examples[:-1], 5, 120, 0, shuffle=False, epochs=1, drop_last=False)
+    once = sft_batches(examples[:-1], 5, 200, 0, shuffle=False, epochs=1, drop_last=False)
     assert sum(x.shape[0] for x, _ in once) == 23
 
 

@@ -50,18 +50,19 @@ def _problems(task: str):
 
 def _check_columns(p: Problem, a: int, b: int, op: str) -> None:
     lines = p.reasoning.split("\n")
+    assert lines.pop(0) == f"Problem: {a}{op}{b}"  # the working restates the question first
     n = max(len(str(a)), len(str(b)))
     carry = 0
     word = "carry" if op == "+" else "borrow"
     for i in range(n):
-        m = re.fullmatch(rf"(\d+)\{op}(\d)\{op}(\d)=(\d+), write (\d) {word} (\d)", lines[i])
+        m = re.fullmatch(rf"(\d)\{op}(\d)\{op}(\d)=(-?\d+), write (\d) {word} (\d)", lines[i])
         assert m, lines[i]
         x, y, c, s, w, k = map(int, m.groups())
-        assert (x % 10, y, c) == (_digit(a, i), _digit(b, i), carry)
+        assert (x, y, c) == (_digit(a, i), _digit(b, i), carry)
         if op == "+":
             assert s == x + y + c and w == s % 10 and k == s // 10
-        else:
-            assert x - y - c == s == w and 0 <= s <= 9 and (x >= 10) == (k == 1)
+        else:  # a negative column difference writes it plus ten and borrows
+            assert s == x - y - c and w == s % 10 and k == (s < 0)
         carry = k
     rest = lines[n:]
     if op == "+" and carry:
@@ -82,8 +83,11 @@ def test_addition_and_subtraction_columns():
 def test_demo_question_347_plus_589():
     p = addition_problem(347, 589)
     assert p.prompt == "What is 347+589?" and p.answer == "936"
-    assert p.reasoning.split("\n") == ["7+9+0=16, write 6 carry 1", "4+8+1=13, write 3 carry 1",
+    assert p.reasoning.split("\n") == ["Problem: 347+589", "7+9+0=16, write 6 carry 1", "4+8+1=13, write 3 carry 1",
                                        "3+5+1=9, write 9 carry 0", "347+589=936"]
+    assert subtraction_problem(512, 199).reasoning.split("\n") == [
+        "Problem: 512-199", "2-9-0=-7, write 3 borrow 1", "1-9-1=-9, write 1 borrow 1", "5-1-1=3, write 3 borrow 0",
+        "512-199=313"]
     assert split_of(p) == split_of(addition_problem(589, 347))  # commuted problems share a split
     assert subtraction_problem(1000, 1).answer == "999"
     with pytest.raises(ValueError):
@@ -94,6 +98,7 @@ def test_multiplication_partial_products():
     for p in _problems("multiplication"):
         a, b = map(int, re.fullmatch(r"What is (\d+)\*(\d+)\?", p.prompt).groups())
         lines = p.reasoning.split("\n")
+        assert lines.pop(0) == f"Problem: {a}*{b}"
         parts = []
         for i in range(len(str(b))):
             x, y, v = map(int, re.fullmatch(r"(\d+)\*(\d+)=(\d+)", lines[i]).groups())
