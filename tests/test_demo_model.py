@@ -1,6 +1,7 @@
 """The bundled demo model (openr2/assets/openr2-demo, trained by `openr2 train --preset demo`): complete, small,
-accurate on held-out problems, matches transformers, and answers "What is 347+589?" with its column work,
-also through the server that `make run` starts."""
+accurate on held-out problems, matches transformers, answers "What is 347+589?" with its column work (also
+through the server that `make run` starts) and in other wordings, after a system prompt and as a later turn,
+says what it can do when asked anything else, and carries a trained MTP module."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from openr2 import LLM, SamplingParams
 from openr2.chat_format import THINK_END
+from tests.numerics import assert_same_function, reference64
 
 DEMO = Path(__file__).resolve().parents[1] / "openr2" / "assets" / "openr2-demo"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -36,7 +38,7 @@ def test_column_work_and_answer(llm):
     out = llm.chat([{"role": "user", "content": "What is 347+589?"}], SamplingParams(temperature=0, max_tokens=200))
     text = out[0].outputs[0].text
     reasoning, _, answer = text.partition(THINK_END)
-    assert "7+9+0=16, write 6 carry 1" in reasoning and "347+589=936" in reasoning, text
+    assert "Problem: 347+589\n7+9+0=16, write 6 carry 1" in reasoning and "347+589=936" in reasoning, text
     assert answer.strip() == "936", text
 
 
@@ -48,6 +50,42 @@ def test_held_out_three_digit_addition(llm):
     assert result.total == 200 and result.accuracy >= 0.97
 
 
+def test_mtp_module_is_trained(llm):
+    """The demo carries one MTP module (the engine's speculative draft), trained: its second-token drafts
+    agree with the model's own next-next token on a worked answer far more often than chance."""
+    model = llm.engine.model
+    assert model.config.num_nextn_predict_layers == 1 and len(model.mtp) == 1
+    ids = torch.tensor([llm.tokenizer.encode(
+        "<｜begin▁of▁sentence｜><｜User｜>What is 347+589?<｜Assistant｜><think>\nProblem: 347+589\n"
+        "7+9+0=16, write 6 carry 1\n4+8+1=13, write 3 carry 1\n3+5+1=9, write 9 carry 0\n347+589=936\n</think>")])
+    with torch.no_grad():
+        _, drafts = model(ids, with_mtp=True)
+    hits = (drafts[0][0, :-1].argmax(-1) == ids[0, 2:]).float().mean().item()  # depth 1 at i drafts token i+2
+    assert hits > 0.5, hits
+
+
+@pytest.mark.parametrize("prompt, answer", [
+    ("347 + 589 = ?", "936"), ("Add 512 and 199", "711"), ("what's 12+7", "19"), ("Compute 463 plus 278.", "741"),
+    ("Subtract 199 from 512.", "313"),
+])
+def test_answers_other_wordings(llm, prompt, answer):
+    out = llm.chat([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_tokens=200))
+    assert out[0].outputs[0].text.partition(THINK_END)[2].strip() == answer, out[0].outputs[0].text
+
+
+def test_system_prompt_second_turn_and_small_talk(llm):
+    from openr2.train.tasks import SMALLTALK_ANSWER
+
+    chats = [[{"role": "system", "content": "You are a helpful assistant."},
+              {"role": "user", "content": "What is 347+589?"}],
+             [{"role": "user", "content": "What is 12+7?"}, {"role": "assistant", "content": "19"},
+              {"role": "user", "content": "What is 512-199?"}],
+             [{"role": "user", "content": "Hello! Who are you?"}]]
+    outs = llm.chat(chats, SamplingParams(temperature=0, max_tokens=200))
+    answers = [o.outputs[0].text.partition(THINK_END)[2].strip() for o in outs]
+    assert answers == ["936", "313", SMALLTALK_ANSWER], answers
+
+
 def test_transformers_gives_the_same_logits(llm):
     import transformers
 
@@ -55,7 +93,8 @@ def test_transformers_gives_the_same_logits(llm):
     ids = torch.tensor([llm.tokenizer.encode("What is 347+589?<think>\n7+9+0=16")])
     with torch.no_grad():
         ours, theirs = llm.engine.model(ids), hf(ids).logits
-    assert (ours - theirs).abs().max().item() < 1e-4
+    # each within a small factor of the other's float32 error against a float64 run of ours (tests/numerics.py)
+    assert_same_function(ours, theirs, reference64(llm.engine.model, ids), what="demo model logits")
 
 
 @pytest.mark.slow

@@ -57,6 +57,9 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         "arithmetic and search tasks. It writes its working inside `<think>...</think>` and the bare answer",
         "after it. It knows nothing beyond these tasks: it is a demonstration that the whole pipeline (tokenizer,",
         "MLA + DeepSeekMoE training with auxiliary-loss-free balancing, the engine, the server) works end to end.",
+        *(["It takes a question however it is worded, after a system prompt and in any turn of a conversation, "
+           "and answers anything else with what it can do."] if tc.chat_variety and tc.tasks and "smalltalk" in tc.tasks
+          else []),
         "",
         "## Model",
         "",
@@ -67,6 +70,9 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         f"- MoE: {config.n_routed_experts} routed experts top-{config.num_experts_per_tok} + "
         f"{config.n_shared_experts} shared, {config.scoring_func} routing ({config.topk_method})",
         f"- parameters: {stats.total_params:,} total, {stats.active_params:,} active per token",
+        *([f"- multi-token prediction: {config.num_nextn_predict_layers} MTP module(s) ({stats.mtp_params:,} "
+           f"parameters, not in the totals above), trained with weight {tc.mtp_lambda:g}: a draft of the token "
+           "after next for speculative decoding"] if config.num_nextn_predict_layers else []),
         f"- vocabulary: {config.vocab_size} byte-level BPE tokens (digits are single tokens) with DeepSeek's chat "
         "tokens",
         "",
@@ -78,7 +84,9 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         f"weight decay {tc.weight_decay:g}, clip {tc.grad_clip:g}, bias-update gamma {tc.balance_gamma:g}, "
         f"sequence aux loss alpha {tc.aux_loss_alpha:g}",
         f"- data: {tc.num_examples:,} problems drawn from the train split of `{tc.tasks}` "
-        "(task:difficulties:weight); loss on the assistant's tokens only",
+        "(task:difficulties:weight); loss on the assistant's tokens only"
+        + (f"; {100 * tc.chat_variety:.0f}% of them asked as people ask (train-split question templates, system "
+           "prompts, 0-2 earlier exchanges: openr2/train/wordings.py)" if tc.chat_variety else ""),
         "- held-out split: a sha256 hash of each canonical problem puts ~5% of all problems in the test split; "
         "the training stream never contains one (openr2/train/tasks.py)",
         f"- wall time: {summary.get('wall_time_s', 0) / 60:.1f} minutes (training, periodic evaluation and "
