@@ -58,11 +58,12 @@ class EndpointError(ValueError):
 
 def _split_answer(content: str, reasoning: str | None) -> tuple[str | None, str]:
     """Endpoints that leave `<think>...</think>` in content: the reasoning goes, only the answer is kept."""
-    from openr2.chat_format import THINK_END
-    from openr2.train.evaluate import answer_of
+    from openr2.tasks.answers import split_think
 
-    if reasoning is None and THINK_END in content:
-        return content.rsplit(THINK_END, 1)[0].replace("<think>", "", 1).strip(), answer_of(content) or ""
+    if reasoning is None:
+        thought, answer = split_think(content)
+        if answer is not None:
+            return thought, answer
     return reasoning, content
 
 

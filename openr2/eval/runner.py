@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from openr2.eval import grading, metrics
 from openr2.eval.backends import Completion, HTTPBackend, LocalBackend, Request
 from openr2.eval.tasks import Item, load_items, resolve_data
+from openr2.tasks.answers import majority
 
 FORMAT_VERSION = 1
 # settings that change what an item's samples mean: a resumed run must match them
@@ -129,7 +130,7 @@ def score_item(item: Item, completions: list[tuple[Request, Completion]], prices
                         "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens,
                         "cost_pico_usd": prices.cost(u)})
     flags = [s["correct"] for s in samples]
-    maj_answer, maj_correct = metrics.majority([s["extracted"] for s in samples], flags)
+    maj_answer, maj_correct = majority([s["extracted"] for s in samples], flags)
     record = {"id": item.id, "prompt": item.prompt, "gold": item.gold}
     if item.choices:
         record["choices"] = item.choices

@@ -39,12 +39,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from openr2.tasks.answers import majority
+from openr2.tasks.synthetic import Problem, held_out_problems, to_messages
 from openr2.train import rewards as R
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.config import GRPOConfig, read_config_file
-from openr2.train.data import to_messages
 from openr2.train.mixture import mixture_problems, parse_mixture
-from openr2.train.tasks import Problem
 from openr2.train.trainer import EVAL_FILE, LOG_FILE, _truncate_log, param_groups
 
 
@@ -165,8 +165,6 @@ def sample_groups(llm, problems: list[Problem], n: int, temperature: float, top_
 def sampled_metrics(llm, problems: list[Problem], k: int, temperature: float, max_tokens: int, seed: int
                     ) -> dict[str, float]:
     """pass@1 (mean over the k samples), maj@k (the majority answer is right) and pass@k (any is right)."""
-    from openr2.eval.metrics import majority
-
     groups = sample_groups(llm, problems, k, temperature, 1.0, -1, max_tokens, seed)
     p1 = maj = anyk = 0.0
     for g in groups:
@@ -352,7 +350,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation and loop
     def evaluate(self) -> dict[str, Any]:
-        from openr2.train.evaluate import held_out_problems, task_accuracy
+        from openr2.train.evaluate import task_accuracy
 
         cfg = self.config
         record: dict[str, Any] = {"step": self.step}

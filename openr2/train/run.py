@@ -131,9 +131,9 @@ def build_tokenizer(cfg: TrainConfig, dist: distributed.Dist):
 
 def tokenizer_corpus(cfg: TrainConfig, max_task_texts: int = 20_000) -> list[str]:
     """Text to train a tokenizer on: the data files' text and a sample of the task problems."""
+    from openr2.tasks.wordings import SYSTEM_PROMPTS, reword
     from openr2.train.data import to_text
     from openr2.train.mixture import mixture_problems, parse_mixture
-    from openr2.train.wordings import SYSTEM_PROMPTS, reword
 
     texts = [t for path in cfg.data for t in _file_texts(path)]
     if cfg.tasks:
@@ -239,8 +239,9 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
 
 def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
     """Held-out loss (test-split problems of the training tasks) and greedy accuracy on eval_tasks."""
+    from openr2.tasks.synthetic import held_out_problems
     from openr2.train.data import SFTDataset, sft_example
-    from openr2.train.evaluate import held_out_loss, held_out_problems, task_accuracy
+    from openr2.train.evaluate import held_out_loss, task_accuracy
     from openr2.train.mixture import parse_mixture
 
     eval_items = parse_mixture(cfg.eval_tasks) if cfg.eval_tasks else []

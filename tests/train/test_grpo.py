@@ -90,7 +90,7 @@ def test_completion_logprobs_match_a_plain_computation():
 
 
 def test_dynamic_sampling_refills_informative_groups(monkeypatch, tmp_path):
-    from openr2.train.tasks import addition_problem
+    from openr2.tasks.synthetic import addition_problem
 
     calls, seen = [], []
 
