@@ -193,9 +193,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a checkpoint with the OpenAI-compatible API on host:port (127.0.0.1 by default)."""
     import uvicorn
 
+    from openr2 import billing
     from openr2.engine.async_engine import AsyncEngine
-    from openr2.server import billing
-    from openr2.server.app import Server, ServerConfig, create_app, generation_defaults
+    from openr2.engine.sampling import generation_defaults
+    from openr2.server.app import Server, ServerConfig, create_app
     from openr2.server.pages import example_prompts
 
     engine = _load_engine(args)

@@ -26,10 +26,11 @@ import torch
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.runner import ModelRunner
-from openr2.engine.sampling import SamplingParams, make_generator, sample
+from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample
 from openr2.engine.scheduler import Scheduler, SchedulerConfig, insert_by_priority
 from openr2.engine.sequence import Sequence, Status
 from openr2.engine.stop import StopChecker
+from openr2.engine.usage import Usage
 from openr2.model.transformer import Transformer
 
 
@@ -60,14 +61,6 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
 
 
 class RequestError(RuntimeError):
@@ -163,7 +156,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        max_tokens = max_tokens_for(params.max_tokens, self.max_model_len, len(ids), default=None)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens do not fit the context window of {self.max_model_len} "
                              f"(a completion needs at least one more)")

@@ -141,7 +141,7 @@ def score_item(item: Item, completions: list[tuple[Request, Completion]], prices
 
 
 def markdown_summary(header: dict, summary: dict) -> str:
-    from openr2.server.billing import format_usd
+    from openr2.billing import format_usd
 
     k = header["samples"]
     cols = ["task", "model", "items", "samples", "pass@1"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
@@ -168,7 +168,7 @@ def run_eval(config: EvalConfig, backend=None, progress: bool = True, save_every
     """Run (or resume) one evaluation; returns the results (also in config.out_path() and its .md)."""
     from tqdm.auto import tqdm
 
-    from openr2.server.billing import PriceTable
+    from openr2.billing import PriceTable
 
     config.validate()
     prices = PriceTable.load(config.prices) if config.prices else PriceTable()

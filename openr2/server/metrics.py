@@ -4,7 +4,7 @@ Owns one `Metrics` object per app, holding its own `CollectorRegistry` (never pr
 one, so several apps in one process, as in the tests, do not clash), the ASGI middleware that counts
 every HTTP request by route template, method and status, and `TokenTimer`, which turns the stream of
 engine outputs of one request into time-to-first-token and inter-token-latency observations. It does not
-decide what a request costs (billing.py) nor touch the engine beyond reading queue lengths.
+decide what a request costs (openr2/billing.py) nor touch the engine beyond reading queue lengths.
 
 Series (prefix `openr2_`):
   requests_total{route,method,status}         every HTTP request; unknown paths count as route="other" and

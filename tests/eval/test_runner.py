@@ -8,9 +8,10 @@ import os
 
 import pytest
 
+from openr2.billing import PriceTable
+from openr2.engine.usage import Usage
 from openr2.eval.backends import Completion, EndpointError, LocalBackend
 from openr2.eval.runner import EvalConfig, run_eval, sample_seed
-from openr2.server.billing import PriceTable, Usage
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.eval.test_backends import REPLY, scripted
 
