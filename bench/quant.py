@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from openr2 import LLM, SamplingParams, load_model  # noqa: E402
 from openr2.chat_format import encode_chat  # noqa: E402
-from openr2.quant.checkpoint import quantize_checkpoint  # noqa: E402
+from openr2.checkpoints import quantize_checkpoint  # noqa: E402
 from openr2.quant.layers import QuantExperts, QuantLinear, weight_bytes  # noqa: E402
 from openr2.tasks.synthetic import held_out_problems  # noqa: E402
 from openr2.tokenizer import Tokenizer  # noqa: E402

@@ -306,7 +306,7 @@ def cmd_init_demo(args: argparse.Namespace) -> int:
     before the trained demo model exists (its answers are noise)."""
     import dataclasses
 
-    from openr2.model.hf_io import save_model
+    from openr2.checkpoints import save_model
     from openr2.model.transformer import build_model
     from openr2.presets import small_moe
     from openr2.tokenizer import train_bpe
@@ -359,7 +359,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Write an int8 / int4 weight-only copy of a float checkpoint (checked before anything is written)."""
-    from openr2.quant.checkpoint import quantize_checkpoint
+    from openr2.checkpoints import quantize_checkpoint
 
     print(json.dumps(quantize_checkpoint(args.model, args.out, args.scheme, args.group_size, args.symmetric)))
     return 0

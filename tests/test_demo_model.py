@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from openr2 import LLM, SamplingParams
-from openr2.chat_format import THINK_END
+from openr2.tokenizer import THINK_END
 
 DEMO = Path(__file__).resolve().parents[1] / "openr2" / "assets" / "openr2-demo"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",

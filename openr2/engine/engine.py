@@ -138,7 +138,7 @@ class LLMEngine:
                         device="cpu") -> LLMEngine:
         import os
 
-        from openr2.model.hf_io import load_model
+        from openr2.checkpoints import load_model
 
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -418,4 +418,6 @@ def _sample_rows(rows: list[tuple[Sequence, torch.Tensor]]) -> list:
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:
     if tokenizer is None:
         return None, None
-    return tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+    from openr2.tokenizer import THINK_END, THINK_START
+
+    return tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)

@@ -1,8 +1,9 @@
-"""The decoder layer and the whole causal LM: embeddings -> layers (MLA + dense MLP or MoE) -> norm -> head.
+"""The whole causal LM: embeddings -> decoder layers (MLA + dense MLP or MoE) -> norm -> head.
 
 `Transformer(config)` builds the model; `model(input_ids)` returns logits. Attribute names follow the
 HF DeepSeek modules (embed_tokens, layers.i.self_attn.q_a_proj, ..., norm, lm_head) so model/hf_io.py only
-adds the `model.` prefix and unstacks experts. MTP modules (model/mtp.py) hang off `mtp`.
+adds the `model.` prefix and unstacks experts. The blocks are model/decoder.py's: `layers` holds
+DecoderLayers, `mtp` the MTP modules.
 
 Shape legend: B batch, T tokens, D hidden, V vocab.
 """
@@ -13,33 +14,16 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.layers import MLP, Linear, RMSNorm
-from openr2.model.mla import MLA, LatentCache
-from openr2.model.moe import Gate, MoE, RoutedExperts
+from openr2.model.decoder import DecoderLayer, MTPLayer
+from openr2.model.layers import Linear, RMSNorm
+from openr2.model.mla import LatentCache
+from openr2.model.moe import Gate, RoutedExperts
 from openr2.model.rope import RotaryEmbedding
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm residual block: h = x + MLA(norm(x)); out = h + FFN(norm(h))."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = MLA(config, layer_idx)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped"):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from openr2.model.mtp import MTPLayer  # mtp builds DecoderLayers from this module
-
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))

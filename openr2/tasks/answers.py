@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from openr2.chat_format import THINK_END, THINK_START
+from openr2.tokenizer import THINK_END, THINK_START
 
 
 def split_think(text: str) -> tuple[str | None, str | None]:

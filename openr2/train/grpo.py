@@ -410,7 +410,7 @@ class GRPOTrainer:
 
 def run(cfg: GRPOConfig) -> dict[str, Any]:
     """`openr2 rl`: load the starting checkpoint (or resume), train, plot; returns a summary."""
-    from openr2.model.hf_io import load_model
+    from openr2.checkpoints import load_model
     from openr2.tokenizer import Tokenizer
     from openr2.train.checkpoint import resolve_checkpoint
     from openr2.train.plots import plot_rl

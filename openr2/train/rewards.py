@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from openr2.chat_format import THINK_END
 from openr2.tasks.answers import answer_of
 from openr2.tasks.synthetic import JUDGE_PROMPT, TASKS, Problem, parse_expression, verdict_of, verify
+from openr2.tokenizer import THINK_END
 
 _INT = re.compile(r"^[+-]?\d[\d,]*$")
 _EXPR = re.compile(r"^[\d\s+\-*/()×÷]+(=\s*\d+)?$")

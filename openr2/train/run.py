@@ -213,8 +213,8 @@ def build_dataset(cfg: TrainConfig, tokenizer):
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
     import dataclasses
 
+    from openr2.checkpoints import load_model
     from openr2.config import ModelConfig
-    from openr2.model.hf_io import load_model
     from openr2.model.transformer import build_model as fresh
     from openr2.presets import PRESETS, get_preset
 
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, export: str | None = None, command: str | None = Non
 
 def export_model(model, tokenizer, path: str) -> None:
     """A servable directory: HF-layout weights, tokenizer, generation_config.json."""
-    from openr2.model.hf_io import save_model
+    from openr2.checkpoints import save_model
 
     save_model(model, path)
     tokenizer.save_pretrained(path)

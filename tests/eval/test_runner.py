@@ -150,8 +150,8 @@ def test_default_max_tokens_fits_a_short_context(tmp_path):
     left, as the server does; the HTTP body then leaves max_tokens out."""
     import dataclasses
 
+    from openr2.checkpoints import load_model, save_model
     from openr2.eval.backends import HTTPBackend, Request
-    from openr2.model.hf_io import load_model, save_model
 
     tiny = tmp_path / "tiny"
     save_tiny_chat_checkpoint(tiny)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from openr2.chat_format import EOS
 from openr2.tasks.synthetic import addition_problem, generate, split_of, to_messages, verify
+from openr2.tokenizer import EOS
 from openr2.train import data
 from openr2.train.data import (
     IGNORE_INDEX,
