@@ -31,10 +31,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped"):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl)
+    def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped", kernel_impl="eager"):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl, kernel_impl)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, moe_impl, kernel_impl) if isinstance(self.mlp, MoE) else self.mlp(h, kernel_impl))
 
 
 class MTPLayer(DecoderLayer):

@@ -15,7 +15,7 @@ from torch import nn
 
 from openr2.config import ModelConfig
 from openr2.model.decoder import DecoderLayer, MTPLayer
-from openr2.model.layers import Linear, RMSNorm
+from openr2.model.layers import KERNEL_IMPLS, Linear, RMSNorm
 from openr2.model.mla import LatentCache
 from openr2.model.moe import Gate, RoutedExperts
 from openr2.model.rope import RotaryEmbedding
@@ -37,14 +37,21 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
-                return_hidden: bool = False, logits_index: torch.Tensor | None = None, with_mtp: bool = False):
+                return_hidden: bool = False, logits_index: torch.Tensor | None = None, with_mtp: bool = False,
+                kernel_impl: str = "eager"):
         """input_ids [B, T] -> logits [B, T, V] (and the final-normed hidden [B, T, D] if return_hidden).
+
+        The caller picks every implementation: attn_impl (mla.ATTN_IMPLS: naive for prompts and training,
+        absorbed for decode), moe_impl (moe.MOE_IMPLS: grouped by default, fused to train, decode in the
+        compiled decode step) and kernel_impl (layers.KERNEL_IMPLS: eager, or compiled in that step).
 
         with_mtp: (logits, MTP draft logits of each depth) in one call, so data-parallel wrappers (DDP,
         FSDP) see every parameter used inside their forward.
         positions default to cache.length + 0..T-1; a given cache is written and advanced by T.
         logits_index [B] asks for one position per row: logits [B, V] (the engine's next-token rows).
         """
+        if kernel_impl not in KERNEL_IMPLS:
+            raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
         B, T = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -52,13 +59,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl)
+            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         if cache is not None:
             cache.advance(T)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index]
         hidden = self.norm(x)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden, kernel_impl)
         if with_mtp:
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return (logits, hidden) if return_hidden else logits

@@ -102,7 +102,9 @@ def completion_logprobs(model, sequences: list[list[int]], prompt_lens: list[int
     for i, s in enumerate(sequences):
         ids[i, :len(s)] = torch.tensor(s)
     ids = ids.to(model.device)
-    logits = model(ids[:, :-1]).float() / temperature  # logits[:, t] predicts ids[:, t + 1]
+    # the training expert path, also without gradients (pi_ref, the KL check): its forward is the plain
+    # grouped path's, number for number, so the ratio of the first pass is exactly 1
+    logits = model(ids[:, :-1], moe_impl="fused").float() / temperature  # logits[:, t] predicts ids[:, t + 1]
     logp_all = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
     L = max(len(s) - p for s, p in zip(sequences, prompt_lens))
     logp = logp_all.new_zeros(N, L)

@@ -236,10 +236,11 @@ class Trainer:
             torch.autocast("cpu", enabled=False)
         parts: dict[str, torch.Tensor] = {}
         with autocast:
+            # the training expert path: grouped with its hand-written backward (model/moe.py)
             if self.has_mtp:
-                logits, drafts = self.module(inputs, with_mtp=True)
+                logits, drafts = self.module(inputs, with_mtp=True, moe_impl="fused")
             else:
-                logits, drafts = self.module(inputs), []
+                logits, drafts = self.module(inputs, moe_impl="fused"), []
             count = self._global_count(targets)
             ce_sum = _ce_sum(logits, targets)
             loss = ce_sum * (W / count.clamp(min=1))
