@@ -104,7 +104,7 @@ class Server:
     def __init__(self, engine: AsyncEngine, ledger: Ledger, prices: billing.PriceTable | None = None,
                  config: ServerConfig | None = None):
         self.engine, self.ledger = engine, ledger
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.prices = prices or billing.PriceTable()
         self.config = config or ServerConfig()
         self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
@@ -158,7 +158,7 @@ class Server:
             raise bad_request(str(e), "messages") from None
         prompt += req.assistant_prefix or ""
         ids = self.tokenizer.encode(prompt)
-        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.engine.max_model_len, len(ids),
+        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.max_model_len, len(ids),
                                         self.config.default_sampling)
         return req, prompt, ids, params
 
@@ -200,7 +200,7 @@ class Server:
         prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in req.prompts()]
         if len(prompts) > 1 and req.stream:
             raise bad_request("Streaming takes one prompt per request.", "prompt")
-        max_model_len = self.engine.engine.max_model_len
+        max_model_len = self.engine.max_model_len
         return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling)
                               for ids in prompts]
 
@@ -349,7 +349,7 @@ def create_app(server: Server) -> FastAPI:
 
     def served_model() -> Model:
         return Model(id=server.config.model_name, created=server.created,
-                     max_model_len=server.engine.engine.max_model_len)
+                     max_model_len=server.engine.max_model_len)
 
     @app.get("/v1/models")
     async def models(request: Request):
