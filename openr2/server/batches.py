@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse
 
 from openr2.engine.async_engine import EngineDeadError
 from openr2.engine.usage import Usage
+from openr2.server.batch_store import BatchStateError
 from openr2.server.errors import APIError, bad_request, internal_error, not_found
 
 logger = logging.getLogger("openr2.server")
@@ -41,7 +42,7 @@ def _page(items: list[dict], has_more: bool) -> dict:
 def _as_400(e: ValueError) -> APIError:
     message = str(e)
     param = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
-    return APIError(409 if type(e).__name__ == "BatchStateError" else 400, message, param=param)
+    return APIError(409 if isinstance(e, BatchStateError) else 400, message, param=param)
 
 
 def _limit(limit: int, most: int) -> int:
