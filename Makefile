@@ -1,11 +1,12 @@
-# make run: set up, then serve the demo model (chat page + API on 127.0.0.1:8000).  make test: set up, then test.
+# make run: set up, then serve the demo model (chat page + API on 127.0.0.1:8000).  make test: set up, check the
+# import layers (lint-imports, contracts in pyproject.toml), then test.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test lint bench bench-deps clean
+.PHONY: setup run test lint imports bench bench-deps clean
 
 setup: $(STAMP)
 
@@ -28,10 +29,14 @@ $(PLACEHOLDER)/config.json: | $(STAMP)
 run: setup $(if $(MODEL),,$(DEMO)/config.json)
 	$(VENV)/bin/openr2 serve --model $(or $(MODEL),$(DEMO)) --served-model-name openr2-demo --host 127.0.0.1 --port 8000
 
-test: setup
+test: imports
 	$(PY) -m pytest -q
 
-lint: setup
+# the one-way layers and forbidden imports of [tool.importlinter] (function-level imports count)
+imports: setup
+	$(VENV)/bin/lint-imports
+
+lint: imports
 	$(VENV)/bin/ruff check openr2 tests bench
 
 bench: setup
@@ -47,4 +52,4 @@ bench-deps: setup
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install llama-cpp-python==0.3.36
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .import_linter_cache .grimp_cache

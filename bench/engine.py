@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import transformers  # noqa: E402
 
+from openr2.checkpoints import load_model  # noqa: E402
 from openr2.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from openr2.engine.sampling import SamplingParams  # noqa: E402
 from openr2.model.accounting import model_stats  # noqa: E402
-from openr2.model.hf_io import load_model  # noqa: E402
 from openr2.presets import small_moe  # noqa: E402
 
 

@@ -6,7 +6,7 @@ directory, then load_model), so the whole path is measured. Per row:
   weight bytes   all parameters and buffers in memory (embeddings, norms, router stay float32) and the
                  quantized linear layers alone, each as a ratio of fp32
   perplexity     exp(mean token cross-entropy) of the reference completions (reasoning + answer) of fresh
-                 held-out problems (train/tasks.py test split), one sequence at a time
+                 held-out problems (tasks/synthetic.py test split), one sequence at a time
   accuracy       greedy task accuracy on fresh held-out problems through the engine (train/evaluate.py)
   tokens/s       batch-1 greedy decode through LLM.generate (prompt + --gen-tokens, EOS ignored), median of
                  --runs after a warm-up
@@ -36,11 +36,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from openr2 import LLM, SamplingParams, load_model  # noqa: E402
 from openr2.chat_format import encode_chat  # noqa: E402
-from openr2.quant.checkpoint import quantize_checkpoint  # noqa: E402
+from openr2.checkpoints import quantize_checkpoint  # noqa: E402
 from openr2.quant.layers import QuantExperts, QuantLinear, weight_bytes  # noqa: E402
+from openr2.tasks.synthetic import held_out_problems  # noqa: E402
 from openr2.tokenizer import Tokenizer  # noqa: E402
 from openr2.train.data import sft_example  # noqa: E402
-from openr2.train.evaluate import held_out_problems, task_accuracy  # noqa: E402
+from openr2.train.evaluate import task_accuracy  # noqa: E402
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "openr2", "assets", "openr2-demo")
 TASKS = [("addition", 3), ("subtraction", 3), ("multiplication", 2), ("modular", 2), ("countdown", 3)]

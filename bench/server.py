@@ -49,10 +49,10 @@ sys.path.insert(0, ROOT)  # run from a checkout
 import httpx  # noqa: E402
 
 from openr2.chat_format import encode_chat  # noqa: E402
+from openr2.checkpoints import save_model  # noqa: E402
 from openr2.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from openr2.engine.sampling import SamplingParams  # noqa: E402
 from openr2.model.accounting import model_stats  # noqa: E402
-from openr2.model.hf_io import save_model  # noqa: E402
 from openr2.model.transformer import build_model  # noqa: E402
 from openr2.presets import small_moe  # noqa: E402
 from openr2.tokenizer import train_bpe  # noqa: E402

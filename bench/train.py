@@ -7,8 +7,8 @@ perturbed (no zero or constant tensors), saved with save_pretrained, and both si
 Same batch, float32, CPU, train mode.
 
   openr2        what Trainer.train_step / _micro_loss do (openr2/train/trainer.py, trainer defaults):
-                model(inputs, return_hidden=True) on the default training paths (naive MLA, grouped
-                experts), CE in float32, the sequence-wise balance loss of every MoE layer (alpha 1e-4)
+                model(inputs, return_hidden=True, moe_impl="fused") on the training paths (naive MLA, the
+                fused grouped experts), CE in float32, the sequence-wise balance loss of every MoE layer (alpha 1e-4)
                 and the expert-load bookkeeping, backward, clip_grad_norm_(1.0), AdamW (decay on 2+-D
                 tensors, foreach=False as the Trainer), then update_correction_bias.
   transformers  model(input_ids, use_cache=False).logits (its defaults: sdpa attention, grouped_mm
@@ -110,7 +110,7 @@ class Side:
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.is_openr2:
             return ce(self.model(input_ids=inputs, use_cache=False).logits, targets)
-        logits, _hidden = self.model(inputs, return_hidden=True)  # as Trainer._micro_loss
+        logits, _hidden = self.model(inputs, return_hidden=True, moe_impl="fused")  # as Trainer._micro_loss
         loss = ce(logits, targets)
         aux = [m.aux_loss for m in self.moe if m.aux_loss is not None]
         if aux:

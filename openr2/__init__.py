@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "ModelConfig", "SamplingParams", "load_model", "save_model"]
 
 if TYPE_CHECKING:
+    from openr2.checkpoints import load_model, save_model
     from openr2.config import ModelConfig
     from openr2.engine.llm import LLM
     from openr2.engine.sampling import SamplingParams
-    from openr2.model.hf_io import load_model, save_model
 
 
 def __getattr__(name: str):
@@ -27,9 +27,9 @@ def __getattr__(name: str):
 
         return ModelConfig
     if name in ("load_model", "save_model"):
-        from openr2.model import hf_io
+        from openr2 import checkpoints
 
-        return getattr(hf_io, name)
+        return getattr(checkpoints, name)
     if name == "LLM":
         from openr2.engine.llm import LLM
 

@@ -1,10 +1,10 @@
 """Chat format: OpenAI-style messages -> prompt text / ids (+ SFT loss mask), and reasoning splitting.
 
-Owns the DeepSeek-V3/R1 chat markers, message validation, the built-in R1 renderer (plain Python), the
-jinja path for a tokenizer's own `chat_template` (sandboxed, set up like transformers'), the jinja twin
-of the built-in format that `train_bpe` stores, `encode_chat_for_training`, `ReasoningParser` (splits
-`<think>...</think>` from the answer, also incrementally) and `count_reasoning_tokens`. It does not own
-tokenization itself (tokenizer.py) nor the HTTP shapes (server/).
+Owns message validation, the built-in R1 renderer (plain Python), the jinja path for a tokenizer's own
+`chat_template` (sandboxed, set up like transformers'), `encode_chat_for_training`, `ReasoningParser`
+(splits `<think>...</think>` from the answer, also incrementally) and `count_reasoning_tokens`. It does not
+own tokenization nor the chat markers and the jinja twin of the built-in format that `train_bpe` stores
+(tokenizer.py), nor the HTTP shapes (server/).
 
 The format (R1, as in deepseek-ai/DeepSeek-R1's tokenizer_config.json):
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>...<｜Assistant｜><think>\n
@@ -17,67 +17,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from openr2.tokenizer import Tokenizer
-
-BOS = "<｜begin▁of▁sentence｜>"  # fullwidth ｜ (U+FF5C) and ▁ (U+2581), as in DeepSeek's vocab
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
-TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
-TOOL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
-               TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END)
+from openr2.tokenizer import (
+    ASSISTANT,
+    BOS,
+    EOS,
+    THINK_END,
+    THINK_START,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+    TOOL_OUTPUTS_BEGIN,
+    TOOL_OUTPUTS_END,
+    TOOL_SEP,
+    USER,
+    Tokenizer,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 _NEWLINES = "\r\n"
-
-# The built-in format as jinja, stored by train_bpe so transformers' apply_chat_template (and any other
-# jinja consumer) renders exactly what `_render_builtin` does; tests hold the two equal.
-DEFAULT_CHAT_TEMPLATE = """\
-{#- openr2 DeepSeek-R1 chat format; same output as openr2.chat_format's built-in renderer. -#}
-{%- set ns = namespace(system='', has_system=false, in_outputs=false, outputs_seen=false) -%}
-{%- for message in messages if message['role'] == 'system' -%}
-  {%- set ns.system = ns.system + ('\\n\\n' if ns.has_system else '') + message['content'] -%}
-  {%- set ns.has_system = true -%}
-{%- endfor -%}
-{{- bos_token + ns.system -}}
-{%- for message in messages -%}
-  {%- if message['role'] == 'user' -%}
-    {%- if ns.in_outputs -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- set ns.in_outputs = false -%}{%- endif -%}
-    {{- '<｜User｜>' + message['content'] -}}
-  {%- elif message['role'] == 'assistant' -%}
-    {%- if ns.in_outputs -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- set ns.in_outputs = false -%}
-    {%- else -%}{{- '<｜Assistant｜>' -}}{%- endif -%}
-    {{- (message['content'] or '').split('</think>')[-1] -}}
-    {%- if message['tool_calls'] -%}
-      {%- set ns.outputs_seen = false -%}
-      {{- '<｜tool▁calls▁begin｜>' -}}
-      {%- for call in message['tool_calls'] -%}
-        {{- ('\\n' if not loop.first else '') + '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>'
-            + call['function']['name'] + '\\n```json\\n' + call['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' -}}
-      {%- endfor -%}
-      {{- '<｜tool▁calls▁end｜>' -}}
-    {%- endif -%}
-    {{- '<｜end▁of▁sentence｜>' -}}
-  {%- elif message['role'] == 'tool' -%}
-    {%- if not ns.outputs_seen -%}{{- '<｜tool▁outputs▁begin｜>' -}}{%- set ns.outputs_seen = true -%}{%- endif -%}
-    {%- set ns.in_outputs = true -%}
-    {{- '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' -}}
-  {%- endif -%}
-{%- endfor -%}
-{%- if ns.in_outputs -%}{{- '<｜tool▁outputs▁end｜>' -}}
-{%- elif add_generation_prompt -%}
-  {{- '<｜Assistant｜>' + ('<think>\\n' if thinking is not defined or thinking else '') -}}
-{%- endif -%}
-"""
 
 
 # ---------------------------------------------------------------------------------------------- messages

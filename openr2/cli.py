@@ -193,9 +193,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a checkpoint with the OpenAI-compatible API on host:port (127.0.0.1 by default)."""
     import uvicorn
 
+    from openr2 import billing
     from openr2.engine.async_engine import AsyncEngine
-    from openr2.server import billing
-    from openr2.server.app import Server, ServerConfig, create_app, generation_defaults
+    from openr2.engine.sampling import generation_defaults
+    from openr2.server.app import Server, ServerConfig, create_app
     from openr2.server.pages import example_prompts
 
     engine = _load_engine(args)
@@ -305,7 +306,7 @@ def cmd_init_demo(args: argparse.Namespace) -> int:
     before the trained demo model exists (its answers are noise)."""
     import dataclasses
 
-    from openr2.model.hf_io import save_model
+    from openr2.checkpoints import save_model
     from openr2.model.transformer import build_model
     from openr2.presets import small_moe
     from openr2.tokenizer import train_bpe
@@ -358,7 +359,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Write an int8 / int4 weight-only copy of a float checkpoint (checked before anything is written)."""
-    from openr2.quant.checkpoint import quantize_checkpoint
+    from openr2.checkpoints import quantize_checkpoint
 
     print(json.dumps(quantize_checkpoint(args.model, args.out, args.scheme, args.group_size, args.symmetric)))
     return 0

@@ -1,8 +1,11 @@
 """Tokenizer: a thin wrapper over HF `tokenizers` that knows DeepSeek's special tokens and chat template.
 
-Owns loading/saving the HF layout (tokenizer.json + tokenizer_config.json, readable by transformers'
-AutoTokenizer too), training a small byte-level BPE with DeepSeek's chat tokens (`train_bpe`), and
-incremental detokenisation for streaming (`StreamDecoder`). It does not render chats (chat_format.py).
+Owns DeepSeek-V3/R1's special tokens (BOS, EOS, the chat markers, `<think>` / `</think>`, the tool-call
+markers: every other module takes them from here), the chat template a trained tokenizer stores (the
+jinja twin of chat_format's built-in renderer; tests hold the two equal), loading/saving the HF layout
+(tokenizer.json + tokenizer_config.json, readable by transformers' AutoTokenizer too), training a small
+byte-level BPE with DeepSeek's chat tokens (`train_bpe`), and incremental detokenisation for streaming
+(`StreamDecoder`). It does not render chats (chat_format.py).
 """
 
 from __future__ import annotations
@@ -15,16 +18,58 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from openr2.chat_format import (
-    ASSISTANT,
-    BOS,
-    DEFAULT_CHAT_TEMPLATE,
-    EOS,
-    THINK_END,
-    THINK_START,
-    TOOL_TOKENS,
-    USER,
-)
+BOS = "<｜begin▁of▁sentence｜>"  # fullwidth ｜ (U+FF5C) and ▁ (U+2581), as in DeepSeek's vocab
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
+               TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END)
+
+# The built-in format as jinja, stored by train_bpe so transformers' apply_chat_template (and any other
+# jinja consumer) renders exactly what `_render_builtin` does; tests hold the two equal.
+DEFAULT_CHAT_TEMPLATE = """\
+{#- openr2 DeepSeek-R1 chat format; same output as openr2.chat_format's built-in renderer. -#}
+{%- set ns = namespace(system='', has_system=false, in_outputs=false, outputs_seen=false) -%}
+{%- for message in messages if message['role'] == 'system' -%}
+  {%- set ns.system = ns.system + ('\\n\\n' if ns.has_system else '') + message['content'] -%}
+  {%- set ns.has_system = true -%}
+{%- endfor -%}
+{{- bos_token + ns.system -}}
+{%- for message in messages -%}
+  {%- if message['role'] == 'user' -%}
+    {%- if ns.in_outputs -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- set ns.in_outputs = false -%}{%- endif -%}
+    {{- '<｜User｜>' + message['content'] -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {%- if ns.in_outputs -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- set ns.in_outputs = false -%}
+    {%- else -%}{{- '<｜Assistant｜>' -}}{%- endif -%}
+    {{- (message['content'] or '').split('</think>')[-1] -}}
+    {%- if message['tool_calls'] -%}
+      {%- set ns.outputs_seen = false -%}
+      {{- '<｜tool▁calls▁begin｜>' -}}
+      {%- for call in message['tool_calls'] -%}
+        {{- ('\\n' if not loop.first else '') + '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>'
+            + call['function']['name'] + '\\n```json\\n' + call['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' -}}
+      {%- endfor -%}
+      {{- '<｜tool▁calls▁end｜>' -}}
+    {%- endif -%}
+    {{- '<｜end▁of▁sentence｜>' -}}
+  {%- elif message['role'] == 'tool' -%}
+    {%- if not ns.outputs_seen -%}{{- '<｜tool▁outputs▁begin｜>' -}}{%- set ns.outputs_seen = true -%}{%- endif -%}
+    {%- set ns.in_outputs = true -%}
+    {{- '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if ns.in_outputs -%}{{- '<｜tool▁outputs▁end｜>' -}}
+{%- elif add_generation_prompt -%}
+  {{- '<｜Assistant｜>' + ('<think>\\n' if thinking is not defined or thinking else '') -}}
+{%- endif -%}
+"""
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from openr2.model.hf_io import save_model
+from openr2.checkpoints import save_model
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
 from tests.tokenizer_utils import tiny_tokenizer

@@ -7,6 +7,14 @@ from pathlib import Path
 import pytest
 
 from openr2.chat_format import (
+    ReasoningParser,
+    count_reasoning_tokens,
+    encode_chat,
+    encode_chat_for_training,
+    prompt_opens_reasoning,
+    render_chat,
+)
+from openr2.tokenizer import (
     ASSISTANT,
     BOS,
     DEFAULT_CHAT_TEMPLATE,
@@ -17,12 +25,6 @@ from openr2.chat_format import (
     TOOL_OUTPUTS_BEGIN,
     TOOL_OUTPUTS_END,
     USER,
-    ReasoningParser,
-    count_reasoning_tokens,
-    encode_chat,
-    encode_chat_for_training,
-    prompt_opens_reasoning,
-    render_chat,
 )
 from tests.tokenizer_utils import tiny_tokenizer
 

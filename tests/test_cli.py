@@ -17,11 +17,11 @@ import time
 import pytest
 
 from openr2.chat_format import encode_chat
+from openr2.checkpoints import save_model
 from openr2.cli import main
 from openr2.engine.engine import LLMEngine
 from openr2.eval.runner import EvalConfig
 from openr2.model.accounting import model_stats
-from openr2.model.hf_io import save_model
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
 from openr2.tokenizer import Tokenizer

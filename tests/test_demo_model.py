@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from openr2 import LLM, SamplingParams
-from openr2.chat_format import THINK_END
+from openr2.tokenizer import THINK_END
 from tests.numerics import assert_same_function, reference64
 
 DEMO = Path(__file__).resolve().parents[1] / "openr2" / "assets" / "openr2-demo"
@@ -74,7 +74,7 @@ def test_answers_other_wordings(llm, prompt, answer):
 
 
 def test_system_prompt_second_turn_and_small_talk(llm):
-    from openr2.train.tasks import SMALLTALK_ANSWER
+    from openr2.tasks.synthetic import SMALLTALK_ANSWER
 
     chats = [[{"role": "system", "content": "You are a helpful assistant."},
               {"role": "user", "content": "What is 347+589?"}],

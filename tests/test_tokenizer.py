@@ -8,8 +8,19 @@ import random
 
 import pytest
 
-from openr2.chat_format import ASSISTANT, BOS, EOS, THINK_END, THINK_START, TOOL_TOKENS, USER, render_chat
-from openr2.tokenizer import StreamDecoder, Tokenizer, train_bpe
+from openr2.chat_format import render_chat
+from openr2.tokenizer import (
+    ASSISTANT,
+    BOS,
+    EOS,
+    THINK_END,
+    THINK_START,
+    TOOL_TOKENS,
+    USER,
+    StreamDecoder,
+    Tokenizer,
+    train_bpe,
+)
 from tests.tokenizer_utils import RARE_TEXTS, tiny_tokenizer
 
 CHAT_TEXT = f"{BOS}Be brief.{USER}What is 12+30?{ASSISTANT}{THINK_START}\nadd\n{THINK_END}\n\n42{EOS}"

@@ -9,6 +9,10 @@ Failures. A request the engine ended with an error raises RequestError from its 
 go on. A step that fails as a whole (no single request to blame) leaves the engine in an unknown state,
 so the thread stops for good: every waiting stream, and every later generate(), raises EngineDeadError,
 `failure` says why, and `on_failure` is called (the server exits so that a supervisor restarts it).
+
+This is the server's whole view of the engine: `generate`, `abort`, `shutdown`, `failure`, and what the
+model offers (`tokenizer`, `max_model_len`, the context length) and how busy it is (`num_running`,
+`num_waiting`), so the routes never reach into the engine's parts.
 """
 
 from __future__ import annotations
@@ -43,6 +47,23 @@ class AsyncEngine:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="openr2-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length: prompt + completion tokens of one request."""
+        return self.engine.max_model_len
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running  # a len() read without the lock: a scrape never waits for a step
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                        salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:

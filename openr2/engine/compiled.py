@@ -22,6 +22,7 @@ import torch
 
 from openr2.model.transformer import Transformer
 
+COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)
 
 class DecodeView:
     """The cache of a decode-only step: row b writes its new token to pool slot `write_slots[b]` and reads
@@ -45,10 +46,15 @@ class DecodeView:
 
 def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
                 pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor) -> torch.Tensor:
-    """ids/positions [B, 1], gather [B, S], write_slots [B] -> next-token logits [B, V] (absorbed MLA)."""
+    """ids/positions [B, 1], gather [B, S], write_slots [B] -> next-token logits [B, V] (absorbed MLA).
+
+    B is at most COMPILED_DECODE_MAX_TOKENS. The implementations are the ones inductor fuses: the experts'
+    host-sync-free `decode` path and the `compiled` kernels (model/layers.py: one row on CPU as a product
+    and a sum, int8 weights likewise); run eagerly (the tests' reference) they give the same numbers."""
     view = DecodeView(pool_c, pool_r, gather, write_slots)
     last = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-    return model(ids, positions, cache=view, attn_impl="absorbed", logits_index=last)
+    return model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode", kernel_impl="compiled",
+                 logits_index=last)
 
 
 class CompiledDecode:

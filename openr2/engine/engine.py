@@ -26,10 +26,11 @@ import torch
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.runner import ModelRunner
-from openr2.engine.sampling import SamplingParams, make_generator, sample
-from openr2.engine.scheduler import Scheduler, SchedulerConfig, insert_by_priority
-from openr2.engine.sequence import Sequence, Status
+from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample
+from openr2.engine.scheduler import Scheduler, SchedulerConfig
+from openr2.engine.sequence import Sequence
 from openr2.engine.stop import StopChecker
+from openr2.engine.usage import Usage
 from openr2.model.transformer import Transformer
 
 
@@ -60,14 +61,6 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
 
 
 class RequestError(RuntimeError):
@@ -129,7 +122,8 @@ class LLMEngine:
         else:
             self.pool = KVPool.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
                                            model.device)
-        self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
+                                   self.pool.copy_block)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(model, self.pool, compile=self.config.compile)
         self.requests: dict[str, _Request] = {}
@@ -145,7 +139,7 @@ class LLMEngine:
                         device="cpu") -> LLMEngine:
         import os
 
-        from openr2.model.hf_io import load_model
+        from openr2.checkpoints import load_model
 
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -163,7 +157,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        max_tokens = max_tokens_for(params.max_tokens, self.max_model_len, len(ids), default=None)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens do not fit the context window of {self.max_model_len} "
                              f"(a completion needs at least one more)")
@@ -211,6 +205,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences in the running batch (a request with n samples counts n once forked)."""
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for admission (new, or preempted to be recomputed)."""
+        return self.scheduler.num_waiting
 
     # ------------------------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
@@ -307,29 +311,12 @@ class LLMEngine:
             touched[req.request_id] = req
 
     def _fork(self, req: _Request, parent: Sequence) -> list[Sequence]:
-        """Children share the prompt's full blocks; the partial last block is copied (or recomputed)."""
+        """The request's other samples start from its prompt pass (the scheduler shares or copies blocks)."""
         req.forked = True
         children = [parent]
-        bs = self.blocks.block_size
-        full = parent.num_computed // bs
         for i in range(1, req.params.n):
             child = self._new_seq(req, i, list(parent.token_ids))
-            child.num_cached_prompt_tokens, child.admitted = parent.num_cached_prompt_tokens, True
-            child.block_hashes = list(parent.block_hashes)
-            partial = parent.num_computed - full * bs
-            if partial == 0 or self.blocks.num_free > 0:
-                shared = parent.block_table[:full]
-                self.blocks.acquire(shared)
-                child.block_table = list(shared)
-                if partial:
-                    (block,) = self.blocks.allocate(1)
-                    self.pool.copy_block(parent.block_table[full], block, partial)
-                    child.block_table.append(block)
-                child.num_computed, child.num_registered = parent.num_computed, parent.num_registered
-                child.status = Status.RUNNING
-                insert_by_priority(self.scheduler.running, child)
-            else:  # no room to copy: recompute later, reusing the cached full blocks
-                self.scheduler.add(child)
+            self.scheduler.fork(parent, child)
             children.append(child)
         return children
 
@@ -425,4 +412,6 @@ def _sample_rows(rows: list[tuple[Sequence, torch.Tensor]]) -> list:
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:
     if tokenizer is None:
         return None, None
-    return tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+    from openr2.tokenizer import THINK_END, THINK_START
+
+    return tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)

@@ -3,14 +3,16 @@
 A full block of tokens is identified by a hash chained over everything before it (so equal blocks at
 different prefixes never collide) and seeded by an optional tenant salt (so one tenant's cached context
 never serves another). Blocks whose reference count drops to zero keep their contents and stay findable
-until the pool needs them back, oldest first (LRU). Partial blocks are never shared.
+until the pool needs them back, oldest first (LRU). Partial blocks are never shared: a fork (n samples
+of one prompt) shares the full blocks and copies the partial last one (`fork`, copy-on-write through the
+pool's `copy_block`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -36,8 +38,10 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, nu
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 copy_block: Callable[[int, int, int], None] | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.copy_block = copy_block  # (src, dst, num_tokens): copies cached contents (KVPool.copy_block)
         self.caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
@@ -51,6 +55,22 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def fork(self, table: list[int], num_tokens: int) -> list[int] | None:
+        """A second owner's block table for the first num_tokens tokens of `table`: the full blocks shared
+        (one more reference each), the partial last block copied into a new block; None when no block is
+        free for that copy (the caller then recomputes, reusing the cached full blocks)."""
+        full, partial = divmod(num_tokens, self.block_size)
+        if partial and self.num_free == 0:
+            return None
+        shared = table[:full]
+        self.acquire(shared)  # before allocating, so that eviction cannot take them
+        out = list(shared)
+        if partial:
+            (block,) = self.allocate(1)
+            self.copy_block(table[full], block, partial)
+            out.append(block)
+        return out
 
     # -------------------------------------------------------------------------------- prefix lookup
     def lookup(self, hashes: list[bytes]) -> list[int]:

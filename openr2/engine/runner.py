@@ -16,9 +16,9 @@ import warnings
 
 import torch
 
+from openr2.engine.compiled import COMPILED_DECODE_MAX_TOKENS
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.sequence import Sequence
-from openr2.model.moe import COMPILED_DECODE_MAX_TOKENS
 from openr2.model.transformer import Transformer
 
 

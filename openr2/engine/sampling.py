@@ -2,7 +2,10 @@
 
 Owns: the per-request sampling options (vLLM's names and defaults, validated at construction) and one
 function, `sample`, that the engine calls once per step for every row that needs a token. It does not
-own stop strings (stop.py), EOS / stop-token / max_tokens checks, or detokenisation (the engine).
+own stop strings (stop.py), EOS / stop-token / max_tokens checks, or detokenisation (the engine). It also
+owns the generation defaults every front end applies alike (server, eval, the engine itself): the one
+max_tokens rule (`max_tokens_for`, `DEFAULT_MAX_TOKENS`) and a checkpoint's generation_config.json
+(`generation_defaults`).
 
 Order of operations per row (vLLM's):
   1. logprobs, when asked, from log_softmax of the raw model logits (vLLM's default "raw_logprobs":
@@ -22,7 +25,9 @@ Shape legend: B rows (requests this step), V vocab, K number of top logprobs ret
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -33,7 +38,43 @@ MAX_LOGPROBS = 20  # OpenAI's top_logprobs cap; vLLM's default --max-logprobs
 GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does), avoiding overflow in x / T
 _NEG_INF = float("-inf")
 
+DEFAULT_MAX_TOKENS = 4096  # a served request that names no max_tokens gets this much, or the room left
+
 TokenIds = Sequence[int] | torch.Tensor
+
+
+def max_tokens_for(asked: int | None, max_model_len: int, num_prompt_tokens: int | None = None,
+                   default: int | None = DEFAULT_MAX_TOKENS) -> int | None:
+    """The max_tokens rule of the server, eval and the engine: what the request asked for; without it,
+    `default` (None: until the context is full) clipped to the room the prompt leaves in the context,
+    max_model_len - num_prompt_tokens. Without a prompt count the context bounds the default; with neither
+    a default nor a count the answer is None (the engine decides once it has the prompt). Whether an asked
+    value fits is the caller's check: each says so in its own words (an HTTP 400, a CLI hint)."""
+    if asked is not None:
+        return asked
+    if default is not None:
+        return min(default, max_model_len - (num_prompt_tokens or 0))
+    return None if num_prompt_tokens is None else max_model_len - num_prompt_tokens
+
+
+def generation_defaults(model_dir: str) -> dict:
+    """Default sampling options from a checkpoint's generation_config.json, as vLLM applies them:
+    temperature, top_p, top_k, min_p, repetition_penalty (`do_sample: false` means greedy)."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    out = {k: config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+           if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 def _is_int(x) -> bool:

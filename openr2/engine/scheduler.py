@@ -4,7 +4,8 @@ Every step spends a token budget: first on running sequences (one token each whe
 chunk when prefilling), in priority then admission order, preempting from the other end (lowest
 priority, most recently admitted; their blocks freed, to be recomputed later) when blocks run out; then
 on admitting waiting sequences, best priority first, each starting from the longest cached prefix of its
-tokens. Sequences join and leave between steps. Priority 0 is interactive, 1 is batch work.
+tokens. Sequences join and leave between steps. Priority 0 is interactive, 1 is batch work. A sample
+forked off a computed prompt (`fork`) starts from its parent's cache (BlockManager.fork).
 """
 
 from __future__ import annotations
@@ -83,6 +84,29 @@ class Scheduler:
             insert_by_priority(self.running, seq)
             plan.append((seq, n))
             budget -= n
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start `child` (a copy of the parent's tokens) from the parent's cache: full blocks shared, the
+        partial last block copied, running beside the parent; without a free block for the copy it waits
+        and is recomputed later, reusing the cached full blocks."""
+        child.num_cached_prompt_tokens, child.admitted = parent.num_cached_prompt_tokens, True
+        child.block_hashes = list(parent.block_hashes)
+        table = self.blocks.fork(parent.block_table, parent.num_computed)
+        if table is None:
+            self.add(child)
+            return
+        child.block_table = table
+        child.num_computed, child.num_registered = parent.num_computed, parent.num_registered
+        child.status = Status.RUNNING
+        insert_by_priority(self.running, child)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.block_table)

@@ -1,7 +1,7 @@
-"""Per-sequence state: tokens, how many are in the cache, its blocks, and why it finished.
+"""Per-sequence state: tokens, how many are in the cache, its blocks and their hashes.
 
 A request with n samples runs as one sequence through its prompt, then forks into n sequences that share
-the prompt's full blocks. Text state (detokeniser, stop strings, reasoning split) is owned by the engine.
+the prompt's full blocks. Text state (detokeniser, stop strings, reasoning split) and the finish reason are the engine's.
 """
 
 from __future__ import annotations
@@ -38,10 +38,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of its full blocks, in order
     num_registered: int = 0  # full blocks already offered to the prefix cache
-    finish_reason: str | None = None  # "stop", "length", "abort"
-    stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
-    logprobs: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -58,11 +55,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
-
-    @property
-    def needs_sample(self) -> bool:
-        """All tokens are in the cache, so the last forward produced the next token's logits."""
-        return self.num_computed == self.num_tokens
 
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone; prompt and generated tokens are prefilled again."""

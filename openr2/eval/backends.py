@@ -27,10 +27,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from openr2.server.billing import Usage
+from openr2.engine.usage import Usage
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
-DEFAULT_MAX_TOKENS = 4096  # what `openr2 serve` caps a request without max_tokens at (ServerConfig)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Request:
     messages: list[dict]
     temperature: float
     top_p: float
-    max_tokens: int | None  # None: the server's default, as much as the context allows up to 4096
+    max_tokens: int | None  # None: the server's default (ours: engine.sampling.max_tokens_for)
     seed: int
 
 
@@ -58,11 +57,12 @@ class EndpointError(ValueError):
 
 def _split_answer(content: str, reasoning: str | None) -> tuple[str | None, str]:
     """Endpoints that leave `<think>...</think>` in content: the reasoning goes, only the answer is kept."""
-    from openr2.chat_format import THINK_END
-    from openr2.train.evaluate import answer_of
+    from openr2.tasks.answers import split_think
 
-    if reasoning is None and THINK_END in content:
-        return content.rsplit(THINK_END, 1)[0].replace("<think>", "", 1).strip(), answer_of(content) or ""
+    if reasoning is None:
+        thought, answer = split_think(content)
+        if answer is not None:
+            return thought, answer
     return reasoning, content
 
 
@@ -86,13 +86,13 @@ class LocalBackend:
         # options a request leaves out come from generation_config.json, exactly as `openr2 serve` fills them
         self.defaults = {}
         if not isinstance(model, LLMEngine):
-            from openr2.server.app import generation_defaults
+            from openr2.engine.sampling import generation_defaults
 
             self.defaults = generation_defaults(str(model))
 
     def run(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         from openr2.chat_format import ReasoningParser, prompt_opens_reasoning, render_chat
-        from openr2.engine.sampling import SamplingParams
+        from openr2.engine.sampling import SamplingParams, max_tokens_for
 
         tok, pending = self.engine.tokenizer, {}
         try:
@@ -100,7 +100,7 @@ class LocalBackend:
                 text = render_chat(r.messages, tok)  # as the server renders it, so both see the same ids
                 ids = tok.encode(text)
                 room = self.engine.max_model_len - len(ids)
-                max_tokens = min(DEFAULT_MAX_TOKENS, room) if r.max_tokens is None else r.max_tokens
+                max_tokens = max_tokens_for(r.max_tokens, self.engine.max_model_len, len(ids))  # as served
                 if max_tokens > room or max_tokens < 1:  # the server answers 400; so do we
                     raise ValueError(f"item {r.item_id}: {len(ids)} prompt tokens + max_tokens {max_tokens} exceed "
                                      f"the model's context of {self.engine.max_model_len}; lower --max-tokens")
@@ -117,7 +117,7 @@ class LocalBackend:
                     sample = out.outputs[0]
                     reasoning, content = ReasoningParser(starts_in_reasoning=opens).parse(sample.text)
                     reasoning, content = _split_answer(content, reasoning)
-                    yield r, Completion(content, reasoning, sample.finish_reason, Usage.of(out.usage))
+                    yield r, Completion(content, reasoning, sample.finish_reason, out.usage)
         finally:  # interrupted or failed: free what is still queued
             for request_id in pending:
                 self.engine.abort(request_id)
@@ -257,7 +257,7 @@ def _retry_after_s(headers) -> float | None:
 
 
 def _usage(u: dict) -> Usage:
-    """An OpenAI/DeepSeek usage object -> billing Usage (cache hits from either field name)."""
+    """An OpenAI/DeepSeek usage object -> the engine's Usage (cache hits from either field name)."""
     def count(d, key):
         v = (d or {}).get(key)
         return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0

@@ -7,7 +7,7 @@ off first, so a number inside the reasoning can never be graded.
 Extraction, first that applies: the last `\\boxed{...}` / `\\fbox{...}` (nested braces), "the answer is X",
 "Answer: X", then (math) the last number or (choice) a lone letter such as `(B)`, `B.`, `B) text`.
 Grading: math-verify for math (`\\frac{1}{2}` = 0.5, `1,000` = 1000, units and `\\$` dropped); exact
-match for integers (AIME: `033` = 33) and letters; synthetic tasks use openr2.train.tasks.verify.
+match for integers (AIME: `033` = 33) and letters; synthetic tasks use openr2.tasks.synthetic.verify.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def grade(item, content: str) -> tuple[str | None, bool]:
         value = extract_integer(content)
         return (None, False) if value is None else (str(value), value == int(item.gold))
     if item.kind == "synthetic":
-        from openr2.train.tasks import verify
+        from openr2.tasks.synthetic import verify
 
         boxed = boxed_contents(content)
         answer = boxed[-1].strip() if boxed else content.strip()

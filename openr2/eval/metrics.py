@@ -4,12 +4,11 @@ Owns the arithmetic only (no I/O, no grading). pass@k is the unbiased estimator 
 with n samples of which c are correct, pass@k = 1 - C(n-c, k) / C(n, k), computed as a running product
 so large n does not overflow floats. pass@1 is its k=1 case, c/n: accuracy averaged over the samples.
 maj@k takes the most common extracted answer among the first k samples (ties: the one seen first;
-unanswered samples do not vote) and scores whether it is correct.
+unanswered samples do not vote: tasks.answers.majority, which GRPO's evaluation shares) and scores
+whether it is correct.
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -22,16 +21,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
         miss *= 1.0 - k / i
     return 1.0 - miss
-
-
-def majority(answers: list[str | None], correct: list[bool]) -> tuple[str | None, bool]:
-    """(the most common answer, whether it is correct); (None, False) when no sample answered."""
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return None, False
-    top = max(votes.values())
-    winner = next(a for a in answers if a is not None and votes[a] == top)  # ties: first seen
-    return winner, any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
 def ks_for(n: int) -> list[int]:

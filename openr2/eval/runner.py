@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from openr2.eval import grading, metrics
 from openr2.eval.backends import Completion, HTTPBackend, LocalBackend, Request
 from openr2.eval.tasks import Item, load_items, resolve_data
+from openr2.tasks.answers import majority
 
 FORMAT_VERSION = 1
 # settings that change what an item's samples mean: a resumed run must match them
@@ -129,7 +130,7 @@ def score_item(item: Item, completions: list[tuple[Request, Completion]], prices
                         "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens,
                         "cost_pico_usd": prices.cost(u)})
     flags = [s["correct"] for s in samples]
-    maj_answer, maj_correct = metrics.majority([s["extracted"] for s in samples], flags)
+    maj_answer, maj_correct = majority([s["extracted"] for s in samples], flags)
     record = {"id": item.id, "prompt": item.prompt, "gold": item.gold}
     if item.choices:
         record["choices"] = item.choices
@@ -140,7 +141,7 @@ def score_item(item: Item, completions: list[tuple[Request, Completion]], prices
 
 
 def markdown_summary(header: dict, summary: dict) -> str:
-    from openr2.server.billing import format_usd
+    from openr2.billing import format_usd
 
     k = header["samples"]
     cols = ["task", "model", "items", "samples", "pass@1"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
@@ -167,7 +168,7 @@ def run_eval(config: EvalConfig, backend=None, progress: bool = True, save_every
     """Run (or resume) one evaluation; returns the results (also in config.out_path() and its .md)."""
     from tqdm.auto import tqdm
 
-    from openr2.server.billing import PriceTable
+    from openr2.billing import PriceTable
 
     config.validate()
     prices = PriceTable.load(config.prices) if config.prices else PriceTable()

@@ -10,7 +10,7 @@ Formats (JSONL, one object per line; an error names the file and line):
   aime     {"id", "problem", "answer": int}               gold: the integer
   arc      {"question", "choices": [...], "answer_index", "id"?}   choices in the file's order
   gpqa     {"question", "choices": [4 strings], "answer_index", "id"?}   choices shuffled per question
-Synthetic tasks draw held-out (test split) problems from openr2.train.tasks, as training-time eval does.
+Synthetic tasks draw held-out (test split) problems from openr2.tasks.synthetic, as training-time eval does.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Item:
     """One question: its stable id, the chat to send, the gold answer and how to grade it.
 
     kind: "math" (math-verify), "integer" (exact integer), "choice" (letter; `choices` are the options
-    in the order shown) or "synthetic" (openr2.train.tasks.verify on `problem`).
+    in the order shown) or "synthetic" (openr2.tasks.synthetic.verify on `problem`).
     """
 
     id: str
@@ -44,7 +44,7 @@ class Item:
     gold: str
     kind: str
     choices: list[str] = field(default_factory=list)
-    problem: object = None  # a train.tasks.Problem for synthetic items
+    problem: object = None  # a tasks.synthetic.Problem for synthetic items
 
     @property
     def prompt(self) -> str:
@@ -62,7 +62,7 @@ def choice_prompt(question: str, choices: list[str]) -> list[dict]:
 
 def records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object names file:line."""
-    from openr2.train.data import jsonl_records
+    from openr2.tasks.jsonl import jsonl_records
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -176,7 +176,7 @@ def resolve_data(task: str, data: str | None) -> str | None:
 
 def parse_synthetic(task: str) -> tuple[str, int]:
     """`synthetic:addition` or `synthetic:addition:4` -> (name, difficulty); default difficulty 3 (clamped)."""
-    from openr2.train.tasks import TASKS
+    from openr2.tasks.synthetic import TASKS
 
     parts = task.split(":")
     if len(parts) not in (2, 3) or parts[1] not in TASKS:
@@ -202,8 +202,7 @@ def check_task(task: str) -> None:
 
 
 def synthetic_items(task: str, limit: int | None, seed: int) -> list[Item]:
-    from openr2.train.data import to_messages
-    from openr2.train.evaluate import held_out_problems
+    from openr2.tasks.synthetic import held_out_problems, to_messages
 
     name, difficulty = parse_synthetic(task)
     problems = held_out_problems(name, difficulty, limit or SYNTHETIC_DEFAULT_ITEMS, seed)

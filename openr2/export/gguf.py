@@ -2,7 +2,7 @@
 
 Owns the checkpoint -> GGUF mapping (metadata keys, tensor names, kv_b split, expert stacking, per-tensor
 types) and its inverse for tests (`gguf_state_dict`: numpy-dequantized GGUF tensors in our layout).
-It does not know HF names (model/hf_io.py loads the checkpoint) or tokenizer internals (gguf_vocab.py).
+It does not know HF names (checkpoints.load_model loads the checkpoint) or tokenizer internals (gguf_vocab.py).
 
 The pitfalls that silently ruin accuracy (../shared/reference/quant_longctx.md §1.9) are handled here:
 `expert_gating_func` is always written (llama.cpp falls back to softmax without it); q_lora_rank is
@@ -175,7 +175,7 @@ def write_metadata(w, c: ModelConfig, name: str, export_type: str) -> None:
 def export_gguf(model_dir: str, out: str, export_type: str = "f16", name: str | None = None,
                 pre_tokenizer: str | None = None) -> dict:
     """Write `model_dir` (an HF-layout float or FP8 checkpoint with tokenizer.json) as a GGUF file."""
-    from openr2.model.hf_io import load_model
+    from openr2.checkpoints import load_model
 
     model_dir, out = os.fspath(model_dir), os.fspath(out)
     if export_type not in EXPORT_TYPES:

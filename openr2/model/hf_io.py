@@ -1,11 +1,15 @@
 """Checkpoint I/O in the Hugging Face DeepSeek-V2/V3 layout: the one place that knows HF tensor names.
 
-Loads a directory holding config.json and one or more safetensors files (sharded through
-model.safetensors.index.json or not): per-expert tensors are stacked, FP8 e4m3 weights with 128x128
-`weight_scale_inv` block scales are dequantised to the asked dtype while loading, the model is built on the
-meta device and materialised tensor by tensor (peak memory near the model size). Saves the same layout
-(per-expert names, MTP copies of embedding and head) so that transformers loads our saves.
-Every problem with the files raises an error naming the file and tensor; no half-loaded model escapes.
+Reads a directory holding config.json and one or more safetensors files (sharded through
+model.safetensors.index.json or not) into a model built on the meta device, materialised tensor by tensor
+(peak memory near the model size): per-expert tensors are stacked, FP8 e4m3 weights with 128x128
+`weight_scale_inv` block scales are dequantised to the asked dtype. Writes the same layout (per-expert
+names, MTP copies of embedding and head) so that transformers loads our saves. Every problem with the files
+raises an error naming the file and tensor; no half-loaded model escapes.
+
+Modules whose state-dict keys are not the checkpoint's (quantized modules) are given to `load_weights` /
+`write_checkpoint` as a `names` map (state-dict key -> name in our layout): this module knows no
+quantization. `openr2/checkpoints.py` (load_model, save_model) builds the model and that map.
 """
 
 from __future__ import annotations
@@ -72,11 +76,12 @@ def _our_params(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- files
-class _CheckpointFiles:
-    """Which file holds each tensor, with open handles; errors name the file."""
+class CheckpointFiles:
+    """Which file holds each tensor, with open handles; errors name the file. `block` is the FP8 scale
+    block (config.json's quantization_config.weight_block_size, default 128x128)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, block: list[int] | None = None):
+        self.path, self.block = path, list(block or [128, 128])
         self.where: dict[str, str] = {}
         self._handles: dict[str, object] = {}
         index = os.path.join(path, INDEX_FILE)
@@ -129,7 +134,7 @@ class _CheckpointFiles:
             raise ValueError(f"{self.file_of(key)}: cannot read tensor {key!r} ({e})") from None
 
 
-def _dequantize_fp8(files: _CheckpointFiles, key: str, weight: torch.Tensor, block: list[int]) -> torch.Tensor:
+def _dequantize_fp8(files: CheckpointFiles, key: str, weight: torch.Tensor, block: list[int]) -> torch.Tensor:
     """W[i, j] = float(Wq[i, j]) * scale_inv[i // b0, j // b1] (scale_inv is a multiplier despite its name)."""
     scale_key = key + "_scale_inv"
     if scale_key not in files.where:
@@ -147,56 +152,38 @@ def _dequantize_fp8(files: _CheckpointFiles, key: str, weight: torch.Tensor, blo
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               keep_fp8: bool = False) -> Transformer:
-    """Load an HF-layout DeepSeek-V2/V3 checkpoint directory into a ready (eval-mode) model.
-
-    Quantized checkpoints (`openr2 quantize`: int8/int4) load into drop-in quantized layers (quant/).
-    FP8 block weights are dequantised to `dtype` unless keep_fp8, which keeps every module whose stored
-    weights are all FP8 in FP8 with per-use dequantisation (half the memory of bf16)."""
+def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointFiles]:
+    """The config and tensor files of an HF-layout checkpoint directory. A config that announces MTP
+    layers whose tensors the files lack (as transformers saves) is loaded with MTP off, with a warning."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_pretrained(path)
-    files = _CheckpointFiles(path)
-    block = list((config.quantization_config or {}).get("weight_block_size") or [128, 128])
-
+    files = CheckpointFiles(path, (config.quantization_config or {}).get("weight_block_size"))
     n_mtp = config.num_nextn_predict_layers
     if n_mtp and not any(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in files.where):
         warnings.warn(f"{path}: config announces {n_mtp} MTP layer(s) but the files hold no MTP tensors "
-                      f"(as transformers saves); loading with MTP off", stacklevel=2)
+                      f"(as transformers saves); loading with MTP off", stacklevel=3)
         config.num_nextn_predict_layers = 0
-    quantized = config.quantization_config or {}
-    config.quantization_config = None  # weights are dequantised below, unless held quantized
+    return config, files
 
-    with torch.device("meta"):
-        model = Transformer(config)
-    if quantized.get("quant_method") == "openr2" or (keep_fp8 and quantized.get("quant_method") == "fp8"):
-        from openr2.quant.checkpoint import quantize_meta_model
 
-        quantize_meta_model(model, quantized, files, dtype, block)
+def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", names: dict[str, str] | None = None) -> None:
+    """Materialise a meta-device model from the files: float weights in `dtype` (the router in float32),
+    the tensors of `names` (state-dict key -> name in our layout: quantized modules) as they are stored."""
+    config, names = model.config, names or {}
     params = _our_params(model)
-    names = _quant_names(model)
     wanted = {ours: hf_names(names.get(ours, ours), config) for ours in params}
     _check_names(files, config, wanted)
 
     state = {}
     for ours, meta in params.items():
         target_dtype = torch.float32 if _is_router(model, ours) else meta.dtype if ours in names else dtype
-        state[ours] = _read_param(files, wanted[ours], meta, target_dtype, device, block)
+        state[ours] = _read_param(files, wanted[ours], meta, target_dtype, device, files.block)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
-
-
-def _quant_names(model: Transformer) -> dict[str, str]:
-    """Quantized buffers' keys -> their names in the checkpoint layout (empty for a float model)."""
-    if not any(type(m).__module__ == "openr2.quant.layers" for m in model.modules()):
-        return {}
-    from openr2.quant.layers import checkpoint_names
-
-    return checkpoint_names(model)
 
 
 def _is_router(model: Transformer, ours: str) -> bool:
@@ -204,7 +191,7 @@ def _is_router(model: Transformer, ours: str) -> bool:
     return isinstance(owner, Gate)
 
 
-def _check_names(files: _CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:
+def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:
     expected = {n for names in wanted.values() for n in names}
     optional = set(_mtp_copies(config))
     if config.tie_word_embeddings:
@@ -221,7 +208,7 @@ def _check_names(files: _CheckpointFiles, config: ModelConfig, wanted: dict[str,
         raise ValueError(f"{files.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}{more}")
 
 
-def _read_param(files: _CheckpointFiles, names: list[str], meta: torch.Tensor, dtype, device, block):
+def _read_param(files: CheckpointFiles, names: list[str], meta: torch.Tensor, dtype, device, block):
     """Read the HF tensor(s) of one parameter, dequantise FP8, check shapes, stack experts, cast, place."""
     out = torch.empty(meta.shape, dtype=dtype, device=device)
     slices = [out]
@@ -242,12 +229,12 @@ def _read_param(files: _CheckpointFiles, names: list[str], meta: torch.Tensor, d
 
 
 # ---------------------------------------------------------------------------------------------- save
-def hf_state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of the whole checkpoint, experts unstacked, MTP copies included."""
-    config = model.config
-    quant_names = _quant_names(model)
+def hf_state_items(model: Transformer, stored: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of the whole checkpoint, experts unstacked, MTP copies included; `stored`
+    names tensors whose state-dict key is not their name in our layout (see load_weights)."""
+    config, stored = model.config, stored or {}
     for ours, tensor in _our_params(model).items():
-        names = hf_names(quant_names.get(ours, ours), config)
+        names = hf_names(stored.get(ours, ours), config)
         if len(names) == 1:
             yield names[0], tensor.detach()
             continue
@@ -261,25 +248,28 @@ def hf_state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, main[source].detach()
 
 
-def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and safetensors (sharded with an index past max_shard_bytes) in the HF layout."""
+def write_checkpoint(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+                     names: dict[str, str] | None = None, quantization_config: dict | None = None) -> None:
+    """Write config.json and safetensors (sharded with an index past max_shard_bytes) in the HF layout;
+    `names` as for load_weights, `quantization_config` written into config.json when given (to_hf leaves
+    it out: a float model's loads dequantise)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config = model.config
     config_out = ModelConfig.from_hf(config.to_hf(), source=config.source)
     config_out.torch_dtype = str(model.dtype).removeprefix("torch.")
     config_out.save_pretrained(path)
-    if config.quantization_config and _quant_names(model):  # to_hf leaves it out: loads dequantise by default
+    if quantization_config:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             hf = json.load(f)
-        hf["quantization_config"] = config.quantization_config
+        hf["quantization_config"] = quantization_config
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf, f, indent=2, sort_keys=True)
             f.write("\n")
 
     # Plan shards from sizes first, then materialise one shard at a time (peak memory ~ one shard).
     shard_of, sizes = {}, [0]
-    for name, tensor in hf_state_items(model):
+    for name, tensor in hf_state_items(model, names):
         nbytes = tensor.numel() * tensor.element_size()
         if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
             sizes.append(0)
@@ -293,7 +283,7 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
             os.remove(os.path.join(path, old))
     for i, file in enumerate(files):
         # own storage on CPU: safetensors rejects views that share memory
-        shard = {n: t.to("cpu").contiguous().clone() for n, t in hf_state_items(model) if shard_of[n] == i}
+        shard = {n: t.to("cpu").contiguous().clone() for n, t in hf_state_items(model, names) if shard_of[n] == i}
         tmp = os.path.join(path, file + ".tmp")
         save_file(shard, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, file))

@@ -83,17 +83,19 @@ class MLA(nn.Module):
         self.o_proj = Linear(h * self.v_dim, d, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, attn_impl: str = "naive") -> torch.Tensor:
+                cache: LatentCache | None = None, attn_impl: str = "naive", kernel_impl: str = "eager") -> torch.Tensor:
         """x [B, T, D], positions [B, T] (absolute), cos/sin [B, T, R/2] -> [B, T, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        k = kernel_impl
+        q = self.q_proj(x, k) if self.q_lora_rank is None else \
+            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, k)), k)
         q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], self.interleaved)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], self.interleaved, k)
 
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        k_rope = apply_rope(k_rope, cos, sin, self.interleaved)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)
         if cache is not None:
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
 
@@ -106,18 +108,18 @@ class MLA(nn.Module):
         else:
             mask = _causal_mask(positions, S)
         if attn_impl == "naive":
-            out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask)
+            out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
             out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim))
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
 
-    def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask):
+    def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask, kernel_impl="eager"):
         """Expand the latent into per-head K [B,H,S,N+R] and V [B,H,S,V]; SDPA. Returns [B, T, H, V]."""
         B, S, _ = c_kv.shape
         H = self.num_heads
-        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
+        kv = self.kv_b_proj(c_kv, kernel_impl).view(B, S, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)

@@ -1,11 +1,15 @@
 """DeepSeekMoE: the router (softmax / sigmoid gates, group-limited top-k, correction bias) and the experts.
 
 Routed experts are stored stacked: gate_up_proj [E, 2I, D] (rows [0, I) gate, [I, 2I) up) and
-down_proj [E, D, I], the layout transformers keeps in memory. Two expert paths, chosen by an argument:
+down_proj [E, D, I], the layout transformers keeps in memory. The expert path is the caller's choice
+(`moe_impl`, MOE_IMPLS; nothing here asks torch whether it is compiling or recording gradients):
 - `looped`: for each expert, gather its tokens, run it, add back (the reference);
-- `grouped`: sort (token, slot) pairs by expert once, one matmul per expert over contiguous rows, one
-  activation over all rows, one scatter-add back (the fast path). With gradients on (training) it runs
-  as one autograd Function with a hand-written backward (`_GroupedExperts`), same numbers, fewer copies.
+- `grouped` (the default): sort (token, slot) pairs by expert once, one matmul per expert over contiguous
+  rows, one activation over all rows, one scatter-add back (the fast path); up to 8 pairs whose routing
+  weights need no gradient (decode) run each pair directly instead. Differentiable (autograd over it).
+- `fused`: `grouped` as one autograd Function with a hand-written backward (`_GroupedExperts`): the
+  training path (Trainer, GRPO), same numbers, fewer copies; one dtype and no autocast, else `grouped`.
+- `decode`: the compiled decode step's path (engine/compiled.py): no host sync, decode-sized batches.
 The router computes in float32 from float32 weights whatever the model dtype (as transformers does), so
 near-ties pick the same experts.
 
@@ -23,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from openr2.config import ModelConfig
 from openr2.model.layers import MLP, linear
 
-MOE_IMPLS = ("looped", "grouped")
+MOE_IMPLS = ("looped", "grouped", "fused", "decode")
 
 
 class Gate(nn.Module):
@@ -40,9 +44,9 @@ class Gate(nn.Module):
             # Aux-loss-free balancing bias: selection only, never in the weights; updated outside the optimizer.
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] float32, expert ids [N, K], scores [N, E] float32)."""
-        logits = linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float(), kernel_impl=kernel_impl)
         scores = logits.sigmoid() if self.method == "noaux_tc" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
         if self.method != "greedy" and self.topk_groups < self.num_groups:
@@ -71,10 +75,12 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str = "grouped"):
         """x [N, D], weights [N, K], ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
-        if impl == "grouped":
-            return self._grouped(x, weights, ids)
+        if impl in ("grouped", "fused"):
+            return self._grouped(x, weights, ids, fused=impl == "fused")
         if impl == "looped":
             return self._looped(x, weights, ids)
+        if impl == "decode":
+            return self._tensor_only(x, weights, ids)
         raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -123,17 +129,15 @@ class RoutedExperts(nn.Module):
         gains = torch.zeros(N, self.num_experts, dtype=weights.dtype, device=x.device).scatter_(1, ids, weights)
         return torch.einsum("end,ne->nd", y.to(gains.dtype), gains).to(x.dtype)
 
-    def _grouped(self, x, weights, ids):
+    def _grouped(self, x, weights, ids, fused: bool = False):
         N, K = ids.shape
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and N <= COMPILED_DECODE_MAX_TOKENS:
-            return self._tensor_only(x, weights, ids)
-        if N * K <= _FEW_PAIRS and not torch.is_grad_enabled():
+        if N * K <= _FEW_PAIRS and not weights.requires_grad:  # _few reads the weights as Python floats
             return self._few(x, weights, ids)
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         token = order // K  # the token each sorted (token, slot) pair came from
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        if torch.is_grad_enabled() and _fused_ok(x, weights, self.gate_up_proj, self.down_proj):
+        if fused and _fused_ok(x, weights, self.gate_up_proj, self.down_proj):
             return _GroupedExperts.apply(x, weights, self.gate_up_proj, self.down_proj, token, order, counts)
         # index_select, not x[token]: the same gather, but advanced indexing is ~5x slower on CPU.
         h = _segment_mm(x.index_select(0, token), self.gate_up_proj, counts)
@@ -154,12 +158,12 @@ def experts_per_pair(x, weights, ids, gate_up, down):
     return (y * weights.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1).to(x.dtype)
 
 
-COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)
 _FEW_PAIRS = 8  # up to this many (token, expert) pairs, sorting and scattering cost more than they save
 
 
 def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of x sorted by expert, counts[e] rows each -> concat_e x_e @ w[e]^T  (w [E, out, in])."""
+    """Rows of x sorted by expert, counts[e] rows each -> concat_e x_e @ w[e]^T  (w [E, out, in]).
+    The same products either way; written in place unless autograd records them (it cannot record out=)."""
     if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         out = x.new_empty(x.shape[0], w.shape[1])  # write in place: no concat copy at inference
         start = 0
@@ -267,16 +271,16 @@ class MoE(nn.Module):
         self.expert_load = torch.zeros(config.n_routed_experts, device="cpu")
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, moe_impl: str = "grouped") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, moe_impl: str = "grouped", kernel_impl: str = "eager") -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids, scores = self.gate(flat)
+        weights, ids, scores = self.gate(flat, kernel_impl)
         if self.training:
             self._balance_stats(ids, scores, shape[0])
         out = self.experts(flat, weights, ids, moe_impl).view(shape)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, kernel_impl)
         return out
 
     def _balance_stats(self, ids: torch.Tensor, scores: torch.Tensor, batch: int) -> None:

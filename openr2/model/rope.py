@@ -67,10 +67,12 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """Rotate x [..., R] by angles whose cos/sin broadcast to [..., R/2]; the layout is kept."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True,
+               kernel_impl: str = "eager") -> torch.Tensor:
+    """Rotate x [..., R] by angles whose cos/sin broadcast to [..., R/2]; the layout is kept. kernel_impl
+    "compiled" takes the real form (compiled code fuses it anyway; layers.KERNEL_IMPLS)."""
     if interleaved and x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype \
-            and not torch.compiler.is_compiling():  # compiled code fuses the real form below anyway
+            and kernel_impl == "eager":
         # Interleaved pairs are complex numbers x0 + i x1: one complex multiply does the rotation. Same
         # arithmetic as the real form below, but one kernel instead of six strided ones plus a stack
         # (about 6x faster on CPU); no complex type for bfloat16/half, so those take the real form.

@@ -1,8 +1,9 @@
-"""The decoder layer and the whole causal LM: embeddings -> layers (MLA + dense MLP or MoE) -> norm -> head.
+"""The whole causal LM: embeddings -> decoder layers (MLA + dense MLP or MoE) -> norm -> head.
 
 `Transformer(config)` builds the model; `model(input_ids)` returns logits. Attribute names follow the
 HF DeepSeek modules (embed_tokens, layers.i.self_attn.q_a_proj, ..., norm, lm_head) so model/hf_io.py only
-adds the `model.` prefix and unstacks experts. MTP modules (model/mtp.py) hang off `mtp`.
+adds the `model.` prefix and unstacks experts. The blocks are model/decoder.py's: `layers` holds
+DecoderLayers, `mtp` the MTP modules.
 
 Shape legend: B batch, T tokens, D hidden, V vocab.
 """
@@ -13,33 +14,16 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.layers import MLP, Linear, RMSNorm
-from openr2.model.mla import MLA, LatentCache
-from openr2.model.moe import Gate, MoE, RoutedExperts
+from openr2.model.decoder import DecoderLayer, MTPLayer
+from openr2.model.layers import KERNEL_IMPLS, Linear, RMSNorm
+from openr2.model.mla import LatentCache
+from openr2.model.moe import Gate, RoutedExperts
 from openr2.model.rope import RotaryEmbedding
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm residual block: h = x + MLA(norm(x)); out = h + FFN(norm(h))."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = MLA(config, layer_idx)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped"):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from openr2.model.mtp import MTPLayer  # mtp builds DecoderLayers from this module
-
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -53,14 +37,21 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
-                return_hidden: bool = False, logits_index: torch.Tensor | None = None, with_mtp: bool = False):
+                return_hidden: bool = False, logits_index: torch.Tensor | None = None, with_mtp: bool = False,
+                kernel_impl: str = "eager"):
         """input_ids [B, T] -> logits [B, T, V] (and the final-normed hidden [B, T, D] if return_hidden).
+
+        The caller picks every implementation: attn_impl (mla.ATTN_IMPLS: naive for prompts and training,
+        absorbed for decode), moe_impl (moe.MOE_IMPLS: grouped by default, fused to train, decode in the
+        compiled decode step) and kernel_impl (layers.KERNEL_IMPLS: eager, or compiled in that step).
 
         with_mtp: (logits, MTP draft logits of each depth) in one call, so data-parallel wrappers (DDP,
         FSDP) see every parameter used inside their forward.
         positions default to cache.length + 0..T-1; a given cache is written and advanced by T.
         logits_index [B] asks for one position per row: logits [B, V] (the engine's next-token rows).
         """
+        if kernel_impl not in KERNEL_IMPLS:
+            raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
         B, T = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -68,13 +59,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl)
+            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         if cache is not None:
             cache.advance(T)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index]
         hidden = self.norm(x)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden, kernel_impl)
         if with_mtp:
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return (logits, hidden) if return_hidden else logits

@@ -1,27 +1,22 @@
-"""Quantized checkpoints: `openr2 quantize` (float checkpoint -> int8 / int4 checkpoint) and what load_model needs
-to build quantized modules before reading them.
+"""Quantized checkpoints: the quantization_config they carry, and how load_model (openr2/checkpoints.py)
+builds quantized modules for one before reading its tensors (`quantize_meta_model`); `quantize_model`
+quantizes a float model in place (`openr2 quantize` is checkpoints.quantize_checkpoint).
 
 A quantized checkpoint is the HF layout plus, per quantized linear `P`: `P.weight` (int8 [O, I] or packed
 uint8 [O, I/2]), `P.weight_scale` and for asymmetric int4 `P.weight_zero` (float16 [O, I/g]); experts per
 expert as usual. config.json carries
     "quantization_config": {"quant_method": "openr2", "scheme": "int4", "group_size": 64, "symmetric": false}
 Router, norms and embeddings stay float; every other linear (experts, shared experts, head) is quantized.
-Bad options raise before anything is written; the output directory appears only when complete.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import torch
 
 from openr2.quant import schemes
-from openr2.quant.layers import QuantSpec, quantize_modules, weight_bytes
+from openr2.quant.layers import QuantSpec, quantize_modules
 
 QUANT_METHOD = "openr2"
-_COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md")
 
 
 def quant_config(scheme: str, group_size: int | None = 64, symmetric: bool = False) -> dict:
@@ -78,39 +73,3 @@ def quantize_model(model, scheme: str, group_size: int | None = 64, symmetric: b
     quantize_modules(model, spec_from_config(qc), dtype=model.dtype)
     model.config.quantization_config = qc
     return model
-
-
-def quantize_checkpoint(src: str, out: str, scheme: str, group_size: int | None = 64,
-                        symmetric: bool = False) -> dict:
-    """Read a float checkpoint directory, write its quantized copy (with the tokenizer files) to `out`.
-
-    Errors (unknown scheme, bad group size, a layer width the group does not divide, an existing non-empty
-    `out`) come before anything is written; the output is built in a temporary sibling and renamed."""
-    from openr2.model.hf_io import load_model, save_model
-
-    src, out = os.fspath(src), os.fspath(out)
-    quant_config(scheme, group_size, symmetric)  # fail fast on options
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"{out}: already exists; choose a new output directory")
-    model = load_model(src)
-    if any(type(m).__module__ == "openr2.quant.layers" for m in model.modules()):
-        raise ValueError(f"{src}: already quantized; quantize the float checkpoint")
-    float_bytes = weight_bytes(model)
-    quantize_model(model, scheme, group_size, symmetric)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".quantize-", dir=parent)
-    try:
-        save_model(model, tmp)
-        for name in _COPIED:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"out": out, "scheme": scheme, "group_size": model.config.quantization_config["group_size"],
-            "symmetric": model.config.quantization_config["symmetric"], "float_weight_bytes": float_bytes,
-            "weight_bytes": weight_bytes(model)}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openr2.model.moe import COMPILED_DECODE_MAX_TOKENS, RoutedExperts, experts_per_pair
+from openr2.model.moe import RoutedExperts, experts_per_pair
 from openr2.quant import schemes
 
 IMPLS = ("fast", "reference")
@@ -94,14 +94,14 @@ class _QuantWeight(nn.Module):
                            zip(q.chunk(self.halves, dim=-2), s.chunk(self.halves, dim=-2))], dim=-2)
         return w.to(dtype)
 
-    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """x [..., I] -> x @ W^T [..., O] (W the weight, or stacked slice `index`), by self.impl."""
+    def matmul(self, x: torch.Tensor, index: int | None = None, kernel_impl: str = "eager") -> torch.Tensor:
+        """x [..., I] -> x @ W^T [..., O] (W the weight, or stacked slice `index`), by self.impl; kernel_impl
+        as for the float layers (model/layers.py)."""
         if self.impl == "reference":
             return F.linear(x, self.dequantize(index, x.dtype))
-        if self.scheme == "int8" and torch.compiler.is_compiling() \
-                and x.numel() <= COMPILED_DECODE_MAX_TOKENS * x.shape[-1]:
-            # compiled decode: as a product-and-sum, inductor fuses the dequantization into one kernel that
-            # reads the int8 bytes (an extern matmul would need the float weight written out first)
+        if self.scheme == "int8" and kernel_impl == "compiled":
+            # compiled decode (a few rows): as a product-and-sum, inductor fuses the dequantization into one
+            # kernel that reads the int8 bytes (an extern matmul would need the float weight written out first)
             return (x[..., None, :] * self.dequantize(index, x.dtype)).sum(-1)
         if self.scheme == "int8":
             q = self.qweight if index is None else self.qweight[index]
@@ -145,8 +145,8 @@ class QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.q.dequantize(dtype=self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q.matmul(x)
+    def forward(self, x: torch.Tensor, kernel_impl: str = "eager") -> torch.Tensor:
+        return self.q.matmul(x, kernel_impl=kernel_impl)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -168,10 +168,12 @@ class QuantExperts(nn.Module):
         return self.gate_up_proj.impl
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str = "grouped"):
-        """x [N, D], weights [N, K], ids [N, K] -> [N, D]; `impl` is the float model's looped/grouped choice."""
+        """x [N, D], weights [N, K], ids [N, K] -> [N, D]; `impl` is the float model's moe_impl (moe.MOE_IMPLS):
+        the reference runs it on the dequantized weights; the fast path runs `decode` (the compiled decode
+        step) as its own tensor-only path and every other choice as `_fast`."""
         if self.impl == "reference":
             return self._as_float(x.dtype).forward(x, weights, ids, impl)
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] <= COMPILED_DECODE_MAX_TOKENS:
+        if impl == "decode":
             return self._tensor_only(x, weights, ids)
         return self._fast(x, weights, ids)
 

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from openr2 import billing
 from openr2.chat_format import prompt_opens_reasoning, render_chat
 from openr2.engine.async_engine import AsyncEngine, EngineDeadError
-from openr2.server import billing
+from openr2.engine.sampling import DEFAULT_MAX_TOKENS
 from openr2.server.errors import (
     bad_request,
     install_error_handlers,
@@ -91,31 +91,11 @@ class ServerConfig:
     # FastAPI's /docs and /redoc pages load Swagger UI and ReDoc from a CDN: off, so that no page of a
     # private server sends its users' browsers elsewhere (/openapi.json is always served)
     docs: bool = False
-    default_max_tokens: int = 4096
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
     default_sampling: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
     example_prompts: list = dataclasses.field(default_factory=list)  # the chat page's, from the model card
-
-
-def generation_defaults(model_dir: str) -> dict:
-    """Default sampling options from a checkpoint's generation_config.json, as vLLM applies them:
-    temperature, top_p, top_k, min_p, repetition_penalty (`do_sample: false` means greedy)."""
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    out = {k: config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-           if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
-    if config.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
 
 
 class Server:
@@ -124,7 +104,7 @@ class Server:
     def __init__(self, engine: AsyncEngine, ledger: Ledger, prices: billing.PriceTable | None = None,
                  config: ServerConfig | None = None):
         self.engine, self.ledger = engine, ledger
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.prices = prices or billing.PriceTable()
         self.config = config or ServerConfig()
         self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
@@ -162,7 +142,7 @@ class Server:
 
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
         self.metrics.count_usage(endpoint, output.usage)
-        usage = billing.Usage.of(output.usage)
+        usage = output.usage
         cost = self.prices.cost(usage, batch=False)
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
@@ -178,7 +158,7 @@ class Server:
             raise bad_request(str(e), "messages") from None
         prompt += req.assistant_prefix or ""
         ids = self.tokenizer.encode(prompt)
-        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.engine.max_model_len, len(ids),
+        params = req.to_sampling_params(self.config.default_max_tokens, self.engine.max_model_len, len(ids),
                                         self.config.default_sampling)
         return req, prompt, ids, params
 
@@ -220,7 +200,7 @@ class Server:
         prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in req.prompts()]
         if len(prompts) > 1 and req.stream:
             raise bad_request("Streaming takes one prompt per request.", "prompt")
-        max_model_len = self.engine.engine.max_model_len
+        max_model_len = self.engine.max_model_len
         return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling)
                               for ids in prompts]
 
@@ -369,7 +349,7 @@ def create_app(server: Server) -> FastAPI:
 
     def served_model() -> Model:
         return Model(id=server.config.model_name, created=server.created,
-                     max_model_len=server.engine.engine.max_model_len)
+                     max_model_len=server.engine.max_model_len)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -11,7 +11,7 @@ import json
 import secrets
 from collections.abc import Collection
 
-from openr2.server.billing import Usage
+from openr2.engine.usage import Usage
 from openr2.server.errors import decode_json
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")

@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 
 from openr2.engine.async_engine import EngineDeadError
-from openr2.server import billing
+from openr2.engine.usage import Usage
+from openr2.server.batch_store import BatchStateError
 from openr2.server.errors import APIError, bad_request, internal_error, not_found
 
 logger = logging.getLogger("openr2.server")
@@ -41,7 +42,7 @@ def _page(items: list[dict], has_more: bool) -> dict:
 def _as_400(e: ValueError) -> APIError:
     message = str(e)
     param = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
-    return APIError(409 if type(e).__name__ == "BatchStateError" else 400, message, param=param)
+    return APIError(409 if isinstance(e, BatchStateError) else 400, message, param=param)
 
 
 def _limit(limit: int, most: int) -> int:
@@ -201,13 +202,13 @@ class BatchWorker:
                 await self._throttle(key_id, len(ids) + params.max_tokens * params.n)
                 response, out = await server.run_chat(key_id, req, prompt, ids, params, request_id, BATCH_PRIORITY,
                                                       bill=False)
-                usage = billing.Usage.of(out.usage)
+                usage = out.usage
             else:
                 req, prompts, params = server.prepare_completion(line["body"])
                 await self._throttle(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
                 response, outs = await server.run_completion(key_id, req, prompts, params, request_id,
                                                              BATCH_PRIORITY, bill=False)
-                usage = billing.Usage.total(billing.Usage.of(o.usage) for o in outs)
+                usage = Usage.total(o.usage for o in outs)
             cost = server.prices.cost(usage, batch=True)
             await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
                                     response.model_dump(), request_id, usage, cost)

@@ -2,7 +2,7 @@
 
 Owns the schema and every query (the batch queries in batch_store.py, a mixin of Ledger); file contents
 live beside the database under data_dir/files/<id>.
-It does not compute prices (billing.py), parse HTTP, or run models: a batch worker drives the batch
+It does not compute prices (openr2/billing.py), parse HTTP, or run models: a batch worker drives the batch
 methods (validate_batch -> claim_pending -> complete_request -> finalize_batch) and calls
 reset_in_flight() once at startup.
 
@@ -37,13 +37,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from openr2.billing import format_usd
+from openr2.engine.usage import Usage
 from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's public names)
     ACTIVE_BATCH_STATES,
     BatchStateError,
     BatchStore,
     new_id,
 )
-from openr2.server.billing import Usage, format_usd
 from openr2.server.private_files import open_private, private_dir, private_file
 
 SCHEMA_VERSION = 1

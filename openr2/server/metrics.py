@@ -4,7 +4,7 @@ Owns one `Metrics` object per app, holding its own `CollectorRegistry` (never pr
 one, so several apps in one process, as in the tests, do not clash), the ASGI middleware that counts
 every HTTP request by route template, method and status, and `TokenTimer`, which turns the stream of
 engine outputs of one request into time-to-first-token and inter-token-latency observations. It does not
-decide what a request costs (billing.py) nor touch the engine beyond reading queue lengths.
+decide what a request costs (openr2/billing.py) nor touch the engine beyond reading queue lengths.
 
 Series (prefix `openr2_`):
   requests_total{route,method,status}         every HTTP request; unknown paths count as route="other" and
@@ -41,7 +41,7 @@ E2E_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60
 
 
 class _QueueCollector:
-    """num_requests_running / num_requests_waiting, read from the scheduler when scraped."""
+    """num_requests_running / num_requests_waiting, read from the engine when scraped."""
 
     def __init__(self, server):
         self.server = server
@@ -49,9 +49,9 @@ class _QueueCollector:
     def collect(self):
         running = GaugeMetricFamily(f"{PREFIX}_num_requests_running", "Requests in the engine's running batch.")
         waiting = GaugeMetricFamily(f"{PREFIX}_num_requests_waiting", "Requests queued for the engine.")
-        scheduler = getattr(getattr(getattr(self.server, "engine", None), "engine", None), "scheduler", None)
-        running.add_metric([], len(getattr(scheduler, "running", ()) or ()))
-        waiting.add_metric([], len(getattr(scheduler, "waiting", ()) or ()))
+        engine = getattr(self.server, "engine", None)  # none in a Metrics made without a server
+        running.add_metric([], getattr(engine, "num_running", 0))
+        waiting.add_metric([], getattr(engine, "num_waiting", 0))
         yield running
         yield waiting
 

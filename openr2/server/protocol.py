@@ -203,15 +203,17 @@ class _SamplingRequest(_Strict):
         Every option's range is SamplingParams' (one set of rules, also for offline use: whatever the
         sampler cannot take); a value out of it is a 400 naming the request's parameter.
         """
-        from openr2.engine.sampling import SamplingParams  # the engine (torch) only when it is needed
+        from openr2.engine.sampling import (  # the engine (torch) only when needed
+            SamplingParams,
+            max_tokens_for,
+        )
 
         asked, max_param = self._asked_max_tokens()
         room = max_model_len if num_prompt_tokens is None else max_model_len - num_prompt_tokens
         if num_prompt_tokens is not None and room < 1:
             raise context_length_exceeded(num_prompt_tokens, asked, max_model_len, self.prompt_param)
         if asked is None:
-            max_tokens = min(default_max_tokens, room) if default_max_tokens is not None else (
-                room if num_prompt_tokens is not None else None)
+            max_tokens = max_tokens_for(None, max_model_len, num_prompt_tokens, default_max_tokens)
         elif isinstance(asked, int) and asked > room:
             if num_prompt_tokens is None:
                 raise bad_request(f"{max_param} must be at most {max_model_len}, the context length.", max_param)

@@ -1,7 +1,7 @@
 """Training checkpoints: atomic save and exact resume (model, optimizer, step, RNG, data position).
 
 Layout of a run directory:
-    out_dir/step-0000040/   config.json + model*.safetensors (HF layout, model/hf_io.py), tokenizer files
+    out_dir/step-0000040/   config.json + model*.safetensors (HF layout, openr2/checkpoints.py), tokenizer files
                             when a tokenizer is given, trainer_state.pt (optimizer, scheduler, step, data
                             position, RNG states, the training config)
     out_dir/latest          one line: the name of the newest complete step directory
@@ -98,7 +98,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
     trainer.py). `rng` defaults to the current RNG states (rng_states()). `scheduler` may be None or anything with
     state_dict(). `extra` is stored as is (must be torch.load(weights_only=True)-safe).
     """
-    from openr2.model.hf_io import save_model
+    from openr2.checkpoints import save_model
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -193,7 +193,7 @@ def load_checkpoint(path: str | os.PathLike, load_weights: bool = True, dtype: t
     state["path"] = step_dir
     state["model"] = None
     if load_weights:
-        from openr2.model.hf_io import load_model
+        from openr2.checkpoints import load_model
 
         try:
             state["model"] = load_model(step_dir, dtype=dtype, device=device)

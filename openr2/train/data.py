@@ -1,21 +1,21 @@
 """Training data: problems as chats and text, corpora readers, LM packing and SFT batches.
 
-Turns synthetic problems (tasks.py) into chats, SFT examples and running text; reads JSONL / text /
+Turns synthetic problems (openr2/tasks) into SFT examples and running text; reads JSONL / text /
 GSM8K files; `PackedLMDataset` (pretraining windows) and `SFTDataset` (padded, shifted, masked batches)
 are deterministic and resumable from `state_dict()`. It does not own the chat format (chat_format.py),
-the tasks (tasks.py) nor the training loop (trainer.py).
+the tasks (openr2/tasks) nor the training loop (trainer.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from openr2.train.tasks import Problem
+from openr2.tasks.jsonl import jsonl_records
+from openr2.tasks.synthetic import Problem, to_messages
 
 if TYPE_CHECKING:
     import torch
@@ -27,13 +27,6 @@ IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 
 # ---------------------------------------------------------------------------------------------- chat / text
 
-def to_messages(problem: Problem, system: str | None = None) -> list[dict[str, str]]:
-    """The problem as a chat: the user's question and an R1 reply `<think>\\nR\\n</think>\\n\\nA`."""
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": problem.prompt},
-                   {"role": "assistant", "content": f"<think>\n{problem.reasoning}\n</think>\n\n{problem.answer}"}]
-
-
 def sft_example(problem: Problem, tokenizer: Tokenizer, system: str | None = None) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of the problem's chat, mask 1 on the assistant's completion only."""
     from openr2.chat_format import encode_chat_for_training
@@ -44,18 +37,6 @@ def sft_example(problem: Problem, tokenizer: Tokenizer, system: str | None = Non
 def to_text(problem: Problem) -> str:
     """Plain running text for a pretraining corpus (no chat markers): question, working, answer."""
     return f"{problem.prompt}\n{problem.reasoning}\nThe answer is {problem.answer}."
-
-
-def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line of a JSONL file; bad JSON names file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{os.fspath(path)}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
 
 
 def read_jsonl(path: str | os.PathLike, field: str | None = None) -> Iterator[Any]:

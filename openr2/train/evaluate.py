@@ -1,11 +1,11 @@
 """Evaluation during and after training: held-out SFT loss, and task accuracy by greedy generation through
 the engine (the same path that serves the model, so a score here is what users get).
 
-Problems come from the test split only (tasks.split_of), drawn fresh and without repeats for a seed, and
-are asked in the training wording or, to measure how the model takes other wordings, in held-out templates,
-after held-out system prompts or as a second turn (wordings.py);
-an answer is the text after `</think>` (a reply whose reasoning never closes has no answer and is wrong),
-checked with data.verify.
+Problems come from the test split only (tasks.synthetic.held_out_problems), drawn fresh and without
+repeats for a seed, and are asked in the training wording or, to measure how the model takes other
+wordings, in held-out templates, after held-out system prompts or as a second turn (tasks/wordings.py);
+an answer is the text after `</think>` (tasks.answers.answer_of: a reply whose reasoning never closes has
+no answer and is wrong), checked with tasks.synthetic.verify.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from openr2.chat_format import THINK_END
-from openr2.train.data import IGNORE_INDEX, to_messages
-from openr2.train.tasks import Problem, generate, verify
-from openr2.train.wordings import worded_chat
+from openr2.tasks.answers import answer_of
+from openr2.tasks.synthetic import Problem, held_out_problems, to_messages, verify
+from openr2.tasks.wordings import worded_chat
+from openr2.train.data import IGNORE_INDEX
 
 
 @dataclass
@@ -34,25 +34,7 @@ class TaskResult:
         return self.correct / self.total if self.total else 0.0
 
 
-def held_out_problems(task: str, difficulty: int, n: int, seed: int = 0) -> list[Problem]:
-    """Up to n distinct test-split problems (fewer when the task has fewer, e.g. 1-digit addition)."""
-    out: list[Problem] = []
-    try:
-        for p in generate(task, difficulty, "test", n, seed=seed, unique=True, max_tries=20_000):
-            out.append(p)
-    except ValueError:  # the test split ran out of new problems
-        pass
-    return out
-
-
-def answer_of(completion: str) -> str | None:
-    """The answer after the reasoning, or None when `</think>` never came."""
-    if THINK_END not in completion:
-        return None
-    return completion.rsplit(THINK_END, 1)[1].strip()
-
-
-# How a held-out problem is asked (wordings.py): in the training wording, or in a held-out template alone,
+# How a held-out problem is asked (tasks/wordings.py): in the training wording, or in a held-out template alone,
 # after a held-out system prompt, or as the second turn after another held-out exchange.
 SETTINGS = ("canonical", "worded", "system", "turn2")
 

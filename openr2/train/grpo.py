@@ -18,7 +18,8 @@ Logs (out_dir/log.jsonl): reward mean/std per source, accuracy against the groun
 known (reported, never used for training unless `verifiable` is a reward source), pseudo-label accuracy of
 the majority vote, judge accuracy, KL, clip fraction, completion length, truncation rate, zero-variance
 groups, tokens/s; eval.jsonl: held-out greedy accuracy, pass@1 / maj@k / pass@k by sampling.
-Checkpoints as in trainer.py (atomic, exact resume).
+Checkpoints as in trainer.py (atomic, exact resume); the loop around the steps (Ctrl-C, cadence, the
+final evaluation and checkpoint) is loop.py's, shared with Trainer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,13 +38,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from openr2.tasks.answers import majority
+from openr2.tasks.synthetic import Problem, held_out_problems, to_messages
 from openr2.train import rewards as R
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.config import GRPOConfig, read_config_file
-from openr2.train.data import to_messages
+from openr2.train.loop import EVAL_FILE, TrainingLoop, truncate_logs
 from openr2.train.mixture import mixture_problems, parse_mixture
-from openr2.train.tasks import Problem
-from openr2.train.trainer import EVAL_FILE, LOG_FILE, _truncate_log, param_groups
+from openr2.train.trainer import param_groups
 
 
 def config_from(config_file: str | None = None, **flags: Any) -> GRPOConfig:
@@ -102,7 +102,9 @@ def completion_logprobs(model, sequences: list[list[int]], prompt_lens: list[int
     for i, s in enumerate(sequences):
         ids[i, :len(s)] = torch.tensor(s)
     ids = ids.to(model.device)
-    logits = model(ids[:, :-1]).float() / temperature  # logits[:, t] predicts ids[:, t + 1]
+    # the training expert path, also without gradients (pi_ref, the KL check): its forward is the plain
+    # grouped path's, number for number, so the ratio of the first pass is exactly 1
+    logits = model(ids[:, :-1], moe_impl="fused").float() / temperature  # logits[:, t] predicts ids[:, t + 1]
     logp_all = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
     L = max(len(s) - p for s, p in zip(sequences, prompt_lens))
     logp = logp_all.new_zeros(N, L)
@@ -165,8 +167,6 @@ def sample_groups(llm, problems: list[Problem], n: int, temperature: float, top_
 def sampled_metrics(llm, problems: list[Problem], k: int, temperature: float, max_tokens: int, seed: int
                     ) -> dict[str, float]:
     """pass@1 (mean over the k samples), maj@k (the majority answer is right) and pass@k (any is right)."""
-    from openr2.eval.metrics import majority
-
     groups = sample_groups(llm, problems, k, temperature, 1.0, -1, max_tokens, seed)
     p1 = maj = anyk = 0.0
     for g in groups:
@@ -181,7 +181,7 @@ def sampled_metrics(llm, problems: list[Problem], k: int, temperature: float, ma
 
 # ---------------------------------------------------------------------------------------------- trainer
 
-class GRPOTrainer:
+class GRPOTrainer(TrainingLoop):
     def __init__(self, model, tokenizer, config: GRPOConfig, judge_model=None):
         from openr2.engine.llm import LLM
 
@@ -229,8 +229,7 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
         set_rng_states(state["rng"])
-        for name in (LOG_FILE, EVAL_FILE):
-            _truncate_log(os.path.join(self.config.out_dir, name), self.step)
+        truncate_logs(self.config.out_dir, self.step)
 
     def save(self) -> str:
         return save_checkpoint(self.config.out_dir, self.model, self.tokenizer, self.optimizer.state_dict(), None,
@@ -352,7 +351,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation and loop
     def evaluate(self) -> dict[str, Any]:
-        from openr2.train.evaluate import held_out_problems, task_accuracy
+        from openr2.train.evaluate import task_accuracy
 
         cfg = self.config
         record: dict[str, Any] = {"step": self.step}
@@ -370,49 +369,17 @@ class GRPOTrainer:
             f.write(json.dumps(record) + "\n")
         return record
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
-        self.interrupted = True
+    # ------------------------------------------------------------------ the loop's hooks (loop.py)
+    desc = "grpo"
+    evaluate_first = True  # the starting policy's scores, the baseline of every curve
 
-    def train(self) -> list[dict]:
-        from tqdm import tqdm
-
-        cfg = self.config
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
-        saved_at = None
-        try:
-            if self.step == 0:
-                self.evaluate()
-            with open(os.path.join(cfg.out_dir, LOG_FILE), "a", encoding="utf-8") as log, \
-                    tqdm(total=cfg.steps, initial=self.step, desc="grpo", dynamic_ncols=True, disable=None) as bar:
-                while self.step < cfg.steps and not self.interrupted:
-                    record = self.train_step()
-                    self.history.append(record)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record.get('accuracy', 0):.3f}")
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                        self.evaluate()
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save()
-                        saved_at = self.step
-            if not self.interrupted:
-                self.evaluate()
-            if saved_at != self.step:
-                self.save()
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
-        return self.history
+    def progress(self, record: dict) -> dict[str, str]:
+        return {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record.get('accuracy', 0):.3f}"}
 
 
 def run(cfg: GRPOConfig) -> dict[str, Any]:
     """`openr2 rl`: load the starting checkpoint (or resume), train, plot; returns a summary."""
-    from openr2.model.hf_io import load_model
+    from openr2.checkpoints import load_model
     from openr2.tokenizer import Tokenizer
     from openr2.train.checkpoint import resolve_checkpoint
     from openr2.train.plots import plot_rl

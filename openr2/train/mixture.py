@@ -3,9 +3,9 @@ train on.
 
 `parse_mixture("addition:1-5:3,countdown:2-3")` gives one `MixtureItem` per (task, difficulty) with a
 weight (the weight of a range is shared by its difficulties, default 1). `mixture_examples` draws N
-problems of the *train* split only (see data.split_of), each item's share proportional to its weight,
+problems of the *train* split only (see tasks.synthetic.split_of), each item's share proportional to its weight,
 deterministically for a seed, and encodes them as (ids, loss_mask) SFT examples, a share of them worded
-as people ask (wordings.py).
+as people ask (tasks/wordings.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from openr2.chat_format import encode_chat_for_training
+from openr2.tasks.synthetic import TASKS, Problem, generate
+from openr2.tasks.wordings import worded_chat
 from openr2.train.data import sft_example
-from openr2.train.tasks import TASKS, Problem, generate
-from openr2.train.wordings import worded_chat
 
 if TYPE_CHECKING:
     from openr2.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ import shutil
 from typing import Any
 
 from openr2.model.accounting import model_stats
-from openr2.train.tasks import TASKS
+from openr2.tasks.synthetic import TASKS
 
 
 def _accuracy_table(accuracy: dict[str, dict]) -> list[str]:
@@ -86,9 +86,9 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         f"- data: {tc.num_examples:,} problems drawn from the train split of `{tc.tasks}` "
         "(task:difficulties:weight); loss on the assistant's tokens only"
         + (f"; {100 * tc.chat_variety:.0f}% of them asked as people ask (train-split question templates, system "
-           "prompts, 0-2 earlier exchanges: openr2/train/wordings.py)" if tc.chat_variety else ""),
+           "prompts, 0-2 earlier exchanges: openr2/tasks/wordings.py)" if tc.chat_variety else ""),
         "- held-out split: a sha256 hash of each canonical problem puts ~5% of all problems in the test split; "
-        "the training stream never contains one (openr2/train/tasks.py)",
+        "the training stream never contains one (openr2/tasks/synthetic.py)",
         f"- wall time: {summary.get('wall_time_s', 0) / 60:.1f} minutes (training, periodic evaluation and "
         "the final evaluation) on the machine described below",
         f"- machine: {summary.get('machine', 'unknown')}",
@@ -105,7 +105,7 @@ def write_model_card(path: str, config, train_config, summary: dict[str, Any], f
         if final_eval.get("wordings"):
             lines += ["", "The same held-out problems asked as people ask: in question templates that training never "
                       "used (`Subtract {b} from {a}.`, `{a} plus {b} = ?`, ... : a sha256 of each template puts ~20% "
-                      "of them in a held-out split, openr2/train/wordings.py), also after a held-out system prompt "
+                      "of them in a held-out split, openr2/tasks/wordings.py), also after a held-out system prompt "
                       "and as the second turn of a conversation:", ""]
             lines += _wordings_table(final_eval["wordings"])
         if "eval_loss" in final_eval:

@@ -30,7 +30,7 @@ def plot_run(out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openr2.train.trainer import EVAL_FILE, LOG_FILE
+    from openr2.train.loop import EVAL_FILE, LOG_FILE
 
     log, evals = _records(os.path.join(out_dir, LOG_FILE)), _records(os.path.join(out_dir, EVAL_FILE))
     written = []
@@ -91,7 +91,7 @@ def plot_rl(out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openr2.train.trainer import EVAL_FILE, LOG_FILE
+    from openr2.train.loop import EVAL_FILE, LOG_FILE
 
     log, evals = _records(os.path.join(out_dir, LOG_FILE)), _records(os.path.join(out_dir, EVAL_FILE))
     if not log and not evals:

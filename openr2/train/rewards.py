@@ -22,8 +22,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from openr2.chat_format import THINK_END
-from openr2.train.tasks import JUDGE_PROMPT, TASKS, Problem, parse_expression, verdict_of, verify
+from openr2.tasks.answers import answer_of
+from openr2.tasks.synthetic import JUDGE_PROMPT, TASKS, Problem, parse_expression, verdict_of, verify
+from openr2.tokenizer import THINK_END
 
 _INT = re.compile(r"^[+-]?\d[\d,]*$")
 _EXPR = re.compile(r"^[\d\s+\-*/()×÷]+(=\s*\d+)?$")
@@ -37,10 +38,7 @@ class Reward:
 
 def answer_text(completion: str) -> str | None:
     """The answer after the reasoning, or None when `</think>` never came or nothing follows it."""
-    if THINK_END not in completion:
-        return None
-    answer = completion.rsplit(THINK_END, 1)[1].strip()
-    return answer or None
+    return answer_of(completion) or None
 
 
 def normalize_answer(answer: str) -> str:
@@ -138,7 +136,8 @@ def majority(problem: Problem, completions: Sequence[str], min_share: float = 0.
 
 def parse_verdict(judge_output: str) -> float | None:
     """1.0 / 0.0 from the judge's last `Verdict: ...` line (after its reasoning), None when it gave none."""
-    verdict = verdict_of(judge_output.rsplit(THINK_END, 1)[-1])
+    answer = answer_of(judge_output)
+    verdict = verdict_of(judge_output if answer is None else answer)
     return None if verdict is None else float(verdict)
 
 

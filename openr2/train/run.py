@@ -131,9 +131,9 @@ def build_tokenizer(cfg: TrainConfig, dist: distributed.Dist):
 
 def tokenizer_corpus(cfg: TrainConfig, max_task_texts: int = 20_000) -> list[str]:
     """Text to train a tokenizer on: the data files' text and a sample of the task problems."""
+    from openr2.tasks.wordings import SYSTEM_PROMPTS, reword
     from openr2.train.data import to_text
     from openr2.train.mixture import mixture_problems, parse_mixture
-    from openr2.train.wordings import SYSTEM_PROMPTS, reword
 
     texts = [t for path in cfg.data for t in _file_texts(path)]
     if cfg.tasks:
@@ -213,8 +213,8 @@ def build_dataset(cfg: TrainConfig, tokenizer):
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
     import dataclasses
 
+    from openr2.checkpoints import load_model
     from openr2.config import ModelConfig
-    from openr2.model.hf_io import load_model
     from openr2.model.transformer import build_model as fresh
     from openr2.presets import PRESETS, get_preset
 
@@ -239,8 +239,9 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
 
 def make_evaluator(cfg: TrainConfig, tokenizer, final_step: int):
     """Held-out loss (test-split problems of the training tasks) and greedy accuracy on eval_tasks."""
+    from openr2.tasks.synthetic import held_out_problems
     from openr2.train.data import SFTDataset, sft_example
-    from openr2.train.evaluate import held_out_loss, held_out_problems, task_accuracy
+    from openr2.train.evaluate import held_out_loss, task_accuracy
     from openr2.train.mixture import parse_mixture
 
     eval_items = parse_mixture(cfg.eval_tasks) if cfg.eval_tasks else []
@@ -340,7 +341,7 @@ def train(cfg: TrainConfig, export: str | None = None, command: str | None = Non
 
 def export_model(model, tokenizer, path: str) -> None:
     """A servable directory: HF-layout weights, tokenizer, generation_config.json."""
-    from openr2.model.hf_io import save_model
+    from openr2.checkpoints import save_model
 
     save_model(model, path)
     tokenizer.save_pretrained(path)

@@ -17,7 +17,7 @@ tokenizer).train()` runs `config.steps` optimizer steps:
 - a JSONL line per logged step (out_dir/log.jsonl): step, loss, (mtp_loss, aux_loss), lr, tokens_per_s,
   grad_norm, expert load max/mean per MoE layer; a tqdm progress bar.
 - checkpoints (checkpoint.py) every save_every steps and at the end; Ctrl-C (SIGINT) finishes the current
-  step, saves and returns cleanly. `resume` restores model, optimizer, step, data position and RNG states,
+  step, saves and returns cleanly (the loop around the steps is loop.py's, shared with GRPO). `resume` restores model, optimizer, step, data position and RNG states,
   so a resumed run reproduces an uninterrupted one bitwise on CPU.
 - under torchrun (distributed.py): DDP or FSDP2, each rank trains on its rows of the global batch with
   losses normalised by the global token count (N processes == one process on the whole batch); rank 0
@@ -32,8 +32,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,9 +45,7 @@ from openr2.train import distributed as dist_utils
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.config import TrainConfig
 from openr2.train.data import IGNORE_INDEX
-
-LOG_FILE = "log.jsonl"
-EVAL_FILE = "eval.jsonl"
+from openr2.train.loop import EVAL_FILE, TrainingLoop, truncate_logs
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -82,7 +78,7 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class Trainer:
+class Trainer(TrainingLoop):
     """The loop. Under torchrun every rank builds the same Trainer; rank 0 alone logs, evaluates and saves.
 
     `evaluator(model, step) -> dict` (optional) runs on rank 0 every eval_every steps and at the end, on
@@ -176,8 +172,7 @@ class Trainer:
             self.dataset.load_state_dict(state["data"])
         set_rng_states(state["rng"])
         if self.dist.is_main:
-            for name in (LOG_FILE, EVAL_FILE):
-                _truncate_log(os.path.join(self.config.out_dir, name), self.step)
+            truncate_logs(self.config.out_dir, self.step)
         dist_utils.barrier(self.dist)
 
     def save(self) -> str | None:
@@ -236,10 +231,11 @@ class Trainer:
             torch.autocast("cpu", enabled=False)
         parts: dict[str, torch.Tensor] = {}
         with autocast:
+            # the training expert path: grouped with its hand-written backward (model/moe.py)
             if self.has_mtp:
-                logits, drafts = self.module(inputs, with_mtp=True)
+                logits, drafts = self.module(inputs, with_mtp=True, moe_impl="fused")
             else:
-                logits, drafts = self.module(inputs), []
+                logits, drafts = self.module(inputs, moe_impl="fused"), []
             count = self._global_count(targets)
             ce_sum = _ce_sum(logits, targets)
             loss = ce_sum * (W / count.clamp(min=1))
@@ -303,13 +299,23 @@ class Trainer:
             dist_utils.all_reduce_sum(m.expert_load, self.dist)
         return update_correction_bias(self.model, self.config.balance_gamma)
 
-    # ------------------------------------------------------------------ loop
-    def _on_sigint(self, signum, frame) -> None:
-        if self.interrupted:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.interrupted = True
+    # ------------------------------------------------------------------ the loop's hooks (loop.py)
+    @property
+    def desc(self) -> str:
+        return self.config.mode
 
-    def _agree_interrupted(self) -> bool:
+    @property
+    def log_every(self) -> int:
+        return self.config.log_every
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def barrier(self) -> None:
+        dist_utils.barrier(self.dist)
+
+    def stop_requested(self) -> bool:
         """Stop together: any rank's Ctrl-C stops all of them after the same step."""
         if not self.dist.enabled:
             return self.interrupted
@@ -317,67 +323,12 @@ class Trainer:
         self.interrupted = bool(flag.item() > 0)
         return self.interrupted
 
-    def train(self) -> list[dict]:
-        """Run to config.steps (or until Ctrl-C); return the log records of this call."""
-        from tqdm import tqdm
+    def progress(self, record: dict) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
 
-        cfg, main = self.config, self.dist.is_main
-        if main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-        dist_utils.barrier(self.dist)
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
-        log_path = os.path.join(cfg.out_dir, LOG_FILE)
-        saved_at = evaluated_at = None
-        try:
-            with open(log_path if main else os.devnull, "a", encoding="utf-8") as log, \
-                    tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True,
-                         disable=None if main else True) as bar:
-                while self.step < cfg.steps and not self._agree_interrupted():
-                    record = self.train_step()
-                    self.history.append(record)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self._log_eval(bar, self.evaluate())
-                        evaluated_at = self.step
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save()
-                        saved_at = self.step
-                    if self.on_step is not None:
-                        self.on_step(self.step, record)
-            if evaluated_at != self.step and not self.interrupted:
-                self._log_eval(None, self.evaluate())
-            if saved_at != self.step:
-                self.save()
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
-        return self.history
-
-    @staticmethod
-    def _log_eval(bar, record: dict | None) -> None:
+    def report_eval(self, bar, record: dict | None) -> None:
         if record is None:
             return
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                         if not isinstance(v, (dict, list)))
         (bar.write if bar is not None else print)(f"eval {text}")
-
-
-def _truncate_log(path: str, step: int) -> None:
-    """Drop log lines past the resumed step (written by the killed run after its last checkpoint)."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(keep)

@@ -80,3 +80,14 @@ def test_caching_off_never_hits():
     tokens = list(range(8))
     _filled(m, tokens)
     assert m.lookup(chain_hashes(tokens, BS, None)) == []
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one():
+    copies = []
+    m = BlockManager(num_blocks=4, block_size=BS, copy_block=lambda *args: copies.append(args))
+    parent = _filled(m, list(range(10)))  # two full blocks and one holding 2 tokens
+    child = m.fork(parent, 10)
+    assert child[:2] == parent[:2] and child[2] not in parent and copies == [(parent[2], child[2], 2)]
+    assert [m.ref_count[b] for b in parent] == [2, 2, 1] and m.num_free == 0
+    assert m.fork(parent, 8) == parent[:2]  # block-aligned: nothing to copy, so no free block is needed
+    assert m.fork(parent, 10) is None and len(copies) == 1  # no block for the copy: the caller recomputes

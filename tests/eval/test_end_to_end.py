@@ -9,7 +9,8 @@ import json
 import pytest
 
 from openr2.cli import main
-from openr2.server.app import ServerConfig, generation_defaults
+from openr2.engine.sampling import generation_defaults
+from openr2.server.app import ServerConfig
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import free_port, serve
 

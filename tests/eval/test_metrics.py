@@ -27,13 +27,6 @@ def test_pass_at_k_by_hand():
         metrics.pass_at_k(3, 1, 4)
 
 
-def test_majority():
-    assert metrics.majority(["5", "3", "5", None], [True, False, True, False]) == ("5", True)
-    assert metrics.majority(["3", "5", "5", "3"], [False, True, True, False]) == ("3", False)  # tie: first seen
-    assert metrics.majority([None, "7", None, None], [False, False, False, False]) == ("7", False)  # None never votes
-    assert metrics.majority([None, None], [False, False]) == (None, False)
-
-
 def test_ks_for():
     assert metrics.ks_for(1) == [1]
     assert metrics.ks_for(4) == [1, 2, 4]

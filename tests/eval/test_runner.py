@@ -8,9 +8,10 @@ import os
 
 import pytest
 
+from openr2.billing import PriceTable
+from openr2.engine.usage import Usage
 from openr2.eval.backends import Completion, EndpointError, LocalBackend
 from openr2.eval.runner import EvalConfig, run_eval, sample_seed
-from openr2.server.billing import PriceTable, Usage
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.eval.test_backends import REPLY, scripted
 
@@ -149,8 +150,8 @@ def test_default_max_tokens_fits_a_short_context(tmp_path):
     left, as the server does; the HTTP body then leaves max_tokens out."""
     import dataclasses
 
+    from openr2.checkpoints import load_model, save_model
     from openr2.eval.backends import HTTPBackend, Request
-    from openr2.model.hf_io import load_model, save_model
 
     tiny = tmp_path / "tiny"
     save_tiny_chat_checkpoint(tiny)

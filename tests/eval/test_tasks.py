@@ -7,7 +7,7 @@ import json
 import pytest
 
 from openr2.eval import tasks
-from openr2.train.evaluate import held_out_problems
+from openr2.tasks.synthetic import held_out_problems
 
 
 def _write(path, rows):

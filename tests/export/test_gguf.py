@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from openr2.checkpoints import load_model, save_model
 from openr2.cli import main
 from openr2.export import gguf as export
-from openr2.model.hf_io import load_model, save_model
 from openr2.model.transformer import Transformer, build_model
 from openr2.presets import tiny_v2, tiny_v3
 from tests.tokenizer_utils import tiny_tokenizer

@@ -1,4 +1,4 @@
-"""Checkpoint I/O (openr2/model/hf_io.py): round trips, sharding, FP8 block dequantisation, MTP, bad files.
+"""Checkpoint I/O (openr2/model/hf_io.py through openr2/checkpoints.py): round trips, sharding, FP8 block dequantisation, MTP, bad files.
 
 Every model is built with build_model and perturbed (norm weights leave 1, correction biases leave 0), so
 a tensor loaded into the wrong slot changes the logits. FP8 checkpoints are quantised here, by hand, from a
@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from openr2.model.hf_io import INDEX_FILE, load_model, save_model
+from openr2.checkpoints import load_model, save_model
+from openr2.model.hf_io import INDEX_FILE
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v2, tiny_v3
 from tests.hf_utils import max_diff, perturb_

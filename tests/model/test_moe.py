@@ -258,7 +258,7 @@ def test_training_grouped_backward_equals_autograd_of_plain_grouped(n, monkeypat
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(moe_mod, "_fused_ok", lambda *a, fused=fused: fused)
-        out = experts(x, weights, ids, "grouped")
+        out = experts(x, weights, ids, "fused")
         assert (out.grad_fn.name() == "_GroupedExpertsBackward") == fused
         out.backward(grad_out)
         results[fused] = (out.detach(), x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
@@ -287,7 +287,7 @@ def test_training_grouped_backward_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: _GroupedExperts.apply(*a, order // k, order, counts), args)
 
 
-def test_training_step_uses_the_fused_path_only_with_grad():
+def test_fused_path_only_when_the_caller_asks():
     config = tiny_v3()
     experts = _experts(config, seed=60)
     x = _randn(40, config.hidden_size, seed=61)
@@ -297,6 +297,7 @@ def test_training_step_uses_the_fused_path_only_with_grad():
         looped = experts(x, weights, ids, "looped")
         ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
         assert_close_to_reference(experts(x, weights, ids, "grouped"), looped, ref, what="grouped, no grad")
-    out = experts(x, weights, ids, "grouped")
+    out = experts(x, weights, ids, "fused")
     assert out.grad_fn.name() == "_GroupedExpertsBackward"
     assert_close_to_reference(out.detach(), looped, ref, what="grouped, fused training path")
+    assert experts(x, weights, ids, "grouped").grad_fn.name() != "_GroupedExpertsBackward"  # grad mode picks nothing

@@ -18,7 +18,7 @@ import json
 import pytest
 import torch
 
-from openr2.model.hf_io import load_model, save_model
+from openr2.checkpoints import load_model, save_model
 from openr2.model.mla import LatentCache
 from openr2.presets import tiny_v2, tiny_v3
 from tests.hf_utils import hf_model

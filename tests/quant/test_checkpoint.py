@@ -1,4 +1,4 @@
-"""quant/checkpoint.py + the load_model hook: `openr2 quantize` checkpoints load into quantized layers
+"""quant/checkpoint.py + openr2/checkpoints.py: `openr2 quantize` checkpoints load into quantized layers
 (load_model, LLM, openr2 serve), FP8 block weights stay FP8 with keep_fp8, and bad input fails before any
 output exists."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from openr2.checkpoints import load_model, quantize_checkpoint
 from openr2.cli import main
-from openr2.model.hf_io import load_model
 from openr2.quant import schemes
-from openr2.quant.checkpoint import quantize_checkpoint, quantize_model
+from openr2.quant.checkpoint import quantize_model
 from openr2.quant.layers import QuantExperts, QuantLinear, weight_bytes
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.numerics import assert_close_to_reference, reference64
@@ -157,7 +157,7 @@ def test_keep_fp8_matches_dequantize_at_load_in_less_memory(ckpt, tmp_path, bloc
 
 @torch.no_grad()
 def test_keep_fp8_saves_back_as_fp8(ckpt, tmp_path):
-    from openr2.model.hf_io import save_model
+    from openr2.checkpoints import save_model
 
     _fp8_checkpoint(ckpt, tmp_path / "fp8", (16, 16))
     kept = load_model(tmp_path / "fp8", keep_fp8=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import uvicorn
 
+from openr2 import billing
 from openr2.engine.async_engine import AsyncEngine
 from openr2.engine.engine import EngineConfig, LLMEngine
-from openr2.server import billing
 from openr2.server.app import Server, ServerConfig, create_app
 from openr2.server.ledger import Ledger
 

@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from openr2.server import billing
+from openr2 import billing
+from openr2.engine.usage import Usage
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import serve
 
@@ -103,7 +104,7 @@ def test_repeated_prompt_hits_the_cache_and_is_billed_exactly(live):
     after = _totals(base_url)
     u = again.usage
     assert u.prompt_cache_hit_tokens > 0
-    cost = billing.PriceTable().cost(billing.Usage(u.prompt_tokens, u.prompt_cache_hit_tokens, u.completion_tokens))
+    cost = billing.PriceTable().cost(Usage(u.prompt_tokens, u.prompt_cache_hit_tokens, u.completion_tokens))
     # miss tokens at $0.14/M, hit tokens at $0.014/M, output at $0.28/M: in pico-dollars, to the token
     assert cost == (u.prompt_cache_miss_tokens * 140_000 + u.prompt_cache_hit_tokens * 14_000
                     + u.completion_tokens * 280_000)
@@ -175,7 +176,7 @@ def test_batch_of_20_end_to_end_at_half_price(live):
     lines = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(x["custom_id"] for x in lines) == sorted(f"req-{i}" for i in range(20))
     usage = [x["response"]["body"]["usage"] for x in lines]
-    full_price = sum(billing.PriceTable().cost(billing.Usage(u["prompt_tokens"], u["prompt_cache_hit_tokens"],
+    full_price = sum(billing.PriceTable().cost(Usage(u["prompt_tokens"], u["prompt_cache_hit_tokens"],
                                                              u["completion_tokens"])) for u in usage)
     after = _totals(base_url)
     assert after["requests"] - before["requests"] == 20

@@ -10,7 +10,8 @@ from fractions import Fraction
 
 import pytest
 
-from openr2.server.billing import PICO_USD_PER_USD, PriceTable, Usage, format_usd
+from openr2.billing import PICO_USD_PER_USD, PriceTable, format_usd
+from openr2.engine.usage import Usage
 from openr2.server.ratelimit import RateLimiter
 
 USD = PICO_USD_PER_USD

@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 import openr2
-from openr2.server import billing
+from openr2 import billing
+from openr2.engine.usage import Usage
 from openr2.server.app import ServerConfig
 from openr2.server.pages import add_page_routes, chat_page_html, example_prompts
 from tests.checkpoints import save_tiny_chat_checkpoint
@@ -257,7 +258,7 @@ def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
             assert m, stats
             prompt, cached, completion, reasoning_tokens = map(int, m.groups()[:4])
             assert 0 < completion <= 12 and reasoning_tokens <= completion and cached <= prompt
-            cost = PRICES.cost(billing.Usage(prompt, cached, completion, reasoning_tokens))
+            cost = PRICES.cost(Usage(prompt, cached, completion, reasoning_tokens))
             assert m.group(5) == billing.format_usd(cost)  # exact, at the server's own prices
             assert bodies[1]["stream"] is True and bodies[1]["stream_options"] == {"include_usage": True}
             assert bodies[1]["max_tokens"] == 12 and bodies[1]["temperature"] == 0 and bodies[1]["model"] == "tiny"
@@ -372,7 +373,7 @@ def test_chat_page_splits_thinking_from_the_answer_across_split_reads(tmp_path):
             assert thinking.get_attribute("open") is None  # folded once the answer started
             assert thinking.locator("summary").text_content().startswith("Thought for")
             assert turn.locator(".answer").text_content() == "The answer is 4. 你好"
-            cost = PRICES.cost(billing.Usage(1000, 640, 30, 12))  # 360 x 0.27 + 640 x 0.07 + 30 x 1.10 per M
+            cost = PRICES.cost(Usage(1000, 640, 30, 12))  # 360 x 0.27 + 640 x 0.07 + 30 x 1.10 per M
             assert turn.locator(".stats").text_content() == (
                 f"prompt 1000 · cached 640 · completion 30 · reasoning 12 · {billing.format_usd(cost)}")
             page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from openr2.server.billing import PriceTable, Usage
+from openr2.billing import PriceTable
+from openr2.engine.usage import Usage
 from openr2.server.ledger import SCHEMA_VERSION, BatchStateError, Ledger
 
 PRICES = PriceTable()
@@ -234,7 +235,8 @@ def test_batch_lifecycle_with_crash(tmp_path, clock):
 
 _KILLED_WORKER = """
 import os, signal, sys
-from openr2.server.billing import PriceTable, Usage
+from openr2.billing import PriceTable
+from openr2.engine.usage import Usage
 from openr2.server.ledger import Ledger
 led = Ledger(sys.argv[1])
 claimed = led.claim_pending(sys.argv[2], 5)

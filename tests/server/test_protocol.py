@@ -16,8 +16,9 @@ from openai.types import Model as SDKModel
 from openai.types.chat import ChatCompletion as SDKChatCompletion
 from openai.types.chat import ChatCompletionChunk as SDKChatCompletionChunk
 
-from openr2.engine.engine import CompletionOutput, RequestOutput, Usage
+from openr2.engine.engine import CompletionOutput, RequestOutput
 from openr2.engine.sampling import TokenSample
+from openr2.engine.usage import Usage
 from openr2.server.errors import APIError
 from openr2.server.outputs import (
     SSE_DONE,
@@ -377,7 +378,7 @@ def test_bad_completion_requests_name_the_param(patch, param):
 
 
 def test_generation_config_defaults_fill_what_the_request_leaves_out(tmp_path):
-    from openr2.server.app import generation_defaults
+    from openr2.engine.sampling import generation_defaults
     from openr2.server.protocol import ChatCompletionRequest
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_p": 0.9, "eos_token_id": 1}))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from openr2.chat_format import EOS
+from openr2.tasks.synthetic import addition_problem, generate, split_of, to_messages, verify
+from openr2.tokenizer import EOS
 from openr2.train import data
 from openr2.train.data import (
     IGNORE_INDEX,
@@ -21,9 +22,7 @@ from openr2.train.data import (
     read_text,
     sft_batches,
     sft_example,
-    to_messages,
 )
-from openr2.train.tasks import addition_problem, generate, split_of, verify
 from tests.tokenizer_utils import tiny_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k_train.jsonl"

@@ -90,7 +90,7 @@ def test_completion_logprobs_match_a_plain_computation():
 
 
 def test_dynamic_sampling_refills_informative_groups(monkeypatch, tmp_path):
-    from openr2.train.tasks import addition_problem
+    from openr2.tasks.synthetic import addition_problem
 
     calls, seen = [], []
 
@@ -156,7 +156,7 @@ def test_grpo_steps_end_to_end_and_exact_resume(tmp_path, monkeypatch):
     assert [e["step"] for e in evals] == [0, 3] and {"greedy", "pass@1", "maj@2", "pass@2"} <= set(evals[0]["addition:2"])
     assert (tmp_path / "a" / "rl.png").read_bytes()[:4] == b"\x89PNG"
     # the policy moved: weights differ from the start
-    from openr2.model.hf_io import load_model
+    from openr2.checkpoints import load_model
     start, end = load_model(str(ckpt)).state_dict(), load_model(str(tmp_path / "a" / "step-0000003")).state_dict()
     assert any(not torch.equal(start[k], end[k]) for k in start)
     # resume from step 1 of a copy: steps 2-3 repeat exactly

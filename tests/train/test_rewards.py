@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from openr2.tasks.synthetic import Problem, addition_problem, countdown_problem
 from openr2.train import rewards as R
-from openr2.train.tasks import Problem, addition_problem, countdown_problem
 
 ADD = addition_problem(347, 589)  # 936
 

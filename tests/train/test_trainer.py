@@ -20,7 +20,8 @@ from openr2.presets import tiny_v3
 from openr2.train.checkpoint import LATEST, TRAINER_STATE, list_checkpoints, load_checkpoint
 from openr2.train.config import TrainConfig
 from openr2.train.data import IGNORE_INDEX, PackedLMDataset
-from openr2.train.trainer import LOG_FILE, Trainer, lr_at
+from openr2.train.loop import LOG_FILE
+from openr2.train.trainer import Trainer, lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 B, T = 4, 16

@@ -1,4 +1,4 @@
-"""Wordings (openr2/train/wordings.py): templates and system prompts split into train and held-out sets that
+"""Wordings (openr2/tasks/wordings.py): templates and system prompts split into train and held-out sets that
 never meet, rewording keeps the problem, and a worded chat asks the problem last after its earlier turns."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from openr2.tasks.synthetic import SMALLTALK_ANSWER, addition_problem, generate, subtraction_problem, verify
+from openr2.tasks.wordings import operands, reword, system_prompts, templates, worded_chat
 from openr2.train.mixture import mixture_examples, parse_mixture
-from openr2.train.tasks import SMALLTALK_ANSWER, addition_problem, generate, subtraction_problem, verify
-from openr2.train.wordings import operands, reword, system_prompts, templates, worded_chat
 from tests.tokenizer_utils import tiny_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Tests for openr2/train/tasks.py: generator correctness (checked independently), split hygiene,
+"""Tests for openr2/tasks/synthetic.py: generator correctness (checked independently), split hygiene,
 determinism and the countdown verifier."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from openr2.train.tasks import (
+from openr2.tasks.synthetic import (
     JUDGE_PROMPT,
     TASKS,
     Problem,

@@ -4,7 +4,9 @@ Owns the task generators (addition, subtraction, multiplication, sums of terms, 
 arithmetic, judging a proposed sum with the self-judge reward's prompt, and small talk: anything else,
 answered with what the model can do) with short, regular chains of
 thought and a difficulty knob each, `verify` for a model's answer (countdown: any expression of the given
-numbers that reaches the target) and the train/test split. Turning a problem into chat or training examples is data.py's job.
+numbers that reaches the target), the train/test split (`split_of`, `held_out_problems`) and a problem
+as the chat it is trained and asked with (`to_messages`). Training examples are train/data.py's job, other
+wordings wordings.py's.
 
 Held-out split: `split_of` hashes the canonical problem (task + operands, commutative operands sorted,
 so 589+347 is the same problem as 347+589) with sha256; ~5% is "test". `generate` rejects problems of
@@ -399,6 +401,24 @@ def generate(task: str, difficulty: int, split: str, n: int | None, seed: int = 
             seen.add(p.key)
         count += 1
         yield p
+
+
+def held_out_problems(task: str, difficulty: int, n: int, seed: int = 0) -> list[Problem]:
+    """Up to n distinct test-split problems (fewer when the task has fewer, e.g. 1-digit addition)."""
+    out: list[Problem] = []
+    try:
+        for p in generate(task, difficulty, "test", n, seed=seed, unique=True, max_tries=20_000):
+            out.append(p)
+    except ValueError:  # the test split ran out of new problems
+        pass
+    return out
+
+
+def to_messages(problem: Problem, system: str | None = None) -> list[dict[str, str]]:
+    """The problem as a chat: the user's question and an R1 reply `<think>\\nR\\n</think>\\n\\nA`."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": problem.prompt},
+                   {"role": "assistant", "content": f"<think>\n{problem.reasoning}\n</think>\n\n{problem.answer}"}]
 
 
 # ---------------------------------------------------------------------------------------------- verifying

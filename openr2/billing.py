@@ -1,8 +1,9 @@
 """Prices and the cost of one usage record, in exact integers.
 
-Owns the price table (defaults from our price list, loadable from JSON/TOML), the `Usage` record that
-billing reads, the cost rule and money formatting. It does not store anything (ledger.py does) and knows
-nothing about HTTP.
+Owns the price table (defaults from our price list, loadable from JSON/TOML), the cost rule and money
+formatting, for the server (which bills every request) and eval (which reports what a run would cost). It
+reads the engine's `Usage` (engine/usage.py), stores nothing (server/ledger.py does) and knows nothing
+about HTTP.
 
 Units. Prices are integer micro-dollars per million tokens ("mtok"): $0.14 per million tokens is
 140_000. A micro-dollar per million tokens is exactly one pico-dollar per token, so the cost of a request
@@ -19,56 +20,10 @@ import os
 from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 
+from openr2.engine.usage import Usage
+
 PICO_USD_PER_USD = 10**12
 MICRO_USD_PER_USD = 10**6
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts of one request, as the engine reports them.
-
-    `cached_prompt_tokens` are prompt tokens served from the prefix cache (billed at the cache-hit price);
-    the rest of the prompt is a cache miss. `reasoning_tokens` are part of `completion_tokens` (DeepSeek
-    bills chain-of-thought as ordinary output) and are kept only for reporting.
-    """
-
-    prompt_tokens: int
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"usage.{f.name} must be a non-negative integer, got {value!r}")
-        if self.cached_prompt_tokens > self.prompt_tokens:
-            raise ValueError(f"usage.cached_prompt_tokens ({self.cached_prompt_tokens}) exceeds "
-                             f"usage.prompt_tokens ({self.prompt_tokens})")
-        if self.reasoning_tokens > self.completion_tokens:
-            raise ValueError(f"usage.reasoning_tokens ({self.reasoning_tokens}) exceeds "
-                             f"usage.completion_tokens ({self.completion_tokens})")
-
-    @property
-    def cache_miss_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_prompt_tokens
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @classmethod
-    def of(cls, counts) -> Usage:
-        """From any object with the four count attributes (the engine's own Usage, for one)."""
-        if isinstance(counts, cls):
-            return counts
-        return cls(*(getattr(counts, f.name) for f in fields(cls)))
-
-    @classmethod
-    def total(cls, usages) -> Usage:
-        """The sum of several requests' counts (a completions call with several prompts)."""
-        usages = list(usages)
-        return cls(*(sum(getattr(u, f.name) for u in usages) for f in fields(cls)))
 
 
 # File/dict keys are in dollars per million tokens, as a price list reads; the dataclass holds micro-dollars.

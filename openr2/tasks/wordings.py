@@ -1,12 +1,12 @@
 """How people ask: the wordings of a question, system prompts and earlier turns, each with a held-out split.
 
-A problem of tasks.py asks in one training wording (`What is 347+589?`). People write `347 + 589 = ?`,
+A problem of synthetic.py asks in one training wording (`What is 347+589?`). People write `347 + 589 = ?`,
 `add 512 and 199`, `Compute 463 plus 278.`, after a system prompt, or as the third turn of a chat. This
 module turns one problem into such chats:
 - `reword` gives a problem of the binary tasks (addition, subtraction, multiplication) another wording: a
   *template* is a question frame (`What's {e}?`, `{e} = ?`, `My homework asks for {e}. What is it?`) with
   an expression form (`{a} plus {b}`, `the difference between {a} and {b}`), or a command (`Subtract {b}
-  from {a}`) with a lead; then lower case or no end punctuation at random. The working (tasks.py) always
+  from {a}`) with a lead; then lower case or no end punctuation at random. The working (synthetic.py) always
   opens by restating the problem (`Problem: 512-199`), so the model learns to parse before it computes.
 - templates and system prompts are split by a sha256 of their text like problems are (~20% held out):
   training sees only train templates; `worded_chat(..., split="test")` asks in held-out ones only.
@@ -21,7 +21,7 @@ import hashlib
 import random
 import re
 
-from openr2.train.tasks import Problem
+from openr2.tasks.synthetic import Problem, to_messages
 
 TEMPLATE_TEST_FRACTION = 0.2
 
@@ -128,6 +128,4 @@ def worded_chat(problem: Problem, rng: random.Random, earlier: list[Problem] = (
                      {"role": "assistant", "content": p.answer}]
     if reworded if reworded is not None else rng.random() < 0.8:
         problem = reword(problem, rng, split)
-    messages += [{"role": "user", "content": problem.prompt},
-                 {"role": "assistant", "content": f"<think>\n{problem.reasoning}\n</think>\n\n{problem.answer}"}]
-    return messages
+    return messages + to_messages(problem)

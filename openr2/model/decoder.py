@@ -1,0 +1,59 @@
+"""The decoder blocks: `DecoderLayer` (pre-norm MLA + dense MLP or MoE) and `MTPLayer`, the multi-token
+prediction block (DeepSeek-V3) built on it. model/transformer.py stacks them.
+
+Multi-token prediction: extra decoder blocks that draft the token after next. Depth k at position i:
+x = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) (embedding first, as the checkpoints and vLLM order
+it), then a full decoder block, then shared_head.norm and the main model's head. Embedding and head are shared with the main model; the checkpoint's copies under
+`model.layers.{N+k}.` are dropped on load and written back on save (model/hf_io.py).
+Its parameter names equal the checkpoint's names under `model.layers.{N+k}.`.
+
+Shape legend: B batch, T tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from openr2.config import ModelConfig
+from openr2.model.layers import MLP, RMSNorm
+from openr2.model.mla import MLA
+from openr2.model.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: h = x + MLA(norm(x)); out = h + FFN(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped", kernel_impl="eager"):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl, kernel_impl)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, moe_impl, kernel_impl) if isinstance(self.mlp, MoE) else self.mlp(h, kernel_impl))
+
+
+class MTPLayer(DecoderLayer):
+    """A multi-token prediction depth: eh_proj of the normed next embedding and hidden state, then the block."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, positions, cos, sin,
+                moe_impl: str = "grouped") -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, D] (h^{k-1}), next_embeds [B, T, D] (Emb(t_{i+k})) -> (block output h^k [B, T, D],
+        shared_head.norm(h^k), what the LM head reads). The norm is applied here so that every parameter
+        of this layer is used inside its own forward (FSDP gathers a layer's weights only there)."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        h = super().forward(x, positions, cos, sin, None, "naive", moe_impl)
+        return h, self.shared_head.norm(h)
