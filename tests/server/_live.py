@@ -15,6 +15,7 @@ from openr2.engine.async_engine import AsyncEngine
 from openr2.engine.engine import EngineConfig, LLMEngine
 from openr2.server.app import Server, ServerConfig, create_app
 from openr2.server.ledger import Ledger
+from tests.checkpoints import save_tiny_chat_checkpoint
 
 
 def free_port() -> int:
@@ -59,3 +60,12 @@ def serve(ckpt: Path, data: Path, config: ServerConfig | None = None, log_conten
 def db_bytes(data: Path) -> bytes:
     """Every byte of the ledger database: the main file, its WAL and shared memory."""
     return b"".join(p.read_bytes() for p in sorted(data.glob("ledger.sqlite*")) if p.is_file())
+
+
+@contextlib.contextmanager
+def serve_tiny(tmp_path_factory, config: ServerConfig | None = None):
+    """serve() over a fresh tiny chat checkpoint: what a module-scoped `live` fixture runs."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_tiny_chat_checkpoint(ckpt)
+    with serve(ckpt, tmp_path_factory.mktemp("data"), config) as running:
+        yield running

@@ -11,17 +11,6 @@ import pytest
 
 from openr2 import billing
 from openr2.engine.usage import Usage
-from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import serve
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """(base_url, Server) of a running server; stopped after the module."""
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(ckpt)
-    with serve(ckpt, tmp_path_factory.mktemp("data")) as running:
-        yield running
 
 
 def _client(base_url, key="unused"):

@@ -17,8 +17,7 @@ import httpx
 import pytest
 
 from openr2.server.app import ServerConfig
-from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import serve
+from tests.server._live import serve_tiny
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -135,9 +134,7 @@ def _tighten(spec: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(ckpt)
-    with serve(ckpt, tmp_path_factory.mktemp("data"), ServerConfig(model_name="tiny", default_max_tokens=4)) as s:
+    with serve_tiny(tmp_path_factory, ServerConfig(model_name="tiny", default_max_tokens=4)) as s:
         yield s
 
 

@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from openr2.server.app import ServerConfig
-from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import serve
+from tests.server._live import serve_tiny
 
 BODY_LIMIT, FILE_LIMIT = 64 << 10, 256 << 10
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -20,11 +19,9 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(ckpt)
     config = ServerConfig(model_name="tiny", default_max_tokens=4, max_body_bytes=BODY_LIMIT,
                           max_file_bytes=FILE_LIMIT)
-    with serve(ckpt, tmp_path_factory.mktemp("data"), config) as running:
+    with serve_tiny(tmp_path_factory, config) as running:
         yield running
 
 

@@ -6,21 +6,10 @@ import random
 import string
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from openr2.server.metrics import Metrics
-from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import serve
 from tests.server.test_app import _client
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(ckpt)
-    with serve(ckpt, tmp_path_factory.mktemp("data")) as found:
-        yield found
 
 
 def _scrape(base_url) -> dict:

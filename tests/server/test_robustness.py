@@ -32,14 +32,6 @@ POISON_SEED = 4242  # requests with this seed fail inside the engine (see `poiso
 USER = {"role": "user", "content": "What is 2+2?"}
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(ckpt)
-    with serve(ckpt, tmp_path_factory.mktemp("data")) as running:
-        yield running
-
-
 @pytest.fixture
 def poison(live, monkeypatch):
     """Requests with seed POISON_SEED fail in the engine's sampler after their first output."""
