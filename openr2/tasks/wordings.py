@@ -8,8 +8,9 @@ module turns one problem into such chats:
   an expression form (`{a} plus {b}`, `the difference between {a} and {b}`), or a command (`Subtract {b}
   from {a}`) with a lead; then lower case or no end punctuation at random. The working (synthetic.py) always
   opens by restating the problem (`Problem: 512-199`), so the model learns to parse before it computes.
-- templates and system prompts are split by a sha256 of their text like problems are (~20% held out):
-  training sees only train templates; `worded_chat(..., split="test")` asks in held-out ones only.
+- templates (by their text without case and end punctuation, so `Add {a} and {b}.` and `add {a} and {b}!`
+  are one template) and system prompts are split by a sha256 like problems are (~20% held out): training
+  sees only train templates; `worded_chat(..., split="test")` asks in held-out ones only.
 - `worded_chat` builds the whole conversation: an optional system prompt, earlier exchanges (their
   answers only, as the chat format keeps them) and the question whose reply is trained or graded.
 """
