@@ -17,7 +17,8 @@ from tests.tokenizer_utils import tiny_tokenizer
 @pytest.mark.parametrize("op", "+-*")
 def test_templates_split_disjoint_and_canonical_in_train(op):
     train, test = templates(op, "train"), templates(op, "test")
-    assert not set(train) & set(test) and len(test) >= 20 and len(train) >= 4 * len(test) // 2
+    # ~20% of templates held out: many on each side, disjoint
+    assert not set(train) & set(test) and len(test) >= 20 and len(train) >= 2 * len(test)
     assert train[0] == "What is {a}" + op + "{b}?" and all("{a}" in t and "{b}" in t for t in train + test)
     assert not set(system_prompts("train")) & set(system_prompts("test")) and system_prompts("test")
 
@@ -33,7 +34,8 @@ def test_reword_keeps_problem_and_uses_split_templates():
         assert (q.answer, q.key, q.reasoning) == (p.answer, p.key, p.reasoning)
         assert "512" in q.prompt and "199" in q.prompt
         assert re.sub(r"[.?!= ]+$", "", q.prompt.lower()) in held_out, q.prompt
-    assert reword(generate("countdown", 2, "train", 1).__next__(), rng) .prompt.startswith("Using")
+    countdown = next(generate("countdown", 2, "train", 1))
+    assert reword(countdown, rng) == countdown  # not binary arithmetic: left as it is
 
 
 def _matches(text: str, split: str) -> bool:
