@@ -20,28 +20,33 @@ import torch
 from openr2.config import ModelConfig
 
 
-def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token takes across all layers: L x (C + R) elements."""
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype, num_layers: int | None = None) -> int:
+    """Cache bytes one token takes across all cached layers: L x (C + R) elements."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
+    return (num_layers or config.num_hidden_layers) * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
 
 
 class KVPool:
+    """num_layers: cached layers, indexed by the attention's layer_idx; the decoder layers by default, plus
+    the MTP layers (indices L..L+D-1) when the engine drafts with them."""
+
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 num_layers: int | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 (got {num_blocks}); raise the cache memory budget")
         self.num_blocks, self.block_size = num_blocks, block_size
         slots = num_blocks * block_size
-        L = config.num_hidden_layers
+        L = num_layers or config.num_hidden_layers
         self.c_kv = torch.zeros(L, slots, config.kv_lora_rank, dtype=dtype, device=device)
         self.k_rope = torch.zeros(L, slots, config.qk_rope_head_dim, dtype=dtype, device=device)
 
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 64,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVPool:
-        num_blocks = budget_bytes // (block_size * bytes_per_token(config, dtype))
-        return cls(config, int(num_blocks), block_size, dtype, device)
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    num_layers: int | None = None) -> KVPool:
+        num_blocks = budget_bytes // (block_size * bytes_per_token(config, dtype, num_layers))
+        return cls(config, int(num_blocks), block_size, dtype, device, num_layers)
 
     @property
     def nbytes(self) -> int:
