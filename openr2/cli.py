@@ -78,8 +78,8 @@ def _load_engine(args: argparse.Namespace):
 
     from openr2.engine.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine.from_pretrained(args.model, EngineConfig(compile=args.compile), getattr(torch, args.dtype),
-                                       args.device)
+    config = EngineConfig(compile=args.compile, speculative_config=args.speculative)
+    engine = LLMEngine.from_pretrained(args.model, config, getattr(torch, args.dtype), args.device)
     if engine.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json, so text cannot be encoded")
     return engine
@@ -394,6 +394,8 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
 
 
 COMPILE_HELP = "compile the decode step (batch-1 decode ~4-7x faster on CPU) after ~20-60 s of compiling, once"
+SPECULATIVE_HELP = ("speculative decoding: mtp:K drafts K tokens with the checkpoint's MTP module(s), ngram:K by "
+                    "prompt lookup; outputs are unchanged (exact rejection sampling)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
@@ -407,6 +409,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--speculative", default=None, metavar="METHOD:K", help=SPECULATIVE_HELP)
     if n:
         p.add_argument("--n", type=int, default=1, help="number of samples")
 
@@ -443,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    serve.add_argument("--speculative", default=None, metavar="METHOD:K", help=SPECULATIVE_HELP)
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("init-demo", help="write an untrained placeholder checkpoint for the server")
     demo.add_argument("out", help="output directory")

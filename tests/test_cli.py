@@ -210,3 +210,11 @@ def test_eval_writes_under_runs_eval_by_default(ckpt, tmp_path, monkeypatch, cap
     name = f"eval-synthetic-addition-1-{os.path.basename(ckpt)}"
     assert sorted(os.listdir(tmp_path / "runs" / "eval")) == [name + ".json", name + ".md"]
     assert capsys.readouterr().err.strip().endswith(os.path.join("runs", "eval", name + ".json"))
+
+
+def test_speculative_flag(ckpt, capsys, prompts_seen):
+    assert main(["generate", ckpt, "--prompt", "hi", "--speculative", "ngram:2", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["generate", ckpt, "--prompt", "hi", "--speculative", "mtp2", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--speculative: expected METHOD:K" in err and "Traceback" not in err

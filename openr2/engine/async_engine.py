@@ -65,6 +65,11 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.engine.num_waiting
 
+    @property
+    def spec_stats(self):
+        """Speculative decoding counters (engine/speculative.py SpecStats); plain ints, read without the lock."""
+        return self.engine.spec_stats
+
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                        salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changed it; the last one is finished.

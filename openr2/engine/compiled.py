@@ -23,10 +23,12 @@ import torch
 from openr2.model.transformer import Transformer
 
 COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)
+COMPILED_DECODE_MAX_WIDTH = 4  # tokens per row: one and up to three drafts
 
 class DecodeView:
-    """The cache of a decode-only step: row b writes its new token to pool slot `write_slots[b]` and reads
-    its context through `gather[b]` (slots, padded with slot 0 beyond the row's length; masked by position)."""
+    """The cache of a decode-only step: row b writes its new tokens to pool slots `write_slots[b]` [T] and
+    reads its context through `gather[b]` (slots, padded with slot 0 beyond the row's length; masked by
+    position)."""
 
     def __init__(self, pool_c: torch.Tensor, pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor):
         self.pool_c, self.pool_r, self.gather, self.write_slots = pool_c, pool_r, gather, write_slots
@@ -35,8 +37,8 @@ class DecodeView:
         # Written into the whole pool tensor, not into a per-layer view of it: compiled, a write through a
         # view becomes a copy of the entire pool per layer (~70 ms/step at 64 MB), this one a scatter.
         layer = torch.full_like(self.write_slots, layer_idx)
-        self.pool_c.index_put_((layer, self.write_slots), c_kv[:, 0].to(self.pool_c.dtype))
-        self.pool_r.index_put_((layer, self.write_slots), k_rope[:, 0].to(self.pool_r.dtype))
+        self.pool_c.index_put_((layer, self.write_slots), c_kv.to(self.pool_c.dtype))
+        self.pool_r.index_put_((layer, self.write_slots), k_rope.to(self.pool_r.dtype))
         context_c, context_r = self.pool_c[layer_idx][self.gather], self.pool_r[layer_idx][self.gather]
         return context_c.to(c_kv.dtype), context_r.to(k_rope.dtype)
 
@@ -45,16 +47,16 @@ class DecodeView:
 
 
 def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
-                pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor) -> torch.Tensor:
-    """ids/positions [B, 1], gather [B, S], write_slots [B] -> next-token logits [B, V] (absorbed MLA).
+                pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor):
+    """ids/positions/write_slots [B, T], gather [B, S] -> (logits [B, T, V] at every new token, final-normed
+    hidden [B, T, D]) (absorbed MLA; the hidden feeds an MTP drafter). T > 1: a token and its drafts.
 
-    B is at most COMPILED_DECODE_MAX_TOKENS. The implementations are the ones inductor fuses: the experts'
+    B * T is at most COMPILED_DECODE_MAX_TOKENS. The implementations are the ones inductor fuses: the experts'
     host-sync-free `decode` path and the `compiled` kernels (model/layers.py: one row on CPU as a product
     and a sum, int8 weights likewise); run eagerly (the tests' reference) they give the same numbers."""
     view = DecodeView(pool_c, pool_r, gather, write_slots)
-    last = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     return model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode", kernel_impl="compiled",
-                 logits_index=last)
+                 return_hidden=True)
 
 
 class CompiledDecode:
@@ -73,14 +75,15 @@ class CompiledDecode:
         self._single = None
         self._package_dir: tempfile.TemporaryDirectory | None = None
 
-    def __call__(self, ids, positions, pool_c, pool_r, gather, write_slots) -> torch.Tensor:
-        if ids.shape[0] == 1 and ids.device.type == "cpu":
+    def __call__(self, ids, positions, pool_c, pool_r, gather, write_slots) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids.shape == (1, 1) and ids.device.type == "cpu":
             if self._single is None:
                 self._single = self._export_single(ids, positions, pool_c, pool_r, gather, write_slots)
             if self._single is not False:
                 # the package's loader directly: its Python __call__ re-parses the call spec and flattens
                 # the arguments on every call (~50 us a step)
-                return self._single.loader.boxed_run([ids, positions, pool_c, pool_r, gather, write_slots])[0]
+                logits, hidden = self._single.loader.boxed_run([ids, positions, pool_c, pool_r, gather, write_slots])
+                return logits, hidden
         return self._multi(self.model, ids, positions, pool_c, pool_r, gather, write_slots)
 
     def _export_single(self, *example):

@@ -26,9 +26,10 @@ import torch
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.runner import ModelRunner
-from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample
+from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample_with_drafts
 from openr2.engine.scheduler import Scheduler, SchedulerConfig
 from openr2.engine.sequence import Sequence
+from openr2.engine.speculative import MTPDrafter, SpeculativeConfig, SpecStats, ngram_propose
 from openr2.engine.stop import StopChecker
 from openr2.engine.usage import Usage
 from openr2.model.transformer import Transformer
@@ -44,6 +45,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output; default max_position_embeddings
     enable_prefix_caching: bool = True
     compile: bool = False  # compile the decode step (engine/compiled.py): ~20-60 s once, then faster decode
+    # vLLM's: {"method": "mtp" | "ngram", "num_speculative_tokens": k, ...} (engine/speculative.py) or "mtp:2"
+    speculative_config: dict | str | None = None
 
 
 @dataclass
@@ -117,15 +120,25 @@ class LLMEngine:
         mconf = model.config
         self.max_model_len = min(config.max_model_len or mconf.max_position_embeddings,
                                  mconf.max_position_embeddings)
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        num_layers = mconf.num_hidden_layers
+        if self.speculative is not None and self.speculative.method == "mtp":
+            if not len(model.mtp):
+                raise ValueError("speculative_config: method 'mtp' needs a checkpoint with MTP modules "
+                                 "(num_nextn_predict_layers >= 1); use 'ngram' for this one")
+            num_layers += len(model.mtp)  # the MTP layers' own caches
         if config.num_blocks is not None:
-            self.pool = KVPool(mconf, config.num_blocks, config.block_size, model.dtype, model.device)
+            self.pool = KVPool(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers)
         else:
             self.pool = KVPool.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
-                                           model.device)
+                                           model.device, num_layers)
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
                                    self.pool.copy_block)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(model, self.pool, compile=self.config.compile)
+        self.mtp_drafter = MTPDrafter(self.runner, len(model.mtp)) \
+            if self.speculative is not None and self.speculative.method == "mtp" else None
+        self.spec_stats = SpecStats()
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
@@ -227,16 +240,19 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("no sequence could be scheduled: the KV cache pool is too small")
             return []
-        logits = self.runner.run(plan)
-        ready = []
+        out = self.runner.run(plan, with_hidden=self.mtp_drafter is not None)
+        starts, ready = {}, []
         for seq, n in plan:
-            seq.num_computed += n
+            starts[seq.seq_id] = seq.num_computed
+            seq.num_computed += n - len(seq.draft_token_ids)  # drafts count once verified
             self.scheduler.register_full_blocks(seq)
-            if seq.seq_id in logits:
+            if seq.seq_id in out.logits:
                 ready.append(seq)
         touched, failed = {}, {}
         if ready:
-            self._sample(ready, logits, touched, failed)
+            self._sample(ready, out.logits, touched, failed)
+        if self.speculative is not None:
+            self._propose(plan, starts, out.hidden, failed)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []
@@ -276,9 +292,9 @@ class LLMEngine:
         return seq
 
     def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict, failed: dict) -> None:
-        """Sample and append a token for every ready row; a request whose own work raises goes to `failed`
-        (request_id -> the exception) and gets no token this step."""
-        rows = []  # (sequence, its logits row)
+        """Verify drafts and sample for every ready row, appending the committed tokens; a request whose own
+        work raises goes to `failed` (request_id -> the exception) and gets no token this step."""
+        rows = []  # (sequence, its logits rows [1 + drafts, V])
         for seq in ready:
             req = self.requests[seq.request_id]
             try:  # a request with n > 1 samples its n first tokens from the one prompt pass, then forks
@@ -299,16 +315,58 @@ class LLMEngine:
                 except Exception as e:
                     failed[row[0].request_id] = e
                     tokens.append(None)
-        for (seq, _), token in zip(rows, tokens):
+        for (seq, _), committed in zip(rows, tokens):
             if seq.request_id in failed:
                 continue
             req = self.requests[seq.request_id]
             try:
-                self._append(req, seq, token)
+                self._commit(req, seq, committed)
             except Exception as e:
                 failed[req.request_id] = e
                 continue
             touched[req.request_id] = req
+
+    def _commit(self, req: _Request, seq: Sequence, tokens: list) -> None:
+        """The verified tokens: its accepted drafts (whose cache entries become committed) and one sampled."""
+        num_drafts = len(seq.draft_token_ids)
+        if num_drafts:
+            self.spec_stats.num_drafts += 1
+            self.spec_stats.num_draft_tokens += num_drafts
+            self.spec_stats.num_accepted_tokens += len(tokens) - 1
+            seq.num_computed += len(tokens) - 1
+            seq.draft_token_ids = []
+        for token in tokens:
+            self._append(req, seq, token)
+            if seq.is_finished:
+                return
+        if num_drafts:
+            self.scheduler.register_full_blocks(seq)
+
+    def _propose(self, plan: list[tuple[Sequence, int]], starts: dict[int, int], hidden: dict, failed: dict) -> None:
+        """Drafts for every live row's next step (and the MTP cache for the positions this step committed)."""
+        spec = self.speculative
+        rows = []
+        for seq, _ in plan:
+            if seq.is_finished or seq.request_id in failed or seq.request_id not in self.requests:
+                continue
+            k = 0
+            if seq.num_computed == seq.num_tokens - 1:  # decoding: its next token is sampled, not yet computed
+                req = self.requests[seq.request_id]
+                k = max(0, min(spec.num_speculative_tokens, req.max_tokens - seq.num_output_tokens - 1,
+                               self.max_model_len - seq.num_tokens))
+                if k > 1 and self.mtp_drafter is not None and not self.scheduler.reserve(seq, seq.num_tokens + k):
+                    k = 1  # chained MTP steps write past the committed tokens: no blocks for that now
+            rows.append((seq, k))
+        if self.mtp_drafter is not None:
+            drafts = self.mtp_drafter.propose(
+                [(seq, starts[seq.seq_id], hidden[seq.seq_id][: seq.num_computed - starts[seq.seq_id]], k)
+                 for seq, k in rows])
+        else:
+            drafts = {seq.seq_id: ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+                      for seq, k in rows if k}
+        for seq, k in rows:
+            seq.draft_token_ids = drafts.get(seq.seq_id, [])[:k]
+            self.scheduler.trim(seq)
 
     def _fork(self, req: _Request, parent: Sequence) -> list[Sequence]:
         """The request's other samples start from its prompt pass (the scheduler shares or copies blocks)."""
@@ -400,13 +458,15 @@ class LLMEngine:
         return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning, start)
 
 
-def _sample_rows(rows: list[tuple[Sequence, torch.Tensor]]) -> list:
-    """One token (a TokenSample) per (sequence, logits row), each with its sequence's params and generator."""
+def _sample_rows(rows: list[tuple[Sequence, torch.Tensor]]) -> list[list]:
+    """The committed tokens (TokenSamples) of each (sequence, logits rows [1 + drafts, V]), each with its
+    sequence's params and generator: its accepted drafts, then one sampled token."""
     seqs = [s for s, _ in rows]
     history = [s.params.has_penalties for s in seqs]  # token histories are read only for penalties
-    return sample(torch.stack([row for _, row in rows]), [s.params for s in seqs], [s.generator for s in seqs],
-                  [s.token_ids[: s.num_prompt_tokens] if h else None for s, h in zip(seqs, history)],
-                  [s.output_token_ids if h else None for s, h in zip(seqs, history)]).tolist()
+    return sample_with_drafts(
+        torch.cat([row for _, row in rows]), [s.draft_token_ids for s in seqs], [s.params for s in seqs],
+        [s.generator for s in seqs], [s.token_ids[: s.num_prompt_tokens] if h else None for s, h in zip(seqs, history)],
+        [s.output_token_ids if h else None for s, h in zip(seqs, history)])
 
 
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:

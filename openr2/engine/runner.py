@@ -13,10 +13,11 @@ Shape legend: B rows, T new tokens per row (padded), V vocab.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from openr2.engine.compiled import COMPILED_DECODE_MAX_TOKENS
+from openr2.engine.compiled import COMPILED_DECODE_MAX_TOKENS, COMPILED_DECODE_MAX_WIDTH
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.sequence import Sequence
 from openr2.model.transformer import Transformer
@@ -39,16 +40,40 @@ class ModelRunner:
                 self._compiled_decode = compiled_decode_step(model)
 
     @torch.inference_mode()
-    def run(self, plan: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
-        """Forward every planned (sequence, new tokens) row; logits [V] (float32) for rows that need a sample."""
+    def run(self, plan: list[tuple[Sequence, int]], with_hidden: bool = False) -> StepOutput:
+        """Forward every planned (sequence, new tokens) row: its uncomputed tokens, then its drafts.
+
+        A row that reaches its last token gets logits (float32) at that token and at each draft, [1 + k, V];
+        with_hidden, every row gets the final-normed hidden of its new positions [n, D]."""
         groups: dict[str, list] = {"absorbed": [], "naive": []}
         for seq, n in plan:
             groups[self._attn_impl(n, seq.num_computed + n)].append((seq, n))
-        logits: dict[int, torch.Tensor] = {}
+        out = StepOutput({}, {})
         for attn_impl, group in groups.items():
             if group:
-                logits.update(self._forward(group, attn_impl))
-        return logits
+                self._forward(group, attn_impl, with_hidden, out)
+        return out
+
+    @torch.inference_mode()
+    def draft(self, rows: list[tuple[Sequence, int, torch.Tensor, list[int]]], depth: int = 0) -> tuple:
+        """MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n]) rows: writes
+        its cache at those positions (the pool's layer L + depth); returns the draft logits at each row's
+        last position [B, V] and the block output there [B, D] (the next chained step's hidden)."""
+        T = max(len(ids) for *_, ids in rows)
+        B, D = len(rows), rows[0][2].shape[-1]
+        hidden = torch.zeros(B, T, D, dtype=self.model.dtype, device=self.device)
+        ids, positions = [], []
+        for b, (seq, start, h, next_ids) in enumerate(rows):
+            n = len(next_ids)
+            hidden[b, :n] = h
+            ids.append(next_ids + [0] * (T - n))
+            positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
+        last = torch.tensor([len(r[3]) - 1 for r in rows], device=self.device)
+        view = self.pool.view([r[0].block_table for r in rows], [r[1] for r in rows], [len(r[3]) for r in rows])
+        attn_impl = "absorbed" if T == 1 else "naive"
+        logits, h = self.model.draft(hidden, torch.tensor(ids, device=self.device),
+                                     torch.tensor(positions, device=self.device), view, depth, last, attn_impl)
+        return logits.float(), h[torch.arange(B, device=self.device), last]
 
     def _attn_impl(self, num_new: int, context: int) -> str:
         """The cheaper MLA path for num_new queries over `context` keys, per head, in multiply-adds.
@@ -63,35 +88,56 @@ class ModelRunner:
         absorbed = num_new * context * (2 * C + R) + num_new * C * (N + V)
         return "absorbed" if absorbed < naive else "naive"
 
-    def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str) -> dict[int, torch.Tensor]:
+    def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str, with_hidden: bool, out: StepOutput):
         T = max(n for _, n in group)
         rows, row_positions = [], []  # built as lists, one tensor each: a decode step is too short for more
-        for seq, n in group:
+        logit_rows, logit_cols, sampled = [], [], []
+        for b, (seq, n) in enumerate(group):
             start = seq.num_computed
-            rows.append(seq.token_ids[start : start + n] + [0] * (T - n))
+            rows.append(seq.next_token_ids(n) + [0] * (T - n))
             # padding queries see the row's context and are dropped
             row_positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
+            if start + n == seq.num_tokens + len(seq.draft_token_ids):  # reaches its end: sample
+                m = 1 + len(seq.draft_token_ids)
+                logit_rows += [b] * m
+                logit_cols += range(n - m, n)
+                sampled.append((seq, m))
         ids, positions = torch.tensor(rows), torch.tensor(row_positions)
         view = self.pool.view([s.block_table for s, _ in group], [s.num_computed for s, _ in group],
                               [n for _, n in group])
-        if self._compiled_decode is not None and T == 1 and attn_impl == "absorbed" and len(group) <= COMPILED_DECODE_MAX_TOKENS:
-            out = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
+        # the compiled step: every row T tokens (one, or one and its drafts), each to be sampled
+        uniform = len(logit_rows) == len(group) * T and all(n == T for _, n in group)
+        if self._compiled_decode is not None and uniform and attn_impl == "absorbed" \
+                and T <= COMPILED_DECODE_MAX_WIDTH and len(group) * T <= COMPILED_DECODE_MAX_TOKENS:
+            logits, hidden = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
+            logits = logits.flatten(0, 1)
         else:
-            last = torch.tensor([n - 1 for _, n in group])
-            out = self.model(ids.to(self.device), positions.to(self.device), cache=view, attn_impl=attn_impl,
-                             logits_index=last.to(self.device))
-        out = out.float()
-        return {seq.seq_id: out[b] for b, (seq, n) in enumerate(group)
-                if seq.num_computed + n == seq.num_tokens}
+            index = (torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+                     torch.tensor(logit_cols, dtype=torch.long, device=self.device))
+            logits, hidden = self.model(ids.to(self.device), positions.to(self.device), cache=view,
+                                        attn_impl=attn_impl, logits_index=index, return_hidden=True)
+        logits = logits.float()
+        i = 0
+        for seq, m in sampled:
+            out.logits[seq.seq_id] = logits[i : i + m]
+            i += m
+        if with_hidden:
+            for b, (seq, n) in enumerate(group):
+                out.hidden[seq.seq_id] = hidden[b, :n]
 
     def _decode_compiled(self, ids, positions, view):
         try:
             return self._compiled_decode(ids, positions, self.pool.c_kv, self.pool.k_rope, view.gather,
-                                         view.write_slots)
+                                         view.write_slots.view(ids.shape))
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",
                           stacklevel=2)
             self._compiled_decode = None
-            return self.model(ids, positions, cache=view, attn_impl="absorbed",
-                              logits_index=torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
+            return self.model(ids, positions, cache=view, attn_impl="absorbed", return_hidden=True)
+
+
+@dataclass
+class StepOutput:
+    logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V] float32, for rows that reached their end
+    hidden: dict[int, torch.Tensor]  # seq_id -> [new tokens, D], when asked

@@ -1,7 +1,7 @@
 """Continuous batching: which sequences run this step, with how many new tokens each.
 
-Every step spends a token budget: first on running sequences (one token each when decoding, a prompt
-chunk when prefilling), in priority then admission order, preempting from the other end (lowest
+Every step spends a token budget: first on running sequences (one token each when decoding, plus its
+drafts when speculating; a prompt chunk when prefilling), in priority then admission order, preempting from the other end (lowest
 priority, most recently admitted; their blocks freed, to be recomputed later) when blocks run out; then
 on admitting waiting sequences, best priority first, each starting from the longest cached prefix of its
 tokens. Sequences join and leave between steps. Priority 0 is interactive, 1 is batch work. A sample
@@ -43,7 +43,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens + len(seq.draft_token_ids) - seq.num_computed, budget)
+            del seq.draft_token_ids[max(0, seq.num_computed + n - seq.num_tokens):]  # the drafts that fit
             need = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
             while need > self.blocks.num_free and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
@@ -52,7 +53,7 @@ class Scheduler:
                 self._preempt(self.running.pop(i))
                 preempted = True
                 break
-            seq.block_table += self.blocks.allocate(need)
+            seq.block_table += self.blocks.allocate(max(need, 0))
             plan.append((seq, n))
             budget -= n
             i += 1
@@ -123,6 +124,21 @@ class Scheduler:
         self.blocks.release(seq.block_table)
         seq.block_table = []
         seq.status = Status.FINISHED
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for the first num_tokens positions of a running sequence (its next step's drafts), if free."""
+        need = self.blocks.blocks_for(num_tokens) - len(seq.block_table)
+        if need > self.blocks.num_free:
+            return False
+        seq.block_table += self.blocks.allocate(max(need, 0))
+        return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Roll back: free the blocks past the sequence's tokens and drafts (rejected drafts' slots)."""
+        keep = self.blocks.blocks_for(seq.num_tokens + len(seq.draft_token_ids))
+        if len(seq.block_table) > keep:
+            self.blocks.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Offer each block that became full of computed tokens to the prefix cache."""

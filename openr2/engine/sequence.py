@@ -1,7 +1,8 @@
 """Per-sequence state: tokens, how many are in the cache, its blocks and their hashes.
 
 A request with n samples runs as one sequence through its prompt, then forks into n sequences that share
-the prompt's full blocks. Text state (detokeniser, stop strings, reasoning split) and the finish reason are the engine's.
+the prompt's full blocks. Draft tokens (speculative decoding) are not the sequence's tokens until a step
+verifies them: they only ride along in the next step's row. Text state (detokeniser, stop strings, reasoning split) and the finish reason are the engine's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of its full blocks, in order
     num_registered: int = 0  # full blocks already offered to the prefix cache
     cumulative_logprob: float = 0.0
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens, verified by the next step
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +54,13 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    def next_token_ids(self, n: int) -> list[int]:
+        """The n tokens from num_computed on: uncomputed tokens, then drafts."""
+        out = self.token_ids[self.num_computed : self.num_computed + n]
+        if len(out) < n:
+            out += self.draft_token_ids[: n - len(out)]
+        return out
+
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
@@ -61,4 +70,5 @@ class Sequence:
         self.num_computed = 0
         self.block_table = []
         self.num_registered = 0
+        self.draft_token_ids = []
         self.status = Status.WAITING

@@ -50,10 +50,12 @@ class MTPLayer(DecoderLayer):
         self.shared_head.norm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, positions, cos, sin,
-                moe_impl: str = "grouped") -> tuple[torch.Tensor, torch.Tensor]:
+                moe_impl: str = "grouped", cache=None, attn_impl: str = "naive",
+                kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, D] (h^{k-1}), next_embeds [B, T, D] (Emb(t_{i+k})) -> (block output h^k [B, T, D],
         shared_head.norm(h^k), what the LM head reads). The norm is applied here so that every parameter
-        of this layer is used inside its own forward (FSDP gathers a layer's weights only there)."""
+        of this layer is used inside its own forward (FSDP gathers a layer's weights only there).
+        A cache (drafting in the engine) holds this layer's keys under its own layer index."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        h = super().forward(x, positions, cos, sin, None, "naive", moe_impl)
+        h = super().forward(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         return h, self.shared_head.norm(h)

@@ -48,7 +48,9 @@ class Transformer(nn.Module):
         with_mtp: (logits, MTP draft logits of each depth) in one call, so data-parallel wrappers (DDP,
         FSDP) see every parameter used inside their forward.
         positions default to cache.length + 0..T-1; a given cache is written and advanced by T.
-        logits_index [B] asks for one position per row: logits [B, V] (the engine's next-token rows).
+        logits_index [B] asks for one position per row: logits [B, V] (the engine's next-token rows); a
+        pair (rows [M], positions [M]) for any M positions: logits [M, V] (rows verifying drafts).
+        return_hidden: the final-normed hidden of every position [B, T, D], whatever logits_index picks.
         """
         if kernel_impl not in KERNEL_IMPLS:
             raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
@@ -62,13 +64,26 @@ class Transformer(nn.Module):
             x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         if cache is not None:
             cache.advance(T)
-        if logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index]
-        hidden = self.norm(x)
+        if return_hidden:
+            hidden = self.norm(x)
+            logits = self.lm_head(_select(hidden, logits_index), kernel_impl)
+            return logits, hidden
+        hidden = self.norm(_select(x, logits_index))
         logits = self.lm_head(hidden, kernel_impl)
         if with_mtp:
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
-        return (logits, hidden) if return_hidden else logits
+        return logits
+
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+              depth: int = 0, logits_index: torch.Tensor | None = None, attn_impl: str = "absorbed",
+              moe_impl: str = "grouped", kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` as a drafter over a cache: hidden [B, T, D] (the main model's final-normed
+        hidden at each position, or a previous draft step's block output), next_ids [B, T] (the token
+        after each position) -> (draft logits at logits_index, as in forward; block output h [B, T, D])."""
+        cos, sin = self.rotary(positions, hidden.dtype)
+        h, normed = self.mtp[depth](hidden, self.embed_tokens(next_ids), positions, cos, sin, moe_impl, cache,
+                                    attn_impl, kernel_impl)
+        return self.lm_head(_select(normed, logits_index), kernel_impl), h
 
     def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                     moe_impl: str = "grouped") -> list[torch.Tensor]:
@@ -116,6 +131,15 @@ class Transformer(nn.Module):
                 module.weight.normal_(0.0, std, generator=generator)
                 if hasattr(module, "e_score_correction_bias"):
                     module.e_score_correction_bias.zero_()
+
+
+def _select(x: torch.Tensor, index) -> torch.Tensor:
+    """x [B, T, D] at logits_index: None (every position), [B] (one position per row) or (rows, positions)."""
+    if index is None:
+        return x
+    if isinstance(index, tuple):
+        return x[index]
+    return x[torch.arange(x.shape[0], device=x.device), index]
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0):

@@ -16,6 +16,9 @@ Series (prefix `openr2_`):
   inter_token_latency_seconds                 between later outputs that carried new tokens, per token
   e2e_request_latency_seconds                 request start -> last output
   num_requests_running, num_requests_waiting  the scheduler's queues, read at scrape time
+  spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total, spec_decode_num_accepted_tokens_total
+                                              speculative decoding (vLLM's series): rows that carried drafts,
+                                              drafted tokens, accepted tokens; read at scrape time
 
 Gauges are read without the AsyncEngine's lock: `len()` of a deque or list is atomic under the GIL, and a
 scrape must never wait behind an engine step. /metrics needs no API key, like vLLM's and /health: it
@@ -28,7 +31,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 PREFIX = "openr2"
@@ -41,7 +44,7 @@ E2E_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60
 
 
 class _QueueCollector:
-    """num_requests_running / num_requests_waiting, read from the engine when scraped."""
+    """The engine's queue lengths and speculative decoding counters, read when scraped."""
 
     def __init__(self, server):
         self.server = server
@@ -54,6 +57,13 @@ class _QueueCollector:
         waiting.add_metric([], getattr(engine, "num_waiting", 0))
         yield running
         yield waiting
+        stats = getattr(engine, "spec_stats", None)
+        for name, what in (("num_drafts", "Rows that carried draft tokens into a step."),
+                           ("num_draft_tokens", "Draft tokens proposed."),
+                           ("num_accepted_tokens", "Draft tokens accepted.")):
+            counter = CounterMetricFamily(f"{PREFIX}_spec_decode_{name}", what)
+            counter.add_metric([], getattr(stats, name, 0))
+            yield counter
 
     def describe(self):  # no scrape at registration time
         return []

@@ -83,7 +83,7 @@ def test_a_failed_step_marks_the_engine_dead(model, monkeypatch):  # noqa: F811
     front = AsyncEngine(LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=32)),
                         on_failure=lambda: calls.append("failed"))
     try:
-        def broken(plan):
+        def broken(plan, **options):
             raise RuntimeError("device lost")  # no request to blame
 
         monkeypatch.setattr(front.engine.runner, "run", broken)

@@ -142,3 +142,18 @@ def test_made_up_methods_and_paths_add_no_series(live):
     assert _get(samples, "openr2_requests_total", route="other", method="other", status="404") > 0
     assert _get(samples, "openr2_requests_total", route="/v1/models", method="other", status="405") > 0
     assert httpx.get(base_url + "/v1/models").status_code == 200
+
+
+def test_speculative_decoding_counters_are_read_from_the_engine():
+    from types import SimpleNamespace
+
+    from openr2.engine.speculative import SpecStats
+
+    stats = SpecStats(num_drafts=4, num_draft_tokens=9, num_accepted_tokens=7)
+    metrics = Metrics(SimpleNamespace(engine=SimpleNamespace(num_running=1, num_waiting=0, spec_stats=stats)))
+    text = metrics.exposition()[0].decode()
+    assert "openr2_spec_decode_num_drafts_total 4.0" in text
+    assert "openr2_spec_decode_num_draft_tokens_total 9.0" in text
+    assert "openr2_spec_decode_num_accepted_tokens_total 7.0" in text
+    stats.num_accepted_tokens += 2  # read at each scrape
+    assert "openr2_spec_decode_num_accepted_tokens_total 9.0" in metrics.exposition()[0].decode()

@@ -332,7 +332,7 @@ def test_a_dead_engine_says_so_and_answers_503(tmp_path, monkeypatch):
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
 
-            def broken(plan):
+            def broken(plan, **options):
                 raise RuntimeError("device lost")
 
             monkeypatch.setattr(server.engine.engine.runner, "run", broken)
@@ -350,7 +350,7 @@ def test_serve_exits_non_zero_when_its_engine_dies(tmp_path):
     save_tiny_chat_checkpoint(tmp_path / "ckpt")
     port = free_port()
     script = ("import sys; from openr2 import cli; from openr2.engine.runner import ModelRunner\n"
-              "def broken(self, plan): raise RuntimeError('device lost')\n"
+              "def broken(self, plan, **options): raise RuntimeError('device lost')\n"
               "ModelRunner.run = broken\n"
               f"sys.exit(cli.main(['serve', '--model', {str(tmp_path / 'ckpt')!r}, '--port', '{port}',"
               f" '--data-dir', {str(tmp_path / 'data')!r}, '--served-model-name', 'tiny']))")

@@ -1,0 +1,119 @@
+"""Speculative decoding: who proposes draft tokens, and how many. The engine verifies them in its next step
+(sampling.sample_with_drafts: exact rejection sampling, so the output distribution does not change).
+
+`SpeculativeConfig` is vLLM's `speculative_config`:
+    {"method": "mtp", "num_speculative_tokens": k}   the checkpoint's own MTP module(s) draft (DeepSeek-V3)
+    {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}
+                                                      prompt lookup: any checkpoint, no extra forward
+or the CLI's short form "mtp:2" / "ngram:4".
+
+MTP drafting keeps the MTP layer's own cache (the pool's layer L + depth) filled for every committed position:
+after each step it runs over the positions the step committed, fed the main model's final-normed hidden there
+and the token after each, and its logits at the last position give the first draft. For k > 1 the step is
+chained as DeepSeek and vLLM do: step j runs module (j - 1) mod D at the next position, fed the previous
+step's block output and draft. Chained steps write cache entries past the committed tokens; the next round
+overwrites them (they are never read as committed). Drafts are the MTP's argmax (a point-mass proposal).
+
+Shape legend: B rows, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from openr2.engine.sequence import Sequence
+
+METHODS = ("mtp", "ngram")
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4  # ngram: the longest suffix looked up in the sequence's earlier tokens
+    prompt_lookup_min: int = 1  # ngram: the shortest
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config: method must be one of {METHODS}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
+            raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo}, {hi}")
+
+    @classmethod
+    def parse(cls, value) -> SpeculativeConfig | None:
+        """None, a SpeculativeConfig, vLLM's dict, or "method:k" (the CLI's --speculative)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            method, _, k = value.partition(":")
+            if not k.isdigit():
+                raise ValueError(f"--speculative: expected METHOD:K such as mtp:2 or ngram:4, got {value!r}")
+            return cls(method, int(k))
+        if isinstance(value, dict):
+            unknown = set(value) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+            if unknown or "method" not in value or "num_speculative_tokens" not in value:
+                raise ValueError("speculative_config: needs 'method' and 'num_speculative_tokens' "
+                                 f"(and for ngram optionally 'prompt_lookup_max/min'); unknown keys {sorted(unknown)}")
+            return cls(**value)
+        raise ValueError(f"speculative_config: expected a dict or 'method:k', got {type(value).__name__}")
+
+
+@dataclass
+class SpecStats:
+    """Counters since the engine started (vLLM's spec_decode metrics)."""
+
+    num_drafts: int = 0  # rows that carried drafts into a step
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the longest suffix (max_n down
+    to min_n tokens) of token_ids; [] if no suffix occurred before."""
+    L = len(token_ids)
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        suffix = token_ids[L - n :]
+        first = suffix[0]
+        for start in range(L - n - 1, -1, -1):  # most recent first; a match must leave a token after it
+            if token_ids[start] == first and token_ids[start : start + n] == suffix:
+                return token_ids[start + n : start + n + k]
+    return []
+
+
+class MTPDrafter:
+    """Runs the model's MTP module(s) through the runner over the engine's pool (see the module docstring)."""
+
+    def __init__(self, runner, num_modules: int):
+        self.runner, self.num_modules = runner, num_modules
+
+    def propose(self, rows: list[tuple[Sequence, int, torch.Tensor, int]]) -> dict[int, list[int]]:
+        """rows: (sequence, first position this step computed, hidden [n, D] of its committed positions,
+        drafts wanted k >= 0). Fills the MTP cache at those positions; returns seq_id -> k drafts."""
+        if not rows:
+            return {}
+        first = [(seq, start, hidden, seq.token_ids[start + 1 : start + 1 + hidden.shape[0]])
+                 for seq, start, hidden, _ in rows]
+        logits, h = self.runner.draft(first, depth=0)
+        drafts = {seq.seq_id: [t] if k else [] for (seq, *_, k), t in zip(rows, logits.argmax(-1).tolist())}
+        live = [(b, seq, k) for b, (seq, *_, k) in enumerate(rows) if k > 1]
+        for j in range(2, max((k for *_, k in rows), default=0) + 1):
+            live = [(b, seq, k) for b, seq, k in live if k >= j]
+            if not live:
+                break
+            step = [(seq, seq.num_computed + j - 2, h[b : b + 1], drafts[seq.seq_id][-1:]) for b, seq, _ in live]
+            logits, h_step = self.runner.draft(step, depth=(j - 1) % self.num_modules)
+            for (b, seq, _), t in zip(live, logits.argmax(-1).tolist()):
+                drafts[seq.seq_id].append(t)
+            h = h.clone()
+            h[[b for b, *_ in live]] = h_step
+        return drafts
