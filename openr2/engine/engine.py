@@ -29,7 +29,7 @@ from openr2.engine.runner import ModelRunner
 from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample_with_drafts
 from openr2.engine.scheduler import Scheduler, SchedulerConfig
 from openr2.engine.sequence import Sequence
-from openr2.engine.speculative import MTPDrafter, SpeculativeConfig, SpecStats, ngram_propose
+from openr2.engine.speculative import MTPDrafter, SpecStats, SpeculativeConfig, ngram_propose
 from openr2.engine.stop import StopChecker
 from openr2.engine.usage import Usage
 from openr2.model.transformer import Transformer

@@ -63,7 +63,7 @@ class ModelRunner:
         B, D = len(rows), rows[0][2].shape[-1]
         hidden = torch.zeros(B, T, D, dtype=self.model.dtype, device=self.device)
         ids, positions = [], []
-        for b, (seq, start, h, next_ids) in enumerate(rows):
+        for b, (_, start, h, next_ids) in enumerate(rows):
             n = len(next_ids)
             hidden[b, :n] = h
             ids.append(next_ids + [0] * (T - n))

@@ -112,7 +112,7 @@ class MTPDrafter:
                 break
             step = [(seq, seq.num_computed + j - 2, h[b : b + 1], drafts[seq.seq_id][-1:]) for b, seq, _ in live]
             logits, h_step = self.runner.draft(step, depth=(j - 1) % self.num_modules)
-            for (b, seq, _), t in zip(live, logits.argmax(-1).tolist()):
+            for (_, seq, _), t in zip(live, logits.argmax(-1).tolist()):
                 drafts[seq.seq_id].append(t)
             h = h.clone()
             h[[b for b, *_ in live]] = h_step
