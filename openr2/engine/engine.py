@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from openr2.engine.runner import ModelRunner
 from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample_with_drafts
 from openr2.engine.scheduler import Scheduler, SchedulerConfig
 from openr2.engine.sequence import Sequence
-from openr2.engine.speculative import MTPDrafter, SpecStats, SpeculativeConfig, ngram_propose
+from openr2.engine.speculative import MTPDrafter, SpecPolicy, SpecStats, SpeculativeConfig, ngram_propose
 from openr2.engine.stop import StopChecker
 from openr2.engine.usage import Usage
 from openr2.model.transformer import Transformer
@@ -139,6 +140,8 @@ class LLMEngine:
         self.mtp_drafter = MTPDrafter(self.runner, len(model.mtp)) \
             if self.speculative is not None and self.speculative.method == "mtp" else None
         self.spec_stats = SpecStats()
+        self.spec_policy = SpecPolicy(self.speculative.num_speculative_tokens) if self.speculative else None
+        self._step_k = 0  # drafts the policy chose for the current step's decode rows
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
@@ -240,6 +243,9 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("no sequence could be scheduled: the KV cache pool is too small")
             return []
+        start_s = time.perf_counter()
+        prefilling = {seq.seq_id for seq, _ in plan if seq.num_tokens - seq.num_computed > 1}
+        self._num_committed = 0
         out = self.runner.run(plan, with_hidden=self.mtp_drafter is not None)
         starts, ready = {}, []
         for seq, n in plan:
@@ -252,7 +258,9 @@ class LLMEngine:
         if ready:
             self._sample(ready, out.logits, touched, failed)
         if self.speculative is not None:
-            self._propose(plan, starts, out.hidden, failed)
+            if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
+                self.spec_policy.record(len(plan), self._step_k, self._num_committed, time.perf_counter() - start_s)
+            self._propose(plan, starts, out.hidden, failed, prefilling)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []
@@ -337,30 +345,37 @@ class LLMEngine:
             seq.draft_token_ids = []
         for token in tokens:
             self._append(req, seq, token)
+            self._num_committed += 1
             if seq.is_finished:
                 return
         if num_drafts:
             self.scheduler.register_full_blocks(seq)
 
-    def _propose(self, plan: list[tuple[Sequence, int]], starts: dict[int, int], hidden: dict, failed: dict) -> None:
+    def _propose(self, plan: list[tuple[Sequence, int]], starts: dict[int, int], hidden: dict, failed: dict,
+                 prefilling: set[int]) -> None:
         """Drafts for every live row's next step (and the MTP cache for the positions this step committed)."""
         spec = self.speculative
+        live = [seq for seq, _ in plan
+                if not seq.is_finished and seq.request_id not in failed and seq.request_id in self.requests]
+        decoding = [seq for seq in live if seq.num_computed == seq.num_tokens - 1]  # next token sampled, not computed
+        self._step_k = self.spec_policy.choose(len(decoding)) if decoding else 0
         rows = []
-        for seq, _ in plan:
-            if seq.is_finished or seq.request_id in failed or seq.request_id not in self.requests:
-                continue
+        for seq in live:
             k = 0
-            if seq.num_computed == seq.num_tokens - 1:  # decoding: its next token is sampled, not yet computed
+            if seq.num_computed == seq.num_tokens - 1:
                 req = self.requests[seq.request_id]
-                k = max(0, min(spec.num_speculative_tokens, req.max_tokens - seq.num_output_tokens - 1,
-                               self.max_model_len - seq.num_tokens))
+                seeded = seq.generator is not None and not seq.params.greedy  # see SpecPolicy
+                k = max(0, min(spec.num_speculative_tokens if seeded else self._step_k,
+                               req.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens))
                 if k > 1 and self.mtp_drafter is not None and not self.scheduler.reserve(seq, seq.num_tokens + k):
                     k = 1  # chained MTP steps write past the committed tokens: no blocks for that now
             rows.append((seq, k))
         if self.mtp_drafter is not None:
+            # Turned off, drafting costs nothing: decode rows skip the MTP cache too (a later draft attends
+            # over stale entries there, which costs acceptance, never correctness). Prompts always fill it.
             drafts = self.mtp_drafter.propose(
-                [(seq, starts[seq.seq_id], hidden[seq.seq_id][: seq.num_computed - starts[seq.seq_id]], k)
-                 for seq, k in rows])
+                [(seq, starts[seq.seq_id], hidden[seq.seq_id], k) for seq, k in rows
+                 if k or self._step_k or seq.seq_id in prefilling])
         else:
             drafts = {seq.seq_id: ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
                       for seq, k in rows if k}

@@ -55,25 +55,35 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def draft(self, rows: list[tuple[Sequence, int, torch.Tensor, list[int]]], depth: int = 0) -> tuple:
-        """MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n]) rows: writes
-        its cache at those positions (the pool's layer L + depth); returns the draft logits at each row's
-        last position [B, V] and the block output there [B, D] (the next chained step's hidden)."""
-        T = max(len(ids) for *_, ids in rows)
+    def draft(self, rows: list[tuple[Sequence, int, torch.Tensor, list[int], int]], depth: int = 0) -> tuple:
+        """MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n], index of the
+        position to draft from) rows: writes its cache at those positions (the pool's layer L + depth);
+        returns the draft logits there [B, V] and the block output there [B, D] (a chained step's hidden)."""
+        T = max(len(r[3]) for r in rows)
         B, D = len(rows), rows[0][2].shape[-1]
         hidden = torch.zeros(B, T, D, dtype=self.model.dtype, device=self.device)
         ids, positions = [], []
-        for b, (_, start, h, next_ids) in enumerate(rows):
+        for b, (_, start, h, next_ids, _) in enumerate(rows):
             n = len(next_ids)
             hidden[b, :n] = h
             ids.append(next_ids + [0] * (T - n))
             positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
-        last = torch.tensor([len(r[3]) - 1 for r in rows], device=self.device)
+        last = torch.tensor([r[4] for r in rows], device=self.device)
+        ids, positions = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
         view = self.pool.view([r[0].block_table for r in rows], [r[1] for r in rows], [len(r[3]) for r in rows])
-        attn_impl = "absorbed" if T == 1 else "naive"
-        logits, h = self.model.draft(hidden, torch.tensor(ids, device=self.device),
-                                     torch.tensor(positions, device=self.device), view, depth, last, attn_impl)
-        return logits.float(), h[torch.arange(B, device=self.device), last]
+        uniform = all(len(r[3]) == T for r in rows)
+        if self._compiled_decode is not None and uniform and T <= COMPILED_DECODE_MAX_WIDTH \
+                and B * T <= COMPILED_DECODE_MAX_TOKENS:
+            from openr2.engine.compiled import compiled_draft_step
+
+            logits, h = compiled_draft_step(self.model, depth)(hidden, ids, positions, self.pool.c_kv,
+                                                               self.pool.k_rope, view.gather,
+                                                               view.write_slots.view(B, T), last)
+        else:
+            attn_impl = "absorbed" if T <= COMPILED_DECODE_MAX_WIDTH else "naive"
+            logits, h = self.model.draft(hidden, ids, positions, view, depth, last, attn_impl)
+            h = h[torch.arange(B, device=self.device), last]
+        return logits.float(), h
 
     def _attn_impl(self, num_new: int, context: int) -> str:
         """The cheaper MLA path for num_new queries over `context` keys, per head, in multiply-adds.

@@ -77,6 +77,46 @@ class SpecStats:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
+class SpecPolicy:
+    """How many drafts the next decode step carries, chosen from measured throughput.
+
+    Drafting pays only while a step k + 1 tokens wide (plus the drafting) costs little more than a step of
+    one token; how much more depends on the batch, the model and the machine, so the engine measures it:
+    for each batch size class (1, 2, 3-4, 5-8, ...) and each k in 0..num_speculative_tokens it keeps a
+    moving average of the committed tokens per second of pure decode steps, runs the best k, tries a k
+    it has not measured yet, and every `probe_every` steps retries another so the averages stay current.
+    Seeded random rows always carry the configured k: their random draws depend on it, and a choice made
+    from wall-clock time would make them irreproducible (greedy outputs do not depend on k at all).
+    """
+
+    def __init__(self, max_k: int, probe_every: int = 64, smoothing: float = 0.2):
+        self.max_k, self.probe_every, self.smoothing = max_k, probe_every, smoothing
+        self.rate: dict[tuple[int, int], float] = {}  # (batch class, k) -> committed tokens per second
+        self.steps = 0
+
+    @staticmethod
+    def batch_class(num_rows: int) -> int:
+        return max(0, num_rows - 1).bit_length()
+
+    def choose(self, num_rows: int) -> int:
+        c = self.batch_class(num_rows)
+        self.steps += 1
+        for k in range(self.max_k, -1, -1):  # every k measured once first, widest first
+            if (c, k) not in self.rate:
+                return k
+        best = max(range(self.max_k + 1), key=lambda k: self.rate[c, k])
+        if self.steps % self.probe_every == 0:
+            return (best + 1 + (self.steps // self.probe_every) % self.max_k) % (self.max_k + 1)
+        return best
+
+    def record(self, num_rows: int, k: int, num_tokens: int, seconds: float) -> None:
+        key = (self.batch_class(num_rows), k)
+        rate = num_tokens / max(seconds, 1e-9)
+        old = self.rate.get(key)
+        # a first step of a new width may include compiling it: a later, much faster one replaces it
+        self.rate[key] = rate if old is None or rate > 2 * old else old + self.smoothing * (rate - old)
+
+
 def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the longest suffix (max_n down
     to min_n tokens) of token_ids; [] if no suffix occurred before."""
@@ -97,12 +137,20 @@ class MTPDrafter:
         self.runner, self.num_modules = runner, num_modules
 
     def propose(self, rows: list[tuple[Sequence, int, torch.Tensor, int]]) -> dict[int, list[int]]:
-        """rows: (sequence, first position this step computed, hidden [n, D] of its committed positions,
-        drafts wanted k >= 0). Fills the MTP cache at those positions; returns seq_id -> k drafts."""
+        """rows: (sequence, first position its last step computed, hidden [n, D] of the n positions that step
+        fed, drafts wanted k >= 0). Fills the MTP cache at the committed ones; returns seq_id -> k drafts.
+
+        A row whose drafts were partly rejected is still fed all n positions (one shape for every row of a
+        step, so the compiled draft step serves it): past the committed ones the next token is a filler and
+        the cache entries land past the sequence's length, to be overwritten; its draft is read at the last
+        committed position."""
         if not rows:
             return {}
-        first = [(seq, start, hidden, seq.token_ids[start + 1 : start + 1 + hidden.shape[0]])
-                 for seq, start, hidden, _ in rows]
+        first = []
+        for seq, start, hidden, _ in rows:
+            committed = seq.num_computed - start
+            next_ids = seq.token_ids[start + 1 : start + 1 + committed]
+            first.append((seq, start, hidden, next_ids + next_ids[-1:] * (hidden.shape[0] - committed), committed - 1))
         logits, h = self.runner.draft(first, depth=0)
         drafts = {seq.seq_id: [t] if k else [] for (seq, *_, k), t in zip(rows, logits.argmax(-1).tolist())}
         live = [(b, seq, k) for b, (seq, *_, k) in enumerate(rows) if k > 1]
@@ -110,7 +158,7 @@ class MTPDrafter:
             live = [(b, seq, k) for b, seq, k in live if k >= j]
             if not live:
                 break
-            step = [(seq, seq.num_computed + j - 2, h[b : b + 1], drafts[seq.seq_id][-1:]) for b, seq, _ in live]
+            step = [(seq, seq.num_computed + j - 2, h[b : b + 1], drafts[seq.seq_id][-1:], 0) for b, seq, _ in live]
             logits, h_step = self.runner.draft(step, depth=(j - 1) % self.num_modules)
             for (_, seq, _), t in zip(live, logits.argmax(-1).tolist()):
                 drafts[seq.seq_id].append(t)

@@ -101,7 +101,7 @@ class MLA(nn.Module):
 
         # Causal mask from absolute positions; keys of a contiguous cache sit at positions 0..S-1.
         S = c_kv.shape[1]
-        if S == T and cache is None:
+        if cache is None and S == T:  # (cache first: an exported step must not guard on S)
             mask = None  # plain causal
         elif B == 1 and T == 1 and attn_impl == "absorbed":
             mask = _ALL_VISIBLE  # a lone decode token: its cache holds exactly the keys it may see

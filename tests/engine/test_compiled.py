@@ -107,7 +107,7 @@ def test_warm_up_compiles_both_shapes_and_leaves_the_engine_clean(model):
     engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=16, compile=True))
     engine.warm_up()
     decode = engine.runner._compiled_decode
-    assert decode is not None and decode._single not in (None, False)  # the one-row package was built
+    assert decode is not None and decode.num_packages >= 1  # the one-row package was built
     assert not engine.requests and engine.blocks.num_free == engine.pool.num_blocks
     assert not engine.blocks.block_of  # no warm-up prefix stays cached
     prompt = _prompts([6], seed=3)[0]

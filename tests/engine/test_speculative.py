@@ -200,3 +200,21 @@ def test_compiled_steps_several_tokens_wide_equal_eager(demo):
     assert engine.runner._compiled_decode is not None  # it compiled, and stayed compiled
     assert _token_ids(got) == _token_ids(want)
     assert engine.spec_stats.num_accepted_tokens > engine.spec_stats.num_drafts  # widths 3 were verified
+
+
+def test_policy_measures_every_width_then_runs_the_best_and_keeps_probing():
+    from openr2.engine.speculative import SpecPolicy
+
+    policy = SpecPolicy(max_k=2, probe_every=8)
+    seconds = {0: 1.0, 1: 0.8, 2: 1.5}  # tokens per second: k=1 is best, k=2 loses to k=0
+    tokens = {0: 1, 1: 2, 2: 2}
+    chosen = []
+    for _ in range(40):
+        k = policy.choose(num_rows=8)
+        chosen.append(k)
+        policy.record(8, k, tokens[k], seconds[k])
+    assert chosen[:3] == [2, 1, 0]  # each width measured once, widest first
+    assert chosen.count(1) >= 30 and 0 in chosen[3:] and 2 in chosen[3:]  # the best, and probes of the others
+    assert policy.choose(num_rows=1) == 2  # another batch size class is measured on its own
+    policy.record(8, 2, 2, 1e-3)  # a much faster step replaces a stale (e.g. compiling) measurement
+    assert policy.rate[policy.batch_class(8), 2] == pytest.approx(2000)
