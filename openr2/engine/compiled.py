@@ -1,10 +1,10 @@
-"""The compiled decode step (EngineConfig.compile): one graph for "B rows, one new token each".
+"""The compiled decode step (EngineConfig.compile): "B rows, T new tokens each" ahead of time.
 
 At small batch a decode step is dispatch-bound: hundreds of small eager ops at a few microseconds each cost
 more than the matmuls. Inductor fuses the elementwise work (norms, rope, softmax, routing) into a few C++
-kernels and leaves the matmuls to MKL. Shapes are dynamic (rows, context length), so a model compiles
-once per shape class (one row, as an AOTInductor package; several rows, with torch.compile), not once
-per length.
+kernels and leaves the matmuls to MKL. Context length and pool size are dynamic, so a model compiles once
+per shape class (one row or several; T tokens per row: one, or one and its drafts), not once per length,
+and the compiled packages are kept on disk for the next start (CompiledStep).
 
 The step reads and writes the engine's paged pool directly: `DecodeView` is the paged cache of a
 decode-only step, built from plain tensors so that it can live inside the compiled region. The MTP draft
@@ -13,6 +13,9 @@ step (`draft_step`, speculative decoding) is compiled the same way.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import tempfile
 import types
@@ -71,70 +74,125 @@ def draft_step(model: Transformer, hidden: torch.Tensor, next_ids: torch.Tensor,
 
 
 class CompiledStep:
-    """One step function of one model (decode_step, or draft_step at one depth), compiled.
+    """One step function of one model (decode_step, or draft_step at one depth), compiled ahead of time.
 
-    One row (the latency case) runs through AOTInductor packages on CPU, one per number of new tokens: the
-    same inductor kernels as torch.compile's, called from C++ without dynamo's Python wrapper and guards
-    around them (~0.35-0.45 ms less per step on the demo model). A package holds no weights: it reads the
-    model's own tensors (user-managed constants), so in-place weight updates, as GRPO's, are seen. Several
-    rows (and one row on other devices, or if export fails) run through torch.compile. Arguments are
-    tensors, the pools (dim 1: slots) and the gather index (dim 1: context) at `pools` and `gather_arg`.
+    One row (the latency case) runs through AOTInductor packages on CPU, one per number of new tokens per
+    row: inductor's kernels called from C++ without dynamo's Python wrapper and guards (~0.35-0.45 ms less
+    per step on the demo model than torch.compile). Context length and pool size are
+    dynamic. A package holds no weights: it reads the model's own tensors (user-managed constants), so
+    in-place weight updates, as GRPO's, are seen. Packages are kept on disk (`cache_dir`), keyed by
+    everything they depend on (step, shapes, parameter names/shapes/dtypes, config, torch version, CPU
+    capability, openr2's model code): a restart loads them in well under a second each instead of
+    compiling for ~20-40 s. Several rows (and one row if export fails) run through torch.compile
+    (dynamic rows and context; its graphs are compiled once per process, inductor's kernels come from its
+    own disk cache). Multi-row packages were tried: exported with dynamic rows and context they gave wrong
+    results at other contexts (torch 2.13), so they are not used. Arguments are tensors; the pools (dim 1:
+    slots) and the gather index (dim 1: context) are at `pools` and `gather_arg`.
     """
 
-    def __init__(self, model: Transformer, step, pools: tuple[int, int], gather_arg: int, **static):
+    def __init__(self, model: Transformer, step, pools: tuple[int, int], gather_arg: int,
+                 cache_dir: str | None = None, **static):
         self.model, self.step, self.static = model, step, static
         self.pools, self.gather_arg = pools, gather_arg
-        self._multi = _private_compile(step)
-        self._packages: dict[tuple, object] = {}  # shape of the first argument -> loaded package, or False
-        self._package_dir: tempfile.TemporaryDirectory | None = None
+        self.cache_dir = cache_dir or default_cache_dir()
+        self._multi = None  # torch.compile fallback, made on first need
+        self._packages: dict[int, object] = {}  # one row's width -> loaded package, or False
+        self.num_loaded = self.num_built = 0  # packages read from disk / compiled by this process
 
     def __call__(self, *args):
-        first = args[0]
-        if first.shape[0] == 1 and first.device.type == "cpu":
-            key = tuple(first.shape)
-            if key not in self._packages:
-                self._packages[key] = self._export(args)
-            package = self._packages[key]
-            if package is not False:
-                # the package's loader directly: its Python __call__ re-parses the call spec and flattens
-                # the arguments on every call (~50 us a step)
-                return tuple(package.loader.boxed_run(list(args)))
+        rows, width = args[0].shape[:2]
+        package = False
+        if rows == 1:
+            if width not in self._packages:
+                self._packages[width] = self._package(width, args)
+            package = self._packages[width]
+        if package is not False:
+            # the package's loader directly: its Python __call__ re-parses the call spec and flattens the
+            # arguments on every call (~50 us a step)
+            return tuple(package.loader.boxed_run(list(args)))
+        if self._multi is None:
+            self._multi = _private_compile(self.step)
         return self._multi(self.model, *args, **self.static)
 
-    def _export(self, example):
-        """AOTInductor package of the one-row step at this width (context length and pool size dynamic);
-        False if the model does not export (then torch.compile serves one row too)."""
+    @property
+    def num_packages(self) -> int:
+        return sum(1 for p in self._packages.values() if p is not False)
+
+    def _package(self, key, example):
+        """The loaded package of this shape class, from disk or compiled now; False if the model does not
+        export (then torch.compile serves it)."""
+        path = os.path.join(self.cache_dir, f"{self.step.__name__}-{self._key_hash(key, example)}.pt2")
+        if os.path.isfile(path):
+            try:
+                runner = self._load(path)
+                self.num_loaded += 1
+                return runner
+            except Exception as e:  # a truncated or foreign file: compile it again
+                warnings.warn(f"{path}: cached compiled step unreadable ({type(e).__name__}); recompiling",
+                              stacklevel=3)
         try:
             with warnings.catch_warnings():  # torch's own export/packaging trips its LeafSpec deprecation
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-                return self._build_package(example)
+                self._build(key, example, path)
+            self.num_built += 1
+            return self._load(path)
         except Exception as e:  # export covers what torch.compile does; if not, that path still works
-            warnings.warn(f"one-row step not exported ({type(e).__name__}: {str(e)[:200]}); using torch.compile",
-                          stacklevel=2)
+            warnings.warn(f"{self.step.__name__} not exported ({type(e).__name__}: {str(e)[:200]}); "
+                          "using torch.compile", stacklevel=3)
             return False
 
-    def _build_package(self, example):
+    def _build(self, key, example, path: str) -> None:
         module = _Step(self.model, self.step, self.static)
         context, slots = torch.export.Dim("context", min=2), torch.export.Dim("slots")
         shapes = [None] * len(example)
         shapes[self.pools[0]] = shapes[self.pools[1]] = {1: slots}
         shapes[self.gather_arg] = {1: context}
         program = torch.export.export(module, tuple(example), dynamic_shapes={"args": tuple(shapes)}, strict=False)
-        if self._package_dir is None:
-            self._package_dir = tempfile.TemporaryDirectory(prefix="openr2-step-")
-        name = f"{self.step.__name__}-{len(self._packages)}.pt2"
-        path = torch._inductor.aoti_compile_and_package(
-            program, package_path=os.path.join(self._package_dir.name, name),
-            inductor_configs={"aot_inductor.package_constants_in_so": False})
+        os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:  # written whole, then renamed: atomic
+            built = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(tmp, "step.pt2"),
+                inductor_configs={"aot_inductor.package_constants_in_so": False})
+            os.chmod(built, 0o600)
+            os.replace(built, path)
+
+    def _load(self, path: str):
         runner = torch._inductor.aoti_load_package(path)
+        module = _Step(self.model, self.step, self.static)
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
                               check_full_update=True, user_managed=True)
         return runner
 
-    @property
-    def num_packages(self) -> int:
-        return sum(1 for p in self._packages.values() if p is not False)
+    def _key_hash(self, key, example) -> str:
+        h = hashlib.sha256()
+        parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), self.step.__name__, repr(self.static),
+                 repr(key), json.dumps(self.model.config.to_hf(), sort_keys=True, default=str), _code_hash()]
+        parts += [f"{a.dtype}:{a.device.type}:{a.dim()}" for a in example]
+        parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in self.model.state_dict(keep_vars=True).items()]
+        for part in parts:
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()[:24]
+
+
+def default_cache_dir() -> str:
+    """Where compiled steps are kept: $OPENR2_CACHE_DIR/compiled, else ~/.cache/openr2/compiled."""
+    root = os.environ.get("OPENR2_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "openr2")
+    return os.path.join(root, "compiled")
+
+
+@functools.cache
+def _code_hash() -> str:
+    """openr2's code that a compiled step contains (the model, quantized layers, this file)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for folder in ("model", "quant", "engine"):
+        for name in sorted(os.listdir(os.path.join(package, folder))):
+            if name.endswith(".py") and (folder != "engine" or name == "compiled.py"):
+                with open(os.path.join(package, folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
 
 
 class _Step(torch.nn.Module):
@@ -149,23 +207,23 @@ class _Step(torch.nn.Module):
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_decode_step(model: Transformer) -> CompiledStep:
-    """The compiled decode step of this model (engines on the same model share its graphs)."""
-    return _compiled(model, "decode")
+def compiled_decode_step(model: Transformer, cache_dir: str | None = None) -> CompiledStep:
+    """The compiled decode step of this model (engines on the same model share its packages)."""
+    return _compiled(model, "decode", cache_dir)
 
 
-def compiled_draft_step(model: Transformer, depth: int) -> CompiledStep:
+def compiled_draft_step(model: Transformer, depth: int, cache_dir: str | None = None) -> CompiledStep:
     """The compiled draft step of this model's MTP module `depth`."""
-    return _compiled(model, f"draft-{depth}")
+    return _compiled(model, f"draft-{depth}", cache_dir)
 
 
-def _compiled(model: Transformer, name: str) -> CompiledStep:
+def _compiled(model: Transformer, name: str, cache_dir: str | None) -> CompiledStep:
     steps = _COMPILED.setdefault(model, {})
     if name not in steps:
         if name == "decode":
-            steps[name] = CompiledStep(model, decode_step, pools=(2, 3), gather_arg=4)
+            steps[name] = CompiledStep(model, decode_step, (2, 3), 4, cache_dir)
         else:
-            steps[name] = CompiledStep(model, draft_step, pools=(3, 4), gather_arg=5, depth=int(name.split("-")[1]))
+            steps[name] = CompiledStep(model, draft_step, (3, 4), 5, cache_dir, depth=int(name.split("-")[1]))
     return steps[name]
 
 

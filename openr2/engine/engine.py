@@ -46,6 +46,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output; default max_position_embeddings
     enable_prefix_caching: bool = True
     compile: bool = False  # compile the decode step (engine/compiled.py): ~20-60 s once, then faster decode
+    compile_cache_dir: str | None = None  # compiled steps kept here; default $OPENR2_CACHE_DIR or ~/.cache/openr2
     # vLLM's: {"method": "mtp" | "ngram", "num_speculative_tokens": k, ...} (engine/speculative.py) or "mtp:2"
     speculative_config: dict | str | None = None
 
@@ -136,7 +137,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
                                    self.pool.copy_block)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
-        self.runner = ModelRunner(model, self.pool, compile=self.config.compile)
+        self.runner = ModelRunner(model, self.pool, config.compile, config.compile_cache_dir)
         self.mtp_drafter = MTPDrafter(self.runner, len(model.mtp)) \
             if self.speculative is not None and self.speculative.method == "mtp" else None
         self.spec_stats = SpecStats()

@@ -24,8 +24,8 @@ from openr2.model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pool: KVPool, compile: bool = False):
-        self.model, self.pool = model, pool
+    def __init__(self, model: Transformer, pool: KVPool, compile: bool = False, compile_cache_dir: str | None = None):
+        self.model, self.pool, self.compile_cache_dir = model, pool, compile_cache_dir
         self.device = model.device
         self._compiled_decode = None
         if compile:
@@ -37,7 +37,7 @@ class ModelRunner:
             else:
                 from openr2.engine.compiled import compiled_decode_step
 
-                self._compiled_decode = compiled_decode_step(model)
+                self._compiled_decode = compiled_decode_step(model, compile_cache_dir)
 
     @torch.inference_mode()
     def run(self, plan: list[tuple[Sequence, int]], with_hidden: bool = False) -> StepOutput:
@@ -76,7 +76,7 @@ class ModelRunner:
                 and B * T <= COMPILED_DECODE_MAX_TOKENS:
             from openr2.engine.compiled import compiled_draft_step
 
-            logits, h = compiled_draft_step(self.model, depth)(hidden, ids, positions, self.pool.c_kv,
+            logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(hidden, ids, positions, self.pool.c_kv,
                                                                self.pool.k_rope, view.gather,
                                                                view.write_slots.view(B, T), last)
         else:

@@ -5,6 +5,7 @@ logits as the eager step, and a clean fall back to eager when torch.compile cann
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_falls_back_to_eager_when_compile_fails(model, monkeypatch):
     def unsupported(*args, **kwargs):
         raise torch._dynamo.exc.TorchDynamoException("cannot trace this model")
 
-    monkeypatch.setattr(compiled, "compiled_decode_step", lambda model: unsupported)
+    monkeypatch.setattr(compiled, "compiled_decode_step", lambda model, cache_dir=None: unsupported)
     prompt = _prompts([6], seed=2)[0]
     engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=8, compile=True))
     with pytest.warns(UserWarning, match="compiled decode unavailable"):
@@ -143,3 +144,22 @@ def test_int4_models_decode_eagerly():
     with pytest.warns(UserWarning, match="int4 and fp8 models decode eagerly"):
         engine = LLMEngine(quantized, config=EngineConfig(block_size=8, num_blocks=8, compile=True))
     assert engine.runner._compiled_decode is None
+
+
+@pytest.mark.slow
+def test_a_restart_loads_the_compiled_steps_from_disk(model, tmp_path):
+    """A second engine (a fresh process's model object) loads the packages the first compiled: no compiling."""
+    import copy
+
+    config = EngineConfig(block_size=8, num_blocks=16, compile=True, compile_cache_dir=str(tmp_path))
+    first = LLMEngine(copy.deepcopy(model), config=config)  # not the fixture: its steps are compiled already
+    first.warm_up()
+    assert first.runner._compiled_decode.num_built == 1  # the one-row package (several rows: torch.compile)
+    assert all(os.stat(p).st_mode & 0o077 == 0 for p in tmp_path.iterdir())  # owner-only files
+    restarted = copy.deepcopy(model)  # another model object: nothing shared in memory
+    second = LLMEngine(restarted, config=config)
+    second.warm_up()  # (how long a restart takes is measured by bench/spec.py, not asserted here)
+    decode = second.runner._compiled_decode
+    assert (decode.num_loaded, decode.num_built) == (1, 0)
+    prompt = _prompts([6], seed=4)[0]
+    assert _run(second, [("a", prompt, GREEDY)])["a"].outputs[0].token_ids == _naive_greedy(model, prompt, 16)
