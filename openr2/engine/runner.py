@@ -86,8 +86,7 @@ class ModelRunner:
 
     def _decode_compiled(self, ids, positions, view):
         try:
-            return self._compiled_decode(ids, positions, self.pool.c_kv, self.pool.k_rope, view.gather,
-                                         view.write_slots)
+            return self._compiled_decode(ids, positions, *view.decode_args())[:, 0]
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",
