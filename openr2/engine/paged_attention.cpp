@@ -38,6 +38,7 @@ constexpr int64_t kLanes = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kChunkTokens = 1024;  // keys per task (at least one group)
 constexpr int64_t kGroupTokens = 64;    // keys per softmax update (at least one block)
+constexpr int64_t kPartialBytes = 64 << 20;  // bound on the chunks' partial outputs (long rows of many queries)
 
 // st[u][0:Qp] (+)= sum_d k[u][d] * qt[d][0:Qp] for KB keys u (rows of k, ldk apart) and D dimensions.
 template <int KB>
@@ -112,9 +113,20 @@ void attend(const Problem& p) {
   const int64_t B = p.B, T = p.T, H = p.H, C = p.C, R = p.R, W = p.W, bs = p.block_size;
   const int64_t Q = T * H, QV = (Q + kLanes - 1) / kLanes, Qp = QV * kLanes;
   const int64_t group_blocks = std::max<int64_t>(1, kGroupTokens / bs);
-  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkTokens / (group_blocks * bs)) * group_blocks;
   // tasks: (row, chunk); a row reads keys 0..max_t positions[b, t]
   std::vector<int64_t> task_row, task_chunk, row_first(B + 1), row_keys(B), row_min(B);
+  int64_t total_groups = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = p.pos[b * T];
+    for (int64_t t = 0; t < T; ++t) last = std::max(last, p.pos[b * T + t]);
+    total_groups += (last + group_blocks * bs) / (group_blocks * bs);
+  }
+  // chunks of kChunkTokens keys, longer where many queries would make the partial outputs (tasks x Q x C)
+  // outgrow kPartialBytes; a function of the shapes only, never of the thread count
+  const int64_t max_tasks = std::max<int64_t>(B, kPartialBytes / (Q * C * static_cast<int64_t>(sizeof(float))));
+  const int64_t chunk_groups = std::max<int64_t>(std::max<int64_t>(1, kChunkTokens / (group_blocks * bs)),
+                                                 (total_groups + max_tasks - 1) / max_tasks);
+  const int64_t chunk_blocks = chunk_groups * group_blocks;
   for (int64_t b = 0; b < B; ++b) {
     int64_t last = p.pos[b * T], first = p.pos[b * T];
     for (int64_t t = 0; t < T; ++t) {
