@@ -136,25 +136,23 @@ class PagedView:
         self.pool, self.read_impl = pool, read
         bs = pool.block_size
         device = pool.c_kv.device
-        done, new = torch.tensor(num_computed), torch.tensor(num_new)
-        B, T = len(num_new), max(num_new)
-        contexts = done + new
-        self.num_keys = int(contexts.max())
+        T = max(num_new)
+        self.num_keys = max(done + new for done, new in zip(num_computed, num_new))
         # Block tables as one [B, W] tensor, cut to the blocks the step reads and padded with block 0 (never
         # read: the attention stops at each query's position); at least two columns, so that a compiled step
         # sees a width it keeps dynamic (export specialises a dimension of size 1).
         width = max(2, -(-self.num_keys // bs))
-        self.block_table = torch.tensor([table[:width] + [0] * (width - len(table[:width]))
-                                         for table in block_tables], dtype=torch.long)
+        table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables], dtype=torch.long)
         # The new tokens: row b's tokens 0..num_new[b]-1 (padding past them is never written) at positions
-        # num_computed[b] + t, flattened over [B, T] as write_index, their slots in write_slots.
+        # num_computed[b] + t; write_index is their flat index into [B, T], write_slots their pool slots.
         t = torch.arange(T)
-        valid = (t < new[:, None]).flatten()
-        pos = (done[:, None] + t).flatten()[valid]
-        rows = torch.arange(B).repeat_interleave(T)[valid]
-        self.write_index = valid.nonzero().squeeze(1).to(device)
-        self.write_slots = (self.block_table[rows, pos // bs] * bs + pos % bs).to(device)
-        self.block_table = self.block_table.to(device)
+        positions = torch.tensor(num_computed)[:, None] + t  # [B, T]
+        valid = (t < torch.tensor(num_new)[:, None]).flatten()
+        positions = positions.clamp_(max=width * bs - 1)  # padding past the table: any slot, never written
+        slots = (table.gather(1, positions // bs) * bs + positions % bs).flatten()
+        write_index = valid.nonzero().squeeze(1)
+        self.write_index, self.write_slots = write_index.to(device), slots[write_index].to(device)
+        self.block_table = table.to(device)
         self._slots: torch.Tensor | None = None  # the gather index, built on first need, shared by the layers
 
     def decode_args(self) -> tuple:
