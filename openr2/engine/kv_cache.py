@@ -97,6 +97,7 @@ class KVPool:
             self.index_in_kind.append(self.kinds[:i].count(kind))
         latent = self.tensors[self.kinds[0]]
         self.c_kv, self.k_rope = latent["c_kv"], latent["k_rope"]  # the latent cache of every layer (one kind)
+        paged_attention.kernel_reads(self.c_kv)  # the kernel that reads this pool: built now, not in a first step
 
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 64,
