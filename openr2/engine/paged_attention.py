@@ -6,27 +6,33 @@ they lie, through the row's block table. `gather_latent_attention` is the refere
 context into a dense [B, S, C] tensor and run model/mla.py's `attend_latent`; the tests hold the two equal.
 
 Why a C++ kernel (paged_attention.cpp, built on first use with torch.utils.cpp_extension and cached on disk):
-the candidates, measured on this project's 2-vCPU Intel Xeon (Sapphire Rapids, AVX-512) for one layer of
-small_moe (H 8, C 64, R 16, blocks of 64 in random pool order, one row, one new token, 2 threads; medians,
-noisy shared machine; the prototypes are in the git history of this docstring's commit message):
+the candidates, timed side by side by bench/paged_attention.py on this project's 2-vCPU Intel Xeon (Sapphire
+Rapids, AVX-512; 2 threads, a shared machine: the other jobs took ~70% of it during this run, so read the
+ratios), one layer of small_moe (H 8, C 64, R 16, float32), one row, one new token, blocks of 64 in shuffled
+pool order, ms per call:
 
-    context                            4K       16K      64K      128K
-    gather + bmm (before)              0.76 ms  1.81 ms  5.8 ms   20.7 ms   copy alone: 0.3 / 0.8 / 2.4 / 13 ms
-    inductor, indirect loads fused     1.09     5.96     27.6     65.5      (gather + bmm there: 2.8 / 2.3 / 10.7 / 33.7)
-    views of contiguous blocks + mm    0.41     0.93     2.4      5.2       (only if a row's blocks are contiguous)
-    C++, scalar dot products           0.32     1.36     6.7      13.3
-    C++, MKL/oneDNN brgemm per run     0.27     1.05     5.1      12.0
-    C++, query-lane vectors (this)     0.16     0.73     2.8      ~6-12     (load-dependent on the shared machine)
+    context                              4K      16K     64K     128K
+    gather + bmm (before; the reference) 1.27    7.53    32.0    77.2
+      its copy alone                     0.27    1.21    10.6    40.9
+    inductor, indirect loads fused       0.90    11.8    43.4    108.9
+    views of contiguous blocks + mm      0.77    1.60    10.6    21.9   (only if a row's blocks are contiguous)
+    this kernel                          0.20    0.79    6.2     16.0   (13.2 with contiguous blocks)
 
-Inductor cannot fuse the gather into the matmuls: written as indirect-load reductions it re-reads the context
-once per query row (slower than the copy). Views + MKL are fast but exist only for contiguous runs of a row's
-blocks: with prefix sharing and a long-lived pool a row's blocks scatter, and a Python loop over rows and runs
-cannot live in the compiled decode graph. The kernel reads every key once, in place, whatever the block
-order, runs in eager steps and inside both compiled decode paths (torch.compile and the AOTInductor package
-call it as an opaque op; `torch.library.register_fake` gives its shape), and parallelises one long row over
-chunks of blocks (flash-decoding: partial softmax per chunk, combined by log-sum-exp), so its step time grows
-with the bytes a step attends and nothing else. It is the model's `attend` for float32 pools on CPU; other
-dtypes and devices (and machines where the kernel cannot be built) read through the gather reference.
+Inductor cannot fuse the gather into the matmuls: written as reductions over indirect loads, it re-reads the
+context once per query row, slower than the copy. Views + MKL are fast but exist only for contiguous runs of a
+row's blocks: with prefix sharing and a long-lived pool a row's blocks scatter, and a Python loop over rows
+and runs cannot live in the compiled decode graph. Two other kernel forms were measured while writing this
+one and dropped: one dot product per (query, key) with a horizontal sum (1.5-2x slower), and MKL/oneDNN
+small GEMMs per run of blocks through ATen's brgemm (1.4-1.7x slower: call overhead at these sizes). The
+kernel reads every key once, in place, whatever the block order, runs in eager steps and inside both
+compiled decode paths (torch.compile and the AOTInductor package call it as an opaque op;
+`torch.library.register_fake` gives its shape), and parallelises one long row over chunks of blocks
+(flash-decoding: partial softmax per chunk, combined by log-sum-exp), so its step time grows with the bytes
+a step attends and nothing else. It is compute-bound at ~6 GB/s of cache per thread (~50 ns per key of
+80 floats for 8 query rows; the broadcast-FMA score loop is most of it), a quarter of what one thread can
+stream here: a register-blocked dot-product micro-kernel with AVX-512 reductions is the next step if that
+matters. It is the model's `attend` for float32 pools on CPU; other dtypes and devices (and machines where
+the kernel cannot be built) read through the gather reference.
 
 Not here: bfloat16 pools (the kernel's loads would convert), a CUDA kernel (FlashMLA-style), and sparse reads
 (DeepSeek V3.2/V4 select blocks per query: the same kernel with a per-row list of selected blocks).
