@@ -7,8 +7,10 @@ per shape class (one row or several; T tokens per row: one, or one and its draft
 and the compiled packages are kept on disk for the next start (CompiledStep).
 
 The step reads and writes the engine's paged pool directly: `DecodeView` is the paged cache of a
-decode-only step, built from plain tensors so that it can live inside the compiled region. The MTP draft
-step (`draft_step`, speculative decoding) is compiled the same way.
+decode-only step, built from plain tensors so that it can live inside the compiled region. Its reads go
+through the block tables in place (engine/paged_attention.py's kernel, an opaque op to the compiler), so no
+context is copied inside the graph. The MTP draft step (`draft_step`, speculative decoding) is compiled the
+same way.
 """
 
 from __future__ import annotations
@@ -24,51 +26,69 @@ import weakref
 
 import torch
 
+from openr2.engine import paged_attention
 from openr2.model.transformer import Transformer
 
 COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)
 COMPILED_DECODE_MAX_WIDTH = 4  # tokens per row: one and up to three drafts
 
 class DecodeView:
-    """The cache of a decode-only step: row b writes its new tokens to pool slots `write_slots[b]` [T] and
-    reads its context through `gather[b]` (slots, padded with slot 0 beyond the row's length; masked by
-    position)."""
+    """The cache of a decode-only step over rows padded to T new tokens: the valid tokens (flat index
+    `write_index` into [B * T]) go to pool slots `write_slots`; row b reads keys 0..positions[b, t] through
+    `block_table[b]` (blocks of `block_size` slots). read: "blocks" (in place) or "gather" (the reference:
+    each row's context copied out first, as before the in-place read)."""
 
-    def __init__(self, pool_c: torch.Tensor, pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor):
-        self.pool_c, self.pool_r, self.gather, self.write_slots = pool_c, pool_r, gather, write_slots
+    def __init__(self, pool_c: torch.Tensor, pool_r: torch.Tensor, block_table: torch.Tensor,
+                 write_slots: torch.Tensor, write_index: torch.Tensor, block_size: int, read: str = "blocks"):
+        self.pool_c, self.pool_r, self.block_table = pool_c, pool_r, block_table
+        self.write_slots, self.write_index, self.block_size, self.read_impl = write_slots, write_index, block_size, read
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         # Written into the whole pool tensor, not into a per-layer view of it: compiled, a write through a
         # view becomes a copy of the entire pool per layer (~70 ms/step at 64 MB), this one a scatter.
         layer = torch.full_like(self.write_slots, layer_idx)
-        self.pool_c.index_put_((layer, self.write_slots), c_kv.to(self.pool_c.dtype))
-        self.pool_r.index_put_((layer, self.write_slots), k_rope.to(self.pool_r.dtype))
-        context_c, context_r = self.pool_c[layer_idx][self.gather], self.pool_r[layer_idx][self.gather]
-        return context_c.to(c_kv.dtype), context_r.to(k_rope.dtype)
+        self.pool_c.index_put_((layer, self.write_slots), c_kv.flatten(0, 1)[self.write_index].to(self.pool_c.dtype))
+        self.pool_r.index_put_((layer, self.write_slots), k_rope.flatten(0, 1)[self.write_index].to(self.pool_r.dtype))
+
+    def read(self, layer_idx: int):
+        raise NotImplementedError("the compiled decode step runs absorbed attention only")
+
+    def attend(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        args = (q_latent, q_rope, self.pool_c, self.pool_r, layer_idx, self.block_table, positions,
+                self.block_size, scale)
+        if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool_c):
+            return paged_attention.paged_latent_attention(*args)
+        # every key of the tables (the mask hides those past each query): no size that depends on data
+        slots = paged_attention.block_slots(self.block_table, self.block_size, self.block_table.shape[1] * self.block_size)
+        return paged_attention.gather_latent_attention(*args, slots=slots)
 
     def advance(self, num_tokens: int) -> None:
         """Lengths live in the engine's sequences."""
 
 
 def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
-                pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor):
-    """ids/positions/write_slots [B, T], gather [B, S] -> (logits [B, T, V] at every new token, final-normed
-    hidden [B, T, D]) (absorbed MLA; the hidden feeds an MTP drafter). T > 1: a token and its drafts.
+                pool_r: torch.Tensor, block_table: torch.Tensor, write_slots: torch.Tensor,
+                write_index: torch.Tensor, block_size: int, read: str = "blocks"):
+    """ids/positions [B, T], block_table [B, W], write_slots/write_index [number of valid new tokens] (as
+    PagedView.decode_args gives them) -> (logits of every new position [B, T, V], final-normed hidden
+    [B, T, D]) (absorbed MLA; the hidden feeds an MTP drafter). T > 1: a token and its drafts.
 
     B * T is at most COMPILED_DECODE_MAX_TOKENS. The implementations are the ones inductor fuses: the experts'
     host-sync-free `decode` path and the `compiled` kernels (model/layers.py: one row on CPU as a product
     and a sum, int8 weights likewise); run eagerly (the tests' reference) they give the same numbers."""
-    view = DecodeView(pool_c, pool_r, gather, write_slots)
+    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
     return model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode", kernel_impl="compiled",
                  return_hidden=True)
 
 
 def draft_step(model: Transformer, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-               pool_c: torch.Tensor, pool_r: torch.Tensor, gather: torch.Tensor, write_slots: torch.Tensor,
-               last: torch.Tensor, depth: int = 0):
-    """MTP module `depth` drafting over the pool: hidden [B, T, D], next_ids/positions/write_slots [B, T],
-    gather [B, S], last [B] -> (draft logits at each row's `last` position [B, V], block output there [B, D])."""
-    view = DecodeView(pool_c, pool_r, gather, write_slots)
+               pool_c: torch.Tensor, pool_r: torch.Tensor, block_table: torch.Tensor, write_slots: torch.Tensor,
+               write_index: torch.Tensor, last: torch.Tensor, block_size: int, depth: int = 0, read: str = "blocks"):
+    """MTP module `depth` drafting over the pool: hidden [B, T, D], next_ids/positions [B, T], the cache
+    arguments as decode_step's, last [B] -> (draft logits at each row's `last` position [B, V], block output
+    there [B, D])."""
+    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
     logits, h = model.draft(hidden, next_ids, positions, view, depth, last, "absorbed", "decode", "compiled")
     return logits, h[torch.arange(h.shape[0], device=h.device), last]
 
@@ -87,32 +107,34 @@ class CompiledStep:
     (dynamic rows and context; its graphs are compiled once per process, inductor's kernels come from its
     own disk cache). Multi-row packages were tried: exported with dynamic rows and context they gave wrong
     results at other contexts (torch 2.13), so they are not used. Arguments are tensors; the pools (dim 1:
-    slots) and the gather index (dim 1: context) are at `pools` and `gather_arg`.
+    slots) and the block table (dim 1: blocks) are at `pools` and `table_arg`; block_size is a keyword.
     """
 
-    def __init__(self, model: Transformer, step, pools: tuple[int, int], gather_arg: int,
+    def __init__(self, model: Transformer, step, pools: tuple[int, int], table_arg: int,
                  cache_dir: str | None = None, **static):
+        paged_attention.load()  # the in-place read's kernel, registered before anything is traced
         self.model, self.step, self.static = model, step, static
-        self.pools, self.gather_arg = pools, gather_arg
+        self.pools, self.table_arg = pools, table_arg
         self.cache_dir = cache_dir or default_cache_dir()
         self._multi = None  # torch.compile fallback, made on first need
-        self._packages: dict[int, object] = {}  # one row's width -> loaded package, or False
+        self._packages: dict[tuple, object] = {}  # one row's (width, block size) -> loaded package, or False
         self.num_loaded = self.num_built = 0  # packages read from disk / compiled by this process
 
-    def __call__(self, *args):
+    def __call__(self, *args, block_size: int):
         rows, width = args[0].shape[:2]
         package = False
         if rows == 1:
-            if width not in self._packages:
-                self._packages[width] = self._package(width, args)
-            package = self._packages[width]
+            key = (width, block_size)
+            if key not in self._packages:
+                self._packages[key] = self._package(key, args)
+            package = self._packages[key]
         if package is not False:
             # the package's loader directly: its Python __call__ re-parses the call spec and flattens the
             # arguments on every call (~50 us a step)
             return tuple(package.loader.boxed_run(list(args)))
         if self._multi is None:
             self._multi = _private_compile(self.step)
-        return self._multi(self.model, *args, **self.static)
+        return self._multi(self.model, *args, block_size=block_size, **self.static)
 
     @property
     def num_packages(self) -> int:
@@ -142,11 +164,13 @@ class CompiledStep:
             return False
 
     def _build(self, key, example, path: str) -> None:
-        module = _Step(self.model, self.step, self.static)
-        context, slots = torch.export.Dim("context", min=2), torch.export.Dim("slots")
+        module = _Step(self.model, self.step, dict(self.static, block_size=key[1]))
+        # the pool size and the block table width dynamic (PagedView pads tables to at least two columns);
+        # one row with a fixed number of new tokens, so its writes are static
+        blocks, slots = torch.export.Dim("blocks", min=2), torch.export.Dim("slots")
         shapes = [None] * len(example)
         shapes[self.pools[0]] = shapes[self.pools[1]] = {1: slots}
-        shapes[self.gather_arg] = {1: context}
+        shapes[self.table_arg] = {1: blocks}
         program = torch.export.export(module, tuple(example), dynamic_shapes={"args": tuple(shapes)}, strict=False)
         os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:  # written whole, then renamed: atomic
@@ -158,7 +182,7 @@ class CompiledStep:
 
     def _load(self, path: str):
         runner = torch._inductor.aoti_load_package(path)
-        module = _Step(self.model, self.step, self.static)
+        module = _Step(self.model, self.step, self.static)  # for the parameters' names only
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
                               check_full_update=True, user_managed=True)
@@ -189,7 +213,7 @@ def _code_hash() -> str:
     h = hashlib.sha256()
     for folder in ("model", "quant", "engine"):
         for name in sorted(os.listdir(os.path.join(package, folder))):
-            if name.endswith(".py") and (folder != "engine" or name == "compiled.py"):
+            if name.endswith(".py") and (folder != "engine" or name in ("compiled.py", "paged_attention.py")):
                 with open(os.path.join(package, folder, name), "rb") as f:
                     h.update(name.encode() + f.read())
     return h.hexdigest()
@@ -238,6 +262,7 @@ def _private_compile(step):
     """
     code = step.__code__.replace()
     private = types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__)
+    private.__kwdefaults__ = step.__kwdefaults__
     return torch.compile(private, dynamic=True, fullgraph=True,
                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
                                   "cpp_wrapper": True})

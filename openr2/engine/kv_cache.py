@@ -1,29 +1,76 @@
-"""Paged latent KV cache: the tensor pool and the per-forward view the model writes and reads.
+"""Paged KV cache: the tensor pool, the cache kind of each layer, and the per-forward view the model uses.
 
-Per layer and token only MLA's normalised latent c_kv [C] and rotated rope key k_rope [R] are stored, in
-fixed-size blocks (64 tokens by default) of one pool sized from a memory budget. Which block belongs to
-which sequence is the block manager's business (prefix_cache.py); this file only moves numbers.
+The pool is one memory budget cut into blocks of `block_size` tokens; a sequence's block table (the block
+manager's business, prefix_cache.py) lists its blocks in position order, and the same block id indexes every
+cached layer. What a layer stores for a block is its *cache kind*'s business:
+- `LatentKind` (DeepSeek V2/V3 MLA, the one implemented): per token the normalised latent c_kv [C] and the
+  rotated rope key k_rope [R].
+- Next, by the same seam (docs: /work/shared/reference/deepseek_v32_v4.md): V3.2's indexer keys (one
+  128-dim key per token beside the latent), V4's compressed entries (CSA: one entry per 4 tokens, so
+  `tokens_per_entry` 4 and block_size / 4 entries per block; HCA: per 128) and its sliding-window ring (a
+  fixed window per sequence: blocks outside the window go back to the pool).
+A kind says how many entries a block holds and how wide each field is; `cache_kinds` maps a config's layers
+to kinds (all latent today; V3.2/V4 read their `layer_types` there); `KVPool.from_budget` sizes the blocks so
+that the bytes of all layers' kinds for one block, times the number of blocks, fit the budget. Layers of one
+kind share stacked tensors ([layers of that kind, entries, width]), so a compiled step writes and reads one
+tensor per field.
 
-`PagedView` implements the cache protocol of openr2.model.mla (update / advance) for one forward over a
-padded batch: new tokens are scattered into their slots, then each row's whole context is gathered back
-in position order, so key j of row b sits at position j and MLA's positional causal mask also hides the
-padding past each row's context.
+`PagedView` implements the cache protocol of openr2.model.mla for one forward over a padded batch [B, T]:
+`write` scatters the new tokens (row b's first num_new[b] of T) into their slots; `attend` (the absorbed
+path: decode rows, short tails over long contexts) reads the pool in place through the block tables
+(engine/paged_attention.py); `read` (the naive path, compute-bound prompt chunks that expand K/V from the
+latent anyway) gathers each row's context into [B, S, .] in position order. The step's index tensors come
+from the block tables and lengths by tensor ops, not per-token Python loops.
 
 Shape legend: L layers, N slots (num_blocks * block_size), B rows, T new tokens per row (padded),
-S context per row (padded), C kv_lora_rank, R rope dim.
+S context per row (padded), W blocks per block table, C kv_lora_rank, R rope dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from openr2.config import ModelConfig
+from openr2.engine import paged_attention
+
+READ_IMPLS = ("blocks", "gather")  # the absorbed read: in place through the block tables, or the gather reference
+
+
+@dataclass(frozen=True)
+class LatentKind:
+    """MLA's latent cache: per token and layer c_kv [kv_lora_rank] and k_rope [rope_dim], one entry per token.
+
+    A cache kind is this much: its fields and their widths, and how many tokens one entry covers; the pool
+    allocates it, the layer's view reads it. A compressed kind (V4's CSA/HCA entries) has tokens_per_entry > 1.
+    """
+
+    kv_lora_rank: int
+    rope_dim: int
+    tokens_per_entry: int = 1
+
+    @property
+    def fields(self) -> dict[str, int]:
+        return {"c_kv": self.kv_lora_rank, "k_rope": self.rope_dim}
+
+    def entries_per_block(self, block_size: int) -> int:
+        return -(-block_size // self.tokens_per_entry)
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return self.entries_per_block(block_size) * sum(self.fields.values()) * elem
+
+
+def cache_kinds(config: ModelConfig, num_layers: int | None = None) -> list[LatentKind]:
+    """The cache kind of each cached layer (decoder layers, then MTP layers): the latent cache for all."""
+    kind = LatentKind(config.kv_lora_rank, config.qk_rope_head_dim)
+    return [kind] * (num_layers or config.num_hidden_layers)
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype, num_layers: int | None = None) -> int:
-    """Cache bytes one token takes across all cached layers: L x (C + R) elements."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return (num_layers or config.num_hidden_layers) * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
+    """Cache bytes one token takes across all cached layers: L x (C + R) elements for the latent cache."""
+    return sum(kind.bytes_per_block(1, dtype) for kind in cache_kinds(config, num_layers))
 
 
 class KVPool:
@@ -36,63 +83,115 @@ class KVPool:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 (got {num_blocks}); raise the cache memory budget")
         self.num_blocks, self.block_size = num_blocks, block_size
-        slots = num_blocks * block_size
-        L = num_layers or config.num_hidden_layers
-        self.c_kv = torch.zeros(L, slots, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(L, slots, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.kinds = cache_kinds(config, num_layers)
+        # layers of one kind share stacked tensors: kind -> {field: [layers, entries, width]}, and each
+        # layer's index in its kind's stack
+        self.tensors: dict[LatentKind, dict[str, torch.Tensor]] = {}
+        self.index_in_kind: list[int] = []
+        for kind in dict.fromkeys(self.kinds):
+            layers = [i for i, k in enumerate(self.kinds) if k == kind]
+            entries = num_blocks * kind.entries_per_block(block_size)
+            self.tensors[kind] = {name: torch.zeros(len(layers), entries, width, dtype=dtype, device=device)
+                                  for name, width in kind.fields.items()}
+        for i, kind in enumerate(self.kinds):
+            self.index_in_kind.append(self.kinds[:i].count(kind))
+        latent = self.tensors[self.kinds[0]]
+        self.c_kv, self.k_rope = latent["c_kv"], latent["k_rope"]  # the latent cache of every layer (one kind)
+        paged_attention.kernel_reads(self.c_kv)  # the kernel that reads this pool: built now, not in a first step
 
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 64,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                     num_layers: int | None = None) -> KVPool:
-        num_blocks = budget_bytes // (block_size * bytes_per_token(config, dtype, num_layers))
-        return cls(config, int(num_blocks), block_size, dtype, device, num_layers)
+        """As many blocks as fit `budget_bytes`, a block costing what every cached layer's kind stores for it."""
+        per_block = sum(kind.bytes_per_block(block_size, dtype) for kind in cache_kinds(config, num_layers))
+        return cls(config, int(budget_bytes // per_block), block_size, dtype, device, num_layers)
 
     @property
     def nbytes(self) -> int:
-        return self.c_kv.numel() * self.c_kv.element_size() + self.k_rope.numel() * self.k_rope.element_size()
+        return sum(t.numel() * t.element_size() for fields in self.tensors.values() for t in fields.values())
 
     def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
-        """Copy the first num_tokens slots of block src into block dst (copy-on-write for forked samples)."""
-        s, d = src * self.block_size, dst * self.block_size
-        self.c_kv[:, d : d + num_tokens] = self.c_kv[:, s : s + num_tokens]
-        self.k_rope[:, d : d + num_tokens] = self.k_rope[:, s : s + num_tokens]
+        """Copy the first num_tokens tokens of block src into block dst (copy-on-write for forked samples)."""
+        for kind, fields in self.tensors.items():
+            per_block = kind.entries_per_block(self.block_size)
+            n = -(-num_tokens // kind.tokens_per_entry)
+            s, d = src * per_block, dst * per_block
+            for t in fields.values():
+                t[:, d : d + n] = t[:, s : s + n]
 
-    def view(self, block_tables: list[list[int]], num_computed: list[int], num_new: list[int]) -> PagedView:
-        """The cache for one forward: row b has num_computed[b] cached tokens and num_new[b] new ones."""
-        return PagedView(self, block_tables, num_computed, num_new)
+    def view(self, block_tables: list[list[int]], num_computed: list[int], num_new: list[int],
+             read: str = "blocks") -> PagedView:
+        """The cache for one forward: row b has num_computed[b] cached tokens and num_new[b] new ones.
+
+        read: how the absorbed path reads the context, "blocks" (in place, engine/paged_attention.py) or
+        "gather" (the reference: each row's context copied into a dense tensor first)."""
+        return PagedView(self, block_tables, num_computed, num_new, read)
 
 
 class PagedView:
-    def __init__(self, pool: KVPool, block_tables: list[list[int]], num_computed: list[int], num_new: list[int]):
-        self.pool = pool
+    def __init__(self, pool: KVPool, block_tables: list[list[int]], num_computed: list[int], num_new: list[int],
+                 read: str = "blocks"):
+        if read not in READ_IMPLS:
+            raise ValueError(f"read must be one of {READ_IMPLS}, got {read!r}")
+        self.pool, self.read_impl = pool, read
         bs = pool.block_size
         device = pool.c_kv.device
-        contexts = [done + new for done, new in zip(num_computed, num_new)]
-        S = max(contexts)
-        # Every row's slots from its block table in one go, as few tensor ops as possible (a decode step is
-        # ~1 ms). Beyond a row's own context the gather reads block 0 or the tail of its last block: keys
-        # the causal mask hides (each query sees key positions up to its own).
-        width = -(-S // bs)
-        tables = [table[: -(-ctx // bs)] for table, ctx in zip(block_tables, contexts)]
-        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        gather = (blocks[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :S]
-        write_rows, write_cols, write_positions = [], [], []
-        for b, (done, new) in enumerate(zip(num_computed, num_new)):
-            write_rows += [b] * new
-            write_cols += range(new)
-            write_positions += range(done, done + new)
-        rows = torch.tensor(write_rows)
-        self.gather = gather.to(device)
-        self.write_slots = gather[rows, torch.tensor(write_positions)].to(device)
-        self.write_index = (rows.to(device), torch.tensor(write_cols, device=device))
+        T = max(num_new)
+        self.num_keys = max(done + new for done, new in zip(num_computed, num_new))
+        # Block tables as one [B, W] tensor, cut to the blocks the step reads and padded with block 0 (never
+        # read: the attention stops at each query's position); at least two columns, so that a compiled step
+        # sees a width it keeps dynamic (export specialises a dimension of size 1).
+        width = max(2, -(-self.num_keys // bs))
+        table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables], dtype=torch.long)
+        # The new tokens: row b's tokens 0..num_new[b]-1 (padding past them is never written) at positions
+        # num_computed[b] + t; write_index is their flat index into [B, T], write_slots their pool slots.
+        t = torch.arange(T)
+        positions = torch.tensor(num_computed)[:, None] + t  # [B, T]
+        valid = (t < torch.tensor(num_new)[:, None]).flatten()
+        positions = positions.clamp_(max=width * bs - 1)  # padding past the table: any slot, never written
+        slots = (table.gather(1, positions // bs) * bs + positions % bs).flatten()
+        write_index = valid.nonzero().squeeze(1)
+        self.write_index, self.write_slots = write_index.to(device), slots[write_index].to(device)
+        self.block_table = table.to(device)
+        self._slots: torch.Tensor | None = None  # the gather index, built on first need, shared by the layers
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
-        """Scatter the new tokens' c_kv [B, T, C] / k_rope [B, T, R]; return [B, S, C] / [B, S, R] contexts."""
-        pool_c, pool_r = self.pool.c_kv[layer_idx], self.pool.k_rope[layer_idx]
-        pool_c.index_copy_(0, self.write_slots, c_kv[self.write_index].to(pool_c.dtype))
-        pool_r.index_copy_(0, self.write_slots, k_rope[self.write_index].to(pool_r.dtype))
-        return pool_c[self.gather].to(c_kv.dtype), pool_r[self.gather].to(k_rope.dtype)
+    def decode_args(self) -> tuple:
+        """The cache arguments of the compiled decode step (engine/compiled.py: decode_step)."""
+        return (self.pool.c_kv, self.pool.k_rope, self.block_table, self.write_slots, self.write_index,
+                self.pool.block_size)
+
+    def _layer(self, layer_idx: int) -> int:
+        return self.pool.index_in_kind[layer_idx]
+
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Scatter the new tokens' c_kv [B, T, C] / k_rope [B, T, R] into their slots."""
+        i = self._layer(layer_idx)
+        pool_c, pool_r = self.pool.c_kv[i], self.pool.k_rope[i]
+        pool_c.index_copy_(0, self.write_slots, c_kv.flatten(0, 1)[self.write_index].to(pool_c.dtype))
+        pool_r.index_copy_(0, self.write_slots, k_rope.flatten(0, 1)[self.write_index].to(pool_r.dtype))
+
+    def slots(self) -> torch.Tensor:
+        """[B, S] the pool slot of each row's key j (S = the longest context; past a row's end: block 0 or
+        the tail of its last block, keys the positional mask hides)."""
+        if self._slots is None:
+            self._slots = paged_attention.block_slots(self.block_table, self.pool.block_size, self.num_keys)
+        return self._slots
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, C] / [B, S, R] contexts gathered in position order (the naive path)."""
+        i = self._layer(layer_idx)
+        slots = self.slots()
+        return self.pool.c_kv[i][slots], self.pool.k_rope[i][slots]
+
+    def attend(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """The absorbed path's read (model/mla.py's cache protocol): [B, T, H, C]."""
+        args = (q_latent, q_rope, self.pool.c_kv, self.pool.k_rope, self._layer(layer_idx), self.block_table,
+                positions, self.pool.block_size, scale)
+        if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool.c_kv):
+            return paged_attention.paged_latent_attention(*args)
+        return paged_attention.gather_latent_attention(*args, slots=self.slots())
 
     def advance(self, num_tokens: int) -> None:
         """Lengths live in the engine's sequences; nothing to do here."""

@@ -76,9 +76,9 @@ class ModelRunner:
                 and B * T <= COMPILED_DECODE_MAX_TOKENS:
             from openr2.engine.compiled import compiled_draft_step
 
-            logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(hidden, ids, positions, self.pool.c_kv,
-                                                               self.pool.k_rope, view.gather,
-                                                               view.write_slots.view(B, T), last)
+            *cache, block_size = view.decode_args()
+            logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(
+                hidden, ids, positions, *cache, last, block_size=block_size)
         else:
             attn_impl = "absorbed" if T <= COMPILED_DECODE_MAX_WIDTH else "naive"
             logits, h = self.model.draft(hidden, ids, positions, view, depth, last, attn_impl)
@@ -137,8 +137,8 @@ class ModelRunner:
 
     def _decode_compiled(self, ids, positions, view):
         try:
-            return self._compiled_decode(ids, positions, self.pool.c_kv, self.pool.k_rope, view.gather,
-                                         view.write_slots.view(ids.shape))
+            *cache, block_size = view.decode_args()
+            return self._compiled_decode(ids, positions, *cache, block_size=block_size)
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",

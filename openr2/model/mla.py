@@ -7,6 +7,16 @@ Per token only the normalised latent c_kv [C] and the shared rotated rope key k_
   (MQA with one 576-dim key and one 512-dim value shared by all heads); the memory-bound decode path.
 Both paths read and write the same cache, so a sequence may be prefilled with one and decoded with the other.
 
+The cache protocol (the model never sees more of a cache than this; the engine's paged views implement it):
+- `write(layer_idx, c_kv [B, T, C], k_rope [B, T, R])` stores the new tokens of a layer;
+- `read(layer_idx)` -> (c_kv [B, S, C], k_rope [B, S, R]): every row's whole context, key j at position j
+  (the naive path, which expands K/V from all of it anyway);
+- `attend(layer_idx, q_latent [B, T, H, C], q_rope [B, T, H, R], positions [B, T], scale)` -> [B, T, H, C]:
+  the absorbed path's read, softmax(scale (q_latent c_kv + q_rope k_rope)) c_kv over keys 0..p for the query
+  at absolute position p. The cache owns it, so a paged cache can read its blocks where they lie;
+  `attend_latent` below is the dense computation every implementation is checked against;
+- `advance(num_tokens)`, once per forward after the last layer.
+
 Shape legend: B batch, T query tokens, S key tokens, H heads, D hidden, C kv_lora_rank, R rope dim,
 N qk_nope_head_dim, V v_head_dim.
 """
@@ -27,8 +37,9 @@ ATTN_IMPLS = ("naive", "absorbed")
 class LatentCache:
     """Contiguous latent KV cache: per layer c_kv [B, S_max, C] and k_rope [B, S_max, R].
 
-    All rows share one length (no padding); `update` writes a layer's new tokens and returns everything
-    cached so far for that layer; the model calls `advance` once per forward, after its last layer.
+    All rows share one length (no padding); `write` stores a layer's new tokens after those cached so far,
+    `read` and `attend` see everything written; the model calls `advance` once per forward, after its last
+    layer. Its `attend` is the dense reference of the cache protocol's read.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_tokens: int, kv_lora_rank: int,
@@ -36,6 +47,7 @@ class LatentCache:
         self.c_kv = torch.zeros(num_layers, batch_size, max_tokens, kv_lora_rank, dtype=dtype, device=device)
         self.k_rope = torch.zeros(num_layers, batch_size, max_tokens, rope_dim, dtype=dtype, device=device)
         self.length = 0
+        self._end = 0  # tokens written in this forward: length + T
 
     @classmethod
     def for_model(cls, config: ModelConfig, batch_size: int, max_tokens: int,
@@ -47,13 +59,24 @@ class LatentCache:
     def max_tokens(self) -> int:
         return self.c_kv.shape[2]
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         start, end = self.length, self.length + c_kv.shape[1]
         if end > self.max_tokens:
             raise ValueError(f"latent cache holds {self.max_tokens} tokens; {end} requested")
         self.c_kv[layer_idx, :, start:end] = c_kv
         self.k_rope[layer_idx, :, start:end] = k_rope
-        return self.c_kv[layer_idx, :, :end], self.k_rope[layer_idx, :, :end]
+        self._end = end
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.c_kv[layer_idx, :, : self._end], self.k_rope[layer_idx, :, : self._end]
+
+    def attend(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        c_kv, k_rope = self.read(layer_idx)
+        B, T = positions.shape
+        # a lone decode token of a one-row cache: the cache holds exactly the keys it may see
+        mask = None if B == 1 and T == 1 else causal_mask(positions, c_kv.shape[1])
+        return attend_latent(q_latent, q_rope, c_kv.to(q_latent.dtype), k_rope.to(q_rope.dtype), mask, scale)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -97,20 +120,17 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)
         if cache is not None:
-            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
-
-        # Causal mask from absolute positions; keys of a contiguous cache sit at positions 0..S-1.
-        S = c_kv.shape[1]
-        if cache is None and S == T:  # (cache first: an exported step must not guard on S)
-            mask = None  # plain causal
-        elif B == 1 and T == 1 and attn_impl == "absorbed":
-            mask = _ALL_VISIBLE  # a lone decode token: its cache holds exactly the keys it may see
-        else:
-            mask = _causal_mask(positions, S)
+            cache.write(self.layer_idx, c_kv, k_rope)
         if attn_impl == "naive":
+            if cache is None:
+                mask = None  # plain causal over the T tokens themselves
+            else:  # keys of the cache's contexts sit at positions 0..S-1
+                c_kv, k_rope = cache.read(self.layer_idx)
+                c_kv, k_rope = c_kv.to(x.dtype), k_rope.to(x.dtype)
+                mask = causal_mask(positions, c_kv.shape[1])
             out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
-            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
@@ -140,34 +160,45 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., :v_dim]
 
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
 
-        Heads fold into the query rows ([B, T*H, .]) so that each score / value product is one bmm
-        against the shared latent: MQA with a (C + R)-dim key and a C-dim value.
+        Without a cache the keys are the T new tokens themselves (plain causal); with one, the cache reads
+        its own keys (`attend`: a paged cache reads its blocks in place).
         """
         B, T, H, N = q_nope.shape
         w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, C], [H, V, C]
         q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
-        q_latent = q_latent.transpose(0, 1).reshape(B, T * H, -1)
-        scores = torch.bmm(q_latent, c_kv.transpose(1, 2))  # [B, T*H, S]
-        scores = torch.baddbmm(scores, q_rope.reshape(B, T * H, -1), k_rope.transpose(1, 2), alpha=self.scale,
-                               beta=self.scale)
-        if mask is None:  # plain causal over the T tokens themselves
-            mask = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()[None]
-        if mask is not _ALL_VISIBLE:
-            scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None, :], float("-inf")).view(B, T * H, -1)
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
-        o_latent = torch.bmm(probs, c_kv)  # [B, T*H, C]
-        out = torch.bmm(o_latent.view(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, V]
+        q_latent = q_latent.transpose(0, 1).view(B, T, H, -1)
+        if cache is None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None]
+            o_latent = attend_latent(q_latent, q_rope, c_kv, k_rope, causal, self.scale)
+        else:
+            o_latent = cache.attend(self.layer_idx, q_latent, q_rope, positions, self.scale)
+        out = torch.bmm(o_latent.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).view(B, T, H, self.v_dim)
 
 
-_ALL_VISIBLE = object()  # mask sentinel: every cached key is visible to every query (one-token decode)
+def attend_latent(q_latent: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+                  mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Dense latent attention: q_latent [B, T, H, C], q_rope [B, T, H, R] over c_kv [B, S, C], k_rope [B, S, R];
+    mask [B, T, S] bool (True: visible), or None (every key visible). Returns [B, T, H, C] (q_latent's dtype).
+
+    Heads fold into the query rows ([B, T*H, .]) so that each score / value product is one bmm against the
+    shared latent: MQA with a (C + R)-dim key and a C-dim value.
+    """
+    B, T, H, C = q_latent.shape
+    scores = torch.bmm(q_latent.reshape(B, T * H, C), c_kv.transpose(1, 2))  # [B, T*H, S]
+    scores = torch.baddbmm(scores, q_rope.reshape(B, T * H, -1), k_rope.transpose(1, 2), alpha=scale, beta=scale)
+    if mask is not None:
+        scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None, :], float("-inf")).view(B, T * H, -1)
+    # float32 at least (float64 stays float64: the tests' reference runs)
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_kv.dtype)
+    return torch.bmm(probs, c_kv).view(B, T, H, C)
 
 
-def _causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
     """[B, T, S] bool: query at absolute position p sees keys at positions 0..p."""
     key_pos = torch.arange(num_keys, device=positions.device)
     return key_pos[None, None, :] <= positions[:, :, None]

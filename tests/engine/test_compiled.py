@@ -12,6 +12,7 @@ import torch
 
 from openr2.engine import compiled
 from openr2.engine.engine import EngineConfig, LLMEngine
+from openr2.engine.kv_cache import KVPool
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
 from tests.engine.test_engine import GREEDY, _naive_greedy, _prompts, _run
@@ -40,37 +41,38 @@ def test_compiled_decode_equals_naive_loop(model):
     assert engine.blocks.num_free == engine.pool.num_blocks
 
 
-def _decode_step64(model, ids, positions, pool_c, pool_r, gather, write_slots):
+def _decode_step64(model, ids, positions, pool_c, pool_r, *cache):
     """The eager step of a float64 copy of `model` on float64 pools (written in place): the reference."""
     with torch.inference_mode(), float64_compute():
-        return compiled.decode_step(float64_copy(model), ids, positions, pool_c, pool_r, gather, write_slots)
+        return compiled.decode_step(float64_copy(model), ids, positions, pool_c, pool_r, *cache)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows,width", [(1, 1), (5, 1), (1, 3)])
+@pytest.mark.parametrize("rows,width", [(1, 1), (5, 1), (2, 2)])
 def test_compiled_step_logits_equal_eager(model, rows, width):
-    """One decode step over a filled pool, compiled (one row: the AOTInductor package; five rows, or a row
-    of three tokens: torch.compile) vs eager, and the pool writes it makes: each within a small factor of the eager step's own float32
-    error against a float64 run of the step (tests/numerics.py: inductor fuses and reorders the sums, so the
+    """One decode step over a filled pool, compiled (one row: an AOTInductor package; five rows of one token
+    or two rows of two: torch.compile) vs eager, and the pool writes it makes: each within a small factor of
+    the eager step's own float32 error against a float64 run of the step (tests/numerics.py: inductor fuses and reorders the sums, so the
     two float32 results differ by rounding that depends on the CPU and the thread count)."""
     gen = torch.Generator().manual_seed(rows)
-    num_layers, slots = model.config.num_hidden_layers, 64
-    pool_c = torch.randn(num_layers, slots, model.config.kv_lora_rank, generator=gen)
-    pool_r = torch.randn(num_layers, slots, model.config.qk_rope_head_dim, generator=gen)
+    num_layers, block_size, num_blocks = model.config.num_hidden_layers, 4, 16
+    pool_c = torch.randn(num_layers, num_blocks * block_size, model.config.kv_lora_rank, generator=gen)
+    pool_r = torch.randn(num_layers, num_blocks * block_size, model.config.qk_rope_head_dim, generator=gen)
     lengths = torch.tensor([7, 12, 3, 9, 10][:rows])
-    gather = torch.stack([torch.randperm(slots, generator=gen)[:12] for _ in range(rows)])
+    block_table = torch.stack([torch.randperm(num_blocks, generator=gen)[:3] for _ in range(rows)])
     positions = lengths[:, None] - width + torch.arange(width)  # a token and width - 1 drafts per row
-    write_slots = gather.gather(1, positions)
+    write_slots = (block_table.gather(1, positions // block_size) * block_size + positions % block_size).flatten()
+    cache = (block_table, write_slots, torch.arange(rows * width))
     ids = torch.randint(0, model.config.vocab_size, (rows, width), generator=gen)
     args = (ids, positions)
     eager_c, eager_r, pool_c_before = pool_c.clone(), pool_r.clone(), pool_c.clone()
     ref_c, ref_r = pool_c.double(), pool_r.double()
     with torch.inference_mode():
-        want = compiled.decode_step(model, *args, eager_c, eager_r, gather, write_slots)
-        got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, gather, write_slots)
-    ref = _decode_step64(model, *args, ref_c, ref_r, gather, write_slots)
+        want = compiled.decode_step(model, *args, eager_c, eager_r, *cache, block_size)
+        got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, *cache, block_size=block_size)
+    ref = _decode_step64(model, *args, ref_c, ref_r, *cache, block_size)
     for name, g, w, r in zip(("logits", "hidden"), got, want, ref):
-        assert_close_to_reference(g, w, r, what=f"{name}, {rows} rows")
+        assert_close_to_reference(g, w, r, what=f"{name}, {rows} rows of {width}")
     assert_close_to_reference(pool_c, eager_c, ref_c, what="pool_c writes")
     assert_close_to_reference(pool_r, eager_r, ref_r, what="pool_r writes")
     assert not torch.equal(pool_c, pool_c_before)  # the step wrote its tokens into the pool
@@ -81,13 +83,75 @@ def test_compiled_step_logits_equal_eager(model, rows, width):
         with torch.no_grad():
             head.mul_(1.5)
         with torch.inference_mode():
-            want = compiled.decode_step(model, *args, eager_c, eager_r, gather, write_slots)
-            got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, gather, write_slots)
-        ref = _decode_step64(model, *args, ref_c, ref_r, gather, write_slots)
+            want = compiled.decode_step(model, *args, eager_c, eager_r, *cache, block_size)
+            got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, *cache, block_size=block_size)
+        ref = _decode_step64(model, *args, ref_c, ref_r, *cache, block_size)
         assert_close_to_reference(got[0], want[0], ref[0], what=f"logits after the head update, {rows} rows")
     finally:
         with torch.no_grad():
             head.copy_(original)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("read", ["blocks", "gather"])
+def test_compiled_step_with_multi_token_rows(model, read):
+    """Rows carrying 3, 1 and 2 new tokens (padded to 3) and a padding row with none, over shuffled blocks:
+    the compiled step (torch.compile; one graph for any rows x tokens) gives the eager step's logits at every
+    position and the same pool writes, the padding written nowhere; the in-place read and the gather
+    reference alike."""
+    gen = torch.Generator().manual_seed(7)
+    pool = KVPool(model.config, num_blocks=16, block_size=4)
+    pool.c_kv.normal_(generator=gen)
+    pool.k_rope.normal_(generator=gen)
+    tables = [torch.randperm(16, generator=gen)[:n].tolist() for n in (3, 4, 2)] + [[]]
+    computed, num_new = [7, 12, 3, 0], [3, 1, 2, 0]
+    view = pool.view(tables, computed, num_new)
+    T = 3
+    ids = torch.randint(0, model.config.vocab_size, (4, T), generator=gen)
+    positions = torch.tensor([[c + min(t, max(n - 1, 0)) for t in range(T)] for c, n in zip(computed, num_new)])
+    _, _, *cache = view.decode_args()
+    eager_c, eager_r, ref_c, ref_r = pool.c_kv.clone(), pool.k_rope.clone(), pool.c_kv.double(), pool.k_rope.double()
+    with torch.inference_mode():
+        want = compiled.decode_step(model, ids, positions, eager_c, eager_r, *cache, read=read)[0]
+        got = compiled._private_compile(compiled.decode_step)(model, ids, positions, pool.c_kv, pool.k_rope, *cache,
+                                                                read=read)[0]
+    ref = _decode_step64(model, ids, positions, ref_c, ref_r, *cache)[0]
+    assert got.shape == (4, T, model.config.vocab_size)
+    assert_close_to_reference(got, want, ref, what=f"logits of multi-token rows ({read})")
+    assert_close_to_reference(pool.c_kv, eager_c, ref_c, what="pool_c writes")
+    written = (eager_c != ref_c.float()).any(-1).any(0).nonzero().flatten()  # slots the step wrote
+    assert sorted(written.tolist()) == sorted(view.write_slots.tolist()) and len(written) == sum(num_new)
+
+
+@pytest.mark.slow
+def test_one_row_packages_per_width(model, tmp_path):
+    """A one-row step of 3 new tokens (a row verifying 2 drafts) through the AOTInductor package exported
+    for that width: the eager step's logits and writes; a one-token row then gets a package of its own."""
+    gen = torch.Generator().manual_seed(8)
+    pool = KVPool(model.config, num_blocks=8, block_size=4)
+    pool.c_kv.normal_(generator=gen)
+    pool.k_rope.normal_(generator=gen)
+    view = pool.view([[5, 2, 7]], [6], [3])
+    ids = torch.randint(0, model.config.vocab_size, (1, 3), generator=gen)
+    positions = torch.arange(6, 9)[None]
+    _, _, *cache = view.decode_args()
+    eager_c, eager_r, ref_c, ref_r = pool.c_kv.clone(), pool.k_rope.clone(), pool.c_kv.double(), pool.k_rope.double()
+    step = compiled.CompiledStep(model, compiled.decode_step, (2, 3), 4, str(tmp_path))  # fresh: no packages yet
+    with torch.inference_mode():
+        want = compiled.decode_step(model, ids, positions, eager_c, eager_r, *cache)[0]
+        got = step(ids, positions, pool.c_kv, pool.k_rope, *cache[:-1], block_size=4)[0]
+    assert step.num_packages == 1
+    ref = _decode_step64(model, ids, positions, ref_c, ref_r, *cache)[0]
+    assert_close_to_reference(got, want, ref, what="one row, 3 new tokens (package)")
+    assert_close_to_reference(pool.c_kv, eager_c, ref_c, what="pool_c writes")
+    one = pool.view([[5, 2, 7]], [9], [1])
+    *one_cache, _ = one.decode_args()[2:]
+    with torch.inference_mode():
+        got = step(ids[:, :1], torch.tensor([[9]]), pool.c_kv, pool.k_rope, *one_cache, block_size=4)[0]
+        want = compiled.decode_step(model, ids[:, :1], torch.tensor([[9]]), eager_c, eager_r, *one.decode_args()[2:])[0]
+    assert step.num_packages == 2
+    assert_close_to_reference(got, want, _decode_step64(model, ids[:, :1], torch.tensor([[9]]), ref_c, ref_r,
+                                                        *one.decode_args()[2:])[0], what="then one token (package)")
 
 
 def test_falls_back_to_eager_when_compile_fails(model, monkeypatch):

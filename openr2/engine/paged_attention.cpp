@@ -1,0 +1,293 @@
+// Absorbed-MLA attention read in place from the paged latent pool (CPU, float32): the kernel behind
+// openr2/engine/paged_attention.py, which explains the design and holds the reference it is tested against.
+//
+// openr2::paged_latent_attention(q_latent [B, T, H, C], q_rope [B, T, H, R], pool_c [L, N, C], pool_r [L, N, R],
+//                                layer, block_table [B, W], positions [B, T], block_size, scale) -> [B, T, H, C]
+//
+// Query (b, t, h) attends over keys 0..positions[b, t] of row b: key k lives in pool slot
+// block_table[b, k / block_size] * block_size + k % block_size of layer `layer`. Key = [c_kv, k_rope], value = c_kv.
+// out = softmax(scale * (q_latent . c_kv + q_rope . k_rope)) @ c_kv, with the softmax in float32.
+//
+// Work: each row's blocks are cut into chunks of kChunkTokens; one (row, chunk) is one task of at::parallel_for
+// (flash-decoding: a long single row still uses every thread). A task walks its blocks in place in groups of
+// about kGroupTokens keys, keeping an online softmax (running max m, sum l, unnormalised output acc) per query,
+// updated once per group; the chunks of a row are then combined by log-sum-exp. The split depends on the lengths only, never on the thread count, so results do
+// not change with the number of threads.
+//
+// Layout inside a task: the T*H query rows of a row are the vector lanes ("Q lanes", Qp = Q rounded up to the
+// vector width). Scores of one key for all queries are one vector FMA per key dimension (a broadcast of the
+// key element times the transposed queries), so the keys are read as they lie in the pool (row-major, no
+// transpose, no horizontal sums) and the softmax runs lane-wise. The value product runs the other way round:
+// acc[i, :] += p[i, j] * c_kv[j, :], register-blocked over 4 queries x 4 vectors of C.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunkTokens = 1024;  // keys per task (at least one group)
+constexpr int64_t kGroupTokens = 64;    // keys per softmax update (at least one block)
+constexpr int64_t kPartialBytes = 64 << 20;  // bound on the chunks' partial outputs (long rows of many queries)
+
+// st[u][0:Qp] (+)= sum_d k[u][d] * qt[d][0:Qp] for KB keys u (rows of k, ldk apart) and D dimensions.
+template <int KB>
+inline void scores_block(const float* k, int64_t ldk, const float* qt, int64_t D, int64_t QV, float* st,
+                         int64_t Qp, bool add) {
+  for (int64_t v = 0; v < QV; ++v) {
+    Vec acc[KB];
+    for (int u = 0; u < KB; ++u) acc[u] = add ? Vec::loadu(st + u * Qp + v * kLanes) : Vec(0.f);
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec q = Vec::loadu(qt + d * Qp + v * kLanes);
+      for (int u = 0; u < KB; ++u) acc[u] = at::vec::fmadd(Vec(k[u * ldk + d]), q, acc[u]);
+    }
+    for (int u = 0; u < KB; ++u) acc[u].store(st + u * Qp + v * kLanes);
+  }
+}
+
+inline void scores(const float* k, int64_t ldk, int64_t nk, const float* qt, int64_t D, int64_t QV, float* st,
+                   int64_t Qp, bool add) {
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8) scores_block<8>(k + j * ldk, ldk, qt, D, QV, st + j * Qp, Qp, add);
+  for (; j < nk; ++j) scores_block<1>(k + j * ldk, ldk, qt, D, QV, st + j * Qp, Qp, add);
+}
+
+// acc[i0 + qi][c0 : c0 + CB * lanes] += sum_j pt[j][i0 + qi] * v[j][...] for QB queries.
+template <int QB, int CB>
+inline void values_block(const float* pt, int64_t Qp, int64_t i0, const float* v, int64_t C, int64_t c0,
+                         int64_t nk, float* acc) {
+  Vec a[QB][CB];
+  for (int qi = 0; qi < QB; ++qi)
+    for (int cb = 0; cb < CB; ++cb) a[qi][cb] = Vec::loadu(acc + (i0 + qi) * C + c0 + cb * kLanes);
+  for (int64_t j = 0; j < nk; ++j) {
+    Vec x[CB];
+    for (int cb = 0; cb < CB; ++cb) x[cb] = Vec::loadu(v + j * C + c0 + cb * kLanes);
+    for (int qi = 0; qi < QB; ++qi) {
+      const Vec p(pt[j * Qp + i0 + qi]);
+      for (int cb = 0; cb < CB; ++cb) a[qi][cb] = at::vec::fmadd(p, x[cb], a[qi][cb]);
+    }
+  }
+  for (int qi = 0; qi < QB; ++qi)
+    for (int cb = 0; cb < CB; ++cb) a[qi][cb].store(acc + (i0 + qi) * C + c0 + cb * kLanes);
+}
+
+template <int QB>
+inline void values_rows(const float* pt, int64_t Qp, int64_t i0, const float* v, int64_t C, int64_t nk,
+                        float* acc) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kLanes <= C; c0 += 4 * kLanes) values_block<QB, 4>(pt, Qp, i0, v, C, c0, nk, acc);
+  for (; c0 + kLanes <= C; c0 += kLanes) values_block<QB, 1>(pt, Qp, i0, v, C, c0, nk, acc);
+  for (; c0 < C; ++c0)  // C not a multiple of the vector width
+    for (int qi = 0; qi < QB; ++qi) {
+      float s = acc[(i0 + qi) * C + c0];
+      for (int64_t j = 0; j < nk; ++j) s += pt[j * Qp + i0 + qi] * v[j * C + c0];
+      acc[(i0 + qi) * C + c0] = s;
+    }
+}
+
+inline void values(const float* pt, int64_t Q, int64_t Qp, const float* v, int64_t C, int64_t nk, float* acc) {
+  int64_t i = 0;
+  for (; i + 4 <= Q; i += 4) values_rows<4>(pt, Qp, i, v, C, nk, acc);
+  for (; i < Q; ++i) values_rows<1>(pt, Qp, i, v, C, nk, acc);
+}
+
+struct Problem {
+  const float *q, *qr, *pool_c, *pool_r;
+  const int64_t *table, *pos;
+  float* out;
+  int64_t B, T, H, C, R, W, block_size, num_blocks;
+  float scale;
+};
+
+void attend(const Problem& p) {
+  const int64_t B = p.B, T = p.T, H = p.H, C = p.C, R = p.R, W = p.W, bs = p.block_size;
+  const int64_t Q = T * H, QV = (Q + kLanes - 1) / kLanes, Qp = QV * kLanes;
+  const int64_t group_blocks = std::max<int64_t>(1, kGroupTokens / bs);
+  // tasks: (row, chunk); a row reads keys 0..max_t positions[b, t]
+  std::vector<int64_t> task_row, task_chunk, row_first(B + 1), row_keys(B), row_min(B);
+  int64_t total_groups = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = p.pos[b * T];
+    for (int64_t t = 0; t < T; ++t) last = std::max(last, p.pos[b * T + t]);
+    total_groups += (last + group_blocks * bs) / (group_blocks * bs);
+  }
+  // chunks of kChunkTokens keys, longer where many queries would make the partial outputs (tasks x Q x C)
+  // outgrow kPartialBytes; a function of the shapes only, never of the thread count
+  const int64_t max_tasks = std::max<int64_t>(B, kPartialBytes / (Q * C * static_cast<int64_t>(sizeof(float))));
+  const int64_t chunk_groups = std::max<int64_t>(std::max<int64_t>(1, kChunkTokens / (group_blocks * bs)),
+                                                 (total_groups + max_tasks - 1) / max_tasks);
+  const int64_t chunk_blocks = chunk_groups * group_blocks;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = p.pos[b * T], first = p.pos[b * T];
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p.pos[b * T + t] >= 0, "positions must be >= 0");
+      last = std::max(last, p.pos[b * T + t]);
+      first = std::min(first, p.pos[b * T + t]);
+    }
+    row_keys[b] = last + 1;
+    row_min[b] = first;
+    const int64_t nblk = (row_keys[b] + bs - 1) / bs;
+    TORCH_CHECK(nblk <= W, "row ", b, " reads ", nblk, " blocks; its block table holds ", W);
+    for (int64_t i = 0; i < nblk; ++i)
+      TORCH_CHECK(p.table[b * W + i] >= 0 && p.table[b * W + i] < p.num_blocks, "block table entry ",
+                  p.table[b * W + i], " (row ", b, ") outside the pool's ", p.num_blocks, " blocks");
+    row_first[b] = static_cast<int64_t>(task_row.size());
+    for (int64_t c = 0; c * chunk_blocks < nblk; ++c) task_row.push_back(b), task_chunk.push_back(c);
+  }
+  row_first[B] = static_cast<int64_t>(task_row.size());
+  const int64_t tasks = row_first[B];
+
+  // per row: the scaled queries transposed to lanes, qt [C + R][Qp], and each lane's last visible key
+  std::vector<float> qt(B * (C + R) * Qp, 0.f), lim(B * Qp, -1.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < Q; ++i) {
+      float* t = qt.data() + b * (C + R) * Qp + i;
+      for (int64_t d = 0; d < C; ++d) t[d * Qp] = p.q[(b * Q + i) * C + d] * p.scale;
+      for (int64_t d = 0; d < R; ++d) t[(C + d) * Qp] = p.qr[(b * Q + i) * R + d] * p.scale;
+      lim[b * Qp + i] = static_cast<float>(p.pos[b * T + i / H]);
+    }
+
+  std::vector<float> part_acc(tasks * Q * C), part_m(tasks * Qp), part_l(tasks * Qp);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> st(group_blocks * bs * Qp), alpha(Qp), group_acc(Q * C);
+    std::vector<Vec> m(QV), l(QV);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task_row[task];
+      const float* qtb = qt.data() + b * (C + R) * Qp;
+      const float* limb = lim.data() + b * Qp;
+      float* acc = part_acc.data() + task * Q * C;
+      std::fill(acc, acc + Q * C, 0.f);
+      std::fill(m.begin(), m.end(), Vec(kNegInf));
+      std::fill(l.begin(), l.end(), Vec(0.f));
+      const int64_t nblk = (row_keys[b] + bs - 1) / bs;
+      const int64_t blk_end = std::min(nblk, (task_chunk[task] + 1) * chunk_blocks);
+      for (int64_t g = task_chunk[task] * chunk_blocks; g < blk_end; g += group_blocks) {
+        // a group: consecutive keys k_first.. over whole blocks, one softmax update for all of them
+        const int64_t g_end = std::min(blk_end, g + group_blocks), k_first = g * bs;
+        int64_t n = 0;
+        for (int64_t blk = g; blk < g_end; ++blk) {
+          const int64_t nk = std::min(bs, row_keys[b] - blk * bs), slot = p.table[b * W + blk] * bs;
+          scores(p.pool_c + slot * C, C, nk, qtb, C, QV, st.data() + n * Qp, Qp, false);
+          scores(p.pool_r + slot * R, R, nk, qtb + C * Qp, R, QV, st.data() + n * Qp, Qp, true);
+          n += nk;
+        }
+        const bool masked = k_first + n - 1 > row_min[b];  // some query of the row sees only part of the group
+        for (int64_t v = 0; v < QV; ++v) {
+          float* sv = st.data() + v * kLanes;
+          const Vec lv = Vec::loadu(limb + v * kLanes);
+          Vec group_max(kNegInf);
+          for (int64_t j = 0; j < n; ++j) {
+            Vec s = Vec::loadu(sv + j * Qp);
+            if (masked) {
+              s = Vec::blendv(s, Vec(kNegInf), Vec(static_cast<float>(k_first + j)) > lv);
+              s.store(sv + j * Qp);
+            }
+            group_max = at::vec::maximum(group_max, s);
+          }
+          const Vec new_max = at::vec::maximum(m[v], group_max);
+          // a lane that has seen no key yet keeps max -inf: shift by 0 there (exp(-inf) = 0, never NaN)
+          const Vec shift = Vec::blendv(new_max, Vec(0.f), new_max == Vec(kNegInf));
+          const Vec a = (m[v] - shift).exp();
+          Vec sum(0.f);
+          for (int64_t j = 0; j < n; ++j) {
+            const Vec e = (Vec::loadu(sv + j * Qp) - shift).exp();
+            e.store(sv + j * Qp);
+            sum = sum + e;
+          }
+          l[v] = l[v] * a + sum;
+          m[v] = new_max;
+          a.store(alpha.data() + v * kLanes);
+        }
+        // the group's values summed on their own, then added: two short sums, not one of a whole chunk
+        std::fill(group_acc.begin(), group_acc.end(), 0.f);
+        n = 0;
+        for (int64_t blk = g; blk < g_end; ++blk) {
+          const int64_t nk = std::min(bs, row_keys[b] - blk * bs), slot = p.table[b * W + blk] * bs;
+          values(st.data() + n * Qp, Q, Qp, p.pool_c + slot * C, C, nk, group_acc.data());
+          n += nk;
+        }
+        for (int64_t i = 0; i < Q; ++i) {
+          float* ai = acc + i * C;
+          const float* gi = group_acc.data() + i * C;
+          const Vec ax(alpha[i]);
+          int64_t c = 0;
+          for (; c + kLanes <= C; c += kLanes) at::vec::fmadd(ax, Vec::loadu(ai + c), Vec::loadu(gi + c)).store(ai + c);
+          for (; c < C; ++c) ai[c] = alpha[i] * ai[c] + gi[c];
+        }
+      }
+      for (int64_t v = 0; v < QV; ++v) {
+        m[v].store(part_m.data() + task * Qp + v * kLanes);
+        l[v].store(part_l.data() + task * Qp + v * kLanes);
+      }
+    }
+  });
+
+  // the chunks of a row, combined by log-sum-exp
+  at::parallel_for(0, B * Q, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / Q, i = bq % Q;
+      float M = kNegInf;
+      for (int64_t task = row_first[b]; task < row_first[b + 1]; ++task) M = std::max(M, part_m[task * Qp + i]);
+      float total = 0.f;
+      float* o = p.out + bq * C;
+      std::fill(o, o + C, 0.f);
+      for (int64_t task = row_first[b]; task < row_first[b + 1]; ++task) {
+        const float mi = part_m[task * Qp + i];
+        if (mi == kNegInf) continue;  // this chunk lies wholly past the query
+        const float w = std::exp(mi - M);
+        total += w * part_l[task * Qp + i];
+        const float* a = part_acc.data() + (task * Q + i) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += w * a[c];
+      }
+      for (int64_t c = 0; c < C; ++c) o[c] /= total;
+    }
+  });
+}
+
+at::Tensor paged_latent_attention(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& pool_c,
+                                  const at::Tensor& pool_r, int64_t layer, const at::Tensor& block_table,
+                                  const at::Tensor& positions, int64_t block_size, double scale) {
+  TORCH_CHECK(q_latent.dim() == 4 && q_rope.dim() == 4, "q_latent [B, T, H, C] and q_rope [B, T, H, R]");
+  TORCH_CHECK(pool_c.dim() == 3 && pool_r.dim() == 3, "pool_c [L, N, C] and pool_r [L, N, R]");
+  TORCH_CHECK(pool_c.scalar_type() == at::kFloat && pool_r.scalar_type() == at::kFloat,
+              "the paged attention kernel reads float32 pools");
+  TORCH_CHECK(pool_c.is_contiguous() && pool_r.is_contiguous(), "pools must be contiguous");
+  const int64_t B = q_latent.size(0), T = q_latent.size(1), H = q_latent.size(2), C = q_latent.size(3);
+  const int64_t R = q_rope.size(3);
+  TORCH_CHECK(pool_c.size(2) == C && pool_r.size(2) == R && pool_c.size(1) == pool_r.size(1),
+              "pool widths do not match the queries");
+  TORCH_CHECK(q_rope.size(0) == B && q_rope.size(1) == T && q_rope.size(2) == H, "q_rope shape");
+  TORCH_CHECK(layer >= 0 && layer < pool_c.size(0), "layer ", layer, " outside the pool's ", pool_c.size(0));
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B, "block_table [B, W]");
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T, "positions [B, T]");
+  TORCH_CHECK(block_size > 0 && pool_c.size(1) % block_size == 0, "pool slots must be whole blocks");
+  const auto q = q_latent.to(at::kFloat).contiguous(), qr = q_rope.to(at::kFloat).contiguous();
+  const auto table = block_table.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  auto out = at::empty({B, T, H, C}, q.options());
+  if (B * T == 0) return out.to(q_latent.scalar_type());
+  Problem p{q.data_ptr<float>(), qr.data_ptr<float>(), pool_c.select(0, layer).data_ptr<float>(),
+            pool_r.select(0, layer).data_ptr<float>(), table.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
+            out.data_ptr<float>(), B, T, H, C, R, table.size(1), block_size, pool_c.size(1) / block_size,
+            static_cast<float>(scale)};
+  attend(p);
+  return out.to(q_latent.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(openr2, m) {
+  m.def("paged_latent_attention(Tensor q_latent, Tensor q_rope, Tensor pool_c, Tensor pool_r, int layer, "
+        "Tensor block_table, Tensor positions, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(openr2, CPU, m) { m.impl("paged_latent_attention", &paged_latent_attention); }

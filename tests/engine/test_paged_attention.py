@@ -1,0 +1,142 @@
+"""The in-place paged read (engine/paged_attention.py's kernel) against its gather reference and the dense
+contiguous cache: random block tables over a shuffled pool, ragged contexts, 1..4 new tokens per row padded to
+the longest, padding rows, rows sharing prefix blocks, contexts over several chunks; float32 against a float64
+run of the reference (tests/numerics.py). Also eager vs compiled, and bad tables refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from openr2.engine import paged_attention
+from openr2.model.mla import LatentCache
+from tests.numerics import assert_close_to_reference
+
+pytestmark = pytest.mark.skipif(not paged_attention.load(), reason="the paged attention kernel could not be built")
+
+LAYERS = 2
+
+
+def _problem(seed, computed, num_new, H=4, C=32, R=8, block_size=8, shared_blocks=0, pad_rows=0, sharp=1.0):
+    """A pool of LAYERS layers in shuffled blocks; row b has computed[b] + num_new[b] keys (its new tokens'
+    queries at the last num_new[b] positions, padding queries repeating the last position, as the runner
+    pads); rows 1.. share row 0's first `shared_blocks` blocks; `pad_rows` rows at the end with no tokens
+    (position 0, table of block 0, as a padded batch carries them)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = len(num_new), max(num_new)
+    contexts = [c + n for c, n in zip(computed, num_new)]
+    need = [math.ceil(ctx / block_size) for ctx in contexts]
+    num_blocks = sum(need) + 3
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for b in range(B):
+        own = need[b] - (shared_blocks if b > 0 else 0)
+        table = (tables[0][:shared_blocks] if b > 0 else []) + [free.pop() for _ in range(own)]
+        tables.append(table + [free.pop()])  # one block past the end: never read
+    width = max(len(t) for t in tables)
+    tables += [[0]] * pad_rows
+    block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    positions = torch.tensor([[c + min(t, n - 1) for t in range(T)] for c, n in zip(computed, num_new)]
+                             + [[0] * T] * pad_rows)
+    rows = B + pad_rows
+    slots = num_blocks * block_size
+    pool_c = torch.randn(LAYERS, slots, C, generator=gen)
+    pool_r = torch.randn(LAYERS, slots, R, generator=gen)
+    q_latent = torch.randn(rows, T, H, C, generator=gen)
+    q_rope = torch.randn(rows, T, H, R, generator=gen)
+    scale = sharp / math.sqrt(C + R)
+    return q_latent, q_rope, pool_c, pool_r, block_table, positions, block_size, scale
+
+
+def _check(problem, what):
+    q_latent, q_rope, pool_c, pool_r, block_table, positions, block_size, scale = problem
+    for layer in range(LAYERS):
+        args = (pool_c, pool_r, layer, block_table, positions, block_size, scale)
+        fast = paged_attention.paged_latent_attention(q_latent, q_rope, *args)
+        plain = paged_attention.gather_latent_attention(q_latent, q_rope, *args)
+        ref = paged_attention.gather_latent_attention(q_latent.double(), q_rope.double(), pool_c.double(),
+                                                      pool_r.double(), *args[2:])
+        assert fast.shape == q_latent.shape and fast.dtype == torch.float32
+        assert_close_to_reference(fast, plain, ref, what=f"{what}, layer {layer}")
+
+
+@pytest.mark.parametrize("num_new", [[1, 1, 1], [1, 3, 2], [4, 1, 4], [2, 2, 2]], ids=str)
+def test_kernel_equals_gather_reference_ragged_rows(num_new):
+    _check(_problem(sum(num_new), [5, 17, 30], num_new), f"num_new {num_new}")
+
+
+def test_padding_rows_and_shared_prefix_blocks():
+    _check(_problem(1, [16, 23, 40, 9], [1, 2, 4, 3], shared_blocks=2, pad_rows=2), "padding rows, shared prefix")
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 64])
+def test_long_contexts_over_several_chunks(block_size):
+    """Contexts of a few thousand keys: several chunks per row, combined by log-sum-exp; a sharp softmax."""
+    _check(_problem(block_size, [2900, 1100, 31], [1, 4, 2], block_size=block_size, sharp=4.0),
+           f"long contexts, blocks of {block_size}")
+
+
+@pytest.mark.parametrize(("H", "C", "R"), [(1, 16, 16), (8, 40, 8), (16, 64, 16), (3, 7, 3)],
+                         ids=["one-head", "C-not-a-vector-multiple", "many-query-lanes", "odd-widths"])
+def test_shapes(H, C, R):
+    """Query lanes fewer, more than one vector and not a multiple of one; C and R with scalar tails."""
+    _check(_problem(H * C, [12, 50], [4, 3], H=H, C=C, R=R), f"H {H}, C {C}, R {R}")
+
+
+def test_a_chunk_past_some_queries():
+    """A row whose queries stop at different chunks: the later chunk holds no key the early query sees."""
+    problem = list(_problem(7, [1030], [4], block_size=8))  # keys 0..1033: two chunks of 1024
+    problem[5] = torch.tensor([[1000, 1033, 1024, 1023]])  # queries on both sides of the chunk boundary
+    _check(problem, "chunk boundary")
+
+
+def test_paged_read_equals_the_dense_latent_cache():
+    """The same keys in a contiguous LatentCache (the model's plain cache) and in shuffled pool blocks."""
+    gen = torch.Generator().manual_seed(0)
+    B, S, T, H, C, R, bs = 2, 37, 3, 4, 32, 8, 8
+    c_kv, k_rope = torch.randn(B, S, C, generator=gen), torch.randn(B, S, R, generator=gen)
+    dense = LatentCache(1, B, S, C, R)
+    dense.write(0, c_kv, k_rope)
+    blocks = math.ceil(S / bs)
+    table = torch.randperm(2 * blocks, generator=gen).view(B, blocks)
+    slots = paged_attention.block_slots(table, bs, S)
+    pool_c, pool_r = torch.zeros(1, 2 * blocks * bs, C), torch.zeros(1, 2 * blocks * bs, R)
+    pool_c[0, slots] = c_kv
+    pool_r[0, slots] = k_rope
+    q_latent, q_rope = torch.randn(B, T, H, C, generator=gen), torch.randn(B, T, H, R, generator=gen)
+    positions = torch.arange(S - T, S).expand(B, T)
+    scale = (C + R) ** -0.5
+    fast = paged_attention.paged_latent_attention(q_latent, q_rope, pool_c, pool_r, 0, table, positions, bs, scale)
+    plain = dense.attend(0, q_latent, q_rope, positions, scale)
+    dense64 = LatentCache(1, B, S, C, R, dtype=torch.float64)
+    dense64.write(0, c_kv.double(), k_rope.double())
+    ref = dense64.attend(0, q_latent.double(), q_rope.double(), positions, scale)
+    assert_close_to_reference(fast, plain, ref, what="paged vs contiguous cache")
+
+
+def test_compiled_call_equals_eager():
+    """Inside torch.compile the kernel is an opaque op (its fake gives the shape): the same numbers."""
+    q_latent, q_rope, pool_c, pool_r, block_table, positions, bs, scale = _problem(3, [20, 9], [2, 3])
+
+    def attend(q_latent, q_rope, pool_c, pool_r, block_table, positions):
+        q = q_latent * 2.0  # a computed, non-contiguous input, as the model's absorbed queries are
+        return paged_attention.paged_latent_attention(q.transpose(1, 2).transpose(1, 2), q_rope, pool_c, pool_r,
+                                                      1, block_table, positions, bs, scale) + 1.0
+
+    args = (q_latent, q_rope, pool_c, pool_r, block_table, positions)
+    compiled = torch.compile(attend, dynamic=True, fullgraph=True)
+    assert torch.equal(compiled(*args), attend(*args))
+
+
+def test_bad_tables_are_refused():
+    q_latent, q_rope, pool_c, pool_r, block_table, positions, bs, scale = _problem(4, [20, 9], [1, 1])
+    too_far = positions.clone()
+    too_far[0, 0] = block_table.shape[1] * bs  # past the table's last block
+    with pytest.raises(RuntimeError, match="block table holds"):
+        paged_attention.paged_latent_attention(q_latent, q_rope, pool_c, pool_r, 0, block_table, too_far, bs, scale)
+    bad = block_table.clone()
+    bad[1, 0] = pool_c.shape[1] // bs  # one past the pool
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        paged_attention.paged_latent_attention(q_latent, q_rope, pool_c, pool_r, 0, bad, positions, bs, scale)
