@@ -64,7 +64,7 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}  {args.gen_tokens} tokens x "
           f"{args.runs} runs (median)")
 
-    llm = LLM(model_dir)
+    llm = LLM(model_dir, compile=False)
     tok = llm.tokenizer
     prompts = [encode_chat([{"role": "user", "content": q}], tok) for q in QUESTIONS]
     ours = [o.outputs[0].token_ids for o in llm.generate(

@@ -151,7 +151,7 @@ def main() -> None:
                 path = os.path.join(tmp, name.replace(" ", "-"))
                 quantize_checkpoint(model_dir, path, *recipe)
             model = load_model(path)
-            llm = LLM(model, tok)
+            llm = LLM(model, tok, compile=False)
             row = {"weight_bytes": weight_bytes(model), "linear_bytes": linear_bytes(model),
                    "file_bytes": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                                      if f.endswith(".safetensors")),

@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           default_sampling=generation_defaults(args.model),
                           example_prompts=example_prompts(args.model), docs=args.docs)
     if args.compile:
-        print("openr2: compiling the decode step (once; inductor caches it on disk for the next start)...")
+        print("openr2: compiling the decode step (the first start; later ones load it from disk)...")
         engine.warm_up()
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
@@ -393,7 +393,8 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
 
 
-COMPILE_HELP = "compile the decode step (batch-1 decode ~4-7x faster on CPU) after ~20-60 s of compiling, once"
+COMPILE_HELP = ("compile the decode step (default; batch-1 decode ~4-7x faster on CPU): ~20-60 s the first time, "
+                "then loaded from ~/.cache/openr2 in seconds; --no-compile to skip")
 SPECULATIVE_HELP = ("speculative decoding: mtp:K drafts K tokens with the checkpoint's MTP module(s), ngram:K by "
                     "prompt lookup; outputs are unchanged (exact rejection sampling)")
 
@@ -408,7 +409,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help=COMPILE_HELP)
     p.add_argument("--speculative", default=None, metavar="METHOD:K", help=SPECULATIVE_HELP)
     if n:
         p.add_argument("--n", type=int, default=1, help="number of samples")
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens-per-min", type=int, default=None, help="per-key prompt + max output token limit")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
-    serve.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help=COMPILE_HELP)
     serve.add_argument("--speculative", default=None, metavar="METHOD:K", help=SPECULATIVE_HELP)
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("init-demo", help="write an untrained placeholder checkpoint for the server")

@@ -77,7 +77,7 @@ def test_init_demo_writes_a_servable_placeholder(tmp_path):
     from openr2 import LLM, SamplingParams
 
     assert main(["init-demo", str(tmp_path / "demo")]) == 0
-    llm = LLM(tmp_path / "demo", num_blocks=32)
+    llm = LLM(tmp_path / "demo", compile=False, num_blocks=32)
     out = llm.chat([{"role": "user", "content": "What is 2 + 2?"}], SamplingParams(max_tokens=4))[0]
     assert len(out.outputs[0].token_ids) >= 1 and out.prompt_token_ids[0] == llm.tokenizer.bos_token_id
 
@@ -105,7 +105,7 @@ def prompts_seen(monkeypatch):
     return seen
 
 
-FAST = ["--max-tokens", "3", "--temperature", "0"]
+FAST = ["--max-tokens", "3", "--temperature", "0", "--no-compile"]
 
 
 def test_checkpoint_as_model_flag_or_positional(ckpt, capsys, prompts_seen):
@@ -172,7 +172,7 @@ def test_chat_exits_130_on_ctrl_c(ckpt, monkeypatch, capsys, where):
 @pytest.mark.slow
 def test_chat_process_exits_130_on_sigint(ckpt):
     """The real thing: SIGINT to `python -m openr2 chat` waiting at its prompt."""
-    proc = subprocess.Popen([sys.executable, "-m", "openr2", "chat", "--model", ckpt], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "openr2", "chat", "--model", ckpt, "--no-compile"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         seen, deadline = b"", time.monotonic() + 120
@@ -218,3 +218,12 @@ def test_speculative_flag(ckpt, capsys, prompts_seen):
     assert main(["generate", ckpt, "--prompt", "hi", "--speculative", "mtp2", *FAST]) == 2
     err = capsys.readouterr().err
     assert "--speculative: expected METHOD:K" in err and "Traceback" not in err
+
+
+def test_serve_chat_and_generate_compile_by_default():
+    from openr2.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["serve", "--model", "m"], ["chat", "m"], ["generate", "m", "--prompt", "x"]):
+        assert parser.parse_args(argv).compile is True
+        assert parser.parse_args([*argv, "--no-compile"]).compile is False

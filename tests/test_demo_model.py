@@ -22,7 +22,7 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(str(DEMO))
+    return LLM(str(DEMO), compile=False)
 
 
 def test_bundle_is_complete_and_small():

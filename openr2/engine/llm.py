@@ -20,8 +20,10 @@ from openr2.model.transformer import Transformer
 
 class LLM:
     def __init__(self, model: str | os.PathLike | Transformer, tokenizer=None, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", **engine_options):
-        config = EngineConfig(**engine_options)
+                 device: str = "cpu", compile: bool = True, **engine_options):
+        """engine_options: EngineConfig's fields. compile (default on, as vLLM's CUDA graphs are): the decode
+        step is compiled on first use (~20-60 s once; kept on disk) and then runs several times faster."""
+        config = EngineConfig(compile=compile, **engine_options)
         if isinstance(model, Transformer):
             self.engine = LLMEngine(model, tokenizer, config)
         else:

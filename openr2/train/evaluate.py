@@ -63,7 +63,7 @@ def task_accuracy(model, tokenizer, task: str, difficulty: int, n: int, seed: in
                                seed + 1)
     chats = [_ask(p, setting, rng, others[i % len(others)] if others else p) for i, p in enumerate(problems)]
     was_training = model.training
-    llm = llm or LLM(model, tokenizer, max_num_seqs=128, max_num_batched_tokens=2048)
+    llm = llm or LLM(model, tokenizer, compile=False, max_num_seqs=128, max_num_batched_tokens=2048)  # batch work
     try:
         outs = llm.chat(chats, SamplingParams(temperature=0, max_tokens=max_tokens))
     finally:

@@ -190,13 +190,14 @@ class GRPOTrainer(TrainingLoop):
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.weights = R.parse_reward_spec(cfg.rewards)
-        self.llm = LLM(model, tokenizer, max_num_seqs=256, max_num_batched_tokens=4096)
+        # eager: rollouts decode hundreds of rows at once (dispatch amortised), and a run must not wait on compiling
+        self.llm = LLM(model, tokenizer, compile=False, max_num_seqs=256, max_num_batched_tokens=4096)
         self.ref = None
         if cfg.kl_beta > 0:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.judge_fn = None
         if "judge" in self.weights:
-            judge_llm = self.llm if judge_model is None else LLM(judge_model, tokenizer)
+            judge_llm = self.llm if judge_model is None else LLM(judge_model, tokenizer, compile=False)
             self.judge_fn = R.make_judge(self._judge_generate(judge_llm), cfg.judge_samples)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay, foreach=False)

@@ -38,8 +38,8 @@ def _prompts(lengths, seed=0, vocab=256):
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _generate(model, prompts, params, tokenizer=None, **options):
-    llm = LLM(model, tokenizer, **options)
+def _generate(model, prompts, params, tokenizer=None, compile=False, **options):
+    llm = LLM(model, tokenizer, compile=compile, **options)
     outs = llm.generate(prompts, params)
     return outs, llm.engine
 

@@ -353,7 +353,7 @@ def test_serve_exits_non_zero_when_its_engine_dies(tmp_path):
               "def broken(self, plan, **options): raise RuntimeError('device lost')\n"
               "ModelRunner.run = broken\n"
               f"sys.exit(cli.main(['serve', '--model', {str(tmp_path / 'ckpt')!r}, '--port', '{port}',"
-              f" '--data-dir', {str(tmp_path / 'data')!r}, '--served-model-name', 'tiny']))")
+              f" '--data-dir', {str(tmp_path / 'data')!r}, '--served-model-name', 'tiny', '--no-compile']))")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
