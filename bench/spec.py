@@ -32,6 +32,7 @@ from openr2.chat_format import encode_chat  # noqa: E402
 from openr2.checkpoints import load_model  # noqa: E402
 from openr2.engine.compiled import compiled_decode_step  # noqa: E402
 from openr2.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from openr2.engine.kv_cache import KVPool  # noqa: E402
 from openr2.engine.sampling import SamplingParams  # noqa: E402
 from openr2.tokenizer import Tokenizer  # noqa: E402
 
@@ -106,28 +107,24 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
 @torch.inference_mode()
 def step_widths(model, widths, threads, repeats=200) -> dict:
     """Median time of the compiled decode step alone, one row over a 120-token context, per width."""
-    config = model.config
-    slots = 256
-    L = config.num_hidden_layers
-    pool_c = torch.randn(L, slots, config.kv_lora_rank)
-    pool_r = torch.randn(L, slots, config.qk_rope_head_dim)
+    pool = KVPool(model.config, num_blocks=8, block_size=64, num_layers=model.config.num_hidden_layers)
     step = compiled_decode_step(model)
     out = {}
     for width in widths:
         context = 120
-        gather = torch.arange(context)[None]
+        view = pool.view([[3, 5]], [context - width], [width])
+        *cache, block_size = view.decode_args()
         positions = (context - width + torch.arange(width))[None]
         ids = torch.zeros(1, width, dtype=torch.long)
-        write = gather.gather(1, positions)
         best = None
         for t in threads:
             torch.set_num_threads(t)
             for _ in range(20):
-                step(ids, positions, pool_c, pool_r, gather, write)
+                step(ids, positions, *cache, block_size=block_size)
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                step(ids, positions, pool_c, pool_r, gather, write)
+                step(ids, positions, *cache, block_size=block_size)
                 times.append(time.perf_counter() - start)
             med = statistics.median(times)
             best = med if best is None else min(best, med)

@@ -93,6 +93,25 @@ def draft_step(model: Transformer, hidden: torch.Tensor, next_ids: torch.Tensor,
     return logits, h[torch.arange(h.shape[0], device=h.device), last]
 
 
+def decode_draft_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
+                      pool_r: torch.Tensor, block_table: torch.Tensor, write_slots: torch.Tensor,
+                      write_index: torch.Tensor, block_size: int, read: str = "blocks"):
+    """decode_step and the first MTP draft step in one call (speculative decoding with an MTP module).
+
+    The MTP module runs over the same new positions, fed each position's argmax next token: for a greedy row
+    that is exactly the token the verification commits there (the accepted draft, or the correction at the
+    first rejection), so its cache entries and its draft at the last committed position are the ones a
+    separate draft step would compute after sampling (the engine runs that step only for rows whose
+    committed token is not the argmax). Returns (logits [B, T, V], final-normed hidden [B, T, D], the argmax
+    next tokens [B, T], the MTP's argmax drafts [B, T], its block output [B, T, D])."""
+    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
+    logits, hidden = model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode",
+                           kernel_impl="compiled", return_hidden=True)
+    next_ids = logits.argmax(-1)
+    draft_logits, h = model.draft(hidden, next_ids, positions, view, 0, None, "absorbed", "decode", "compiled")
+    return logits, hidden, next_ids, draft_logits.argmax(-1), h
+
+
 class CompiledStep:
     """One step function of one model (decode_step, or draft_step at one depth), compiled ahead of time.
 
@@ -236,6 +255,11 @@ def compiled_decode_step(model: Transformer, cache_dir: str | None = None) -> Co
     return _compiled(model, "decode", cache_dir)
 
 
+def compiled_decode_draft_step(model: Transformer, cache_dir: str | None = None) -> CompiledStep:
+    """The compiled decode step fused with the first MTP draft step (decode_draft_step)."""
+    return _compiled(model, "decode-draft", cache_dir)
+
+
 def compiled_draft_step(model: Transformer, depth: int, cache_dir: str | None = None) -> CompiledStep:
     """The compiled draft step of this model's MTP module `depth`."""
     return _compiled(model, f"draft-{depth}", cache_dir)
@@ -244,8 +268,9 @@ def compiled_draft_step(model: Transformer, depth: int, cache_dir: str | None = 
 def _compiled(model: Transformer, name: str, cache_dir: str | None) -> CompiledStep:
     steps = _COMPILED.setdefault(model, {})
     if name not in steps:
-        if name == "decode":
-            steps[name] = CompiledStep(model, decode_step, (2, 3), 4, cache_dir)
+        if name in ("decode", "decode-draft"):
+            steps[name] = CompiledStep(model, decode_step if name == "decode" else decode_draft_step, (2, 3), 4,
+                                       cache_dir)
         else:
             steps[name] = CompiledStep(model, draft_step, (3, 4), 5, cache_dir, depth=int(name.split("-")[1]))
     return steps[name]

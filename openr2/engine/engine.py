@@ -261,7 +261,7 @@ class LLMEngine:
         if self.speculative is not None:
             if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
                 self.spec_policy.record(len(plan), self._step_k, self._num_committed, time.perf_counter() - start_s)
-            self._propose(plan, starts, out.hidden, failed, prefilling)
+            self._propose(plan, starts, out, failed, prefilling)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []
@@ -352,7 +352,7 @@ class LLMEngine:
         if num_drafts:
             self.scheduler.register_full_blocks(seq)
 
-    def _propose(self, plan: list[tuple[Sequence, int]], starts: dict[int, int], hidden: dict, failed: dict,
+    def _propose(self, plan: list[tuple[Sequence, int]], starts: dict[int, int], out, failed: dict,
                  prefilling: set[int]) -> None:
         """Drafts for every live row's next step (and the MTP cache for the positions this step committed)."""
         spec = self.speculative
@@ -360,6 +360,7 @@ class LLMEngine:
                 if not seq.is_finished and seq.request_id not in failed and seq.request_id in self.requests]
         decoding = [seq for seq in live if seq.num_computed == seq.num_tokens - 1]  # next token sampled, not computed
         self._step_k = self.spec_policy.choose(len(decoding)) if decoding else 0
+        self.runner.fused_draft = self.mtp_drafter is not None and self._step_k > 0  # off costs nothing
         rows = []
         for seq in live:
             k = 0
@@ -375,8 +376,8 @@ class LLMEngine:
             # Turned off, drafting costs nothing: decode rows skip the MTP cache too (a later draft attends
             # over stale entries there, which costs acceptance, never correctness). Prompts always fill it.
             drafts = self.mtp_drafter.propose(
-                [(seq, starts[seq.seq_id], hidden[seq.seq_id], k) for seq, k in rows
-                 if k or self._step_k or seq.seq_id in prefilling])
+                [(seq, starts[seq.seq_id], out.hidden[seq.seq_id], k) for seq, k in rows
+                 if k or self._step_k or seq.seq_id in prefilling], out.drafts)
         else:
             drafts = {seq.seq_id: ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
                       for seq, k in rows if k}

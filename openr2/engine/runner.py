@@ -13,7 +13,7 @@ Shape legend: B rows, T new tokens per row (padded), V vocab.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ from openr2.model.transformer import Transformer
 class ModelRunner:
     def __init__(self, model: Transformer, pool: KVPool, compile: bool = False, compile_cache_dir: str | None = None):
         self.model, self.pool, self.compile_cache_dir = model, pool, compile_cache_dir
+        self.fused_draft = False  # compiled decode rows also run the first MTP draft step (engine sets it)
         self.device = model.device
         self._compiled_decode = None
         if compile:
@@ -119,8 +120,12 @@ class ModelRunner:
         uniform = len(logit_rows) == len(group) * T and all(n == T for _, n in group)
         if self._compiled_decode is not None and uniform and attn_impl == "absorbed" \
                 and T <= COMPILED_DECODE_MAX_WIDTH and len(group) * T <= COMPILED_DECODE_MAX_TOKENS:
-            logits, hidden = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
+            logits, hidden, *fused = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
             logits = logits.flatten(0, 1)
+            if fused:  # the first MTP draft step ran inside the same call
+                next_ids, draft_ids, draft_hidden = fused[0].tolist(), fused[1].tolist(), fused[2]
+                for b, (seq, _) in enumerate(group):
+                    out.drafts[seq.seq_id] = (next_ids[b], draft_ids[b], draft_hidden[b])
         else:
             index = (torch.tensor(logit_rows, dtype=torch.long, device=self.device),
                      torch.tensor(logit_cols, dtype=torch.long, device=self.device))
@@ -138,7 +143,12 @@ class ModelRunner:
     def _decode_compiled(self, ids, positions, view):
         try:
             *cache, block_size = view.decode_args()
-            return self._compiled_decode(ids, positions, *cache, block_size=block_size)
+            step = self._compiled_decode
+            if self.fused_draft:
+                from openr2.engine.compiled import compiled_decode_draft_step
+
+                step = compiled_decode_draft_step(self.model, self.compile_cache_dir)
+            return step(ids, positions, *cache, block_size=block_size)
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",
@@ -151,3 +161,6 @@ class ModelRunner:
 class StepOutput:
     logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V] float32, for rows that reached their end
     hidden: dict[int, torch.Tensor]  # seq_id -> [new tokens, D], when asked
+    # with fused_draft, compiled rows: seq_id -> (argmax next token per new position, the MTP's draft there,
+    # its block output [new tokens, D]) (compiled.decode_draft_step)
+    drafts: dict[int, tuple] = field(default_factory=dict)

@@ -136,23 +136,37 @@ class MTPDrafter:
     def __init__(self, runner, num_modules: int):
         self.runner, self.num_modules = runner, num_modules
 
-    def propose(self, rows: list[tuple[Sequence, int, torch.Tensor, int]]) -> dict[int, list[int]]:
+    def propose(self, rows: list[tuple[Sequence, int, torch.Tensor, int]], fused: dict | None = None) -> dict[int, list[int]]:
         """rows: (sequence, first position its last step computed, hidden [n, D] of the n positions that step
         fed, drafts wanted k >= 0). Fills the MTP cache at the committed ones; returns seq_id -> k drafts.
 
         A row whose drafts were partly rejected is still fed all n positions (one shape for every row of a
         step, so the compiled draft step serves it): past the committed ones the next token is a filler and
         the cache entries land past the sequence's length, to be overwritten; its draft is read at the last
-        committed position."""
+        committed position. `fused`: the runner's StepOutput.drafts; rows whose committed tokens the fused
+        step fed already skip the first step."""
         if not rows:
             return {}
-        first = []
-        for seq, start, hidden, _ in rows:
+        first, drafts, h = [], {}, [None] * len(rows)
+        for b, (seq, start, hidden, k) in enumerate(rows):
             committed = seq.num_computed - start
+            done = (fused or {}).get(seq.seq_id)
+            if done is not None and done[0][:committed] == seq.token_ids[start + 1 : start + 1 + committed]:
+                # the fused step already fed this row's committed tokens (they were the argmax ones)
+                drafts[seq.seq_id] = [done[1][committed - 1]] if k else []
+                h[b] = done[2][committed - 1]
+                continue
             next_ids = seq.token_ids[start + 1 : start + 1 + committed]
-            first.append((seq, start, hidden, next_ids + next_ids[-1:] * (hidden.shape[0] - committed), committed - 1))
-        logits, h = self.runner.draft(first, depth=0)
-        drafts = {seq.seq_id: [t] if k else [] for (seq, *_, k), t in zip(rows, logits.argmax(-1).tolist())}
+            first.append((b, (seq, start, hidden, next_ids + next_ids[-1:] * (hidden.shape[0] - committed),
+                              committed - 1)))
+        if first:
+            logits, h_first = self.runner.draft([row for _, row in first], depth=0)
+            for (b, (seq, *_)), t, hb in zip(first, logits.argmax(-1).tolist(), h_first):
+                drafts[seq.seq_id] = [t] if rows[b][3] else []
+                h[b] = hb
+        if max((k for *_, k in rows), default=0) < 2:
+            return drafts
+        h = torch.stack(h)
         live = [(b, seq, k) for b, (seq, *_, k) in enumerate(rows) if k > 1]
         for j in range(2, max((k for *_, k in rows), default=0) + 1):
             live = [(b, seq, k) for b, seq, k in live if k >= j]
