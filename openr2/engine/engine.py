@@ -259,9 +259,11 @@ class LLMEngine:
         if ready:
             self._sample(ready, out.logits, touched, failed)
         if self.speculative is not None:
-            if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
-                self.spec_policy.record(len(plan), self._step_k, self._num_committed, time.perf_counter() - start_s)
+            verified_k = self._step_k
             self._propose(plan, starts, out, failed, prefilling)
+            if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
+                # the step's time includes drafting for the next one: steadily, the same k's cost
+                self.spec_policy.record(len(plan), verified_k, self._num_committed, time.perf_counter() - start_s)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []
