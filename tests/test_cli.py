@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -270,6 +271,26 @@ def test_help_stays_instant_the_engine_flags_load_with_their_verb():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_serve_leaves_uvicorn_to_pick_httptools_and_uvloop(ckpt, tmp_path, monkeypatch):
+    """pyproject asks for uvicorn[standard]: where httptools and uvloop are installed, serve runs on them."""
+    import uvicorn
+
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))  # no listening
+    assert main(["serve", "--model", ckpt, "--data-dir", str(tmp_path), "--max-num-seqs", "2"]) == 3  # never started
+    (config,) = configs
+    config.load()
+    loop = config.get_loop_factory()() if hasattr(config, "get_loop_factory") else None
+    try:
+        if importlib.util.find_spec("httptools"):
+            assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+        if importlib.util.find_spec("uvloop") and loop is not None:
+            assert type(loop).__module__.startswith("uvloop")
+    finally:
+        if loop is not None:
+            loop.close()
 
 
 # ------------------------------------------------------------------------------------------------ keys, eval
