@@ -462,9 +462,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, config_class=None) -> None:
         default = getattr(defaults, f.name)
         if f.name.endswith("_bytes") and default and not default % (1 << 20):
             default = f"{default >> 20}MiB"
-        help = ENGINE_HELP.get(f.name, f"{config_class.__name__}.{f.name}")
+        text = ENGINE_HELP.get(f.name, f"{config_class.__name__}.{f.name}")
         kw = {"dest": "engine_" + f.name, "default": argparse.SUPPRESS,
-              "help": help if default is None else f"{help} (default {default})"}  # None: the help says what
+              "help": text if default is None else f"{text} (default {default})"}  # None: the help says what
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
