@@ -273,14 +273,26 @@ def test_help_stays_instant_the_engine_flags_load_with_their_verb():
     assert out.split() == ["False", "True"]
 
 
-def test_serve_leaves_uvicorn_to_pick_httptools_and_uvloop(ckpt, tmp_path, monkeypatch):
-    """pyproject asks for uvicorn[standard]: where httptools and uvloop are installed, serve runs on them."""
+def test_serve_runs_on_httptools_and_uvloop_with_its_startup_heap_frozen(ckpt, tmp_path, monkeypatch):
+    """pyproject asks for uvicorn[standard]: where httptools and uvloop are installed, serve runs on them; what
+    it loaded before listening is out of the cyclic GC's reach (gc.freeze)."""
+    import gc
+
     import uvicorn
 
-    configs = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))  # no listening
-    assert main(["serve", "--model", ckpt, "--data-dir", str(tmp_path), "--max-num-seqs", "2"]) == 3  # never started
+    configs, frozen = [], []
+
+    def run(self):  # instead of listening
+        configs.append(self.config)
+        frozen.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    try:
+        assert main(["serve", "--model", ckpt, "--data-dir", str(tmp_path), "--max-num-seqs", "2"]) == 3  # not started
+    finally:
+        gc.unfreeze()  # this is the test process, not a server's
     (config,) = configs
+    assert frozen[0] > 0
     config.load()
     loop = config.get_loop_factory()() if hasattr(config, "get_loop_factory") else None
     try:
