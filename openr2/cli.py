@@ -1,5 +1,7 @@
 """The `openr2` command line: parses `openr2 <verb>` and dispatches. Imports lazily so --help is instant (the
-train and rl flags come from openr2/train/config.py, which is torch-free)."""
+train and rl flags come from openr2/train/config.py, which is torch-free; the engine flags of generate, chat
+and serve come from EngineConfig, whose module imports torch, so they are added only when one of those verbs
+is parsed)."""
 
 from __future__ import annotations
 
@@ -73,13 +75,20 @@ def _sampling_params(args: argparse.Namespace):
                           seed=args.seed, max_tokens=args.max_tokens)
 
 
+def _engine_config(args: argparse.Namespace):
+    """EngineConfig from its defaults and the engine flags given (see _add_engine_flags)."""
+    from openr2.engine.engine import EngineConfig
+
+    given = {k[len("engine_"):]: v for k, v in vars(args).items() if k.startswith("engine_")}
+    return EngineConfig(**(CLI_DEFAULTS | given))
+
+
 def _load_engine(args: argparse.Namespace):
     import torch
 
-    from openr2.engine.engine import EngineConfig, LLMEngine
+    from openr2.engine.engine import LLMEngine
 
-    config = EngineConfig(compile=args.compile, speculative_config=args.speculative)
-    engine = LLMEngine.from_pretrained(args.model, config, getattr(torch, args.dtype), args.device)
+    engine = LLMEngine.from_pretrained(args.model, _engine_config(args), getattr(torch, args.dtype), args.device)
     if engine.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.json, so text cannot be encoded")
     return engine
@@ -191,6 +200,8 @@ def _ledger(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a checkpoint with the OpenAI-compatible API on host:port (127.0.0.1 by default)."""
+    import gc
+
     import uvicorn
 
     from openr2 import billing
@@ -206,13 +217,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
                           default_sampling=generation_defaults(args.model),
                           example_prompts=example_prompts(args.model), docs=args.docs)
-    if args.compile:
+    if engine.config.compile:
         print("openr2: compiling the decode step (the first start; later ones load it from disk)...")
         engine.warm_up()
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
     http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning"))
     server.engine.on_failure = lambda: setattr(http, "should_exit", True)  # a dead engine: exit, to be restarted
+    # What is loaded now (torch, the model, the tokenizer) lives as long as the process: frozen out of the cyclic
+    # GC's reach, so that a full collection walks only what requests allocate (in bench/server.py one took
+    # ~200 ms, holding the GIL and so stalling the engine thread mid-step).
+    gc.collect()
+    gc.freeze()
     http.run()
     server.engine.shutdown()
     if server.engine.failure is not None:
@@ -393,10 +409,99 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
 
 
-COMPILE_HELP = ("compile the decode step (default; batch-1 decode ~4-7x faster on CPU): ~20-60 s the first time, "
-                "then loaded from ~/.cache/openr2 in seconds; --no-compile to skip")
+COMPILE_HELP = ("compile the decode step (batch-1 decode ~4-7x faster on CPU): ~20-60 s the first time, then "
+                "loaded from ~/.cache/openr2 in seconds")
 SPECULATIVE_HELP = ("speculative decoding: mtp:K drafts K tokens with the checkpoint's MTP module(s), ngram:K by "
                     "prompt lookup; outputs are unchanged (exact rejection sampling)")
+CLI_DEFAULTS = {"compile": True}  # where the command line's default differs from EngineConfig's (compiled by default)
+ENGINE_HELP = {  # what a user needs to pick a value; a field not listed here gets a generic line
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_bytes": "memory for the KV cache, e.g. 512MiB, 2GiB or bytes (K/M/G = KiB/MiB/GiB)",
+    "num_blocks": "exact number of KV-cache blocks (overrides --kv-cache-bytes)",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "tokens per step; longer prompts are prefilled in chunks",
+    "max_model_len": "context length, prompt + completion (default: the model's max_position_embeddings)",
+    "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
+    "compile": COMPILE_HELP,
+}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+               "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GiB', '1.5G', '4096' -> bytes (KB/MB/GB are powers of 1000, K/M/G and KiB/MiB/GiB of 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", text)
+    unit = match and _SIZE_UNITS.get(match.group(2).lower())
+    if not unit or int(float(match.group(1)) * unit) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes, such as 512MiB, 2GiB or 1000000")
+    return int(float(match.group(1)) * unit)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _scalar_type(annotation) -> type | None:
+    """bool, int, float or str for an annotation `X` or `X | None` (a class or, under `from __future__ import
+    annotations`, its text); None for anything else (dicts, objects), which takes a parser of its own."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = {part.strip() for part in text.split("|")} - {"None"}
+    return {"bool": bool, "int": int, "float": float, "str": str}.get(names.pop()) if len(names) == 1 else None
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, config_class=None) -> None:
+    """One flag per EngineConfig field of a scalar type, so a new field is a new flag: bool -> --x / --no-x,
+    int (a count or size: at least 1; *_bytes also as 512MiB), float, str. Only the flags given override."""
+    import dataclasses
+
+    if config_class is None:
+        from openr2.engine.engine import EngineConfig as config_class
+    defaults = config_class()
+    group = p.add_argument_group("engine options", f"{config_class.__name__} fields; only the flags given override")
+    for f in dataclasses.fields(config_class):
+        kind = _scalar_type(f.type)
+        if kind is None:
+            continue
+        default = CLI_DEFAULTS.get(f.name, getattr(defaults, f.name))
+        if f.name.endswith("_bytes") and default and not default % (1 << 20):
+            default = f"{default >> 20}MiB"
+        text = ENGINE_HELP.get(f.name, f"{config_class.__name__}.{f.name}")
+        kw = {"dest": "engine_" + f.name, "default": argparse.SUPPRESS,
+              "help": text if default is None else f"{text} (default {default})"}  # None: the help says what
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind is int:
+            group.add_argument(flag, type=parse_size if f.name.endswith("_bytes") else _positive_int,
+                               metavar="SIZE" if f.name.endswith("_bytes") else "N", **kw)
+        else:
+            group.add_argument(flag, type=kind, metavar=f.name.upper(), **kw)
+    group.add_argument("--speculative", dest="engine_speculative_config", default=argparse.SUPPRESS,
+                       metavar="METHOD:K", help=SPECULATIVE_HELP)
+
+
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser whose `late_flags` (a function adding flags from a module that is slow to import) run
+    only when that verb is parsed, its --help included, so `openr2 --help` and the other verbs stay instant."""
+
+    def __init__(self, *args, late_flags=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._late_flags = late_flags
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._late_flags is not None:
+            add, self._late_flags = self._late_flags, None
+            add(self)
+        return super().parse_known_args(args, namespace)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
@@ -409,29 +514,27 @@ def _add_sampling_flags(p: argparse.ArgumentParser, n: bool = False) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help=COMPILE_HELP)
-    p.add_argument("--speculative", default=None, metavar="METHOD:K", help=SPECULATIVE_HELP)
     if n:
         p.add_argument("--n", type=int, default=1, help="number of samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openr2", description="Open, private DeepSeek-style reasoning models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_VerbParser)
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a checkpoint or preset")
     info.add_argument("model", help="checkpoint directory or preset name (deepseek-v3, deepseek-v2-lite, ...)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
-    gen = sub.add_parser("generate", help="complete one prompt, streaming")
+    gen = sub.add_parser("generate", help="complete one prompt, streaming", late_flags=_add_engine_flags)
     _add_sampling_flags(gen, n=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--raw", action="store_true",
                      help="send the prompt as plain text, not as a user message through the chat template")
     gen.set_defaults(func=cmd_generate)
-    chat = sub.add_parser("chat", help="interactive terminal chat")
+    chat = sub.add_parser("chat", help="interactive terminal chat", late_flags=_add_engine_flags)
     _add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server", late_flags=_add_engine_flags)
     serve.add_argument("--model", required=True, help="checkpoint directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -446,8 +549,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens-per-min", type=int, default=None, help="per-key prompt + max output token limit")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
-    serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help=COMPILE_HELP)
-    serve.add_argument("--speculative", default=None, metavar="METHOD:K", help=SPECULATIVE_HELP)
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("init-demo", help="write an untrained placeholder checkpoint for the server")
     demo.add_argument("out", help="output directory")

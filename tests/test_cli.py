@@ -1,10 +1,14 @@
 """The command line: `openr2 info` (the verified parameter counts and KV-cache sizes, on the meta device),
 `generate` and `chat` (checkpoint as MODEL or --model, the chat template by default, Ctrl-C and Ctrl-D),
-`keys list`, `eval`'s default output path and `init-demo`."""
+the engine flags of generate, chat and serve (one per EngineConfig field, added only when those verbs are
+parsed), `keys list`, `eval`'s default output path and `init-demo`."""
 
 from __future__ import annotations
 
+import argparse
 import builtins
+import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -18,8 +22,8 @@ import pytest
 
 from openr2.chat_format import encode_chat
 from openr2.checkpoints import save_model
-from openr2.cli import main
-from openr2.engine.engine import LLMEngine
+from openr2.cli import _add_engine_flags, _engine_config, build_parser, main, parse_size
+from openr2.engine.engine import EngineConfig, LLMEngine
 from openr2.eval.runner import EvalConfig
 from openr2.model.accounting import model_stats
 from openr2.model.transformer import build_model
@@ -190,6 +194,117 @@ def test_chat_process_exits_130_on_sigint(ckpt):
     assert proc.returncode == 130 and b"Traceback" not in err, err
 
 
+# ------------------------------------------------------------------------------------------------ engine flags
+
+def test_every_engine_config_field_is_a_flag_of_serve_generate_and_chat():
+    given = {"block_size": ["--block-size", "32"], "kv_cache_bytes": ["--kv-cache-bytes", "512MiB"],
+             "num_blocks": ["--num-blocks", "40"], "max_num_seqs": ["--max-num-seqs", "8"],
+             "max_num_batched_tokens": ["--max-num-batched-tokens", "1024"],
+             "max_model_len": ["--max-model-len", "2048"],
+             "enable_prefix_caching": ["--no-enable-prefix-caching"], "compile": ["--compile"]}
+    expected = EngineConfig(block_size=32, kv_cache_bytes=512 << 20, num_blocks=40, max_num_seqs=8,
+                            max_num_batched_tokens=1024, max_model_len=2048, enable_prefix_caching=False,
+                            compile=True)
+    flags = [flag for name in given for flag in given[name]]
+    for verb in (["serve", "--model", "m"], ["generate", "m", "--prompt", "hi"], ["chat", "m"]):
+        assert _engine_config(build_parser().parse_args([*verb, *flags])) == expected
+        assert _engine_config(build_parser().parse_args(verb)) == EngineConfig(compile=True)  # compiled by default
+    args = build_parser().parse_args(["serve", "--model", "m", "--compile", "--no-compile"])
+    assert _engine_config(args).compile is False  # the last one wins
+    # and a field added later gets its flag with no new code
+    values = {"bool": [], "int": ["2"], "float": ["0.5"], "str": ["x"]}
+    for f in dataclasses.fields(EngineConfig):
+        kind = f.type.split(" |")[0]  # engine.py's annotations are text (from __future__ import annotations)
+        if kind in values:
+            args = build_parser().parse_args(["serve", "--model", "m", "--" + f.name.replace("_", "-"), *values[kind]])
+            assert hasattr(args, "engine_" + f.name), f.name
+
+
+def test_engine_flags_skip_fields_they_cannot_type():
+    """A dict or object field (a speculative config) takes a parser of its own: no flag, no error."""
+    @dataclasses.dataclass
+    class Config:
+        max_things: int = 4
+        ratio: float | None = None
+        name: str = "x"
+        drafts: dict | None = None
+        sub: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    parser = argparse.ArgumentParser()
+    _add_engine_flags(parser, Config)
+    args = parser.parse_args(["--max-things", "2", "--ratio", "0.5", "--name", "y"])
+    assert vars(args) == {"engine_max_things": 2, "engine_ratio": 0.5, "engine_name": "y"}
+    for absent in ("--drafts", "--sub"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([absent, "1"])
+
+
+def test_sizes_and_counts_are_checked_by_the_parser(capsys):
+    assert [parse_size(t) for t in ("4096", "512MiB", "512M", "2GiB", "1.5G", "2GB", "64 kib")] == \
+        [4096, 512 << 20, 512 << 20, 2 << 30, 3 << 29, 2 * 10**9, 64 << 10]
+    for bad in (["--kv-cache-bytes", "12XB"], ["--kv-cache-bytes", "0"], ["--max-num-seqs", "0"],
+                ["--block-size", "many"]):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(["serve", "--model", "m", *bad])
+        assert exit_.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_an_engine_flag_reaches_the_engine(ckpt, monkeypatch, capsys):
+    configs = []
+    stream = LLMEngine.stream
+
+    def spy(self, *args, **kwargs):
+        configs.append(self.config)
+        return stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "stream", spy)
+    assert main(["generate", ckpt, "--prompt", "hi", *FAST, "--num-blocks", "24", "--max-num-seqs", "3",
+                 "--no-enable-prefix-caching"]) == 0
+    assert configs == [EngineConfig(num_blocks=24, max_num_seqs=3, enable_prefix_caching=False)]
+
+
+def test_help_stays_instant_the_engine_flags_load_with_their_verb():
+    """Building the parser and parsing other verbs imports no torch; serve, generate and chat do (their flags
+    come from EngineConfig)."""
+    code = ("import sys; from openr2.cli import build_parser; p = build_parser(); p.parse_args(['keys', 'list']); "
+            "print('torch' in sys.modules, end=' '); p.parse_args(['serve', '--model', 'm', '--max-num-seqs', '2']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+def test_serve_runs_on_httptools_and_uvloop_with_its_startup_heap_frozen(ckpt, tmp_path, monkeypatch):
+    """pyproject asks for uvicorn[standard]: where httptools and uvloop are installed, serve runs on them; what
+    it loaded before listening is out of the cyclic GC's reach (gc.freeze)."""
+    import gc
+
+    import uvicorn
+
+    configs, frozen = [], []
+
+    def run(self):  # instead of listening
+        configs.append(self.config)
+        frozen.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    try:
+        assert main(["serve", "--model", ckpt, "--data-dir", str(tmp_path), "--max-num-seqs", "2"]) == 3  # not started
+    finally:
+        gc.unfreeze()  # this is the test process, not a server's
+    (config,) = configs
+    assert frozen[0] > 0
+    config.load()
+    loop = config.get_loop_factory()() if hasattr(config, "get_loop_factory") else None
+    try:
+        if importlib.util.find_spec("httptools"):
+            assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+        if importlib.util.find_spec("uvloop") and loop is not None:
+            assert type(loop).__module__.startswith("uvloop")
+    finally:
+        if loop is not None:
+            loop.close()
+
+
 # ------------------------------------------------------------------------------------------------ keys, eval
 
 def test_keys_list_says_when_there_are_none(tmp_path, capsys):
@@ -221,9 +336,10 @@ def test_speculative_flag(ckpt, capsys, prompts_seen):
 
 
 def test_serve_chat_and_generate_compile_by_default():
-    from openr2.cli import build_parser
+    from openr2.cli import _engine_config, build_parser
 
-    parser = build_parser()
     for argv in (["serve", "--model", "m"], ["chat", "m"], ["generate", "m", "--prompt", "x"]):
-        assert parser.parse_args(argv).compile is True
-        assert parser.parse_args([*argv, "--no-compile"]).compile is False
+        assert _engine_config(build_parser().parse_args(argv)).compile is True
+        assert _engine_config(build_parser().parse_args([*argv, "--no-compile"])).compile is False
+        config = _engine_config(build_parser().parse_args([*argv, "--speculative", "mtp:2"]))
+        assert config.speculative_config == "mtp:2"

@@ -1,9 +1,15 @@
 """AsyncEngine: one background thread steps the LLMEngine; asyncio callers stream their own outputs.
 
-The engine is not thread-safe, so every touch (add, abort, step) happens under one lock; the stepping
-thread sleeps while there is no work. Outputs are engine snapshots handed to each request's asyncio queue
-on its own event loop. A consumer that stops listening (a disconnected HTTP client) aborts its request,
-which frees its cache blocks; what it had generated is in the last output it received.
+The engine is not thread-safe, so only the stepping thread touches it. Callers post: `generate` queues its
+request and `abort` its cancellation under a lock held for a moment only, never across a step, so an event
+loop never waits for a step to end; the thread adds and aborts what was posted between steps. A request
+the engine refuses (bad input: ValueError) raises from its own stream before any output. The thread
+sleeps while there is no work; when a request wakes it, it waits a moment for more (the admission window:
+until no new request arrived for ADMISSION_QUIET_S, at most ADMISSION_WINDOW_S), so a burst of requests
+arriving together is prefilled together instead of the first one alone. Outputs are engine snapshots; the
+outputs of one step reach each event loop in one call_soon_threadsafe, which puts each into its request's
+asyncio queue. A consumer that stops listening (a disconnected HTTP client) aborts its request, which
+frees its cache blocks before the next step; what it had generated is in the last output it received.
 
 Failures. A request the engine ended with an error raises RequestError from its own stream; the others
 go on. A step that fails as a whole (no single request to blame) leaves the engine in an unknown state,
@@ -27,7 +33,10 @@ from collections.abc import AsyncIterator, Callable
 from openr2.engine.engine import LLMEngine, RequestError, RequestOutput
 from openr2.engine.sampling import SamplingParams
 
-ADMISSION_WINDOW_S = 0.003  # after idling, wait this long so requests arriving together start together
+# After idling, the thread waits for a burst to finish arriving: until no request came for ADMISSION_QUIET_S,
+# at most ADMISSION_WINDOW_S. A lone request pays ADMISSION_QUIET_S; a burst is prefilled in one step.
+ADMISSION_QUIET_S = 0.002
+ADMISSION_WINDOW_S = 0.05
 logger = logging.getLogger("openr2.engine")
 
 
@@ -40,9 +49,12 @@ class AsyncEngine:
         self.engine = engine
         self.on_failure = on_failure  # called once, from the engine thread, when the engine dies
         self.failure: str | None = None  # why the engine died; None while it is healthy
-        self._lock = threading.Lock()
+        self._cause: BaseException | None = None  # the exception that killed it
+        self._lock = threading.Lock()  # guards the posts and _queues below, never held across a step
         self._work = threading.Condition(self._lock)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._adds: list[tuple] = []  # add_request arguments posted by generate(), added before the next step
+        self._aborts: list[str] = []  # request ids posted by abort(), aborted before the next step
         self._ids = itertools.count()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="openr2-engine", daemon=True)
@@ -63,7 +75,7 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.num_waiting
+        return self.engine.num_waiting + len(self._adds)  # posted requests wait too
 
     @property
     def spec_stats(self):
@@ -74,7 +86,7 @@ class AsyncEngine:
                        salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changed it; the last one is finished.
 
-        Bad input raises ValueError before anything is queued; a request the engine failed raises
+        Bad input raises ValueError before any output (nothing runs); a request the engine failed raises
         RequestError; a dead or shut-down engine raises EngineDeadError.
         """
         request_id = request_id or f"req-{next(self._ids)}"
@@ -82,14 +94,17 @@ class AsyncEngine:
         with self._work:
             if self._stopped:
                 raise EngineDeadError(self.failure or "the engine is shut down")
-            self.engine.add_request(request_id, prompt, params, salt, priority)
+            if request_id in self._queues:
+                raise ValueError(f"request_id {request_id!r} is already in use")
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
+            self._adds.append((request_id, prompt, params, salt, priority))
             self._work.notify()
         finished = False
         try:
             while not finished:
                 item = await queue.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, BaseException):  # refused, or the engine died: nothing left to abort
+                    finished = True
                     raise item
                 finished = item.finished
                 if item.error is not None:
@@ -99,12 +114,12 @@ class AsyncEngine:
             if not finished:  # the consumer went away, or failed: free the request's blocks now
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed before the next step (the caller never waits for one)."""
         with self._work:
-            self._queues.pop(request_id, None)
-            if self.failure is not None:  # the engine's state is unknown: leave it alone
-                return None
-            return self.engine.abort(request_id)
+            if self._queues.pop(request_id, None) is not None and not self._stopped:
+                self._aborts.append(request_id)
+                self._work.notify()
 
     def shutdown(self) -> None:
         with self._work:
@@ -112,55 +127,97 @@ class AsyncEngine:
             self._work.notify()
         self._thread.join(timeout=10)
 
+    # ------------------------------------------------------------------------- the stepping thread
     def _run(self) -> None:
         while True:
             with self._work:
                 idle = False
-                while not self._stopped and not self.engine.has_unfinished_requests():
+                while not (self._stopped or self._adds or self._aborts or self.engine.has_unfinished_requests()):
                     idle = True
                     self._work.wait()
-            if idle:  # a burst of requests is arriving: let it gather so its prompts prefill together
-                time.sleep(ADMISSION_WINDOW_S)
-            with self._work:
+                if idle:
+                    self._gather_burst()
                 if self._stopped:
-                    return
-                try:
-                    outputs = self.engine.step()
-                except BaseException as e:  # no request to blame: the engine cannot go on
-                    self._die(e)
                     break
-                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-                for out in outputs:
-                    target = self._queues.get(out.request_id)
-                    if target is not None:
-                        by_loop.setdefault(target[0], []).append((target[1], out))
-                        if out.finished:
-                            del self._queues[out.request_id]
-            # One wake-up per event loop per step (outside the lock: the next step may start at once).
-            for loop, deliveries in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, deliveries)
-                except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                    for _, out in deliveries:
-                        self.abort(out.request_id)
-        if self.on_failure is not None:
+                adds, aborts = self._adds, self._aborts
+                self._adds, self._aborts = [], []
+            refused = self._admit(adds, aborts)  # outside the lock: the engine is this thread's alone
+            try:
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+            except BaseException as e:  # no request to blame: the engine cannot go on
+                self._die(e)
+                break
+            self._hand_off(outputs, refused)
+        self._fail_waiting(self.failure or "the engine is shut down")
+        if self.failure is not None and self.on_failure is not None:
             self.on_failure()
 
+    def _gather_burst(self) -> None:
+        """Under the lock, after idling: wait until posts stop arriving for a moment (the admission window)."""
+        deadline = time.monotonic() + ADMISSION_WINDOW_S
+        seen = len(self._adds)
+        while not self._stopped:
+            left = deadline - time.monotonic()
+            if left <= 0 or (not self._work.wait(min(ADMISSION_QUIET_S, left)) and len(self._adds) == seen):
+                return
+            seen = len(self._adds)
+
+    def _admit(self, adds: list[tuple], aborts: list[str]) -> list[tuple[str, Exception]]:
+        """Add the posted requests, then abort the posted aborts (one may name a request posted with it).
+        Returns the refused requests with the reason (a ValueError for bad input)."""
+        refused = []
+        for request_id, *args in adds:
+            try:
+                self.engine.add_request(request_id, *args)
+            except Exception as e:  # this request's own problem (bad input): its stream raises it
+                refused.append((request_id, e))
+        for request_id in aborts:
+            self.engine.abort(request_id)
+        return refused
+
+    def _hand_off(self, outputs: list[RequestOutput], refused: list[tuple[str, Exception]]) -> None:
+        """One wake-up per event loop per step: each loop gets its requests' outputs in one callback."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._work:
+            for request_id, item in [*refused, *((out.request_id, out) for out in outputs)]:
+                target = self._queues.get(request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], item))
+                    if isinstance(item, BaseException) or item.finished:
+                        del self._queues[request_id]
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                for _, item in deliveries:
+                    if not isinstance(item, BaseException):
+                        with self._work:
+                            self._queues.pop(item.request_id, None)
+                        self.engine.abort(item.request_id)
+
     def _die(self, error: BaseException) -> None:
-        """Under the lock: stop for good and fail every waiting stream."""
+        """Stop for good; the streams still waiting are failed on the way out of _run."""
         logger.critical("the engine failed; no request can run until the server restarts", exc_info=error)
-        self.failure = f"the engine step failed ({type(error).__name__}); see the server log"
-        self._stopped = True
-        for loop, queue in self._queues.values():
-            dead = EngineDeadError(self.failure)
-            dead.__cause__ = error
+        with self._work:
+            self.failure = f"the engine step failed ({type(error).__name__}); see the server log"
+            self._stopped = True
+            self._cause = error
+
+    def _fail_waiting(self, reason: str) -> None:
+        """Every stream still waiting (and every request posted but never added) raises EngineDeadError."""
+        with self._work:
+            self._stopped = True
+            waiting, self._queues = self._queues, {}
+            self._adds, self._aborts = [], []
+        for loop, queue in waiting.values():
+            dead = EngineDeadError(reason)
+            dead.__cause__ = self._cause
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, dead)
             except RuntimeError:  # that caller's event loop is closed
                 pass
-        self._queues.clear()
 
 
 def _deliver(deliveries: list) -> None:
-    for queue, out in deliveries:
-        queue.put_nowait(out)
+    for queue, item in deliveries:
+        queue.put_nowait(item)

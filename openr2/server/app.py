@@ -269,7 +269,10 @@ class Server:
             yield SSE_DONE
         finally:  # also on disconnect: abort (frees the blocks) and bill what was generated
             await stream.aclose()
-            self.bill(key_id, endpoint, last, request_id, prompt)
+            # In a worker thread: a ledger commit waits for an fsync, and on the event loop it would hold up
+            # every other stream (the streams of one step end together: the last [DONE] waited for all of
+            # their commits). Shielded, so that a cancelled response (the client gone) still bills.
+            await asyncio.shield(asyncio.to_thread(self.bill, key_id, endpoint, last, request_id, prompt))
 
     async def unless_disconnected(self, request: Request, work):
         """Await a non-streamed request's run_chat/run_completion, cancelling it if the client hangs up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -134,6 +135,28 @@ def test_disconnect_mid_stream_aborts_and_bills(live):
     assert not engine.has_unfinished_requests()
     assert engine.blocks.num_free == engine.pool.num_blocks
     assert server.ledger.usage_report()[0]["requests"] == before + 1
+
+
+def test_a_stream_is_billed_off_the_event_loop(live, monkeypatch):
+    """The ledger commit (an fsync) runs in a worker thread, so it never holds up the other streams."""
+    base_url, server = live
+    bill, on_loop = server.bill, []
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no event loop in this thread: a worker
+            on_loop.append(False)
+        return bill(*args, **kwargs)
+
+    monkeypatch.setattr(server, "bill", spy)
+    chunks = list(_client(base_url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
+    deadline = time.time() + 10
+    while not on_loop and time.time() < deadline:
+        time.sleep(0.01)
+    assert chunks and on_loop == [False]
 
 
 def _batch_file(n: int, max_tokens: int = 4) -> bytes:
