@@ -88,14 +88,16 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         k = kernel_impl
         q = self.q_proj(x, k) if self.q_lora_rank is None else \
-            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, k)), k)
+            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, k), inplace=True), k)
         q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], self.interleaved, k)
+        # The rope columns of q rotated in place (q is this forward's own projection): the naive path then
+        # hands q to attention as it stands ([nope | rope] per head) instead of concatenating a copy.
+        apply_rope(q[..., self.nope_dim:], cos[:, :, None], sin[:, :, None], self.interleaved, k, inplace=True)
+        q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
 
         c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)  # small, and the norm's backward reads c_kv
         if cache is not None:
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
 
@@ -108,37 +110,41 @@ class MLA(nn.Module):
         else:
             mask = _causal_mask(positions, S)
         if attn_impl == "naive":
-            out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask, k)
+            out = self._attend_naive(q, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
             out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
 
-    def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask, kernel_impl="eager"):
-        """Expand the latent into per-head K [B,H,S,N+R] and V [B,H,S,V]; SDPA. Returns [B, T, H, V]."""
+    def _attend_naive(self, q, c_kv, k_rope, mask, kernel_impl="eager"):
+        """q [B,T,H,N+R] (rope part rotated); expand the latent into per-head K [B,S,H,N+R] and V; SDPA.
+        Returns [B, T, H, V]."""
         B, S, _ = c_kv.shape
-        H = self.num_heads
-        kv = self.kv_b_proj(c_kv, kernel_impl).view(B, S, H, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_rope[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1)
+        H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        kv = self.kv_b_proj(c_kv, kernel_impl).view(B, S, H, N + V)  # per head [k_nope | v]
+        k = torch.cat((kv[..., :N], k_rope[:, :, None].expand(B, S, H, R)), dim=-1)
+        v, v_cols = kv[..., N:], slice(0, V)
         # torch's CPU flash kernel needs one head dim for q, k and v; otherwise SDPA falls back to the
         # math path (full [B,H,T,S] scores, a safe softmax, no causal skipping: 2-3x slower at prefill).
-        # Zero columns change nothing: zero-padded v gives zero output columns (sliced off), zero-padded
-        # q/k add nothing to the scores. On CUDA the memory-efficient and cuDNN kernels take unequal
-        # dims, so pad on CPU only.
-        v_dim, pad = v.shape[-1], q.shape[-1] - v.shape[-1]
-        if q.device.type == "cpu" and pad > 0:
-            v = F.pad(v, (0, pad))
-        elif q.device.type == "cpu" and pad < 0:
-            q, k = F.pad(q, (0, -pad)), F.pad(k, (0, -pad))
+        # Output columns are independent (column j of the output mixes column j of v only), so v may carry
+        # extra finite columns that are sliced off afterwards: when V < N + R, v is the last N + R columns
+        # of each head's [k_nope | v] (the tail of k_nope, then v: a view, no copy) if V >= R, else v
+        # padded with zeros. Zero-padded q/k add nothing to the scores. On CUDA the memory-efficient and
+        # cuDNN kernels take unequal dims, so this is done on CPU only.
+        if q.device.type == "cpu" and V < N + R:
+            if V >= R:
+                v, v_cols = kv[..., V - R:], slice(N + R - V, N + R)
+            else:
+                v = F.pad(v, (0, N + R - V))
+        elif q.device.type == "cpu" and V > N + R:
+            q, k = F.pad(q, (0, V - N - R)), F.pad(k, (0, V - N - R))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None, scale=self.scale,
         )
-        return out.transpose(1, 2)[..., :v_dim]
+        return out.transpose(1, 2)[..., v_cols]
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
