@@ -28,8 +28,13 @@ def _naive64(mla, x, positions, cos, sin):
         return float64_copy(mla)(x.double(), positions, cos.double(), sin.double(), attn_impl="naive")
 
 
-@pytest.mark.parametrize("config", [tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), attention_bias=True)],
-                         ids=["q-lora-yarn", "plain-q", "attention-bias"])
+@pytest.mark.parametrize("config", [
+    tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), attention_bias=True),
+    # head dims for each branch of the naive path's CPU flash-attention shaping (qk dim N + R vs v dim V):
+    dataclasses.replace(tiny_v3(), v_head_dim=6),  # V < R: v padded with zeros
+    dataclasses.replace(tiny_v3(), v_head_dim=24),  # V = N + R: as it is
+    dataclasses.replace(tiny_v3(), v_head_dim=40),  # V > N + R: q and k padded
+], ids=["q-lora-yarn", "plain-q", "attention-bias", "v-below-rope", "v-equals-qk", "v-above-qk"])
 def test_absorbed_equals_naive(config):
     mla, rotary = _mla(config), RotaryEmbedding(config)
     x = torch.randn(3, 11, config.hidden_size)
