@@ -73,11 +73,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     "compiled" takes the real form (compiled code fuses it anyway; layers.KERNEL_IMPLS). inplace: write
     the result over x and return x (x a view into a fresh projection the caller owns: the rope columns of
     q, the rope key beside the latent), so the caller needs no concatenation afterwards."""
+    if interleaved and x.dtype in (torch.bfloat16, torch.float16) and kernel_impl == "eager":
+        # No complex type for bfloat16/half: rotate a float32 copy as below (a few kernels instead of the
+        # real form's dozen) and round once on the way back, where the real form rounds every product.
+        rotated = apply_rope(x.float(), cos.float(), sin.float(), interleaved, kernel_impl)
+        return x.copy_(rotated) if inplace else rotated.to(x.dtype)
     if interleaved and x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype \
             and kernel_impl == "eager":
         # Interleaved pairs are complex numbers x0 + i x1: one complex multiply does the rotation. Same
         # arithmetic as the real form below, but one kernel instead of six strided ones plus a stack
-        # (about 6x faster on CPU); no complex type for bfloat16/half, so those take the real form.
+        # (about 6x faster on CPU).
         pairs = x.unflatten(-1, (-1, 2))
         whole_pairs = not (pairs.stride(-1) != 1 or pairs.storage_offset() % 2
                            or any(st % 2 for st in pairs.stride()[:-1]))

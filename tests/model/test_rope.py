@@ -136,3 +136,18 @@ def test_in_place_rotation_of_a_projection_slice(interleaved):
     fast, plain, ref = run(x, w, True), run(x, w, False), run(x.double(), w.double(), False)
     for name, f, p, r in zip(("q", "grad x", "grad w"), fast, plain, ref):
         assert_close_to_reference(f, p, r, what=f"in-place rope ({'interleaved' if interleaved else 'half'}), {name}")
+
+
+def test_bfloat16_rotates_in_float32_like_the_real_form():
+    """bfloat16 rope (a float32 complex rotation, rounded once) against the real form computed in bfloat16
+    (kernel_impl "compiled" takes it), both against float64; in place too."""
+    gen = torch.Generator().manual_seed(5)
+    x, angle = torch.randn(3, 7, 2, 16, generator=gen) * 2, torch.randn(3, 7, 1, 8, generator=gen) * 3
+    xb, cos, sin = x.bfloat16(), angle.cos().bfloat16(), angle.sin().bfloat16()
+    ref = apply_rope(xb.double(), cos.double(), sin.double())
+    plain = apply_rope(xb, cos, sin, kernel_impl="compiled")
+    fast = apply_rope(xb, cos, sin)
+    assert fast.dtype == torch.bfloat16
+    assert_close_to_reference(fast, plain, ref, what="bfloat16 rope vs the real form")
+    given = xb.clone()
+    assert apply_rope(given, cos, sin, inplace=True) is given and torch.equal(given, fast)
