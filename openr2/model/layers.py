@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 KERNEL_IMPLS = ("eager", "compiled")
 
@@ -77,14 +78,48 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, inplace: bool = 
     # to x's dtype); the [..., 1] steps in float32, in place unless autograd records them (vector_norm's
     # backward reads its own output)
     if records_grad(x, weight):
+        if x.dtype == torch.float32:
+            return _RMSNorm.apply(x, weight, eps)
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        y = x * torch.rsqrt(norm.square() / x.shape[-1] + eps)
-        return (y if x.dtype == torch.float32 else y.to(x.dtype)) * weight
+        return (x * torch.rsqrt(norm.square() / x.shape[-1] + eps)).to(x.dtype) * weight
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     inv = norm.float().square_().div_(x.shape[-1]).add_(eps).rsqrt_().to(x.dtype)
     # bfloat16: the factor is rounded to bfloat16 before the product (a mixed-dtype product is 3-5x slower
     # on CPU), one more rounding than transformers' float32 product; within the bound of the tests
     return torch.mul(x, inv, out=x if inplace else torch.empty_like(x)).mul_(weight)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """float32 rms_norm with a hand-written backward (training). Autograd over the formula records a dozen
+    element-wise kernels and their backward twice that (the norm's division by itself, masks for zero
+    norms, pow and mean backwards); here the forward keeps x and the per-row factor r = 1/rms, and
+
+        y = w * x * r,  r = (|x|^2 / D + eps)^(-1/2)
+        dL/dw = sum_rows g * x * r,   dL/dx = r * (g * w) - x * r^3 * (sum_d g * w * x) / D
+
+    take one pass for g * x, two matrix-vector products for the row and column sums, and three passes for
+    dL/dx. Same numbers to rounding (tests/model/test_layers.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, inv)
+        return torch.mul(x, inv).mul_(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, inv = ctx.saved_tensors
+        D = x.shape[-1]
+        gx = (grad * x).reshape(-1, D)  # [rows, D]
+        rows = inv.reshape(-1)
+        grad_weight = torch.mv(gx.t(), rows) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dot = torch.mv(gx, weight).view(inv.shape)  # sum_d g w x, per row
+            coef = inv.pow(3).mul_(dot).div_(-D)
+            grad_x = torch.mul(grad, weight).mul_(inv).addcmul_(x, coef)
+        return grad_x, grad_weight, None
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ down_proj [E, D, I], the layout transformers keeps in memory. The expert path is
   in place, and one weighted embedding_bag back (`_grouped_inference`): same products, same numbers to
   rounding, fewer passes over memory.
 - `fused`: `grouped` as one autograd Function with a hand-written backward (`_GroupedExperts`): the
-  training path (Trainer, GRPO), same numbers, fewer copies; one dtype and no autocast, else `grouped`.
+  training path (Trainer, GRPO), same numbers, fewer copies (the K rows of a token summed by one
+  embedding_bag, forward and backward); one dtype and no autocast, else `grouped`.
 - `decode`: the compiled decode step's path (engine/compiled.py): no host sync, decode-sized batches.
 The router computes in float32 from float32 weights whatever the model dtype (as transformers does), so
 near-ties pick the same experts.
@@ -171,8 +172,7 @@ def _grouped_inference(x, weights, gate_up, down, token, order, counts):
         if n:
             h = torch.mm(x.index_select(0, tok_e), w_gu)  # [n, 2I]
             torch.mm(silu_mul(h[:, :inter], h[:, inter:]), w_d, out=y_e)
-    # where each token's k-th pair sits among the sorted rows: the inverse permutation of `order`
-    inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    inverse = _inverse_permutation(order)  # where each token's k-th pair sits among the sorted rows
     return F.embedding_bag(inverse.view(N, K), y, mode="sum", per_sample_weights=weights.to(y.dtype))
 
 
@@ -228,43 +228,53 @@ class _GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, token, order, counts):
+        N, K = weights.shape
         inter = down.shape[2]
         xs = x.index_select(0, token)  # [P, D]
         h = _segment_mm(xs, gate_up, counts)  # [P, 2I] (grad is off here: written in place)
-        gate, up = h[:, :inter], h[:, inter:]
-        act = F.silu(gate) * up  # [P, I]
+        act = F.silu(h[:, :inter]).mul_(h[:, inter:])  # [P, I]
         y = _segment_mm(act, down, counts)  # [P, D], unweighted
-        w = weights.reshape(-1).index_select(0, order)  # [P]
-        out = torch.zeros_like(x).index_add_(0, token, y * w[:, None])
-        ctx.save_for_backward(xs, h, act, y, w, gate_up, down, token, order)
-        ctx.counts, ctx.weights_shape = counts, weights.shape
+        # each token's K rows summed with their weights in one pass (see _grouped_inference)
+        inverse = _inverse_permutation(order)
+        out = F.embedding_bag(inverse.view(N, K), y, mode="sum", per_sample_weights=weights)
+        ctx.save_for_backward(xs, h, act, y, weights, gate_up, down, token, order, inverse)
+        ctx.counts = counts
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        xs, h, act, y, w, gate_up, down, token, order = ctx.saved_tensors
+        xs, h, act, y, weights, gate_up, down, token, order, inverse = ctx.saved_tensors
         counts, inter = ctx.counts, down.shape[2]
+        N, K = weights.shape
         need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
         gy = grad_out.index_select(0, token)  # [P, D]: d loss / d (w * y)
         grad_weights = None
         if need_w:
             per_pair = (gy * y).sum(-1)
-            grad_weights = torch.empty_like(per_pair).index_copy_(0, order, per_pair).view(ctx.weights_shape)
-        gy.mul_(w[:, None])  # d loss / d y
+            grad_weights = per_pair.index_select(0, inverse).view(N, K)
+        gy.mul_(weights.reshape(-1).index_select(0, order)[:, None])  # d loss / d y
         grad_down = _segment_mm_grad_w(gy, act, counts, down) if need_down else None
         g_act = _segment_mm(gy, down.transpose(1, 2), counts)  # [P, I]
+        del gy
         gate, up = h[:, :inter], h[:, inter:]
-        g_h = torch.empty_like(h)
-        torch.mul(g_act, F.silu(gate), out=g_h[:, inter:])
-        g_h[:, :inter] = torch.ops.aten.silu_backward(g_act * up, gate)
+        g_h = torch.empty_like(h)  # [d gate | d up], each written in place
+        g_gate, g_up = g_h[:, :inter], g_h[:, inter:]
+        torch.ops.aten.silu.out(gate, out=g_up).mul_(g_act)  # d up = g_act * silu(gate)
+        torch.mul(g_act, up, out=g_gate)
+        torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)  # d gate
+        del g_act
         grad_gate_up = _segment_mm_grad_w(g_h, xs, counts, gate_up) if need_gu else None
         grad_x = None
-        if need_x:
+        if need_x:  # each token's K rows summed, as in the forward
             g_xs = _segment_mm(g_h, gate_up.transpose(1, 2), counts)  # [P, D]
-            grad_x = torch.zeros(ctx.weights_shape[0], xs.shape[1], dtype=g_xs.dtype,
-                                 device=g_xs.device).index_add_(0, token, g_xs)
+            grad_x = F.embedding_bag(inverse.view(N, K), g_xs, mode="sum")
         return grad_x, grad_weights, grad_gate_up, grad_down, None, None, None
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[order[p]] = p: where each (token, slot) pair sits among the pairs sorted by expert."""
+    return torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 def _segment_mm_grad_w(g: torch.Tensor, x: torch.Tensor, counts: list[int], w: torch.Tensor) -> torch.Tensor:

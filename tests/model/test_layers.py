@@ -1,6 +1,6 @@
 """layers: the product-and-sum form of compiled one-row decode (kernel_impl "compiled") equals F.linear; the
-fast RMSNorm (one vector_norm, products in place when autograd records nothing) and the in-place SwiGLU
-activation equal their plain formulas, with and without autograd."""
+fast RMSNorm (one vector_norm, products in place when autograd records nothing, a hand-written backward
+when it records) and the in-place SwiGLU activation equal their plain formulas, with and without autograd."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_rms_norm_equals_the_plain_formula(dtype, inplace):
 
 
 def test_rms_norm_gradients_equal_the_plain_formula():
-    """With autograd recording, nothing is written in place (inplace=True is then ignored): same
-    gradients as autograd over the plain formula."""
+    """With autograd recording (the hand-written backward of _RMSNorm; nothing written in place, inplace=True
+    is then ignored): same gradients as autograd over the plain formula."""
     x, weight = _norm_inputs(torch.float32, seed=1)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
 
@@ -78,3 +78,12 @@ def test_silu_mul_in_place_equals_out_of_place():
     out = silu_mul(g[:, :32], g[:, 32:])  # recorded: out of place
     assert out.data_ptr() != g.data_ptr()
     assert_close_to_reference(out.detach(), plain, ref, what="silu_mul with autograd")
+
+
+def test_rms_norm_backward_gradcheck():
+    """float64 gradcheck of the hand-written backward (_RMSNorm) against finite differences."""
+    from openr2.model.layers import _RMSNorm
+
+    x, weight = _norm_inputs(torch.float64, seed=6)
+    x, weight = x[:2, :3, :8].clone().requires_grad_(), weight[:8].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, weight))
