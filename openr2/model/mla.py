@@ -106,7 +106,7 @@ class MLA(nn.Module):
         q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
 
         c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
+        c_kv = self.kv_a_layernorm(c_kv, inplace=True)  # over the projection's own columns (no grad)
         k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)  # small, and the norm's backward reads c_kv
         if cache is not None:
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
