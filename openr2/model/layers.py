@@ -83,7 +83,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, inplace: bool = 
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
         return (x * torch.rsqrt(norm.square() / x.shape[-1] + eps)).to(x.dtype) * weight
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    inv = norm.float().square_().div_(x.shape[-1]).add_(eps).rsqrt_().to(x.dtype)
+    inv = (norm if norm.dtype == torch.float32 else norm.float()).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    inv = inv if x.dtype == torch.float32 else inv.to(x.dtype)
     # bfloat16: the factor is rounded to bfloat16 before the product (a mixed-dtype product is 3-5x slower
     # on CPU), one more rounding than transformers' float32 product; within the bound of the tests
     return torch.mul(x, inv, out=x if inplace else torch.empty_like(x)).mul_(weight)

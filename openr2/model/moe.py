@@ -50,7 +50,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] float32, expert ids [N, K], scores [N, E] float32)."""
-        logits = linear(x.float(), self.weight.float(), kernel_impl=kernel_impl)
+        x, w = (t if t.dtype == torch.float32 else t.float() for t in (x, self.weight))  # a float32 router
+        logits = linear(x, w, kernel_impl=kernel_impl)
         scores = logits.sigmoid() if self.method == "noaux_tc" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
         if self.method != "greedy" and self.topk_groups < self.num_groups:
@@ -165,15 +166,15 @@ def _grouped_inference(x, weights, gate_up, down, token, order, counts):
     embedding_bag (gather, weigh and add in one pass: the bags are the tokens, the "embeddings" the expert
     outputs) instead of a weighting pass and a scatter-add into zeros (about 3x slower on CPU)."""
     N, K = weights.shape
-    inter = down.shape[2]
     y = x.new_empty(order.numel(), down.shape[1])  # [P, D], unweighted expert outputs, pairs sorted by expert
     for tok_e, w_gu, w_d, y_e, n in zip(token.split(counts), gate_up.transpose(1, 2).unbind(0),
                                         down.transpose(1, 2).unbind(0), y.split(counts), counts):
         if n:
             h = torch.mm(x.index_select(0, tok_e), w_gu)  # [n, 2I]
-            torch.mm(silu_mul(h[:, :inter], h[:, inter:]), w_d, out=y_e)
+            torch.mm(silu_mul(*h.chunk(2, dim=-1)), w_d, out=y_e)
     inverse = _inverse_permutation(order)  # where each token's k-th pair sits among the sorted rows
-    return F.embedding_bag(inverse.view(N, K), y, mode="sum", per_sample_weights=weights.to(y.dtype))
+    return F.embedding_bag(inverse.view(N, K), y, mode="sum",
+                           per_sample_weights=weights if weights.dtype == y.dtype else weights.to(y.dtype))
 
 
 def experts_per_pair(x, weights, ids, gate_up, down):
