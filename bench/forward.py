@@ -27,8 +27,10 @@ is shared, so the script also reports how much CPU other processes took during t
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/forward.py [--batch 4 --seq 512 --runs 5 --threads N
       --dtype float32|bfloat16]
-Prints a header, a table, the ratio openr2/transformers (vs transformers' default, and vs its faster
-row) and a final JSON line.
+Prints a header, a table (with each row's CPU-seconds per run: on a shared machine a row that lost its CPU
+for a while shows it in wall time, not in CPU time), the ratio openr2/transformers (vs transformers'
+default, and vs its faster row), openr2 over its floor (medians, per-round, CPU time) and a final JSON
+line.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 
 import torch
@@ -139,18 +142,27 @@ def main() -> None:
         rows[FLOOR], n_kernel_calls = heavy_kernel_replay(rows[ours_key])
 
         tokens = args.batch * args.seq
+        rows, cpu_times = cpu_timed(rows)
         all_times, other_frac = time_rows(rows, args.runs, args.warmup)
         for name, times in all_times.items():
             median_s = statistics.median(times)
-            results.setdefault(name, {}).update(median_s=median_s, tokens_per_s=tokens / median_s)
+            results.setdefault(name, {}).update(median_s=median_s, tokens_per_s=tokens / median_s,
+                                                cpu_s=statistics.median(cpu_times[name][args.warmup:]))
+        # openr2 over its floor: medians, the median of per-round ratios (robust to a slow spell hitting one
+        # round) and the same in CPU time (robust to being descheduled on a shared machine)
+        vs_floor = results[ours_key]["median_s"] / results[FLOOR]["median_s"]
+        vs_floor_paired = statistics.median(o / f for o, f in zip(all_times[ours_key], all_times[FLOOR]))
+        vs_floor_cpu = results[ours_key]["cpu_s"] / results[FLOOR]["cpu_s"]
 
     ratio = results[ours_key]["tokens_per_s"] / results[ref_key]["tokens_per_s"]
     print()
-    print(f"| {'side':<32} | {'median s':>9} | {'tokens/s':>9} | {'vs transformers':>15} |")
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 11}|{'-' * 17}|")
+    print(f"| {'side':<32} | {'median s':>9} | {'CPU s':>7} | {'tokens/s':>9} | {'vs transformers':>15} |")
+    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 17}|")
     for name, r in results.items():
         rel = r["tokens_per_s"] / results[ref_key]["tokens_per_s"]
-        print(f"| {name:<32} | {r['median_s']:>9.4f} | {r['tokens_per_s']:>9.0f} | {rel:>14.2f}x |")
+        print(f"| {name:<32} | {r['median_s']:>9.4f} | {r['cpu_s']:>7.3f} | {r['tokens_per_s']:>9.0f} | "
+              f"{rel:>14.2f}x |")
+    print("(CPU s: CPU-seconds of this process per run, all its threads, median)")
     print()
     # Both sides at their best: also compare with whichever transformers row was faster this run.
     best_ref = max((n for n in results if n.startswith("transformers")), key=lambda n: results[n]["tokens_per_s"])
@@ -161,16 +173,36 @@ def main() -> None:
     print(f"ceiling: openr2's {n_kernel_calls} matmul/attention kernel calls alone take "
           f"{results[FLOOR]['median_s']:.4f} s ({results[FLOOR]['median_s'] / results[ours_key]['median_s']:.0%} of "
           f"its forward), so an implementation with no work besides them would reach {ceiling:.2f}x")
+    print(f"openr2 over its floor: {vs_floor:.3f}x (median of per-round ratios {vs_floor_paired:.3f}x; "
+          f"in CPU time {vs_floor_cpu:.3f}x)")
     print(json.dumps({
         "bench": "forward", "model": "bench_moe", "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
         "device": "cpu", "threads": threads, "runs": args.runs, "torch": torch.__version__,
         "transformers": transformers.__version__, "ratio": round(ratio, 4),
         "ratio_vs_best_transformers": round(ratio_best, 4), "ceiling_ratio": round(ceiling, 4),
+        "vs_floor": round(vs_floor, 4), "vs_floor_paired": round(vs_floor_paired, 4),
+        "vs_floor_cpu": round(vs_floor_cpu, 4),
         "other_load": None if other_frac is None else round(other_frac, 3),
-        "rows": {n: {"median_s": round(r["median_s"], 5), "tokens_per_s": round(r["tokens_per_s"], 1),
+        "rows": {n: {"median_s": round(r["median_s"], 5), "cpu_s": round(r["cpu_s"], 5),
+                     "tokens_per_s": round(r["tokens_per_s"], 1),
                      **({k: float(f"{r[k]:.3g}") for k in ("max_abs_diff", "mean_abs_diff") if k in r})}
               for n, r in results.items()},
     }))
+
+
+def cpu_timed(rows: dict) -> tuple[dict, dict]:
+    """(rows whose every call also records this process's CPU-seconds, name -> those CPU-seconds in call
+    order, warm-up calls first)."""
+    cpu: dict = {name: [] for name in rows}
+
+    def wrap(name, fn):
+        def run():
+            t0 = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - t0)
+        return run
+
+    return {name: wrap(name, fn) for name, fn in rows.items()}, cpu
 
 
 if __name__ == "__main__":
