@@ -7,9 +7,9 @@ down_proj [E, D, I], the layout transformers keeps in memory. The expert path is
 - `grouped` (the default): sort (token, slot) pairs by expert once, one matmul per expert over contiguous
   rows, one activation over all rows, one scatter-add back (the fast path); up to 8 pairs whose routing
   weights need no gradient (decode) run each pair directly instead. Differentiable (autograd over it).
-  When autograd records nothing (prefill) it runs expert by expert with small temporaries, the activation
-  in place, and one weighted embedding_bag back (`_grouped_inference`): same products, same numbers to
-  rounding, fewer passes over memory.
+  When autograd records nothing (prefill) it runs in chunks of experts with small temporaries, the
+  activation in place, and one weighted embedding_bag back (`_grouped_inference`): same products, same
+  numbers to rounding, fewer passes over memory.
 - `fused`: `grouped` as one autograd Function with a hand-written backward (`_GroupedExperts`): the
   training path (Trainer, GRPO), same numbers, fewer copies (the K rows of a token summed by one
   embedding_bag, forward and backward); one dtype and no autocast, else `grouped`.
@@ -161,20 +161,35 @@ class RoutedExperts(nn.Module):
 
 def _grouped_inference(x, weights, gate_up, down, token, order, counts):
     """The grouped path when autograd records nothing (prefill): the same products with fewer and smaller
-    temporaries. Expert by expert: its rows gathered, the first product, the activation written over its
-    gate half, the second product straight into that expert's rows of y. Each expert's temporaries are a
-    few hundred KB (in cache for the activation, and taken from the allocator's free lists), where
-    [N*K, 2I] tensors for all experts at once cost page faults at every forward (glibc returns them to the
-    OS) and trips to memory. The K rows of each token are then summed with their routing weights by one
-    embedding_bag (gather, weigh and add in one pass: the bags are the tokens, the "embeddings" the expert
-    outputs) instead of a weighting pass and a scatter-add into zeros (about 3x slower on CPU)."""
-    N, K = weights.shape
+    temporaries. Experts go in chunks of whole experts whose first product fits _CHUNK_BYTES: the chunk's
+    rows gathered, each expert's first product into its rows, the activation written over the gate half,
+    each expert's second product straight into its rows of y. A [N*K, 2I] tensor for all experts at once
+    costs page faults at every forward (glibc hands such sizes back to the OS) and a pass through memory
+    for the activation; an expert at a time costs a dispatch and a thread wake-up per small operation. The
+    K rows of each token are then summed with their routing weights by one embedding_bag (gather, weigh
+    and add in one pass: the bags are the tokens, the "embeddings" the expert outputs) instead of a
+    weighting pass and a scatter-add into zeros (about 3x slower on CPU)."""
+    (N, K), E, inter = weights.shape, len(counts), down.shape[2]
     y = x.new_empty(order.numel(), down.shape[1])  # [P, D], unweighted expert outputs, pairs sorted by expert
-    for tok_e, w_gu, w_d, y_e, n in zip(token.split(counts), gate_up.transpose(1, 2).unbind(0),
-                                        down.transpose(1, 2).unbind(0), y.split(counts), counts):
-        if n:
-            h = torch.mm(x.index_select(0, tok_e), w_gu)  # [n, 2I]
-            torch.mm(silu_mul(*h.chunk(2, dim=-1)), w_d, out=y_e)
+    w_gu, w_d = gate_up.transpose(1, 2).unbind(0), down.transpose(1, 2).unbind(0)
+    max_rows = max(1, _CHUNK_BYTES // (2 * inter * x.element_size()))
+    first = e = 0  # the chunk's first row and first expert
+    while e < E:
+        stop, rows = e, 0
+        while stop < E and (rows == 0 or rows + counts[stop] <= max_rows):  # whole experts, at least one
+            rows, stop = rows + counts[stop], stop + 1
+        if rows:
+            part = counts[e:stop]
+            xs = x.index_select(0, token[first : first + rows])
+            h = xs.new_empty(rows, 2 * inter)
+            for x_e, h_e, w, n in zip(xs.split(part), h.split(part), w_gu[e:stop], part):
+                if n:
+                    torch.mm(x_e, w, out=h_e)
+            act = silu_mul(h[:, :inter], h[:, inter:])  # [rows, I], in h
+            for a_e, y_e, w, n in zip(act.split(part), y[first : first + rows].split(part), w_d[e:stop], part):
+                if n:
+                    torch.mm(a_e, w, out=y_e)
+        first, e = first + rows, stop
     inverse = _inverse_permutation(order)  # where each token's k-th pair sits among the sorted rows
     return F.embedding_bag(inverse.view(N, K), y, mode="sum",
                            per_sample_weights=weights if weights.dtype == y.dtype else weights.to(y.dtype))
@@ -191,6 +206,7 @@ def experts_per_pair(x, weights, ids, gate_up, down):
     return (y * weights.flatten()[:, None].to(y.dtype)).view(N, K, -1).sum(1).to(x.dtype)
 
 
+_CHUNK_BYTES = 4 << 20  # prefill experts: the first product of a chunk of experts fits this (see above)
 _FEW_PAIRS = 8  # up to this many (token, expert) pairs, sorting and scattering cost more than they save
 
 
