@@ -87,7 +87,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, inplace: bool = 
     inv = inv if x.dtype == torch.float32 else inv.to(x.dtype)
     # bfloat16: the factor is rounded to bfloat16 before the product (a mixed-dtype product is 3-5x slower
     # on CPU), one more rounding than transformers' float32 product; within the bound of the tests
-    return torch.mul(x, inv, out=x if inplace else torch.empty_like(x)).mul_(weight)
+    return (x.mul_(inv) if inplace else x * inv).mul_(weight)
 
 
 class _RMSNorm(torch.autograd.Function):
