@@ -181,11 +181,12 @@ class MLA(nn.Module):
 
 
 def _fused_training_ok(mla: MLA, x: torch.Tensor, q_proj: nn.Module, kernel_impl: str) -> bool:
-    """Whether `_NaiveAttention` covers this call: autograd recording, float32 on CPU, plain projections
-    without bias, and v shaped by a window of [k_nope | v] (R <= V <= N + R); otherwise autograd over the
-    plain naive path."""
+    """Whether `_NaiveAttention` covers this call: autograd recording, float32 on CPU without autocast,
+    plain projections without bias, and v shaped by a window of [k_nope | v] (R <= V <= N + R); otherwise
+    autograd over the plain naive path."""
     w_q, w_kv = getattr(q_proj, "weight", None), getattr(mla.kv_b_proj, "weight", None)
     return (kernel_impl == "eager" and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
             and isinstance(q_proj, nn.Linear) and isinstance(mla.kv_b_proj, nn.Linear)
             and q_proj.bias is None and mla.kv_b_proj.bias is None
             and w_q.dtype == w_kv.dtype == torch.float32 and records_grad(x, w_q, w_kv)
