@@ -31,7 +31,9 @@ CPU other processes took during the timing.
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/train.py [--model demo|bench-moe --batch 32 --seq 96
       --runs 7 --threads 1,2]
-Prints a header, a table, the ratio openr2/transformers (each at its best thread count) and a final JSON line.
+Prints a header, a table (with each row's CPU-seconds per step: on a shared machine a row that lost its CPU
+for a while shows it in wall time, not in CPU time), the ratio openr2/transformers (each at its best thread
+count), openr2 over its floor (medians, per round, CPU time) and a final JSON line.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import transformers  # noqa: E402
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
 from bench.common import heavy_kernel_replay, make_hf_checkpoint, time_rows  # noqa: E402
+from bench.forward import cpu_timed  # noqa: E402
 from openr2 import load_model  # noqa: E402
 from openr2.config import ModelConfig  # noqa: E402
 from openr2.model.moe import MoE, update_correction_bias  # noqa: E402
@@ -220,19 +223,23 @@ def main() -> None:
         rows[(FLOOR, t)] = run_floor
 
     tokens = args.batch * args.seq
+    rows, cpu_times = cpu_timed(rows)
     times, other_frac = time_rows(rows, args.runs, args.warmup)
 
     med = {key: statistics.median(ts) for key, ts in times.items()}
+    cpu = {key: statistics.median(ts[args.warmup:]) for key, ts in cpu_times.items()}
     best = {s.name: min(thread_counts, key=lambda t, n=s.name: med[(n, t)]) for s in sides}
     ref_name = sides[1].name
     ref_best = tokens / med[(ref_name, best[ref_name])]
     print()
-    print(f"| {'side':<34} | threads | {'median s':>9} | {'tokens/s':>9} | {'vs transformers':>15} |")
-    print(f"|{'-' * 36}|---------|{'-' * 11}|{'-' * 11}|{'-' * 17}|")
+    print(f"| {'side':<34} | threads | {'median s':>9} | {'CPU s':>7} | {'tokens/s':>9} | {'vs transformers':>15} |")
+    print(f"|{'-' * 36}|---------|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 17}|")
     for (name, t), m in med.items():
         mark = " *" if best.get(name) == t else ""
-        print(f"| {name + mark:<34} | {t:>7} | {m:>9.4f} | {tokens / m:>9.0f} | {tokens / m / ref_best:>14.2f}x |")
-    print("(* = the side's best thread count; 'vs transformers' = against transformers' default at its best)")
+        print(f"| {name + mark:<34} | {t:>7} | {m:>9.4f} | {cpu[(name, t)]:>7.3f} | {tokens / m:>9.0f} | "
+              f"{tokens / m / ref_best:>14.2f}x |")
+    print("(* = the side's best thread count; 'vs transformers' = against transformers' default at its best;"
+          " CPU s = CPU-seconds of this process per step, all its threads)")
     print()
     ours_name = sides[0].name
     ratio = (tokens / med[(ours_name, best[ours_name])]) / ref_best
@@ -246,18 +253,28 @@ def main() -> None:
           f"({fastest_ref}): {ratio_fastest:.2f}x")
     floor_s = min(med[(FLOOR, t)] for t in thread_counts)
     ceiling = med[(ref_name, best[ref_name])] / floor_s
+    # openr2 over its floor, each at its best thread count: medians, per round, and in CPU time at openr2's
+    floor_t = min(thread_counts, key=lambda t: med[(FLOOR, t)])
+    ours_t = best[ours_name]
+    vs_floor = med[(ours_name, ours_t)] / floor_s
+    vs_floor_paired = statistics.median(o / f for o, f in zip(times[(ours_name, ours_t)], times[(FLOOR, floor_t)]))
+    vs_floor_cpu = cpu[(ours_name, ours_t)] / cpu[(FLOOR, ours_t)]
     print(f"ceiling: openr2's {n_kernel_calls} matmul/attention kernel calls of one step alone take {floor_s:.4f} s "
           f"at best ({floor_s / med[(ours_name, best[ours_name])]:.0%} of its step), so an implementation with no "
           f"work besides them would reach {ceiling:.2f}x")
+    print(f"openr2 over its floor (best thread count each: {ours_t} / {floor_t}): {vs_floor:.3f}x (median of "
+          f"per-round ratios {vs_floor_paired:.3f}x; in CPU time at {ours_t} threads {vs_floor_cpu:.3f}x)")
     print(json.dumps({
         "bench": "train", "model": args.model, "batch": args.batch, "seq": args.seq, "dtype": "float32",
         "device": "cpu", "threads": thread_counts, "runs": args.runs, "torch": torch.__version__,
         "transformers": transformers.__version__, "loss": round(ref_loss, 6),
         "loss_abs_diff": float(f"{loss_diff:.3g}"), "ratio": round(ratio, 4), "ratio_paired": round(paired, 4),
         "ratio_vs_best_transformers": round(ratio_fastest, 4), "ceiling_ratio": round(ceiling, 4),
+        "vs_floor": round(vs_floor, 4), "vs_floor_paired": round(vs_floor_paired, 4),
+        "vs_floor_cpu": round(vs_floor_cpu, 4),
         "other_load": None if other_frac is None else round(other_frac, 3),
-        "rows": {f"{n} @{t}": {"median_s": round(m, 5), "tokens_per_s": round(tokens / m, 1)}
-                 for (n, t), m in med.items()},
+        "rows": {f"{n} @{t}": {"median_s": round(m, 5), "cpu_s": round(cpu[(n, t)], 5),
+                               "tokens_per_s": round(tokens / m, 1)} for (n, t), m in med.items()},
     }))
 
 

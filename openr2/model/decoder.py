@@ -32,9 +32,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped", kernel_impl="eager"):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl, kernel_impl)
+        # residual sums written into the sublayer's own fresh output (x + y == y + x, bit for bit)
+        x = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, attn_impl, kernel_impl).add_(x)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, moe_impl, kernel_impl) if isinstance(self.mlp, MoE) else self.mlp(h, kernel_impl))
+        return (self.mlp(h, moe_impl, kernel_impl) if isinstance(self.mlp, MoE) else self.mlp(h, kernel_impl)).add_(x)
 
 
 class MTPLayer(DecoderLayer):

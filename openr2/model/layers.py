@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 KERNEL_IMPLS = ("eager", "compiled")
 
@@ -46,13 +47,88 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel, same numbers
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """inplace: the caller owns x (a fresh projection read by nothing else) and lets the norm write over
+        it when autograd records nothing."""
+        return rms_norm(x, self.weight, self.eps, inplace)
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors: an in-place fast path is taken only when not."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The plain formula, as transformers writes it (the reference of `rms_norm`)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
+    """`rms_norm_reference` in fewer passes over x: one fused reduction (vector_norm: no squared copy of x),
+    the per-row factor on [..., 1], then x times it and times the weight, in place when autograd records
+    nothing (over x itself if `inplace`). F.rms_norm is a composite of six kernels on CPU, about twice the
+    time. Float32 and bfloat16/half inputs with a weight of their dtype; anything else (float64 references)
+    takes the reference. Same numbers to rounding (tests/model/test_layers.py)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        return rms_norm_reference(x, weight, eps)
+    # mean(x^2) = |x|^2 / D: vector_norm accumulates in float32 whatever x's dtype (its result is rounded
+    # to x's dtype); the [..., 1] steps in float32, in place unless autograd records them (vector_norm's
+    # backward reads its own output)
+    if records_grad(x, weight):
+        if x.dtype == torch.float32:
+            return _RMSNorm.apply(x, weight, eps)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        return (x * torch.rsqrt(norm.square() / x.shape[-1] + eps)).to(x.dtype) * weight
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inv = (norm if norm.dtype == torch.float32 else norm.float()).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    inv = inv if x.dtype == torch.float32 else inv.to(x.dtype)
+    # bfloat16: the factor is rounded to bfloat16 before the product (a mixed-dtype product is 3-5x slower
+    # on CPU), one more rounding than transformers' float32 product; within the bound of the tests
+    return (x.mul_(inv) if inplace else x * inv).mul_(weight)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """float32 rms_norm with a hand-written backward (training). Autograd over the formula records a dozen
+    element-wise kernels and their backward twice that (the norm's division by itself, masks for zero
+    norms, pow and mean backwards); here the forward keeps x and the per-row factor r = 1/rms, and
+
+        y = w * x * r,  r = (|x|^2 / D + eps)^(-1/2)
+        dL/dw = sum_rows g * x * r,   dL/dx = r * (g * w) - x * r^3 * (sum_d g * w * x) / D
+
+    take one pass for g * x, two matrix-vector products for the row and column sums, and three passes for
+    dL/dx. Same numbers to rounding (tests/model/test_layers.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, inv)
+        return torch.mul(x, inv).mul_(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, inv = ctx.saved_tensors
+        D = x.shape[-1]
+        gx = (grad * x).reshape(-1, D)  # [rows, D]
+        rows = inv.reshape(-1)
+        grad_weight = torch.mv(gx.t(), rows) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dot = torch.mv(gx, weight).view(inv.shape)  # sum_d g w x, per row
+            coef = inv.pow(3).mul_(dot).div_(-D)
+            grad_x = torch.mul(grad, weight).mul_(inv).addcmul_(x, coef)
+        return grad_x, grad_weight, None
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; written over `gate` (a fresh product the caller owns) when autograd does not record
+    it, which saves two tensors' worth of allocation and writing."""
+    if records_grad(gate, up):
+        return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)
 
 
 class MLP(nn.Module):
@@ -66,4 +142,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, kernel_impl: str = "eager") -> torch.Tensor:
         k = kernel_impl
-        return self.down_proj(F.silu(self.gate_proj(x, k)) * self.up_proj(x, k), k)
+        return self.down_proj(silu_mul(self.gate_proj(x, k), self.up_proj(x, k)), k)

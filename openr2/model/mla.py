@@ -6,6 +6,9 @@ Per token only the normalised latent c_kv [C] and the shared rotated rope key k_
 - `absorbed`: fold W_UK into the query and W_UV into the output, attending directly over the latent
   (MQA with one 576-dim key and one 512-dim value shared by all heads); the memory-bound decode path.
 Both paths read and write the same cache, so a sequence may be prefilled with one and decoded with the other.
+A training forward of the naive path (autograd recording, no cache, float32 on CPU) runs as one autograd
+Function with a hand-written backward (`_NaiveAttention`); tests/model/test_mla.py checks it against autograd
+over the plain naive code.
 
 The cache protocol (the model never sees more of a cache than this; the engine's paged views implement it):
 - `write(layer_idx, c_kv [B, T, C], k_rope [B, T, R])` stores the new tokens of a layer;
@@ -26,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from openr2.config import ModelConfig
-from openr2.model.layers import Linear, RMSNorm
+from openr2.model.layers import Linear, RMSNorm, records_grad
 from openr2.model.rope import apply_rope
 
 ATTN_IMPLS = ("naive", "absorbed")
@@ -110,15 +114,23 @@ class MLA(nn.Module):
         """x [B, T, D], positions [B, T] (absolute), cos/sin [B, T, R/2] -> [B, T, D]."""
         B, T, _ = x.shape
         k = kernel_impl
-        q = self.q_proj(x, k) if self.q_lora_rank is None else \
-            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, k)), k)
-        q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], self.interleaved, k)
+        xq = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x, k), inplace=True)
+        q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        if cache is None and attn_impl == "naive" and _fused_training_ok(self, x, q_proj, k):
+            c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)
+            out = _NaiveAttention.apply(xq, q_proj.weight, self.kv_a_layernorm(c_kv), self.kv_b_proj.weight,
+                                        k_rope, cos, sin, self)
+            return self.o_proj(out, k)
+        q = q_proj(xq, k).view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        # The rope columns of q rotated in place (q is this forward's own projection): the naive path then
+        # hands q to attention as it stands ([nope | rope] per head) instead of concatenating a copy.
+        apply_rope(q[..., self.nope_dim:], cos[:, :, None], sin[:, :, None], self.interleaved, k, inplace=True)
+        q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
 
         c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)
+        c_kv = self.kv_a_layernorm(c_kv, inplace=True)  # over the projection's own columns (no grad)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)  # small, and the norm's backward reads c_kv
         if cache is not None:
             cache.write(self.layer_idx, c_kv, k_rope)
         if attn_impl == "naive":
@@ -128,37 +140,41 @@ class MLA(nn.Module):
                 c_kv, k_rope = cache.read(self.layer_idx)
                 c_kv, k_rope = c_kv.to(x.dtype), k_rope.to(x.dtype)
                 mask = causal_mask(positions, c_kv.shape[1])
-            out = self._attend_naive(q_nope, q_rope, c_kv, k_rope, mask, k)
+            out = self._attend_naive(q, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
             out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
 
-    def _attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask, kernel_impl="eager"):
-        """Expand the latent into per-head K [B,H,S,N+R] and V [B,H,S,V]; SDPA. Returns [B, T, H, V]."""
+    def _attend_naive(self, q, c_kv, k_rope, mask, kernel_impl="eager"):
+        """q [B,T,H,N+R] (rope part rotated); expand the latent into per-head K [B,S,H,N+R] and V; SDPA.
+        Returns [B, T, H, V]."""
         B, S, _ = c_kv.shape
-        H = self.num_heads
-        kv = self.kv_b_proj(c_kv, kernel_impl).view(B, S, H, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_rope[:, :, None].expand(B, S, H, self.rope_dim)), dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1)
+        H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        kv = self.kv_b_proj(c_kv, kernel_impl).view(B, S, H, N + V)  # per head [k_nope | v]
+        k = torch.cat((kv[..., :N], k_rope[:, :, None].expand(B, S, H, R)), dim=-1)
+        v, v_cols = kv[..., N:], slice(0, V)
         # torch's CPU flash kernel needs one head dim for q, k and v; otherwise SDPA falls back to the
         # math path (full [B,H,T,S] scores, a safe softmax, no causal skipping: 2-3x slower at prefill).
-        # Zero columns change nothing: zero-padded v gives zero output columns (sliced off), zero-padded
-        # q/k add nothing to the scores. On CUDA the memory-efficient and cuDNN kernels take unequal
-        # dims, so pad on CPU only.
-        v_dim, pad = v.shape[-1], q.shape[-1] - v.shape[-1]
-        if q.device.type == "cpu" and pad > 0:
-            v = F.pad(v, (0, pad))
-        elif q.device.type == "cpu" and pad < 0:
-            q, k = F.pad(q, (0, -pad)), F.pad(k, (0, -pad))
+        # Output columns are independent (column j of the output mixes column j of v only), so v may carry
+        # extra finite columns that are sliced off afterwards: when V < N + R, v is the last N + R columns
+        # of each head's [k_nope | v] (the tail of k_nope, then v: a view, no copy) if V >= R, else v
+        # padded with zeros. Zero-padded q/k add nothing to the scores. On CUDA the memory-efficient and
+        # cuDNN kernels take unequal dims, so this is done on CPU only.
+        if q.device.type == "cpu" and V < N + R:
+            if V >= R:
+                v, v_cols = kv[..., V - R:], slice(N + R - V, N + R)
+            else:
+                v = F.pad(v, (0, N + R - V))
+        elif q.device.type == "cpu" and V > N + R:
+            q, k = F.pad(q, (0, V - N - R)), F.pad(k, (0, V - N - R))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None, scale=self.scale,
         )
-        return out.transpose(1, 2)[..., :v_dim]
+        return out.transpose(1, 2)[..., v_cols]
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
@@ -196,6 +212,76 @@ def attend_latent(q_latent: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tens
     # float32 at least (float64 stays float64: the tests' reference runs)
     probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_kv.dtype)
     return torch.bmm(probs, c_kv).view(B, T, H, C)
+
+
+def _fused_training_ok(mla: MLA, x: torch.Tensor, q_proj: nn.Module, kernel_impl: str) -> bool:
+    """Whether `_NaiveAttention` covers this call: autograd recording, float32 on CPU without autocast,
+    plain projections without bias, and v shaped by a window of [k_nope | v] (R <= V <= N + R); otherwise
+    autograd over the plain naive path."""
+    w_q, w_kv = getattr(q_proj, "weight", None), getattr(mla.kv_b_proj, "weight", None)
+    return (kernel_impl == "eager" and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and isinstance(q_proj, nn.Linear) and isinstance(mla.kv_b_proj, nn.Linear)
+            and q_proj.bias is None and mla.kv_b_proj.bias is None
+            and w_q.dtype == w_kv.dtype == torch.float32 and records_grad(x, w_q, w_kv)
+            and mla.rope_dim <= mla.v_dim <= mla.nope_dim + mla.rope_dim)
+
+
+class _NaiveAttention(torch.autograd.Function):
+    """The naive path of a training forward (no cache, causal, CPU flash attention) from q's input and the
+    normalised latent to the heads' concatenated outputs, with a hand-written backward.
+
+    Autograd over the plain path records the rope written into q's slice (its backward clones q's whole
+    gradient), K's concatenation and the slices of kv_b_proj's output (each slice's backward allocates a
+    zero tensor of the whole [B, S, H, N + V] and copies into it, then the two are added) and the output's
+    slice (zeros and a copy again). Here q, kv and K are this Function's own tensors: the backward runs the
+    flash backward, turns q's rope columns back (the rotation's transpose: the angle negated), writes
+    kv's gradient once ([dK_nope | dV]), sums dK_rope over heads, and does the four products.
+
+    xq [B, T, Dq] (q_proj's or q_b_proj's input), w_q [H (N + R), Dq], c_kv [B, S, C] (normalised),
+    w_kv [H (N + V), C], k_rope [B, S, R] (rotated), cos/sin [B, T, R/2] -> [B, T, H V].
+    """
+
+    @staticmethod
+    def forward(ctx, xq, w_q, c_kv, w_kv, k_rope, cos, sin, mla):
+        (B, T, _), S = xq.shape, c_kv.shape[1]
+        H, N, R, V = mla.num_heads, mla.nope_dim, mla.rope_dim, mla.v_dim
+        q = torch.mm(xq.reshape(B * T, -1), w_q.t()).view(B, T, H, N + R)
+        apply_rope(q[..., N:], cos[:, :, None], sin[:, :, None], mla.interleaved, inplace=True)
+        kv = torch.mm(c_kv.reshape(B * S, -1), w_kv.t()).view(B, S, H, N + V)
+        key = torch.cat((kv[..., :N], k_rope[:, :, None].expand(B, S, H, R)), dim=-1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), key.transpose(1, 2), kv[..., V - R:].transpose(1, 2), 0.0, True, scale=mla.scale)
+        ctx.save_for_backward(xq, w_q, c_kv, w_kv, q, key, kv, out, lse, cos, sin)
+        ctx.mla = mla
+        return out.transpose(1, 2)[..., N + R - V:].reshape(B, T, H * V)  # v's columns of the window
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        xq, w_q, c_kv, w_kv, q, key, kv, out, lse, cos, sin = ctx.saved_tensors
+        mla = ctx.mla
+        (B, T, H, _), S = q.shape, key.shape[1]
+        N, R, V = mla.nope_dim, mla.rope_dim, mla.v_dim
+        g_out = grad.new_zeros(B, T, H, N + R)  # the window's other columns were sliced off: zero gradient
+        g_out[..., N + R - V:] = grad.view(B, T, H, V)
+        g_q, g_key, g_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g_out.transpose(1, 2), q.transpose(1, 2), key.transpose(1, 2), kv[..., V - R:].transpose(1, 2),
+            out, lse, 0.0, True, scale=mla.scale)
+        del g_out
+        g_q, g_key, g_value = g_q.transpose(1, 2), g_key.transpose(1, 2), g_value.transpose(1, 2)
+        apply_rope(g_q[..., N:], cos[:, :, None], -sin[:, :, None], mla.interleaved, inplace=True)
+        g_q = g_q.reshape(B * T, -1)
+        need_xq, need_wq, need_ckv, need_wkv, need_rope = ctx.needs_input_grad[:5]
+        grad_xq = torch.mm(g_q, w_q).view(xq.shape) if need_xq else None
+        grad_w_q = torch.mm(g_q.t(), xq.reshape(B * T, -1)) if need_wq else None
+        grad_k_rope = g_key[..., N:].sum(2) if need_rope else None
+        g_kv = torch.cat((g_key[..., :N], g_value[..., N + R - V:]), dim=-1).view(B * S, -1)  # [dK_nope | dV]
+        del g_key, g_value
+        grad_c_kv = torch.mm(g_kv, w_kv).view(c_kv.shape) if need_ckv else None
+        grad_w_kv = torch.mm(g_kv.t(), c_kv.reshape(B * S, -1)) if need_wkv else None
+        return grad_xq, grad_w_q, grad_c_kv, grad_w_kv, grad_k_rope, None, None, None
+
 
 
 def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -68,22 +68,35 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True,
-               kernel_impl: str = "eager") -> torch.Tensor:
+               kernel_impl: str = "eager", inplace: bool = False) -> torch.Tensor:
     """Rotate x [..., R] by angles whose cos/sin broadcast to [..., R/2]; the layout is kept. kernel_impl
-    "compiled" takes the real form (compiled code fuses it anyway; layers.KERNEL_IMPLS)."""
+    "compiled" takes the real form (compiled code fuses it anyway; layers.KERNEL_IMPLS). inplace: write
+    the result over x and return x (x a view into a fresh projection the caller owns: the rope columns of
+    q, the rope key beside the latent), so the caller needs no concatenation afterwards."""
+    if interleaved and x.dtype in (torch.bfloat16, torch.float16) and kernel_impl == "eager":
+        # No complex type for bfloat16/half: rotate a float32 copy as below (a few kernels instead of the
+        # real form's dozen) and round once on the way back, where the real form rounds every product.
+        rotated = apply_rope(x.float(), cos.float(), sin.float(), interleaved, kernel_impl)
+        return x.copy_(rotated) if inplace else rotated.to(x.dtype)
     if interleaved and x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype \
             and kernel_impl == "eager":
         # Interleaved pairs are complex numbers x0 + i x1: one complex multiply does the rotation. Same
         # arithmetic as the real form below, but one kernel instead of six strided ones plus a stack
-        # (about 6x faster on CPU); no complex type for bfloat16/half, so those take the real form.
+        # (about 6x faster on CPU).
         pairs = x.unflatten(-1, (-1, 2))
-        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        whole_pairs = not (pairs.stride(-1) != 1 or pairs.storage_offset() % 2
+                           or any(st % 2 for st in pairs.stride()[:-1]))
+        if inplace and whole_pairs:
+            torch.view_as_complex(pairs).mul_(torch.complex(cos, sin))
+            return x
+        if not whole_pairs:
             pairs = pairs.contiguous()  # view_as_complex needs whole (re, im) pairs at even offsets
-        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
-        return torch.view_as_real(rotated).flatten(-2)
-    if interleaved:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
+    elif interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x.copy_(rotated) if inplace else rotated

@@ -28,8 +28,13 @@ def _naive64(mla, x, positions, cos, sin):
         return float64_copy(mla)(x.double(), positions, cos.double(), sin.double(), attn_impl="naive")
 
 
-@pytest.mark.parametrize("config", [tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), attention_bias=True)],
-                         ids=["q-lora-yarn", "plain-q", "attention-bias"])
+@pytest.mark.parametrize("config", [
+    tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), attention_bias=True),
+    # head dims for each branch of the naive path's CPU flash-attention shaping (qk dim N + R vs v dim V):
+    dataclasses.replace(tiny_v3(), v_head_dim=6),  # V < R: v padded with zeros
+    dataclasses.replace(tiny_v3(), v_head_dim=24),  # V = N + R: as it is
+    dataclasses.replace(tiny_v3(), v_head_dim=40),  # V > N + R: q and k padded
+], ids=["q-lora-yarn", "plain-q", "attention-bias", "v-below-rope", "v-equals-qk", "v-above-qk"])
 def test_absorbed_equals_naive(config):
     mla, rotary = _mla(config), RotaryEmbedding(config)
     x = torch.randn(3, 11, config.hidden_size)
@@ -94,3 +99,48 @@ def test_single_row_decode_over_cache_matches_full_pass():
             cache.advance(1)
     assert_close_to_reference(torch.cat(outs, 1), full, _naive64(mla, x, positions, cos, sin),
                               what="one-row decode vs one pass")
+
+
+@pytest.mark.parametrize("config", [tiny_v3(), tiny_v2(), dataclasses.replace(tiny_v3(), v_head_dim=24),
+                                    dataclasses.replace(tiny_v2(), rope_interleave=False)],
+                         ids=["q-lora-yarn", "plain-q", "v-equals-qk", "half-split-rope"])
+def test_training_attention_backward_equals_autograd_of_the_naive_path(config, monkeypatch):
+    """The training forward (_NaiveAttention, a hand-written backward) against autograd over the plain
+    naive path: the output and the gradients of x and of every parameter, against float64 autograd."""
+    import openr2.model.mla as mla_mod
+
+    mla, rotary = _mla(config, seed=3), RotaryEmbedding(config)
+    x = torch.randn(2, 13, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(13).expand(2, 13)
+    grad = torch.randn(2, 13, config.hidden_size, generator=torch.Generator().manual_seed(5))
+
+    def run(module, x, fused):
+        monkeypatch.setattr(mla_mod, "_fused_training_ok", lambda *a, fused=fused: fused and a[1].dtype == torch.float32)
+        cos, sin = rotary(positions, x.dtype)
+        x = x.detach().clone().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        out = module(x, positions, cos, sin)
+        assert _graph_has(out.grad_fn, "_NaiveAttentionBackward") == fused
+        out.backward(grad.to(x.dtype))
+        return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+
+    fast, plain = run(mla, x, True), run(mla, x, False)
+    with float64_compute():
+        ref = run(float64_copy(mla), x.double(), False)
+    names = ["output", "grad x"] + [f"grad {n}" for n, _ in mla.named_parameters()]
+    for name, f, p, r in zip(names, fast, plain, ref):
+        assert_close_to_reference(f, p, r, what=f"training attention vs autograd, {name}")
+
+
+def _graph_has(fn, name: str) -> bool:
+    """Whether the autograd graph below `fn` has a node called `name`."""
+    seen, todo = set(), [fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn.name() == name:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False

@@ -287,6 +287,26 @@ def test_training_grouped_backward_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: _GroupedExperts.apply(*a, order // k, order, counts), args)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 30, None], ids=["expert-by-expert", "chunks", "one-chunk"])
+def test_prefill_experts_in_chunks_match_looped(chunk_rows, monkeypatch):
+    """The no-grad grouped path runs chunks of whole experts (each chunk's first product within
+    _CHUNK_BYTES; an expert larger than that alone): every chunking gives the looped path's numbers."""
+    import openr2.model.moe as moe_mod
+
+    config = tiny_v3()
+    experts = _experts(config, seed=64)
+    x = _randn(120, config.hidden_size, seed=65)
+    ids = _skewed_routing(120, config, seed=66)  # an expert with no tokens, one with many
+    weights = _randn(120, 2, seed=67).abs()
+    if chunk_rows is not None:
+        row_bytes = 2 * config.moe_intermediate_size * x.element_size()
+        monkeypatch.setattr(moe_mod, "_CHUNK_BYTES", chunk_rows * row_bytes)
+    with torch.no_grad():
+        ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
+        assert_close_to_reference(experts(x, weights, ids, "grouped"), experts(x, weights, ids, "looped"), ref,
+                                  what=f"grouped prefill, chunks of {chunk_rows} rows")
+
+
 def test_fused_path_only_when_the_caller_asks():
     config = tiny_v3()
     experts = _experts(config, seed=60)

@@ -111,3 +111,43 @@ def test_scores_depend_only_on_relative_position():
     rounding = bound(7, 3) + bound(1007, 1003)
     assert abs(score(7, 3) - score(1007, 1003)) <= rounding
     assert abs(score(7, 3) - score(7, 5)) > 100 * rounding  # while another relative position changes it
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_in_place_rotation_of_a_projection_slice(interleaved):
+    """The rope columns of q rotated in place inside the projection's output (MLA's naive path hands q to
+    attention as it stands): the same values and the same gradients as rotating a copy and concatenating."""
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2, 5, 12, generator=gen), torch.randn(3 * 10, 12, generator=gen)
+    angle = torch.randn(2, 5, 1, 2, generator=gen)
+    grad = torch.randn(2, 5, 3, 10, generator=gen)
+
+    def run(x, w, inplace):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        q = (x @ w.t()).view(2, 5, 3, 10)  # 3 heads of [6 nope | 4 rope]
+        cos, sin = angle.to(x.dtype).cos(), angle.to(x.dtype).sin()
+        if inplace:
+            apply_rope(q[..., 6:], cos, sin, interleaved, inplace=True)
+        else:
+            q = torch.cat((q[..., :6], apply_rope(q[..., 6:], cos, sin, interleaved)), -1)
+        q.backward(grad.to(x.dtype))
+        return q.detach(), x.grad, w.grad
+
+    fast, plain, ref = run(x, w, True), run(x, w, False), run(x.double(), w.double(), False)
+    for name, f, p, r in zip(("q", "grad x", "grad w"), fast, plain, ref):
+        assert_close_to_reference(f, p, r, what=f"in-place rope ({'interleaved' if interleaved else 'half'}), {name}")
+
+
+def test_bfloat16_rotates_in_float32_like_the_real_form():
+    """bfloat16 rope (a float32 complex rotation, rounded once) against the real form computed in bfloat16
+    (kernel_impl "compiled" takes it), both against float64; in place too."""
+    gen = torch.Generator().manual_seed(5)
+    x, angle = torch.randn(3, 7, 2, 16, generator=gen) * 2, torch.randn(3, 7, 1, 8, generator=gen) * 3
+    xb, cos, sin = x.bfloat16(), angle.cos().bfloat16(), angle.sin().bfloat16()
+    ref = apply_rope(xb.double(), cos.double(), sin.double())
+    plain = apply_rope(xb, cos, sin, kernel_impl="compiled")
+    fast = apply_rope(xb, cos, sin)
+    assert fast.dtype == torch.bfloat16
+    assert_close_to_reference(fast, plain, ref, what="bfloat16 rope vs the real form")
+    given = xb.clone()
+    assert apply_rope(given, cos, sin, inplace=True) is given and torch.equal(given, fast)
