@@ -26,8 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from openr2.config import ModelConfig
-from openr2.model.moe import Gate
-from openr2.model.transformer import Transformer
+from openr2.model.transformer import FLOAT32_MODULES, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 # stacked experts, or (quantized checkpoints) one of their stored tensors: experts.gate_up_proj.weight_scale
@@ -170,7 +169,7 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointFil
 
 def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", names: dict[str, str] | None = None) -> None:
-    """Materialise a meta-device model from the files: float weights in `dtype` (the router in float32),
+    """Materialise a meta-device model from the files: float weights in `dtype` (FLOAT32_MODULES in float32),
     the tensors of `names` (state-dict key -> name in our layout: quantized modules) as they are stored."""
     config, names = model.config, names or {}
     params = _our_params(model)
@@ -187,8 +186,9 @@ def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype 
 
 
 def _is_router(model: Transformer, ours: str) -> bool:
+    """Whether the parameter stays float32 whatever the dtype: the router's, the indexer's head weights."""
     owner = model.get_submodule(ours.rsplit(".", 1)[0])
-    return isinstance(owner, Gate)
+    return isinstance(owner, FLOAT32_MODULES)
 
 
 def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:
