@@ -1,4 +1,4 @@
-"""Checkpoint I/O in the Hugging Face DeepSeek-V2/V3 layout: the one place that knows HF tensor names.
+"""Checkpoint I/O in the Hugging Face DeepSeek-V2/V3/V3.2 layout: the one place that knows HF tensor names.
 
 Reads a directory holding config.json and one or more safetensors files (sharded through
 model.safetensors.index.json or not) into a model built on the meta device, materialised tensor by tensor
@@ -6,6 +6,13 @@ model.safetensors.index.json or not) into a model built on the meta device, mate
 `weight_scale_inv` block scales are dequantised to the asked dtype. Writes the same layout (per-expert
 names, MTP copies of embedding and head) so that transformers loads our saves. Every problem with the files
 raises an error naming the file and tensor; no half-loaded model escapes.
+
+DeepSeek releases V3 and V3.2 in this layout, FP8: V3.2 adds `self_attn.indexer.{wq_b, wk}.weight` (FP8 with
+their scales in the release), `indexer.k_norm.{weight, bias}` and `indexer.weights_proj.weight` (float) in
+every layer, the MTP layer's too; its UE8M0 scales (`scale_fmt`) are powers of two stored as float32, read
+like any other. transformers' conversion mapping does nothing more for deepseek_v32 than stack the experts
+(its `qwen2_moe` rule), and neither does this module. Parameters of FLOAT32_MODULES (router, the indexer's
+head weights) load in float32 whatever the dtype.
 
 Modules whose state-dict keys are not the checkpoint's (quantized modules) are given to `load_weights` /
 `write_checkpoint` as a `names` map (state-dict key -> name in our layout): this module knows no
