@@ -194,3 +194,19 @@ def test_v3_models_have_no_indexer():
     model = Transformer(tiny_v3())
     assert all(layer.self_attn.indexer is None for layer in model.layers)
     assert not any(".indexer." in k for k in model.state_dict())
+
+
+def test_training_gradients_reach_everything_but_the_indexer():
+    """As in transformers, the selection is made without autograd: the language-model loss trains MLA and the
+    rest through the selected keys, and nothing in the indexer (its KL loss is training's business)."""
+    model = _model(tiny_v32(), seed=5).train()
+    ids = _ids(model.config, tokens=24, seed=5)
+    logits = model(ids)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if ".indexer." in name:
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().max() > 0, name
