@@ -25,8 +25,8 @@ DeepSeek Sparse Attention (V3.2: model/indexer.py) adds three, which a cache for
 - `index_scores(layer_idx, q_index [B, T, Hi, Di], weights [B, T, Hi], positions [B, T], scale)` -> [B, T, S]
   float32: the indexer's score of every key of the row's context (this forward's included: the indexer
   writes its keys first) for each query, -inf past the query's position (`indexer.index_scores` over the
-  keys read in order is the reference). The cache owns the scan, so
-  a paged cache can score its blocks where they lie;
+  keys read in order is the reference). The cache owns the scan, so a paged cache can score its blocks
+  where they lie;
 - `attend_sparse(layer_idx, q_latent, q_rope, positions, indices [B, T, K], scale)` -> [B, T, H, C]: `attend`
   over only the keys `indices` (key j at position j) that are at or before the query's position; the cache
   gathers their latents (a paged cache through its block tables). `attend_latent_sparse` below is the
