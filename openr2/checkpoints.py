@@ -30,7 +30,8 @@ _COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "ge
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                keep_fp8: bool = False) -> Transformer:
-    """Load an HF-layout DeepSeek-V2/V3 checkpoint directory into a ready (eval-mode) model.
+    """Load an HF-layout DeepSeek-V2/V3/V3.2 checkpoint directory (as transformers saves it or as DeepSeek
+    releases it) into a ready (eval-mode) model.
 
     Quantized checkpoints (`openr2 quantize`: int8/int4) load into drop-in quantized layers (quant/).
     FP8 block weights are dequantised to `dtype` unless keep_fp8, which keeps every module whose stored

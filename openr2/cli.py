@@ -45,12 +45,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     if stats.mtp_params:
         rows.append(("MTP parameters", f"{stats.mtp_params:,} (not in the totals above)"))
+    if config.has_indexer:
+        per_layer = stats.indexer_params // layers
+        rows.append(("indexer parameters", f"{stats.indexer_params:,} (in the totals above; {per_layer:,} per "
+                                           f"layer: {config.index_n_heads} heads x {config.index_head_dim} dims, "
+                                           f"top-{config.index_topk} keys per query)"))
     rows += [
         ("KV cache, bf16", f"MLA {stats.kv_bytes_per_token_mla:,} B vs MHA {stats.kv_bytes_per_token_mha:,} B "
                            f"per token per layer: {stats.kv_ratio:.1f}x smaller"),
         ("KV cache per token", f"MLA {stats.kv_bytes_per_token_mla * layers:,} B vs MHA "
                                f"{stats.kv_bytes_per_token_mha * layers:,} B over {layers} layers"),
     ]
+    if config.has_indexer:
+        dense = stats.kv_bytes_per_token_mla * layers
+        rows += [
+            ("indexer keys, bf16", f"{stats.index_bytes_per_token:,} B per token per layer, beside the latent: "
+                                   f"{stats.kv_bytes_per_token_mla + stats.index_bytes_per_token:,} B"),
+            ("cache per token", f"{stats.cache_bytes_per_token:,} B (latent + indexer key over {layers} layers) "
+                                f"vs {dense:,} B for dense MLA (V3): "
+                                f"+{100 * (stats.cache_bytes_per_token / dense - 1):.1f}%"),
+        ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

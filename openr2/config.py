@@ -1,7 +1,13 @@
-"""ModelConfig: the architecture of a DeepSeek-V2/V3 model, read from and written to HF `config.json`.
+"""ModelConfig: the architecture of a DeepSeek-V2/V3/V3.2 model, read from and written to HF `config.json`.
 
 Owns key names (verbatim from the checkpoints), defaults per `model_type`, validation and derived
 values. It does not build modules (model/) or know tensor names (model/hf_io.py).
+
+DeepSeek-V3.2 (`model_type: deepseek_v32`) is V3 plus DeepSeek Sparse Attention: every attention layer has a
+lightning indexer (`index_n_heads` x `index_head_dim`, keeping the `index_topk` best keys per query). Its
+transformers class fixes what V3 leaves to the config (sigmoid noaux_tc routing, MoE in every layer after
+the dense ones, interleaved MLA rope, a q LoRA), so a V3.2 config that says otherwise is refused rather than
+read as something transformers would compute differently.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 ROUTING_METHODS = {  # topk_method -> scoring_func it needs
     "greedy": "softmax",
     "group_limited_greedy": "softmax",
     "noaux_tc": "sigmoid",
 }
 _NULLABLE = {"q_lora_rank", "pad_token_id", "bos_token_id", "eos_token_id", "num_key_value_heads"}
-_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                  "deepseek_v32": "DeepseekV32ForCausalLM"}
+_INDEXER_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
 
 
 @dataclass
@@ -66,6 +74,11 @@ class ModelConfig:
     initializer_range: float = 0.02
     aux_loss_alpha: float = 0.0001
     seq_aux: bool = True
+    # DeepSeek Sparse Attention (deepseek_v32 only; None otherwise): the lightning indexer's heads and head
+    # dim, and how many keys each query keeps
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     # FP8 block format of the stored weights ({quant_method: fp8, weight_block_size: [128, 128]}), or None
     quantization_config: dict | None = None
     torch_dtype: str | None = None
@@ -83,6 +96,11 @@ class ModelConfig:
     @property
     def is_v3(self) -> bool:
         return self.model_type == "deepseek_v3"
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek Sparse Attention: a lightning indexer in every attention layer (V3.2)."""
+        return self.model_type == "deepseek_v32"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's rule: dense for the first `first_k_dense_replace` layers, then MoE every `moe_layer_freq`."""
@@ -113,6 +131,8 @@ class ModelConfig:
             raise ValueError(f"{source}: key 'model_type' is {model_type!r}; openr2 reads {', '.join(MODEL_TYPES)}")
         defaults = _defaults_for(model_type)
         names = {f.name for f in dataclasses.fields(cls)} - {"source", "rope_scaling", "rope_theta"}
+        if model_type != "deepseek_v32":
+            names -= set(_INDEXER_KEYS)  # only V3.2 has an indexer; stray keys elsewhere mean nothing
         kwargs: dict[str, Any] = {k: hf[k] for k in names if k in hf and (hf[k] is not None or k in _NULLABLE)}
         if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:  # transformers 5.x alias
             kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
@@ -121,6 +141,8 @@ class ModelConfig:
             kwargs["torch_dtype"] = hf["dtype"]
         cfg = dataclasses.replace(defaults, **kwargs, source=source)
         cfg.validate()
+        if cfg.has_indexer:
+            _check_mlp_layer_types(cfg, hf.get("mlp_layer_types"))
         return cfg
 
     @classmethod
@@ -142,6 +164,8 @@ class ModelConfig:
         out: dict[str, Any] = {"architectures": [_ARCHITECTURES[self.model_type]]}
         for f in dataclasses.fields(self):
             if f.name in ("source", "rope_scaling", "torch_dtype", "quantization_config"):
+                continue
+            if f.name in _INDEXER_KEYS and not self.has_indexer:
                 continue
             out[f.name] = getattr(self, f.name)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -195,6 +219,26 @@ class ModelConfig:
         has_moe = any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)) or self.num_nextn_predict_layers
         if has_moe and self.n_routed_experts > 0:
             self._validate_routing(bad)
+        if self.has_indexer:
+            self._validate_indexer(bad)
+
+    def _validate_indexer(self, bad) -> None:
+        """V3.2: the indexer's sizes, and what transformers' DeepseekV32 modules fix whatever the config says."""
+        for key in _INDEXER_KEYS:
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(key, "must be a positive integer")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise bad("index_head_dim", f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the indexer "
+                                        f"rotates its first qk_rope_head_dim dims")
+        if self.q_lora_rank is None:
+            raise bad("q_lora_rank", "must be set for deepseek_v32 (the indexer's query reads the q latent)")
+        if not self.rope_interleave:
+            raise bad("rope_interleave", "must be true for deepseek_v32 (its MLA rope is always interleaved)")
+        if self.moe_layer_freq != 1:
+            raise bad("moe_layer_freq", "must be 1 for deepseek_v32 (every layer after the dense ones is MoE)")
+        if self.n_routed_experts > 0 and self.topk_method != "noaux_tc":
+            raise bad("topk_method", "must be 'noaux_tc' for deepseek_v32 (sigmoid gates with a correction bias)")
 
     def _validate_routing(self, bad) -> None:
         if self.moe_intermediate_size <= 0:
@@ -219,6 +263,17 @@ class ModelConfig:
             raise bad("topk_group", "keeps fewer experts than num_experts_per_tok")
 
 
+def _check_mlp_layer_types(cfg: ModelConfig, types) -> None:
+    """transformers' V3.2 picks dense or MoE per layer from `mlp_layer_types` (written by its saves; derived
+    from first_k_dense_replace when absent); openr2 derives it, so a list that says otherwise is refused."""
+    if types is None:
+        return
+    want = ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+    if list(types) != want:
+        raise ValueError(f"{cfg.source}: key 'mlp_layer_types' is {types!r}; openr2 derives {want} from "
+                         f"first_k_dense_replace ({cfg.first_k_dense_replace}) and n_routed_experts")
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention-temperature correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -227,6 +282,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 def _defaults_for(model_type: str) -> ModelConfig:
     if model_type == "deepseek_v3":
         return ModelConfig(model_type=model_type, rope_scaling=None)
+    if model_type == "deepseek_v32":  # transformers' DeepseekV32Config defaults: V3's plus the indexer's
+        return ModelConfig(model_type=model_type, rope_scaling=None, index_n_heads=64, index_head_dim=128,
+                           index_topk=2048)
     # transformers' DeepseekV2Config defaults, with the V2-family routing fields
     return ModelConfig(
         model_type=model_type, vocab_size=102400, hidden_size=4096, intermediate_size=11008,

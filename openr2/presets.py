@@ -1,9 +1,11 @@
 """Named model configs as plain functions: test configs, the benchmark model, and the official ones.
 
-Official values are those of the released config.json files (DeepSeek-V3/R1, V2, V2-Lite).
+Official values are those of the released config.json files (DeepSeek-V3/R1, V3.2, V2, V2-Lite).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from openr2.config import ModelConfig
 
@@ -24,6 +26,16 @@ def deepseek_v3() -> ModelConfig:
         num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
         quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                              "weight_block_size": [128, 128]},
+    )
+
+
+def deepseek_v32() -> ModelConfig:
+    """DeepSeek-V3.2 (-Exp): V3's dimensions plus DeepSeek Sparse Attention, a lightning indexer of 64 heads x
+    128 dims in every layer keeping 2048 keys per query; FP8 weights with UE8M0 (power-of-two) block scales."""
+    v3 = deepseek_v3()
+    return dataclasses.replace(
+        v3, model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048,
+        quantization_config={**v3.quantization_config, "scale_fmt": "ue8m0"},
     )
 
 
@@ -65,6 +77,13 @@ def tiny_v3() -> ModelConfig:
         rope_scaling={**_YARN_V3, "factor": 4, "original_max_position_embeddings": 128},
         num_nextn_predict_layers=1,
     )
+
+
+def tiny_v32() -> ModelConfig:
+    """tiny_v3 with V3.2's sparse attention: 16 indexer heads x 32 dims (8 of them rotated) keeping 8 keys, so
+    that prompts of a few dozen tokens are attended sparsely."""
+    return dataclasses.replace(tiny_v3(), model_type="deepseek_v32", index_n_heads=16, index_head_dim=32,
+                               index_topk=8)
 
 
 def tiny_v2() -> ModelConfig:
@@ -118,9 +137,11 @@ def demo() -> ModelConfig:
 PRESETS = {
     "deepseek-v3": deepseek_v3,
     "deepseek-r1": deepseek_v3,
+    "deepseek-v3.2": deepseek_v32,
     "deepseek-v2": deepseek_v2,
     "deepseek-v2-lite": deepseek_v2_lite,
     "tiny-v3": tiny_v3,
+    "tiny-v32": tiny_v32,
     "tiny-v2": tiny_v2,
     "bench-moe": bench_moe,
     "small-moe": small_moe,

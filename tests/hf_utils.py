@@ -23,7 +23,8 @@ def hf_model(config: ModelConfig, seed: int = 0):
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**config.to_hf())
-    cls = transformers.DeepseekV3ForCausalLM if config.is_v3 else transformers.DeepseekV2ForCausalLM
+    cls = {"deepseek_v2": transformers.DeepseekV2ForCausalLM, "deepseek_v3": transformers.DeepseekV3ForCausalLM,
+           "deepseek_v32": transformers.DeepseekV32ForCausalLM}[config.model_type]
     torch.manual_seed(seed)
     model = cls(hf_config).float().eval()
     perturb_(model, seed)

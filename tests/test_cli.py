@@ -46,6 +46,27 @@ def test_deepseek_v3_counts(capsys):
     assert round(info["kv_ratio"]) == 57
 
 
+def test_deepseek_v32_counts_by_hand(capsys):
+    """V3.2 = V3 + a lightning indexer per layer (the MTP layer's too); its key is cached beside the latent."""
+    info = _info_json(capsys, "deepseek-v3.2")
+    hidden, q_lora, heads, dim, layers = 7168, 1536, 64, 128, 61
+    # wq_b [heads * dim, q_lora], wk [dim, hidden], k_norm weight and bias [dim], weights_proj [heads, hidden]
+    per_layer = heads * dim * q_lora + dim * hidden + 2 * dim + heads * hidden
+    assert per_layer == 12_582_912 + 917_504 + 256 + 458_752 == 13_959_424
+    assert info["indexer_params"] == layers * per_layer == 851_524_864
+    assert info["total_params"] == 671_026_404_352 + layers * per_layer  # V3's count plus the indexers
+    assert info["active_params"] == 36_625_603_584 + layers * per_layer  # every token runs the whole indexer
+    assert info["mtp_params"] == 11_610_067_968 + per_layer
+    # bf16 per token and layer: latent 512 + rope key 64, indexer key 128; 61 layers
+    assert (info["kv_bytes_per_token_mla"], info["index_bytes_per_token"]) == (1152, 256)
+    assert info["cache_bytes_per_token"] == 61 * (1152 + 256) == 85_888
+    assert _info_json(capsys, "deepseek-v3")["cache_bytes_per_token"] == 61 * 1152 == 70_272
+    assert main(["info", "deepseek-v3.2"]) == 0
+    out = capsys.readouterr().out
+    assert "851,524,864" in out and "85,888 B" in out and "70,272 B for dense MLA (V3): +22.2%" in out
+    assert "top-2048" in out
+
+
 def test_deepseek_v2_lite_counts(capsys):
     info = _info_json(capsys, "deepseek-v2-lite")
     assert info["total_params"] == 15_706_484_224

@@ -8,7 +8,16 @@ import json
 import pytest
 
 from openr2.config import ModelConfig
-from openr2.presets import PRESETS, deepseek_v2_lite, deepseek_v3, get_preset, tiny_v2, tiny_v3
+from openr2.presets import (
+    PRESETS,
+    deepseek_v2_lite,
+    deepseek_v3,
+    deepseek_v32,
+    get_preset,
+    tiny_v2,
+    tiny_v3,
+    tiny_v32,
+)
 
 # The released DeepSeek-V3 config.json, abridged to the keys that change the math.
 V3_JSON = {
@@ -28,10 +37,38 @@ V3_JSON = {
 }
 
 
+# The released DeepSeek-V3.2(-Exp) config.json: V3's plus the indexer's keys and UE8M0 scales.
+V32_JSON = {**V3_JSON, "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+            "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+            "quantization_config": {**V3_JSON["quantization_config"], "scale_fmt": "ue8m0"}}
+
+
 def test_reads_released_v3_config_like_the_preset():
     config = ModelConfig.from_hf(V3_JSON, source="v3/config.json")
     assert config == deepseek_v3()
     assert config.softmax_scale == pytest.approx(0.1352338, abs=1e-7)  # 1/sqrt(192) * mscale(40, 1)^2
+
+
+def test_reads_released_v32_config_like_the_preset():
+    config = ModelConfig.from_hf(V32_JSON, source="v32/config.json")
+    assert config == deepseek_v32() and config.has_indexer and not config.is_v3
+    assert (config.index_n_heads, config.index_head_dim, config.index_topk) == (64, 128, 2048)
+    assert config.softmax_scale == deepseek_v3().softmax_scale
+    # V2/V3 configs know no indexer, whatever stray keys they carry
+    v3 = ModelConfig.from_hf({**V3_JSON, "index_topk": 16})
+    assert v3 == deepseek_v3() and not v3.has_indexer and "index_topk" not in v3.to_hf()
+
+
+def test_reads_v32_config_as_transformers_writes_it():
+    import transformers
+
+    hf = transformers.DeepseekV32Config(index_topk=256, first_k_dense_replace=2).to_dict()
+    assert "mlp_layer_types" in hf and "layer_types" in hf
+    config = ModelConfig.from_hf(hf)
+    assert config.model_type == "deepseek_v32" and config.index_topk == 256
+    assert (config.index_n_heads, config.index_head_dim) == (64, 128)  # transformers' defaults are ours
+    assert (config.topk_method, config.scoring_func, config.moe_layer_freq) == ("noaux_tc", "sigmoid", 1)
+    assert [config.is_moe_layer(i) for i in range(3)] == [False, False, True]
 
 
 def test_v2_lite_softmax_scale_and_null_q_lora():
@@ -61,7 +98,7 @@ def test_v2_defaults_follow_model_type():
     assert (config.scoring_func, config.topk_method, config.norm_topk_prob) == ("softmax", "greedy", False)
 
 
-@pytest.mark.parametrize("make", [tiny_v3, tiny_v2, deepseek_v3, deepseek_v2_lite])
+@pytest.mark.parametrize("make", [tiny_v3, tiny_v2, deepseek_v3, deepseek_v2_lite, tiny_v32, deepseek_v32])
 def test_to_hf_loads_in_transformers(make):
     import transformers
 
@@ -74,6 +111,17 @@ def test_to_hf_loads_in_transformers(make):
     assert hf.rope_parameters["rope_type"] == expected_rope
     if config.is_v3:
         assert hf.num_mtp_layers == config.num_nextn_predict_layers
+    if config.has_indexer:
+        assert type(hf).__name__ == "DeepseekV32Config"
+        assert (hf.index_n_heads, hf.index_head_dim, hf.index_topk) == (
+            config.index_n_heads, config.index_head_dim, config.index_topk)
+        assert hf.mlp_layer_types == ["sparse" if config.is_moe_layer(i) else "dense"
+                                      for i in range(config.num_hidden_layers)]
+        back = ModelConfig.from_hf(hf.to_dict())  # transformers' own config.json reads back as ours
+        assert dataclasses.replace(back, torch_dtype=None) == dataclasses.replace(
+            config, quantization_config=None, torch_dtype=None)
+    else:
+        assert not any(k.startswith("index_") for k in config.to_hf())
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path):
@@ -101,6 +149,27 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
 def test_bad_values_name_file_and_key(tmp_path, key, value, match):
     file = tmp_path / "config.json"
     file.write_text(json.dumps({**V3_JSON, key: value}))
+    with pytest.raises(ValueError, match=match) as err:
+        ModelConfig.from_pretrained(tmp_path)
+    assert str(file) in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("index_topk", 0, "index_topk"),
+    ("index_n_heads", "many", "index_n_heads"),
+    ("index_head_dim", 32, "index_head_dim"),  # below qk_rope_head_dim (64)
+    ("q_lora_rank", None, "q_lora_rank"),
+    ("rope_interleave", False, "rope_interleave"),
+    ("moe_layer_freq", 2, "moe_layer_freq"),
+    ("topk_method", "group_limited_greedy", "topk_method"),
+    ("mlp_layer_types", ["dense"] * 61, "mlp_layer_types"),
+])
+def test_bad_v32_values_name_file_and_key(tmp_path, key, value, match):
+    file = tmp_path / "config.json"
+    raw = {**V32_JSON, key: value}
+    if key == "topk_method":
+        raw["scoring_func"] = "softmax"
+    file.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=match) as err:
         ModelConfig.from_pretrained(tmp_path)
     assert str(file) in str(err.value)

@@ -6,7 +6,9 @@ cached layer. What a layer stores for a block is its *cache kind*'s business:
 - `LatentKind` (DeepSeek V2/V3 MLA, the one implemented): per token the normalised latent c_kv [C] and the
   rotated rope key k_rope [R].
 - Next, by the same seam (docs: /work/shared/reference/deepseek_v32_v4.md): V3.2's indexer keys (one
-  128-dim key per token beside the latent), V4's compressed entries (CSA: one entry per 4 tokens, so
+  128-dim key per token beside the latent, in the same blocks; the model's cache protocol already asks for
+  them: `write_indexer`, `index_scores`, `attend_sparse` in openr2/model/mla.py, which `cache_kinds` refuses
+  until they are here), V4's compressed entries (CSA: one entry per 4 tokens, so
   `tokens_per_entry` 4 and block_size / 4 entries per block; HCA: per 128) and its sliding-window ring (a
   fixed window per sequence: blocks outside the window go back to the pool).
 A kind says how many entries a block holds and how wide each field is; `cache_kinds` maps a config's layers
@@ -63,7 +65,16 @@ class LatentKind:
 
 
 def cache_kinds(config: ModelConfig, num_layers: int | None = None) -> list[LatentKind]:
-    """The cache kind of each cached layer (decoder layers, then MTP layers): the latent cache for all."""
+    """The cache kind of each cached layer (decoder layers, then MTP layers): the latent cache for all.
+
+    A model with DeepSeek Sparse Attention (V3.2) needs the cache protocol's indexer part (openr2.model.mla:
+    write_indexer, index_scores, attend_sparse) over an indexer-key kind beside the latent; until this pool
+    has it, such a model is refused here, before anything is allocated."""
+    if config.has_indexer:
+        raise ValueError(
+            f"{config.source}: model_type deepseek_v32 (DeepSeek-V3.2 sparse attention) needs its indexer keys "
+            f"cached beside the latent, which the engine's paged cache does not do yet; run the model directly "
+            f"(openr2.load_model, with openr2.model.mla.LatentCache for decoding)")
     kind = LatentKind(config.kv_lora_rank, config.qk_rope_head_dim)
     return [kind] * (num_layers or config.num_hidden_layers)
 

@@ -46,6 +46,9 @@ def check_exportable(config: ModelConfig, source: str) -> None:
     if qc.get("quant_method") not in (None, "fp8"):
         raise bad(f"the checkpoint is quantized ({qc}); export its float checkpoint (re-quantizing int weights "
                   f"would compound the error)")
+    if config.has_indexer:
+        raise bad("deepseek_v32 (DeepSeek-V3.2 sparse attention): the deepseek2 graph has no lightning indexer "
+                  "and would attend to every key")
     if config.moe_layer_freq != 1:
         raise bad(f"moe_layer_freq {config.moe_layer_freq}: llama.cpp makes every layer after the leading dense ones MoE")
     if config.attention_bias:

@@ -1,4 +1,4 @@
-"""Checkpoint I/O in the Hugging Face DeepSeek-V2/V3 layout: the one place that knows HF tensor names.
+"""Checkpoint I/O in the Hugging Face DeepSeek-V2/V3/V3.2 layout: the one place that knows HF tensor names.
 
 Reads a directory holding config.json and one or more safetensors files (sharded through
 model.safetensors.index.json or not) into a model built on the meta device, materialised tensor by tensor
@@ -6,6 +6,13 @@ model.safetensors.index.json or not) into a model built on the meta device, mate
 `weight_scale_inv` block scales are dequantised to the asked dtype. Writes the same layout (per-expert
 names, MTP copies of embedding and head) so that transformers loads our saves. Every problem with the files
 raises an error naming the file and tensor; no half-loaded model escapes.
+
+DeepSeek releases V3 and V3.2 in this layout, FP8: V3.2 adds `self_attn.indexer.{wq_b, wk}.weight` (FP8 with
+their scales in the release), `indexer.k_norm.{weight, bias}` and `indexer.weights_proj.weight` (float) in
+every layer, the MTP layer's too; its UE8M0 scales (`scale_fmt`) are powers of two stored as float32, read
+like any other. transformers' conversion mapping does nothing more for deepseek_v32 than stack the experts
+(its `qwen2_moe` rule), and neither does this module. Parameters of FLOAT32_MODULES (router, the indexer's
+head weights) load in float32 whatever the dtype.
 
 Modules whose state-dict keys are not the checkpoint's (quantized modules) are given to `load_weights` /
 `write_checkpoint` as a `names` map (state-dict key -> name in our layout): this module knows no
@@ -26,8 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from openr2.config import ModelConfig
-from openr2.model.moe import Gate
-from openr2.model.transformer import Transformer
+from openr2.model.transformer import FLOAT32_MODULES, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 # stacked experts, or (quantized checkpoints) one of their stored tensors: experts.gate_up_proj.weight_scale
@@ -170,7 +176,7 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointFil
 
 def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", names: dict[str, str] | None = None) -> None:
-    """Materialise a meta-device model from the files: float weights in `dtype` (the router in float32),
+    """Materialise a meta-device model from the files: float weights in `dtype` (FLOAT32_MODULES in float32),
     the tensors of `names` (state-dict key -> name in our layout: quantized modules) as they are stored."""
     config, names = model.config, names or {}
     params = _our_params(model)
@@ -187,8 +193,9 @@ def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype 
 
 
 def _is_router(model: Transformer, ours: str) -> bool:
+    """Whether the parameter stays float32 whatever the dtype: the router's, the indexer's head weights."""
     owner = model.get_submodule(ours.rsplit(".", 1)[0])
-    return isinstance(owner, Gate)
+    return isinstance(owner, FLOAT32_MODULES)
 
 
 def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:

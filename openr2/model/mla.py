@@ -19,9 +19,28 @@ The cache protocol (the model never sees more of a cache than this; the engine's
   at absolute position p. The cache owns it, so a paged cache can read its blocks where they lie;
   `attend_latent` below is the dense computation every implementation is checked against;
 - `advance(num_tokens)`, once per forward after the last layer.
+DeepSeek Sparse Attention (V3.2: model/indexer.py) adds three, which a cache for such a model implements:
+- `write_indexer(layer_idx, k_index [B, T, Di])` stores the new tokens' indexer keys, beside their latents
+  (same slots, same positions);
+- `index_scores(layer_idx, q_index [B, T, Hi, Di], weights [B, T, Hi], positions [B, T], scale)` -> [B, T, S]
+  float32: the indexer's score of every key of the row's context (this forward's included: the indexer
+  writes its keys first) for each query, -inf past the query's position (`indexer.index_scores` over the
+  keys read in order is the reference). The cache owns the scan, so a paged cache can score its blocks
+  where they lie;
+- `attend_sparse(layer_idx, q_latent, q_rope, positions, indices [B, T, K], scale)` -> [B, T, H, C]: `attend`
+  over only the keys `indices` (key j at position j) that are at or before the query's position; the cache
+  gathers their latents (a paged cache through its block tables). `attend_latent_sparse` below is the
+  gather, `attend_latent` with the selection ANDed into the causal mask its dense reference.
+The model asks for the indexer's three only when the config has an indexer; a cache without them cannot
+serve such a model.
+
+With an indexer (V3.2) both paths attend over each query's top-k keys only: `naive` (the plain reference)
+ANDs the selection into its causal mask; `absorbed` (the fast path) gathers the selected latents and attends
+over those alone. When no query sees more than index_topk keys the indexer selects nothing away and both
+paths run their dense code unchanged.
 
 Shape legend: B batch, T query tokens, S key tokens, H heads, D hidden, C kv_lora_rank, R rope dim,
-N qk_nope_head_dim, V v_head_dim.
+N qk_nope_head_dim, V v_head_dim, K keys selected per query, Hi/Di the indexer's heads and head dim.
 """
 
 from __future__ import annotations
@@ -32,6 +51,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from openr2.config import ModelConfig
+from openr2.model.indexer import Indexer, index_scores, selection_mask
 from openr2.model.layers import Linear, RMSNorm, records_grad
 from openr2.model.rope import apply_rope
 
@@ -39,17 +59,21 @@ ATTN_IMPLS = ("naive", "absorbed")
 
 
 class LatentCache:
-    """Contiguous latent KV cache: per layer c_kv [B, S_max, C] and k_rope [B, S_max, R].
+    """Contiguous latent KV cache: per layer c_kv [B, S_max, C] and k_rope [B, S_max, R], and for a model with
+    an indexer (V3.2) its keys index_keys [B, S_max, Di].
 
     All rows share one length (no padding); `write` stores a layer's new tokens after those cached so far,
     `read` and `attend` see everything written; the model calls `advance` once per forward, after its last
-    layer. Its `attend` is the dense reference of the cache protocol's read.
+    layer. Its `attend`, `index_scores` and `attend_sparse` are the dense references of the protocol's reads.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_tokens: int, kv_lora_rank: int,
-                 rope_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 rope_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 index_head_dim: int = 0):
         self.c_kv = torch.zeros(num_layers, batch_size, max_tokens, kv_lora_rank, dtype=dtype, device=device)
         self.k_rope = torch.zeros(num_layers, batch_size, max_tokens, rope_dim, dtype=dtype, device=device)
+        self.index_keys = torch.zeros(num_layers, batch_size, max_tokens, index_head_dim, dtype=dtype,
+                                      device=device) if index_head_dim else None
         self.length = 0
         self._end = 0  # tokens written in this forward: length + T
 
@@ -57,19 +81,41 @@ class LatentCache:
     def for_model(cls, config: ModelConfig, batch_size: int, max_tokens: int,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LatentCache:
         return cls(config.num_hidden_layers, batch_size, max_tokens, config.kv_lora_rank,
-                   config.qk_rope_head_dim, dtype, device)
+                   config.qk_rope_head_dim, dtype, device, config.index_head_dim if config.has_indexer else 0)
 
     @property
     def max_tokens(self) -> int:
         return self.c_kv.shape[2]
 
-    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
-        start, end = self.length, self.length + c_kv.shape[1]
+    def _span(self, num_new: int) -> tuple[int, int]:
+        start, end = self.length, self.length + num_new
         if end > self.max_tokens:
             raise ValueError(f"latent cache holds {self.max_tokens} tokens; {end} requested")
+        self._end = end
+        return start, end
+
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        start, end = self._span(c_kv.shape[1])
         self.c_kv[layer_idx, :, start:end] = c_kv
         self.k_rope[layer_idx, :, start:end] = k_rope
-        self._end = end
+
+    def write_indexer(self, layer_idx: int, k_index: torch.Tensor) -> None:
+        if self.index_keys is None:
+            raise ValueError("this latent cache holds no indexer keys; build it with LatentCache.for_model "
+                             "(or index_head_dim) for a model with an indexer")
+        start, end = self._span(k_index.shape[1])
+        self.index_keys[layer_idx, :, start:end] = k_index
+
+    def index_scores(self, layer_idx: int, q_index: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        keys = self.index_keys[layer_idx, :, : self._end].to(q_index.dtype)
+        return index_scores(q_index, keys, weights, scale, causal_mask(positions, keys.shape[1]))
+
+    def attend_sparse(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
+                      indices: torch.Tensor, scale: float) -> torch.Tensor:
+        c_kv, k_rope = self.read(layer_idx)
+        return attend_latent_sparse(q_latent, q_rope, c_kv.to(q_latent.dtype), k_rope.to(q_rope.dtype), indices,
+                                    indices <= positions[:, :, None], scale)
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.c_kv[layer_idx, :, : self._end], self.k_rope[layer_idx, :, : self._end]
@@ -108,6 +154,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(h * self.v_dim, d, bias=bias)
+        # DeepSeek Sparse Attention (V3.2): which keys each query attends to; None = dense MLA
+        self.indexer = Indexer(config, layer_idx) if config.has_indexer else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, attn_impl: str = "naive", kernel_impl: str = "eager") -> torch.Tensor:
@@ -116,7 +164,9 @@ class MLA(nn.Module):
         k = kernel_impl
         xq = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x, k), inplace=True)
         q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
-        if cache is None and attn_impl == "naive" and _fused_training_ok(self, x, q_proj, k):
+        # the indexer's top-k keys per query [B, T, K], or None: dense (no indexer, or a short context)
+        topk = None if self.indexer is None else self.indexer(x, xq, positions, cos, sin, cache, k)
+        if topk is None and cache is None and attn_impl == "naive" and _fused_training_ok(self, x, q_proj, k):
             c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
             k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)
             out = _NaiveAttention.apply(xq, q_proj.weight, self.kv_a_layernorm(c_kv), self.kv_b_proj.weight,
@@ -136,13 +186,17 @@ class MLA(nn.Module):
         if attn_impl == "naive":
             if cache is None:
                 mask = None  # plain causal over the T tokens themselves
+                if topk is not None:
+                    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]
             else:  # keys of the cache's contexts sit at positions 0..S-1
                 c_kv, k_rope = cache.read(self.layer_idx)
                 c_kv, k_rope = c_kv.to(x.dtype), k_rope.to(x.dtype)
                 mask = causal_mask(positions, c_kv.shape[1])
+            if topk is not None:  # the plain reference of sparse attention: the selection as a mask
+                mask = mask & selection_mask(topk, c_kv.shape[1])
             out = self._attend_naive(q, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
-            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache)
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache, topk)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
@@ -176,22 +230,28 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., v_cols]
 
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None):
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None, topk=None):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
 
         Without a cache the keys are the T new tokens themselves (plain causal); with one, the cache reads
-        its own keys (`attend`: a paged cache reads its blocks in place).
+        its own keys (`attend`: a paged cache reads its blocks in place). With the indexer's topk [B, T, K],
+        over the selected keys only (`attend_latent_sparse`, or the cache's `attend_sparse`).
         """
         B, T, H, N = q_nope.shape
         w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, C], [H, V, C]
         q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
         q_latent = q_latent.transpose(0, 1).view(B, T, H, -1)
-        if cache is None:
+        if cache is None and topk is None:
             causal = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None]
             o_latent = attend_latent(q_latent, q_rope, c_kv, k_rope, causal, self.scale)
-        else:
+        elif cache is None:  # key j is this forward's j-th token
+            visible = topk <= torch.arange(T, device=topk.device)[None, :, None]
+            o_latent = attend_latent_sparse(q_latent, q_rope, c_kv, k_rope, topk, visible, self.scale)
+        elif topk is None:
             o_latent = cache.attend(self.layer_idx, q_latent, q_rope, positions, self.scale)
+        else:
+            o_latent = cache.attend_sparse(self.layer_idx, q_latent, q_rope, positions, topk, self.scale)
         out = torch.bmm(o_latent.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).view(B, T, H, self.v_dim)
 
@@ -212,6 +272,36 @@ def attend_latent(q_latent: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tens
     # float32 at least (float64 stays float64: the tests' reference runs)
     probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_kv.dtype)
     return torch.bmm(probs, c_kv).view(B, T, H, C)
+
+
+def attend_latent_sparse(q_latent: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+                         indices: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """Latent attention over selected keys: for query (b, t) the keys indices[b, t] [K] of c_kv [B, S, C] /
+    k_rope [B, S, R] where visible [B, T, K] (bool), gathered; q_latent [B, T, H, C], q_rope [B, T, H, R].
+    Returns [B, T, H, C]. Equal to `attend_latent` with the selection ANDed into its mask (tests), reading
+    K keys per query instead of S. Gathered latents are [B, t, K, C + R] for a chunk of t queries at a time.
+    """
+    B, T, H, C = q_latent.shape
+    K, R = indices.shape[-1], q_rope.shape[-1]
+    rows = torch.arange(B, device=indices.device)[:, None, None]
+    step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, B * K * (C + R)))
+    out = []
+    for t0 in range(0, T, step):
+        idx = indices[:, t0 : t0 + step]
+        t = idx.shape[1]
+        c_sel = c_kv[rows, idx].reshape(B * t, K, C)  # [B t, K, C]
+        r_sel = k_rope[rows, idx].reshape(B * t, K, R)
+        q = q_latent[:, t0 : t0 + step].reshape(B * t, H, C)
+        scores = torch.bmm(q, c_sel.transpose(1, 2))  # [B t, H, K]
+        scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
+                               alpha=scale, beta=scale)
+        scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
+        out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+_GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered latent elements per chunk of queries (attend_latent_sparse)
 
 
 def _fused_training_ok(mla: MLA, x: torch.Tensor, q_proj: nn.Module, kernel_impl: str) -> bool:

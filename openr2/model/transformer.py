@@ -15,10 +15,15 @@ from torch import nn
 
 from openr2.config import ModelConfig
 from openr2.model.decoder import DecoderLayer, MTPLayer
+from openr2.model.indexer import HeadWeights
 from openr2.model.layers import KERNEL_IMPLS, Linear, RMSNorm
 from openr2.model.mla import LatentCache
 from openr2.model.moe import Gate, RoutedExperts
 from openr2.model.rope import RotaryEmbedding
+
+# modules whose parameters stay float32 whatever the model's dtype, as transformers keeps them: the router
+# (`_keep_in_fp32_modules_strict`) and the indexer's head weights (`_keep_in_fp32_modules`)
+FLOAT32_MODULES = (Gate, HeadWeights)
 
 
 class Transformer(nn.Module):
@@ -124,6 +129,11 @@ class Transformer(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, nn.LayerNorm):  # the indexer's k_norm
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, HeadWeights):
+                module.weight.normal_(0.0, std, generator=generator)
             elif isinstance(module, RoutedExperts):
                 module.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.down_proj.normal_(0.0, std, generator=generator)
@@ -143,7 +153,7 @@ def _select(x: torch.Tensor, index) -> torch.Tensor:
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0):
-    """A freshly initialised model (float32 router whatever `dtype`)."""
+    """A freshly initialised model (float32 router and indexer head weights whatever `dtype`)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     model = Transformer(config)
     model.init_weights(gen)
@@ -151,9 +161,10 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device=
 
 
 def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """Cast to `dtype`, keeping router weights and correction biases in float32 (as transformers does)."""
+    """Cast to `dtype`, keeping FLOAT32_MODULES (router weights and correction biases, the indexer's head
+    weights) in float32 (as transformers does)."""
     model.to(dtype)
     for module in model.modules():
-        if isinstance(module, Gate):
+        if isinstance(module, FLOAT32_MODULES):
             module.float()
     return model

@@ -184,6 +184,8 @@ def _edit_config(path, **changes):
 @pytest.mark.parametrize("changes, message", [
     ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
     ({"attention_bias": True}, "attention_bias"),
+    ({"model_type": "deepseek_v32", "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8},
+     "deepseek_v32 .*no lightning indexer"),
     ({"rope_interleave": False}, "rope_interleave"),
     ({"quantization_config": {"quant_method": "openr2", "scheme": "int4", "group_size": 64, "symmetric": False}},
      "the checkpoint is quantized"),
