@@ -1,7 +1,8 @@
 """Chat format: OpenAI-style messages -> prompt text / ids (+ SFT loss mask), and reasoning splitting.
 
 Owns message validation, the built-in R1 renderer (plain Python), the jinja path for a tokenizer's own
-`chat_template` (sandboxed, set up like transformers'), `encode_chat_for_training`, `ReasoningParser`
+`chat_template` (sandboxed, set up like transformers'), which thinking modes a template has
+(`thinking_modes`), fill-in-the-middle prompts (`fim_prompt`), `encode_chat_for_training`, `ReasoningParser`
 (splits `<think>...</think>` from the answer, also incrementally) and `count_reasoning_tokens`. It does not
 own tokenization nor the chat markers and the jinja twin of the built-in format that `train_bpe` stores
 (tokenizer.py), nor the HTTP shapes (server/).
@@ -23,6 +24,9 @@ from openr2.tokenizer import (
     ASSISTANT,
     BOS,
     EOS,
+    FIM_BEGIN,
+    FIM_END,
+    FIM_HOLE,
     THINK_END,
     THINK_START,
     TOOL_CALL_BEGIN,
@@ -227,6 +231,28 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     `ReasoningParser(starts_in_reasoning=True)`. Decide from the prompt, not a flag, so a template
     change cannot silently move reasoning into content (vllm#12999)."""
     return prompt.rstrip(_NEWLINES + " ").endswith(THINK_START)
+
+
+def thinking_modes(tokenizer: Tokenizer | None = None, template: str | None = None) -> frozenset[bool]:
+    """The thinking modes a chat template can open: {True} (R1: always `<think>`), {False} (no reasoning) or
+    both (V3.1 and later, and the built-in format: the `thinking` option switches). Found by rendering one
+    user message each way and asking prompt_opens_reasoning, so it holds for any template."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    return frozenset(prompt_opens_reasoning(render_chat(msgs, tokenizer, template=template, thinking=mode))
+                     for mode in (True, False))
+
+
+def has_fim(tokenizer: Tokenizer) -> bool:
+    """Whether the vocabulary has DeepSeek's three fill-in-the-middle tokens."""
+    return all(tokenizer.token_to_id(t) is not None for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+
+
+def fim_prompt(prefix: str, suffix: str, tokenizer: Tokenizer) -> str:
+    """The fill-in-the-middle prompt in DeepSeek's format (DeepSeek-Coder, V3): the model then writes the
+    text between prefix and suffix. BOS leads, as DeepSeek's tokenizer adds it. ValueError without FIM tokens."""
+    if not has_fim(tokenizer):
+        raise ValueError("the tokenizer has no fill-in-the-middle tokens")
+    return (tokenizer.bos_token or "") + FIM_BEGIN + prefix + FIM_HOLE + suffix + FIM_END
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -2,7 +2,8 @@
 
 Routes: GET /health, GET /metrics (metrics.py), GET /v1/models and /v1/models/{id}, POST
 /v1/chat/completions and POST /v1/completions (stream and non-stream), GET /v1/usage, the files and batches
-routes of batches.py (whose worker runs here) and the chat page of pages.py. Bodies are size-limited while
+routes of batches.py (whose worker runs here) and the chat page of pages.py; DeepSeek's base URLs (no /v1,
+/beta) reach the same routes through aliases.py. Bodies are size-limited while
 they are read (limits.py). A request is validated (protocol.py), authorised (a key once any exists, or with
 require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is billed
 from the engine's token counts, also when the client disconnects before the end, streamed or not (the
@@ -26,9 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openr2 import billing
-from openr2.chat_format import prompt_opens_reasoning, render_chat
+from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat
 from openr2.engine.async_engine import AsyncEngine, EngineDeadError
 from openr2.engine.sampling import DEFAULT_MAX_TOKENS
+from openr2.server.aliases import PathAliasMiddleware
 from openr2.server.errors import (
     bad_request,
     install_error_handlers,
@@ -197,7 +199,13 @@ class Server:
         """Validate a completions body: (request, prompt id lists, one SamplingParams per prompt)."""
         req = CompletionRequest.parse(body)
         self.check_model(req.model)
-        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in req.prompts()]
+        texts = req.prompts()
+        if req.suffix:  # fill-in-the-middle, in the model's own format
+            if not has_fim(self.tokenizer):
+                raise bad_request(f"suffix (fill-in-the-middle) needs a model whose tokenizer has FIM tokens; "
+                                  f"'{self.config.model_name}' has none.", "suffix")
+            texts = [fim_prompt(text, req.suffix, self.tokenizer) for text in texts]
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in texts]
         if len(prompts) > 1 and req.stream:
             raise bad_request("Streaming takes one prompt per request.", "prompt")
         max_model_len = self.engine.max_model_len
@@ -333,7 +341,8 @@ def create_app(server: Server) -> FastAPI:
     app.add_exception_handler(EngineDeadError, on_engine_dead)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=server.config.max_body_bytes,
                        max_file_bytes=server.config.max_file_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outermost: it counts the 413s too
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # it counts the 413s too
+    app.add_middleware(PathAliasMiddleware)  # outermost: /beta, /anthropic/v1 and root paths are /v1 routes
     add_batch_routes(app, server)
     add_page_routes(app, server)
 

@@ -19,8 +19,9 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
     accepted and not shown to the model.
   * rejected with a 400 naming the parameter, because we would silently answer something else:
     `tools` with any other tool_choice (no tool-call parser yet), `response_format` other than text,
-    non-text content parts, `logit_bias`, `audio`, `prediction`, legacy `functions`, `suffix` (no FIM
-    tokens in our format), `best_of` != n, `echo` with `logprobs`, and guided-decoding extras.
+    non-text content parts, `logit_bias`, `audio`, `prediction`, legacy `functions`, `best_of` != n,
+    `echo` with `logprobs` or `suffix`, and guided-decoding extras. `suffix` (fill-in-the-middle) is
+    accepted here with text prompts; the server refuses it for a model whose tokenizer has no FIM tokens.
 
 finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
 OpenAI's Literal has no "abort", and "length" is the one value that tells a client the text was cut
@@ -335,15 +336,12 @@ class CompletionRequest(_SamplingRequest):
         raise ValueError("expected a string, a list of strings, a list of token ids or a list of such lists, "
                          "none of them empty")
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ParamError("suffix", "suffix (fill-in-the-middle) is not supported by this model.")
-        return v
-
     @model_validator(mode="after")
     def _check(self):
+        if self.suffix and any(not isinstance(p, str) for p in self.prompts()):
+            raise ParamError("suffix", "suffix (fill-in-the-middle) takes text prompts, not token ids.")
+        if self.suffix and self.echo:
+            raise ParamError("echo", "echo is not supported with suffix (fill-in-the-middle).")
         if self.best_of not in (None, 1, self.n):
             raise ParamError("best_of", "best_of is not supported; use n.")
         if self.echo and self.logprobs is not None:

@@ -368,7 +368,8 @@ def test_bad_sampling_values_name_the_param(patch, param):
 
 @pytest.mark.parametrize("patch,param", [
     ({"prompt": []}, "prompt"), ({"prompt": [[1], "a"]}, "prompt"), ({"prompt": [True, 2]}, "prompt"),
-    ({"prompt": [[]]}, "prompt"), ({"suffix": "tail"}, "suffix"), ({"best_of": 3}, "best_of"),
+    ({"prompt": [[]]}, "prompt"), ({"suffix": "tail", "prompt": [1, 2]}, "suffix"),
+    ({"suffix": "tail", "echo": True}, "echo"), ({"best_of": 3}, "best_of"),
     ({"echo": True, "logprobs": 1}, "echo"), ({"prompt": None}, "prompt"),
 ])
 def test_bad_completion_requests_name_the_param(patch, param):
