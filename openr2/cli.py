@@ -207,16 +207,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from openr2 import billing
     from openr2.engine.async_engine import AsyncEngine
     from openr2.engine.sampling import generation_defaults
-    from openr2.server.app import Server, ServerConfig, create_app
+    from openr2.server.app import Server, ServerConfig, create_app, parse_model_aliases
     from openr2.server.pages import example_prompts
 
+    aliases = parse_model_aliases(args.model_aliases)
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                           require_auth=args.require_auth, log_content=args.log_content,
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
                           default_sampling=generation_defaults(args.model),
-                          example_prompts=example_prompts(args.model), docs=args.docs)
+                          example_prompts=example_prompts(args.model), docs=args.docs, model_aliases=aliases)
     if engine.config.compile:
         print("openr2: compiling the decode step (the first start; later ones load it from disk)...")
         engine.warm_up()
@@ -540,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="~/.openr2", help="SQLite ledger and stored files")
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--model-aliases", default="deepseek-chat=non-thinking,deepseek-reasoner=thinking",
+                       help="other names of the served model, NAME[=thinking|non-thinking|default] separated by "
+                            "commas ('' for none); the mode is the default of requests that name it")
     serve.add_argument("--prices", default=None, help="price table (JSON or TOML, dollars per million tokens)")
     serve.add_argument("--require-auth", action="store_true", help="require an API key even before one exists")
     serve.add_argument("--log-content", action="store_true", help="store prompt and completion text in the ledger")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import time
@@ -27,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openr2 import billing
-from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat
+from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat, thinking_modes
 from openr2.engine.async_engine import AsyncEngine, EngineDeadError
 from openr2.engine.sampling import DEFAULT_MAX_TOKENS
 from openr2.server.aliases import PathAliasMiddleware
@@ -98,6 +99,25 @@ class ServerConfig:
     tokens_per_min: int | None = None
     default_sampling: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
     example_prompts: list = dataclasses.field(default_factory=list)  # the chat page's, from the model card
+    # other names of the served model -> the thinking mode each implies (None: the model's default), as
+    # DeepSeek's platform names its two modes; a request's own thinking choice still wins
+    model_aliases: dict = dataclasses.field(default_factory=lambda: dict(DEEPSEEK_ALIASES))
+
+
+DEEPSEEK_ALIASES = {"deepseek-chat": False, "deepseek-reasoner": True}
+_ALIAS_MODES = {"thinking": True, "non-thinking": False, "default": None}
+
+
+def parse_model_aliases(text: str) -> dict[str, bool | None]:
+    """`openr2 serve --model-aliases`: "deepseek-chat=non-thinking,deepseek-reasoner=thinking" -> ServerConfig's
+    model_aliases; a bare name implies the model's default mode; "" means no aliases."""
+    aliases = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, mode = item.partition("=")
+        if not name.strip() or mode.strip() not in ("", *_ALIAS_MODES):
+            raise ValueError(f"--model-aliases: {item!r} is not NAME or NAME=thinking|non-thinking|default")
+        aliases[name.strip()] = _ALIAS_MODES.get(mode.strip())
+    return aliases
 
 
 class Server:
@@ -129,10 +149,35 @@ class Server:
     async def body(self, request: Request) -> dict:
         return parse_json_body(await request.body())  # at most max_body_bytes: limits.py stops the read
 
-    def check_model(self, name: str) -> None:
-        if name != self.config.model_name:
+    @property
+    def model_names(self) -> list[str]:
+        """The served model's name, then its aliases."""
+        return [self.config.model_name, *(a for a in self.config.model_aliases if a != self.config.model_name)]
+
+    def check_model(self, name: str) -> bool | None:
+        """404 unless `name` is the served model or an alias; returns the thinking mode an alias implies."""
+        if name not in self.model_names:
             raise not_found(f"The model '{name}' does not exist; this server serves '{self.config.model_name}'.",
                             "model", "model_not_found")
+        return None if name == self.config.model_name else self.config.model_aliases[name]
+
+    @functools.cached_property
+    def thinking_modes(self) -> frozenset[bool]:
+        """What the chat template can do: {True}, {False} or both (chat_format.thinking_modes)."""
+        return thinking_modes(self.tokenizer)
+
+    def thinking_option(self, req, implied: bool | None) -> dict:
+        """The template's `thinking` option for a chat request: the request's own choice (a 400 naming its
+        parameter if the template has no such mode), else what the model alias implies where the template
+        has that mode, else nothing (the template's default)."""
+        asked, param = req.thinking_choice()
+        modes = self.thinking_modes
+        if asked is not None and asked not in modes:
+            mode = "thinking" if asked else "non-thinking"
+            raise bad_request(f"The model '{self.config.model_name}' has no {mode} mode: its chat template "
+                              f"{'always thinks' if modes == {True} else 'never thinks'}.", param)
+        chosen = asked if asked is not None else implied
+        return {} if chosen is None or chosen not in modes else {"thinking": chosen}
 
     def admit(self, key_id: str, num_tokens: int) -> None:
         try:
@@ -152,8 +197,7 @@ class Server:
     def prepare_chat(self, body: dict):
         """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""
         req = ChatCompletionRequest.parse(body)
-        self.check_model(req.model)
-        options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
+        options = self.thinking_option(req, self.check_model(req.model))
         try:
             prompt = render_chat(req.template_messages(), self.tokenizer, **options)
         except ValueError as e:  # messages the template refuses (its raise_exception, roles out of order...)
@@ -359,20 +403,21 @@ def create_app(server: Server) -> FastAPI:
         body, content_type = server.metrics.exposition()
         return Response(body, media_type=content_type)
 
-    def served_model() -> Model:
-        return Model(id=server.config.model_name, created=server.created,
-                     max_model_len=server.engine.max_model_len)
+    def served_model(name: str) -> Model:
+        root = server.config.model_name
+        return Model(id=name, created=server.created, max_model_len=server.engine.max_model_len,
+                     root=None if name == root else root)
 
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorise(request)
-        return ModelList(data=[served_model()])
+        return ModelList(data=[served_model(name) for name in server.model_names])
 
     @app.get("/v1/models/{model_id:path}")  # :path: served names such as "deepseek-ai/DeepSeek-R1" have slashes
     async def model(request: Request, model_id: str):
         server.authorise(request)
         server.check_model(model_id)
-        return served_model()
+        return served_model(model_id)
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):

@@ -178,7 +178,7 @@ class BatchWorker:
     async def _advance(self, batch_id: str) -> bool:
         ledger = self.server.ledger
         try:
-            batch = await asyncio.to_thread(ledger.validate_batch, batch_id, [self.server.config.model_name])
+            batch = await asyncio.to_thread(ledger.validate_batch, batch_id, self.server.model_names)
         except Exception:  # an input validation did not foresee: fail the batch once, not at every poll
             logger.exception("batch %s: its input could not be validated", batch_id)
             batch = await asyncio.to_thread(ledger.fail_batch, batch_id, [{

@@ -10,11 +10,12 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
   * honoured: OpenAI's sampling fields, `max_tokens` / `max_completion_tokens` (both given: the smaller
     wins; the cap covers reasoning too), `stop`, `n`, `seed`, `logprobs`, `stream_options.include_usage`,
     and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, ...);
-    DeepSeek's `thinking` and vLLM's `chat_template_kwargs.thinking` are read by `thinking_enabled`.
+    DeepSeek's `thinking`, vLLM's `chat_template_kwargs.thinking` and `reasoning_effort` ("none": off,
+    any other level: on) are read by `thinking_choice`.
   * accepted and ignored (they do not change the output): `user`, `metadata`, `store`, `service_tier`,
-    `parallel_tool_calls`, `reasoning_effort`, `prompt_cache_key`, ... and any unknown field, since
-    clients pass arbitrary `extra_body` keys; assistant `reasoning_content` on input is kept for the
-    template, never an error. Past assistant `tool_calls` must have OpenAI's shape (`function.name` and
+    `parallel_tool_calls`, `prompt_cache_key`, ... and any unknown field, since clients pass arbitrary
+    `extra_body` keys; assistant `reasoning_content` on input is never an error, and reaches the template
+    only on the tool-calling turns of the current user turn (see template_messages). Past assistant `tool_calls` must have OpenAI's shape (`function.name` and
     `function.arguments` strings) for the template to render them. `tools` with `tool_choice="none"` are
     accepted and not shown to the model.
   * rejected with a 400 naming the parameter, because we would silently answer something else:
@@ -55,6 +56,8 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 TokenText = Callable[[int], str]  # token id -> its text, for logprobs (e.g. lambda i: tok.decode([i]))
 MAX_STOP_SEQUENCES = 16  # DeepSeek's limit (OpenAI allows 4)
 MIN_LOGPROB = -9999.0  # OpenAI's stand-in for "very unlikely"; JSON has no -inf
+# OpenAI's values and DeepSeek's ("max"); the templates have no effort levels, only thinking on or off
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def random_id(prefix: str) -> str:
@@ -252,6 +255,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict] | None = None
     tool_choice: Any = None
     thinking: dict | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
+    reasoning_effort: str | None = None  # OpenAI's and DeepSeek's: "none" turns thinking off, the rest on
     chat_template_kwargs: dict | None = None  # vLLM/SGLang: {"thinking": bool} or {"enable_thinking": bool}
 
     prompt_param: ClassVar[str] = "messages"
@@ -269,6 +273,13 @@ class ChatCompletionRequest(_SamplingRequest):
     def _thinking(cls, v):
         if v is not None and v.get("type") not in ("enabled", "disabled"):
             raise ValueError("expected {'type': 'enabled'} or {'type': 'disabled'}")
+        return v
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _reasoning_effort(cls, v):
+        if v is not None and v not in REASONING_EFFORTS:
+            raise ValueError(f"expected one of {', '.join(REASONING_EFFORTS)}")
         return v
 
     @model_validator(mode="after")
@@ -293,13 +304,20 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def thinking_enabled(self) -> bool | None:
         """True/False when the request chose thinking mode, None for the model's default."""
+        return self.thinking_choice()[0]
+
+    def thinking_choice(self) -> tuple[bool | None, str | None]:
+        """(thinking mode, the parameter that chose it), or (None, None) for the model's default. DeepSeek's
+        `thinking` wins over vLLM's `chat_template_kwargs`, which wins over `reasoning_effort`."""
         if self.thinking is not None:
-            return self.thinking["type"] == "enabled"
+            return self.thinking["type"] == "enabled", "thinking"
         kwargs = self.chat_template_kwargs or {}
         for key in ("thinking", "enable_thinking"):
             if isinstance(kwargs.get(key), bool):
-                return kwargs[key]
-        return None
+                return kwargs[key], "chat_template_kwargs"
+        if self.reasoning_effort is not None:
+            return self.reasoning_effort != "none", "reasoning_effort"
+        return None, None
 
     @property
     def assistant_prefix(self) -> str | None:
@@ -311,9 +329,19 @@ class ChatCompletionRequest(_SamplingRequest):
         return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
 
     def template_messages(self) -> list[dict]:
-        """Messages for chat_format.render_chat, without a trailing prefix message (see assistant_prefix)."""
+        """Messages for chat_format.render_chat, without a trailing prefix message (see assistant_prefix).
+
+        An assistant's `reasoning_content` is kept where DeepSeek's API keeps it: on the tool-calling turns
+        after the last user message (thinking mode must see the reasoning of the tool loop it is in);
+        elsewhere it is dropped, as DeepSeek drops the reasoning of earlier turns."""
         msgs = self.messages[:-1] if self.messages[-1].prefix else self.messages
-        return [m.model_dump(exclude_none=True, exclude={"prefix"}) for m in msgs]
+        last_user = max((i for i, m in enumerate(msgs) if m.role == "user"), default=-1)
+        out = []
+        for i, m in enumerate(msgs):
+            keep_reasoning = m.role == "assistant" and bool(m.tool_calls) and i > last_user
+            out.append(m.model_dump(exclude_none=True, exclude={"prefix"} if keep_reasoning
+                                    else {"prefix", "reasoning_content"}))
+        return out
 
 
 class CompletionRequest(_SamplingRequest):
@@ -480,6 +508,7 @@ class Model(BaseModel):
     created: int
     owned_by: str = "openr2"
     max_model_len: int | None = None
+    root: str | None = None  # vLLM's field: the served model an alias names
 
 
 class ModelList(BaseModel):

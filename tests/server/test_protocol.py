@@ -256,7 +256,7 @@ def test_sdk_chat_payload_parses():
     req = ChatCompletionRequest.parse(body)
     assert req.include_usage and req.thinking_enabled is False and req.assistant_prefix is None
     tm = req.template_messages()
-    assert tm[3] == {"role": "assistant", "content": "earlier", "reasoning_content": "old thoughts"}
+    assert tm[3] == {"role": "assistant", "content": "earlier"}  # DeepSeek drops earlier turns' reasoning
     assert tm[1]["content"] == [{"type": "text", "text": "Really."}] and "prefix" not in tm[0]
     p = req.to_sampling_params(default_max_tokens=1024, max_model_len=4096, num_prompt_tokens=50)
     assert (p.max_tokens, p.n, p.seed, p.temperature, p.top_p, p.top_k, p.min_p) == (64, 2, 7, 0.6, 0.9, 20, 0.05)
@@ -317,6 +317,34 @@ def test_prefix_completion_and_thinking_switches():
     assert plain.thinking_enabled is None and plain.to_sampling_params(8, 64).logprobs is None
 
 
+@pytest.mark.parametrize("extra,choice", [
+    ({}, (None, None)),
+    ({"reasoning_effort": "none"}, (False, "reasoning_effort")),
+    ({"reasoning_effort": "low"}, (True, "reasoning_effort")),
+    ({"reasoning_effort": "max"}, (True, "reasoning_effort")),
+    ({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}}, (False, "chat_template_kwargs")),
+    ({"reasoning_effort": "none", "thinking": {"type": "enabled"}, "chat_template_kwargs": {"thinking": False}},
+     (True, "thinking")),
+])
+def test_thinking_choice_and_the_parameter_that_made_it(extra, choice):
+    assert ChatCompletionRequest.parse({**CHAT, **extra}).thinking_choice() == choice
+
+
+def test_reasoning_content_reaches_the_template_only_on_the_current_tool_turns():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "old tool plan"},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+        {"role": "assistant", "content": "a1", "reasoning_content": "old answer plan"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "current plan"},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ]
+    tm = ChatCompletionRequest.parse({**CHAT, "messages": msgs}).template_messages()
+    assert [m.get("reasoning_content") for m in tm] == [None, None, None, None, None, "current plan", None]
+
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 BAD_CHAT = [
     ({"messages": []}, "messages"),
@@ -341,6 +369,8 @@ BAD_CHAT = [
     ({"audio": {"voice": "x"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"thinking": {"type": "maybe"}}, "thinking"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"reasoning_effort": 3}, "reasoning_effort"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ]
 BAD_SAMPLING = [
