@@ -239,10 +239,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from openr2.billing import format_usd, parse_usd
+
+    if args.action != "topup" and args.amount is not None:
+        raise ValueError(f"keys {args.action}: unexpected argument {args.amount!r}")
+    if args.balance is not None and args.action != "create":
+        raise ValueError("--balance goes with `keys create` (use `keys topup KEY_ID AMOUNT` for a key that exists)")
+    balance = None if args.balance is None else parse_usd(args.balance, "--balance")
     ledger = _ledger(args)
     if args.action == "create":
         key_id, secret = ledger.create_key(args.name or "")
+        if balance is not None:
+            ledger.set_balance(key_id, balance)
         print(f"{key_id}\n{secret}\n(store the key now: only its hash is kept)")
+    elif args.action == "topup":
+        if not args.name or args.amount is None:
+            raise ValueError("usage: openr2 keys topup KEY_ID AMOUNT (dollars, e.g. 5.00)")
+        amount = parse_usd(args.amount, "AMOUNT")
+        if amount == 0:
+            raise ValueError("AMOUNT must be more than zero")
+        print(f"{args.name}: balance {format_usd(ledger.top_up(args.name, amount))}")
     elif args.action == "list":
         keys = ledger.list_keys()
         for key in keys:
@@ -583,9 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--num-examples", type=int, default=20_000, help="synthetic problems to sample")
     tok_train.add_argument("--seed", type=int, default=0)
     tok_train.set_defaults(func=cmd_tokenizer)
-    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
-    keys.add_argument("action", choices=["create", "list", "revoke"])
-    keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke)")
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke, topup (prepaid balances)")
+    keys.add_argument("action", choices=["create", "list", "revoke", "topup"])
+    keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke, topup)")
+    keys.add_argument("amount", nargs="?", help="topup: dollars to add to the key's balance, e.g. 5.00")
+    keys.add_argument("--balance", default=None,
+                      help="create: a prepaid balance in dollars (e.g. 5.00); requests it cannot pay get a 402. "
+                           "Without it the key has no balance and is never refused for money")
     keys.add_argument("--data-dir", default="~/.openr2")
     keys.set_defaults(func=cmd_keys)
     usage = sub.add_parser("usage", help="token and cost totals from the ledger")

@@ -37,12 +37,13 @@ from openr2.server.errors import (
     install_error_handlers,
     not_found,
     parse_json_body,
+    payment_required,
     rate_limited,
     stream_error_body,
     unauthorized,
     unavailable,
 )
-from openr2.server.ledger import Ledger
+from openr2.server.ledger import InsufficientBalance, Ledger
 from openr2.server.limits import BodyLimitMiddleware
 from openr2.server.metrics import Metrics, MetricsMiddleware
 from openr2.server.outputs import (
@@ -58,30 +59,12 @@ from openr2.server.protocol import (
     CompletionRequest,
     Model,
     ModelList,
+    json_body_doc,
     random_id,
 )
 from openr2.server.ratelimit import RateLimiter
 
 LOCAL_KEY = "local"  # the owner of everything while no API key exists
-
-
-def _json_body_doc(model) -> dict:
-    """openapi_extra documenting a JSON body the handler reads itself (metadata only: validation stays in
-    protocol.py). The model's $defs are inlined, as refs inside openapi_extra would not resolve."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.split("/")[-1]])
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 @dataclass
@@ -137,10 +120,12 @@ class Server:
     def authorise(self, request: Request) -> str:
         if not (self.config.require_auth or self.ledger.has_keys()):
             return LOCAL_KEY
-        header = request.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
-            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.", "missing_api_key")
+            secret = request.headers.get("x-api-key", "")  # Anthropic's clients send the key this way
+        if not secret.strip():
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
+                               "missing_api_key")
         key_id = self.ledger.verify_key(secret.strip())
         if key_id is None:
             raise unauthorized()
@@ -187,6 +172,26 @@ class Server:
         if wait > 0:
             raise rate_limited(wait)
 
+    async def reserve(self, key_id: str, amounts: dict[str, int]) -> list[str]:
+        """Reserve each request id's worst-case cost on the key's prepaid balance (balance_store.py): the ids
+        reserved, none for a key without a balance; a 402 when the balance cannot cover them."""
+        try:
+            return list(amounts) if await asyncio.to_thread(self.ledger.reserve, key_id, amounts) else []
+        except InsufficientBalance as e:
+            raise payment_required(str(e)) from None
+
+    async def release(self, reserved: list[str]) -> None:
+        """Drop what is left of reservations once their requests ended (billing settled the rest)."""
+        if reserved:
+            await asyncio.shield(asyncio.to_thread(self.ledger.release, reserved))
+
+    async def released_after(self, reserved: list[str], work):
+        """Await `work` (a request run to its end), then release what its bills left reserved."""
+        try:
+            return await work
+        finally:
+            await self.release(reserved)
+
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
@@ -194,7 +199,7 @@ class Server:
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
 
-    def prepare_chat(self, body: dict):
+    def prepare_chat(self, body: dict, clip_max_tokens: bool = False):
         """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""
         req = ChatCompletionRequest.parse(body)
         options = self.thinking_option(req, self.check_model(req.model))
@@ -205,7 +210,7 @@ class Server:
         prompt += req.assistant_prefix or ""
         ids = self.tokenizer.encode(prompt)
         params = req.to_sampling_params(self.config.default_max_tokens, self.engine.max_model_len, len(ids),
-                                        self.config.default_sampling)
+                                        self.config.default_sampling, clip_max_tokens)
         return req, prompt, ids, params
 
     async def run_chat(self, key_id: str, req, prompt: str, ids: list[int], params, request_id: str,
@@ -300,7 +305,7 @@ class Server:
         return response
 
     async def sse_events(self, stream: AsyncIterator, first, chunks, include_usage: bool, start: float, key_id: str,
-                         endpoint: str, request_id: str, prompt: str | None = None):
+                         endpoint: str, request_id: str, prompt: str | None = None, reserved: list[str] = ()):
         """The server-sent events of one streamed request (chunks: a ChatStream or CompletionStream)."""
         timer, last = self.metrics.timer(start), first
         try:
@@ -325,6 +330,7 @@ class Server:
             # every other stream (the streams of one step end together: the last [DONE] waited for all of
             # their commits). Shielded, so that a cancelled response (the client gone) still bills.
             await asyncio.shield(asyncio.to_thread(self.bill, key_id, endpoint, last, request_id, prompt))
+            await self.release(reserved)
 
     async def unless_disconnected(self, request: Request, work):
         """Await a non-streamed request's run_chat/run_completion, cancelling it if the client hangs up
@@ -357,6 +363,7 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_app(server: Server) -> FastAPI:
+    from openr2.server.account import add_account_routes
     from openr2.server.batches import BatchWorker, add_batch_routes
     from openr2.server.pages import add_page_routes
 
@@ -364,6 +371,7 @@ def create_app(server: Server) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(server.ledger.release_all)  # reservations of a process that died (balance_store.py)
         worker = asyncio.create_task(server.batch_worker.run())
         yield
         worker.cancel()
@@ -389,6 +397,7 @@ def create_app(server: Server) -> FastAPI:
     app.add_middleware(PathAliasMiddleware)  # outermost: /beta, /anthropic/v1 and root paths are /v1 routes
     add_batch_routes(app, server)
     add_page_routes(app, server)
+    add_account_routes(app, server)
 
     @app.get("/health")
     async def health():
@@ -419,55 +428,57 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(model_id)
         return served_model(model_id)
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body_doc(ChatCompletionRequest))
+    @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompt, ids, params = server.prepare_chat(await server.body(request))
         server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
+        reserved = await server.reserve(key_id, {request_id: server.prices.worst_case(len(ids),
+                                                                                      params.max_tokens * params.n)})
         starts = prompt_opens_reasoning(prompt)
         if not req.stream:
-            return await server.unless_disconnected(
-                request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start))
-        stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
-        first = await server.first_output(stream)
+            return await server.released_after(reserved, server.unless_disconnected(
+                request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)))
+        try:  # a stream releases at its end (sse_events)
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
+            first = await server.first_output(stream)
+        except BaseException:
+            await server.release(reserved)
+            raise
         text = server.tokenizer.decode
         chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
                             token_text=lambda i: text([i]))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/chat/completions",
-                                   request_id, prompt)
+                                   request_id, prompt, reserved)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    @app.post("/v1/completions", openapi_extra=_json_body_doc(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
     async def completions(request: Request):
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompts, params = server.prepare_completion(await server.body(request))
         server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
+        # each prompt is billed on its own (request_id-i; a stream's one prompt as request_id): reserved alike
+        bill_ids = [request_id] if req.stream else [f"{request_id}-{i}" for i in range(len(prompts))]
+        reserved = await server.reserve(key_id, {rid: server.prices.worst_case(len(ids), p.max_tokens * p.n)
+                                                 for rid, ids, p in zip(bill_ids, prompts, params)})
         if not req.stream:
-            return await server.unless_disconnected(
-                request, server.run_completion(key_id, req, prompts, params, request_id, start=start))
+            return await server.released_after(reserved, server.unless_disconnected(
+                request, server.run_completion(key_id, req, prompts, params, request_id, start=start)))
+        try:
+            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
+            first = await server.first_output(stream)
+        except BaseException:
+            await server.release(reserved)
+            raise
         text = server.tokenizer.decode
-        stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
-        first = await server.first_output(stream)
         chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
                                   token_text=lambda i: text([i]))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/completions",
-                                   request_id)
+                                   request_id, reserved=reserved)
         return StreamingResponse(events, media_type="text/event-stream")
-
-    @app.get("/v1/usage")
-    async def usage(request: Request, start: int | None = None, end: int | None = None,
-                    group_by: str | None = None):
-        key_id = server.authorise(request)
-        if group_by not in (None, "day", "key", "model"):
-            raise bad_request("group_by must be one of day, key, model.", "group_by")
-        for name, value in (("start", start), ("end", end)):
-            if value is not None and not -(2**63) <= value < 2**63:  # SQLite integers are 64-bit
-                raise bad_request(f"{name} must be a Unix time in seconds.", name)
-        rows = server.ledger.usage_report(start, end, group_by, key_id=key_id)
-        return {"object": "list", "data": rows}
 
     return app

@@ -65,6 +65,25 @@ def random_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
 
+def json_body_doc(model) -> dict:
+    """openapi_extra documenting a JSON body the handler reads itself (metadata only: validation stays with
+    the model). The model's $defs are inlined, as refs inside openapi_extra would not resolve."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.split("/")[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 # Fields clients send that we cannot honour: name -> what makes the value a request for the feature.
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(["logit_bias", "audio", "prediction", "web_search_options", "functions", "function_call",
@@ -197,8 +216,10 @@ class _SamplingRequest(_Strict):
     prompt_param: ClassVar[str] = "prompt"  # blamed when the prompt does not fit the context
 
     def to_sampling_params(self, default_max_tokens: int | None, max_model_len: int,
-                           num_prompt_tokens: int | None = None, defaults: dict | None = None):
-        """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len.
+                           num_prompt_tokens: int | None = None, defaults: dict | None = None,
+                           clip_max_tokens: bool = False):
+        """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len
+        (or, with clip_max_tokens, max_tokens is cut to the room left: Anthropic's clients ask for more).
 
         `defaults` (the model's generation_config.json, as vLLM uses it) fill the sampling options the
         request leaves out.
@@ -216,6 +237,8 @@ class _SamplingRequest(_Strict):
         room = max_model_len if num_prompt_tokens is None else max_model_len - num_prompt_tokens
         if num_prompt_tokens is not None and room < 1:
             raise context_length_exceeded(num_prompt_tokens, asked, max_model_len, self.prompt_param)
+        if clip_max_tokens and isinstance(asked, int) and asked > room:
+            asked = room
         if asked is None:
             max_tokens = max_tokens_for(None, max_model_len, num_prompt_tokens, default_max_tokens)
         elif isinstance(asked, int) and asked > room:
