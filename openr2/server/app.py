@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
 
 Routes: GET /health, GET /metrics (metrics.py), GET /v1/models and /v1/models/{id}, POST
-/v1/chat/completions and POST /v1/completions (stream and non-stream), GET /v1/usage, the files and batches
-routes of batches.py (whose worker runs here) and the chat page of pages.py; DeepSeek's base URLs (no /v1,
+/v1/chat/completions and POST /v1/completions (stream and non-stream), the files and batches routes of
+batches.py (whose worker runs here), GET /v1/usage and /v1/user/balance (account.py), Anthropic's
+POST /v1/messages (anthropic.py) and the chat page of pages.py; DeepSeek's base URLs (no /v1,
 /beta) reach the same routes through aliases.py. Bodies are size-limited while
 they are read (limits.py). A request is validated (protocol.py), authorised (a key once any exists, or with
 require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is billed
@@ -364,6 +365,7 @@ async def _disconnected(request: Request) -> None:
 
 def create_app(server: Server) -> FastAPI:
     from openr2.server.account import add_account_routes
+    from openr2.server.anthropic import add_anthropic_routes
     from openr2.server.batches import BatchWorker, add_batch_routes
     from openr2.server.pages import add_page_routes
 
@@ -398,6 +400,7 @@ def create_app(server: Server) -> FastAPI:
     add_batch_routes(app, server)
     add_page_routes(app, server)
     add_account_routes(app, server)
+    add_anthropic_routes(app, server)
 
     @app.get("/health")
     async def health():
