@@ -2,7 +2,8 @@
 
 Owns message validation, the built-in R1 renderer (plain Python), the jinja path for a tokenizer's own
 `chat_template` (sandboxed, set up like transformers'), which thinking modes a template has
-(`thinking_modes`), fill-in-the-middle prompts (`fim_prompt`), `encode_chat_for_training`, `ReasoningParser`
+(`thinking_modes`) and which tool-call dialect it writes (`tool_support`, `with_tools`; the dialects and
+their parser are tool_calls.py), fill-in-the-middle prompts (`fim_prompt`), `encode_chat_for_training`, `ReasoningParser`
 (splits `<think>...</think>` from the answer, also incrementally) and `count_reasoning_tokens`. It does not
 own tokenization nor the chat markers and the jinja twin of the built-in format that `train_bpe` stores
 (tokenizer.py), nor the HTTP shapes (server/).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -41,6 +43,7 @@ from openr2.tokenizer import (
     USER,
     Tokenizer,
 )
+from openr2.tool_calls import DIALECTS, ToolCallDialect, tools_prompt
 
 ROLES = ("system", "user", "assistant", "tool")
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -240,6 +243,48 @@ def thinking_modes(tokenizer: Tokenizer | None = None, template: str | None = No
     msgs = [{"role": "user", "content": "Hi"}]
     return frozenset(prompt_opens_reasoning(render_chat(msgs, tokenizer, template=template, thinking=mode))
                      for mode in (True, False))
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """How a chat template handles tools: the dialect its past calls are written in (None: it has none, so
+    the model cannot be asked for calls) and whether it describes `tools` itself."""
+
+    dialect: ToolCallDialect | None
+    renders_tools: bool
+
+
+_PROBE_CALL = {"id": "call_probe", "type": "function",
+               "function": {"name": "probe_tool", "arguments": '{"probe": 1}'}}
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool", "description": "probe",
+                                                "parameters": {"type": "object"}}}
+
+
+def tool_support(tokenizer: Tokenizer | None = None, template: str | None = None) -> ToolSupport:
+    """Read the tool-call dialect from the template itself: render a past call and see which way it is
+    written; then whether a `tools` option shows up in the prompt."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [_PROBE_CALL]}]
+    try:
+        text = render_chat(msgs, tokenizer, add_generation_prompt=False, template=template)
+    except ValueError:
+        text = ""
+    args = _PROBE_CALL["function"]["arguments"]
+    dialect = next((d for d in DIALECTS if d.call_text("probe_tool", args) in text), None)
+    try:
+        shown = render_chat(msgs[:1], tokenizer, template=template, tools=[_PROBE_TOOL])
+    except ValueError:  # the built-in renderer takes no tools option
+        shown = ""
+    return ToolSupport(dialect, "probe_tool" in shown)
+
+
+def with_tools(messages: list[dict], tools: list[dict], support: ToolSupport) -> tuple[list[dict], dict]:
+    """(messages, template options) that show `tools` (OpenAI's shape) to the model: through the template's
+    own `tools` option where it has one, else as a system message in the dialect's terms (tool_calls.py)."""
+    if support.renders_tools:
+        return messages, {"tools": tools}
+    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
+    prompt = {"role": "system", "content": tools_prompt(tools, support.dialect)}
+    return [*messages[:lead], prompt, *messages[lead:]], {}
 
 
 def has_fim(tokenizer: Tokenizer) -> bool:

@@ -8,6 +8,7 @@ import pytest
 
 from openr2.chat_format import (
     ReasoningParser,
+    ToolSupport,
     count_reasoning_tokens,
     encode_chat,
     encode_chat_for_training,
@@ -16,6 +17,8 @@ from openr2.chat_format import (
     prompt_opens_reasoning,
     render_chat,
     thinking_modes,
+    tool_support,
+    with_tools,
 )
 from openr2.tokenizer import (
     ASSISTANT,
@@ -333,3 +336,39 @@ def test_fim_prompt_uses_deepseeks_fim_tokens_and_needs_them():
     ids = fim.encode(text)
     assert [fim.token_to_id(t) for t in (BOS, FIM_BEGIN)] == ids[:2] and ids[-1] == fim.token_to_id(FIM_END)
     assert fim.token_to_id(FIM_HOLE) in ids  # each marker is one id, never spelled out in bytes
+
+
+# A template in DeepSeek-V3.1's tool dialect that also lists `tools` itself (our own few lines).
+V31_TOOLS = ("{{ bos_token }}{% if tools %}TOOLS:{% for t in tools %}{{ t['function']['name'] }};{% endfor %}{% endif %}"
+             "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+             "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>"
+             "{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>{{ c['function']['name'] }}<｜tool▁sep｜>"
+             "{{ c['function']['arguments'] }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>"
+             "{% else %}{{ m['content'] }}{% endif %}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object"}}}]
+
+
+def test_tool_support_reads_the_dialect_from_the_template():
+    from openr2.tool_calls import V3, V31
+
+    tok = tiny_tokenizer()
+    assert tool_support(None) == tool_support(tok) == ToolSupport(V3, False)  # built-in format and its twin
+    assert tool_support(tok, R1_TEMPLATE) == ToolSupport(V3, False)  # R1 writes V3 calls, lists no tools
+    assert tool_support(tok, V31_TOOLS) == ToolSupport(V31, True)
+    assert tool_support(tok, V31_SWITCH).dialect is None  # a template that never writes calls
+
+
+def test_with_tools_shows_them_through_the_template_or_a_system_message():
+    from openr2.tool_calls import V3, V31
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    shown, options = with_tools(msgs, TOOLS, ToolSupport(V3, False))
+    assert options == {} and shown[0] == msgs[0] and shown[2] == msgs[1]
+    assert shown[1]["role"] == "system" and "### weather" in shown[1]["content"]
+    prompt = render_chat(shown, tiny_tokenizer())
+    assert prompt.startswith(BOS + "Be brief.\n\n## Tools") and "### weather" in prompt
+    same, options = with_tools(msgs, TOOLS, ToolSupport(V31, True))
+    assert same == msgs and options == {"tools": TOOLS}
+    assert "TOOLS:weather;" in render_chat(same, tiny_tokenizer(), template=V31_TOOLS, **options)

@@ -22,7 +22,6 @@ from openr2.server.anthropic_protocol import (
     MessagesRequest,
     MessageStream,
     error_event,
-    message_from_output,
     to_chat_body,
 )
 from openr2.server.errors import APIError, anthropic_error_body, internal_error, logger, unavailable
@@ -47,24 +46,24 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
         server.admit(key_id, len(ids) + params.max_tokens)
         msg_id = random_id("msg_")
         reserved = await server.reserve(key_id, {msg_id: server.prices.worst_case(len(ids), params.max_tokens)})
-        starts = prompt_opens_reasoning(prompt)
-        omit = req.thinking is not None and req.thinking.display == "omitted"
+        events = MessageStream(msg_id, req.model, starts_in_reasoning=prompt_opens_reasoning(prompt),
+                               clipped=clipped, omit_thinking=req.thinking is not None and req.thinking.display
+                               == "omitted", tool_parser=server.template.tool_parser(chat))
         if not req.stream:
             return await server.released_after(reserved, server.unless_disconnected(
-                request, run(key_id, req, prompt, ids, params, msg_id, starts, clipped, omit, start)))
+                request, run(key_id, prompt, ids, params, events, start)))
         try:
             stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, msg_id, key_id)
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
             raise
-        events = MessageStream(msg_id, req.model, starts_in_reasoning=starts, clipped=clipped, omit_thinking=omit)
         return StreamingResponse(stream_events(stream, first, events, key_id, msg_id, prompt, reserved, start),
                                  media_type="text/event-stream")
 
-    async def run(key_id, req, prompt, ids, params, msg_id, starts, clipped, omit, start):
+    async def run(key_id, prompt, ids, params, shape: MessageStream, start):
         """A non-streamed message: the engine run to its end and billed as run_chat does."""
-        timer = server.metrics.timer(start)
+        timer, msg_id = server.metrics.timer(start), shape.id
         stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, msg_id, key_id)
         last = None
         try:
@@ -76,8 +75,7 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
             await stream.aclose()
             if last is not None:
                 await asyncio.shield(asyncio.to_thread(server.bill, key_id, ENDPOINT, last, msg_id, prompt))
-        return message_from_output(last, req.model, msg_id, starts_in_reasoning=starts, clipped=clipped,
-                                   omit_thinking=omit)
+        return shape.message(last)
 
     async def stream_events(stream, first, events: MessageStream, key_id, msg_id, prompt, reserved, start):
         timer, last = server.metrics.timer(start), first

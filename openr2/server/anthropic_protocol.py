@@ -16,7 +16,8 @@ How Anthropic's fields map onto ours:
     under max_tokens) but only `max_tokens` caps generation (thinking included): there is no separate cap.
   * `max_tokens` is cut to the room the context leaves (stop_reason `model_context_window_exceeded` when that
     cut ends the answer); `stop_sequences`, `temperature` (0..1), `top_p`, `top_k` as the chat path takes them.
-  * `tools` / `tool_choice` become OpenAI's `tools` / `tool_choice`: whatever the chat path supports.
+  * `tools` / `tool_choice` become OpenAI's `tools` / `tool_choice` (auto, none; any and a named tool need
+    constrained decoding, a 400 for now); calls come back as `tool_use` blocks, stop_reason "tool_use".
   * `output_config.effort`, `metadata`, `service_tier`, `cache_control` and unknown fields are accepted and
     ignored; `output_config.format` (structured output) is a 400 for now. The current SDK no longer types
     `temperature`, `top_p` and `top_k`; they still work (as extra_body from the SDK).
@@ -223,6 +224,8 @@ def _chat_body(req: MessagesRequest) -> dict:
         body["thinking"] = {"type": req.thinking.type}
     if req.tools:
         body["tools"], body["tool_choice"] = _tools(req.tools), _tool_choice(req.tool_choice)
+        if (req.tool_choice or {}).get("disable_parallel_tool_use"):
+            body["parallel_tool_calls"] = False
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -234,27 +237,35 @@ def usage(engine_usage) -> dict:
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
-def stop_reason(out, clipped: bool) -> tuple[str, str | None]:
+def stop_reason(out, clipped: bool, num_calls: int = 0) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) of a finished CompletionOutput; clipped: max_tokens was cut to the
-    context, so running out of it means the context window is full."""
+    context, so running out of it means the context window is full; "tool_use" only with calls made."""
     if out.finish_reason == "stop":
         if isinstance(out.stop_reason, str):
             return "stop_sequence", out.stop_reason
-        return "end_turn", None
+        return ("tool_use" if num_calls else "end_turn"), None
     return ("model_context_window_exceeded" if clipped and out.finish_reason == "length" else "max_tokens"), None
 
 
+def _tool_use(call) -> dict:
+    return {"type": "tool_use", "id": random_id("toolu_"), "name": call.name, "input": json.loads(call.arguments)}
+
+
 def message_from_output(output, model: str, msg_id: str, *, starts_in_reasoning: bool, clipped: bool,
-                        omit_thinking: bool = False) -> dict:
-    """A finished RequestOutput -> Anthropic's Message."""
+                        omit_thinking: bool = False, tool_parser=None) -> dict:
+    """A finished RequestOutput -> Anthropic's Message (tool_parser: as outputs.chat_completion_from_output's)."""
     out = output.outputs[0]
     reasoning, text = ReasoningParser(starts_in_reasoning).parse(out.text)
+    calls = []
+    if tool_parser is not None:
+        text, calls = tool_parser().parse(text)
     content = []
     if reasoning is not None:
         content.append({"type": "thinking", "thinking": "" if omit_thinking else reasoning, "signature": ""})
-    if text or not content:
+    if text or not (content or calls):
         content.append({"type": "text", "text": text})
-    reason, sequence = stop_reason(out, clipped)
+    content += [_tool_use(c) for c in calls]
+    reason, sequence = stop_reason(out, clipped, len(calls))
     return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": reason, "stop_sequence": sequence, "usage": usage(output.usage)}
 
@@ -266,13 +277,22 @@ def event(kind: str, data: dict) -> str:
 
 class MessageStream:
     """The events of one streamed message, in Anthropic's order: message_start (`start`); per block a
-    content_block_start (a ping after the first), its deltas and a content_block_stop (`feed`, thinking
-    before text); then message_delta with stop_reason and usage, and message_stop (`finish`)."""
+    content_block_start (a ping after the first), its deltas and a content_block_stop (`feed`: thinking,
+    then text, then tool_use blocks, each call whole); then message_delta with stop_reason and usage, and
+    message_stop (`finish`)."""
 
     def __init__(self, msg_id: str, model: str, *, starts_in_reasoning: bool, clipped: bool,
-                 omit_thinking: bool = False):
+                 omit_thinking: bool = False, tool_parser=None):
         self.id, self.model, self.clipped, self.omit_thinking = msg_id, model, clipped, omit_thinking
+        self.starts_in_reasoning, self.tool_parser = starts_in_reasoning, tool_parser
         self.parser = ReasoningParser(starts_in_reasoning)
+        self.tools = tool_parser() if tool_parser is not None else None
+        self.num_calls = 0
+
+    def message(self, last) -> dict:
+        """The same message whole, for a request that was not streamed (message_from_output)."""
+        return message_from_output(last, self.model, self.id, starts_in_reasoning=self.starts_in_reasoning,
+                                   clipped=self.clipped, omit_thinking=self.omit_thinking, tool_parser=self.tool_parser)
         self.index = -1  # of the open block
         self.kind: str | None = None  # "thinking" or "text", the open block's
 
@@ -281,11 +301,11 @@ class MessageStream:
                    "stop_reason": None, "stop_sequence": None, "usage": usage(first.usage)}
         return [event("message_start", {"message": message})]
 
-    def _open(self, kind: str) -> list[str]:
+    def _open(self, kind: str, block: dict | None = None) -> list[str]:
         events = self._close()
         self.index, self.kind = self.index + 1, kind
-        block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else \
-            {"type": "text", "text": ""}
+        block = block or ({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else
+                          {"type": "text", "text": ""})
         events.append(event("content_block_start", {"index": self.index, "content_block": block}))
         if self.index == 0:
             events.append(event("ping", {}))
@@ -317,17 +337,30 @@ class MessageStream:
         if out.finished:
             r, t = self.parser.finish()
             reasoning, text = reasoning + r, text + t
+        calls = []
+        if self.tools is not None:  # calls are parsed from the answer only, never from the thinking
+            text, calls = self.tools.feed(text)
+            if out.finished:
+                t, more = self.tools.finish()
+                text, calls = text + t, calls + more
         events = []
         if reasoning or (self.parser.saw_reasoning and self.index < 0):  # thinking opens with the message
             events += self._delta("thinking", reasoning)
         if text:
             events += self._delta("text", text)
+        for call in calls:  # each call whole: its block, its input as one JSON delta, its stop
+            block = _tool_use(call)
+            events += self._open("tool_use", {**block, "input": {}})
+            events.append(event("content_block_delta", {"index": self.index, "delta": {
+                "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}}))
+            events += self._close()
+        self.num_calls += len(calls)
         return events
 
     def finish(self, last) -> list[str]:
         events = self._open("text") if self.index < 0 else []  # a message has at least one block
         events += self._close()
-        reason, sequence = stop_reason(last.outputs[0], self.clipped)
+        reason, sequence = stop_reason(last.outputs[0], self.clipped, self.num_calls)
         events.append(event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                               "usage": usage(last.usage)}))
         events.append(event("message_stop", {}))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import inspect
 import json
 import time
@@ -29,10 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openr2 import billing
-from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat, thinking_modes
+from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat
 from openr2.engine.async_engine import AsyncEngine, EngineDeadError
 from openr2.engine.sampling import DEFAULT_MAX_TOKENS
 from openr2.server.aliases import PathAliasMiddleware
+from openr2.server.chat_template import TemplateFeatures
 from openr2.server.errors import (
     bad_request,
     install_error_handlers,
@@ -116,6 +116,7 @@ class Server:
         self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
         self.metrics = Metrics(self)
+        self.template = TemplateFeatures(self.tokenizer, self.config.model_name)
 
     # ------------------------------------------------------------------------------------ helpers
     def authorise(self, request: Request) -> str:
@@ -146,24 +147,6 @@ class Server:
             raise not_found(f"The model '{name}' does not exist; this server serves '{self.config.model_name}'.",
                             "model", "model_not_found")
         return None if name == self.config.model_name else self.config.model_aliases[name]
-
-    @functools.cached_property
-    def thinking_modes(self) -> frozenset[bool]:
-        """What the chat template can do: {True}, {False} or both (chat_format.thinking_modes)."""
-        return thinking_modes(self.tokenizer)
-
-    def thinking_option(self, req, implied: bool | None) -> dict:
-        """The template's `thinking` option for a chat request: the request's own choice (a 400 naming its
-        parameter if the template has no such mode), else what the model alias implies where the template
-        has that mode, else nothing (the template's default)."""
-        asked, param = req.thinking_choice()
-        modes = self.thinking_modes
-        if asked is not None and asked not in modes:
-            mode = "thinking" if asked else "non-thinking"
-            raise bad_request(f"The model '{self.config.model_name}' has no {mode} mode: its chat template "
-                              f"{'always thinks' if modes == {True} else 'never thinks'}.", param)
-        chosen = asked if asked is not None else implied
-        return {} if chosen is None or chosen not in modes else {"thinking": chosen}
 
     def admit(self, key_id: str, num_tokens: int) -> None:
         try:
@@ -203,9 +186,9 @@ class Server:
     def prepare_chat(self, body: dict, clip_max_tokens: bool = False):
         """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""
         req = ChatCompletionRequest.parse(body)
-        options = self.thinking_option(req, self.check_model(req.model))
+        messages, options = self.template.prompt_inputs(req, self.check_model(req.model))
         try:
-            prompt = render_chat(req.template_messages(), self.tokenizer, **options)
+            prompt = render_chat(messages, self.tokenizer, **options)
         except ValueError as e:  # messages the template refuses (its raise_exception, roles out of order...)
             raise bad_request(str(e), "messages") from None
         prompt += req.assistant_prefix or ""
@@ -238,7 +221,8 @@ class Server:
         text = self.tokenizer.decode
         response = chat_completion_from_output(last, req.model, int(time.time()),
                                                starts_in_reasoning=prompt_opens_reasoning(prompt),
-                                               token_text=lambda i: text([i]), id=request_id)
+                                               token_text=lambda i: text([i]), id=request_id,
+                                               tool_parser=self.template.tool_parser(req))
         if not bill:
             self.metrics.count_usage("batch:/v1/chat/completions", last.usage)
             return response, last
@@ -452,7 +436,7 @@ def create_app(server: Server) -> FastAPI:
             raise
         text = server.tokenizer.decode
         chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
-                            token_text=lambda i: text([i]))
+                            token_text=lambda i: text([i]), tool_parser=server.template.tool_parser(req))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/chat/completions",
                                    request_id, prompt, reserved)
         return StreamingResponse(events, media_type="text/event-stream")

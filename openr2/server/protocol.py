@@ -11,18 +11,20 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
     wins; the cap covers reasoning too), `stop`, `n`, `seed`, `logprobs`, `stream_options.include_usage`,
     and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, ...);
     DeepSeek's `thinking`, vLLM's `chat_template_kwargs.thinking` and `reasoning_effort` ("none": off,
-    any other level: on) are read by `thinking_choice`.
+    any other level: on) are read by `thinking_choice`. `tools` with `tool_choice` "auto" (or absent) are
+    shown to the model in its template's tool format and its calls parsed from the answer;
+    `parallel_tool_calls: false` keeps the first call. With `tool_choice: "none"` tools are not shown.
   * accepted and ignored (they do not change the output): `user`, `metadata`, `store`, `service_tier`,
-    `parallel_tool_calls`, `prompt_cache_key`, ... and any unknown field, since clients pass arbitrary
-    `extra_body` keys; assistant `reasoning_content` on input is never an error, and reaches the template
-    only on the tool-calling turns of the current user turn (see template_messages). Past assistant `tool_calls` must have OpenAI's shape (`function.name` and
-    `function.arguments` strings) for the template to render them. `tools` with `tool_choice="none"` are
-    accepted and not shown to the model.
+    `prompt_cache_key`, ... and any unknown field, since clients pass arbitrary `extra_body` keys; assistant
+    `reasoning_content` on input is never an error, and reaches the template only on the tool-calling turns
+    of the current user turn (see template_messages). Past assistant `tool_calls` must have OpenAI's shape
+    (`function.name` and `function.arguments` strings) for the template to render them.
   * rejected with a 400 naming the parameter, because we would silently answer something else:
-    `tools` with any other tool_choice (no tool-call parser yet), `response_format` other than text,
-    non-text content parts, `logit_bias`, `audio`, `prediction`, legacy `functions`, `best_of` != n,
-    `echo` with `logprobs` or `suffix`, and guided-decoding extras. `suffix` (fill-in-the-middle) is
-    accepted here with text prompts; the server refuses it for a model whose tokenizer has no FIM tokens.
+    `tool_choice` "required" or a named function and `strict` tools (they need constrained decoding),
+    `response_format` other than text, non-text content parts, `logit_bias`, `audio`, `prediction`, legacy
+    `functions`, `best_of` != n, `echo` with `logprobs` or `suffix`, and guided-decoding extras. `suffix`
+    (fill-in-the-middle) is accepted here with text prompts; the server refuses it for a model whose
+    tokenizer has no FIM tokens.
 
 finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
 OpenAI's Literal has no "abort", and "length" is the one value that tells a client the text was cut
@@ -31,6 +33,7 @@ short; "stop" would claim a complete answer.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -150,6 +153,20 @@ class ChatMessage(_Strict):
 
 
 MAX_N = 128  # OpenAI's limit on choices per request
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's and DeepSeek's rule
+
+
+def _check_tool(tool: Any, where: str) -> None:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+        raise ParamError(where, f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}.")
+    if not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
+        raise ParamError(f"{where}.function.name", "a function name is 1 to 64 of a-z, A-Z, 0-9, _ and -.")
+    if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), dict):
+        raise ParamError(where, f"{where}.function: description is a string and parameters a JSON Schema object.")
+    if fn.get("strict"):
+        raise ParamError(f"{where}.function.strict", "strict tools need constrained decoding, which this server "
+                                                     "does not have yet.")
 
 
 class _SamplingRequest(_Strict):
@@ -277,6 +294,7 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     thinking: dict | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
     reasoning_effort: str | None = None  # OpenAI's and DeepSeek's: "none" turns thinking off, the rest on
     chat_template_kwargs: dict | None = None  # vLLM/SGLang: {"thinking": bool} or {"enable_thinking": bool}
@@ -312,9 +330,21 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise ParamError(f"messages[{i}].prefix", "only the last message can be a prefix.")
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true.")
-        if self.tools and self.tool_choice != "none":
-            raise ParamError("tools", "tool calling is not supported yet; omit tools or set tool_choice='none'.")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ParamError("tool_choice", "tool_choice 'required' or a named function needs constrained "
+                                            "decoding, which this server does not have yet; use 'auto' or 'none'.")
+        for k, tool in enumerate(self.tools if self.tools_active else []):  # with "none" they are never shown
+            _check_tool(tool, f"tools[{k}]")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Whether the model is shown the tools and its calls are parsed (tool_choice auto)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools or []]
 
     def _asked_max_tokens(self):
         given = [(v, k) for k, v in (("max_tokens", self.max_tokens),
@@ -442,10 +472,35 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_any(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class DeltaToolCall(ResponseToolCall):
+    """A streamed call: OpenAI's delta shape, sent whole (id, name and all its arguments in one fragment)."""
+
+    index: int
 
 
 class ChatChoice(BaseModel):
@@ -469,15 +524,18 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _role_once(self, handler):
-        # role only on the first delta (OpenAI); content and reasoning_content always, null when unused:
-        # DeepSeek's documented loop reads delta.reasoning_content on every chunk and appends delta.content
-        # whenever it is falsy, so the finish chunk carries content "" (see ChatStream)
+        # role only on the first delta (OpenAI), tool_calls only where there are some; content and
+        # reasoning_content always, null when unused: DeepSeek's documented loop reads delta.reasoning_content
+        # on every chunk and appends delta.content whenever it is falsy, so the finish chunk carries content ""
+        # (see ChatStream)
         data = handler(self)
-        if data.get("role") is None:
-            data.pop("role", None)
+        for key in ("role", "tool_calls"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 

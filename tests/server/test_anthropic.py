@@ -156,9 +156,11 @@ def test_count_tokens_and_a_max_tokens_past_the_context(live):
     assert long.stop_reason in ("stop_sequence", "end_turn", "model_context_window_exceeded")
 
 
-def test_tools_are_refused_clearly_until_tool_calls_exist(live):
+def test_tools_reach_the_real_model(live):
     weather = {"name": "get_weather", "description": "Weather of a city",
                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
-    with pytest.raises(anthropic.BadRequestError) as err:
-        _anthropic(live).messages.create(model="tiny", max_tokens=4, messages=QUESTION, tools=[weather])
-    assert "tool" in err.value.body["error"]["message"]
+    client = _anthropic(live)
+    plain = client.messages.create(model="tiny", max_tokens=2, messages=QUESTION)
+    msg = client.messages.create(model="tiny", max_tokens=2, messages=QUESTION, tools=[weather])
+    assert msg.usage.input_tokens > plain.usage.input_tokens + 50  # described in the prompt
+    assert (msg.stop_reason == "tool_use") == any(b.type == "tool_use" for b in msg.content)

@@ -75,6 +75,9 @@ def _int(low: int, high: int) -> dict:
 _TEXT = {"type": "string", "maxLength": 200}
 _PROMPT = {"type": "string", "minLength": 1, "maxLength": 200}  # an empty prompt is a 400
 _STOP = {"type": "string", "minLength": 1, "maxLength": 8}
+_TOOL = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,20}$"}, "description": {"type": "string", "maxLength": 40},
+    "parameters": {"type": "object", "maxProperties": 2}}}
 _IDS = {"type": "array", "minItems": 1, "maxItems": 20, "items": _ints(0, VOCAB - 1)}
 # the server's ranges (engine/sampling.py, protocol.py), small where size costs time on the tiny model
 SAMPLING = {
@@ -94,7 +97,10 @@ CHAT = {
     "max_completion_tokens": _int(1, 4), "logprobs": _nullable({"type": "boolean"}), "top_logprobs": _int(0, 4),
     "response_format": _nullable({"type": "object", "required": ["type"],
                                   "properties": {"type": {"const": "text"}}}),
-    "tools": {"type": "null"}, "tool_choice": {"enum": [None, "none", "auto"]},
+    "tools": _nullable({"type": "array", "maxItems": 2, "items": {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"const": "function"}, "function": _TOOL}}}),
+    "tool_choice": {"enum": [None, "none", "auto"]}, "parallel_tool_calls": _nullable({"type": "boolean"}),
     "thinking": _nullable({"type": "object", "required": ["type"],
                            "properties": {"type": {"enum": ["enabled", "disabled"]}}}),
     "chat_template_kwargs": _nullable({"type": "object", "properties": {"thinking": {"type": "boolean"}}}),
@@ -115,7 +121,11 @@ MESSAGES = {
     "temperature": _number(0, 1), "top_p": _number(0, 1, True), "top_k": _int(-1, 50),
     "thinking": _nullable({"type": "object", "required": ["type"],
                            "properties": {"type": {"enum": ["disabled", "adaptive"]}}}),
-    "tools": {"type": "null"}, "output_config": _nullable({"type": "object", "properties": {
+    "tools": _nullable({"type": "array", "maxItems": 2, "items": {
+        "type": "object", "required": ["name"], "properties": {
+            "name": _TOOL["properties"]["name"], "description": _TOOL["properties"]["description"],
+            "input_schema": {"type": "object", "maxProperties": 2}}}}),
+    "output_config": _nullable({"type": "object", "properties": {
         "effort": {"enum": ["low", "high", "max"]}}, "additionalProperties": False}),
 }
 COMPLETION = {
