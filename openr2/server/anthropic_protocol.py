@@ -288,13 +288,13 @@ class MessageStream:
         self.parser = ReasoningParser(starts_in_reasoning)
         self.tools = tool_parser() if tool_parser is not None else None
         self.num_calls = 0
+        self.index = -1  # of the open block
+        self.kind: str | None = None  # "thinking", "text" or "tool_use", the open block's
 
     def message(self, last) -> dict:
         """The same message whole, for a request that was not streamed (message_from_output)."""
         return message_from_output(last, self.model, self.id, starts_in_reasoning=self.starts_in_reasoning,
                                    clipped=self.clipped, omit_thinking=self.omit_thinking, tool_parser=self.tool_parser)
-        self.index = -1  # of the open block
-        self.kind: str | None = None  # "thinking" or "text", the open block's
 
     def start(self, first) -> list[str]:
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
