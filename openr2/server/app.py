@@ -159,6 +159,8 @@ class Server:
     async def reserve(self, key_id: str, amounts: dict[str, int]) -> list[str]:
         """Reserve each request id's worst-case cost on the key's prepaid balance (balance_store.py): the ids
         reserved, none for a key without a balance; a 402 when the balance cannot cover them."""
+        if key_id == LOCAL_KEY:  # no keys at all: nobody has a balance, not even a read to make
+            return []
         try:
             return list(amounts) if await asyncio.to_thread(self.ledger.reserve, key_id, amounts) else []
         except InsufficientBalance as e:
