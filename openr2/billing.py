@@ -72,6 +72,12 @@ class PriceTable:
         miss, hit, out = self.per_token_pico_usd(batch)
         return usage.cache_miss_tokens * miss + usage.cached_prompt_tokens * hit + usage.completion_tokens * out
 
+    def worst_case(self, prompt_tokens: int, max_completion_tokens: int, batch: bool = False) -> int:
+        """The most a request can cost, in pico-dollars: its whole prompt at the cache-miss price and every
+        token it may generate (max_tokens x n) at the output price. What a prepaid balance reserves."""
+        miss, hit, out = self.per_token_pico_usd(batch)
+        return prompt_tokens * max(miss, hit) + max_completion_tokens * out
+
     def to_dict(self) -> dict:
         """The file form: dollars per million tokens as exact decimal strings."""
         d = {key: _usd_str(getattr(self, name)) for key, name in _FILE_KEYS.items()}
@@ -145,6 +151,27 @@ def _fixed(n: int, places: int) -> str:
     whole, frac = divmod(abs(n), 10**places)
     frac_str = str(frac).rjust(places, "0").rstrip("0").ljust(2, "0")
     return f"{'-' if n < 0 else ''}{whole}.{frac_str}"
+
+
+def parse_usd(value, where: str = "amount") -> int:
+    """A dollar amount ("5.00", 5, 0.5) -> exact integer pico-dollars; ValueError if it is not a
+    non-negative amount in whole pico-dollars."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where} must be a number of dollars, got {value!r}")
+    try:
+        usd = Decimal(repr(value) if isinstance(value, float) else str(value).strip().removeprefix("$"))
+    except InvalidOperation:
+        raise ValueError(f"{where} is not a number: {value!r}") from None
+    pico = usd * PICO_USD_PER_USD
+    if not usd.is_finite() or usd < 0 or pico != pico.to_integral_value():
+        raise ValueError(f"{where} must be a non-negative amount of dollars (at most 12 decimals), got {value!r}")
+    return int(pico)
+
+
+def usd_amount(pico_usd: int) -> str:
+    """Pico-dollars -> an exact decimal string without the sign: 5_000_000_000_000 -> "5.00" (DeepSeek's
+    balance fields are such strings)."""
+    return format_usd(pico_usd).replace("$", "")
 
 
 def format_usd(pico_usd: int) -> str:

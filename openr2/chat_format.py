@@ -1,7 +1,9 @@
 """Chat format: OpenAI-style messages -> prompt text / ids (+ SFT loss mask), and reasoning splitting.
 
 Owns message validation, the built-in R1 renderer (plain Python), the jinja path for a tokenizer's own
-`chat_template` (sandboxed, set up like transformers'), `encode_chat_for_training`, `ReasoningParser`
+`chat_template` (sandboxed, set up like transformers'), which thinking modes a template has
+(`thinking_modes`) and which tool-call dialect it writes (`tool_support`, `with_tools`; the dialects and
+their parser are tool_calls.py), fill-in-the-middle prompts (`fim_prompt`), `encode_chat_for_training`, `ReasoningParser`
 (splits `<think>...</think>` from the answer, also incrementally) and `count_reasoning_tokens`. It does not
 own tokenization nor the chat markers and the jinja twin of the built-in format that `train_bpe` stores
 (tokenizer.py), nor the HTTP shapes (server/).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -23,6 +26,9 @@ from openr2.tokenizer import (
     ASSISTANT,
     BOS,
     EOS,
+    FIM_BEGIN,
+    FIM_END,
+    FIM_HOLE,
     THINK_END,
     THINK_START,
     TOOL_CALL_BEGIN,
@@ -37,6 +43,7 @@ from openr2.tokenizer import (
     USER,
     Tokenizer,
 )
+from openr2.tool_calls import DIALECTS, ToolCallDialect, tools_prompt
 
 ROLES = ("system", "user", "assistant", "tool")
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -227,6 +234,70 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     `ReasoningParser(starts_in_reasoning=True)`. Decide from the prompt, not a flag, so a template
     change cannot silently move reasoning into content (vllm#12999)."""
     return prompt.rstrip(_NEWLINES + " ").endswith(THINK_START)
+
+
+def thinking_modes(tokenizer: Tokenizer | None = None, template: str | None = None) -> frozenset[bool]:
+    """The thinking modes a chat template can open: {True} (R1: always `<think>`), {False} (no reasoning) or
+    both (V3.1 and later, and the built-in format: the `thinking` option switches). Found by rendering one
+    user message each way and asking prompt_opens_reasoning, so it holds for any template."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    return frozenset(prompt_opens_reasoning(render_chat(msgs, tokenizer, template=template, thinking=mode))
+                     for mode in (True, False))
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """How a chat template handles tools: the dialect its past calls are written in (None: it has none, so
+    the model cannot be asked for calls) and whether it describes `tools` itself."""
+
+    dialect: ToolCallDialect | None
+    renders_tools: bool
+
+
+_PROBE_CALL = {"id": "call_probe", "type": "function",
+               "function": {"name": "probe_tool", "arguments": '{"probe": 1}'}}
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool", "description": "probe",
+                                                "parameters": {"type": "object"}}}
+
+
+def tool_support(tokenizer: Tokenizer | None = None, template: str | None = None) -> ToolSupport:
+    """Read the tool-call dialect from the template itself: render a past call and see which way it is
+    written; then whether a `tools` option shows up in the prompt."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [_PROBE_CALL]}]
+    try:
+        text = render_chat(msgs, tokenizer, add_generation_prompt=False, template=template)
+    except ValueError:
+        text = ""
+    args = _PROBE_CALL["function"]["arguments"]
+    dialect = next((d for d in DIALECTS if d.call_text("probe_tool", args) in text), None)
+    try:
+        shown = render_chat(msgs[:1], tokenizer, template=template, tools=[_PROBE_TOOL])
+    except ValueError:  # the built-in renderer takes no tools option
+        shown = ""
+    return ToolSupport(dialect, "probe_tool" in shown)
+
+
+def with_tools(messages: list[dict], tools: list[dict], support: ToolSupport) -> tuple[list[dict], dict]:
+    """(messages, template options) that show `tools` (OpenAI's shape) to the model: through the template's
+    own `tools` option where it has one, else as a system message in the dialect's terms (tool_calls.py)."""
+    if support.renders_tools:
+        return messages, {"tools": tools}
+    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
+    prompt = {"role": "system", "content": tools_prompt(tools, support.dialect)}
+    return [*messages[:lead], prompt, *messages[lead:]], {}
+
+
+def has_fim(tokenizer: Tokenizer) -> bool:
+    """Whether the vocabulary has DeepSeek's three fill-in-the-middle tokens."""
+    return all(tokenizer.token_to_id(t) is not None for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+
+
+def fim_prompt(prefix: str, suffix: str, tokenizer: Tokenizer) -> str:
+    """The fill-in-the-middle prompt in DeepSeek's format (DeepSeek-Coder, V3): the model then writes the
+    text between prefix and suffix. BOS leads, as DeepSeek's tokenizer adds it. ValueError without FIM tokens."""
+    if not has_fim(tokenizer):
+        raise ValueError("the tokenizer has no fill-in-the-middle tokens")
+    return (tokenizer.bos_token or "") + FIM_BEGIN + prefix + FIM_HOLE + suffix + FIM_END
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -221,16 +221,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from openr2 import billing
     from openr2.engine.async_engine import AsyncEngine
     from openr2.engine.sampling import generation_defaults
-    from openr2.server.app import Server, ServerConfig, create_app
+    from openr2.server.app import Server, ServerConfig, create_app, parse_model_aliases
     from openr2.server.pages import example_prompts
 
+    aliases = parse_model_aliases(args.model_aliases)
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                           require_auth=args.require_auth, log_content=args.log_content,
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
                           default_sampling=generation_defaults(args.model),
-                          example_prompts=example_prompts(args.model), docs=args.docs)
+                          example_prompts=example_prompts(args.model), docs=args.docs, model_aliases=aliases)
     if engine.config.compile:
         print("openr2: compiling the decode step (the first start; later ones load it from disk)...")
         engine.warm_up()
@@ -252,10 +253,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from openr2.billing import format_usd, parse_usd
+
+    if args.action != "topup" and args.amount is not None:
+        raise ValueError(f"keys {args.action}: unexpected argument {args.amount!r}")
+    if args.balance is not None and args.action != "create":
+        raise ValueError("--balance goes with `keys create` (use `keys topup KEY_ID AMOUNT` for a key that exists)")
+    balance = None if args.balance is None else parse_usd(args.balance, "--balance")
     ledger = _ledger(args)
     if args.action == "create":
         key_id, secret = ledger.create_key(args.name or "")
+        if balance is not None:
+            ledger.set_balance(key_id, balance)
         print(f"{key_id}\n{secret}\n(store the key now: only its hash is kept)")
+    elif args.action == "topup":
+        if not args.name or args.amount is None:
+            raise ValueError("usage: openr2 keys topup KEY_ID AMOUNT (dollars, e.g. 5.00)")
+        amount = parse_usd(args.amount, "AMOUNT")
+        if amount == 0:
+            raise ValueError("AMOUNT must be more than zero")
+        print(f"{args.name}: balance {format_usd(ledger.top_up(args.name, amount))}")
     elif args.action == "list":
         keys = ledger.list_keys()
         for key in keys:
@@ -554,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="~/.openr2", help="SQLite ledger and stored files")
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--model-aliases", default="deepseek-chat=non-thinking,deepseek-reasoner=thinking",
+                       help="other names of the served model, NAME[=thinking|non-thinking|default] separated by "
+                            "commas ('' for none); the mode is the default of requests that name it")
     serve.add_argument("--prices", default=None, help="price table (JSON or TOML, dollars per million tokens)")
     serve.add_argument("--require-auth", action="store_true", help="require an API key even before one exists")
     serve.add_argument("--log-content", action="store_true", help="store prompt and completion text in the ledger")
@@ -593,9 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--num-examples", type=int, default=20_000, help="synthetic problems to sample")
     tok_train.add_argument("--seed", type=int, default=0)
     tok_train.set_defaults(func=cmd_tokenizer)
-    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
-    keys.add_argument("action", choices=["create", "list", "revoke"])
-    keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke)")
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke, topup (prepaid balances)")
+    keys.add_argument("action", choices=["create", "list", "revoke", "topup"])
+    keys.add_argument("name", nargs="?", help="a label (create) or key id (revoke, topup)")
+    keys.add_argument("amount", nargs="?", help="topup: dollars to add to the key's balance, e.g. 5.00")
+    keys.add_argument("--balance", default=None,
+                      help="create: a prepaid balance in dollars (e.g. 5.00); requests it cannot pay get a 402. "
+                           "Without it the key has no balance and is never refused for money")
     keys.add_argument("--data-dir", default="~/.openr2")
     keys.set_defaults(func=cmd_keys)
     usage = sub.add_parser("usage", help="token and cost totals from the ledger")

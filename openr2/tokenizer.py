@@ -1,7 +1,7 @@
 """Tokenizer: a thin wrapper over HF `tokenizers` that knows DeepSeek's special tokens and chat template.
 
 Owns DeepSeek-V3/R1's special tokens (BOS, EOS, the chat markers, `<think>` / `</think>`, the tool-call
-markers: every other module takes them from here), the chat template a trained tokenizer stores (the
+and fill-in-the-middle markers: every other module takes them from here), the chat template a trained tokenizer stores (the
 jinja twin of chat_format's built-in renderer; tests hold the two equal), loading/saving the HF layout
 (tokenizer.json + tokenizer_config.json, readable by transformers' AutoTokenizer too), training a small
 byte-level BPE with DeepSeek's chat tokens (`train_bpe`), and incremental detokenisation for streaming
@@ -28,6 +28,9 @@ TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁c
 TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+# Fill-in-the-middle (DeepSeek-V3's and DeepSeek-Coder's vocab): BOS FIM_BEGIN prefix FIM_HOLE suffix FIM_END,
+# then the model writes the middle. train_bpe does not add them: a tokenizer has them or it has no FIM.
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
 TOOL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
                TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END)
 

@@ -12,8 +12,9 @@ from openr2.presets import tiny_v3
 from tests.tokenizer_utils import tiny_tokenizer
 
 
-def save_tiny_chat_checkpoint(path) -> None:
-    tokenizer = tiny_tokenizer()
+def save_tiny_chat_checkpoint(path, tokenizer=None) -> None:
+    """The tiny chat model over `tokenizer` (default: the tiny BPE), its vocabulary sized to fit."""
+    tokenizer = tokenizer or tiny_tokenizer()
     config = dataclasses.replace(tiny_v3(), vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0,
                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     model = build_model(config, seed=3)

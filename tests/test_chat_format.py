@@ -8,25 +8,35 @@ import pytest
 
 from openr2.chat_format import (
     ReasoningParser,
+    ToolSupport,
     count_reasoning_tokens,
     encode_chat,
     encode_chat_for_training,
+    fim_prompt,
+    has_fim,
     prompt_opens_reasoning,
     render_chat,
+    thinking_modes,
+    tool_support,
+    with_tools,
 )
 from openr2.tokenizer import (
     ASSISTANT,
     BOS,
     DEFAULT_CHAT_TEMPLATE,
     EOS,
+    FIM_BEGIN,
+    FIM_END,
+    FIM_HOLE,
     THINK_END,
     THINK_START,
     TOOL_CALLS_BEGIN,
     TOOL_OUTPUTS_BEGIN,
     TOOL_OUTPUTS_END,
     USER,
+    train_bpe,
 )
-from tests.tokenizer_utils import tiny_tokenizer
+from tests.tokenizer_utils import corpus, tiny_tokenizer
 
 # deepseek-ai/DeepSeek-R1 tokenizer_config.json "chat_template", verbatim (see the report in this PR).
 R1_TEMPLATE = (Path(__file__).parent / "data" / "deepseek_r1_chat_template.jinja").read_text(encoding="utf-8")
@@ -294,3 +304,71 @@ def test_count_reasoning_tokens(tok):
     led = tok.encode(f"{THINK_START}r{THINK_END}A")
     assert count_reasoning_tokens(led, end, starts_in_reasoning=False, think_start_id=start) == led.index(end) + 1
     assert count_reasoning_tokens([], end) == 0
+
+
+# The generation prompt of DeepSeek-V3.1's template, reduced to its thinking switch (our own few lines):
+# `<｜Assistant｜><think>` in thinking mode, `<｜Assistant｜></think>` otherwise, non-thinking by default.
+V31_SWITCH = ("{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}"
+              "<｜Assistant｜>{% if thinking is defined and thinking %}<think>{% else %}</think>{% endif %}")
+
+
+def test_thinking_modes_are_read_from_the_template():
+    tok = tiny_tokenizer()
+    assert thinking_modes(tok) == {True, False}  # the built-in format's twin: the switch works
+    assert thinking_modes(None) == {True, False}  # the built-in renderer itself
+    assert thinking_modes(tok, R1_TEMPLATE) == {True}  # R1 always opens <think>, whatever `thinking` says
+    assert thinking_modes(tok, V31_SWITCH) == {True, False}
+    assert thinking_modes(tok, "{{ bos_token }}<｜Assistant｜>") == {False}  # a template without reasoning
+
+
+def test_fim_prompt_uses_deepseeks_fim_tokens_and_needs_them():
+    from tokenizers import AddedToken
+
+    tok = tiny_tokenizer()
+    assert not has_fim(tok)
+    with pytest.raises(ValueError, match="fill-in-the-middle"):
+        fim_prompt("def f(", "):", tok)
+    fim = train_bpe(corpus(), vocab_size=512)
+    fim.backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in (FIM_BEGIN, FIM_HOLE, FIM_END)])
+    assert has_fim(fim)
+    text = fim_prompt("def f(", "):\n    return x", fim)
+    assert text == BOS + FIM_BEGIN + "def f(" + FIM_HOLE + "):\n    return x" + FIM_END
+    ids = fim.encode(text)
+    assert [fim.token_to_id(t) for t in (BOS, FIM_BEGIN)] == ids[:2] and ids[-1] == fim.token_to_id(FIM_END)
+    assert fim.token_to_id(FIM_HOLE) in ids  # each marker is one id, never spelled out in bytes
+
+
+# A template in DeepSeek-V3.1's tool dialect that also lists `tools` itself (our own few lines).
+V31_TOOLS = ("{{ bos_token }}{% if tools %}TOOLS:{% for t in tools %}{{ t['function']['name'] }};{% endfor %}{% endif %}"
+             "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+             "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>"
+             "{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>{{ c['function']['name'] }}<｜tool▁sep｜>"
+             "{{ c['function']['arguments'] }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>"
+             "{% else %}{{ m['content'] }}{% endif %}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object"}}}]
+
+
+def test_tool_support_reads_the_dialect_from_the_template():
+    from openr2.tool_calls import V3, V31
+
+    tok = tiny_tokenizer()
+    assert tool_support(None) == tool_support(tok) == ToolSupport(V3, False)  # built-in format and its twin
+    assert tool_support(tok, R1_TEMPLATE) == ToolSupport(V3, False)  # R1 writes V3 calls, lists no tools
+    assert tool_support(tok, V31_TOOLS) == ToolSupport(V31, True)
+    assert tool_support(tok, V31_SWITCH).dialect is None  # a template that never writes calls
+
+
+def test_with_tools_shows_them_through_the_template_or_a_system_message():
+    from openr2.tool_calls import V3, V31
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    shown, options = with_tools(msgs, TOOLS, ToolSupport(V3, False))
+    assert options == {} and shown[0] == msgs[0] and shown[2] == msgs[1]
+    assert shown[1]["role"] == "system" and "### weather" in shown[1]["content"]
+    prompt = render_chat(shown, tiny_tokenizer())
+    assert prompt.startswith(BOS + "Be brief.\n\n## Tools") and "### weather" in prompt
+    same, options = with_tools(msgs, TOOLS, ToolSupport(V31, True))
+    assert same == msgs and options == {"tools": TOOLS}
+    assert "TOOLS:weather;" in render_chat(same, tiny_tokenizer(), template=V31_TOOLS, **options)

@@ -337,6 +337,22 @@ def test_keys_list_says_when_there_are_none(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["name"] == "laptop"
 
 
+def test_keys_with_a_prepaid_balance_and_topup(tmp_path, capsys):
+    data = ["--data-dir", str(tmp_path)]
+    assert main(["keys", "create", "prepaid", "--balance", "5.00", *data]) == 0
+    key_id = capsys.readouterr().out.split()[0]
+    assert main(["keys", "topup", key_id, "0.25", *data]) == 0
+    assert capsys.readouterr().out.strip() == f"{key_id}: balance $5.25"
+    assert main(["keys", "list", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["balance_usd"] == "$5.25"
+    for bad, says in ((["keys", "topup", key_id, "-1"], "non-negative"), (["keys", "topup", key_id, "0"], "more than"),
+                      (["keys", "topup", "key_nope", "1"], "no key"), (["keys", "topup", key_id], "usage"),
+                      (["keys", "list", "--balance", "1"], "--balance goes with"),
+                      (["keys", "create", "x", "--balance", "lots"], "not a number")):
+        assert main([*bad, *data]) == 2
+        assert says in capsys.readouterr().err
+
+
 def test_eval_writes_under_runs_eval_by_default(ckpt, tmp_path, monkeypatch, capsys):
     assert EvalConfig(task="synthetic:addition:1", model="x/ckpt/").out_path() == \
         os.path.join("runs", "eval", "eval-synthetic-addition-1-ckpt.json")

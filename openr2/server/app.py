@@ -1,8 +1,10 @@
 """The FastAPI app: OpenAI-compatible routes over the AsyncEngine, every request metered into the ledger.
 
 Routes: GET /health, GET /metrics (metrics.py), GET /v1/models and /v1/models/{id}, POST
-/v1/chat/completions and POST /v1/completions (stream and non-stream), GET /v1/usage, the files and batches
-routes of batches.py (whose worker runs here) and the chat page of pages.py. Bodies are size-limited while
+/v1/chat/completions and POST /v1/completions (stream and non-stream), the files and batches routes of
+batches.py (whose worker runs here), GET /v1/usage and /v1/user/balance (account.py), Anthropic's
+POST /v1/messages (anthropic.py) and the chat page of pages.py; DeepSeek's base URLs (no /v1,
+/beta) reach the same routes through aliases.py. Bodies are size-limited while
 they are read (limits.py). A request is validated (protocol.py), authorised (a key once any exists, or with
 require_auth), rate limited, rendered and tokenised, then streamed from the engine; its usage is billed
 from the engine's token counts, also when the client disconnects before the end, streamed or not (the
@@ -26,20 +28,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openr2 import billing
-from openr2.chat_format import prompt_opens_reasoning, render_chat
+from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat
 from openr2.engine.async_engine import AsyncEngine, EngineDeadError
 from openr2.engine.sampling import DEFAULT_MAX_TOKENS
+from openr2.server.aliases import PathAliasMiddleware
+from openr2.server.chat_template import TemplateFeatures
 from openr2.server.errors import (
     bad_request,
     install_error_handlers,
     not_found,
     parse_json_body,
+    payment_required,
     rate_limited,
     stream_error_body,
     unauthorized,
     unavailable,
 )
-from openr2.server.ledger import Ledger
+from openr2.server.ledger import InsufficientBalance, Ledger
 from openr2.server.limits import BodyLimitMiddleware
 from openr2.server.metrics import Metrics, MetricsMiddleware
 from openr2.server.outputs import (
@@ -55,30 +60,12 @@ from openr2.server.protocol import (
     CompletionRequest,
     Model,
     ModelList,
+    json_body_doc,
     random_id,
 )
 from openr2.server.ratelimit import RateLimiter
 
 LOCAL_KEY = "local"  # the owner of everything while no API key exists
-
-
-def _json_body_doc(model) -> dict:
-    """openapi_extra documenting a JSON body the handler reads itself (metadata only: validation stays in
-    protocol.py). The model's $defs are inlined, as refs inside openapi_extra would not resolve."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.split("/")[-1]])
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 @dataclass
@@ -96,6 +83,25 @@ class ServerConfig:
     tokens_per_min: int | None = None
     default_sampling: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
     example_prompts: list = dataclasses.field(default_factory=list)  # the chat page's, from the model card
+    # other names of the served model -> the thinking mode each implies (None: the model's default), as
+    # DeepSeek's platform names its two modes; a request's own thinking choice still wins
+    model_aliases: dict = dataclasses.field(default_factory=lambda: dict(DEEPSEEK_ALIASES))
+
+
+DEEPSEEK_ALIASES = {"deepseek-chat": False, "deepseek-reasoner": True}
+_ALIAS_MODES = {"thinking": True, "non-thinking": False, "default": None}
+
+
+def parse_model_aliases(text: str) -> dict[str, bool | None]:
+    """`openr2 serve --model-aliases`: "deepseek-chat=non-thinking,deepseek-reasoner=thinking" -> ServerConfig's
+    model_aliases; a bare name implies the model's default mode; "" means no aliases."""
+    aliases = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, mode = item.partition("=")
+        if not name.strip() or mode.strip() not in ("", *_ALIAS_MODES):
+            raise ValueError(f"--model-aliases: {item!r} is not NAME or NAME=thinking|non-thinking|default")
+        aliases[name.strip()] = _ALIAS_MODES.get(mode.strip())
+    return aliases
 
 
 class Server:
@@ -110,15 +116,18 @@ class Server:
         self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
         self.metrics = Metrics(self)
+        self.template = TemplateFeatures(self.tokenizer, self.config.model_name)
 
     # ------------------------------------------------------------------------------------ helpers
     def authorise(self, request: Request) -> str:
         if not (self.config.require_auth or self.ledger.has_keys()):
             return LOCAL_KEY
-        header = request.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
-            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.", "missing_api_key")
+            secret = request.headers.get("x-api-key", "")  # Anthropic's clients send the key this way
+        if not secret.strip():
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
+                               "missing_api_key")
         key_id = self.ledger.verify_key(secret.strip())
         if key_id is None:
             raise unauthorized()
@@ -127,10 +136,17 @@ class Server:
     async def body(self, request: Request) -> dict:
         return parse_json_body(await request.body())  # at most max_body_bytes: limits.py stops the read
 
-    def check_model(self, name: str) -> None:
-        if name != self.config.model_name:
+    @property
+    def model_names(self) -> list[str]:
+        """The served model's name, then its aliases."""
+        return [self.config.model_name, *(a for a in self.config.model_aliases if a != self.config.model_name)]
+
+    def check_model(self, name: str) -> bool | None:
+        """404 unless `name` is the served model or an alias; returns the thinking mode an alias implies."""
+        if name not in self.model_names:
             raise not_found(f"The model '{name}' does not exist; this server serves '{self.config.model_name}'.",
                             "model", "model_not_found")
+        return None if name == self.config.model_name else self.config.model_aliases[name]
 
     def admit(self, key_id: str, num_tokens: int) -> None:
         try:
@@ -140,6 +156,28 @@ class Server:
         if wait > 0:
             raise rate_limited(wait)
 
+    async def reserve(self, key_id: str, amounts: dict[str, int]) -> list[str]:
+        """Reserve each request id's worst-case cost on the key's prepaid balance (balance_store.py): the ids
+        reserved, none for a key without a balance; a 402 when the balance cannot cover them."""
+        if key_id == LOCAL_KEY:  # no keys at all: nobody has a balance, not even a read to make
+            return []
+        try:
+            return list(amounts) if await asyncio.to_thread(self.ledger.reserve, key_id, amounts) else []
+        except InsufficientBalance as e:
+            raise payment_required(str(e)) from None
+
+    async def release(self, reserved: list[str]) -> None:
+        """Drop what is left of reservations once their requests ended (billing settled the rest)."""
+        if reserved:
+            await asyncio.shield(asyncio.to_thread(self.ledger.release, reserved))
+
+    async def released_after(self, reserved: list[str], work):
+        """Await `work` (a request run to its end), then release what its bills left reserved."""
+        try:
+            return await work
+        finally:
+            await self.release(reserved)
+
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
@@ -147,19 +185,18 @@ class Server:
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
 
-    def prepare_chat(self, body: dict):
+    def prepare_chat(self, body: dict, clip_max_tokens: bool = False):
         """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""
         req = ChatCompletionRequest.parse(body)
-        self.check_model(req.model)
-        options = {} if req.thinking_enabled is None else {"thinking": req.thinking_enabled}
+        messages, options = self.template.prompt_inputs(req, self.check_model(req.model))
         try:
-            prompt = render_chat(req.template_messages(), self.tokenizer, **options)
+            prompt = render_chat(messages, self.tokenizer, **options)
         except ValueError as e:  # messages the template refuses (its raise_exception, roles out of order...)
             raise bad_request(str(e), "messages") from None
         prompt += req.assistant_prefix or ""
         ids = self.tokenizer.encode(prompt)
         params = req.to_sampling_params(self.config.default_max_tokens, self.engine.max_model_len, len(ids),
-                                        self.config.default_sampling)
+                                        self.config.default_sampling, clip_max_tokens)
         return req, prompt, ids, params
 
     async def run_chat(self, key_id: str, req, prompt: str, ids: list[int], params, request_id: str,
@@ -186,7 +223,8 @@ class Server:
         text = self.tokenizer.decode
         response = chat_completion_from_output(last, req.model, int(time.time()),
                                                starts_in_reasoning=prompt_opens_reasoning(prompt),
-                                               token_text=lambda i: text([i]), id=request_id)
+                                               token_text=lambda i: text([i]), id=request_id,
+                                               tool_parser=self.template.tool_parser(req))
         if not bill:
             self.metrics.count_usage("batch:/v1/chat/completions", last.usage)
             return response, last
@@ -197,7 +235,13 @@ class Server:
         """Validate a completions body: (request, prompt id lists, one SamplingParams per prompt)."""
         req = CompletionRequest.parse(body)
         self.check_model(req.model)
-        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in req.prompts()]
+        texts = req.prompts()
+        if req.suffix:  # fill-in-the-middle, in the model's own format
+            if not has_fim(self.tokenizer):
+                raise bad_request(f"suffix (fill-in-the-middle) needs a model whose tokenizer has FIM tokens; "
+                                  f"'{self.config.model_name}' has none.", "suffix")
+            texts = [fim_prompt(text, req.suffix, self.tokenizer) for text in texts]
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in texts]
         if len(prompts) > 1 and req.stream:
             raise bad_request("Streaming takes one prompt per request.", "prompt")
         max_model_len = self.engine.max_model_len
@@ -248,7 +292,7 @@ class Server:
         return response
 
     async def sse_events(self, stream: AsyncIterator, first, chunks, include_usage: bool, start: float, key_id: str,
-                         endpoint: str, request_id: str, prompt: str | None = None):
+                         endpoint: str, request_id: str, prompt: str | None = None, reserved: list[str] = ()):
         """The server-sent events of one streamed request (chunks: a ChatStream or CompletionStream)."""
         timer, last = self.metrics.timer(start), first
         try:
@@ -273,6 +317,7 @@ class Server:
             # every other stream (the streams of one step end together: the last [DONE] waited for all of
             # their commits). Shielded, so that a cancelled response (the client gone) still bills.
             await asyncio.shield(asyncio.to_thread(self.bill, key_id, endpoint, last, request_id, prompt))
+            await self.release(reserved)
 
     async def unless_disconnected(self, request: Request, work):
         """Await a non-streamed request's run_chat/run_completion, cancelling it if the client hangs up
@@ -305,6 +350,8 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_app(server: Server) -> FastAPI:
+    from openr2.server.account import add_account_routes
+    from openr2.server.anthropic import add_anthropic_routes
     from openr2.server.batches import BatchWorker, add_batch_routes
     from openr2.server.pages import add_page_routes
 
@@ -312,6 +359,7 @@ def create_app(server: Server) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(server.ledger.release_all)  # reservations of a process that died (balance_store.py)
         worker = asyncio.create_task(server.batch_worker.run())
         yield
         worker.cancel()
@@ -333,9 +381,12 @@ def create_app(server: Server) -> FastAPI:
     app.add_exception_handler(EngineDeadError, on_engine_dead)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=server.config.max_body_bytes,
                        max_file_bytes=server.config.max_file_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outermost: it counts the 413s too
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # it counts the 413s too
+    app.add_middleware(PathAliasMiddleware)  # outermost: /beta, /anthropic/v1 and root paths are /v1 routes
     add_batch_routes(app, server)
     add_page_routes(app, server)
+    add_account_routes(app, server)
+    add_anthropic_routes(app, server)
 
     @app.get("/health")
     async def health():
@@ -350,70 +401,73 @@ def create_app(server: Server) -> FastAPI:
         body, content_type = server.metrics.exposition()
         return Response(body, media_type=content_type)
 
-    def served_model() -> Model:
-        return Model(id=server.config.model_name, created=server.created,
-                     max_model_len=server.engine.max_model_len)
+    def served_model(name: str) -> Model:
+        root = server.config.model_name
+        return Model(id=name, created=server.created, max_model_len=server.engine.max_model_len,
+                     root=None if name == root else root)
 
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorise(request)
-        return ModelList(data=[served_model()])
+        return ModelList(data=[served_model(name) for name in server.model_names])
 
     @app.get("/v1/models/{model_id:path}")  # :path: served names such as "deepseek-ai/DeepSeek-R1" have slashes
     async def model(request: Request, model_id: str):
         server.authorise(request)
         server.check_model(model_id)
-        return served_model()
+        return served_model(model_id)
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body_doc(ChatCompletionRequest))
+    @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompt, ids, params = server.prepare_chat(await server.body(request))
         server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
+        reserved = await server.reserve(key_id, {request_id: server.prices.worst_case(len(ids),
+                                                                                      params.max_tokens * params.n)})
         starts = prompt_opens_reasoning(prompt)
         if not req.stream:
-            return await server.unless_disconnected(
-                request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start))
-        stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
-        first = await server.first_output(stream)
+            return await server.released_after(reserved, server.unless_disconnected(
+                request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)))
+        try:  # a stream releases at its end (sse_events)
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
+            first = await server.first_output(stream)
+        except BaseException:
+            await server.release(reserved)
+            raise
         text = server.tokenizer.decode
         chunks = ChatStream(request_id, req.model, int(time.time()), params.n, starts_in_reasoning=starts,
-                            token_text=lambda i: text([i]))
+                            token_text=lambda i: text([i]), tool_parser=server.template.tool_parser(req))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/chat/completions",
-                                   request_id, prompt)
+                                   request_id, prompt, reserved)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    @app.post("/v1/completions", openapi_extra=_json_body_doc(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
     async def completions(request: Request):
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompts, params = server.prepare_completion(await server.body(request))
         server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
+        # each prompt is billed on its own (request_id-i; a stream's one prompt as request_id): reserved alike
+        bill_ids = [request_id] if req.stream else [f"{request_id}-{i}" for i in range(len(prompts))]
+        reserved = await server.reserve(key_id, {rid: server.prices.worst_case(len(ids), p.max_tokens * p.n)
+                                                 for rid, ids, p in zip(bill_ids, prompts, params)})
         if not req.stream:
-            return await server.unless_disconnected(
-                request, server.run_completion(key_id, req, prompts, params, request_id, start=start))
+            return await server.released_after(reserved, server.unless_disconnected(
+                request, server.run_completion(key_id, req, prompts, params, request_id, start=start)))
+        try:
+            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
+            first = await server.first_output(stream)
+        except BaseException:
+            await server.release(reserved)
+            raise
         text = server.tokenizer.decode
-        stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
-        first = await server.first_output(stream)
         chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
                                   token_text=lambda i: text([i]))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/completions",
-                                   request_id)
+                                   request_id, reserved=reserved)
         return StreamingResponse(events, media_type="text/event-stream")
-
-    @app.get("/v1/usage")
-    async def usage(request: Request, start: int | None = None, end: int | None = None,
-                    group_by: str | None = None):
-        key_id = server.authorise(request)
-        if group_by not in (None, "day", "key", "model"):
-            raise bad_request("group_by must be one of day, key, model.", "group_by")
-        for name, value in (("start", start), ("end", end)):
-            if value is not None and not -(2**63) <= value < 2**63:  # SQLite integers are 64-bit
-                raise bad_request(f"{name} must be a Unix time in seconds.", name)
-        rows = server.ledger.usage_report(start, end, group_by, key_id=key_id)
-        return {"object": "list", "data": rows}
 
     return app

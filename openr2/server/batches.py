@@ -11,6 +11,9 @@ interactive endpoint would answer, or a 500) and the batch goes on to complete. 
 be validated fails its batch once, with the reason in `errors`. Only a dead engine leaves lines claimed:
 the process exits, and the next start runs them.
 
+Prepaid balances: each line reserves its worst case at the batch price when it starts (balance_store.py);
+a line the balance cannot cover fails with a 402 in the error file, the others go on.
+
 Rate limits: a batch line counts against its key's requests and tokens per minute (prompt + max_tokens
 x n, as an interactive request does), but waits for room instead of failing with a 429. A line that alone
 needs more than a minute's tokens is that line's 400.
@@ -178,7 +181,7 @@ class BatchWorker:
     async def _advance(self, batch_id: str) -> bool:
         ledger = self.server.ledger
         try:
-            batch = await asyncio.to_thread(ledger.validate_batch, batch_id, [self.server.config.model_name])
+            batch = await asyncio.to_thread(ledger.validate_batch, batch_id, self.server.model_names)
         except Exception:  # an input validation did not foresee: fail the batch once, not at every poll
             logger.exception("batch %s: its input could not be validated", batch_id)
             batch = await asyncio.to_thread(ledger.fail_batch, batch_id, [{
@@ -195,21 +198,24 @@ class BatchWorker:
 
     async def _run_line(self, batch_id: str, endpoint: str, key_id: str, line: dict) -> None:
         """Run one line and record its response with its bill, or its error (not billed)."""
-        server, request_id = self.server, line["id"]
+        server, request_id, reserved = self.server, line["id"], []
         try:
             if endpoint == "/v1/chat/completions":
                 req, prompt, ids, params = server.prepare_chat(line["body"])
                 await self._throttle(key_id, len(ids) + params.max_tokens * params.n)
+                reserved = await self._reserve(key_id, request_id, [(len(ids), params)])
                 response, out = await server.run_chat(key_id, req, prompt, ids, params, request_id, BATCH_PRIORITY,
                                                       bill=False)
                 usage = out.usage
             else:
                 req, prompts, params = server.prepare_completion(line["body"])
                 await self._throttle(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
+                reserved = await self._reserve(key_id, request_id, [(len(ids), p) for ids, p in zip(prompts, params)])
                 response, outs = await server.run_completion(key_id, req, prompts, params, request_id,
                                                              BATCH_PRIORITY, bill=False)
                 usage = Usage.total(o.usage for o in outs)
             cost = server.prices.cost(usage, batch=True)
+            # the line's bill settles its reservation (same request id, same transaction)
             await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
                                     response.model_dump(), request_id, usage, cost)
             return
@@ -220,8 +226,17 @@ class BatchWorker:
         except Exception:
             logger.exception("batch %s: line %s failed", batch_id, line["custom_id"])
             error = internal_error()
+        finally:
+            await server.release(reserved)  # a no-op once the bill settled it
         await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], error.status,
                                 error.body(), request_id)
+
+    async def _reserve(self, key_id: str, request_id: str, prompts: list) -> list[str]:
+        """Reserve a line's worst case at the batch price ((prompt length, SamplingParams) per prompt); a
+        line its key's balance cannot cover fails with a 402, and the batch goes on."""
+        prices = self.server.prices
+        worst = sum(prices.worst_case(n, p.max_tokens * p.n, batch=True) for n, p in prompts)
+        return await self.server.reserve(key_id, {request_id: worst})
 
     async def _throttle(self, key_id: str, tokens: int) -> None:
         """Wait until the key's rate limits admit `tokens` more (see the module docstring)."""

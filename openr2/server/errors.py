@@ -1,11 +1,12 @@
 """OpenAI-shaped errors: one exception type, its JSON body, and the FastAPI handlers that emit it.
 
-Owns `APIError` and its constructors (400/401/404/413/429/503), the body
+Owns `APIError` and its constructors (400/401/402/404/413/429/503), the body
 `{"error": {"message", "type", "param", "code"}}` that the `openai` client reads into `e.message`,
 `e.param`, `e.code`, the translation of pydantic validation errors into a 400 naming the offending field,
 the decoding of JSON bodies into what the rest of the server can take (`decode_json`: no deep nesting, no
 lone surrogates), and `install_error_handlers`, which makes every failure of a FastAPI app answer in that shape: FastAPI's
-default `{"detail": ...}` leaves the client with a bare "Error code: 400". Unexpected exceptions become a
+default `{"detail": ...}` leaves the client with a bare "Error code: 400". Under Anthropic's route
+(/v1/messages) the same errors answer in Anthropic's shape instead (`error_body_for`). Unexpected exceptions become a
 500 with a generic message; the traceback goes to the server log, never into the body.
 
 It does not decide policy (which limits apply, which parameters are unsupported): callers raise.
@@ -55,6 +56,25 @@ def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# Anthropic's Messages API answers its errors in its own shape: {"type": "error", "error": {"type", "message"}}
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error_body(err: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def error_body_for(path: str, err: APIError) -> dict:
+    """The error JSON of the API a path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return anthropic_error_body(err)
+    return err.body()
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, code)
 
@@ -66,6 +86,11 @@ def not_found(message: str, param: str | None = None, code: str | None = None) -
 
 def unauthorized(message: str = "Incorrect API key provided.", code: str = "invalid_api_key") -> APIError:
     return APIError(401, message, INVALID_REQUEST, None, code)
+
+
+def payment_required(message: str) -> APIError:
+    """402: the key's prepaid balance cannot cover the request (DeepSeek's "Insufficient Balance")."""
+    return APIError(402, message, INVALID_REQUEST, None, "insufficient_balance")
 
 
 def too_large(message: str = "The request body is too large.", param: str | None = None) -> APIError:
@@ -222,14 +247,14 @@ def install_error_handlers(app) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    def respond(err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    def respond(err: APIError, request) -> JSONResponse:
+        return JSONResponse(error_body_for(request.url.path, err), status_code=err.status, headers=err.headers)
 
     async def on_api_error(request, exc: APIError):
-        return respond(exc)
+        return respond(exc, request)
 
     async def on_validation_error(request, exc: RequestValidationError):
-        return respond(from_validation_errors(list(exc.errors())))
+        return respond(from_validation_errors(list(exc.errors())), request)
 
     async def on_http_error(request, exc: HTTPException):
         if exc.status_code == 404:
@@ -246,12 +271,12 @@ def install_error_handlers(app) -> None:
             kind = INVALID_REQUEST if exc.status_code < 500 else "server_error"
             err = APIError(exc.status_code, str(exc.detail), kind)
         err.headers.update(exc.headers or {})
-        return respond(err)
+        return respond(err, request)
 
     async def on_exception(request, exc: Exception):
         # Starlette re-raises after sending this response, so the server also logs the traceback.
         logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return respond(internal_error())
+        return respond(internal_error(), request)
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

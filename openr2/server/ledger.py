@@ -1,7 +1,7 @@
 """The server's durable state in one SQLite file: usage rows, hashed API keys, files, batches.
 
-Owns the schema and every query (the batch queries in batch_store.py, a mixin of Ledger); file contents
-live beside the database under data_dir/files/<id>.
+Owns the schema and every query (the batch queries in batch_store.py and the prepaid balances in
+balance_store.py, mixins of Ledger); file contents live beside the database under data_dir/files/<id>.
 It does not compute prices (openr2/billing.py), parse HTTP, or run models: a batch worker drives the batch
 methods (validate_batch -> claim_pending -> complete_request -> finalize_batch) and calls
 reset_in_flight() once at startup.
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from openr2.billing import format_usd
 from openr2.engine.usage import Usage
+from openr2.server.balance_store import BalanceStore, InsufficientBalance  # noqa: F401 (re-exported)
 from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's public names)
     ACTIVE_BATCH_STATES,
     BatchStateError,
@@ -47,7 +48,7 @@ from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's
 )
 from openr2.server.private_files import open_private, private_dir, private_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEY_PREFIX = "sk-openr2-"
 KEY_RANDOM_CHARS = 32
 KEY_LOOKUP_CHARS = 8  # first random chars, stored in clear to find the row; 48 of 192 bits
@@ -83,14 +84,22 @@ CREATE TABLE batch_requests (
     PRIMARY KEY (batch_id, custom_id));
 CREATE INDEX batch_requests_state ON batch_requests(batch_id, state, line);
 """
-_MIGRATIONS: dict[int, str] = {}  # version -> SQL that upgrades from version - 1 (none yet)
+# version -> SQL that upgrades from version - 1; a new ledger is _SCHEMA (version 1) plus every migration
+_MIGRATIONS: dict[int, str] = {
+    2: """
+ALTER TABLE api_keys ADD COLUMN balance_pico_usd INTEGER;
+CREATE TABLE reservations (
+    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, amount_pico_usd INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE INDEX reservations_key ON reservations(key_id);
+""",
+}
 
 
 def _hash_secret(secret: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations)
 
 
-class Ledger(BatchStore):
+class Ledger(BatchStore, BalanceStore):
     """SQLite-backed state of one server. `key_id` scopes files, batches and usage: pass the verified key's
     id, or any fixed string (e.g. "local") when the server runs without keys."""
 
@@ -159,11 +168,11 @@ class Ledger(BatchStore):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
-            else:
-                for v in range(version + 1, SCHEMA_VERSION + 1):
-                    for stmt in _MIGRATIONS[v].split(";"):
-                        if stmt.strip():
-                            db.execute(stmt)
+                version = 1
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ---------------------------------------------------------------- API keys
@@ -177,7 +186,8 @@ class Ledger(BatchStore):
         key_id, salt = new_id("key_"), secrets.token_bytes(16)
         lookup = secret[len(KEY_PREFIX):len(KEY_PREFIX) + KEY_LOOKUP_CHARS]
         with self._tx() as db:
-            db.execute("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,NULL)",
+            db.execute("INSERT INTO api_keys (id, name, lookup, salt, hash, iterations, created_at)"
+                       " VALUES (?,?,?,?,?,?,?)",
                        (key_id, name.strip(), lookup, salt, _hash_secret(secret, salt, PBKDF2_ITERATIONS),
                         PBKDF2_ITERATIONS, self._now()))
         return key_id, secret
@@ -198,9 +208,12 @@ class Ledger(BatchStore):
         return None
 
     def list_keys(self) -> list[dict]:
-        rows = self._query("SELECT id, name, lookup, created_at, revoked_at FROM api_keys ORDER BY rowid")
+        rows = self._query("SELECT id, name, lookup, created_at, revoked_at, balance_pico_usd FROM api_keys"
+                           " ORDER BY rowid")
         return [{"id": r["id"], "name": r["name"], "prefix": f"{KEY_PREFIX}{r['lookup']}...",
-                 "created_at": r["created_at"], "revoked_at": r["revoked_at"]} for r in rows]
+                 "created_at": r["created_at"], "revoked_at": r["revoked_at"],
+                 **({} if r["balance_pico_usd"] is None else {"balance_usd": format_usd(r["balance_pico_usd"])})}
+                for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
         """True if a live key was revoked. The row stays so usage reports can still name it."""
@@ -245,6 +258,7 @@ class Ledger(BatchStore):
             (self._now(), request_id, key_id, model, endpoint, int(bool(batch)), batch_id, custom_id,
              usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens, usage.reasoning_tokens,
              cost, content))
+        self._settle(db, key_id, request_id, cost, billed=cur.rowcount == 1)  # a prepaid balance pays
         return cur.rowcount == 1
 
     def usage_report(self, start: int | None = None, end: int | None = None, group_by: str | None = None,

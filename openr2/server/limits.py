@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from openr2.server.errors import too_large
+from openr2.server.errors import error_body_for, too_large
 
 FILES_PATH = "/v1/files"  # multipart uploads: ServerConfig.max_file_bytes, every other route max_body_bytes
 
@@ -30,7 +30,7 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             err = too_large(f"{what} limited to {limit} bytes; this one declares {int(declared)}.", param)
-            return await JSONResponse(err.body(), err.status)(scope, receive, send)
+            return await JSONResponse(error_body_for(scope["path"], err), err.status)(scope, receive, send)
         received = 0
 
         async def counted():

@@ -1,14 +1,15 @@
 """Responses from engine outputs: pure builders of OpenAI-shaped completions, stream chunks and usage.
 
 Owns turning `RequestOutput`s into the models of protocol.py: reasoning split from content (see
-chat_format.ReasoningParser), finish reasons, logprobs, usage, and the chunk sequence of a stream. No HTTP,
+chat_format.ReasoningParser), tool calls parsed from the answer (tool_calls.ToolCallParser), finish
+reasons, logprobs, usage, and the chunk sequence of a stream. No HTTP,
 no engine calls.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -27,11 +28,15 @@ from openr2.server.protocol import (
     CompletionLogprobs,
     CompletionTokensDetails,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     PromptTokensDetails,
+    ResponseToolCall,
     TokenLogprob,
     TokenText,
     TopLogprob,
     UsageInfo,
+    random_id,
 )
 
 
@@ -99,20 +104,38 @@ def completion_logprobs(samples: list, token_text: TokenText | None, offset: int
     return out
 
 
+def tool_calls(calls: list, start: int = 0) -> list[DeltaToolCall]:
+    """Parsed calls (tool_calls.ParsedCall) -> OpenAI's tool_calls with fresh ids, indexed from `start`."""
+    return [DeltaToolCall(index=start + k, id=random_id("call_"),
+                          function=FunctionCall(name=c.name, arguments=c.arguments)) for k, c in enumerate(calls)]
+
+
+def chat_finish_reason(engine_reason: str | None, num_calls: int) -> str | None:
+    """finish_reason of a chat choice: "tool_calls" when it ended by itself having made calls, never without."""
+    reason = finish_reason(engine_reason)
+    return "tool_calls" if reason == "stop" and num_calls else reason
+
+
 def chat_completion_from_output(output, model: str, created: int, *, starts_in_reasoning: bool = False,
                                 parse_reasoning: bool = True, token_text: TokenText | None = None,
-                                id: str | None = None) -> ChatCompletion:
+                                id: str | None = None, tool_parser: Callable | None = None) -> ChatCompletion:
     """A finished RequestOutput -> the chat response; reasoning is split from content when parse_reasoning
-    (starts_in_reasoning: the prompt ended inside `<think>`, see chat_format.prompt_opens_reasoning)."""
+    (starts_in_reasoning: the prompt ended inside `<think>`, see chat_format.prompt_opens_reasoning), then
+    tool calls from the answer when the request has tools (tool_parser makes a tool_calls.ToolCallParser)."""
     choices = []
     for out in output.outputs:
         reasoning, content = None, out.text
         if parse_reasoning:
             reasoning, content = ReasoningParser(starts_in_reasoning).parse(out.text)
+        calls = []
+        if tool_parser is not None:
+            content, calls = tool_parser().parse(content)
+        message = ChatResponseMessage(content=content or (None if calls else content), reasoning_content=reasoning,
+                                      tool_calls=[ResponseToolCall(**c.model_dump(exclude={"index"}))
+                                                  for c in tool_calls(calls)] or None)
         logprobs = chat_logprobs(out.logprobs, token_text) if out.logprobs is not None else None
-        choices.append(ChatChoice(index=out.index, finish_reason=finish_reason(out.finish_reason) or "stop",
-                                  message=ChatResponseMessage(content=content, reasoning_content=reasoning),
-                                  logprobs=logprobs))
+        choices.append(ChatChoice(index=out.index, finish_reason=chat_finish_reason(out.finish_reason, len(calls))
+                                  or "stop", message=message, logprobs=logprobs))
     return ChatCompletion(id=id or output.request_id, created=created, model=model, choices=choices,
                           usage=usage_from_engine(output.usage))
 
@@ -123,9 +146,12 @@ class ChatStream:
     content delta and its finish_reason (`feed`), then optionally the `choices: []` usage chunk (`usage_chunk`)."""
 
     def __init__(self, id: str, model: str, created: int, n: int = 1, *, starts_in_reasoning: bool = False,
-                 parse_reasoning: bool = True, token_text: TokenText | None = None):
+                 parse_reasoning: bool = True, token_text: TokenText | None = None,
+                 tool_parser: Callable | None = None):
         self.id, self.model, self.created, self.token_text = id, model, created, token_text
         self.parsers = [ReasoningParser(starts_in_reasoning) if parse_reasoning else None for _ in range(n)]
+        self.tool_parsers = [tool_parser() if tool_parser else None for _ in range(n)]
+        self.num_calls = [0] * n
         self.num_tokens = [0] * n  # tokens seen per choice: where the next logprobs start
         self.pending: list[list] = [[] for _ in range(n)]  # logprobs of tokens whose text is held back
         self.done = [False] * n
@@ -152,9 +178,18 @@ class ChatStream:
             if out.finished and parser:
                 r, c = parser.finish()
                 reasoning, content = reasoning + r, content + c
+            calls, tools = [], self.tool_parsers[i]
+            if tools is not None:  # calls are parsed from the answer only, never from the reasoning
+                content, calls = tools.feed(content)
+                if out.finished:
+                    c, more = tools.finish()
+                    content, calls = content + c, calls + more
             pieces = [DeltaMessage(reasoning_content=reasoning)] if reasoning else []
             pieces += [DeltaMessage(content=content)] if content else []
-            reason = finish_reason(out.finish_reason)
+            if calls:
+                pieces.append(DeltaMessage(tool_calls=tool_calls(calls, self.num_calls[i])))
+                self.num_calls[i] += len(calls)
+            reason = chat_finish_reason(out.finish_reason, self.num_calls[i])
             if reason is not None:
                 pieces.append(DeltaMessage(content=""))
                 self.done[i] = True

@@ -10,17 +10,21 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
   * honoured: OpenAI's sampling fields, `max_tokens` / `max_completion_tokens` (both given: the smaller
     wins; the cap covers reasoning too), `stop`, `n`, `seed`, `logprobs`, `stream_options.include_usage`,
     and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, ...);
-    DeepSeek's `thinking` and vLLM's `chat_template_kwargs.thinking` are read by `thinking_enabled`.
+    DeepSeek's `thinking`, vLLM's `chat_template_kwargs.thinking` and `reasoning_effort` ("none": off,
+    any other level: on) are read by `thinking_choice`. `tools` with `tool_choice` "auto" (or absent) are
+    shown to the model in its template's tool format and its calls parsed from the answer;
+    `parallel_tool_calls: false` keeps the first call. With `tool_choice: "none"` tools are not shown.
   * accepted and ignored (they do not change the output): `user`, `metadata`, `store`, `service_tier`,
-    `parallel_tool_calls`, `reasoning_effort`, `prompt_cache_key`, ... and any unknown field, since
-    clients pass arbitrary `extra_body` keys; assistant `reasoning_content` on input is kept for the
-    template, never an error. Past assistant `tool_calls` must have OpenAI's shape (`function.name` and
-    `function.arguments` strings) for the template to render them. `tools` with `tool_choice="none"` are
-    accepted and not shown to the model.
+    `prompt_cache_key`, ... and any unknown field, since clients pass arbitrary `extra_body` keys; assistant
+    `reasoning_content` on input is never an error, and reaches the template only on the tool-calling turns
+    of the current user turn (see template_messages). Past assistant `tool_calls` must have OpenAI's shape
+    (`function.name` and `function.arguments` strings) for the template to render them.
   * rejected with a 400 naming the parameter, because we would silently answer something else:
-    `tools` with any other tool_choice (no tool-call parser yet), `response_format` other than text,
-    non-text content parts, `logit_bias`, `audio`, `prediction`, legacy `functions`, `suffix` (no FIM
-    tokens in our format), `best_of` != n, `echo` with `logprobs`, and guided-decoding extras.
+    `tool_choice` "required" or a named function and `strict` tools (they need constrained decoding),
+    `response_format` other than text, non-text content parts, `logit_bias`, `audio`, `prediction`, legacy
+    `functions`, `best_of` != n, `echo` with `logprobs` or `suffix`, and guided-decoding extras. `suffix`
+    (fill-in-the-middle) is accepted here with text prompts; the server refuses it for a model whose
+    tokenizer has no FIM tokens.
 
 finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
 OpenAI's Literal has no "abort", and "length" is the one value that tells a client the text was cut
@@ -29,6 +33,7 @@ short; "stop" would claim a complete answer.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -54,11 +59,32 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 TokenText = Callable[[int], str]  # token id -> its text, for logprobs (e.g. lambda i: tok.decode([i]))
 MAX_STOP_SEQUENCES = 16  # DeepSeek's limit (OpenAI allows 4)
 MIN_LOGPROB = -9999.0  # OpenAI's stand-in for "very unlikely"; JSON has no -inf
+# OpenAI's values and DeepSeek's ("max"); the templates have no effort levels, only thinking on or off
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def random_id(prefix: str) -> str:
     """"chatcmpl-", "cmpl-": OpenAI-style ids."""
     return prefix + secrets.token_hex(12)
+
+
+def json_body_doc(model) -> dict:
+    """openapi_extra documenting a JSON body the handler reads itself (metadata only: validation stays with
+    the model). The model's $defs are inlined, as refs inside openapi_extra would not resolve."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.split("/")[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 # Fields clients send that we cannot honour: name -> what makes the value a request for the feature.
@@ -127,6 +153,20 @@ class ChatMessage(_Strict):
 
 
 MAX_N = 128  # OpenAI's limit on choices per request
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's and DeepSeek's rule
+
+
+def _check_tool(tool: Any, where: str) -> None:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+        raise ParamError(where, f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}.")
+    if not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
+        raise ParamError(f"{where}.function.name", "a function name is 1 to 64 of a-z, A-Z, 0-9, _ and -.")
+    if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), dict):
+        raise ParamError(where, f"{where}.function: description is a string and parameters a JSON Schema object.")
+    if fn.get("strict"):
+        raise ParamError(f"{where}.function.strict", "strict tools need constrained decoding, which this server "
+                                                     "does not have yet.")
 
 
 class _SamplingRequest(_Strict):
@@ -193,8 +233,10 @@ class _SamplingRequest(_Strict):
     prompt_param: ClassVar[str] = "prompt"  # blamed when the prompt does not fit the context
 
     def to_sampling_params(self, default_max_tokens: int | None, max_model_len: int,
-                           num_prompt_tokens: int | None = None, defaults: dict | None = None):
-        """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len.
+                           num_prompt_tokens: int | None = None, defaults: dict | None = None,
+                           clip_max_tokens: bool = False):
+        """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len
+        (or, with clip_max_tokens, max_tokens is cut to the room left: Anthropic's clients ask for more).
 
         `defaults` (the model's generation_config.json, as vLLM uses it) fill the sampling options the
         request leaves out.
@@ -212,6 +254,8 @@ class _SamplingRequest(_Strict):
         room = max_model_len if num_prompt_tokens is None else max_model_len - num_prompt_tokens
         if num_prompt_tokens is not None and room < 1:
             raise context_length_exceeded(num_prompt_tokens, asked, max_model_len, self.prompt_param)
+        if clip_max_tokens and isinstance(asked, int) and asked > room:
+            asked = room
         if asked is None:
             max_tokens = max_tokens_for(None, max_model_len, num_prompt_tokens, default_max_tokens)
         elif isinstance(asked, int) and asked > room:
@@ -250,7 +294,9 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     thinking: dict | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
+    reasoning_effort: str | None = None  # OpenAI's and DeepSeek's: "none" turns thinking off, the rest on
     chat_template_kwargs: dict | None = None  # vLLM/SGLang: {"thinking": bool} or {"enable_thinking": bool}
 
     prompt_param: ClassVar[str] = "messages"
@@ -270,6 +316,13 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("expected {'type': 'enabled'} or {'type': 'disabled'}")
         return v
 
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _reasoning_effort(cls, v):
+        if v is not None and v not in REASONING_EFFORTS:
+            raise ValueError(f"expected one of {', '.join(REASONING_EFFORTS)}")
+        return v
+
     @model_validator(mode="after")
     def _check(self):
         for i, m in enumerate(self.messages[:-1]):
@@ -277,9 +330,21 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise ParamError(f"messages[{i}].prefix", "only the last message can be a prefix.")
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true.")
-        if self.tools and self.tool_choice != "none":
-            raise ParamError("tools", "tool calling is not supported yet; omit tools or set tool_choice='none'.")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ParamError("tool_choice", "tool_choice 'required' or a named function needs constrained "
+                                            "decoding, which this server does not have yet; use 'auto' or 'none'.")
+        for k, tool in enumerate(self.tools if self.tools_active else []):  # with "none" they are never shown
+            _check_tool(tool, f"tools[{k}]")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Whether the model is shown the tools and its calls are parsed (tool_choice auto)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools or []]
 
     def _asked_max_tokens(self):
         given = [(v, k) for k, v in (("max_tokens", self.max_tokens),
@@ -292,13 +357,20 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def thinking_enabled(self) -> bool | None:
         """True/False when the request chose thinking mode, None for the model's default."""
+        return self.thinking_choice()[0]
+
+    def thinking_choice(self) -> tuple[bool | None, str | None]:
+        """(thinking mode, the parameter that chose it), or (None, None) for the model's default. DeepSeek's
+        `thinking` wins over vLLM's `chat_template_kwargs`, which wins over `reasoning_effort`."""
         if self.thinking is not None:
-            return self.thinking["type"] == "enabled"
+            return self.thinking["type"] == "enabled", "thinking"
         kwargs = self.chat_template_kwargs or {}
         for key in ("thinking", "enable_thinking"):
             if isinstance(kwargs.get(key), bool):
-                return kwargs[key]
-        return None
+                return kwargs[key], "chat_template_kwargs"
+        if self.reasoning_effort is not None:
+            return self.reasoning_effort != "none", "reasoning_effort"
+        return None, None
 
     @property
     def assistant_prefix(self) -> str | None:
@@ -310,9 +382,19 @@ class ChatCompletionRequest(_SamplingRequest):
         return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
 
     def template_messages(self) -> list[dict]:
-        """Messages for chat_format.render_chat, without a trailing prefix message (see assistant_prefix)."""
+        """Messages for chat_format.render_chat, without a trailing prefix message (see assistant_prefix).
+
+        An assistant's `reasoning_content` is kept where DeepSeek's API keeps it: on the tool-calling turns
+        after the last user message (thinking mode must see the reasoning of the tool loop it is in);
+        elsewhere it is dropped, as DeepSeek drops the reasoning of earlier turns."""
         msgs = self.messages[:-1] if self.messages[-1].prefix else self.messages
-        return [m.model_dump(exclude_none=True, exclude={"prefix"}) for m in msgs]
+        last_user = max((i for i, m in enumerate(msgs) if m.role == "user"), default=-1)
+        out = []
+        for i, m in enumerate(msgs):
+            keep_reasoning = m.role == "assistant" and bool(m.tool_calls) and i > last_user
+            out.append(m.model_dump(exclude_none=True, exclude={"prefix"} if keep_reasoning
+                                    else {"prefix", "reasoning_content"}))
+        return out
 
 
 class CompletionRequest(_SamplingRequest):
@@ -335,15 +417,12 @@ class CompletionRequest(_SamplingRequest):
         raise ValueError("expected a string, a list of strings, a list of token ids or a list of such lists, "
                          "none of them empty")
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ParamError("suffix", "suffix (fill-in-the-middle) is not supported by this model.")
-        return v
-
     @model_validator(mode="after")
     def _check(self):
+        if self.suffix and any(not isinstance(p, str) for p in self.prompts()):
+            raise ParamError("suffix", "suffix (fill-in-the-middle) takes text prompts, not token ids.")
+        if self.suffix and self.echo:
+            raise ParamError("echo", "echo is not supported with suffix (fill-in-the-middle).")
         if self.best_of not in (None, 1, self.n):
             raise ParamError("best_of", "best_of is not supported; use n.")
         if self.echo and self.logprobs is not None:
@@ -393,10 +472,35 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_any(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class DeltaToolCall(ResponseToolCall):
+    """A streamed call: OpenAI's delta shape, sent whole (id, name and all its arguments in one fragment)."""
+
+    index: int
 
 
 class ChatChoice(BaseModel):
@@ -420,15 +524,18 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _role_once(self, handler):
-        # role only on the first delta (OpenAI); content and reasoning_content always, null when unused:
-        # DeepSeek's documented loop reads delta.reasoning_content on every chunk and appends delta.content
-        # whenever it is falsy, so the finish chunk carries content "" (see ChatStream)
+        # role only on the first delta (OpenAI), tool_calls only where there are some; content and
+        # reasoning_content always, null when unused: DeepSeek's documented loop reads delta.reasoning_content
+        # on every chunk and appends delta.content whenever it is falsy, so the finish chunk carries content ""
+        # (see ChatStream)
         data = handler(self)
-        if data.get("role") is None:
-            data.pop("role", None)
+        for key in ("role", "tool_calls"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -482,6 +589,7 @@ class Model(BaseModel):
     created: int
     owned_by: str = "openr2"
     max_model_len: int | None = None
+    root: str | None = None  # vLLM's field: the served model an alias names
 
 
 class ModelList(BaseModel):

@@ -20,7 +20,7 @@ def _client(base_url, key="unused"):
 
 def test_models_and_health(live):
     base_url, _ = live
-    assert [m.id for m in _client(base_url).models.list().data] == ["tiny"]
+    assert [m.id for m in _client(base_url).models.list().data] == ["tiny", "deepseek-chat", "deepseek-reasoner"]
     assert httpx.get(base_url + "/v1/models").json()["data"][0]["max_model_len"] == 512  # vLLM's field
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
 

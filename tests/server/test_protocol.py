@@ -203,6 +203,63 @@ def test_official_client_streams_reasoning_and_usage():
     assert final.choices[0].message.content == "Hello!" and final.choices[0].finish_reason == "stop"
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def _tool_parser():
+    from openr2.tool_calls import V3, ToolCallParser
+
+    return ToolCallParser(V3, ["weather"])
+
+
+def test_tool_calls_non_streamed_pass_strict_validation_and_never_come_empty():
+    from openr2.tool_calls import V3
+
+    calls = V3.calls_text([("weather", '{"city": "Paris"}'), ("weather", '{"city": "Oslo"}')])
+    out = request_output([f"<think>\ncall it {calls}\n</think>\n\nChecking." + calls, "No tools here.",
+                          calls[:-40]], reasons=("stop", "stop", "length"))
+    resp = chat_completion_from_output(out, "m", 1, tool_parser=_tool_parser)
+    parsed = strict(SDKChatCompletion, resp)
+    first, plain, cut = parsed.choices
+    assert first.finish_reason == "tool_calls" and first.message.content == "Checking."
+    assert first.message.reasoning_content == f"call it {calls}"  # calls in the reasoning stay reasoning
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in first.message.tool_calls] == \
+        [("weather", {"city": "Paris"}), ("weather", {"city": "Oslo"})]
+    assert len({c.id for c in first.message.tool_calls}) == 2 and all(c.type == "function"
+                                                                       for c in first.message.tool_calls)
+    assert plain.finish_reason == "stop" and plain.message.tool_calls is None
+    assert "tool_calls" not in json.loads(resp.model_dump_json())["choices"][1]["message"]
+    assert cut.finish_reason == "length" and len(cut.message.tool_calls) == 1  # the complete call, cut after it
+    only_text = chat_completion_from_output(request_output([calls.replace("weather", "nope")]), "m", 1,
+                                            tool_parser=_tool_parser)
+    assert only_text.choices[0].finish_reason == "stop" and only_text.choices[0].message.tool_calls is None
+
+
+def test_official_client_streams_tool_calls():
+    from openr2.tool_calls import V3
+
+    calls = V3.calls_text([("weather", '{"city": "Paris"}'), ("weather", '{"city": "Oslo"}')])
+
+    def handler(request):
+        stream = ChatStream("chatcmpl-t", "m", 42, starts_in_reasoning=True, tool_parser=_tool_parser)
+        first = calls.index("<｜tool▁call▁end｜>") + len("<｜tool▁call▁end｜>")  # a call per delta
+        pieces = ["plan", "</think>", "Let me check.", calls[:30], calls[30:first], calls[first:], ""]
+        events = [sse(c) for c in stream.start() + [c for s in _steps(pieces) for c in stream.feed(s)]]
+        wire = [json.loads(e.removeprefix("data: ")) for e in events]
+        deltas = [w["choices"][0]["delta"] for w in wire if w["choices"][0]["delta"].get("tool_calls")]
+        assert [d["tool_calls"][0]["index"] for d in deltas] == [0, 1] and deltas[0]["content"] is None
+        return httpx2.Response(200, content="".join([*events, SSE_DONE]).encode(),
+                               headers={"content-type": "text/event-stream"})
+
+    client = sdk_client(handler)
+    with client.chat.completions.stream(model="m", messages=[{"role": "user", "content": "hi"}],
+                                        tools=[WEATHER_TOOL]) as s:
+        final = s.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    assert [json.loads(c.function.arguments)["city"] for c in choice.message.tool_calls] == ["Paris", "Oslo"]
+
+
 def test_completion_stream():
     stream = CompletionStream("cmpl-s", "m", 3, n=1, echo=True, token_text=token_text)
     steps = _steps(["Hi", " there", ""])
@@ -256,7 +313,7 @@ def test_sdk_chat_payload_parses():
     req = ChatCompletionRequest.parse(body)
     assert req.include_usage and req.thinking_enabled is False and req.assistant_prefix is None
     tm = req.template_messages()
-    assert tm[3] == {"role": "assistant", "content": "earlier", "reasoning_content": "old thoughts"}
+    assert tm[3] == {"role": "assistant", "content": "earlier"}  # DeepSeek drops earlier turns' reasoning
     assert tm[1]["content"] == [{"type": "text", "text": "Really."}] and "prefix" not in tm[0]
     p = req.to_sampling_params(default_max_tokens=1024, max_model_len=4096, num_prompt_tokens=50)
     assert (p.max_tokens, p.n, p.seed, p.temperature, p.top_p, p.top_k, p.min_p) == (64, 2, 7, 0.6, 0.9, 20, 0.05)
@@ -317,6 +374,34 @@ def test_prefix_completion_and_thinking_switches():
     assert plain.thinking_enabled is None and plain.to_sampling_params(8, 64).logprobs is None
 
 
+@pytest.mark.parametrize("extra,choice", [
+    ({}, (None, None)),
+    ({"reasoning_effort": "none"}, (False, "reasoning_effort")),
+    ({"reasoning_effort": "low"}, (True, "reasoning_effort")),
+    ({"reasoning_effort": "max"}, (True, "reasoning_effort")),
+    ({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}}, (False, "chat_template_kwargs")),
+    ({"reasoning_effort": "none", "thinking": {"type": "enabled"}, "chat_template_kwargs": {"thinking": False}},
+     (True, "thinking")),
+])
+def test_thinking_choice_and_the_parameter_that_made_it(extra, choice):
+    assert ChatCompletionRequest.parse({**CHAT, **extra}).thinking_choice() == choice
+
+
+def test_reasoning_content_reaches_the_template_only_on_the_current_tool_turns():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "old tool plan"},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+        {"role": "assistant", "content": "a1", "reasoning_content": "old answer plan"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "current plan"},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ]
+    tm = ChatCompletionRequest.parse({**CHAT, "messages": msgs}).template_messages()
+    assert [m.get("reasoning_content") for m in tm] == [None, None, None, None, None, "current plan", None]
+
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 BAD_CHAT = [
     ({"messages": []}, "messages"),
@@ -335,12 +420,19 @@ BAD_CHAT = [
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "tools[0].function.strict"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"audio": {"voice": "x"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"thinking": {"type": "maybe"}}, "thinking"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"reasoning_effort": 3}, "reasoning_effort"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ]
 BAD_SAMPLING = [
@@ -368,7 +460,8 @@ def test_bad_sampling_values_name_the_param(patch, param):
 
 @pytest.mark.parametrize("patch,param", [
     ({"prompt": []}, "prompt"), ({"prompt": [[1], "a"]}, "prompt"), ({"prompt": [True, 2]}, "prompt"),
-    ({"prompt": [[]]}, "prompt"), ({"suffix": "tail"}, "suffix"), ({"best_of": 3}, "best_of"),
+    ({"prompt": [[]]}, "prompt"), ({"suffix": "tail", "prompt": [1, 2]}, "suffix"),
+    ({"suffix": "tail", "echo": True}, "echo"), ({"best_of": 3}, "best_of"),
     ({"echo": True, "logprobs": 1}, "echo"), ({"prompt": None}, "prompt"),
 ])
 def test_bad_completion_requests_name_the_param(patch, param):

@@ -1,0 +1,67 @@
+"""What the served model's chat template can do, and what a chat request asks of it.
+
+Owns `TemplateFeatures`: the thinking modes the template has and the tool-call dialect it writes (both read
+once from the template itself, chat_format.thinking_modes / tool_support), the template options and messages
+of one chat request (`prompt_inputs`: its thinking choice, or the mode its model alias implies, and its tools),
+with a 400 naming the parameter when the template cannot do what the request asks, and the parser of the
+request's tool calls (`tool_parser`). It does not render (chat_format.render_chat) nor run anything.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from openr2.chat_format import ToolSupport, thinking_modes, tool_support, with_tools
+from openr2.server.errors import bad_request
+from openr2.tool_calls import ToolCallParser
+
+ToolParserFactory = Callable[[], ToolCallParser]  # a fresh parser per choice
+
+
+class TemplateFeatures:
+    def __init__(self, tokenizer, model_name: str):
+        self.tokenizer, self.model_name = tokenizer, model_name
+
+    @functools.cached_property
+    def thinking_modes(self) -> frozenset[bool]:
+        """{True}, {False} or both (chat_format.thinking_modes)."""
+        return thinking_modes(self.tokenizer)
+
+    @functools.cached_property
+    def tools(self) -> ToolSupport:
+        """The tool-call dialect and whether the template describes tools itself (chat_format.tool_support)."""
+        return tool_support(self.tokenizer)
+
+    def prompt_inputs(self, req, implied_thinking: bool | None) -> tuple[list[dict], dict]:
+        """(messages, template options) for a chat request (protocol.ChatCompletionRequest)."""
+        options = self.thinking_option(req, implied_thinking)
+        messages = req.template_messages()
+        if req.tools_active:
+            if self.tools.dialect is None:
+                raise bad_request(f"The model '{self.model_name}' cannot be asked for tool calls: its chat "
+                                  f"template has no tool-call format.", "tools")
+            messages, tool_options = with_tools(messages, req.tools, self.tools)
+            options.update(tool_options)
+        return messages, options
+
+    def thinking_option(self, req, implied: bool | None) -> dict:
+        """The template's `thinking` option: the request's own choice (a 400 naming its parameter if the
+        template has no such mode), else what the model alias implies where the template has that mode, else
+        nothing (the template's default)."""
+        asked, param = req.thinking_choice()
+        modes = self.thinking_modes
+        if asked is not None and asked not in modes:
+            mode = "thinking" if asked else "non-thinking"
+            raise bad_request(f"The model '{self.model_name}' has no {mode} mode: its chat template "
+                              f"{'always thinks' if modes == {True} else 'never thinks'}.", param)
+        chosen = asked if asked is not None else implied
+        return {} if chosen is None or chosen not in modes else {"thinking": chosen}
+
+    def tool_parser(self, req) -> ToolParserFactory | None:
+        """What parses a chat request's tool calls out of each answer; None without tools to call."""
+        if not req.tools_active:
+            return None
+        dialect, names = self.tools.dialect, req.tool_names
+        max_calls = 1 if req.parallel_tool_calls is False else None
+        return lambda: ToolCallParser(dialect, names, max_calls)

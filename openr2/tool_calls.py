@@ -1,0 +1,184 @@
+"""Tool calls in DeepSeek's chat formats: how a model writes them, how tools are described to it, and parsing
+the calls back out of its answer (whole, or delta by delta with the same result).
+
+DeepSeek's templates write calls in one of two dialects (vllm#23454: parsers are template-specific):
+
+    V3 (DeepSeek-V3, R1 and openr2's built-in format), calls separated by a newline:
+        <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+    V3.1 (DeepSeek-V3.1, V3.2-Exp), calls chained without separators:
+        <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+
+Which one a checkpoint speaks is read from its own chat template (chat_format.tool_dialect renders a past call
+with it). DeepSeek's released templates do not describe the available tools (its API adds them to the system
+prompt), so `tools_prompt` writes that description in the dialect's own terms (for V3.1 the format its model
+card gives). It does not render chats (chat_format.py) nor know the API's shapes (server/).
+
+Parsing (`ToolCallParser`): text before `<｜tool▁calls▁begin｜>` is content; each complete call whose name is
+one of the request's tools and whose arguments are a JSON object becomes a ParsedCall; anything else inside the
+calls block (a malformed or unknown call, a call cut short by max_tokens) goes back into content as the model
+wrote it, so a client never gets a call that is not one, and `finish_reason: "tool_calls"` always comes with
+calls. Only the answer is parsed: reasoning is split off first (chat_format.ReasoningParser).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from openr2.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text of an object, as the model wrote it (stripped)
+
+
+@dataclass(frozen=True)
+class ToolCallDialect:
+    name: str  # "v3" or "v3.1"
+
+    def call_text(self, name: str, arguments: str) -> str:
+        """One call as the model writes it (between and including the call markers)."""
+        body = f"function{TOOL_SEP}{name}\n```json\n{arguments}\n```" if self.name == "v3" else \
+            f"{name}{TOOL_SEP}{arguments}"
+        return TOOL_CALL_BEGIN + body + TOOL_CALL_END
+
+    def calls_text(self, calls: list[tuple[str, str]]) -> str:
+        """A whole calls block: (name, arguments) pairs."""
+        sep = "\n" if self.name == "v3" else ""
+        return TOOL_CALLS_BEGIN + sep.join(self.call_text(n, a) for n, a in calls) + TOOL_CALLS_END
+
+    def parse_call(self, body: str) -> tuple[str, str] | None:
+        """The text between one call's markers -> (name, arguments text), or None if it is not in this dialect."""
+        head, sep, rest = body.partition(TOOL_SEP)
+        if not sep:
+            return None
+        if self.name == "v3.1":
+            return head.strip(), rest.strip()
+        name, newline, args = rest.partition("\n")
+        args = args.strip()
+        if not newline or not args.startswith("```"):
+            return None
+        args = args.removeprefix("```json").removeprefix("```").removesuffix("```")
+        return name.strip(), args.strip()
+
+
+V3 = ToolCallDialect("v3")
+V31 = ToolCallDialect("v3.1")
+DIALECTS = (V3, V31)
+
+
+def tools_prompt(tools: list[dict], dialect: ToolCallDialect) -> str:
+    """The system-prompt text that tells the model its tools (OpenAI's `tools`) and how to call them."""
+    parts = ["## Tools", "You have access to the following tools:"]
+    for tool in tools:
+        fn = tool["function"]
+        parts.append(f"### {fn['name']}\nDescription: {fn.get('description', '')}\n\n"
+                     f"Parameters: {json.dumps(fn.get('parameters', {}), ensure_ascii=False)}")
+    if dialect.name == "v3.1":
+        example = (f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}tool_call_name{TOOL_SEP}tool_call_arguments{TOOL_CALL_END}"
+                   f"{{{{additional_tool_calls}}}}{TOOL_CALLS_END}")
+        rules = "- For multiple tool calls, chain them directly without separators or spaces"
+    else:
+        example = (f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}tool_call_name\n```json\n"
+                   f"tool_call_arguments\n```{TOOL_CALL_END}{TOOL_CALLS_END}")
+        rules = "- For multiple tool calls, put each call on its own line inside the same block"
+    parts.append("IMPORTANT: ALWAYS adhere to this exact format for tool use:\n" + example + "\n\nWhere:\n\n"
+                 "- `tool_call_name` must be an exact match to one of the available tools\n"
+                 "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+                 + rules)
+    return "\n\n".join(parts)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag (a tag maybe cut by a delta)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ToolCallParser:
+    """Splits an answer into content and tool calls, delta by delta; see the module docstring for the rules.
+
+    feed(delta) and finish() return (content delta, calls completed by this delta); the concatenation over a
+    whole answer equals parse(answer). `max_calls` keeps the first calls only (parallel_tool_calls=false); the
+    ones past it go back into content like malformed ones.
+    """
+
+    def __init__(self, dialect: ToolCallDialect, tool_names, max_calls: int | None = None):
+        self.dialect, self.tool_names, self.max_calls = dialect, frozenset(tool_names), max_calls
+        self.calls: list[ParsedCall] = []
+        self._buf = ""
+        self._in_block = False
+
+    def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
+        p = ToolCallParser(self.dialect, self.tool_names, self.max_calls)
+        c1, calls1 = p.feed(text)
+        c2, calls2 = p.finish()
+        return c1 + c2, calls1 + calls2
+
+    def feed(self, delta: str) -> tuple[str, list[ParsedCall]]:
+        self._buf += delta
+        return self._drain(final=False)
+
+    def finish(self) -> tuple[str, list[ParsedCall]]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> tuple[str, list[ParsedCall]]:
+        content: list[str] = []
+        calls: list[ParsedCall] = []
+        while self._buf:
+            if not self._in_block:
+                i = self._buf.find(TOOL_CALLS_BEGIN)
+                if i < 0:
+                    keep = 0 if final else _partial_suffix(self._buf, TOOL_CALLS_BEGIN)
+                    content.append(self._buf[:len(self._buf) - keep])
+                    self._buf = self._buf[len(self._buf) - keep:]
+                    break
+                content.append(self._buf[:i])
+                self._buf, self._in_block = self._buf[i + len(TOOL_CALLS_BEGIN):], True
+                continue
+            head = self._buf.lstrip()
+            if head.startswith(TOOL_CALLS_END):
+                self._buf, self._in_block = head[len(TOOL_CALLS_END):], False
+                continue
+            if head.startswith(TOOL_CALL_BEGIN):
+                end = head.find(TOOL_CALL_END)
+                if end < 0:
+                    if final:  # cut short: the model's text, not a call
+                        content.append(head)
+                        self._buf = ""
+                    break
+                call = self._call(head[len(TOOL_CALL_BEGIN):end])
+                if call is None:
+                    content.append(head[:end + len(TOOL_CALL_END)])
+                else:
+                    calls.append(call)
+                    self.calls.append(call)
+                self._buf = head[end + len(TOOL_CALL_END):]
+                continue
+            # text inside the block that is no call: back to content, up to the next marker
+            marks = [j for j in (head.find(TOOL_CALL_BEGIN), head.find(TOOL_CALLS_END)) if j >= 0]
+            if marks:
+                content.append(head[:min(marks)])
+                self._buf = head[min(marks):]
+                continue
+            if final:
+                content.append(head)
+                self._buf = ""
+            break  # else wait: a marker may still be arriving
+        return "".join(content), calls
+
+    def _call(self, body: str) -> ParsedCall | None:
+        parsed = self.dialect.parse_call(body)
+        if parsed is None or parsed[0] not in self.tool_names:
+            return None
+        if self.max_calls is not None and len(self.calls) >= self.max_calls:
+            return None
+        try:
+            args = json.loads(parsed[1])
+        except ValueError:
+            return None
+        return ParsedCall(parsed[0], parsed[1]) if isinstance(args, dict) else None
