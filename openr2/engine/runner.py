@@ -29,6 +29,9 @@ class ModelRunner:
         self.fused_draft = False  # compiled decode rows also run the first MTP draft step (engine sets it)
         self.device = model.device
         self._compiled_decode = None
+        # DeepSeek-V3.2 (sparse attention: the indexer's scores and top-k, the selected latents' gather) runs
+        # its decode steps eagerly: the compiled step (engine/compiled.py) carries the dense latent cache only
+        compile = compile and not model.config.has_indexer
         if compile:
             from openr2.quant.layers import quant_schemes
 
