@@ -206,3 +206,32 @@ def test_llm_greedy_generation_equals_transformers_generate(tmp_path):
     again = llm.generate([{"prompt_token_ids": want[0, : P + K].tolist()}],
                          SamplingParams(temperature=0, max_tokens=new - K, ignore_eos=True))[0]
     assert again.num_cached_tokens >= P and again.outputs[0].token_ids == want[0, P + K :].tolist()
+
+
+def test_mtp_speculative_greedy_equals_plain_greedy():
+    """MTP drafts on V3.2 (the MTP layer's indexer keys in the pool's layer L; verify rows of 1 + k tokens
+    through the sparse path; rejected tokens' keys overwritten later): greedy outputs equal those without
+    drafts, with chunked prefills beside decodes and prompts up to ~9x index_topk."""
+    from openr2.engine.llm import LLM
+    from openr2.engine.sampling import SamplingParams
+
+    model = build_model(dataclasses.replace(tiny_v32(), num_nextn_predict_layers=1), seed=7)
+    perturb_(model, seed=7, scale=0.5)
+    model.eval()
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 40, 17, 70)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    options = dict(compile=False, block_size=8, num_blocks=40, max_num_batched_tokens=48)
+    outs = {}
+    for spec in (None, "mtp:2"):
+        llm = LLM(model, speculative_config=spec, **options)
+        outs[spec] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        assert llm.engine.blocks.num_free == llm.engine.pool.num_blocks
+    assert llm.engine.spec_stats.num_draft_tokens > 0
+    assert outs["mtp:2"] == outs[None]
+    for prompt, got in zip(prompts, outs[None]):  # and both are the full forward's greedy continuation
+        seq = torch.tensor([prompt])
+        with torch.inference_mode():
+            for _ in range(16):
+                seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert seq[0, len(prompt):].tolist() == got
