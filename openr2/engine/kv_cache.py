@@ -27,8 +27,8 @@ Sparse attention (V3.2; the protocol's `write_indexer`, `index_scores`, `attend_
 scatters the indexer keys to the latents' slots; `index_scores` scores every context key of each row from the
 indexer keys alone (gathered [B, S, Di] in position order: Di floats per key, against C + R for a latent; the
 latents are not read); `attend_sparse` maps the selected key positions [B, T, K] to pool slots through the
-block tables (tensor ops) and gathers only those K latents per query (model/mla.py's `attend_latent_sparse`
-over the pool layer itself): a decode step reads K latents, not the context's.
+block tables (tensor ops) and gathers only those K latents per query (index_select by slot, then
+model/mla.py's `attend_latent_sparse` products): a decode step reads K latents, not the context's.
 
 Shape legend: L layers, N slots (num_blocks * block_size), B rows, T new tokens per row (padded),
 S context per row (padded), W blocks per block table, C kv_lora_rank, R rope dim, Di indexer head dim,
@@ -44,7 +44,9 @@ import torch
 from openr2.config import ModelConfig
 from openr2.engine import paged_attention
 from openr2.model.indexer import index_scores
-from openr2.model.mla import attend_latent_sparse, causal_mask
+from openr2.model.mla import causal_mask
+
+_GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered latent elements per chunk of queries (attend_sparse)
 
 READ_IMPLS = ("blocks", "gather")  # the absorbed read: in place through the block tables, or the gather reference
 
@@ -203,7 +205,9 @@ class PagedView:
                      scale: float) -> torch.Tensor:
         """[B, T, S] float32: the indexer's score of each row's context keys 0..S-1 (S = the longest context),
         -inf past each query's position. Reads the indexer keys only (gathered in position order)."""
-        keys = self.pool.k_index[self._layer(layer_idx)][self.slots()].to(q_index.dtype)  # [B, S, Di]
+        slots = self.slots()
+        keys = self.pool.k_index[self._layer(layer_idx)].index_select(0, slots.flatten())
+        keys = keys.view(*slots.shape, -1).to(q_index.dtype)  # [B, S, Di]
         return index_scores(q_index, keys, weights, scale, causal_mask(positions, keys.shape[1]))
 
     def key_slots(self, indices: torch.Tensor) -> torch.Tensor:
@@ -216,21 +220,30 @@ class PagedView:
     def attend_sparse(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
                       indices: torch.Tensor, scale: float) -> torch.Tensor:
         """`attend` over only the keys indices [B, T, K] at or before each query's position: [B, T, H, C]. Only
-        the selected latents are read (gathered from the pool by slot), never a row's whole context."""
-        i, B = self._layer(layer_idx), q_latent.shape[0]
+        the selected latents are read (gathered from the pool by slot, t queries at a time), never a row's
+        whole context. model/mla.py's `attend_latent_sparse` (the same products over a dense context) is
+        the reference."""
+        i = self._layer(layer_idx)
         pool_c, pool_r = self.pool.c_kv[i], self.pool.k_rope[i]
-        if pool_c.dtype != q_latent.dtype:  # a cast of the pool would copy it: gather first, then cast
-            slots = self.key_slots(indices)
-            c_sel = pool_c[slots.flatten(1)].to(q_latent.dtype)  # [B, T*K, C]
-            r_sel = pool_r[slots.flatten(1)].to(q_rope.dtype)
-            T, K = indices.shape[1:]
-            local = torch.arange(T * K, device=indices.device).view(1, T, K).expand(B, T, K)
-            return attend_latent_sparse(q_latent, q_rope, c_sel, r_sel, local, indices <= positions[:, :, None],
-                                        scale)
-        # the pool layer seen as every row's context (a view, no copy), indexed by slot
-        N = pool_c.shape[0]
-        return attend_latent_sparse(q_latent, q_rope, pool_c.expand(B, N, -1), pool_r.expand(B, N, -1),
-                                    self.key_slots(indices), indices <= positions[:, :, None], scale)
+        B, T, H, C = q_latent.shape
+        K, R = indices.shape[-1], q_rope.shape[-1]
+        slots = self.key_slots(indices)
+        visible = indices <= positions[:, :, None]
+        step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, B * K * (C + R)))
+        out = []
+        for t0 in range(0, T, step):
+            sl = slots[:, t0 : t0 + step]
+            t = sl.shape[1]
+            flat = sl.reshape(-1)
+            c_sel = pool_c.index_select(0, flat).view(B * t, K, C).to(q_latent.dtype)  # [B t, K, C]
+            r_sel = pool_r.index_select(0, flat).view(B * t, K, R).to(q_rope.dtype)
+            scores = torch.bmm(q_latent[:, t0 : t0 + step].reshape(B * t, H, C), c_sel.transpose(1, 2))
+            scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
+                                   alpha=scale, beta=scale)  # [B t, H, K]
+            scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
+            probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
+            out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def slots(self) -> torch.Tensor:
         """[B, S] the pool slot of each row's key j (S = the longest context; past a row's end: block 0 or

@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 
+from openr2.engine import kv_cache
 from openr2.engine.kv_cache import KVPool, LatentKind, bytes_per_token, cache_kinds
 from openr2.model.mla import LatentCache
 from openr2.model.transformer import build_model
@@ -57,11 +58,14 @@ def _random_pool(config, lengths, bs, dtype, gen):
     return pool, tables, ctx
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_index_scores_and_attend_sparse_equal_the_latent_caches(dtype):
+@pytest.mark.parametrize("dtype,chunked", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_paged_index_scores_and_attend_sparse_equal_the_latent_caches(dtype, chunked, monkeypatch):
     """Rows of 45, 13 and 70 cached tokens whose last 3, 1 and 4 are this step's queries (padded to 4);
     random queries, head weights and selections (some keys past the query: masked). Each row's paged
-    result equals LatentCache's over that row's context (float32), both against a float64 LatentCache."""
+    result equals LatentCache's over that row's context (float32), both against a float64 LatentCache.
+    chunked: attend_sparse gathers one query's selection at a time."""
+    if chunked:
+        monkeypatch.setattr(kv_cache, "_GATHER_CHUNK_ELEMENTS", 1)
     config = tiny_v32()
     gen = torch.Generator().manual_seed(0)
     lengths, new, bs, layer = [45, 13, 70], [3, 1, 4], 8, 1
