@@ -1,7 +1,7 @@
 """Long-context decode: dense MLA vs DeepSeek Sparse Attention (V3.2) over the engine's paged pool.
 
-A small model with V3.2's attention shapes (kv_lora_rank 512, rope 64, nope 128, v 128; indexer 64 heads x 128,
-index_topk 2048) but few heads, a small hidden size and two layers, float32. For each context (4K, 16K, 64K,
+A small model with V3.2's attention shapes (128 heads, kv_lora_rank 512, rope 64, nope 128, v 128; indexer 64
+heads x 128, index_topk 2048) but a small hidden size, two layers and dense MLPs, float32. For each context (4K, 16K, 64K,
 128K by default) one row's pool is filled with random latents and indexer keys (unit-variance, as the norms
 leave them) in shuffled blocks of 64, and one decode step (one new token, the absorbed path, eager, as the
 engine runs V3.2) is timed:
@@ -11,7 +11,7 @@ engine runs V3.2) is timed:
          latents are gathered by slot (engine/kv_cache.py: PagedView.index_scores / attend_sparse).
 Bytes read per step are counted from the shapes (per layer: dense S (C + R), DSA S Di + min(K, S) (C + R)
 elements, 4 bytes each; the indexer keys are gathered once more as a copy). Prefill time: one prompt of
---prefill-tokens through the model over the paged cache in chunks of 512 (naive path), dense and DSA.
+--prefill-tokens (2K: the naive path's cost is quadratic, longer prompts take minutes here) through the model over the paged cache in chunks of 512 (naive path), dense and DSA.
 Cache bytes per token: dense MLA (deepseek_v3) vs V3.2 (latent + indexer key), float32 and bfloat16.
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/longctx.py [--contexts 4096,16384,65536,131072 --runs 5]
@@ -41,10 +41,10 @@ from openr2.presets import tiny_v32  # noqa: E402
 BLOCK = 64
 
 
-def config():
+def config(heads):
     return dataclasses.replace(
         tiny_v32(), vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        first_k_dense_replace=2, num_attention_heads=8, kv_lora_rank=512, q_lora_rank=256, qk_nope_head_dim=128,
+        first_k_dense_replace=2, num_attention_heads=heads, kv_lora_rank=512, q_lora_rank=256, qk_nope_head_dim=128,
         qk_rope_head_dim=64, v_head_dim=128, index_n_heads=64, index_head_dim=128, index_topk=2048,
         max_position_embeddings=262144, rope_scaling=None, num_nextn_predict_layers=0)
 
@@ -70,10 +70,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=128, help="attention heads (the release's 128 by default)")
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = config()
+    cfg = config(args.heads)
     model = build_model(cfg, seed=0).eval()
     K, L = cfg.index_topk, cfg.num_hidden_layers
     C, R, Di = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim

@@ -43,10 +43,10 @@ import torch
 
 from openr2.config import ModelConfig
 from openr2.engine import paged_attention
-from openr2.model.indexer import index_scores
 from openr2.model.mla import causal_mask
 
 _GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered latent elements per chunk of queries (attend_sparse)
+_SCORE_CHUNK_ELEMENTS = 1 << 26  # indexer products [B, t, Hi, S] per chunk of queries (index_scores)
 
 READ_IMPLS = ("blocks", "gather")  # the absorbed read: in place through the block tables, or the gather reference
 
@@ -207,8 +207,18 @@ class PagedView:
         -inf past each query's position. Reads the indexer keys only (gathered in position order)."""
         slots = self.slots()
         keys = self.pool.k_index[self._layer(layer_idx)].index_select(0, slots.flatten())
-        keys = keys.view(*slots.shape, -1).to(q_index.dtype)  # [B, S, Di]
-        return index_scores(q_index, keys, weights, scale, causal_mask(positions, keys.shape[1]))
+        kt = keys.view(*slots.shape, -1).float().transpose(1, 2).unsqueeze(1)  # [B, 1, Di, S]
+        # model/indexer.py's `index_scores` (the reference, same products in the same order), with its scale
+        # and ReLU in place: the [B, t, Hi, S] products are the step's largest tensor
+        B, T, Hi, _ = q_index.shape
+        S = kt.shape[-1]
+        step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, B * Hi * S))
+        out = []
+        for t0 in range(0, T, step):
+            s = torch.matmul(q_index[:, t0 : t0 + step].float(), kt).mul_(scale).relu_()  # [B, t, Hi, S]
+            out.append(torch.matmul(weights[:, t0 : t0 + step].unsqueeze(-2), s).squeeze(-2))  # [B, t, S]
+        scores = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        return scores.masked_fill_(~causal_mask(positions, S), float("-inf"))
 
     def key_slots(self, indices: torch.Tensor) -> torch.Tensor:
         """Pool slots of key positions indices [B, T, K] (each < S) through each row's block table."""

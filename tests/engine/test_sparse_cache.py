@@ -63,9 +63,10 @@ def test_paged_index_scores_and_attend_sparse_equal_the_latent_caches(dtype, chu
     """Rows of 45, 13 and 70 cached tokens whose last 3, 1 and 4 are this step's queries (padded to 4);
     random queries, head weights and selections (some keys past the query: masked). Each row's paged
     result equals LatentCache's over that row's context (float32), both against a float64 LatentCache.
-    chunked: attend_sparse gathers one query's selection at a time."""
+    chunked: index_scores and attend_sparse take one query at a time."""
     if chunked:
         monkeypatch.setattr(kv_cache, "_GATHER_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(kv_cache, "_SCORE_CHUNK_ELEMENTS", 1)
     config = tiny_v32()
     gen = torch.Generator().manual_seed(0)
     lengths, new, bs, layer = [45, 13, 70], [3, 1, 4], 8, 1
