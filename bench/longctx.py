@@ -11,7 +11,9 @@ engine runs V3.2) is timed:
          latents are gathered by slot (engine/kv_cache.py: PagedView.index_scores / attend_sparse).
 Bytes read per step are counted from the shapes (per layer: dense S (C + R), DSA S Di + min(K, S) (C + R)
 elements, 4 bytes each; the indexer keys are gathered once more as a copy). Prefill time: one prompt of
---prefill-tokens (2K: the naive path's cost is quadratic, longer prompts take minutes here) through the model over the paged cache in chunks of 512 (naive path), dense and DSA.
+--prefill-tokens (4K: longer prompts take many minutes on a small CPU) through the model over the paged cache in
+chunks of 512, each chunk through the MLA path the engine's runner picks (its cost model: DSA's absorbed path
+attends over index_topk keys per query), dense and DSA.
 Cache bytes per token: dense MLA (deepseek_v3) vs V3.2 (latent + indexer key), float32 and bfloat16.
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/longctx.py [--contexts 4096,16384,65536,131072 --runs 5]
@@ -27,6 +29,8 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
+from types import SimpleNamespace
 
 import torch
 
@@ -34,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.common import time_rows  # noqa: E402
 from openr2.engine.kv_cache import KVPool, bytes_per_token  # noqa: E402
+from openr2.engine.runner import ModelRunner  # noqa: E402
 from openr2.model.indexer import Indexer  # noqa: E402
 from openr2.model.transformer import build_model  # noqa: E402
 from openr2.presets import tiny_v32  # noqa: E402
@@ -71,7 +76,7 @@ def main():
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--heads", type=int, default=128, help="attention heads (the release's 128 by default)")
-    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = config(args.heads)
@@ -113,14 +118,19 @@ def main():
         set_topk(model, topk)
         pool = KVPool(cfg, -(-P // BLOCK), BLOCK)
         table = [list(range(pool.num_blocks))]
-        t0 = time.perf_counter()
+        # the runner's per-chunk choice of MLA path, as the engine makes it for a dense (V3) or a V3.2 model
+        mconf = cfg if mode == "dsa" else dataclasses.replace(cfg, model_type="deepseek_v3")
+        runner = SimpleNamespace(_attn_impl=partial(ModelRunner._attn_impl, SimpleNamespace(
+            model=SimpleNamespace(config=mconf))))
+        t0, impls = time.perf_counter(), []
         with torch.inference_mode():
             for s in range(0, P, 512):
                 n = min(512, P - s)
+                impls.append(runner._attn_impl(n, s + n))
                 model(prompt[None, s : s + n], torch.arange(s, s + n)[None], cache=pool.view(table, [s], [n]),
-                      attn_impl="naive")
-        result["prefill"][mode] = {"tokens": P, "s": time.perf_counter() - t0}
-        print(f"prefill {P} tokens ({mode}): {result['prefill'][mode]['s']:.2f} s")
+                      attn_impl=impls[-1])
+        result["prefill"][mode] = {"tokens": P, "s": time.perf_counter() - t0, "chunks": impls}
+        print(f"prefill {P} tokens ({mode}): {result['prefill'][mode]['s']:.2f} s, chunks {impls}")
     print(json.dumps(result))
 
 

@@ -240,3 +240,16 @@ def test_mtp_speculative_greedy_equals_plain_greedy():
             for _ in range(16):
                 seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert seq[0, len(prompt):].tolist() == got
+
+
+def test_the_runner_sends_long_context_chunks_of_v32_through_the_sparse_absorbed_path():
+    """The runner's cost model: absorbed attends over index_topk keys per query on V3.2 (the naive path masks
+    the whole context), so a prompt chunk over a long context goes absorbed there and naive on V3."""
+    from openr2.engine.runner import ModelRunner
+
+    for model_type, want in (("deepseek_v32", "absorbed"), ("deepseek_v3", "naive")):
+        cfg = dataclasses.replace(tiny_v32(), model_type=model_type)
+        runner = ModelRunner.__new__(ModelRunner)
+        runner.model = type("M", (), {"config": cfg})()
+        assert runner._attn_impl(64, 64 * cfg.index_topk) == want
+        assert runner._attn_impl(1, 2 * cfg.index_topk) == "absorbed"  # decode: absorbed either way
