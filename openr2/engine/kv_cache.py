@@ -3,16 +3,15 @@
 The pool is one memory budget cut into blocks of `block_size` tokens; a sequence's block table (the block
 manager's business, prefix_cache.py) lists its blocks in position order, and the same block id indexes every
 cached layer. What a layer stores for a block is its *cache kind*'s business:
-- `LatentKind` (DeepSeek V2/V3 MLA, the one implemented): per token the normalised latent c_kv [C] and the
-  rotated rope key k_rope [R].
-- Next, by the same seam (docs: /work/shared/reference/deepseek_v32_v4.md): V3.2's indexer keys (one
-  128-dim key per token beside the latent, in the same blocks; the model's cache protocol already asks for
-  them: `write_indexer`, `index_scores`, `attend_sparse` in openr2/model/mla.py, which `cache_kinds` refuses
-  until they are here), V4's compressed entries (CSA: one entry per 4 tokens, so
-  `tokens_per_entry` 4 and block_size / 4 entries per block; HCA: per 128) and its sliding-window ring (a
-  fixed window per sequence: blocks outside the window go back to the pool).
+- `LatentKind` (DeepSeek V2/V3 MLA): per token the normalised latent c_kv [C] and the rotated rope key
+  k_rope [R]; for DeepSeek-V3.2 (sparse attention) also the lightning indexer's key k_index [Di] (128 dims in
+  the release), in the same blocks at the same slots, so one block table, one prefix-cache hit and one
+  copy-on-write cover latent and indexer key alike, and the memory budget counts both.
+- Next, by the same seam (docs: /work/shared/reference/deepseek_v32_v4.md): V4's compressed entries (CSA:
+  one entry per 4 tokens, so `tokens_per_entry` 4 and block_size / 4 entries per block; HCA: per 128) and
+  its sliding-window ring (a fixed window per sequence: blocks outside the window go back to the pool).
 A kind says how many entries a block holds and how wide each field is; `cache_kinds` maps a config's layers
-to kinds (all latent today; V3.2/V4 read their `layer_types` there); `KVPool.from_budget` sizes the blocks so
+to kinds (all latent today, with the indexer key for V3.2; V4 will read its `layer_types` there); `KVPool.from_budget` sizes the blocks so
 that the bytes of all layers' kinds for one block, times the number of blocks, fit the budget. Layers of one
 kind share stacked tensors ([layers of that kind, entries, width]), so a compiled step writes and reads one
 tensor per field.
@@ -24,8 +23,16 @@ path: decode rows, short tails over long contexts) reads the pool in place throu
 latent anyway) gathers each row's context into [B, S, .] in position order. The step's index tensors come
 from the block tables and lengths by tensor ops, not per-token Python loops.
 
+Sparse attention (V3.2; the protocol's `write_indexer`, `index_scores`, `attend_sparse`): `write_indexer`
+scatters the indexer keys to the latents' slots; `index_scores` scores every context key of each row from the
+indexer keys alone (gathered [B, S, Di] in position order: Di floats per key, against C + R for a latent; the
+latents are not read); `attend_sparse` maps the selected key positions [B, T, K] to pool slots through the
+block tables (tensor ops) and gathers only those K latents per query (index_select by slot, then
+model/mla.py's `attend_latent_sparse` products): a decode step reads K latents, not the context's.
+
 Shape legend: L layers, N slots (num_blocks * block_size), B rows, T new tokens per row (padded),
-S context per row (padded), W blocks per block table, C kv_lora_rank, R rope dim.
+S context per row (padded), W blocks per block table, C kv_lora_rank, R rope dim, Di indexer head dim,
+K keys selected per query.
 """
 
 from __future__ import annotations
@@ -36,13 +43,18 @@ import torch
 
 from openr2.config import ModelConfig
 from openr2.engine import paged_attention
+from openr2.model.mla import causal_mask
+
+_GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered latent elements per chunk of queries (attend_sparse)
+_SCORE_CHUNK_ELEMENTS = 1 << 26  # indexer products [B, t, Hi, S] per chunk of queries (index_scores)
 
 READ_IMPLS = ("blocks", "gather")  # the absorbed read: in place through the block tables, or the gather reference
 
 
 @dataclass(frozen=True)
 class LatentKind:
-    """MLA's latent cache: per token and layer c_kv [kv_lora_rank] and k_rope [rope_dim], one entry per token.
+    """MLA's latent cache: per token and layer c_kv [kv_lora_rank] and k_rope [rope_dim], one entry per token;
+    with index_dim (DeepSeek-V3.2) also the indexer key k_index [index_dim] beside them.
 
     A cache kind is this much: its fields and their widths, and how many tokens one entry covers; the pool
     allocates it, the layer's view reads it. A compressed kind (V4's CSA/HCA entries) has tokens_per_entry > 1.
@@ -51,10 +63,14 @@ class LatentKind:
     kv_lora_rank: int
     rope_dim: int
     tokens_per_entry: int = 1
+    index_dim: int = 0  # the lightning indexer's key (V3.2), 0: none
 
     @property
     def fields(self) -> dict[str, int]:
-        return {"c_kv": self.kv_lora_rank, "k_rope": self.rope_dim}
+        fields = {"c_kv": self.kv_lora_rank, "k_rope": self.rope_dim}
+        if self.index_dim:
+            fields["k_index"] = self.index_dim
+        return fields
 
     def entries_per_block(self, block_size: int) -> int:
         return -(-block_size // self.tokens_per_entry)
@@ -65,22 +81,17 @@ class LatentKind:
 
 
 def cache_kinds(config: ModelConfig, num_layers: int | None = None) -> list[LatentKind]:
-    """The cache kind of each cached layer (decoder layers, then MTP layers): the latent cache for all.
-
-    A model with DeepSeek Sparse Attention (V3.2) needs the cache protocol's indexer part (openr2.model.mla:
-    write_indexer, index_scores, attend_sparse) over an indexer-key kind beside the latent; until this pool
-    has it, such a model is refused here, before anything is allocated."""
-    if config.has_indexer:
-        raise ValueError(
-            f"{config.source}: model_type deepseek_v32 (DeepSeek-V3.2 sparse attention) needs its indexer keys "
-            f"cached beside the latent, which the engine's paged cache does not do yet; run the model directly "
-            f"(openr2.load_model, with openr2.model.mla.LatentCache for decoding)")
-    kind = LatentKind(config.kv_lora_rank, config.qk_rope_head_dim)
+    """The cache kind of each cached layer (decoder layers, then MTP layers): the latent cache for all, with
+    the indexer key beside the latent for a model with DeepSeek Sparse Attention (V3.2: every attention layer,
+    the MTP layers' included, has an indexer)."""
+    kind = LatentKind(config.kv_lora_rank, config.qk_rope_head_dim,
+                      index_dim=config.index_head_dim if config.has_indexer else 0)
     return [kind] * (num_layers or config.num_hidden_layers)
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype, num_layers: int | None = None) -> int:
-    """Cache bytes one token takes across all cached layers: L x (C + R) elements for the latent cache."""
+    """Cache bytes one token takes across all cached layers: L x (C + R [+ Di]) elements for the latent cache
+    (and the indexer key)."""
     return sum(kind.bytes_per_block(1, dtype) for kind in cache_kinds(config, num_layers))
 
 
@@ -108,6 +119,7 @@ class KVPool:
             self.index_in_kind.append(self.kinds[:i].count(kind))
         latent = self.tensors[self.kinds[0]]
         self.c_kv, self.k_rope = latent["c_kv"], latent["k_rope"]  # the latent cache of every layer (one kind)
+        self.k_index = latent.get("k_index")  # [L, N, Di] the indexer keys (V3.2), or None
         paged_attention.kernel_reads(self.c_kv)  # the kernel that reads this pool: built now, not in a first step
 
     @classmethod
@@ -181,6 +193,67 @@ class PagedView:
         pool_c, pool_r = self.pool.c_kv[i], self.pool.k_rope[i]
         pool_c.index_copy_(0, self.write_slots, c_kv.flatten(0, 1)[self.write_index].to(pool_c.dtype))
         pool_r.index_copy_(0, self.write_slots, k_rope.flatten(0, 1)[self.write_index].to(pool_r.dtype))
+
+    def write_indexer(self, layer_idx: int, k_index: torch.Tensor) -> None:
+        """Scatter the new tokens' indexer keys k_index [B, T, Di] into their slots (the latents' slots)."""
+        if self.pool.k_index is None:
+            raise ValueError("this pool holds no indexer keys (its config has no indexer)")
+        pool_k = self.pool.k_index[self._layer(layer_idx)]
+        pool_k.index_copy_(0, self.write_slots, k_index.flatten(0, 1)[self.write_index].to(pool_k.dtype))
+
+    def index_scores(self, layer_idx: int, q_index: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        """[B, T, S] float32: the indexer's score of each row's context keys 0..S-1 (S = the longest context),
+        -inf past each query's position. Reads the indexer keys only (gathered in position order)."""
+        slots = self.slots()
+        keys = self.pool.k_index[self._layer(layer_idx)].index_select(0, slots.flatten())
+        kt = keys.view(*slots.shape, -1).float().transpose(1, 2).unsqueeze(1)  # [B, 1, Di, S]
+        # model/indexer.py's `index_scores` (the reference, same products in the same order), with its scale
+        # and ReLU in place: the [B, t, Hi, S] products are the step's largest tensor
+        B, T, Hi, _ = q_index.shape
+        S = kt.shape[-1]
+        step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, B * Hi * S))
+        out = []
+        for t0 in range(0, T, step):
+            s = torch.matmul(q_index[:, t0 : t0 + step].float(), kt).mul_(scale).relu_()  # [B, t, Hi, S]
+            out.append(torch.matmul(weights[:, t0 : t0 + step].unsqueeze(-2), s).squeeze(-2))  # [B, t, S]
+        scores = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        return scores.masked_fill_(~causal_mask(positions, S), float("-inf"))
+
+    def key_slots(self, indices: torch.Tensor) -> torch.Tensor:
+        """Pool slots of key positions indices [B, T, K] (each < S) through each row's block table."""
+        B, T, K = indices.shape
+        bs = self.pool.block_size
+        flat = indices.reshape(B, T * K)
+        return (self.block_table.gather(1, flat // bs) * bs + flat % bs).view(B, T, K)
+
+    def attend_sparse(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
+                      indices: torch.Tensor, scale: float) -> torch.Tensor:
+        """`attend` over only the keys indices [B, T, K] at or before each query's position: [B, T, H, C]. Only
+        the selected latents are read (gathered from the pool by slot, t queries at a time), never a row's
+        whole context. model/mla.py's `attend_latent_sparse` (the same products over a dense context) is
+        the reference."""
+        i = self._layer(layer_idx)
+        pool_c, pool_r = self.pool.c_kv[i], self.pool.k_rope[i]
+        B, T, H, C = q_latent.shape
+        K, R = indices.shape[-1], q_rope.shape[-1]
+        slots = self.key_slots(indices)
+        visible = indices <= positions[:, :, None]
+        step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, B * K * (C + R)))
+        out = []
+        for t0 in range(0, T, step):
+            sl = slots[:, t0 : t0 + step]
+            t = sl.shape[1]
+            flat = sl.reshape(-1)
+            c_sel = pool_c.index_select(0, flat).view(B * t, K, C).to(q_latent.dtype)  # [B t, K, C]
+            r_sel = pool_r.index_select(0, flat).view(B * t, K, R).to(q_rope.dtype)
+            scores = torch.bmm(q_latent[:, t0 : t0 + step].reshape(B * t, H, C), c_sel.transpose(1, 2))
+            scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
+                                   alpha=scale, beta=scale)  # [B t, H, K]
+            scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
+            probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
+            out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def slots(self) -> torch.Tensor:
         """[B, S] the pool slot of each row's key j (S = the longest context; past a row's end: block 0 or

@@ -29,6 +29,9 @@ class ModelRunner:
         self.fused_draft = False  # compiled decode rows also run the first MTP draft step (engine sets it)
         self.device = model.device
         self._compiled_decode = None
+        # DeepSeek-V3.2 (sparse attention: the indexer's scores and top-k, the selected latents' gather) runs
+        # its decode steps eagerly: the compiled step (engine/compiled.py) carries the dense latent cache only
+        compile = compile and not model.config.has_indexer
         if compile:
             from openr2.quant.layers import quant_schemes
 
@@ -96,7 +99,10 @@ class ModelRunner:
         c = self.model.config
         C, N, R, V = c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         naive = context * C * (N + V) + num_new * context * (N + R + V)
-        absorbed = num_new * context * (2 * C + R) + num_new * C * (N + V)
+        # DeepSeek-V3.2: absorbed attends over each query's index_topk selected keys only (the naive path
+        # applies the selection as a mask over the whole context); the indexer's scan is the same for both
+        attended = min(context, c.index_topk) if c.has_indexer else context
+        absorbed = num_new * attended * (2 * C + R) + num_new * C * (N + V)
         return "absorbed" if absorbed < naive else "naive"
 
     def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str, with_hidden: bool, out: StepOutput):

@@ -11,7 +11,7 @@ import torch
 
 from openr2.engine.kv_cache import KVPool, LatentKind, bytes_per_token, cache_kinds
 from openr2.model.transformer import build_model
-from openr2.presets import tiny_v3, tiny_v32
+from openr2.presets import tiny_v3
 from tests.numerics import assert_close_to_reference, reference64
 
 
@@ -22,23 +22,6 @@ def model():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 3)) * 0.5)
     return model
-
-
-def test_a_sparse_attention_model_is_refused_before_anything_is_allocated(tmp_path):
-    """V3.2 needs indexer keys beside the latent; until the paged pool stores them the engine says so."""
-    from openr2.checkpoints import save_model
-    from openr2.engine.engine import LLMEngine
-    from openr2.engine.llm import LLM
-
-    model = build_model(dataclasses.replace(tiny_v32(), num_nextn_predict_layers=0))
-    with pytest.raises(ValueError, match="deepseek_v32 .*indexer keys.*paged cache does not do yet"):
-        cache_kinds(model.config)
-    with pytest.raises(ValueError, match="preset tiny-v32|<memory>") as err:
-        LLMEngine(model)
-    assert "deepseek_v32" in str(err.value)
-    save_model(model, tmp_path)
-    with pytest.raises(ValueError, match=f"{tmp_path}/config.json: model_type deepseek_v32"):
-        LLM(str(tmp_path), compile=False)
 
 
 def test_pool_sized_from_one_budget_over_the_layers_kinds():
