@@ -55,7 +55,11 @@ def needle_problem(passkey: int, length: int, depth: int, filler_seed: int):
         raise ValueError(f"needle: passkey={passkey} must have at most five digits")
     key_text = f"{passkey:05d}"
     sentences = filler_sentences(length, filler_seed)
-    at = round(depth / 100 * len(sentences))
+    starts = [0]  # the character offset of each sentence boundary (sentences joined by one space)
+    for s in sentences:
+        starts.append(starts[-1] + len(s) + 1)
+    total = starts[-1] - 1
+    at = min(range(len(starts)), key=lambda i: abs(starts[i] - depth / 100 * total))
     needle = needle_sentence(key_text)
     haystack = " ".join(sentences[:at] + [needle] + sentences[at:])
     return Problem("needle", length, f"{haystack}\n{QUESTION}", needle, key_text,
