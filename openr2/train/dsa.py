@@ -142,7 +142,7 @@ class DSATrainer(Trainer):
                     loss, parts = super()._micro_loss(inputs, targets)
             else:
                 loss, parts = super()._micro_loss(inputs, targets)
-        kl = indexer_loss(records, sparse=not warm)
+        kl = indexer_loss(records)
         parts["indexer_kl"] = (kl.detach(), torch.tensor(1.0))
         return (kl if warm else loss + kl), parts
 

@@ -4,10 +4,13 @@ from it afterwards through the model's own pieces (`Indexer.scores`, differentia
 
 For query t of a layer, the target p_t is the main attention's distribution summed over heads and
 L1-normalised; the indexer's distribution is softmax(I_t) over the same keys. The loss is KL(p_t || softmax(I_t)),
-averaged over queries, rows and layers:
-- dense warm-up (`sparse=False`): over every visible key (the forward ran dense: `dense_attention`);
-- sparse stage (`sparse=True`): over the selected keys S_t only (the indexer's top-k, as the forward chose them),
-  where the sparse attention's distribution already lives.
+averaged over queries, rows and layers, over the keys the forward attended to:
+- dense warm-up: every visible key (the forward ran dense: `dense_attention`);
+- sparse stage: the selected keys S_t only (the indexer's top-k as the forward chose them, recorded from the
+  indexer's own output), where the sparse attention's distribution lives.
+The differentiable scores are `train_index_scores`: the indexer's formula (model/indexer.py, `index_scores`) with
+the per-head products as one [T H, D] x [D, S] matrix product per row, whose backward does not materialise a
+[B, T, D, S] broadcast as the model's per-query products would (tests compare the two in float64).
 In both the indexer's inputs (the layer input x and MLA's q latent) are detached and the target carries no
 gradient, so this loss trains the indexer alone; the language-model loss never reaches the indexer (its
 selection runs without autograd, model/indexer.py). Owns no optimisation and no stages (train/dsa.py).
@@ -30,11 +33,12 @@ from openr2.model.mla import MLA
 
 @dataclass
 class LayerInputs:
-    """What one attention layer was called with (a forward without a cache)."""
+    """What one attention layer was called with (a forward without a cache), and its indexer's selection."""
     mla: MLA
     x: torch.Tensor  # [B, T, D], the layer's input (after input_layernorm)
     cos: torch.Tensor  # [B, T, R/2]
     sin: torch.Tensor
+    topk: torch.Tensor | None = None  # [B, T, K]; None: the layer attended densely
 
 
 def _indexed_attention(model: torch.nn.Module) -> list[MLA]:
@@ -43,8 +47,13 @@ def _indexed_attention(model: torch.nn.Module) -> list[MLA]:
 
 @contextlib.contextmanager
 def recorded_attention_inputs(model: torch.nn.Module) -> Iterator[list[LayerInputs]]:
-    """Within: every call of an attention layer with an indexer and no cache appends its inputs, in call order."""
+    """Within: every call of an attention layer with an indexer and no cache appends its inputs and its indexer's
+    output (the selection), in call order."""
     seen: list[LayerInputs] = []
+
+    def selection(indexer, args, kwargs, out):
+        if seen and seen[-1].mla.indexer is indexer and kwargs.get("cache", args[5] if len(args) > 5 else None) is None:
+            seen[-1].topk = out
 
     def hook(module, args, kwargs):
         cache = args[4] if len(args) > 4 else kwargs.get("cache")
@@ -54,7 +63,9 @@ def recorded_attention_inputs(model: torch.nn.Module) -> Iterator[list[LayerInpu
             cos, sin = kwargs.get("cos", cos), kwargs.get("sin", sin)
             seen.append(LayerInputs(module, x, cos, sin))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in _indexed_attention(model)]
+    layers = _indexed_attention(model)
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles += [m.indexer.register_forward_hook(selection, with_kwargs=True) for m in layers]
     try:
         yield seen
     finally:
@@ -90,26 +101,39 @@ def head_summed_target(probs: torch.Tensor) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
-def layer_loss(rec: LayerInputs, sparse: bool) -> torch.Tensor:
+def train_index_scores(indexer, x: torch.Tensor, xq: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+    """The causal index scores [B, T, T] of T tokens among themselves (float32 at least), differentiable:
+    I[t, s] = sum_h w[t, h] ReLU(q[t, h] . k[s] / sqrt(D)), -inf for s > t."""
+    q = indexer.queries(xq, cos, sin)  # [B, T, H, D]
+    k = indexer.keys(x, cos, sin)  # [B, T, D]
+    w = indexer.head_weights(x)  # [B, T, H]
+    B, T, H, D = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    s = torch.bmm(q.reshape(B, T * H, D).to(dtype), k.transpose(1, 2).to(dtype)) * indexer.scale
+    scores = torch.bmm(w.to(dtype).reshape(B * T, 1, H), torch.relu(s).view(B * T, H, T)).view(B, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def layer_loss(rec: LayerInputs) -> torch.Tensor:
     """The mean over queries and rows of one layer's KL (a scalar with gradients into its indexer only)."""
-    mla, indexer = rec.mla, rec.mla.indexer
+    mla = rec.mla
     x = rec.x.detach()
     T = x.shape[1]
     with torch.no_grad():
         xq = x if mla.q_lora_rank is None else mla.q_a_layernorm(mla.q_a_proj(x))
-    scores = indexer.scores(x, xq, rec.cos, rec.sin).float()  # [B, T, T], -inf past each query
+    scores = train_index_scores(mla.indexer, x, xq, rec.cos, rec.sin)
     support = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]
-    topk = None
-    if sparse and T > indexer.index_topk:  # the forward's own selection: the same scores, the same top-k
-        topk = scores.detach().topk(indexer.index_topk, dim=-1).indices
-        support = support & selection_mask(topk, T)
+    if rec.topk is not None:  # the keys the forward attended to
+        support = support & selection_mask(rec.topk, T)
     with torch.no_grad():
-        p = head_summed_target(mla.attention_probs(x, rec.cos, rec.sin, topk)).to(scores.dtype)
+        p = head_summed_target(mla.attention_probs(x, rec.cos, rec.sin, rec.topk)).to(scores.dtype)
     return kl_to_index_scores(p, scores, support).mean()
 
 
-def indexer_loss(records: list[LayerInputs], sparse: bool) -> torch.Tensor:
+def indexer_loss(records: list[LayerInputs]) -> torch.Tensor:
     """The mean of `layer_loss` over the recorded layers."""
     if not records:
         raise ValueError("indexer loss: no attention layer with an indexer ran without a cache")
-    return torch.stack([layer_loss(r, sparse) for r in records]).mean()
+    return torch.stack([layer_loss(r) for r in records]).mean()

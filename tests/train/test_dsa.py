@@ -3,6 +3,7 @@ reference, which parameters each stage's losses reach, and exact resume across t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -113,18 +114,20 @@ def _kl_reference(records, sparse: bool) -> float:
 def test_kl_equals_float64_reference(sparse):
     _, model = _converted()
     model64 = float64_copy(model)
+    attention = contextlib.nullcontext if sparse else dense_attention
     with float64_compute(), torch.no_grad():
-        with recorded_attention_inputs(model64) as records:
+        with recorded_attention_inputs(model64) as records, attention(model64):
             model64(_ids(T))
         assert len(records) == model.config.num_hidden_layers  # each layer once (no MTP in a plain forward)
-        ours64 = float(indexer_loss(records, sparse))
+        assert all((r.topk is not None) == sparse for r in records)  # the forward's selection, recorded
+        ours64 = float(indexer_loss(records))
         ref = _kl_reference(records, sparse)
     assert ref > 1e-3  # not a trivial target
     assert abs(ours64 - ref) <= 1e-10 * ref  # the same formula: float64 rounding only
     if not sparse:  # float32 (no selection that rounding could flip): the logs' float32 rounding, T u each
-        with recorded_attention_inputs(model) as records, torch.no_grad():
+        with recorded_attention_inputs(model) as records, dense_attention(model), torch.no_grad():
             model(_ids(T))
-            ours32 = float(indexer_loss(records, sparse))
+        ours32 = float(indexer_loss(records))
         assert abs(ours32 - ref) <= 1e-4 * ref
 
 
@@ -140,7 +143,7 @@ def test_sparse_stage_losses_reach_disjoint_parameters():
     with recorded_attention_inputs(model) as records:
         logits = model(ids[:, :-1])
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    kl = indexer_loss(records, sparse=True)
+    kl = indexer_loss(records)
     g_lm, g_kl = _grads(lm, model), _grads(kl, model)
     main_indexers = [n for n in g_kl if is_indexer_param(n) and n.startswith("layers.")]
     assert main_indexers
