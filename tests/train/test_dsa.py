@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openr2.model.indexer import selection_mask
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
 from openr2.train.checkpoint import LATEST, load_checkpoint
