@@ -1,13 +1,17 @@
 """DeepSeek Sparse Attention training on the demo model: does sparse fine-tuning keep held-out loss within 1% of
 dense at contexts longer than k, and what does it do to passkey retrieval?
 
-Two runs of `openr2 train` from the bundled demo model (a V3-style checkpoint), on the same data (SFT on
-`needle:LENGTH`, passkey retrieval in LENGTH characters of filler: ~0.7 tokens per character with the demo's
-tokenizer, so every prompt is several times longer than k):
-  dense  --steps S                                          (plain fine-tuning, dense attention)
-  dsa    --sparse-attention dsa --index-topk K --indexer-warmup-steps W --steps W+S
+As DeepSeek did (a dense long-context model, then DSA training from it), in three runs of `openr2 train`, all
+SFT on `needle:LENGTH` (passkey retrieval in LENGTH characters of filler: ~0.7 tokens per character with the
+demo's tokenizer, so every prompt is several times longer than k):
+  base   from the bundled demo model (a V3-style checkpoint), dense, --steps BASE_STEPS: the dense model
+         (reused when OUT/base/model exists)
+  dense  from base, --steps S: its dense self, trained on
+  dsa    from base, --sparse-attention dsa --index-topk K --indexer-warmup-steps W --steps W+S
          (converted to V3.2, the indexers warmed up densely for W steps with the model frozen, then S sparse
          steps: the same number of updates of the model as the dense run)
+(Started from the demo itself, which never attended to a needle, the sparse stage cannot learn retrieval: the
+indexer learns to imitate an attention that ignores the needle, and the model only sees what it selects.)
 Then, on the same held-out needle problems (test split): the held-out loss (mean token cross-entropy of the
 assistant's reply, what SFT trains: it quotes the needle, then the passkey), the all-token loss (every token of
 the held-out chats, the filler included: plain language modelling at contexts > k, which SFT did not train) and
@@ -17,7 +21,8 @@ attending densely (the same weights with every key). The ratio dsa-sparse / dens
 question.
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/dsa_train.py [--length 400 --index-topk 64 --index-n-heads 4
-      --warmup-steps 30 --steps 100 --batch-size 4 --lr 2e-3 --seq-len 384 --items 48 --out runs/bench-dsa
+      --base-steps 100 --base-lr 2e-3 --warmup-steps 20 --steps 40 --lr 5e-4 --batch-size 4 --seq-len 384
+      --items 48 --out runs/bench-dsa
       --eval-only (score the models a previous run exported)]
 Prints the two commands, a header, a table and a final JSON line.
 """
@@ -41,11 +46,13 @@ def main() -> None:
     ap.add_argument("--index-topk", type=int, default=64)
     ap.add_argument("--index-n-heads", type=int, default=4)
     ap.add_argument("--index-head-dim", type=int, default=32)
-    ap.add_argument("--warmup-steps", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=100, help="steps that update the model (each run)")
+    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40, help="steps that update the model (each run)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=384)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--base-steps", type=int, default=100, help="the dense model's own fine-tuning from the demo")
+    ap.add_argument("--base-lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--items", type=int, default=48, help="held-out needle problems (loss and accuracy)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="runs/bench-dsa")
@@ -63,10 +70,14 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = {"mode": "sft", "init_from": DEMO_DIR, "tasks": f"needle:{args.length}", "num_examples": 4000,
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup_steps": 10,
+    common = {"mode": "sft", "tasks": f"needle:{args.length}", "num_examples": 4000,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup_steps": 10,
               "save_every": 0, "log_every": 10, "deterministic": False, "threads": args.threads}
-    runs = {
+    base_dir = os.path.join(args.out, "base")
+    runs = {"base": {**common, "init_from": DEMO_DIR, "lr": args.base_lr, "steps": args.base_steps,
+                     "out_dir": base_dir}}
+    common = {**common, "init_from": os.path.join(base_dir, "model"), "lr": args.lr, "seed": 1}
+    runs |= {
         "dense": {**common, "steps": args.steps, "out_dir": os.path.join(args.out, "dense")},
         "dsa": {**common, "steps": args.warmup_steps + args.steps, "out_dir": os.path.join(args.out, "dsa"),
                 "sparse_attention": "dsa", "index_topk": args.index_topk, "indexer_warmup_steps": args.warmup_steps,
@@ -76,7 +87,7 @@ def main() -> None:
     walls, models = {}, {}
     for name, values in runs.items():
         path = os.path.join(values["out_dir"], "model")
-        if args.eval_only:
+        if args.eval_only or (name == "base" and os.path.isfile(os.path.join(path, "config.json"))):
             models[name] = load_model(path)
             continue
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items() if k != "deterministic")
@@ -98,7 +109,8 @@ def main() -> None:
     # every token of the held-out chats (prompt filler included): the plain LM loss at contexts > k
     all_tokens = [(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])) for ids, _ in examples]
     rows = {}
-    for label, model, dense in (("dense fine-tune", models["dense"], False),
+    for label, model, dense in (("base (dense, before)", models["base"], False),
+                                ("dense fine-tune", models["dense"], False),
                                 (f"dsa, sparse (top-{args.index_topk})", models["dsa"], False),
                                 ("dsa, dense (same weights)", models["dsa"], True)):
         ctx = dense_attention(model) if dense else _nothing()
