@@ -105,6 +105,8 @@ class DSATrainer(Trainer):
         self._sparse_schedule = dataclasses.replace(config, steps=sparse_steps, indexer_warmup_steps=0,
                                                     warmup_steps=min(config.warmup_steps, sparse_steps))
         super().__init__(model, dataset, config, *args, **kwargs)
+        if self.dist.enabled:  # the indexer's KL is backpropagated outside the data-parallel wrapper's forward
+            raise ValueError("train: --sparse-attention dsa runs in one process for now (not under torchrun)")
 
     # a warm-up checkpoint holds optimizer state for the indexers only: the frozen model has none yet
     strict_optimizer_state = False
