@@ -1,6 +1,7 @@
 """Evaluation tasks: reading a benchmark file (or the synthetic generators) into prompt items.
 
-Owns the task names (`gsm8k`, `math500`, `arc`, `aime`, `gpqa`, `synthetic:NAME[:DIFFICULTY]`), the
+Owns the task names (`gsm8k`, `math500`, `arc`, `aime`, `gpqa`, `synthetic:NAME[:DIFFICULTY]`,
+`needle:LENGTH[:DEPTH]`), the
 record formats they read, the prompt each item is asked with (DeepSeek-R1's instruction style) and the
 gold answer it is graded against. It does not grade (grading.py) nor run anything (backends.py).
 
@@ -10,7 +11,9 @@ Formats (JSONL, one object per line; an error names the file and line):
   aime     {"id", "problem", "answer": int}               gold: the integer
   arc      {"question", "choices": [...], "answer_index", "id"?}   choices in the file's order
   gpqa     {"question", "choices": [4 strings], "answer_index", "id"?}   choices shuffled per question
-Synthetic tasks draw held-out (test split) problems from openr2.tasks.synthetic, as training-time eval does.
+Synthetic tasks draw held-out (test split) problems from openr2.tasks.synthetic, as training-time eval does;
+`needle:LENGTH` too (passkey retrieval in LENGTH characters of filler, openr2.tasks.needle, the needle at a
+random depth), and `needle:LENGTH:DEPTH` puts every needle DEPTH percent of the way in.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ LETTERS = "ABCDEFGHIJ"
 # Where the bundled benchmarks are looked for when no --data is given, and their file names.
 DEFAULT_FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "arc": "arc_challenge_test.jsonl"}
 NEEDS_DATA = ("aime", "gpqa")  # a user's own file: no public copy ships with us
-TASK_NAMES = ("gsm8k", "math500", "arc", "aime", "gpqa", "synthetic:NAME[:DIFFICULTY]")
+TASK_NAMES = ("gsm8k", "math500", "arc", "aime", "gpqa", "synthetic:NAME[:DIFFICULTY]", "needle:LENGTH[:DEPTH]")
 SYNTHETIC_DEFAULT_ITEMS = 100
 
 
@@ -163,7 +166,7 @@ def default_data_dirs() -> list[str]:
 def resolve_data(task: str, data: str | None) -> str | None:
     """The file a task reads: --data if given, else its bundled file from the default folders."""
     check_task(task)
-    if data is not None or task.startswith("synthetic:"):
+    if data is not None or task.startswith(("synthetic:", "needle:")):
         return data
     if task in NEEDS_DATA:
         raise ValueError(f"task {task!r} reads your own file: pass --data FILE.jsonl (format in the README)")
@@ -194,9 +197,26 @@ def parse_synthetic(task: str) -> tuple[str, int]:
     return parts[1], difficulty
 
 
+def parse_needle(task: str) -> tuple[int, int | None]:
+    """`needle:LENGTH` or `needle:LENGTH:DEPTH` -> (length in characters, depth in percent or None: random)."""
+    from openr2.tasks.needle import MAX_LENGTH, MIN_LENGTH
+
+    parts = task.split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[1:]):
+        raise ValueError(f"task {task!r}: expected needle:LENGTH[:DEPTH] (integers: characters, percent)")
+    length, depth = int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+    if not MIN_LENGTH <= length <= MAX_LENGTH:
+        raise ValueError(f"task {task!r}: LENGTH={length} outside [{MIN_LENGTH}, {MAX_LENGTH}]")
+    if depth is not None and not 0 <= depth <= 100:
+        raise ValueError(f"task {task!r}: DEPTH={depth} outside [0, 100] (percent)")
+    return length, depth
+
+
 def check_task(task: str) -> None:
     if task.startswith("synthetic:"):
         parse_synthetic(task)
+    elif task.startswith("needle:"):
+        parse_needle(task)
     elif task not in _READERS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")
 
@@ -210,11 +230,30 @@ def synthetic_items(task: str, limit: int | None, seed: int) -> list[Item]:
     return [Item(f"{p.key}", to_messages(p)[:-1], p.answer, "synthetic", problem=p) for p in problems]
 
 
+def needle_items(task: str, limit: int | None, seed: int) -> list[Item]:
+    """Held-out (test split) needle problems, distinct, deterministic for (task, seed)."""
+    from openr2.tasks.needle import needle
+    from openr2.tasks.synthetic import split_of, to_messages
+
+    length, depth = parse_needle(task)
+    rng = random.Random(f"{task}:{seed}")  # str seeds hash with sha512: stable everywhere
+    items: list[Item] = []
+    seen: set[str] = set()
+    while len(items) < (limit or SYNTHETIC_DEFAULT_ITEMS):
+        p = needle(rng, length, depth)
+        if split_of(p) == "test" and p.key not in seen:
+            seen.add(p.key)
+            items.append(Item(p.key, to_messages(p)[:-1], p.answer, "synthetic", problem=p))
+    return items
+
+
 def load_items(task: str, data: str | None = None, limit: int | None = None, seed: int = 0) -> list[Item]:
     """The task's items, in file order, at most `limit`; ids are unique (a repeated id is an error)."""
     check_task(task)
     if task.startswith("synthetic:"):
         return synthetic_items(task, limit, seed)
+    if task.startswith("needle:"):
+        return needle_items(task, limit, seed)
     path = resolve_data(task, data)
     read = _READERS[task]
     items: list[Item] = []

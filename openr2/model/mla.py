@@ -201,6 +201,30 @@ class MLA(nn.Module):
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
 
+    def attention_probs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        topk: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention distribution of a forward without a cache, for training's indexer loss (train/dsa.py):
+        x [B, T, D] (this layer's input), cos/sin [B, T, R/2] -> P [B, H, T, T], softmax(scale q . k) over the
+        causal keys, and only over the selected ones when topk [B, T, K] (the indexer's selection) is given.
+        The plain formulas of the naive path, in float32 at least; forward does not use it (its attention
+        output is P V, tests/model/test_mla.py)."""
+        B, T, _ = x.shape
+        xq = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        q = q_proj(xq).view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        q = torch.cat((q[..., : self.nope_dim],
+                       apply_rope(q[..., self.nope_dim:], cos[:, :, None], sin[:, :, None], self.interleaved)), -1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved)
+        k_nope = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, self.num_heads, -1)[..., : self.nope_dim]
+        k = torch.cat((k_nope, k_rope[:, :, None].expand(B, T, self.num_heads, self.rope_dim)), dim=-1)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.einsum("bthd,bshd->bhts", q.to(dtype), k.to(dtype)) * self.scale
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]
+        if topk is not None:
+            mask = mask & selection_mask(topk, T)
+        return scores.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
+
     def _attend_naive(self, q, c_kv, k_rope, mask, kernel_impl="eager"):
         """q [B,T,H,N+R] (rope part rotated); expand the latent into per-head K [B,S,H,N+R] and V; SDPA.
         Returns [B, T, H, V]."""

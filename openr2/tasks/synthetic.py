@@ -1,8 +1,8 @@
 """Synthetic reasoning tasks: seeded generators, their verifiers and the held-out split.
 
 Owns the task generators (addition, subtraction, multiplication, sums of terms, countdown, modular
-arithmetic, judging a proposed sum with the self-judge reward's prompt, and small talk: anything else,
-answered with what the model can do) with short, regular chains of
+arithmetic, judging a proposed sum with the self-judge reward's prompt, small talk: anything else,
+answered with what the model can do; and needle.py's passkey retrieval, registered here) with short, regular chains of
 thought and a difficulty knob each, `verify` for a model's answer (countdown: any expression of the given
 numbers that reaches the target), the train/test split (`split_of`, `held_out_problems`) and a problem
 as the chat it is trained and asked with (`to_messages`). Training examples are train/data.py's job, other
@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+
+from openr2.tasks import needle as _needle
 
 TEST_FRACTION = 0.05
 
@@ -363,6 +365,8 @@ TASKS: dict[str, TaskSpec] = {
     "sum": TaskSpec(sum_of_terms, 3, 8, "terms"),
     "judge": TaskSpec(judge_of_sum, 3, 8, "terms"),
     "smalltalk": TaskSpec(smalltalk, 1, 1, "level"),
+    # passkey retrieval in filler of any length (needle.py): long contexts for sparse attention
+    "needle": TaskSpec(_needle.needle, _needle.MIN_LENGTH, _needle.MAX_LENGTH, "length"),
 }
 
 

@@ -95,6 +95,15 @@ class TrainConfig(_Options):
     eval_wordings: str | None = None  # e.g. "addition:3": also asked in held-out wordings, after a system prompt, 2nd turn
     device: str = "auto"  # auto: cuda when available
     threads: int = 0  # torch threads on CPU (0: torch's default)
+    # DeepSeek Sparse Attention (train/dsa.py): "dsa" turns the model into a V3.2 one (an indexer per layer,
+    # keeping index_topk keys per query), trains the indexer alone for indexer_warmup_steps (dense attention,
+    # lr indexer_lr), then everything sparsely for the remaining steps
+    sparse_attention: str | None = None
+    index_topk: int = 0
+    index_n_heads: int = 16
+    index_head_dim: int = 32
+    indexer_warmup_steps: int = 0
+    indexer_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +162,23 @@ class TrainConfig(_Options):
             raise bad("data", "expected a list of file paths")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise bad("device", "expected auto, cpu or cuda[:N]")
+        self._validate_sparse_attention()
+
+    def _validate_sparse_attention(self) -> None:
+        bad = self._bad
+        if self.sparse_attention not in (None, "dsa"):
+            raise bad("sparse_attention", "expected dsa (DeepSeek Sparse Attention) or null")
+        if self.sparse_attention is None:
+            return
+        for k in ("index_topk", "index_n_heads", "index_head_dim"):
+            if getattr(self, k) < 1:
+                raise bad(k, "must be at least 1 with sparse_attention=dsa")
+        if self.indexer_warmup_steps < 0:
+            raise bad("indexer_warmup_steps", "must be non-negative")
+        if self.indexer_warmup_steps > self.steps:
+            raise bad("indexer_warmup_steps", f"must be at most steps ({self.steps})")
+        if self.indexer_lr <= 0:
+            raise bad("indexer_lr", "must be positive")
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

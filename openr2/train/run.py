@@ -312,7 +312,13 @@ def train(cfg: TrainConfig, export: str | None = None, command: str | None = Non
     tokenizer = build_tokenizer(cfg, dist)
     dataset = build_dataset(cfg, tokenizer)
     model = build_model(cfg, tokenizer, device)
-    trainer = Trainer(model, dataset, cfg, tokenizer, evaluator=make_evaluator(cfg, tokenizer, cfg.steps))
+    trainer_class = Trainer
+    if cfg.sparse_attention == "dsa":  # V3 -> V3.2: indexers, then the warm-up and sparse stages (dsa.py)
+        from openr2.train.dsa import DSATrainer, convert_to_dsa
+
+        model = convert_to_dsa(model, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, seed=cfg.seed)
+        trainer_class = DSATrainer
+    trainer = trainer_class(model, dataset, cfg, tokenizer, evaluator=make_evaluator(cfg, tokenizer, cfg.steps))
     history = trainer.train()
     wall = time.time() - start
     summary: dict[str, Any] = {"steps": trainer.step, "wall_time_s": round(wall, 1), "interrupted": trainer.interrupted,

@@ -86,6 +86,9 @@ class Trainer(TrainingLoop):
     after each step (tests use it).
     """
 
+    # every trainable parameter has optimizer state in a checkpoint; train/dsa.py's warm-up trains only some
+    strict_optimizer_state = True
+
     def __init__(self, model: torch.nn.Module, dataset: Any, config: TrainConfig, tokenizer: Any = None,
                  on_step: Callable[[int, dict], None] | None = None,
                  evaluator: Callable[[torch.nn.Module, int], dict] | None = None):
@@ -164,7 +167,9 @@ class Trainer(TrainingLoop):
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, loaded, options=options)
         try:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True,
+                                                              strict=self.strict_optimizer_state))
         except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"{state['path']}: optimizer state does not fit this model: {e}") from e
         self.step = int(state["step"])
@@ -260,7 +265,7 @@ class Trainer(TrainingLoop):
         cfg = self.config
         t0 = time.perf_counter()
         self.module.train()
-        lr = lr_at(cfg, self.step)
+        lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -291,6 +296,10 @@ class Trainer(TrainingLoop):
         if loads:
             record["expert_load"] = loads
         return record
+
+    def lr_at(self, step: int) -> float:
+        """The LR of optimizer step `step` (a subclass with stages has its own schedule)."""
+        return lr_at(self.config, step)
 
     def _balance(self) -> list[dict]:
         """Correction-bias update from the step's expert loads (summed over ranks, so every rank applies the
