@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks that time openr2 against transformers on one checkpoint."""
+"""Helpers shared by the benchmarks: a random transformers checkpoint, interleaved timing with the machine's
+load beside it, driving an engine through a burst of requests, and the kernel-floor replay."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from openr2.config import ModelConfig
 
 
-def make_hf_checkpoint(path: str, config: ModelConfig, seed: int, eval_mode: bool = True) -> DeepseekV3Config:
-    """Random DeepseekV3ForCausalLM of `config`'s shape, every tensor perturbed, saved to `path`."""
+def make_hf_checkpoint(path: str, config: ModelConfig, seed: int, eval_mode: bool = True):
+    """Random DeepseekV3ForCausalLM of `config`'s shape, every tensor perturbed, saved to `path`; returns its
+    DeepseekV3Config."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     hf_config = DeepseekV3Config(**config.to_hf())
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(hf_config).float()
@@ -45,6 +48,32 @@ def busy_cpu_s() -> tuple[float, float] | None:
     return (sum(fields[:8]) - idle) / hz, own.user + own.system
 
 
+def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None,
+               wall_s: float) -> tuple[float, float] | None:
+    """(CPU-seconds other processes used between two busy_cpu_s() readings, their share of the machine), or
+    None off Linux."""
+    if not (before and after):
+        return None
+    other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+    return other_cpu_s, other_cpu_s / (wall_s * (os.cpu_count() or 1))
+
+
+def run_requests(engine, prompts: list, params) -> tuple[float, list[list[int]]]:
+    """Seconds for an engine (openr2.engine.LLMEngine) to finish every prompt, all added at once, and the
+    token ids of each (the first sample's)."""
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, [done[f"r{i}"] for i in range(len(prompts))]
+
+
 def time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, float | None]:
     """(seconds per run of each row, the share of the machine other processes took meanwhile or None off
     Linux). Rounds are interleaved (row A, row B, ..., then again) so that a slow spell of a shared
@@ -60,11 +89,10 @@ def time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, float | None]:
             t1 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t1)
-    after, wall_s = busy_cpu_s(), time.perf_counter() - t0
-    if not (before and after):
+    load = other_load(before, busy_cpu_s(), time.perf_counter() - t0)
+    if load is None:
         return times, None
-    other_cpu_s = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
-    other_frac = other_cpu_s / (wall_s * (os.cpu_count() or 1))
+    other_cpu_s, other_frac = load
     print(f"# other processes used {other_cpu_s:.1f} CPU-s during timing ({other_frac:.0%} of the machine)"
           + ("  <- noisy run, numbers unreliable" if other_frac > 0.05 else ""))
     return times, other_frac

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
+from bench.common import run_requests  # noqa: E402
 from openr2.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from openr2.engine.sampling import SamplingParams  # noqa: E402
 from openr2.model.transformer import build_model  # noqa: E402
@@ -62,20 +63,6 @@ def engine(model, tokenizer=None, **options) -> LLMEngine:
     return e
 
 
-def run(e: LLMEngine, prompts, params) -> tuple[float, list]:
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        e.add_request(f"r{i}", p, params)
-    done = {}
-    while e.has_unfinished_requests():
-        for out in e.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, [done[f"r{i}"] for i in range(len(prompts))]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry", action="store_true", help="CPU, tiny model, few tokens: the suite's check")
@@ -105,8 +92,8 @@ def main() -> int:
     for compiled in compile_options:
         e = engine(model, compile=compiled)
         for batch in (1, 32):
-            run(e, prompts[:batch], params)  # warm-up
-            seconds, ids = run(e, prompts[:batch], params)
+            run_requests(e, prompts[:batch], params)  # warm-up
+            seconds, ids = run_requests(e, prompts[:batch], params)
             tok_s[f"batch {batch}, {'compiled' if compiled else 'eager'}"] = batch * new_tokens / seconds
             outputs[(compiled, batch)] = ids
     if not args.dry:
@@ -115,11 +102,11 @@ def main() -> int:
 
     spec = {}
     base = engine(model, compile=not args.dry)
-    base_s, base_ids = run(base, prompts[:1], params)
+    base_s, base_ids = run_requests(base, prompts[:1], params)
     for method in ("mtp:2", "ngram:3"):
         e = engine(model, compile=not args.dry, speculative_config=method)
-        run(e, prompts[:1], params)
-        seconds, ids = run(e, prompts[:1], params)
+        run_requests(e, prompts[:1], params)
+        seconds, ids = run_requests(e, prompts[:1], params)
         spec[method] = {"speedup": base_s / seconds, "acceptance": e.spec_stats.acceptance_rate,
                         "greedy equal": ids == base_ids}
     result["c_speculative"] = spec

@@ -2,21 +2,25 @@
 
 The bundled demo model (openr2/assets/openr2-demo: 5 layers + 1 trained MTP module, float32, CPU), greedy,
 on held-out worded arithmetic questions and small talk through its chat template, both sides compiled
-(EngineConfig.compile; the compile happens before timing).
+(EngineConfig.compile; the compile happens before timing). Sides are timed in interleaved rounds (each round
+runs every side), and the share of the machine other processes took meanwhile is printed: on a shared machine
+read the speed-ups (medians of per-round ratios), not the absolute rates.
   (a) batch-1 decode tokens/s: no speculation vs speculative_config mtp:k (k = 1, 2, 3) and ngram:3, each at
       its best thread count; acceptance rate (accepted / drafted tokens) and tokens per step.
       Outputs are checked equal to the run without speculation, token for token, before anything is timed.
   (b) the cost of a step k + 1 tokens wide (a token and k drafts) over a 1-token step: the compiled decode
-      step alone, one row, k = 1, 2, 3 (speculation pays only if this stays near 1).
+      step alone, one row, k = 1, 2, 3, and the decode step fused with the first MTP draft step (one
+      speculative round of mtp:k at width k + 1); speculation pays only if these stay near 1.
   (c) 8 and 32 concurrent requests: aggregate tokens/s with mtp:k vs without.
 
-Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/spec.py [--runs 3 --threads 1,2 --quick]
+Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/spec.py [--runs 5 --threads 1,2 --only a,b,c --quick]
 Prints a table per question and a final JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,9 +32,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
+from bench.common import busy_cpu_s, other_load, run_requests  # noqa: E402
 from openr2.chat_format import encode_chat  # noqa: E402
 from openr2.checkpoints import load_model  # noqa: E402
-from openr2.engine.compiled import compiled_decode_step  # noqa: E402
+from openr2.engine.compiled import compiled_decode_draft_step, compiled_decode_step  # noqa: E402
 from openr2.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from openr2.engine.kv_cache import KVPool  # noqa: E402
 from openr2.engine.sampling import SamplingParams  # noqa: E402
@@ -57,19 +62,6 @@ def prompts(tokenizer, count: int) -> list[dict]:
     return [{"prompt_token_ids": encode_chat([{"role": "user", "content": q}], tokenizer)} for q in qs]
 
 
-def run(engine: LLMEngine, batch: list[dict], params: SamplingParams) -> tuple[float, list[list[int]]]:
-    """Seconds to finish every prompt of the batch (all added at once) and the token ids of each."""
-    start = time.perf_counter()
-    for i, p in enumerate(batch):
-        engine.add_request(f"r{i}", p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return time.perf_counter() - start, [done[f"r{i}"] for i in range(len(batch))]
-
-
 def engine_for(model, tokenizer, spec) -> LLMEngine:
     engine = LLMEngine(model, tokenizer, EngineConfig(compile=True, speculative_config=spec, kv_cache_bytes=64 << 20))
     engine.warm_up()
@@ -77,68 +69,93 @@ def engine_for(model, tokenizer, spec) -> LLMEngine:
 
 
 def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
-    """{spec: {"tok_s", "threads", "acceptance", "tokens_per_step"}}: all tokens of the batches (each run as
-    one burst of requests) over the sum of their median times, each spec at its best thread count."""
-    reference, out = None, {}
-    for spec in specs:
-        engine = engine_for(model, tokenizer, spec)
-        ids = [run(engine, batch, params)[1] for batch in batches]  # also the last warm-up
-        if reference is None:
-            reference = ids
-        elif ids != reference:
-            raise SystemExit(f"{spec}: outputs differ from the run without speculation")
-        drafted_before = (engine.spec_stats.num_drafts, engine.spec_stats.num_accepted_tokens,
-                          engine.spec_stats.num_draft_tokens)
-        num_tokens = sum(len(i) for batch in reference for i in batch)
-        best = None
+    """{spec: {"tok_s", "threads", "speedup", "acceptance", "tokens_per_step"}} for bursts of requests (each
+    batch added at once and drained), every spec at its best thread count.
+
+    Every engine is built, compiled and run over every batch at every thread count first (outputs checked
+    equal to the first spec's); then the timed rounds interleave the specs (round r: each thread count,
+    each spec), so that a slow spell of a shared machine lands on all of them. tok_s: all tokens over the
+    median round; speedup: the median over rounds of the first spec's round time over this one's, each at
+    its best thread count; the load other processes put on the machine meanwhile is printed."""
+    engines = {str(spec): engine_for(model, tokenizer, spec) for spec in specs}
+    reference = None
+    for name, engine in engines.items():
         for t in threads:
             torch.set_num_threads(t)
-            total = sum(statistics.median(run(engine, batch, params)[0] for _ in range(runs)) for batch in batches)
-            if best is None or num_tokens / total > best[0]:
-                best = (num_tokens / total, t)
-        s = engine.spec_stats
-        drafts, accepted, drafted = (s.num_drafts - drafted_before[0], s.num_accepted_tokens - drafted_before[1],
-                                     s.num_draft_tokens - drafted_before[2])
-        out[str(spec)] = {"tok_s": best[0], "threads": best[1], "acceptance": accepted / drafted if drafted else 0.0,
-                          "tokens_per_step": 1 + accepted / drafts if drafts else 1.0}
+            ids = [run_requests(engine, batch, params)[1] for batch in batches]
+            if reference is None:
+                reference = ids
+            elif ids != reference:
+                raise SystemExit(f"{name}: outputs differ from the run without speculation")
+    num_tokens = sum(len(i) for batch in reference for i in batch)
+    stats_before = {name: dataclasses.replace(e.spec_stats) for name, e in engines.items()}
+    times = {(name, t): [] for name in engines for t in threads}
+    before, start = busy_cpu_s(), time.perf_counter()
+    for _ in range(runs):
+        for t in threads:
+            torch.set_num_threads(t)
+            for name, engine in engines.items():
+                times[name, t].append(sum(run_requests(engine, batch, params)[0] for batch in batches))
+    load = other_load(before, busy_cpu_s(), time.perf_counter() - start)
+    if load is not None:
+        print(f"# other processes used {load[0]:.1f} CPU-s during timing ({load[1]:.0%} of the machine)")
+    best = {name: min(threads, key=lambda t: statistics.median(times[name, t])) for name in engines}
+    first = next(iter(engines))
+    out = {}
+    for name, engine in engines.items():
+        s, b = engine.spec_stats, stats_before[name]
+        drafts, accepted, drafted = (s.num_drafts - b.num_drafts, s.num_accepted_tokens - b.num_accepted_tokens,
+                                     s.num_draft_tokens - b.num_draft_tokens)
+        mine, base = times[name, best[name]], times[first, best[first]]
+        out[name] = {"tok_s": num_tokens / statistics.median(mine), "threads": best[name],
+                     "speedup": statistics.median(x / y for x, y in zip(base, mine)),
+                     "acceptance": accepted / drafted if drafted else 0.0,
+                     "tokens_per_step": 1 + accepted / drafts if drafts else 1.0,
+                     "load": load[1] if load else None}
     return out
 
 
 @torch.inference_mode()
-def step_widths(model, widths, threads, repeats=200) -> dict:
-    """Median time of the compiled decode step alone, one row over a 120-token context, per width."""
-    pool = KVPool(model.config, num_blocks=8, block_size=64, num_layers=model.config.num_hidden_layers)
-    step = compiled_decode_step(model)
-    out = {}
-    for width in widths:
-        context = 120
-        view = pool.view([[3, 5]], [context - width], [width])
-        *cache, block_size = view.decode_args()
-        positions = (context - width + torch.arange(width))[None]
-        ids = torch.zeros(1, width, dtype=torch.long)
-        best = None
+def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
+    """Median time of the compiled steps alone, one row over a 120-token context, per (step, width): the
+    decode step, and the decode step fused with the first MTP draft step (a speculative round with mtp:1
+    at width 2). Rounds interleave every (step, width); the best thread count of each is kept."""
+    L = model.config.num_hidden_layers
+    pool = KVPool(model.config, num_blocks=8, block_size=64, num_layers=L + len(model.mtp))
+    steps = {"decode": compiled_decode_step(model)}
+    if len(model.mtp):
+        steps["decode+draft"] = compiled_decode_draft_step(model)
+    cases = {}
+    for name, step in steps.items():
+        for width in widths:
+            context = 120
+            view = pool.view([[3, 5]], [context - width], [width])
+            *cache, block_size = view.decode_args()
+            positions = (context - width + torch.arange(width))[None]
+            ids = torch.zeros(1, width, dtype=torch.long)
+            step(ids, positions, *cache, block_size=block_size)  # loads or compiles its package
+            cases[name, width] = (step, (ids, positions, *cache), block_size)
+    times = {(key, t): [] for key in cases for t in threads}
+    for _ in range(rounds):
         for t in threads:
             torch.set_num_threads(t)
-            for _ in range(20):
-                step(ids, positions, *cache, block_size=block_size)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                step(ids, positions, *cache, block_size=block_size)
-                times.append(time.perf_counter() - start)
-            med = statistics.median(times)
-            best = med if best is None else min(best, med)
-        out[width] = best
-    return out
+            for key, (step, args, block_size) in cases.items():
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    step(*args, block_size=block_size)
+                    times[key, t].append(time.perf_counter() - start)
+    return {key: min(statistics.median(times[key, t]) for t in threads) for key in cases}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="timed rounds (each runs every side)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--quick", action="store_true", help="batch 1 with mtp:1 and mtp:2 only, no (c)")
+    ap.add_argument("--only", default="a,b,c", help="the questions to run, e.g. a,b")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     threads = [int(t) for t in args.threads.split(",")]
     model = load_model(DEMO)
     tokenizer = Tokenizer.from_pretrained(DEMO)
@@ -148,39 +165,46 @@ def main() -> int:
     specs = [None, "mtp:1", "mtp:2"] if args.quick else [None, "mtp:1", "mtp:2", "mtp:3", "ngram:3"]
     result = {"cpu": cpu_name()}
     start = time.perf_counter()
-    batch1 = measure(model, tokenizer, specs, [[p] for p in prompts(tokenizer, len(QUESTIONS))], params, threads,
-                     args.runs)
-    base = batch1["None"]["tok_s"]
-    print("\n(a) batch-1 decode, compiled, best thread count (one question at a time, all questions)")
-    print(f"{'speculation':<12} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11} {'tokens/step':>12} {'threads':>8}")
-    result["a_batch1"] = {}
-    for spec, row in batch1.items():
-        print(f"{spec if spec != 'None' else 'off':<12} {row['tok_s']:>8.0f} {row['tok_s'] / base:>8.2f}x "
-              f"{row['acceptance']:>11.3f} {row['tokens_per_step']:>12.2f} {row['threads']:>8}")
-        result["a_batch1"][spec] = dict(row, speedup=row["tok_s"] / base)
-
-    widths = step_widths(model, [1, 2, 3, 4], threads)
-    print("\n(b) compiled decode step, one row, k + 1 tokens vs 1 token")
-    print(f"{'tokens':>6} {'ms':>8} {'ratio':>7}")
-    for w, s in widths.items():
-        print(f"{w:>6} {s * 1e3:>8.3f} {s / widths[1]:>6.2f}x")
-    result["b_step_ratio"] = {w: s / widths[1] for w, s in widths.items()}
-
-    if not args.quick:
+    if "a" in only:
+        batch1 = measure(model, tokenizer, specs, [[p] for p in prompts(tokenizer, len(QUESTIONS))], params,
+                         threads, args.runs)
+        print_batch1(batch1, result)
+    if "b" in only:
+        print_widths(step_widths(model, [1, 2, 3, 4], threads), result)
+    if "c" in only and not args.quick:
         print("\n(c) concurrent requests, compiled, aggregate tokens/s")
         print(f"{'requests':>8} {'speculation':<12} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11}")
         result["c_concurrent"] = {}
         for count in (8, 32):
             rows = measure(model, tokenizer, [None, "mtp:1", "mtp:2"], [prompts(tokenizer, count)], params,
-                           threads, max(1, args.runs - 1))
+                           threads, args.runs)
             for spec, row in rows.items():
-                speedup = row["tok_s"] / rows["None"]["tok_s"]
-                print(f"{count:>8} {spec if spec != 'None' else 'off':<12} {row['tok_s']:>8.0f} {speedup:>8.2f}x "
-                      f"{row['acceptance']:>11.3f}")
-                result["c_concurrent"][f"{count}:{spec}"] = {"tok_s": row["tok_s"], "speedup": speedup}
+                print(f"{count:>8} {spec if spec != 'None' else 'off':<12} {row['tok_s']:>8.0f} "
+                      f"{row['speedup']:>8.2f}x {row['acceptance']:>11.3f}")
+                result["c_concurrent"][f"{count}:{spec}"] = row
     result["wall_s"] = time.perf_counter() - start
     print(json.dumps(result))
     return 0
+
+
+def print_batch1(batch1: dict, result: dict) -> None:
+    print("\n(a) batch-1 decode, compiled, best thread count (one question at a time, all questions)")
+    print(f"{'speculation':<12} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11} {'tokens/step':>12} {'threads':>8}")
+    result["a_batch1"] = {}
+    for spec, row in batch1.items():
+        print(f"{spec if spec != 'None' else 'off':<12} {row['tok_s']:>8.0f} {row['speedup']:>8.2f}x "
+              f"{row['acceptance']:>11.3f} {row['tokens_per_step']:>12.2f} {row['threads']:>8}")
+        result["a_batch1"][spec] = row
+
+
+def print_widths(widths: dict, result: dict) -> None:
+    base_step = widths["decode", 1]
+    print("\n(b) compiled steps, one row, k + 1 tokens vs the 1-token decode step (decode+draft: with the first "
+          "MTP draft step in the same call)")
+    print(f"{'step':<13} {'tokens':>6} {'ms':>8} {'ratio':>7}")
+    for (name, w), sec in widths.items():
+        print(f"{name:<13} {w:>6} {sec * 1e3:>8.3f} {sec / base_step:>6.2f}x")
+    result["b_step_ratio"] = {f"{name}:{w}": sec / base_step for (name, w), sec in widths.items()}
 
 
 if __name__ == "__main__":

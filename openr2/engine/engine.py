@@ -26,8 +26,9 @@ import torch
 
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
+from openr2.engine.rejection import sample_with_drafts
 from openr2.engine.runner import ModelRunner
-from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for, sample_with_drafts
+from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for
 from openr2.engine.scheduler import Scheduler, SchedulerConfig
 from openr2.engine.sequence import Sequence
 from openr2.engine.speculative import MTPDrafter, SpecPolicy, SpecStats, SpeculativeConfig, ngram_propose

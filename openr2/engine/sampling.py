@@ -2,7 +2,8 @@
 
 Owns: the per-request sampling options (vLLM's names and defaults, validated at construction) and one
 function, `sample`, that the engine calls once per step for every row that needs a token. It does not
-own stop strings (stop.py), EOS / stop-token / max_tokens checks, or detokenisation (the engine). It also
+own stop strings (stop.py), EOS / stop-token / max_tokens checks, detokenisation (the engine) or the
+verification of drafted tokens (rejection.py, which shares the penalties, shaping and race below). It also
 owns the generation defaults every front end applies alike (server, eval, the engine itself): the one
 max_tokens rule (`max_tokens_for`, `DEFAULT_MAX_TOKENS`) and a checkpoint's generation_config.json
 (`generation_defaults`).
@@ -25,7 +26,6 @@ Shape legend: B rows (requests this step), V vocab, K number of top logprobs ret
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -312,7 +312,7 @@ def sample(
 
     pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
     if pen_rows:
-        x = _penalise(x, params, pen_rows, prompt_token_ids, output_token_ids)
+        x = penalise(x, params, pen_rows, prompt_token_ids, output_token_ids)
 
     token_ids = x.argmax(dim=-1)  # right for greedy rows; random rows are overwritten below
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -334,18 +334,19 @@ def _index(rows: list[int], B: int, device) -> torch.Tensor | slice:
     return slice(None) if len(rows) == B else torch.tensor(rows, device=device)
 
 
-def _penalise(x, params, rows, prompt_token_ids, output_token_ids) -> torch.Tensor:
-    """Penalties for the listed rows only, so penalty-free rows cost nothing."""
+def penalise(x, params, rows, prompt_token_ids, output_token_ids) -> torch.Tensor:
+    """x [B, V] with penalties applied to the listed rows only (penalty-free rows cost nothing); params,
+    prompt_token_ids and output_token_ids are per row of x."""
     B, V = x.shape
     device = x.device
     if output_token_ids is None:
         raise ValueError("output_token_ids is required when a row has a penalty")
     if prompt_token_ids is None and any(params[i].repetition_penalty != 1 for i in rows):
         raise ValueError("prompt_token_ids is required when a row has a repetition_penalty")
-    out_counts = token_counts([_or_empty(output_token_ids[i]) for i in rows], V, device)
+    out_counts = token_counts([or_empty(output_token_ids[i]) for i in rows], V, device)
     seen = out_counts > 0
     if prompt_token_ids is not None:
-        seen |= token_counts([_or_empty(prompt_token_ids[i]) for i in rows], V, device) > 0
+        seen |= token_counts([or_empty(prompt_token_ids[i]) for i in rows], V, device) > 0
 
     def per_row(name: str) -> torch.Tensor:
         return torch.tensor([getattr(params[i], name) for i in rows], dtype=torch.float32, device=device)
@@ -358,16 +359,16 @@ def _penalise(x, params, rows, prompt_token_ids, output_token_ids) -> torch.Tens
     return x
 
 
-def _or_empty(ids: TokenIds | None) -> TokenIds:
+def or_empty(ids: TokenIds | None) -> TokenIds:
     return [] if ids is None else ids
 
 
 def _sample_random(x: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
     """x [R, V] penalised logits of the random rows -> token ids [R]."""
-    return _race(_shaped(x, params), generators)
+    return race(shaped_logits(x, params), generators)
 
 
-def _shaped(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def shaped_logits(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """x [R, V] penalised logits -> the logits of the distribution each row samples from: temperature,
     then top-k, top-p and min-p masks (-inf)."""
     device = x.device
@@ -385,7 +386,7 @@ def _shaped(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return x
 
 
-def _race(x: torch.Tensor, generators: list) -> torch.Tensor:
+def race(x: torch.Tensor, generators: list) -> torch.Tensor:
     """One draw per row of softmax(x) [R, V], by exponential race."""
     # Exponential race. Each row fills its own V draws from its own generator, so its noise does not
     # depend on its position in the batch or on the other rows. Clamping keeps log E finite (a 0 draw
@@ -395,109 +396,3 @@ def _race(x: torch.Tensor, generators: list) -> torch.Tensor:
         noise[r].exponential_(generator=gen)
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
     return (x - noise.log()).argmax(dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Verifying drafted tokens (speculative decoding).
-# ---------------------------------------------------------------------------------------------------
-
-
-def sample_with_drafts(
-    logits: torch.Tensor,  # [M, V]: row i's len(drafts[i]) + 1 positions, consecutive
-    drafts: Sequence[list[int]],
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None] | None = None,
-    prompt_token_ids: Sequence[TokenIds | None] | None = None,
-    output_token_ids: Sequence[TokenIds | None] | None = None,
-) -> list[list[TokenSample]]:
-    """Each row's tokens: the prefix of its drafts the target distribution accepts, then one sampled token.
-
-    Position j of row i holds the model's logits after the row's tokens and drafts[i][:j]. Rejection
-    sampling with a point-mass draft (the drafter proposes one token, q = delta_d): d is accepted with
-    probability p(d), else a token is drawn from p with d removed, renormalised; after all drafts are
-    accepted one more token is drawn from the last position. Every committed token is thereby distributed
-    exactly as sampling one token at a time would draw it. Greedy rows accept d iff it is p's argmax.
-    A row without drafts is drawn exactly as `sample` draws it (same generator use), and each row draws
-    len(drafts) uniforms and then one race from its own generator, so seeded runs reproduce.
-    Penalties see each position's history: the output so far plus the drafts before it.
-    """
-    B = len(drafts)
-    if len(params) != B:
-        raise ValueError(f"params has {len(params)} entries for {B} rows")
-    sizes = [len(d) + 1 for d in drafts]
-    starts = list(itertools.accumulate(sizes, initial=0))
-    M, V = logits.shape
-    if M != starts[-1]:
-        raise ValueError(f"logits has {M} rows for {starts[-1]} positions")
-    generators = [None] * B if generators is None else list(generators)
-    device = logits.device
-    x = logits.float()
-    raw_logprobs = torch.log_softmax(x, dim=-1) if any(p.logprobs is not None for p in params) else None
-
-    pos_row = [i for i in range(B) for _ in range(sizes[i])]
-    pos_params = [params[i] for i in pos_row]
-    pen_positions = [m for m, p in enumerate(pos_params) if p.has_penalties]
-    if pen_positions:
-        outputs = [None] * M
-        prompts = [None] * M
-        for m in pen_positions:
-            i = pos_row[m]
-            outputs[m] = list(_or_empty(output_token_ids[i] if output_token_ids else None)) + drafts[i][: m - starts[i]]
-            prompts[m] = prompt_token_ids[i] if prompt_token_ids is not None else None
-        x = _penalise(x, pos_params, pen_positions, prompts if prompt_token_ids is not None else None, outputs)
-
-    targets = x.argmax(dim=-1).tolist()  # the greedy rows' choices
-    rand_rows = [i for i in range(B) if not params[i].greedy]
-    shaped = None
-    if rand_rows:
-        rand_pos = [m for i in rand_rows for m in range(starts[i], starts[i + 1])]
-        shaped = torch.full_like(x, float("-inf"))
-        index = torch.tensor(rand_pos, device=device)
-        shaped[index] = _shaped(x[index], [pos_params[m] for m in rand_pos])
-        draft_pos = [m for i in rand_rows for m in range(starts[i], starts[i + 1] - 1)]
-        draft_ids = [t for i in rand_rows for t in drafts[i]]
-        p_draft = dict(zip(draft_pos, shaped[draft_pos].softmax(-1)[range(len(draft_pos)), draft_ids].tolist())) \
-            if draft_pos else {}
-
-    chosen: list[tuple[int, int | None]] = []  # per row: (position of its last token, its id if greedy)
-    race_rows, race_pos, race_masked = [], [], []
-    for i in range(B):
-        d, s = drafts[i], starts[i]
-        if params[i].greedy:
-            a = next((j for j, t in enumerate(d) if targets[s + j] != t), len(d))
-            chosen.append((s + a, targets[s + a]))
-            continue
-        gen = generators[i]
-        u = torch.rand(len(d), generator=gen, device=gen.device if gen is not None else device).tolist()
-        a = next((j for j, t in enumerate(d) if not u[j] < p_draft[s + j]), len(d))
-        chosen.append((s + a, None))
-        race_rows.append(i)
-        race_pos.append(s + a)
-        race_masked.append(d[a] if a < len(d) else None)
-    tokens = [c[1] for c in chosen]
-    if race_rows:
-        z = shaped[race_pos]
-        for r, t in enumerate(race_masked):
-            if t is not None:  # the rejected draft: p with d removed
-                z[r, t] = float("-inf")
-        for i, t in zip(race_rows, _race(z, [generators[i] for i in race_rows]).tolist()):
-            tokens[i] = t
-
-    out = []
-    for i in range(B):
-        s, (last, _) = starts[i], chosen[i]
-        ids = drafts[i][: last - s] + [tokens[i]]
-        out.append(_token_samples(ids, range(s, last + 1), params[i].logprobs, raw_logprobs))
-    return out
-
-
-def _token_samples(ids: list[int], positions, num_top: int | None, raw_logprobs) -> list[TokenSample]:
-    if num_top is None or raw_logprobs is None:
-        return [TokenSample(t, None, None) for t in ids]
-    rows = raw_logprobs[list(positions)]
-    chosen = rows[range(len(ids)), ids].tolist()
-    if not num_top:
-        return [TokenSample(t, lp, []) for t, lp in zip(ids, chosen)]
-    top_lps, top_ids = torch.topk(rows, min(num_top, rows.shape[-1]), dim=-1)
-    return [TokenSample(t, lp, list(zip(ti, tl))) for t, lp, ti, tl in
-            zip(ids, chosen, top_ids.tolist(), top_lps.tolist())]

@@ -1,5 +1,5 @@
 """Speculative decoding: who proposes draft tokens, and how many. The engine verifies them in its next step
-(sampling.sample_with_drafts: exact rejection sampling, so the output distribution does not change).
+(rejection.sample_with_drafts: exact rejection sampling, so the output distribution does not change).
 
 `SpeculativeConfig` is vLLM's `speculative_config`:
     {"method": "mtp", "num_speculative_tokens": k}   the checkpoint's own MTP module(s) draft (DeepSeek-V3)

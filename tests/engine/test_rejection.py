@@ -1,4 +1,4 @@
-"""sample_with_drafts: exact rejection sampling of drafted tokens (engine/sampling.py).
+"""sample_with_drafts: exact rejection sampling of drafted tokens (engine/rejection.py).
 
 The committed tokens must be distributed exactly as one-at-a-time sampling draws them, whatever the
 drafts; rows without drafts must be drawn exactly as `sample` draws them; greedy rows accept exactly the
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from openr2.engine.sampling import SamplingParams, make_generator, sample, sample_with_drafts
+from openr2.engine.rejection import sample_with_drafts
+from openr2.engine.sampling import SamplingParams, make_generator, sample
 
 
 def _shaped_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

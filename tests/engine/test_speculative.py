@@ -1,4 +1,4 @@
-"""Speculative decoding (engine/speculative.py + sampling.sample_with_drafts): greedy outputs equal those
+"""Speculative decoding (engine/speculative.py + rejection.sample_with_drafts): greedy outputs equal those
 without drafts token for token (MTP and n-gram, on the demo model, on random models whose drafts are mostly
 rejected, on a checkpoint transformers wrote), seeded sampling reproduces, the prefix cache never holds a
 rejected token, limits and usage are unchanged, bad configs are refused."""
