@@ -18,15 +18,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
-import tempfile
 import types
 import warnings
 import weakref
 
 import torch
 
-from openr2.engine import paged_attention
+from openr2.engine import aoti, paged_attention
 from openr2.model.transformer import Transformer
 
 COMPILED_DECODE_MAX_TOKENS = 16  # the compiled decode step's largest batch (more rows run eager)
@@ -115,18 +115,17 @@ def decode_draft_step(model: Transformer, ids: torch.Tensor, positions: torch.Te
 class CompiledStep:
     """One step function of one model (decode_step, or draft_step at one depth), compiled ahead of time.
 
-    One row (the latency case) runs through AOTInductor packages on CPU, one per number of new tokens per
-    row: inductor's kernels called from C++ without dynamo's Python wrapper and guards (~0.35-0.45 ms less
-    per step on the demo model than torch.compile). Context length and pool size are
-    dynamic. A package holds no weights: it reads the model's own tensors (user-managed constants), so
-    in-place weight updates, as GRPO's, are seen. Packages are kept on disk (`cache_dir`), keyed by
-    everything they depend on (step, shapes, parameter names/shapes/dtypes, config, torch version, CPU
-    capability, openr2's model code): a restart loads them in well under a second each instead of
-    compiling for ~20-40 s. Several rows (and one row if export fails) run through torch.compile
-    (dynamic rows and context; its graphs are compiled once per process, inductor's kernels come from its
-    own disk cache). Multi-row packages were tried: exported with dynamic rows and context they gave wrong
-    results at other contexts (torch 2.13), so they are not used. Arguments are tensors; the pools (dim 1:
-    slots) and the block table (dim 1: blocks) are at `pools` and `table_arg`; block_size is a keyword.
+    Every shape class (rows, new tokens per row, block size) runs through an AOTInductor package on CPU:
+    inductor's kernels called from C++ without dynamo's Python wrapper and guards (~0.35-0.45 ms less per step
+    on the demo model than torch.compile). One row has packages of its own (the latency case); several rows
+    share a few, each valid for the range of rows export proves (engine/aoti.py). Context length and pool
+    size are dynamic. A package holds no weights: it reads the model's own tensors (user-managed constants),
+    so in-place weight updates, as GRPO's, are seen. Packages are kept on disk (`cache_dir`), keyed by
+    everything they depend on and checksummed: a restart loads each in tens of milliseconds instead of
+    compiling it for ~30-60 s. Shapes that do not export run through torch.compile (dynamic rows and context;
+    compiled once per process). Arguments are tensors; the pools (dim 1: slots) and the block table (dim 1:
+    blocks) are at `pools` and `table_arg`, the write slots and indices right after it; block_size is a
+    keyword.
     """
 
     def __init__(self, model: Transformer, step, pools: tuple[int, int], table_arg: int,
@@ -136,86 +135,67 @@ class CompiledStep:
         self.pools, self.table_arg = pools, table_arg
         self.cache_dir = cache_dir or default_cache_dir()
         self._multi = None  # torch.compile fallback, made on first need
-        self._packages: dict[tuple, object] = {}  # one row's (width, block size) -> loaded package, or False
+        self._runners: dict[tuple, object] = {}  # (rows, width, block size) -> package loader, or False
+        self._packages: dict[tuple, list[aoti.Package]] = {}  # (width, block size) -> the packages in use
         self.num_loaded = self.num_built = 0  # packages read from disk / compiled by this process
 
     def __call__(self, *args, block_size: int):
         rows, width = args[0].shape[:2]
-        package = False
-        if rows == 1:
-            key = (width, block_size)
-            if key not in self._packages:
-                self._packages[key] = self._package(key, args)
-            package = self._packages[key]
-        if package is not False:
+        runner = self._runners.get((rows, width, block_size))
+        if runner is None:
+            runner = self._runners[rows, width, block_size] = self._package(rows, width, block_size, args).loader
+        if runner is not False:
             # the package's loader directly: its Python __call__ re-parses the call spec and flattens the
             # arguments on every call (~50 us a step)
-            return tuple(package.loader.boxed_run(list(args)))
+            return tuple(runner.boxed_run(list(args)))
         if self._multi is None:
             self._multi = _private_compile(self.step)
         return self._multi(self.model, *args, block_size=block_size, **self.static)
 
     @property
     def num_packages(self) -> int:
-        return sum(1 for p in self._packages.values() if p is not False)
+        return sum(1 for ps in self._packages.values() for p in ps if p.loader is not False)
 
-    def _package(self, key, example):
-        """The loaded package of this shape class, from disk or compiled now; False if the model does not
-        export (then torch.compile serves it)."""
-        path = os.path.join(self.cache_dir, f"{self.step.__name__}-{self._key_hash(key, example)}.pt2")
-        if os.path.isfile(path):
+    def covers(self, rows: int, width: int, block_size: int) -> bool:
+        """Whether this shape runs without compiling now (its package is loaded, or torch.compile serves it)."""
+        return any(p.covers(rows) for p in self._packages.get((width, block_size), ()))
+
+    def _package(self, rows: int, width: int, block_size: int, example) -> aoti.Package:
+        """The package serving this shape: in use already, from disk, or compiled now; one without a loader if
+        the model does not export (then torch.compile serves it)."""
+        packages = self._packages.setdefault((width, block_size), [])
+        for package in packages:
+            if package.covers(rows):
+                return package
+        key = self._key(rows > 1, width, block_size, example)
+        prefix = f"{self.step.__name__}-{aoti.key_hash(key)}"
+        module = _Step(self.model, self.step, dict(self.static, block_size=block_size))
+        constants = dict(module.named_parameters()) | dict(module.named_buffers())
+        package = aoti.find(self.cache_dir, prefix, key, rows, constants)
+        if package is not None:
+            self.num_loaded += 1
+        else:
             try:
-                runner = self._load(path)
-                self.num_loaded += 1
-                return runner
-            except Exception as e:  # a truncated or foreign file: compile it again
-                warnings.warn(f"{path}: cached compiled step unreadable ({type(e).__name__}); recompiling",
-                              stacklevel=3)
-        try:
-            with warnings.catch_warnings():  # torch's own export/packaging trips its LeafSpec deprecation
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-                self._build(key, example, path)
-            self.num_built += 1
-            return self._load(path)
-        except Exception as e:  # export covers what torch.compile does; if not, that path still works
-            warnings.warn(f"{self.step.__name__} not exported ({type(e).__name__}: {str(e)[:200]}); "
-                          "using torch.compile", stacklevel=3)
-            return False
+                package = aoti.build(self.cache_dir, prefix, key, module, tuple(example), self.pools, self.table_arg,
+                                     width, constants)
+                self.num_built += 1
+            except Exception as e:  # export covers what torch.compile does; if not, that path still works
+                warnings.warn(f"{self.step.__name__} not exported ({type(e).__name__}: {str(e)[:200]}); "
+                              "using torch.compile", stacklevel=3)
+                package = aoti.Package(1, 1, None) if rows == 1 else aoti.Package(2, math.inf, None)
+        packages.append(package)
+        return package
 
-    def _build(self, key, example, path: str) -> None:
-        module = _Step(self.model, self.step, dict(self.static, block_size=key[1]))
-        # the pool size and the block table width dynamic (PagedView pads tables to at least two columns);
-        # one row with a fixed number of new tokens, so its writes are static
-        blocks, slots = torch.export.Dim("blocks", min=2), torch.export.Dim("slots")
-        shapes = [None] * len(example)
-        shapes[self.pools[0]] = shapes[self.pools[1]] = {1: slots}
-        shapes[self.table_arg] = {1: blocks}
-        program = torch.export.export(module, tuple(example), dynamic_shapes={"args": tuple(shapes)}, strict=False)
-        os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:  # written whole, then renamed: atomic
-            built = torch._inductor.aoti_compile_and_package(
-                program, package_path=os.path.join(tmp, "step.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
-            os.chmod(built, 0o600)
-            os.replace(built, path)
-
-    def _load(self, path: str):
-        runner = torch._inductor.aoti_load_package(path)
-        module = _Step(self.model, self.step, self.static)  # for the parameters' names only
-        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
-                              check_full_update=True, user_managed=True)
-        return runner
-
-    def _key_hash(self, key, example) -> str:
-        h = hashlib.sha256()
-        parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), self.step.__name__, repr(self.static),
-                 repr(key), json.dumps(self.model.config.to_hf(), sort_keys=True, default=str), _code_hash()]
-        parts += [f"{a.dtype}:{a.device.type}:{a.dim()}" for a in example]
-        parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in self.model.state_dict(keep_vars=True).items()]
-        for part in parts:
-            h.update(part.encode() + b"\0")
-        return h.hexdigest()[:24]
+    def _key(self, several_rows: bool, width: int, block_size: int, example) -> dict:
+        """Everything a package depends on, as strings (its manifest keeps it; its file name hashes it)."""
+        params = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in self.model.state_dict(keep_vars=True).items()]
+        config = json.dumps(self.model.config.to_hf(), sort_keys=True, default=str)
+        return {"step": self.step.__name__, "static": repr(self.static), "width": width, "block_size": block_size,
+                "rows": "several" if several_rows else "one",
+                "inputs": [f"{a.dtype}:{a.device.type}:{a.dim()}" for a in example],
+                "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+                "config": hashlib.sha256(config.encode()).hexdigest(),
+                "parameters": hashlib.sha256("\n".join(params).encode()).hexdigest(), "code": _code_hash()}
 
 
 def default_cache_dir() -> str:
@@ -232,7 +212,7 @@ def _code_hash() -> str:
     h = hashlib.sha256()
     for folder in ("model", "quant", "engine"):
         for name in sorted(os.listdir(os.path.join(package, folder))):
-            if name.endswith(".py") and (folder != "engine" or name in ("compiled.py", "paged_attention.py")):
+            if name.endswith(".py") and (folder != "engine" or name in ("aoti.py", "compiled.py", "paged_attention.py")):
                 with open(os.path.join(package, folder, name), "rb") as f:
                     h.update(name.encode() + f.read())
     return h.hexdigest()

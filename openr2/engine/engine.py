@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from openr2.engine.compiled import COMPILED_DECODE_MAX_TOKENS
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.rejection import sample_with_drafts
@@ -210,15 +211,20 @@ class LLMEngine:
 
     def warm_up(self) -> None:
         """Run the decode shapes a server meets (one row, several rows) once on an idle engine, so that
-        compilation (EngineConfig.compile) happens now rather than inside the first requests."""
+        compilation (EngineConfig.compile) happens now, or its packages are loaded from disk, rather than
+        inside the first requests: batches of 1, 2, ... rows until every compiled batch size is covered."""
         if self.requests:
             raise RuntimeError("warm_up needs an idle engine")
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-        for rows in (1, 2):
+        max_rows = min(COMPILED_DECODE_MAX_TOKENS, self.config.max_num_seqs, self.pool.num_blocks)
+        rows = 1
+        while rows is not None:
             for i in range(rows):
                 self.add_request(f"warm-up-{rows}-{i}", [0, 0, 0], params)
             while self.has_unfinished_requests():
                 self.step()
+            more = self.runner.uncompiled_rows(max_rows)
+            rows = more if more is not None and more > rows else None  # a batch that did not cover: stop
         self.reset_prefix_cache()  # the warm-up's blocks must not look like anyone's cached prefix
 
     def has_unfinished_requests(self) -> bool:

@@ -146,15 +146,25 @@ class ModelRunner:
             for b, (seq, n) in enumerate(group):
                 out.hidden[seq.seq_id] = hidden[b, :n]
 
+    def uncompiled_rows(self, max_rows: int) -> int | None:
+        """The fewest one-token decode rows (1..max_rows) the compiled step would still have to compile (or load)
+        for; None when there are none, or nothing is compiled (LLMEngine.warm_up runs such batches)."""
+        if self._compiled_decode is None:
+            return None
+        step, block_size = self._decode_step(), self.pool.block_size
+        return next((rows for rows in range(1, max_rows + 1) if not step.covers(rows, 1, block_size)), None)
+
+    def _decode_step(self):
+        if self.fused_draft:
+            from openr2.engine.compiled import compiled_decode_draft_step
+
+            return compiled_decode_draft_step(self.model, self.compile_cache_dir)
+        return self._compiled_decode
+
     def _decode_compiled(self, ids, positions, view):
         try:
             *cache, block_size = view.decode_args()
-            step = self._compiled_decode
-            if self.fused_draft:
-                from openr2.engine.compiled import compiled_decode_draft_step
-
-                step = compiled_decode_draft_step(self.model, self.compile_cache_dir)
-            return step(ids, positions, *cache, block_size=block_size)
+            return self._decode_step()(ids, positions, *cache, block_size=block_size)
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",

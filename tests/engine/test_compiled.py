@@ -47,11 +47,28 @@ def _decode_step64(model, ids, positions, pool_c, pool_r, *cache):
         return compiled.decode_step(float64_copy(model), ids, positions, pool_c, pool_r, *cache)
 
 
+def _filled_pool(model, num_blocks: int, block_size: int, gen: torch.Generator):
+    shape = (model.config.num_hidden_layers, num_blocks * block_size)
+    return (torch.randn(*shape, model.config.kv_lora_rank, generator=gen),
+            torch.randn(*shape, model.config.qk_rope_head_dim, generator=gen))
+
+
+def _step_args(model, lengths: list[int], num_blocks: int, block_size: int, gen: torch.Generator):
+    """(ids, positions, block_table, write_slots, write_index) of one new token per row after `lengths` tokens,
+    over shuffled blocks (the table as PagedView cuts it: at least two columns)."""
+    width = max(2, -(-max(lengths) // block_size))
+    table = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in lengths])
+    positions = torch.tensor(lengths)[:, None] - 1
+    write_slots = (table.gather(1, positions // block_size) * block_size + positions % block_size).flatten()
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), 1), generator=gen)
+    return ids, positions, table, write_slots, torch.arange(len(lengths))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rows,width", [(1, 1), (5, 1), (2, 2)])
 def test_compiled_step_logits_equal_eager(model, rows, width):
-    """One decode step over a filled pool, compiled (one row: an AOTInductor package; five rows of one token
-    or two rows of two: torch.compile) vs eager, and the pool writes it makes: each within a small factor of
+    """One decode step over a filled pool, compiled (AOTInductor packages: one row; five rows of one token; two
+    rows of two) vs eager, and the pool writes it makes: each within a small factor of
     the eager step's own float32 error against a float64 run of the step (tests/numerics.py: inductor fuses and reorders the sums, so the
     two float32 results differ by rounding that depends on the CPU and the thread count)."""
     gen = torch.Generator().manual_seed(rows)
@@ -70,6 +87,7 @@ def test_compiled_step_logits_equal_eager(model, rows, width):
     with torch.inference_mode():
         want = compiled.decode_step(model, *args, eager_c, eager_r, *cache, block_size)
         got = compiled.compiled_decode_step(model)(*args, pool_c, pool_r, *cache, block_size=block_size)
+    assert compiled.compiled_decode_step(model)._runners[rows, width, block_size] is not False  # not torch.compile
     ref = _decode_step64(model, *args, ref_c, ref_r, *cache, block_size)
     for name, g, w, r in zip(("logits", "hidden"), got, want, ref):
         assert_close_to_reference(g, w, r, what=f"{name}, {rows} rows of {width}")
@@ -90,6 +108,49 @@ def test_compiled_step_logits_equal_eager(model, rows, width):
     finally:
         with torch.no_grad():
             head.copy_(original)
+
+
+@pytest.mark.slow
+def test_several_rows_packages_serve_their_ranges_and_reload(model):
+    """Several rows run through AOTInductor packages exported once per range of rows (the experts' "few pairs"
+    branch splits this model's at 4): every batch size from 2 to 16, at short and long contexts, over tables
+    and pools of other sizes than the ones exported, gives the eager step's logits and pool writes; a second
+    CompiledStep (a restart: nothing in memory) loads the same packages from disk and agrees at new shapes."""
+    gen = torch.Generator().manual_seed(11)
+    block_size = 4
+    step = compiled.CompiledStep(model, compiled.decode_step, (2, 3), 4)
+    for rows, num_blocks in [(2, 8), (3, 32), (4, 12), (5, 16), (9, 40), (16, 20)]:
+        lengths = torch.randint(1, num_blocks * block_size // 2, (rows,), generator=gen).tolist()
+        if rows == 3:
+            lengths[1] = num_blocks * block_size  # a row as long as the pool: every block in its table
+        pool_c, pool_r = _filled_pool(model, num_blocks, block_size, gen)
+        args = _step_args(model, lengths, num_blocks, block_size, gen)
+        eager_c, eager_r, ref_c, ref_r = pool_c.clone(), pool_r.clone(), pool_c.double(), pool_r.double()
+        cache = args[2:]
+        with torch.inference_mode():
+            want = compiled.decode_step(model, *args[:2], eager_c, eager_r, *cache, block_size)
+            got = step(*args[:2], pool_c, pool_r, *cache, block_size=block_size)
+        ref = _decode_step64(model, *args[:2], ref_c, ref_r, *cache, block_size)
+        for name, g, w, r in zip(("logits", "hidden"), got, want, ref):
+            assert_close_to_reference(g, w, r, what=f"{name}, {rows} rows, lengths {lengths}")
+        assert_close_to_reference(pool_c, eager_c, ref_c, what=f"pool_c writes, {rows} rows")
+    assert step._multi is None  # no torch.compile: packages served every batch
+    ranges = sorted((p.lo, p.hi) for p in step._packages[1, block_size])
+    assert ranges[0][0] == 2 and ranges[-1][1] >= 16 and len(ranges) < 15  # a few packages cover 2..16 rows
+    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))  # ranges that neither overlap nor leave gaps
+
+    restarted = compiled.CompiledStep(model, compiled.decode_step, (2, 3), 4)
+    for rows, num_blocks in [(4, 64), (13, 8)]:
+        lengths = torch.randint(1, num_blocks * block_size, (rows,), generator=gen).tolist()
+        pool_c, pool_r = _filled_pool(model, num_blocks, block_size, gen)
+        args = _step_args(model, lengths, num_blocks, block_size, gen)
+        eager_c, eager_r = pool_c.clone(), pool_r.clone()
+        with torch.inference_mode():
+            want = compiled.decode_step(model, *args[:2], eager_c, eager_r, *args[2:], block_size)[0]
+            got = restarted(*args[:2], pool_c, pool_r, *args[2:], block_size=block_size)[0]
+        ref = _decode_step64(model, *args[:2], pool_c.double(), pool_r.double(), *args[2:], block_size)[0]
+        assert_close_to_reference(got, want, ref, what=f"after a reload, {rows} rows")
+    assert (restarted.num_loaded, restarted.num_built) == (2, 0) and restarted._multi is None
 
 
 @pytest.mark.slow
@@ -172,7 +233,9 @@ def test_warm_up_compiles_both_shapes_and_leaves_the_engine_clean(model):
     engine = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=16, compile=True))
     engine.warm_up()
     decode = engine.runner._compiled_decode
-    assert decode is not None and decode.num_packages >= 1  # the one-row package was built
+    assert decode is not None and decode.num_packages >= 2  # one row, and several
+    assert all(decode.covers(rows, 1, 8) for rows in range(1, compiled.COMPILED_DECODE_MAX_TOKENS + 1))
+    assert engine.runner.uncompiled_rows(compiled.COMPILED_DECODE_MAX_TOKENS) is None
     assert not engine.requests and engine.blocks.num_free == engine.pool.num_blocks
     assert not engine.blocks.block_of  # no warm-up prefix stays cached
     prompt = _prompts([6], seed=3)[0]
@@ -212,18 +275,45 @@ def test_int4_models_decode_eagerly():
 
 @pytest.mark.slow
 def test_a_restart_loads_the_compiled_steps_from_disk(model, tmp_path):
-    """A second engine (a fresh process's model object) loads the packages the first compiled: no compiling."""
+    """A second engine (a fresh process's model object) loads the packages the first compiled, for one row and
+    several: no compiling. A corrupt package or a manifest for other code is never used: named in a warning,
+    compiled again."""
     import copy
+    import json
 
-    config = EngineConfig(block_size=8, num_blocks=16, compile=True, compile_cache_dir=str(tmp_path))
+    config = EngineConfig(block_size=8, num_blocks=16, max_num_seqs=4, compile=True, compile_cache_dir=str(tmp_path))
     first = LLMEngine(copy.deepcopy(model), config=config)  # not the fixture: its steps are compiled already
     first.warm_up()
-    assert first.runner._compiled_decode.num_built == 1  # the one-row package (several rows: torch.compile)
+    assert first.runner._compiled_decode.num_built == 2  # one row; 2..4 rows (max_num_seqs 4)
     assert all(os.stat(p).st_mode & 0o077 == 0 for p in tmp_path.iterdir())  # owner-only files
     restarted = copy.deepcopy(model)  # another model object: nothing shared in memory
     second = LLMEngine(restarted, config=config)
-    second.warm_up()  # (how long a restart takes is measured by bench/spec.py, not asserted here)
+    second.warm_up()  # (how long a restart takes is measured by bench/restart.py, not asserted here)
     decode = second.runner._compiled_decode
-    assert (decode.num_loaded, decode.num_built) == (1, 0)
-    prompt = _prompts([6], seed=4)[0]
-    assert _run(second, [("a", prompt, GREEDY)])["a"].outputs[0].token_ids == _naive_greedy(model, prompt, 16)
+    assert (decode.num_loaded, decode.num_built) == (2, 0)
+    prompts = _prompts([6, 9, 4], seed=4)
+    done = _run(second, [(str(i), p, GREEDY) for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)].outputs[0].token_ids == _naive_greedy(model, prompt, GREEDY.max_tokens), i
+    assert decode._multi is None  # several rows ran through their package too
+
+    one_row, several = sorted(tmp_path.glob("decode_step-*.pt2"), key=lambda p: json.loads(
+        p.with_suffix(".json").read_text())["rows"][0])
+    data = bytearray(one_row.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the package
+    one_row.write_bytes(bytes(data))
+    manifest = json.loads(several.with_suffix(".json").read_text())
+    manifest["key"]["torch"] = "1.0"  # as if written by another torch
+    several.with_suffix(".json").write_text(json.dumps(manifest))
+    third = LLMEngine(copy.deepcopy(model), config=config)
+    with pytest.warns(UserWarning) as caught:
+        third.warm_up()
+    messages = [str(w.message) for w in caught if "cached compiled step not used" in str(w.message)]
+    assert any(str(one_row) in m and "sha256" in m for m in messages), messages
+    assert any(str(several) in m and "another torch" in m for m in messages), messages
+    decode = third.runner._compiled_decode
+    assert (decode.num_loaded, decode.num_built) == (0, 2)
+    done = _run(third, [(str(i), p, GREEDY) for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)].outputs[0].token_ids == _naive_greedy(model, prompt, GREEDY.max_tokens), i
+    assert json.loads(several.with_suffix(".json").read_text())["key"]["torch"] == torch.__version__  # rebuilt
