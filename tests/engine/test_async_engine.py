@@ -105,6 +105,7 @@ def test_a_failed_step_marks_the_engine_dead(model, monkeypatch):  # noqa: F811
         (prompt,) = _prompts([8], seed=14)
         with pytest.raises(EngineDeadError):  # a waiting caller is told, not left hanging
             asyncio.run(_collect(front, prompt, GREEDY))
+        front._thread.join(timeout=10)  # callers are told first, then on_failure runs as the thread ends
         assert "RuntimeError" in front.failure and calls == ["failed"]
         with pytest.raises(EngineDeadError):  # and so is every later one, at once
             asyncio.run(_collect(front, prompt, GREEDY))
