@@ -64,7 +64,7 @@ _loaded: bool | None = None  # None: not tried yet
 
 
 def load() -> bool:
-    """Build (first time on this machine, ~30 s; then loaded from torch's extension cache in ~0.1 s) and load
+    """Build (first time on this machine, ~30 s; then loaded from its folder in ~0.015 s) and load
     the kernel; False, with a warning, where it cannot be built (no C++ compiler or ninja): readers then use
     the gather reference."""
     global _loaded
