@@ -233,7 +233,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           default_sampling=generation_defaults(args.model),
                           example_prompts=example_prompts(args.model), docs=args.docs, model_aliases=aliases)
     if engine.config.compile:
-        print("openr2: compiling the decode step (the first start; later ones load it from disk)...")
+        print("openr2: preparing the compiled decode step (the first start compiles it, for minutes; later ones "
+              "load it from disk)...")
         engine.warm_up()
     server = Server(AsyncEngine(engine), _ledger(args), prices, config)
     print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
@@ -440,8 +441,8 @@ def _add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
 
 
-COMPILE_HELP = ("compile the decode step (batch-1 decode ~4-7x faster on CPU): ~20-60 s the first time, then "
-                "loaded from ~/.cache/openr2 in seconds")
+COMPILE_HELP = ("compile the decode step (batch-1 decode ~4-7x faster on CPU): minutes the first time, then "
+                "loaded from ~/.cache/openr2 in under a second")
 SPECULATIVE_HELP = ("speculative decoding: mtp:K drafts K tokens with the checkpoint's MTP module(s), ngram:K by "
                     "prompt lookup; outputs are unchanged (exact rejection sampling)")
 CLI_DEFAULTS = {"compile": True}  # where the command line's default differs from EngineConfig's (compiled by default)

@@ -47,7 +47,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget: prompt chunks beyond it continue next step
     max_model_len: int | None = None  # prompt + output; default max_position_embeddings
     enable_prefix_caching: bool = True
-    compile: bool = False  # compile the decode step (engine/compiled.py): ~20-60 s once, then faster decode
+    compile: bool = False  # compile the decode step (engine/compiled.py): minutes once, then faster decode
     compile_cache_dir: str | None = None  # compiled steps kept here; default $OPENR2_CACHE_DIR or ~/.cache/openr2
     # vLLM's: {"method": "mtp" | "ngram", "num_speculative_tokens": k, ...} (engine/speculative.py) or "mtp:2"
     speculative_config: dict | str | None = None
