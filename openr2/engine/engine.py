@@ -362,7 +362,7 @@ class LLMEngine:
         live = [seq for seq, _ in plan
                 if not seq.is_finished and seq.request_id not in failed and seq.request_id in self.requests]
         decoding = [seq for seq in live if seq.num_computed == seq.num_tokens - 1]  # next token sampled, not computed
-        self._step_k = self.spec_policy.choose(len(decoding)) if decoding else 0
+        self._step_k = self.spec_policy.choose(len(decoding), self.runner.max_drafts(len(decoding))) if decoding else 0
         self.runner.fused_draft = self.mtp_drafter is not None and self._step_k > 0  # off costs nothing
         rows = []
         for seq in live:

@@ -9,7 +9,10 @@ or the CLI's short form "mtp:2" / "ngram:4".
 
 MTP drafting keeps the MTP layer's own cache (the pool's layer L + depth) filled for every committed position:
 after each step it runs over the positions the step committed, fed the main model's final-normed hidden there
-and the token after each, and its logits at the last position give the first draft. For k > 1 the step is
+and the token after each, and its logits at the last position give the first draft (Transformer.draft_at:
+the keys of every position, the rest of the block at the last one only). With the compiled engine the
+decode step runs this first draft step in the same call for greedy rows (compiled.decode_draft_step), and
+the policy keeps a step's width within the compiled shapes (runner.max_drafts). For k > 1 the step is
 chained as DeepSeek and vLLM do: step j runs module (j - 1) mod D at the next position, fed the previous
 step's block output and draft. Chained steps write cache entries past the committed tokens; the next round
 overwrites them (they are never read as committed). Drafts are the MTP's argmax (a point-mass proposal).
@@ -85,6 +88,8 @@ class SpecPolicy:
     for each batch size class (1, 2, 3-4, 5-8, ...) and each k in 0..num_speculative_tokens it keeps a
     moving average of the committed tokens per second of pure decode steps, runs the best k, tries a k
     it has not measured yet, and every `probe_every` steps retries another so the averages stay current.
+    The caller may cap k for a step (`choose(rows, max_k)`: the engine keeps a compiled step from growing
+    past what its compiled shapes take, where an eager step would lose anyway).
     Seeded random rows always carry the configured k: their random draws depend on it, and a choice made
     from wall-clock time would make them irreproducible (greedy outputs do not depend on k at all).
     """
@@ -98,15 +103,16 @@ class SpecPolicy:
     def batch_class(num_rows: int) -> int:
         return max(0, num_rows - 1).bit_length()
 
-    def choose(self, num_rows: int) -> int:
+    def choose(self, num_rows: int, max_k: int | None = None) -> int:
         c = self.batch_class(num_rows)
+        top = self.max_k if max_k is None else max(0, min(self.max_k, max_k))
         self.steps += 1
-        for k in range(self.max_k, -1, -1):  # every k measured once first, widest first
+        for k in range(top, -1, -1):  # every k measured once first, widest first
             if (c, k) not in self.rate:
                 return k
-        best = max(range(self.max_k + 1), key=lambda k: self.rate[c, k])
-        if self.steps % self.probe_every == 0:
-            return (best + 1 + (self.steps // self.probe_every) % self.max_k) % (self.max_k + 1)
+        best = max(range(top + 1), key=lambda k: self.rate[c, k])
+        if top and self.steps % self.probe_every == 0:
+            return (best + 1 + (self.steps // self.probe_every) % top) % (top + 1)
         return best
 
     def record(self, num_rows: int, k: int, num_tokens: int, seconds: float) -> None:
@@ -143,18 +149,19 @@ class MTPDrafter:
         A row whose drafts were partly rejected is still fed all n positions (one shape for every row of a
         step, so the compiled draft step serves it): past the committed ones the next token is a filler and
         the cache entries land past the sequence's length, to be overwritten; its draft is read at the last
-        committed position. `fused`: the runner's StepOutput.drafts; rows whose committed tokens the fused
-        step fed already skip the first step."""
+        committed position. `fused`: the runner's StepOutput.drafts (runner.FusedDraft); rows whose committed
+        tokens are the ones the fused step fed (the argmax ones) skip the first step."""
         if not rows:
             return {}
+        max_k = max(k for *_, k in rows)
         first, drafts, h = [], {}, [None] * len(rows)
         for b, (seq, start, hidden, k) in enumerate(rows):
             committed = seq.num_computed - start
-            done = (fused or {}).get(seq.seq_id)
-            if done is not None and done[0][:committed] == seq.token_ids[start + 1 : start + 1 + committed]:
-                # the fused step already fed this row's committed tokens (they were the argmax ones)
-                drafts[seq.seq_id] = [done[1][committed - 1]] if k else []
-                h[b] = done[2][committed - 1]
+            done = fused.get(seq.seq_id) if fused else None
+            if done is not None and done.next_ids[:committed] == seq.token_ids[start + 1 : start + 1 + committed]:
+                drafts[seq.seq_id] = [done.draft] if k else []
+                if max_k > 1:
+                    h[b] = done.hidden[done.row]
                 continue
             next_ids = seq.token_ids[start + 1 : start + 1 + committed]
             first.append((b, (seq, start, hidden, next_ids + next_ids[-1:] * (hidden.shape[0] - committed),
@@ -164,11 +171,11 @@ class MTPDrafter:
             for (b, (seq, *_)), t, hb in zip(first, logits.argmax(-1).tolist(), h_first):
                 drafts[seq.seq_id] = [t] if rows[b][3] else []
                 h[b] = hb
-        if max((k for *_, k in rows), default=0) < 2:
+        if max_k < 2:
             return drafts
         h = torch.stack(h)
         live = [(b, seq, k) for b, (seq, *_, k) in enumerate(rows) if k > 1]
-        for j in range(2, max((k for *_, k in rows), default=0) + 1):
+        for j in range(2, max_k + 1):
             live = [(b, seq, k) for b, seq, k in live if k >= j]
             if not live:
                 break

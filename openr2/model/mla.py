@@ -128,9 +128,7 @@ class MLA(nn.Module):
         apply_rope(q[..., self.nope_dim:], cos[:, :, None], sin[:, :, None], self.interleaved, k, inplace=True)
         q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
 
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv, inplace=True)  # over the projection's own columns (no grad)
-        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)  # small, and the norm's backward reads c_kv
+        c_kv, k_rope = self.latent_kv(x, cos, sin, k)
         if cache is not None:
             cache.write(self.layer_idx, c_kv, k_rope)
         if attn_impl == "naive":
@@ -142,10 +140,19 @@ class MLA(nn.Module):
                 mask = causal_mask(positions, c_kv.shape[1])
             out = self._attend_naive(q, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
-            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache)
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache, k)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
+
+    def latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache keeps of x's tokens [B, T, D]: the normalised latent c_kv [B, T, C] and the rotated
+        rope key k_rope [B, T, R]."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x, kernel_impl).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv, inplace=True)  # over the projection's own columns (no grad)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, kernel_impl)  # small; the norm's backward reads c_kv
+        return c_kv, k_rope
 
     def _attend_naive(self, q, c_kv, k_rope, mask, kernel_impl="eager"):
         """q [B,T,H,N+R] (rope part rotated); expand the latent into per-head K [B,S,H,N+R] and V; SDPA.
@@ -176,22 +183,32 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., v_cols]
 
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None):
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None, kernel_impl="eager"):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
 
         Without a cache the keys are the T new tokens themselves (plain causal); with one, the cache reads
-        its own keys (`attend`: a paged cache reads its blocks in place).
+        its own keys (`attend`: a paged cache reads its blocks in place). kernel_impl "compiled" on CPU
+        writes the two per-head products as a product and a sum, which inductor fuses with their
+        neighbours, where the weights stay in cache across the few query rows (up to 256 KiB; one row
+        always: inductor writes a one-row bmm so itself); otherwise, as eagerly, as bmm (an external call).
         """
         B, T, H, N = q_nope.shape
         w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, C], [H, V, C]
-        q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
-        q_latent = q_latent.transpose(0, 1).view(B, T, H, -1)
+        fused = kernel_impl == "compiled" and q_nope.device.type == "cpu" and B * T <= 16 \
+            and (B * T == 1 or w.numel() * w.element_size() <= 256 << 10)
+        if fused:
+            q_latent = (q_nope[..., None] * w_uk).sum(-2)  # [B, T, H, C]
+        else:
+            q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
+            q_latent = q_latent.transpose(0, 1).view(B, T, H, -1)
         if cache is None:
             causal = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None]
             o_latent = attend_latent(q_latent, q_rope, c_kv, k_rope, causal, self.scale)
         else:
             o_latent = cache.attend(self.layer_idx, q_latent, q_rope, positions, self.scale)
+        if fused:
+            return (o_latent[..., None, :] * w_uv).sum(-1)  # [B, T, H, V]
         out = torch.bmm(o_latent.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).view(B, T, H, self.v_dim)
 

@@ -223,3 +223,24 @@ def test_policy_measures_every_width_then_runs_the_best_and_keeps_probing():
     assert policy.choose(num_rows=1) == 2  # another batch size class is measured on its own
     policy.record(8, 2, 2, 1e-3)  # a much faster step replaces a stale (e.g. compiling) measurement
     assert policy.rate[policy.batch_class(8), 2] == pytest.approx(2000)
+
+
+def test_policy_keeps_to_the_cap_it_is_given():
+    from openr2.engine.speculative import SpecPolicy
+
+    policy = SpecPolicy(max_k=3, probe_every=4)
+    chosen = []
+    for _ in range(20):
+        k = policy.choose(num_rows=8, max_k=1)
+        chosen.append(k)
+        policy.record(8, k, 1 + k, 1.0)
+    assert set(chosen) == {0, 1}  # widths past the cap are never tried, the others are
+    assert policy.choose(num_rows=8, max_k=0) == 0
+
+
+def test_drafts_are_capped_where_a_step_would_leave_the_compiled_shapes():
+    engine = LLMEngine(_random_model(1), config=EngineConfig(num_blocks=8, speculative_config="mtp:3"))
+    runner = engine.runner
+    assert runner.max_drafts(8) is None  # eager engine: no cap
+    runner._compiled_decode = object()  # as if compiled (only max_drafts looks at it here)
+    assert [runner.max_drafts(rows) for rows in (1, 4, 5, 8, 16, 17)] == [3, 3, 2, 1, 0, None]
