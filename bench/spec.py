@@ -131,7 +131,8 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
 def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
     """Median time of the compiled steps alone, one row over a 120-token context, per (step, width): the
     decode step, and the decode step fused with the first MTP draft step (a speculative round with mtp:1
-    at width 2). Rounds interleave every (step, width); the best thread count of each is kept."""
+    at width 2). The row's tokens are distinct: one token in every position would route to the same experts,
+    as a real step does not. Rounds interleave every (step, width); the best thread count of each is kept."""
     L = model.config.num_hidden_layers
     pool = KVPool(model.config, num_blocks=8, block_size=64, num_layers=L + len(model.mtp))
     steps = {"decode": compiled_decode_step(model)}
@@ -144,7 +145,7 @@ def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
             view = pool.view([[3, 5]], [context - width], [width])
             *cache, block_size = view.decode_args()
             positions = (context - width + torch.arange(width))[None]
-            ids = torch.zeros(1, width, dtype=torch.long)
+            ids = torch.tensor([[17, 301, 45, 260][:width]])  # distinct tokens: the MoE routes them apart
             step(ids, positions, *cache, block_size=block_size)  # loads or compiles its package
             cases[name, width] = (step, (ids, positions, *cache), block_size)
     times = {(key, t): [] for key in cases for t in threads}

@@ -136,6 +136,47 @@ def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[
     return []
 
 
+class Speculator:
+    """The engine's speculative decoding: after each step, the drafts each live row carries into the next
+    one (how many: SpecPolicy, within each row's room and the compiled shapes; who drafts: the MTP modules
+    or n-gram lookup), and, for the MTP, its cache at the positions the step committed."""
+
+    def __init__(self, config: SpeculativeConfig, runner, scheduler, num_mtp_modules: int):
+        self.config, self.runner, self.scheduler = config, runner, scheduler
+        self.policy = SpecPolicy(config.num_speculative_tokens)
+        self.mtp = MTPDrafter(runner, num_mtp_modules) if config.method == "mtp" else None
+        self.k = 0  # drafts the policy chose for the current step's decode rows
+
+    def propose(self, rows: list[tuple[Sequence, int]], starts: dict[int, int], out, prefilling: set[int]) -> None:
+        """rows: (live sequence, the most drafts its limits leave room for); starts: seq_id -> the first
+        position the step fed it; out: the step's runner.StepOutput; prefilling: seq_ids whose prompt the step
+        fed. Sets every row's draft_token_ids (and frees the blocks it no longer needs)."""
+        decoding = [seq for seq, _ in rows if seq.num_computed == seq.num_tokens - 1]  # next token not computed
+        self.k = self.policy.choose(len(decoding), self.runner.max_drafts(len(decoding))) if decoding else 0
+        self.runner.fused_draft = self.mtp is not None and self.k > 0  # off costs nothing
+        wanted = []
+        for seq, room in rows:
+            k = 0
+            if seq.num_computed == seq.num_tokens - 1:
+                seeded = seq.generator is not None and not seq.params.greedy  # see SpecPolicy
+                k = max(0, min(self.config.num_speculative_tokens if seeded else self.k, room))
+                if k > 1 and self.mtp is not None and not self.scheduler.reserve(seq, seq.num_tokens + k):
+                    k = 1  # chained MTP steps write past the committed tokens: no blocks for that now
+            wanted.append((seq, k))
+        if self.mtp is not None:
+            # Turned off, drafting costs nothing: decode rows skip the MTP cache too (a later draft attends
+            # over stale entries there, which costs acceptance, never correctness). Prompts always fill it.
+            drafts = self.mtp.propose([(seq, starts[seq.seq_id], out.hidden[seq.seq_id], k) for seq, k in wanted
+                                       if k or self.k or seq.seq_id in prefilling], out.drafts)
+        else:
+            c = self.config
+            drafts = {seq.seq_id: ngram_propose(seq.token_ids, k, c.prompt_lookup_max, c.prompt_lookup_min)
+                      for seq, k in wanted if k}
+        for seq, k in wanted:
+            seq.draft_token_ids = drafts.get(seq.seq_id, [])[:k]
+            self.scheduler.trim(seq)
+
+
 class MTPDrafter:
     """Runs the model's MTP module(s) through the runner over the engine's pool (see the module docstring)."""
 
