@@ -64,9 +64,20 @@ class ModelRunner:
         """MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n], index of the
         position to draft from) rows: writes its keys at those positions (the pool's layer L + depth);
         returns the draft logits at the indexed position [B, V] and the block output there [B, D] (a
-        chained step's hidden). Transformer.draft_at: the rest of the block runs at that position only."""
+        chained step's hidden). Transformer.draft_at: the rest of the block runs at that position only.
+        Compiled: rows of up to COMPILED_DECODE_MAX_WIDTH positions in one compiled call; longer ones
+        (prompts) write the keys before the indexed position eagerly and draft there through the compiled
+        one-position step (the positions past it are fillers of rejected drafts: not written)."""
         T = max(len(r[3]) for r in rows)
         B, D = len(rows), rows[0][2].shape[-1]
+        if self._compiled_decode is not None and T > COMPILED_DECODE_MAX_WIDTH and B <= COMPILED_DECODE_MAX_TOKENS:
+            # long rows (prompts): the keys of the positions before the drafting one eagerly, then the
+            # drafting position through the compiled one-token step (past it: fillers, to be overwritten)
+            keys = [(seq, start, h[:i], ids[:i]) for seq, start, h, ids, i in rows if i > 0]
+            if keys:
+                self._mtp_keys(keys, depth)
+            return self.draft([(seq, start + i, h[i : i + 1], ids[i : i + 1], 0) for seq, start, h, ids, i in rows],
+                              depth)
         last = torch.tensor([r[4] for r in rows], device=self.device)
         if self._compiled_decode is not None and T <= COMPILED_DECODE_MAX_WIDTH \
                 and B * T <= COMPILED_DECODE_MAX_TOKENS and all(len(r[3]) == T for r in rows):
@@ -93,6 +104,21 @@ class ModelRunner:
         view = self.pool.view([r[0].block_table for r in rows], [r[1] for r in rows], [len(r[3]) for r in rows])
         logits, h = self.model.draft_at(hidden, ids, positions, view, last, depth)
         return logits.float(), h
+
+    def _mtp_keys(self, rows: list[tuple[Sequence, int, torch.Tensor, list[int]]], depth: int) -> None:
+        """The keys of MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n])
+        rows, eagerly (Transformer.mtp_keys)."""
+        T = max(len(r[3]) for r in rows)
+        hidden = torch.zeros(len(rows), T, rows[0][2].shape[-1], dtype=self.model.dtype, device=self.device)
+        ids, positions = [], []
+        for b, (_, start, h, next_ids) in enumerate(rows):
+            n = len(next_ids)
+            hidden[b, :n] = h
+            ids.append(next_ids + [0] * (T - n))
+            positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
+        view = self.pool.view([r[0].block_table for r in rows], [r[1] for r in rows], [len(r[3]) for r in rows])
+        self.model.mtp_keys(hidden, torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                            view, depth)
 
     def max_drafts(self, num_rows: int) -> int | None:
         """The most drafts per row that keep a decode step of num_rows rows compiled (None: no limit, the

@@ -95,9 +95,7 @@ class Transformer(nn.Module):
         keys only cost the latent projection of each position."""
         mtp = self.mtp[depth]
         cos, sin = self.rotary(positions, hidden.dtype)
-        x = mtp.combine(hidden, self.embed_tokens(next_ids))
-        attn = mtp.self_attn
-        cache.write(attn.layer_idx, *attn.latent_kv(mtp.input_layernorm(x), cos, sin, kernel_impl))
+        x = self._mtp_keys(mtp, hidden, next_ids, cos, sin, cache, kernel_impl)
         rows = torch.arange(x.shape[0], device=x.device)
 
         def at(t: torch.Tensor) -> torch.Tensor:
@@ -105,6 +103,19 @@ class Transformer(nn.Module):
 
         h = mtp.block(at(x), at(positions), at(cos), at(sin), _Written(cache), "absorbed", moe_impl, kernel_impl)[:, 0]
         return self.lm_head(mtp.shared_head.norm(h), kernel_impl), h
+
+    def mtp_keys(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+                 depth: int = 0) -> None:
+        """Only the keys of MTP module `depth` at every position into the cache (draft_at's first part): the
+        positions of a prompt before the one a draft is read at."""
+        cos, sin = self.rotary(positions, hidden.dtype)
+        self._mtp_keys(self.mtp[depth], hidden, next_ids, cos, sin, cache)
+
+    def _mtp_keys(self, mtp, hidden, next_ids, cos, sin, cache, kernel_impl="eager") -> torch.Tensor:
+        x = mtp.combine(hidden, self.embed_tokens(next_ids))
+        attn = mtp.self_attn
+        cache.write(attn.layer_idx, *attn.latent_kv(mtp.input_layernorm(x), cos, sin, kernel_impl))
+        return x
 
     def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                     moe_impl: str = "grouped") -> list[torch.Tensor]:
