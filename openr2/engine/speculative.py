@@ -22,6 +22,7 @@ Shape legend: B rows, D hidden, V vocab.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -85,18 +86,22 @@ class SpecPolicy:
 
     Drafting pays only while a step k + 1 tokens wide (plus the drafting) costs little more than a step of
     one token; how much more depends on the batch, the model and the machine, so the engine measures it:
-    for each batch size class (1, 2, 3-4, 5-8, ...) and each k in 0..num_speculative_tokens it keeps a
-    moving average of the committed tokens per second of pure decode steps, runs the best k, tries a k
-    it has not measured yet, and every `probe_every` steps retries another so the averages stay current.
+    for each batch size class (1, 2, 3-4, 5-8, ...) and each k in 0..num_speculative_tokens it keeps the
+    last `window` pure decode steps and rates k by their mean committed tokens over the lower quartile of
+    their seconds (other processes delay a step, nothing makes one faster than it costs: a moving average
+    of per-step rates followed such delays and, after a few, stayed with the worse k), runs the best k,
+    tries a k it has not measured yet, and every `probe_every` steps retries another so the rates stay
+    current.
     The caller may cap k for a step (`choose(rows, max_k)`: the engine keeps a compiled step from growing
     past what its compiled shapes take, where an eager step would lose anyway).
     Seeded random rows always carry the configured k: their random draws depend on it, and a choice made
     from wall-clock time would make them irreproducible (greedy outputs do not depend on k at all).
     """
 
-    def __init__(self, max_k: int, probe_every: int = 64, smoothing: float = 0.2):
-        self.max_k, self.probe_every, self.smoothing = max_k, probe_every, smoothing
+    def __init__(self, max_k: int, probe_every: int = 64, window: int = 16):
+        self.max_k, self.probe_every, self.window = max_k, probe_every, window
         self.rate: dict[tuple[int, int], float] = {}  # (batch class, k) -> committed tokens per second
+        self.samples: dict[tuple[int, int], collections.deque] = {}  # the same -> its last (tokens, seconds)
         self.steps = 0
 
     @staticmethod
@@ -117,10 +122,12 @@ class SpecPolicy:
 
     def record(self, num_rows: int, k: int, num_tokens: int, seconds: float) -> None:
         key = (self.batch_class(num_rows), k)
-        rate = num_tokens / max(seconds, 1e-9)
-        old = self.rate.get(key)
-        # a first step of a new width may include compiling it: a later, much faster one replaces it
-        self.rate[key] = rate if old is None or rate > 2 * old else old + self.smoothing * (rate - old)
+        window = self.samples.setdefault(key, collections.deque(maxlen=self.window))
+        if window and seconds < 0.5 * min(s for _, s in window):
+            window.clear()  # the steps before included compiling this width: this one is what it costs
+        window.append((num_tokens, seconds))
+        quartile = sorted(s for _, s in window)[len(window) // 4]
+        self.rate[key] = sum(t for t, _ in window) / len(window) / max(quartile, 1e-9)
 
 
 def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[int]:

@@ -277,3 +277,16 @@ def test_compiled_draft_over_prompts_equals_eager():
         ref = draft(float64_copy(model), False, torch.float64)
     for fast, plain, r, what in zip(draft(model, True), draft(model, False), ref, ("logits", "block output", "cache")):
         assert_close_to_reference(fast, plain, r, what=f"draft over prompts: {what}")
+
+
+def test_policy_rates_hold_against_delayed_steps():
+    """Every third step delayed by another process (thirty times slower) does not turn the policy from the
+    better k (a moving average of per-step rates did, and then never measured that k again)."""
+    from openr2.engine.speculative import SpecPolicy
+
+    policy = SpecPolicy(max_k=1, probe_every=1000)
+    for i in range(40):
+        k = policy.choose(num_rows=1)
+        delayed = k == 1 and i % 3 == 2
+        policy.record(1, k, 2 if k else 1, (30.0 if delayed else 1.0) if k else 0.7)
+    assert policy.choose(num_rows=1) == 1  # 2 tokens per second against 1.43
