@@ -76,7 +76,8 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
     equal to the first spec's); then the timed rounds interleave the specs (round r: each thread count,
     each spec), so that a slow spell of a shared machine lands on all of them. tok_s: all tokens over the
     median round; speedup: the median over rounds of the first spec's round time over this one's, each at
-    its best thread count; the load other processes put on the machine meanwhile is printed."""
+    its best thread count; decode_*: the same after each burst's last first token (the prompts' passes
+    left out); the load other processes put on the machine meanwhile is printed."""
     engines = {str(spec): engine_for(model, tokenizer, spec) for spec in specs}
     reference = None
     for name, engine in engines.items():
@@ -88,14 +89,22 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
             elif ids != reference:
                 raise SystemExit(f"{name}: outputs differ from the run without speculation")
     num_tokens = sum(len(i) for batch in reference for i in batch)
+    num_requests = sum(len(batch) for batch in batches)
     stats_before = {name: dataclasses.replace(e.spec_stats) for name, e in engines.items()}
     times = {(name, t): [] for name in engines for t in threads}
+    decode_times = {(name, t): [] for name in engines for t in threads}  # after each request's first token
     before, start = busy_cpu_s(), time.perf_counter()
     for _ in range(runs):
         for t in threads:
             torch.set_num_threads(t)
             for name, engine in engines.items():
-                times[name, t].append(sum(run_requests(engine, batch, params)[0] for batch in batches))
+                total = first = 0.0
+                for batch in batches:
+                    first_token_s = []
+                    total += run_requests(engine, batch, params, first_token_s)[0]
+                    first += max(first_token_s)
+                times[name, t].append(total)
+                decode_times[name, t].append(total - first)
     load = other_load(before, busy_cpu_s(), time.perf_counter() - start)
     if load is not None:
         print(f"# other processes used {load[0]:.1f} CPU-s during timing ({load[1]:.0%} of the machine)")
@@ -107,8 +116,11 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
         drafts, accepted, drafted = (s.num_drafts - b.num_drafts, s.num_accepted_tokens - b.num_accepted_tokens,
                                      s.num_draft_tokens - b.num_draft_tokens)
         mine, base = times[name, best[name]], times[first, best[first]]
+        decode_mine, decode_base = decode_times[name, best[name]], decode_times[first, best[first]]
         out[name] = {"tok_s": num_tokens / statistics.median(mine), "threads": best[name],
                      "speedup": statistics.median(x / y for x, y in zip(base, mine)),
+                     "decode_tok_s": (num_tokens - num_requests) / statistics.median(decode_mine),
+                     "decode_speedup": statistics.median(x / y for x, y in zip(decode_base, decode_mine)),
                      "acceptance": accepted / drafted if drafted else 0.0,
                      "tokens_per_step": 1 + accepted / drafts if drafts else 1.0,
                      "load": load[1] if load else None}
@@ -119,7 +131,8 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
 def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
     """Median time of the compiled steps alone, one row over a 120-token context, per (step, width): the
     decode step, and the decode step fused with the first MTP draft step (a speculative round with mtp:1
-    at width 2). Rounds interleave every (step, width); the best thread count of each is kept."""
+    at width 2). The row's tokens are distinct: one token in every position would route to the same experts,
+    as a real step does not. Rounds interleave every (step, width); the best thread count of each is kept."""
     L = model.config.num_hidden_layers
     pool = KVPool(model.config, num_blocks=8, block_size=64, num_layers=L + len(model.mtp))
     steps = {"decode": compiled_decode_step(model)}
@@ -132,7 +145,7 @@ def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
             view = pool.view([[3, 5]], [context - width], [width])
             *cache, block_size = view.decode_args()
             positions = (context - width + torch.arange(width))[None]
-            ids = torch.zeros(1, width, dtype=torch.long)
+            ids = torch.tensor([[17, 301, 45, 260][:width]])  # distinct tokens: the MoE routes them apart
             step(ids, positions, *cache, block_size=block_size)  # loads or compiles its package
             cases[name, width] = (step, (ids, positions, *cache), block_size)
     times = {(key, t): [] for key in cases for t in threads}
@@ -188,11 +201,14 @@ def main() -> int:
 
 
 def print_batch1(batch1: dict, result: dict) -> None:
-    print("\n(a) batch-1 decode, compiled, best thread count (one question at a time, all questions)")
-    print(f"{'speculation':<12} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11} {'tokens/step':>12} {'threads':>8}")
+    print("\n(a) batch-1 decode, compiled, best thread count (one question at a time, all questions; "
+          "decode: after the first token)")
+    print(f"{'speculation':<12} {'tok/s':>8} {'speed-up':>9} {'decode tok/s':>13} {'speed-up':>9} "
+          f"{'acceptance':>11} {'tokens/step':>12} {'threads':>8}")
     result["a_batch1"] = {}
     for spec, row in batch1.items():
         print(f"{spec if spec != 'None' else 'off':<12} {row['tok_s']:>8.0f} {row['speedup']:>8.2f}x "
+              f"{row['decode_tok_s']:>13.0f} {row['decode_speedup']:>8.2f}x "
               f"{row['acceptance']:>11.3f} {row['tokens_per_step']:>12.2f} {row['threads']:>8}")
         result["a_batch1"][spec] = row
 

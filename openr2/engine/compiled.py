@@ -87,10 +87,9 @@ def draft_step(model: Transformer, hidden: torch.Tensor, next_ids: torch.Tensor,
                write_index: torch.Tensor, last: torch.Tensor, block_size: int, depth: int = 0, read: str = "blocks"):
     """MTP module `depth` drafting over the pool: hidden [B, T, D], next_ids/positions [B, T], the cache
     arguments as decode_step's, last [B] -> (draft logits at each row's `last` position [B, V], block output
-    there [B, D])."""
+    there [B, D]) (Transformer.draft_at: keys at every position, the block at `last` only)."""
     view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
-    logits, h = model.draft(hidden, next_ids, positions, view, depth, last, "absorbed", "decode", "compiled")
-    return logits, h[torch.arange(h.shape[0], device=h.device), last]
+    return model.draft_at(hidden, next_ids, positions, view, last, depth, "decode", "compiled")
 
 
 def decode_draft_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
@@ -98,18 +97,33 @@ def decode_draft_step(model: Transformer, ids: torch.Tensor, positions: torch.Te
                       write_index: torch.Tensor, block_size: int, read: str = "blocks"):
     """decode_step and the first MTP draft step in one call (speculative decoding with an MTP module).
 
-    The MTP module runs over the same new positions, fed each position's argmax next token: for a greedy row
-    that is exactly the token the verification commits there (the accepted draft, or the correction at the
-    first rejection), so its cache entries and its draft at the last committed position are the ones a
-    separate draft step would compute after sampling (the engine runs that step only for rows whose
-    committed token is not the argmax). Returns (logits [B, T, V], final-normed hidden [B, T, D], the argmax
-    next tokens [B, T], the MTP's argmax drafts [B, T], its block output [B, T, D])."""
+    Row b's T tokens are a token and its drafts ids[b, 1:]. Greedy verification is done here too: the argmax
+    next token of each position, and `accepted`, how many leading drafts equal the argmax before them. The
+    MTP module then runs over the same positions fed each position's argmax next token (its keys at every
+    position, its block at the last committed one, position `accepted`: Transformer.draft_at). For a greedy
+    row that is exactly what a separate draft step would compute after sampling: the accepted drafts, then
+    the correction at the first rejection (or the token after the last draft) are the argmax tokens. The
+    engine redoes the draft step only for rows whose committed tokens are not the argmax ones (sampled
+    rows). Returns (logits [B, T, V], final-normed hidden [B, T, D], argmax next tokens [B, T], accepted
+    [B], the MTP's argmax draft at position accepted [B], its block output there [B, D])."""
     view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
     logits, hidden = model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode",
                            kernel_impl="compiled", return_hidden=True)
     next_ids = logits.argmax(-1)
-    draft_logits, h = model.draft(hidden, next_ids, positions, view, 0, None, "absorbed", "decode", "compiled")
-    return logits, hidden, next_ids, draft_logits.argmax(-1), h
+    accepted = greedy_accepted(ids, next_ids)
+    draft_logits, h = model.draft_at(hidden, next_ids, positions, view, accepted, 0, "decode", "compiled")
+    return logits, hidden, next_ids, accepted, draft_logits.argmax(-1), h
+
+
+def greedy_accepted(ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] (a token and its T - 1 drafts), next_ids [B, T] (the argmax after each) -> [B] how many
+    leading drafts equal the argmax token before them (greedy verification)."""
+    B, T = ids.shape
+    if T == 1:
+        return torch.zeros(B, dtype=torch.long, device=ids.device)
+    wrong = ids[:, 1:] != next_ids[:, :-1]  # [B, T - 1]
+    # the first wrong draft (argmax picks the first maximum), or all T - 1 when none is wrong
+    return torch.where(wrong.any(1), wrong.int().argmax(1), T - 1)
 
 
 class CompiledStep:

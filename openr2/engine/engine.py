@@ -32,7 +32,7 @@ from openr2.engine.runner import ModelRunner
 from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for
 from openr2.engine.scheduler import Scheduler, SchedulerConfig
 from openr2.engine.sequence import Sequence
-from openr2.engine.speculative import MTPDrafter, SpecPolicy, SpecStats, SpeculativeConfig, ngram_propose
+from openr2.engine.speculative import SpecStats, SpeculativeConfig, Speculator
 from openr2.engine.stop import StopChecker
 from openr2.engine.usage import Usage
 from openr2.model.transformer import Transformer
@@ -124,9 +124,9 @@ class LLMEngine:
         mconf = model.config
         self.max_model_len = min(config.max_model_len or mconf.max_position_embeddings,
                                  mconf.max_position_embeddings)
-        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        speculative = SpeculativeConfig.parse(config.speculative_config)
         num_layers = mconf.num_hidden_layers
-        if self.speculative is not None and self.speculative.method == "mtp":
+        if speculative is not None and speculative.method == "mtp":
             if not len(model.mtp):
                 raise ValueError("speculative_config: method 'mtp' needs a checkpoint with MTP modules "
                                  "(num_nextn_predict_layers >= 1); use 'ngram' for this one")
@@ -140,11 +140,9 @@ class LLMEngine:
                                    self.pool.copy_block)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(model, self.pool, config.compile, config.compile_cache_dir)
-        self.mtp_drafter = MTPDrafter(self.runner, len(model.mtp)) \
-            if self.speculative is not None and self.speculative.method == "mtp" else None
+        self.speculator = Speculator(speculative, self.runner, self.scheduler, len(model.mtp)) \
+            if speculative is not None else None
         self.spec_stats = SpecStats()
-        self.spec_policy = SpecPolicy(self.speculative.num_speculative_tokens) if self.speculative else None
-        self._step_k = 0  # drafts the policy chose for the current step's decode rows
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
@@ -254,7 +252,7 @@ class LLMEngine:
         start_s = time.perf_counter()
         prefilling = {seq.seq_id for seq, _ in plan if seq.num_tokens - seq.num_computed > 1}
         self._num_committed = 0
-        out = self.runner.run(plan, with_hidden=self.mtp_drafter is not None)
+        out = self.runner.run(plan, with_hidden=self.speculator is not None and self.speculator.mtp is not None)
         starts, ready = {}, []
         for seq, n in plan:
             starts[seq.seq_id] = seq.num_computed
@@ -265,12 +263,15 @@ class LLMEngine:
         touched, failed = {}, {}
         if ready:
             self._sample(ready, out.logits, touched, failed)
-        if self.speculative is not None:
-            verified_k = self._step_k
-            self._propose(plan, starts, out, failed, prefilling)
+        if self.speculator is not None:
+            verified_k = self.speculator.k
+            self.speculator.propose([(seq, self._room(seq)) for seq, _ in plan if not seq.is_finished
+                                     and seq.request_id not in failed and seq.request_id in self.requests],
+                                    starts, out, prefilling)
             if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
                 # the step's time includes drafting for the next one: steadily, the same k's cost
-                self.spec_policy.record(len(plan), verified_k, self._num_committed, time.perf_counter() - start_s)
+                self.speculator.policy.record(len(plan), verified_k, self._num_committed,
+                                              time.perf_counter() - start_s)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []
@@ -361,38 +362,10 @@ class LLMEngine:
         if num_drafts:
             self.scheduler.register_full_blocks(seq)
 
-    def _propose(self, plan: list[tuple[Sequence, int]], starts: dict[int, int], out, failed: dict,
-                 prefilling: set[int]) -> None:
-        """Drafts for every live row's next step (and the MTP cache for the positions this step committed)."""
-        spec = self.speculative
-        live = [seq for seq, _ in plan
-                if not seq.is_finished and seq.request_id not in failed and seq.request_id in self.requests]
-        decoding = [seq for seq in live if seq.num_computed == seq.num_tokens - 1]  # next token sampled, not computed
-        self._step_k = self.spec_policy.choose(len(decoding)) if decoding else 0
-        self.runner.fused_draft = self.mtp_drafter is not None and self._step_k > 0  # off costs nothing
-        rows = []
-        for seq in live:
-            k = 0
-            if seq.num_computed == seq.num_tokens - 1:
-                req = self.requests[seq.request_id]
-                seeded = seq.generator is not None and not seq.params.greedy  # see SpecPolicy
-                k = max(0, min(spec.num_speculative_tokens if seeded else self._step_k,
-                               req.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens))
-                if k > 1 and self.mtp_drafter is not None and not self.scheduler.reserve(seq, seq.num_tokens + k):
-                    k = 1  # chained MTP steps write past the committed tokens: no blocks for that now
-            rows.append((seq, k))
-        if self.mtp_drafter is not None:
-            # Turned off, drafting costs nothing: decode rows skip the MTP cache too (a later draft attends
-            # over stale entries there, which costs acceptance, never correctness). Prompts always fill it.
-            drafts = self.mtp_drafter.propose(
-                [(seq, starts[seq.seq_id], out.hidden[seq.seq_id], k) for seq, k in rows
-                 if k or self._step_k or seq.seq_id in prefilling], out.drafts)
-        else:
-            drafts = {seq.seq_id: ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
-                      for seq, k in rows if k}
-        for seq, k in rows:
-            seq.draft_token_ids = drafts.get(seq.seq_id, [])[:k]
-            self.scheduler.trim(seq)
+    def _room(self, seq: Sequence) -> int:
+        """The most drafts a sequence's limits leave room for (max_tokens, the context window)."""
+        req = self.requests[seq.request_id]
+        return min(req.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
 
     def _fork(self, req: _Request, parent: Sequence) -> list[Sequence]:
         """The request's other samples start from its prompt pass (the scheduler shares or copies blocks)."""

@@ -151,6 +151,22 @@ class KVPool:
         "gather" (the reference: each row's context copied into a dense tensor first)."""
         return PagedView(self, block_tables, num_computed, num_new, read)
 
+    def decode_args(self, block_tables: list[list[int]], num_computed: list[int], width: int) -> tuple:
+        """`view(block_tables, num_computed, [width] * B).decode_args()` (the compiled steps' cache arguments)
+        for rows of `width` new tokens each, built from Python lists: a compiled step has a few new tokens
+        (at most COMPILED_DECODE_MAX_TOKENS), and a few list operations cost less than the view's dozen small
+        tensor operations. The block tables must hold each row's new positions."""
+        bs = self.block_size
+        W = max(2, -(-(max(num_computed) + width) // bs))
+        table, slots = [], []
+        for blocks, start in zip(block_tables, num_computed):
+            row = blocks[:W]
+            table.append(row + [0] * (W - len(row)))
+            slots += [row[p // bs] * bs + p % bs for p in range(start, start + width)]
+        device = self.c_kv.device
+        return (self.c_kv, self.k_rope, torch.tensor(table, device=device), torch.tensor(slots, device=device),
+                torch.arange(len(slots), device=device), bs)
+
 
 class PagedView:
     def __init__(self, pool: KVPool, block_tables: list[list[int]], num_computed: list[int], num_new: list[int],

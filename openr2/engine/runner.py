@@ -4,8 +4,11 @@ Rows that add few tokens over a long context (decode, the tail of a prefix-cache
 through absorbed MLA, which attends over the cached latent without expanding it; long prompt chunks run
 together through the naive path (expanded K/V and SDPA, compute-bound). A per-row cost model picks.
 Each group is padded to its longest row; padding never reaches the cache. With `compile`, decode-only
-groups of up to COMPILED_DECODE_MAX_TOKENS rows run through the compiled decode step (engine/compiled.py);
-larger decode batches amortise eager dispatch over their rows anyway.
+groups of up to COMPILED_DECODE_MAX_TOKENS new tokens (rows of a token and its drafts, all of one width)
+run through the compiled decode step (engine/compiled.py), its arguments built from Python lists
+(KVPool.decode_args: a few new tokens); larger decode batches amortise eager dispatch over their rows
+anyway. With `fused_draft` (MTP speculation) the compiled step also verifies greedily and runs the first
+MTP draft step (StepOutput.drafts).
 
 Shape legend: B rows, T new tokens per row (padded), V vocab.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -61,10 +65,37 @@ class ModelRunner:
     @torch.inference_mode()
     def draft(self, rows: list[tuple[Sequence, int, torch.Tensor, list[int], int]], depth: int = 0) -> tuple:
         """MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n], index of the
-        position to draft from) rows: writes its cache at those positions (the pool's layer L + depth);
-        returns the draft logits there [B, V] and the block output there [B, D] (a chained step's hidden)."""
+        position to draft from) rows: writes its keys at those positions (the pool's layer L + depth);
+        returns the draft logits at the indexed position [B, V] and the block output there [B, D] (a
+        chained step's hidden). Transformer.draft_at: the rest of the block runs at that position only.
+        Compiled: rows of up to COMPILED_DECODE_MAX_WIDTH positions in one compiled call; longer ones
+        (prompts) write the keys before the indexed position eagerly and draft there through the compiled
+        one-position step (the positions past it are fillers of rejected drafts: not written)."""
         T = max(len(r[3]) for r in rows)
         B, D = len(rows), rows[0][2].shape[-1]
+        if self._compiled_decode is not None and T > COMPILED_DECODE_MAX_WIDTH and B <= COMPILED_DECODE_MAX_TOKENS:
+            # long rows (prompts): the keys of the positions before the drafting one eagerly, then the
+            # drafting position through the compiled one-token step (past it: fillers, to be overwritten)
+            keys = [(seq, start, h[:i], ids[:i]) for seq, start, h, ids, i in rows if i > 0]
+            if keys:
+                self._mtp_keys(keys, depth)
+            return self.draft([(seq, start + i, h[i : i + 1], ids[i : i + 1], 0) for seq, start, h, ids, i in rows],
+                              depth)
+        last = torch.tensor([r[4] for r in rows], device=self.device)
+        if self._compiled_decode is not None and T <= COMPILED_DECODE_MAX_WIDTH \
+                and B * T <= COMPILED_DECODE_MAX_TOKENS and all(len(r[3]) == T for r in rows):
+            from openr2.engine.compiled import compiled_draft_step
+
+            hidden = torch.stack([r[2] for r in rows])
+            ids, positions = [], []
+            for _, start, _, next_ids, _ in rows:
+                ids += next_ids
+                positions += range(start, start + T)
+            *cache, block_size = self.pool.decode_args([r[0].block_table for r in rows], [r[1] for r in rows], T)
+            logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(
+                hidden, torch.tensor(ids, device=self.device).view(B, T),
+                torch.tensor(positions, device=self.device).view(B, T), *cache, last, block_size=block_size)
+            return logits.float(), h
         hidden = torch.zeros(B, T, D, dtype=self.model.dtype, device=self.device)
         ids, positions = [], []
         for b, (_, start, h, next_ids, _) in enumerate(rows):
@@ -72,22 +103,32 @@ class ModelRunner:
             hidden[b, :n] = h
             ids.append(next_ids + [0] * (T - n))
             positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
-        last = torch.tensor([r[4] for r in rows], device=self.device)
         ids, positions = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
         view = self.pool.view([r[0].block_table for r in rows], [r[1] for r in rows], [len(r[3]) for r in rows])
-        uniform = all(len(r[3]) == T for r in rows)
-        if self._compiled_decode is not None and uniform and T <= COMPILED_DECODE_MAX_WIDTH \
-                and B * T <= COMPILED_DECODE_MAX_TOKENS:
-            from openr2.engine.compiled import compiled_draft_step
-
-            *cache, block_size = view.decode_args()
-            logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(
-                hidden, ids, positions, *cache, last, block_size=block_size)
-        else:
-            attn_impl = "absorbed" if T <= COMPILED_DECODE_MAX_WIDTH else "naive"
-            logits, h = self.model.draft(hidden, ids, positions, view, depth, last, attn_impl)
-            h = h[torch.arange(B, device=self.device), last]
+        logits, h = self.model.draft_at(hidden, ids, positions, view, last, depth)
         return logits.float(), h
+
+    def _mtp_keys(self, rows: list[tuple[Sequence, int, torch.Tensor, list[int]]], depth: int) -> None:
+        """The keys of MTP module `depth` over (sequence, first position, hidden [n, D], next token ids [n])
+        rows, eagerly (Transformer.mtp_keys)."""
+        T = max(len(r[3]) for r in rows)
+        hidden = torch.zeros(len(rows), T, rows[0][2].shape[-1], dtype=self.model.dtype, device=self.device)
+        ids, positions = [], []
+        for b, (_, start, h, next_ids) in enumerate(rows):
+            n = len(next_ids)
+            hidden[b, :n] = h
+            ids.append(next_ids + [0] * (T - n))
+            positions.append(list(range(start, start + n)) + [start + n - 1] * (T - n))
+        view = self.pool.view([r[0].block_table for r in rows], [r[1] for r in rows], [len(r[3]) for r in rows])
+        self.model.mtp_keys(hidden, torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                            view, depth)
+
+    def max_drafts(self, num_rows: int) -> int | None:
+        """The most drafts per row that keep a decode step of num_rows rows compiled (None: no limit, the
+        step is eager anyway)."""
+        if self._compiled_decode is None or num_rows > COMPILED_DECODE_MAX_TOKENS:
+            return None
+        return min(COMPILED_DECODE_MAX_WIDTH, COMPILED_DECODE_MAX_TOKENS // num_rows) - 1
 
     def _attn_impl(self, num_new: int, context: int) -> str:
         """The cheaper MLA path for num_new queries over `context` keys, per head, in multiply-adds.
@@ -107,6 +148,12 @@ class ModelRunner:
 
     def _forward(self, group: list[tuple[Sequence, int]], attn_impl: str, with_hidden: bool, out: StepOutput):
         T = max(n for _, n in group)
+        # the compiled step: every row T tokens (one, or one and its drafts), each to be sampled
+        if self._compiled_decode is not None and attn_impl == "absorbed" and T <= COMPILED_DECODE_MAX_WIDTH \
+                and len(group) * T <= COMPILED_DECODE_MAX_TOKENS \
+                and all(n == T == 1 + len(seq.draft_token_ids) and seq.num_computed == seq.num_tokens - 1
+                        for seq, n in group):
+            return self._forward_compiled(group, T, with_hidden, out)
         rows, row_positions = [], []  # built as lists, one tensor each: a decode step is too short for more
         logit_rows, logit_cols, sampled = [], [], []
         for b, (seq, n) in enumerate(group):
@@ -119,24 +166,13 @@ class ModelRunner:
                 logit_rows += [b] * m
                 logit_cols += range(n - m, n)
                 sampled.append((seq, m))
-        ids, positions = torch.tensor(rows), torch.tensor(row_positions)
+        ids, positions = torch.tensor(rows, device=self.device), torch.tensor(row_positions, device=self.device)
         view = self.pool.view([s.block_table for s, _ in group], [s.num_computed for s, _ in group],
                               [n for _, n in group])
-        # the compiled step: every row T tokens (one, or one and its drafts), each to be sampled
-        uniform = len(logit_rows) == len(group) * T and all(n == T for _, n in group)
-        if self._compiled_decode is not None and uniform and attn_impl == "absorbed" \
-                and T <= COMPILED_DECODE_MAX_WIDTH and len(group) * T <= COMPILED_DECODE_MAX_TOKENS:
-            logits, hidden, *fused = self._decode_compiled(ids.to(self.device), positions.to(self.device), view)
-            logits = logits.flatten(0, 1)
-            if fused:  # the first MTP draft step ran inside the same call
-                next_ids, draft_ids, draft_hidden = fused[0].tolist(), fused[1].tolist(), fused[2]
-                for b, (seq, _) in enumerate(group):
-                    out.drafts[seq.seq_id] = (next_ids[b], draft_ids[b], draft_hidden[b])
-        else:
-            index = (torch.tensor(logit_rows, dtype=torch.long, device=self.device),
-                     torch.tensor(logit_cols, dtype=torch.long, device=self.device))
-            logits, hidden = self.model(ids.to(self.device), positions.to(self.device), cache=view,
-                                        attn_impl=attn_impl, logits_index=index, return_hidden=True)
+        index = (torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+                 torch.tensor(logit_cols, dtype=torch.long, device=self.device))
+        logits, hidden = self.model(ids, positions, cache=view, attn_impl=attn_impl, logits_index=index,
+                                    return_hidden=True)
         logits = logits.float()
         i = 0
         for seq, m in sampled:
@@ -161,22 +197,58 @@ class ModelRunner:
             return compiled_decode_draft_step(self.model, self.compile_cache_dir)
         return self._compiled_decode
 
-    def _decode_compiled(self, ids, positions, view):
+    def _forward_compiled(self, group: list[tuple[Sequence, int]], T: int, with_hidden: bool, out: StepOutput):
+        """Rows of T tokens each, all to be sampled, through the compiled decode step (with fused_draft, the
+        decode step fused with the first MTP draft step)."""
+        B = len(group)
+        ids, positions = [], []
+        for seq, n in group:
+            ids += seq.next_token_ids(n)
+            positions += range(seq.num_computed, seq.num_computed + n)
+        cache = self.pool.decode_args([seq.block_table for seq, _ in group], [seq.num_computed for seq, _ in group], T)
+        ids = torch.tensor(ids, device=self.device).view(B, T)
+        positions = torch.tensor(positions, device=self.device).view(B, T)
+        logits, hidden, *fused = self._decode_compiled(ids, positions, cache)
+        logits = logits.float()
+        for b, (seq, _) in enumerate(group):
+            out.logits[seq.seq_id] = logits[b]
+            if with_hidden:
+                out.hidden[seq.seq_id] = hidden[b]
+        if fused:  # the first MTP draft step ran inside the same call
+            next_ids, accepted, drafts = fused[0].tolist(), fused[1].tolist(), fused[2].tolist()
+            for b, (seq, _) in enumerate(group):
+                out.drafts[seq.seq_id] = FusedDraft(next_ids[b], accepted[b], drafts[b], fused[3], b)
+
+    def _decode_compiled(self, ids, positions, cache: tuple):
+        *tensors, block_size = cache
         try:
-            *cache, block_size = view.decode_args()
-            return self._decode_step()(ids, positions, *cache, block_size=block_size)
+            return self._decode_step()(ids, positions, *tensors, block_size=block_size)
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",
                           stacklevel=2)
             self._compiled_decode = None
-            return self.model(ids, positions, cache=view, attn_impl="absorbed", return_hidden=True)
+            from openr2.engine.compiled import decode_draft_step, decode_step
+
+            step = decode_draft_step if self.fused_draft else decode_step
+            return step(self.model, ids, positions, *tensors, block_size=block_size)
+
+
+class FusedDraft(NamedTuple):
+    """What the decode step fused with the first MTP draft step found for one row (compiled.decode_draft_step):
+    the argmax next token of each new position, how many leading drafts equal them, the MTP's draft at
+    the last committed position (`accepted`: right for a row whose committed tokens are the argmax ones) and
+    its block output there, row `row` of `hidden` [B, D]."""
+
+    next_ids: list[int]
+    accepted: int
+    draft: int
+    hidden: torch.Tensor
+    row: int
 
 
 @dataclass
 class StepOutput:
     logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V] float32, for rows that reached their end
     hidden: dict[int, torch.Tensor]  # seq_id -> [new tokens, D], when asked
-    # with fused_draft, compiled rows: seq_id -> (argmax next token per new position, the MTP's draft there,
-    # its block output [new tokens, D]) (compiled.decode_draft_step)
-    drafts: dict[int, tuple] = field(default_factory=dict)
+    drafts: dict[int, FusedDraft] = field(default_factory=dict)  # with fused_draft: compiled rows

@@ -9,7 +9,10 @@ or the CLI's short form "mtp:2" / "ngram:4".
 
 MTP drafting keeps the MTP layer's own cache (the pool's layer L + depth) filled for every committed position:
 after each step it runs over the positions the step committed, fed the main model's final-normed hidden there
-and the token after each, and its logits at the last position give the first draft. For k > 1 the step is
+and the token after each, and its logits at the last position give the first draft (Transformer.draft_at:
+the keys of every position, the rest of the block at the last one only). With the compiled engine the
+decode step runs this first draft step in the same call for greedy rows (compiled.decode_draft_step), and
+the policy keeps a step's width within the compiled shapes (runner.max_drafts). For k > 1 the step is
 chained as DeepSeek and vLLM do: step j runs module (j - 1) mod D at the next position, fed the previous
 step's block output and draft. Chained steps write cache entries past the committed tokens; the next round
 overwrites them (they are never read as committed). Drafts are the MTP's argmax (a point-mass proposal).
@@ -19,6 +22,7 @@ Shape legend: B rows, D hidden, V vocab.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -82,39 +86,48 @@ class SpecPolicy:
 
     Drafting pays only while a step k + 1 tokens wide (plus the drafting) costs little more than a step of
     one token; how much more depends on the batch, the model and the machine, so the engine measures it:
-    for each batch size class (1, 2, 3-4, 5-8, ...) and each k in 0..num_speculative_tokens it keeps a
-    moving average of the committed tokens per second of pure decode steps, runs the best k, tries a k
-    it has not measured yet, and every `probe_every` steps retries another so the averages stay current.
+    for each batch size class (1, 2, 3-4, 5-8, ...) and each k in 0..num_speculative_tokens it keeps the
+    last `window` pure decode steps and rates k by their mean committed tokens over the lower quartile of
+    their seconds (other processes delay a step, nothing makes one faster than it costs: a moving average
+    of per-step rates followed such delays and, after a few, stayed with the worse k), runs the best k,
+    tries a k it has not measured yet, and every `probe_every` steps retries another so the rates stay
+    current.
+    The caller may cap k for a step (`choose(rows, max_k)`: the engine keeps a compiled step from growing
+    past what its compiled shapes take, where an eager step would lose anyway).
     Seeded random rows always carry the configured k: their random draws depend on it, and a choice made
     from wall-clock time would make them irreproducible (greedy outputs do not depend on k at all).
     """
 
-    def __init__(self, max_k: int, probe_every: int = 64, smoothing: float = 0.2):
-        self.max_k, self.probe_every, self.smoothing = max_k, probe_every, smoothing
+    def __init__(self, max_k: int, probe_every: int = 64, window: int = 16):
+        self.max_k, self.probe_every, self.window = max_k, probe_every, window
         self.rate: dict[tuple[int, int], float] = {}  # (batch class, k) -> committed tokens per second
+        self.samples: dict[tuple[int, int], collections.deque] = {}  # the same -> its last (tokens, seconds)
         self.steps = 0
 
     @staticmethod
     def batch_class(num_rows: int) -> int:
         return max(0, num_rows - 1).bit_length()
 
-    def choose(self, num_rows: int) -> int:
+    def choose(self, num_rows: int, max_k: int | None = None) -> int:
         c = self.batch_class(num_rows)
+        top = self.max_k if max_k is None else max(0, min(self.max_k, max_k))
         self.steps += 1
-        for k in range(self.max_k, -1, -1):  # every k measured once first, widest first
+        for k in range(top, -1, -1):  # every k measured once first, widest first
             if (c, k) not in self.rate:
                 return k
-        best = max(range(self.max_k + 1), key=lambda k: self.rate[c, k])
-        if self.steps % self.probe_every == 0:
-            return (best + 1 + (self.steps // self.probe_every) % self.max_k) % (self.max_k + 1)
+        best = max(range(top + 1), key=lambda k: self.rate[c, k])
+        if top and self.steps % self.probe_every == 0:
+            return (best + 1 + (self.steps // self.probe_every) % top) % (top + 1)
         return best
 
     def record(self, num_rows: int, k: int, num_tokens: int, seconds: float) -> None:
         key = (self.batch_class(num_rows), k)
-        rate = num_tokens / max(seconds, 1e-9)
-        old = self.rate.get(key)
-        # a first step of a new width may include compiling it: a later, much faster one replaces it
-        self.rate[key] = rate if old is None or rate > 2 * old else old + self.smoothing * (rate - old)
+        window = self.samples.setdefault(key, collections.deque(maxlen=self.window))
+        if window and seconds < 0.5 * min(s for _, s in window):
+            window.clear()  # the steps before included compiling this width: this one is what it costs
+        window.append((num_tokens, seconds))
+        quartile = sorted(s for _, s in window)[len(window) // 4]
+        self.rate[key] = sum(t for t, _ in window) / len(window) / max(quartile, 1e-9)
 
 
 def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[int]:
@@ -130,6 +143,47 @@ def ngram_propose(token_ids: list[int], k: int, max_n: int, min_n: int) -> list[
     return []
 
 
+class Speculator:
+    """The engine's speculative decoding: after each step, the drafts each live row carries into the next
+    one (how many: SpecPolicy, within each row's room and the compiled shapes; who drafts: the MTP modules
+    or n-gram lookup), and, for the MTP, its cache at the positions the step committed."""
+
+    def __init__(self, config: SpeculativeConfig, runner, scheduler, num_mtp_modules: int):
+        self.config, self.runner, self.scheduler = config, runner, scheduler
+        self.policy = SpecPolicy(config.num_speculative_tokens)
+        self.mtp = MTPDrafter(runner, num_mtp_modules) if config.method == "mtp" else None
+        self.k = 0  # drafts the policy chose for the current step's decode rows
+
+    def propose(self, rows: list[tuple[Sequence, int]], starts: dict[int, int], out, prefilling: set[int]) -> None:
+        """rows: (live sequence, the most drafts its limits leave room for); starts: seq_id -> the first
+        position the step fed it; out: the step's runner.StepOutput; prefilling: seq_ids whose prompt the step
+        fed. Sets every row's draft_token_ids (and frees the blocks it no longer needs)."""
+        decoding = [seq for seq, _ in rows if seq.num_computed == seq.num_tokens - 1]  # next token not computed
+        self.k = self.policy.choose(len(decoding), self.runner.max_drafts(len(decoding))) if decoding else 0
+        self.runner.fused_draft = self.mtp is not None and self.k > 0  # off costs nothing
+        wanted = []
+        for seq, room in rows:
+            k = 0
+            if seq.num_computed == seq.num_tokens - 1:
+                seeded = seq.generator is not None and not seq.params.greedy  # see SpecPolicy
+                k = max(0, min(self.config.num_speculative_tokens if seeded else self.k, room))
+                if k > 1 and self.mtp is not None and not self.scheduler.reserve(seq, seq.num_tokens + k):
+                    k = 1  # chained MTP steps write past the committed tokens: no blocks for that now
+            wanted.append((seq, k))
+        if self.mtp is not None:
+            # Turned off, drafting costs nothing: decode rows skip the MTP cache too (a later draft attends
+            # over stale entries there, which costs acceptance, never correctness). Prompts always fill it.
+            drafts = self.mtp.propose([(seq, starts[seq.seq_id], out.hidden[seq.seq_id], k) for seq, k in wanted
+                                       if k or self.k or seq.seq_id in prefilling], out.drafts)
+        else:
+            c = self.config
+            drafts = {seq.seq_id: ngram_propose(seq.token_ids, k, c.prompt_lookup_max, c.prompt_lookup_min)
+                      for seq, k in wanted if k}
+        for seq, k in wanted:
+            seq.draft_token_ids = drafts.get(seq.seq_id, [])[:k]
+            self.scheduler.trim(seq)
+
+
 class MTPDrafter:
     """Runs the model's MTP module(s) through the runner over the engine's pool (see the module docstring)."""
 
@@ -143,18 +197,19 @@ class MTPDrafter:
         A row whose drafts were partly rejected is still fed all n positions (one shape for every row of a
         step, so the compiled draft step serves it): past the committed ones the next token is a filler and
         the cache entries land past the sequence's length, to be overwritten; its draft is read at the last
-        committed position. `fused`: the runner's StepOutput.drafts; rows whose committed tokens the fused
-        step fed already skip the first step."""
+        committed position. `fused`: the runner's StepOutput.drafts (runner.FusedDraft); rows whose committed
+        tokens are the ones the fused step fed (the argmax ones) skip the first step."""
         if not rows:
             return {}
+        max_k = max(k for *_, k in rows)
         first, drafts, h = [], {}, [None] * len(rows)
         for b, (seq, start, hidden, k) in enumerate(rows):
             committed = seq.num_computed - start
-            done = (fused or {}).get(seq.seq_id)
-            if done is not None and done[0][:committed] == seq.token_ids[start + 1 : start + 1 + committed]:
-                # the fused step already fed this row's committed tokens (they were the argmax ones)
-                drafts[seq.seq_id] = [done[1][committed - 1]] if k else []
-                h[b] = done[2][committed - 1]
+            done = fused.get(seq.seq_id) if fused else None
+            if done is not None and done.next_ids[:committed] == seq.token_ids[start + 1 : start + 1 + committed]:
+                drafts[seq.seq_id] = [done.draft] if k else []
+                if max_k > 1:
+                    h[b] = done.hidden[done.row]
                 continue
             next_ids = seq.token_ids[start + 1 : start + 1 + committed]
             first.append((b, (seq, start, hidden, next_ids + next_ids[-1:] * (hidden.shape[0] - committed),
@@ -164,11 +219,11 @@ class MTPDrafter:
             for (b, (seq, *_)), t, hb in zip(first, logits.argmax(-1).tolist(), h_first):
                 drafts[seq.seq_id] = [t] if rows[b][3] else []
                 h[b] = hb
-        if max((k for *_, k in rows), default=0) < 2:
+        if max_k < 2:
             return drafts
         h = torch.stack(h)
         live = [(b, seq, k) for b, (seq, *_, k) in enumerate(rows) if k > 1]
-        for j in range(2, max((k for *_, k in rows), default=0) + 1):
+        for j in range(2, max_k + 1):
             live = [(b, seq, k) for b, seq, k in live if k >= j]
             if not live:
                 break

@@ -57,6 +57,14 @@ class MTPLayer(DecoderLayer):
         shared_head.norm(h^k), what the LM head reads). The norm is applied here so that every parameter
         of this layer is used inside its own forward (FSDP gathers a layer's weights only there).
         A cache (drafting in the engine) holds this layer's keys under its own layer index."""
-        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        h = super().forward(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
+        h = self.block(self.combine(hidden, next_embeds), positions, cos, sin, cache, attn_impl, moe_impl,
+                       kernel_impl)
         return h, self.shared_head.norm(h)
+
+    def combine(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        """The block's input: eh_proj of [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)] [B, T, D]."""
+        return self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+
+    def block(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped", kernel_impl="eager"):
+        """The decoder block over the combined input x [B, T, D] -> h^k [B, T, D]."""
+        return super().forward(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)

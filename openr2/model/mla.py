@@ -178,9 +178,7 @@ class MLA(nn.Module):
         apply_rope(q[..., self.nope_dim:], cos[:, :, None], sin[:, :, None], self.interleaved, k, inplace=True)
         q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
 
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x, k).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv, inplace=True)  # over the projection's own columns (no grad)
-        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, k)  # small, and the norm's backward reads c_kv
+        c_kv, k_rope = self.latent_kv(x, cos, sin, k)
         if cache is not None:
             cache.write(self.layer_idx, c_kv, k_rope)
         if attn_impl == "naive":
@@ -196,7 +194,7 @@ class MLA(nn.Module):
                 mask = mask & selection_mask(topk, c_kv.shape[1])
             out = self._attend_naive(q, c_kv, k_rope, mask, k)
         elif attn_impl == "absorbed":
-            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache, topk)
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, positions, cache, topk, k)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), k)
@@ -224,6 +222,15 @@ class MLA(nn.Module):
         if topk is not None:
             mask = mask & selection_mask(topk, T)
         return scores.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
+
+    def latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache keeps of x's tokens [B, T, D]: the normalised latent c_kv [B, T, C] and the rotated
+        rope key k_rope [B, T, R]."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x, kernel_impl).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv, inplace=True)  # over the projection's own columns (no grad)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved, kernel_impl)  # small; the norm's backward reads c_kv
+        return c_kv, k_rope
 
     def _attend_naive(self, q, c_kv, k_rope, mask, kernel_impl="eager"):
         """q [B,T,H,N+R] (rope part rotated); expand the latent into per-head K [B,S,H,N+R] and V; SDPA.
@@ -254,18 +261,27 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., v_cols]
 
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None, topk=None):
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, positions, cache=None, topk=None,
+                         kernel_impl="eager"):
         """Attend over the latent directly: q~ = W_UK^T q_nope, o = W_UV (P c_kv). Returns [B, T, H, V].
 
         Without a cache the keys are the T new tokens themselves (plain causal); with one, the cache reads
         its own keys (`attend`: a paged cache reads its blocks in place). With the indexer's topk [B, T, K],
-        over the selected keys only (`attend_latent_sparse`, or the cache's `attend_sparse`).
+        over the selected keys only (`attend_latent_sparse`, or the cache's `attend_sparse`). kernel_impl
+        "compiled" on CPU writes the two per-head products as a product and a sum, which inductor fuses with
+        their neighbours, where the weights stay in cache across the few query rows (up to 256 KiB; one row
+        always: inductor writes a one-row bmm so itself); otherwise, as eagerly, as bmm (an external call).
         """
         B, T, H, N = q_nope.shape
         w = self.kv_b_proj.weight.view(H, N + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :N], w[:, N:]  # [H, N, C], [H, V, C]
-        q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
-        q_latent = q_latent.transpose(0, 1).view(B, T, H, -1)
+        fused = kernel_impl == "compiled" and q_nope.device.type == "cpu" and B * T <= 16 \
+            and (B * T == 1 or w.numel() * w.element_size() <= 256 << 10)
+        if fused:
+            q_latent = (q_nope[..., None] * w_uk).sum(-2)  # [B, T, H, C]
+        else:
+            q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H, B*T, C]
+            q_latent = q_latent.transpose(0, 1).view(B, T, H, -1)
         if cache is None and topk is None:
             causal = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None]
             o_latent = attend_latent(q_latent, q_rope, c_kv, k_rope, causal, self.scale)
@@ -276,6 +292,8 @@ class MLA(nn.Module):
             o_latent = cache.attend(self.layer_idx, q_latent, q_rope, positions, self.scale)
         else:
             o_latent = cache.attend_sparse(self.layer_idx, q_latent, q_rope, positions, topk, self.scale)
+        if fused:
+            return (o_latent[..., None, :] * w_uv).sum(-1)  # [B, T, H, V]
         out = torch.bmm(o_latent.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).view(B, T, H, self.v_dim)
 

@@ -93,6 +93,41 @@ class Transformer(nn.Module):
                                     attn_impl, kernel_impl)
         return self.lm_head(_select(normed, logits_index), kernel_impl), h
 
+    def draft_at(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+                 index: torch.Tensor, depth: int = 0, moe_impl: str = "grouped",
+                 kernel_impl: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+        """`draft` at one position per row, index [B] of T, over a cache: the MTP module's keys go into the
+        cache at every position (later drafts attend over them), but the rest of its block (queries,
+        attention, MoE), its norm and the head run at the indexed position alone (absorbed attention).
+        Returns (draft logits [B, V], block output h [B, D]): draft's at that position, to rounding; the
+        keys only cost the latent projection of each position."""
+        mtp = self.mtp[depth]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if mtp.self_attn.indexer is not None:  # V3.2: its indexer's keys are needed at every position too
+            logits, h = self.draft(hidden, next_ids, positions, cache, depth, index, "absorbed", moe_impl, kernel_impl)
+            return logits, h[rows, index]
+        cos, sin = self.rotary(positions, hidden.dtype)
+        x = self._mtp_keys(mtp, hidden, next_ids, cos, sin, cache, kernel_impl)
+
+        def at(t: torch.Tensor) -> torch.Tensor:
+            return t[rows, index].unsqueeze(1)
+
+        h = mtp.block(at(x), at(positions), at(cos), at(sin), _Written(cache), "absorbed", moe_impl, kernel_impl)[:, 0]
+        return self.lm_head(mtp.shared_head.norm(h), kernel_impl), h
+
+    def mtp_keys(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+                 depth: int = 0) -> None:
+        """Only the keys of MTP module `depth` at every position into the cache (draft_at's first part): the
+        positions of a prompt before the one a draft is read at."""
+        cos, sin = self.rotary(positions, hidden.dtype)
+        self._mtp_keys(self.mtp[depth], hidden, next_ids, cos, sin, cache)
+
+    def _mtp_keys(self, mtp, hidden, next_ids, cos, sin, cache, kernel_impl="eager") -> torch.Tensor:
+        x = mtp.combine(hidden, self.embed_tokens(next_ids))
+        attn = mtp.self_attn
+        cache.write(attn.layer_idx, *attn.latent_kv(mtp.input_layernorm(x), cos, sin, kernel_impl))
+        return x
+
     def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                     moe_impl: str = "grouped") -> list[torch.Tensor]:
         """Draft logits of each MTP depth k = 1..D from the main model's final-normed hidden [B, T, D].
@@ -144,6 +179,22 @@ class Transformer(nn.Module):
                 module.weight.normal_(0.0, std, generator=generator)
                 if hasattr(module, "e_score_correction_bias"):
                     module.e_score_correction_bias.zero_()
+
+
+class _Written:
+    """A cache whose new keys are written already (draft_at): attends through it, writes nothing."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        pass
+
+    def attend(self, layer_idx, q_latent, q_rope, positions, scale):
+        return self.cache.attend(layer_idx, q_latent, q_rope, positions, scale)
+
+    def advance(self, num_tokens: int) -> None:
+        pass
 
 
 def _select(x: torch.Tensor, index) -> torch.Tensor:

@@ -110,6 +110,68 @@ def test_compiled_step_logits_equal_eager(model, rows, width):
             head.copy_(original)
 
 
+def test_greedy_accepted_counts_the_leading_drafts_equal_to_the_argmax():
+    ids = torch.tensor([[5, 1, 2, 3], [5, 1, 9, 3], [5, 7, 2, 3]])
+    assert compiled.greedy_accepted(ids, torch.tensor([[1, 2, 3, 4]] * 3)).tolist() == [3, 1, 0]
+    assert compiled.greedy_accepted(ids[:, :1], ids[:, :1]).tolist() == [0, 0, 0]
+
+
+def _decode_then_draft(model, ids, positions, pool_c, pool_r, block_table, write_slots, write_index, block_size):
+    """The plain form of decode_draft_step: the decode step, then the MTP's whole block at every position
+    (Transformer.draft), read at each row's greedy-accepted position."""
+    logits, hidden = compiled.decode_step(model, ids, positions, pool_c, pool_r, block_table, write_slots,
+                                          write_index, block_size)
+    next_ids = logits.argmax(-1)
+    accepted = compiled.greedy_accepted(ids, next_ids)
+    view = compiled.DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size)
+    draft_logits, h = model.draft(hidden, next_ids, positions, view, 0, accepted, "absorbed", "decode", "compiled")
+    return logits, hidden, next_ids, accepted, draft_logits.argmax(-1), h[torch.arange(len(ids)), accepted]
+
+
+@pytest.mark.parametrize("rows,width,compile", [(2, 3, False), pytest.param(1, 2, True, marks=pytest.mark.slow),
+                                                 pytest.param(3, 2, True, marks=pytest.mark.slow)])
+def test_decode_draft_step_equals_decode_then_draft(rows, width, compile):
+    """The decode step fused with the first MTP draft step (greedy verification and the MTP block at the
+    accepted position only, in one call) against the decode step followed by the MTP's whole block: the
+    same logits, argmax tokens, accepted counts, drafts and pool writes (MTP layer included); eager, and
+    compiled (one row: a package; several: torch.compile)."""
+    model = build_model(dataclasses.replace(tiny_v3(), num_nextn_predict_layers=1), seed=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 2)) * 0.5)
+    gen = torch.Generator().manual_seed(rows * width)
+    L, block_size, num_blocks = model.config.num_hidden_layers + 1, 4, 16
+    pool_c = torch.randn(L, num_blocks * block_size, model.config.kv_lora_rank, generator=gen)
+    pool_r = torch.randn(L, num_blocks * block_size, model.config.qk_rope_head_dim, generator=gen)
+    lengths = torch.tensor([7, 12, 3][:rows])
+    block_table = torch.stack([torch.randperm(num_blocks, generator=gen)[:4] for _ in range(rows)])
+    positions = lengths[:, None] - width + torch.arange(width)
+    write_slots = (block_table.gather(1, positions // block_size) * block_size + positions % block_size).flatten()
+    cache = (block_table, write_slots, torch.arange(rows * width), block_size)
+    ids = torch.randint(0, model.config.vocab_size, (rows, width), generator=gen)
+    with torch.inference_mode():  # row 0's first draft is the argmax token: accepted
+        ids[0, 1] = compiled.decode_step(model, ids, positions, pool_c.clone(), pool_r.clone(), *cache)[0][0, 0].argmax()
+        plain_c, plain_r, fast_c, fast_r = pool_c.clone(), pool_r.clone(), pool_c.clone(), pool_r.clone()
+        plain = _decode_then_draft(model, ids, positions, plain_c, plain_r, *cache)
+        if compile:
+            step = compiled.CompiledStep(model, compiled.decode_draft_step, (2, 3), 4, cache_dir=None) \
+                if rows == 1 else compiled._private_compile(compiled.decode_draft_step)
+            fast = step(ids, positions, fast_c, fast_r, *cache[:-1], block_size=block_size) if rows == 1 else \
+                step(model, ids, positions, fast_c, fast_r, *cache)
+        else:
+            fast = compiled.decode_draft_step(model, ids, positions, fast_c, fast_r, *cache)
+    with torch.inference_mode(), float64_compute():
+        ref_c, ref_r = pool_c.double(), pool_r.double()
+        ref = _decode_then_draft(float64_copy(model), ids, positions, ref_c, ref_r, *cache)
+    assert plain[3][0] >= 1
+    for i, name in ((2, "next ids"), (3, "accepted"), (4, "drafts")):
+        assert torch.equal(fast[i], plain[i]), name
+    for i, name in ((0, "logits"), (1, "hidden"), (5, "MTP block output")):
+        assert_close_to_reference(fast[i], plain[i], ref[i], what=f"{name}, {rows} rows of {width}")
+    assert_close_to_reference(fast_c, plain_c, ref_c, what="pool_c writes")
+    assert_close_to_reference(fast_r, plain_r, ref_r, what="pool_r writes")
+
+
 @pytest.mark.slow
 def test_several_rows_packages_serve_their_ranges_and_reload(model):
     """Several rows run through AOTInductor packages exported once per range of rows (the experts' "few pairs"

@@ -73,6 +73,20 @@ def test_view_writes_each_rows_new_tokens_and_no_padding():
         pool.view(tables, computed, new, read="dense")
 
 
+def test_decode_args_equal_the_views():
+    """KVPool.decode_args (lists, for the compiled steps' few new tokens) builds exactly the tensors of a
+    PagedView over rows of the same width, whatever the row lengths and block order."""
+    pool = KVPool(tiny_v3(), num_blocks=16, block_size=4)
+    gen = torch.Generator().manual_seed(1)
+    for computed, width in (([5, 8, 0], 1), ([3], 2), ([7, 12, 1, 3], 3), ([0], 4), ([2, 9], 1)):
+        tables = [torch.randperm(16, generator=gen)[: -(-(c + width) // 4) + 1].tolist() for c in computed]
+        fast = pool.decode_args(tables, computed, width)
+        plain = pool.view(tables, computed, [width] * len(computed)).decode_args()
+        assert fast[0] is plain[0] and fast[1] is plain[1] and fast[-1] == plain[-1]
+        for got, want in zip(fast[2:-1], plain[2:-1]):
+            assert got.dtype == want.dtype and torch.equal(got, want), (computed, width)
+
+
 def _fill(model, pool, table, ids, start):
     """Prefill ids[start:] of one sequence through the paged cache (naive path), as the engine does."""
     n = len(ids) - start

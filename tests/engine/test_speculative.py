@@ -223,3 +223,70 @@ def test_policy_measures_every_width_then_runs_the_best_and_keeps_probing():
     assert policy.choose(num_rows=1) == 2  # another batch size class is measured on its own
     policy.record(8, 2, 2, 1e-3)  # a much faster step replaces a stale (e.g. compiling) measurement
     assert policy.rate[policy.batch_class(8), 2] == pytest.approx(2000)
+
+
+def test_policy_keeps_to_the_cap_it_is_given():
+    from openr2.engine.speculative import SpecPolicy
+
+    policy = SpecPolicy(max_k=3, probe_every=4)
+    chosen = []
+    for _ in range(20):
+        k = policy.choose(num_rows=8, max_k=1)
+        chosen.append(k)
+        policy.record(8, k, 1 + k, 1.0)
+    assert set(chosen) == {0, 1}  # widths past the cap are never tried, the others are
+    assert policy.choose(num_rows=8, max_k=0) == 0
+
+
+def test_drafts_are_capped_where_a_step_would_leave_the_compiled_shapes():
+    engine = LLMEngine(_random_model(1), config=EngineConfig(num_blocks=8, speculative_config="mtp:3"))
+    runner = engine.runner
+    assert runner.max_drafts(8) is None  # eager engine: no cap
+    runner._compiled_decode = object()  # as if compiled (only max_drafts looks at it here)
+    assert [runner.max_drafts(rows) for rows in (1, 4, 5, 8, 16, 17)] == [3, 3, 2, 1, 0, None]
+
+
+@pytest.mark.slow
+def test_compiled_draft_over_prompts_equals_eager():
+    """runner.draft over long rows (prompts) in a compiled engine writes the MTP keys before the drafting
+    position eagerly and drafts there through the compiled one-token step: the eager draft's logits, block
+    output and MTP cache."""
+    from openr2.engine.kv_cache import KVPool
+    from openr2.engine.runner import ModelRunner
+    from openr2.engine.sequence import Sequence
+
+    model = _random_model(1)
+    L, D = model.config.num_hidden_layers + 1, model.config.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    lengths, tables = (13, 6), ([5, 1, 6, 2], [7, 3])
+    ids = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    hidden = [torch.randn(n, D, generator=gen) for n in lengths]
+
+    def draft(m, compile, dtype=torch.float32):
+        pool = KVPool(m.config, num_blocks=8, block_size=4, dtype=dtype, num_layers=L)
+        seqs = [Sequence(i, str(i), 0, list(range(n)), n, SamplingParams(), None) for i, n in enumerate(lengths)]
+        for seq, table in zip(seqs, tables):
+            seq.block_table = list(table)
+        runner = ModelRunner(m, pool, compile=compile)
+        rows = [(seq, 0, h.to(dtype), i, len(i) - 1) for seq, h, i in zip(seqs, hidden, ids)]
+        logits, h = runner.draft(rows)
+        written = [table[p // 4] * 4 + p % 4 for table, n in zip(tables, lengths) for p in range(n)]
+        return logits, h, torch.cat((pool.c_kv[L - 1, written], pool.k_rope[L - 1, written]), -1)
+
+    with float64_compute():
+        ref = draft(float64_copy(model), False, torch.float64)
+    for fast, plain, r, what in zip(draft(model, True), draft(model, False), ref, ("logits", "block output", "cache")):
+        assert_close_to_reference(fast, plain, r, what=f"draft over prompts: {what}")
+
+
+def test_policy_rates_hold_against_delayed_steps():
+    """Every third step delayed by another process (thirty times slower) does not turn the policy from the
+    better k (a moving average of per-step rates did, and then never measured that k again)."""
+    from openr2.engine.speculative import SpecPolicy
+
+    policy = SpecPolicy(max_k=1, probe_every=1000)
+    for i in range(40):
+        k = policy.choose(num_rows=1)
+        delayed = k == 1 and i % 3 == 2
+        policy.record(1, k, 2 if k else 1, (30.0 if delayed else 1.0) if k else 0.7)
+    assert policy.choose(num_rows=1) == 1  # 2 tokens per second against 1.43

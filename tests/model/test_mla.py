@@ -70,6 +70,32 @@ def test_chunked_prefill_through_cache_matches_one_pass(attn_impl):
     assert cache.c_kv[0, :, 10:].abs().sum() == 0 and cache.c_kv[0, :, :10].abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows,tokens", [(1, 1), (1, 3), (2, 2), (4, 4)])
+def test_absorbed_compiled_kernels_equal_eager_over_a_cache(rows, tokens):
+    """kernel_impl "compiled" writes the absorbed per-head products as a product and a sum (few query rows,
+    small weights): the eager bmm's outputs, for a few new tokens per row over a filled cache."""
+    config = tiny_v3()
+    mla, rotary = _mla(config, seed=3), RotaryEmbedding(config)
+    x = torch.randn(rows, 9, config.hidden_size)
+    positions = torch.arange(9).expand(rows, 9)
+    cos, sin = rotary(positions, x.dtype)
+    new = slice(9 - tokens, 9)
+
+    def run(m, kernel_impl, dtype=torch.float32):
+        cache = LatentCache(1, rows, 9, config.kv_lora_rank, config.qk_rope_head_dim, dtype)
+        with torch.no_grad():
+            m(x[:, : 9 - tokens].to(dtype), positions[:, : 9 - tokens], cos[:, : 9 - tokens].to(dtype),
+              sin[:, : 9 - tokens].to(dtype), cache, "absorbed")
+            cache.advance(9 - tokens)
+            return m(x[:, new].to(dtype), positions[:, new], cos[:, new].to(dtype), sin[:, new].to(dtype), cache,
+                     "absorbed", kernel_impl)
+
+    with float64_compute():
+        ref = run(float64_copy(mla), "eager", torch.float64)
+    assert_close_to_reference(run(mla, "compiled"), run(mla, "eager"), ref,
+                              what=f"absorbed products as product and sum, {rows} rows of {tokens}")
+
+
 def test_cache_overflow_and_bad_impl():
     config = tiny_v2()
     mla, rotary = _mla(config), RotaryEmbedding(config)

@@ -76,3 +76,34 @@ def test_tied_embeddings_share_one_tensor():
 
     model = build_model(dataclasses.replace(tiny_v2(), tie_word_embeddings=True))
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_draft_at_one_position_equals_draft_there(model):
+    """Transformer.draft_at (the MTP keys written at every position, the rest of its block at one position
+    per row) gives `draft`'s logits and block output at that position and the same cache."""
+    from openr2.model.mla import LatentCache
+    from tests.numerics import float64_compute, float64_copy
+
+    config, L = model.config, model.config.num_hidden_layers
+    ids, index = _ids(config, tokens=10), torch.tensor([1, 2])
+
+    def run(m, at: bool):
+        dtype = m.embed_tokens.weight.dtype
+        cache = LatentCache(L + 1, 2, 10, config.kv_lora_rank, config.qk_rope_head_dim, dtype)  # layer L: the MTP's
+        with torch.no_grad():
+            _, hidden = m(ids, return_hidden=True)
+            positions = torch.arange(10).expand(2, 10)
+            m.draft(hidden[:, :6], ids[:, 1:7], positions[:, :6], cache)  # six earlier positions
+            cache.advance(6)
+            args = (hidden[:, 6:9], ids[:, 7:10], positions[:, 6:9], cache)
+            if at:
+                logits, h = m.draft_at(*args, index)
+            else:
+                logits, h = m.draft(*args, logits_index=index)
+                h = h[torch.arange(2), index]
+        return logits, h, torch.cat((cache.c_kv[L], cache.k_rope[L]), -1)
+
+    with float64_compute():
+        ref = run(float64_copy(model), at=False)
+    for fast, plain, r, what in zip(run(model, at=True), run(model, at=False), ref, ("logits", "block output", "cache")):
+        assert_close_to_reference(fast, plain, r, what=what)
