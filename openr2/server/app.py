@@ -63,7 +63,6 @@ from openr2.server.protocol import (
     json_body_doc,
     random_id,
 )
-from openr2.server.ratelimit import RateLimiter
 
 LOCAL_KEY = "local"  # the owner of everything while no API key exists
 
@@ -113,7 +112,7 @@ class Server:
         self.tokenizer = engine.tokenizer
         self.prices = prices or billing.PriceTable()
         self.config = config or ServerConfig()
-        self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
+        self.limiter = ledger.rate_limiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
         self.metrics = Metrics(self)
         self.template = TemplateFeatures(self.tokenizer, self.config.model_name)

@@ -179,8 +179,13 @@ class BatchStore:
             with self._tx() as db:  # visible while the files are written
                 db.execute("UPDATE batches SET status = 'finalizing', finalizing_at = ? WHERE id = ? AND"
                            " status = 'in_progress'", (now, batch_id))
+        rows = self._query("SELECT * FROM batch_requests WHERE batch_id = ? ORDER BY line", (batch_id,))
+        if any(r["state"] in ("done", "failed") and r["response"] is None for r in rows):
+            # another replica finalised it since its status was read (the responses go with that commit)
+            b = self._batch_row(batch_id)
+            return self._batch_obj(b) if b["status"] not in ACTIVE_BATCH_STATES else None
         out, err = [], []
-        for r in self._query("SELECT * FROM batch_requests WHERE batch_id = ? ORDER BY line", (batch_id,)):
+        for r in rows:
             line = {"id": r["id"], "custom_id": r["custom_id"], "response": None, "error": None}
             if r["state"] in ("done", "failed"):
                 line["response"] = {"status_code": r["status_code"], "request_id": r["request_id"],

@@ -45,18 +45,24 @@ def _complete(led: Ledger, batch_id: str, line: dict) -> bool:
 
 
 def _together(*fns):
-    """Run the functions in threads released at once; their results in order."""
+    """Run the functions in threads released at once; their results in order (a thread's exception raised)."""
     start, results = threading.Barrier(len(fns)), [None] * len(fns)
 
     def run(i, fn):
         start.wait()
-        results[i] = fn()
+        try:
+            results[i] = fn()
+        except BaseException as e:  # noqa: B036 (handed to the test's thread)
+            results[i] = e
 
     threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
     return results
 
 
@@ -199,3 +205,41 @@ def test_file_contents_live_in_the_database(replicas):
     assert b.delete_file("A", f["id"]) and a.read_file("A", f["id"]) is None
     with psycopg.connect(a._db.url) as conn:
         assert conn.execute("SELECT COUNT(*) FROM file_blobs").fetchone()[0] == 0
+
+
+def test_the_batch_workers_heartbeat_keeps_its_lines(pg_url):
+    """BatchWorker._heartbeat renews the leases of the lines its process holds: another replica takes none
+    of them while it beats, and all of them once it stops."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from openr2.server.batches import BatchWorker
+
+    with Ledger(pg_url, lease_s=1.0) as a, Ledger(pg_url, lease_s=1.0) as b:
+        batch_id = _batch(a, 3)
+        assert len(a.claim_pending(batch_id, 3)) == 3
+
+        async def beat_for(seconds):
+            task = asyncio.create_task(BatchWorker(SimpleNamespace(ledger=a))._heartbeat())
+            await asyncio.sleep(seconds)
+            task.cancel()
+
+        asyncio.run(beat_for(2.5))  # 2.5 leases long
+        assert b.claim_pending(batch_id, 3) == []
+        time.sleep(3.5)  # leases are whole seconds (ledger times are): lapsed within 3 s of the last beat
+        assert len(b.claim_pending(batch_id, 3)) == 3
+
+
+def test_keys_and_usage_commands_take_a_database_url(pg_url, pg_cluster, capsys):
+    from openr2.cli import main
+
+    assert main(["keys", "create", "ops", "--balance", "2.50", "--database-url", pg_url]) == 0
+    key_id = capsys.readouterr().out.split()[0]
+    assert main(["keys", "topup", key_id, "1.00", "--database-url", pg_url]) == 0
+    assert capsys.readouterr().out.strip() == f"{key_id}: balance $3.50"
+    assert main(["usage", "--database-url", pg_url]) == 0
+    assert main(["keys", "list", "--database-url", "mysql://u@h/db"]) == 2
+    assert "must be a postgresql:// URL" in capsys.readouterr().err
+    assert main(["keys", "list", "--database-url", f"postgresql://openr2@/nope?host={pg_cluster.dir}"]) == 2
+    assert "cannot connect to the database" in capsys.readouterr().err
