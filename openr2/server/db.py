@@ -14,6 +14,9 @@ Rows answer both by name and by position on both sides. What differs, and why:
     schema_version table, migrated under an advisory lock so that replicas starting together migrate once.
 
 Threads. One connection shared under a lock; each call is one short transaction, as ledger.py explains.
+A PostgreSQL connection that drops (a database restart, a network cut) is replaced at the next call: a read
+or a transaction that had not begun is sent again on the new one; one that broke mid-way fails (its caller
+retries, as for any error: nothing was committed).
 """
 
 from __future__ import annotations
@@ -165,13 +168,36 @@ class PostgresDatabase:
     @contextmanager
     def tx(self) -> Iterator[_PGConnection]:
         with self._lock:
-            conn = self._live()
-            with conn.transaction():
-                yield _PGConnection(conn)
+            tx = self._begin()
+            try:
+                yield _PGConnection(self._conn)
+            except BaseException as e:
+                if not tx.__exit__(type(e), e, e.__traceback__):
+                    raise
+            else:
+                tx.__exit__(None, None, None)
+
+    def _begin(self):
+        """A started transaction; a connection found dead at BEGIN (nothing sent yet) is replaced once."""
+        for attempt in (0, 1):
+            tx = self._live().transaction()
+            try:
+                tx.__enter__()
+                return tx
+            except self._psycopg.OperationalError:
+                if attempt or not self._conn.broken:
+                    raise
+                self._connect()
 
     def query(self, sql: str, args=()) -> list:
         with self._lock:
-            return self._live().execute(_pg_sql(sql), tuple(args)).fetchall()
+            for attempt in (0, 1):
+                try:
+                    return self._live().execute(_pg_sql(sql), tuple(args)).fetchall()
+                except self._psycopg.OperationalError:  # a read: safe to send again on a new connection
+                    if attempt or not self._conn.broken:
+                        raise
+                    self._connect()
 
     def lock_name(self, db, name: str) -> None:
         """Serialise transactions that touch `name` until this one ends (an advisory transaction lock)."""

@@ -243,3 +243,16 @@ def test_keys_and_usage_commands_take_a_database_url(pg_url, pg_cluster, capsys)
     assert "must be a postgresql:// URL" in capsys.readouterr().err
     assert main(["keys", "list", "--database-url", f"postgresql://openr2@/nope?host={pg_cluster.dir}"]) == 2
     assert "cannot connect to the database" in capsys.readouterr().err
+
+
+def test_a_dropped_connection_is_replaced(pg_url):
+    """A PostgreSQL restart or a dropped link: the next call opens a new connection instead of failing forever
+    (reads and transactions that had not started are sent again; nothing is sent twice)."""
+    with Ledger(pg_url) as led, psycopg.connect(pg_url, autocommit=True) as admin:
+        key, _ = led.create_key("k")
+        for call in (led.list_keys, lambda: led.top_up(key, 5)):
+            pid = led._db._conn.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            call()
+            assert led._db._conn.info.backend_pid != pid
+        assert led.balance(key)["balance_pico_usd"] == 5
