@@ -175,6 +175,8 @@ class BatchWorker:
             heartbeat.cancel()
             for task in list(self._driving.values()):
                 task.cancel()
+            with contextlib.suppress(Exception):  # or, on a shared ledger, at once on another replica
+                ledger.release_claims()
 
     async def _heartbeat(self) -> None:
         """Renew this process's leases on its batch lines and balance reservations (ledger.heartbeat), well

@@ -256,3 +256,12 @@ def test_a_dropped_connection_is_replaced(pg_url):
             call()
             assert led._db._conn.info.backend_pid != pid
         assert led.balance(key)["balance_pico_usd"] == 5
+
+
+def test_a_replica_shutting_down_hands_its_lines_back_at_once(replicas):
+    a, b = replicas
+    batch_id = _batch(a, 4)
+    held = a.claim_pending(batch_id, 3)
+    assert _complete(a, batch_id, held[0])
+    assert a.release_claims() == 2  # c1, c2: c0 is finished and stays so
+    assert [x["custom_id"] for x in b.claim_pending(batch_id, 10)] == ["c1", "c2", "c3"]
