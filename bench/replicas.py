@@ -5,8 +5,10 @@ and two `python -m openr2 serve --database-url ...` replicas of one checkpoint (
 default, so that the ledger's share of the work shows; --model for another) on free 127.0.0.1 ports. Each
 round uploads a batch of --lines chat lines to replica A and times it from creation to `completed` (the
 output file written). "one" rounds run with replica B stopped (SIGSTOP: it holds no claims between
-batches, so it is simply absent); "two" rounds with it running, sharing the queue. Rounds alternate one,
-two, one, two..., so load from other jobs falls on each alike, and each round records the CPU-seconds
+batches, so it is simply absent); "two" rounds with it running, sharing the queue; "sqlite" rounds run a
+third server on its own SQLite ledger (the embedded default) with both replicas stopped, for what the
+PostgreSQL ledger costs one server. Rounds alternate sqlite, one, two, ..., so load from other jobs falls on
+each alike, and each round records the CPU-seconds
 other processes used meanwhile (bench/common.py) and the replicas' own CPU-seconds. Both replicas share this machine's CPUs: on a machine
 with few cores, two replicas compete for them, which is what the ratio shows there.
 
@@ -41,11 +43,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_replica(model: str, url: str, name: str) -> tuple[subprocess.Popen, str]:
+def start_replica(model: str, url: str | None, name: str, data_dir: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A replica on the PostgreSQL database `url`, or (url None) a server on its own SQLite ledger in data_dir."""
     port = free_port()
-    env = {**os.environ, "OPENR2_DATABASE_URL": url}  # the URL stays out of the process list
+    env = {k: v for k, v in os.environ.items() if k != "OPENR2_DATABASE_URL"}
+    if url:
+        env["OPENR2_DATABASE_URL"] = url  # the URL stays out of the process list
+    ledger = [] if url else ["--data-dir", data_dir]
     proc = subprocess.Popen([sys.executable, "-m", "openr2", "serve", "--model", model, "--port", str(port),
-                             "--served-model-name", name, "--no-compile"], cwd=ROOT, env=env,
+                             "--served-model-name", name, "--no-compile", *ledger], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900
@@ -148,32 +154,40 @@ def main() -> None:
     try:
         a, base_a = start_replica(model, url, "m")
         b, _ = start_replica(model, url, "m")
-        procs = [a, b]
+        lite, base_lite = start_replica(model, None, "m", os.path.join(tmp, "sqlite-data"))
+        procs = [a, b, lite]
         run_batch(base_a, batch_file(8, args.max_tokens, "m", -1))  # warm-up, both replicas
-        times: dict[str, list[float]] = {"one": [], "two": []}
-        loads: dict[str, list[float]] = {"one": [], "two": []}
+        run_batch(base_lite, batch_file(8, args.max_tokens, "m", -1))
+        kinds = {"sqlite": ([lite], base_lite), "one": ([a], base_a), "two": ([a, b], base_a)}
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        loads: dict[str, list[float]] = {k: [] for k in kinds}
         for round_ in range(args.rounds):
-            for kind in ("one", "two"):
-                b.send_signal(signal.SIGSTOP if kind == "one" else signal.SIGCONT)
+            for i, (kind, (running, base)) in enumerate(kinds.items()):
+                for p in procs:  # only this round's servers run (the others hold no claims between batches)
+                    p.send_signal(signal.SIGCONT if p in running else signal.SIGSTOP)
                 pg = cluster_pids(cluster.data) if cluster else []
-                before, replicas_before, pg_before = busy_cpu_s(), proc_cpu_s([a.pid, b.pid]), proc_cpu_s(pg)
-                took = run_batch(base_a, batch_file(args.lines, args.max_tokens, "m", round_ * 2 + (kind == "two")))
+                before, replicas_before, pg_before = busy_cpu_s(), proc_cpu_s([p.pid for p in procs]), proc_cpu_s(pg)
+                took = run_batch(base, batch_file(args.lines, args.max_tokens, "m", round_ * 3 + i))
                 load = other_load(before, busy_cpu_s(), took)
-                replicas_cpu = proc_cpu_s([a.pid, b.pid]) - replicas_before
+                replicas_cpu = proc_cpu_s([p.pid for p in procs]) - replicas_before
                 pg_cpu = proc_cpu_s(pg) - pg_before  # backends that ended during the round are not counted
                 times[kind].append(took)
                 # other_load counts everything but this process: take the replicas' and PostgreSQL's CPU out
                 others = (load[0] - replicas_cpu - pg_cpu) / (took * (os.cpu_count() or 1)) if load else float("nan")
                 loads[kind].append(others)
-                print(f"round {round_} {kind:>3}: {took:7.2f} s  {args.lines / took:7.1f} lines/s  replicas "
+                print(f"round {round_} {kind:>6}: {took:7.2f} s  {args.lines / took:7.1f} lines/s  replicas "
                       f"{replicas_cpu:5.2f} CPU-s ({replicas_cpu / args.lines * 1000:.1f} ms a line)  PostgreSQL "
                       f"{pg_cpu:4.2f} CPU-s  other jobs {max(others, 0):.0%} of the machine")
-        b.send_signal(signal.SIGCONT)
-        one, two = (args.lines / statistics.median(times[k]) for k in ("one", "two"))
-        print(f"\n| replicas | lines/s (median) |\n|---|---|\n| one | {one:.1f} |\n| two | {two:.1f} |\n"
-              f"| ratio two/one | {two / one:.2f}x |")
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+        lite_s, one, two = (args.lines / statistics.median(times[k]) for k in ("sqlite", "one", "two"))
+        print(f"\n| server(s) | lines/s (median) |\n|---|---|\n| one, SQLite ledger | {lite_s:.1f} |\n"
+              f"| one replica, PostgreSQL | {one:.1f} |\n| two replicas, PostgreSQL | {two:.1f} |\n"
+              f"| ratio two/one (PostgreSQL) | {two / one:.2f}x |\n| ratio PostgreSQL/SQLite, one server | "
+              f"{one / lite_s:.2f}x |")
         print(json.dumps({"bench": "replicas", "lines": args.lines, "max_tokens": args.max_tokens,
-                          "rounds": args.rounds, "cpus": os.cpu_count(), "one_lines_per_s": round(one, 2),
+                          "rounds": args.rounds, "cpus": os.cpu_count(), "sqlite_lines_per_s": round(lite_s, 2),
+                          "one_lines_per_s": round(one, 2),
                           "two_lines_per_s": round(two, 2), "ratio": round(two / one, 3),
                           "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
                           "other_jobs_share": {k: [round(x, 2) for x in v] for k, v in loads.items()}}))
