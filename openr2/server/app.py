@@ -362,6 +362,10 @@ def create_app(server: Server) -> FastAPI:
         worker = asyncio.create_task(server.batch_worker.run())
         yield
         worker.cancel()
+        # let its shutdown run now (handing claimed batch lines back): uvicorn may re-raise SIGTERM as soon as
+        # the lifespan ends, before a merely cancelled task gets another turn
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
 
     # Private by default: FastAPI's built-in OpenTelemetry (0.165+) could export spans when OTEL_*
     # variables are set; this server never sends anything anywhere, so it is switched off.

@@ -175,8 +175,11 @@ class BatchWorker:
             heartbeat.cancel()
             for task in list(self._driving.values()):
                 task.cancel()
-            with contextlib.suppress(Exception):  # or, on a shared ledger, at once on another replica
+            try:  # to run again at once on another replica (a shared ledger), and its balance freed
                 ledger.release_claims()
+                ledger.release_all()
+            except Exception:  # the database is gone too: the leases lapse instead
+                logger.exception("could not hand the claimed batch lines back")
 
     async def _heartbeat(self) -> None:
         """Renew this process's leases on its batch lines and balance reservations (ledger.heartbeat), well

@@ -138,3 +138,28 @@ def test_debits_and_rate_limit_hold_across_replicas(replicas, pg_url):
     assert balance_usd == format_usd(10**12 - int(spent[0]))  # every debit, from either replica, is there
     report = httpx.get(f"{base_a}/v1/usage", headers={"Authorization": f"Bearer {secret}"}).json()["data"][0]
     assert report["requests"] == 6 and report["completion_tokens"] == sum(u.completion_tokens for u in usages)
+
+
+@pytest.mark.parametrize("replicas", [("--lease-s", "120")], indirect=True)
+def test_a_replica_stopped_gracefully_hands_its_lines_over_at_once(replicas, pg_url):
+    """SIGTERM (a rolling restart): the stopping replica's claimed lines go back to the queue as it exits, so
+    the other finishes the batch long before the 120 s lease would have lapsed."""
+    (proc_a, base_a), (_, base_b) = replicas
+    client = openai.OpenAI(base_url=f"{base_b}/v1", api_key="x", max_retries=0)
+    upload = client.files.create(file=("b.jsonl", _batch_file(24, max_tokens=200)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        deadline = time.time() + 120
+        while db.execute("SELECT COUNT(DISTINCT claimed_by) FROM batch_requests WHERE state = 'running'"
+                         ).fetchone()[0] < 2:
+            assert time.time() < deadline, "the two replicas never both ran lines of the batch"
+            time.sleep(0.05)
+        stopped = time.time()
+        _stop(proc_a)
+        assert proc_a.returncode is not None
+        while (b := client.batches.retrieve(batch.id)).status != "completed":
+            assert time.time() - stopped < 90, "the stopped replica's lines waited for its lease"
+            time.sleep(0.2)
+    assert b.request_counts.completed == 24
+    lines = [json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()]
+    assert sorted(lines) == sorted(f"req-{i}" for i in range(24))
