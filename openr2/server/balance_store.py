@@ -23,6 +23,7 @@ Amounts are integer pico-dollars, like every cost in the ledger (billing.py).
 from __future__ import annotations
 
 from openr2.billing import format_usd
+from openr2.server.db import retry_conflicts
 
 
 class InsufficientBalance(ValueError):
@@ -64,6 +65,7 @@ class BalanceStore:
         balance, reserved = rows[0]["balance"], int(rows[0]["reserved"] or 0)
         return {"balance_pico_usd": balance, "reserved_pico_usd": reserved, "available_pico_usd": balance - reserved}
 
+    @retry_conflicts
     def reserve(self, key_id: str, amounts: dict[str, int]) -> bool:
         """Set aside `amounts` (request id -> worst-case pico-dollars) for a key, all or nothing. False (and
         no write) for a key without a balance; raises InsufficientBalance when it cannot cover them."""
@@ -87,11 +89,13 @@ class BalanceStore:
                                                       self._lease_until()) for rid, amount in amounts.items()])
         return True
 
+    @retry_conflicts
     def release(self, request_ids) -> None:
         """Drop reservations that will not be settled (a no-op for ids already settled)."""
         with self._tx() as db:
             db.executemany("DELETE FROM reservations WHERE id = ?", [(rid,) for rid in request_ids])
 
+    @retry_conflicts
     def release_all(self) -> int:
         """At startup: drop the reservations of requests a previous process never finished. Returns how many."""
         with self._tx() as db:

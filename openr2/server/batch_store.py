@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Collection
 
 from openr2.engine.usage import Usage
+from openr2.server.db import retry_conflicts
 from openr2.server.errors import decode_json
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -64,6 +65,7 @@ class BatchStore:
                         now + COMPLETION_WINDOWS_S[completion_window]))
         return self.get_batch(key_id, batch_id)
 
+    @retry_conflicts
     def validate_batch(self, batch_id: str, models: Collection[str] | None = None) -> dict:
         """validating -> in_progress with one pending row per line, or -> failed with errors.data listing
         the bad lines. A no-op in any other state, so it is safe to call again after a restart."""
@@ -91,6 +93,7 @@ class BatchStore:
                        " status = 'validating'", (self._now(), json.dumps(errors), batch_id))
         return self._batch_obj(self._batch_row(batch_id))
 
+    @retry_conflicts
     def claim_pending(self, batch_id: str, n: int) -> list[dict]:
         """Mark up to n pending lines running, held by this process under a lease, and return them ({id,
         custom_id, body}) in file order. Lines whose holder's lease lapsed are pending again first.
@@ -112,6 +115,7 @@ class BatchStore:
                            [(self.replica_id, self._lease_until(), batch_id, r["custom_id"]) for r in rows])
         return [{"id": r["id"], "custom_id": r["custom_id"], "body": json.loads(r["body"])} for r in rows]
 
+    @retry_conflicts
     def complete_request(self, batch_id: str, custom_id: str, status_code: int, body: dict, request_id: str,
                          usage=None, cost: int = 0) -> bool:
         """Record one line's response and, when `usage` is given, its bill (cost = prices.cost(usage,
@@ -149,6 +153,7 @@ class BatchStore:
             return db.execute("UPDATE batch_requests SET state = 'pending', claimed_by = NULL, lease_until = NULL"
                               " WHERE state = 'running'").rowcount
 
+    @retry_conflicts
     def release_claims(self) -> int:
         """At shutdown: the lines this process holds go back to pending now, for the other replicas to run,
         rather than when the lease lapses (a line finished meanwhile stays finished). Returns how many."""
@@ -234,6 +239,7 @@ class BatchStore:
             self._db.scrub()
         return self._batch_obj(self._batch_row(batch_id))
 
+    @retry_conflicts
     def cancel_batch(self, key_id: str, batch_id: str) -> dict | None:
         """validating/in_progress -> cancelling (-> cancelled at once if nothing is running). None if this
         key has no such batch; BatchStateError if it already ended otherwise."""

@@ -21,6 +21,7 @@ retries, as for any error: nothing was committed).
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -37,8 +38,26 @@ def is_postgres_url(target) -> bool:
     return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
 
 
+def retry_conflicts(method):
+    """Run a Ledger method again (up to 3 times in all) when PostgreSQL aborted its transaction as a deadlock
+    victim or a serialization failure: such a transaction was rolled back whole, so running it again is
+    exactly once. (Not on a dropped connection: a commit may have landed without its answer.)"""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        for attempt in range(3):
+            try:
+                return method(self, *args, **kwargs)
+            except self._db.conflict_errors:
+                if attempt == 2:
+                    raise
+
+    return run
+
+
 class SQLiteDatabase:
     dialect, shared = "sqlite", False
+    conflict_errors: tuple = ()  # one writer at a time: no deadlock between transactions
     lock = share_lock = skip_locked = ""  # the write lock is already held
     day_sql = "date({}, 'unixepoch')"
 
@@ -142,6 +161,7 @@ class PostgresDatabase:
         except ImportError:  # a dependency of openr2, but say what is missing rather than a bare traceback
             raise ValueError("--database-url postgresql://... needs psycopg 3: pip install 'psycopg[binary]'") from None
         self.url, self._psycopg = url, psycopg
+        self.conflict_errors = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
         self._lock = threading.RLock()
         self._conn = None
         self._connect()

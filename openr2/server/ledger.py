@@ -52,7 +52,7 @@ from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's
     BatchStore,
     new_id,
 )
-from openr2.server.db import PostgresDatabase, SQLiteDatabase, is_postgres_url
+from openr2.server.db import PostgresDatabase, SQLiteDatabase, is_postgres_url, retry_conflicts
 from openr2.server.private_files import open_private, private_dir, private_file
 from openr2.server.ratelimit import RateLimiter
 from openr2.server.schema import SCHEMA_VERSION, statements  # noqa: F401 (SCHEMA_VERSION re-exported)
@@ -141,6 +141,7 @@ class Ledger(BatchStore, BalanceStore):
         self._closing.append(limiter)
         return limiter
 
+    @retry_conflicts
     def heartbeat(self) -> None:
         """Renew this process's claims (call every lease_s / 3 or so) and drop reservations whose holder
         stopped renewing them (a replica that died)."""
@@ -204,6 +205,7 @@ class Ledger(BatchStore, BalanceStore):
 
     # ---------------------------------------------------------------- usage
 
+    @retry_conflicts
     def record_usage(self, key_id: str, model: str, endpoint: str, usage, batch: bool, cost: int,
                      request_id: str, batch_id: str | None = None, custom_id: str | None = None,
                      content: dict | str | None = None) -> bool:

@@ -265,3 +265,28 @@ def test_a_replica_shutting_down_hands_its_lines_back_at_once(replicas):
     assert _complete(a, batch_id, held[0])
     assert a.release_claims() == 2  # c1, c2: c0 is finished and stays so
     assert [x["custom_id"] for x in b.claim_pending(batch_id, 10)] == ["c1", "c2", "c3"]
+
+
+def test_a_deadlock_victim_is_run_again(replicas, monkeypatch):
+    """PostgreSQL aborts one of two deadlocked transactions (rolled back whole): the ledger runs that method
+    again, so a finished line is recorded and billed once rather than failing."""
+    from contextlib import contextmanager
+
+    a, _ = replicas
+    batch_id = _batch(a, 2)
+    line = a.claim_pending(batch_id, 1)[0]
+    real_tx, begun = a._db.tx, []
+
+    @contextmanager
+    def victim_once():
+        with real_tx() as db:
+            begun.append(1)
+            if len(begun) == 1:
+                db.execute("UPDATE batch_requests SET state = 'done' WHERE batch_id = ?", (batch_id,))
+                raise psycopg.errors.DeadlockDetected("deadlock detected")  # rolls the update back
+            yield db
+
+    monkeypatch.setattr(a._db, "tx", victim_once)
+    assert _complete(a, batch_id, line)
+    assert len(begun) == 2 and a.usage_report()[0]["requests"] == 1
+    assert a.get_batch("A", batch_id)["request_counts"]["completed"] == 1
