@@ -6,8 +6,10 @@ Rows answer both by name and by position on both sides. What differs, and why:
 
   * Locking. SQLite has one writer at a time (BEGIN IMMEDIATE takes the file's write lock up front), so a
     read-then-write inside `tx()` is already serialised. PostgreSQL runs transactions concurrently (READ
-    COMMITTED): such a read must lock what it reads (`lock`: FOR UPDATE, `share_lock`: FOR SHARE, `skip_locked` for a shared queue,
-    `lock_name` for a per-key advisory lock), or two replicas both act on what they read.
+    COMMITTED): such a read must lock what it reads (`lock`: FOR UPDATE, `share_lock`: FOR SHARE,
+    `skip_locked` for a shared queue, `lock_name` for a per-key advisory lock), or two replicas both act on
+    what they read. Row locks can deadlock; PostgreSQL then aborts one transaction, which retry_conflicts
+    runs again.
   * `shared`: whether other servers may use the same database at once. With SQLite one server owns the
     file, so at startup it takes back every claim a previous process left; on PostgreSQL only lapsed ones.
   * Schema versions: SQLite keeps PRAGMA user_version (as ledgers before PostgreSQL did); PostgreSQL a
