@@ -208,8 +208,20 @@ def _data_dir(args: argparse.Namespace) -> str:
 def _ledger(args: argparse.Namespace):
     from openr2.server.ledger import Ledger
 
+    log_content = getattr(args, "log_content", False)
+    if args.database_url:  # PostgreSQL, shared by replicas: nothing of the ledger is kept in --data-dir
+        if not args.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"--database-url must be a postgresql:// URL, got {args.database_url.split('://')[0]}://...")
+        return Ledger(args.database_url, log_content=log_content, lease_s=getattr(args, "lease_s", 30.0))
     path = _data_dir(args)
-    return Ledger(os.path.join(path, "ledger.sqlite"), data_dir=path, log_content=getattr(args, "log_content", False))
+    return Ledger(os.path.join(path, "ledger.sqlite"), data_dir=path, log_content=log_content)
+
+
+def _add_database_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", default=os.environ.get("OPENR2_DATABASE_URL") or None,
+                        help="a PostgreSQL ledger shared by replicas, postgresql://USER@HOST/DB (default: "
+                             "$OPENR2_DATABASE_URL, which keeps a password out of the process list); without "
+                             "it, the SQLite ledger in --data-dir")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -225,6 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from openr2.server.pages import example_prompts
 
     aliases = parse_model_aliases(args.model_aliases)
+    ledger = _ledger(args)  # first: a bad database URL fails before minutes of loading
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
@@ -236,8 +249,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("openr2: preparing the compiled decode step (the first start compiles it, for minutes; later ones "
               "load it from disk)...")
         engine.warm_up()
-    server = Server(AsyncEngine(engine), _ledger(args), prices, config)
-    print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} (data in {args.data_dir})")
+    server = Server(AsyncEngine(engine), ledger, prices, config)
+    where = "ledger in PostgreSQL" if args.database_url else f"data in {args.data_dir}"
+    print(f"openr2: serving {config.model_name!r} on http://{args.host}:{args.port} ({where})")
     http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning"))
     server.engine.on_failure = lambda: setattr(http, "should_exit", True)  # a dead engine: exit, to be restarted
     # What is loaded now (torch, the model, the tokenizer) lives as long as the process: frozen out of the cyclic
@@ -582,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve FastAPI's /docs and /redoc (their pages load Swagger UI / ReDoc from a CDN)")
     serve.add_argument("--requests-per-min", type=int, default=None, help="per-key request limit (429 past it)")
     serve.add_argument("--tokens-per-min", type=int, default=None, help="per-key prompt + max output token limit")
+    _add_database_flag(serve)
+    serve.add_argument("--lease-s", type=float, default=30.0,
+                       help="with --database-url: how long this replica's batch lines and balance reservations "
+                            "stay its own without its heartbeat (another replica takes them over after that)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--device", default="cpu")
     serve.set_defaults(func=cmd_serve)
@@ -622,12 +640,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="create: a prepaid balance in dollars (e.g. 5.00); requests it cannot pay get a 402. "
                            "Without it the key has no balance and is never refused for money")
     keys.add_argument("--data-dir", default="~/.openr2")
+    _add_database_flag(keys)
     keys.set_defaults(func=cmd_keys)
     usage = sub.add_parser("usage", help="token and cost totals from the ledger")
     usage.add_argument("--start", type=int, default=None, help="unix seconds, inclusive")
     usage.add_argument("--end", type=int, default=None, help="unix seconds, exclusive")
     usage.add_argument("--group-by", choices=["day", "key", "model"], default=None)
     usage.add_argument("--data-dir", default="~/.openr2")
+    _add_database_flag(usage)
     usage.set_defaults(func=cmd_usage)
     quant = sub.add_parser("quantize", help="int8 / int4 weight-only copy of a checkpoint (load_model, LLM, serve run it)")
     quant.add_argument("model", help="float checkpoint directory")

@@ -63,7 +63,6 @@ from openr2.server.protocol import (
     json_body_doc,
     random_id,
 )
-from openr2.server.ratelimit import RateLimiter
 
 LOCAL_KEY = "local"  # the owner of everything while no API key exists
 
@@ -113,7 +112,7 @@ class Server:
         self.tokenizer = engine.tokenizer
         self.prices = prices or billing.PriceTable()
         self.config = config or ServerConfig()
-        self.limiter = RateLimiter(self.config.requests_per_min, self.config.tokens_per_min)
+        self.limiter = ledger.rate_limiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
         self.metrics = Metrics(self)
         self.template = TemplateFeatures(self.tokenizer, self.config.model_name)
@@ -363,6 +362,10 @@ def create_app(server: Server) -> FastAPI:
         worker = asyncio.create_task(server.batch_worker.run())
         yield
         worker.cancel()
+        # let its shutdown run now (handing claimed batch lines back): uvicorn may re-raise SIGTERM as soon as
+        # the lifespan ends, before a merely cancelled task gets another turn
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
 
     # Private by default: FastAPI's built-in OpenTelemetry (0.165+) could export spans when OTEL_*
     # variables are set; this server never sends anything anywhere, so it is switched off.

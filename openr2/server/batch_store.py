@@ -3,6 +3,14 @@
 A mixin of `Ledger` (ledger.py), sharing its connection, transactions and file blobs. Each line's
 progress is a row, so a worker killed mid-batch resumes with nothing lost and nothing run or billed twice
 (see ledger.py on durability).
+
+Several replicas on one PostgreSQL database share the queue: `claim_pending` takes lines with row locks
+that skip what another replica is claiming, and marks them with this process's id and a lease. The
+process's heartbeat (Ledger.heartbeat) renews the lease; a line whose lease lapsed (its replica died) goes
+back to pending at the next claim by anyone. Two replicas that both end up running one line (a replica
+that was only slow) are harmless: the first completion wins, and the usage table's unique (batch_id,
+custom_id) bills it once. Every read-then-write on a batch or a line locks the row it read
+(db.lock), so two replicas never both validate, finalise or complete the same thing.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import secrets
 from collections.abc import Collection
 
 from openr2.engine.usage import Usage
+from openr2.server.db import retry_conflicts
 from openr2.server.errors import decode_json
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -30,8 +39,8 @@ class BatchStateError(ValueError):
 
 
 class BatchStore:
-    """Batch methods of Ledger; they use its _tx, _query, _now, _file_path, _write_blob, _insert_file,
-    _insert_usage and _page."""
+    """Batch methods of Ledger; they use its _db, _tx, _query, _now, _lease_until, replica_id, _read_blob,
+    _write_blob, _delete_blob, _insert_file, _insert_usage and _page."""
 
     def create_batch(self, key_id: str, input_file_id: str, endpoint: str, completion_window: str = "24h",
                      metadata: dict | None = None) -> dict:
@@ -56,18 +65,19 @@ class BatchStore:
                         now + COMPLETION_WINDOWS_S[completion_window]))
         return self.get_batch(key_id, batch_id)
 
+    @retry_conflicts
     def validate_batch(self, batch_id: str, models: Collection[str] | None = None) -> dict:
         """validating -> in_progress with one pending row per line, or -> failed with errors.data listing
         the bad lines. A no-op in any other state, so it is safe to call again after a restart."""
         row = self._batch_row(batch_id)
         if row["status"] == "validating":
-            path = self._file_path(row["input_file_id"])
-            content = path.read_bytes() if path.is_file() else None
+            content = self._read_blob(row["input_file_id"])
             requests, errors, model = _parse_batch_input(content, row["endpoint"], models)
             if errors:
                 return self.fail_batch(batch_id, errors)
             with self._tx() as db:
-                if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] == "validating":
+                if db.execute(f"SELECT status FROM batches WHERE id = ?{self._db.lock}",
+                              (batch_id,)).fetchone()[0] == "validating":
                     db.executemany("INSERT INTO batch_requests (batch_id, custom_id, line, id, body, state)"
                                    " VALUES (?,?,?,?,?,'pending')",
                                    [(batch_id, cid, line, new_id("batch_req_"), body) for line, cid, body in requests])
@@ -83,21 +93,29 @@ class BatchStore:
                        " status = 'validating'", (self._now(), json.dumps(errors), batch_id))
         return self._batch_obj(self._batch_row(batch_id))
 
+    @retry_conflicts
     def claim_pending(self, batch_id: str, n: int) -> list[dict]:
-        """Mark up to n pending lines running and return them ({id, custom_id, body}) in file order.
+        """Mark up to n pending lines running, held by this process under a lease, and return them ({id,
+        custom_id, body}) in file order. Lines whose holder's lease lapsed are pending again first.
         Returns [] unless the batch is in_progress and inside its completion window."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         with self._tx() as db:
-            b = db.execute("SELECT status, expires_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            # FOR SHARE: claims run side by side, but not beside a cancel or finalize of the batch
+            b = db.execute(f"SELECT status, expires_at FROM batches WHERE id = ?{self._db.share_lock}",
+                           (batch_id,)).fetchone()
             if b is None or b["status"] != "in_progress" or self._now() >= b["expires_at"]:
                 return []
+            self._reclaim_lapsed(db, batch_id)
             rows = db.execute("SELECT custom_id, id, body FROM batch_requests WHERE batch_id = ? AND"
-                              " state = 'pending' ORDER BY line LIMIT ?", (batch_id, n)).fetchall()
-            db.executemany("UPDATE batch_requests SET state = 'running' WHERE batch_id = ? AND custom_id = ?",
-                           [(batch_id, r["custom_id"]) for r in rows])
+                              f" state = 'pending' ORDER BY line LIMIT ?{self._db.lock}{self._db.skip_locked}",
+                              (batch_id, n)).fetchall()
+            db.executemany("UPDATE batch_requests SET state = 'running', claimed_by = ?, lease_until = ?"
+                           " WHERE batch_id = ? AND custom_id = ?",
+                           [(self.replica_id, self._lease_until(), batch_id, r["custom_id"]) for r in rows])
         return [{"id": r["id"], "custom_id": r["custom_id"], "body": json.loads(r["body"])} for r in rows]
 
+    @retry_conflicts
     def complete_request(self, batch_id: str, custom_id: str, status_code: int, body: dict, request_id: str,
                          usage=None, cost: int = 0) -> bool:
         """Record one line's response and, when `usage` is given, its bill (cost = prices.cost(usage,
@@ -107,8 +125,8 @@ class BatchStore:
             raise ValueError(f"status_code must be an integer, got {status_code!r}")
         with self._tx() as db:
             r = db.execute("SELECT r.state, r.body, b.key_id, b.endpoint, b.model FROM batch_requests r"
-                           " JOIN batches b ON b.id = r.batch_id WHERE r.batch_id = ? AND r.custom_id = ?",
-                           (batch_id, custom_id)).fetchone()
+                           " JOIN batches b ON b.id = r.batch_id WHERE r.batch_id = ? AND r.custom_id = ?"
+                           f"{self._db.lock and self._db.lock + ' OF r'}", (batch_id, custom_id)).fetchone()
             if r is None:
                 raise ValueError(f"custom_id: batch {batch_id!r} has no line {custom_id!r}")
             if r["state"] not in ("pending", "running"):
@@ -126,9 +144,30 @@ class BatchStore:
 
     def reset_in_flight(self) -> int:
         """Call once at startup, before any worker: lines claimed by a dead process go back to pending
-        (their results were never committed, so they were never billed). Returns how many."""
+        (their results were never committed, so they were never billed). Returns how many. A SQLite ledger
+        has one server, so every running line was the dead one's; on a shared database only the lines whose
+        lease lapsed are (the others belong to live replicas)."""
         with self._tx() as db:
-            return db.execute("UPDATE batch_requests SET state = 'pending' WHERE state = 'running'").rowcount
+            if self._db.shared:
+                return self._reclaim_lapsed(db)
+            return db.execute("UPDATE batch_requests SET state = 'pending', claimed_by = NULL, lease_until = NULL"
+                              " WHERE state = 'running'").rowcount
+
+    @retry_conflicts
+    def release_claims(self) -> int:
+        """At shutdown: the lines this process holds go back to pending now, for the other replicas to run,
+        rather than when the lease lapses (a line finished meanwhile stays finished). Returns how many."""
+        with self._tx() as db:
+            return db.execute("UPDATE batch_requests SET state = 'pending', claimed_by = NULL, lease_until = NULL"
+                              " WHERE claimed_by = ? AND state = 'running'", (self.replica_id,)).rowcount
+
+    def _reclaim_lapsed(self, db, batch_id: str | None = None) -> int:
+        """Running lines whose holder stopped renewing its lease -> pending."""
+        where, args = "state = 'running' AND lease_until <= ?", [self._now()]
+        if batch_id is not None:
+            where, args = "batch_id = ? AND " + where, [batch_id, *args]
+        return db.execute("UPDATE batch_requests SET state = 'pending', claimed_by = NULL, lease_until = NULL"
+                          f" WHERE {where}", args).rowcount
 
     def finalize_batch(self, batch_id: str) -> dict | None:
         """Write the output/error files and end the batch (completed, cancelled or expired), once no line
@@ -152,8 +191,13 @@ class BatchStore:
             with self._tx() as db:  # visible while the files are written
                 db.execute("UPDATE batches SET status = 'finalizing', finalizing_at = ? WHERE id = ? AND"
                            " status = 'in_progress'", (now, batch_id))
+        rows = self._query("SELECT * FROM batch_requests WHERE batch_id = ? ORDER BY line", (batch_id,))
+        if any(r["state"] in ("done", "failed") and r["response"] is None for r in rows):
+            # another replica finalised it since its status was read (the responses go with that commit)
+            b = self._batch_row(batch_id)
+            return self._batch_obj(b) if b["status"] not in ACTIVE_BATCH_STATES else None
         out, err = [], []
-        for r in self._query("SELECT * FROM batch_requests WHERE batch_id = ? ORDER BY line", (batch_id,)):
+        for r in rows:
             line = {"id": r["id"], "custom_id": r["custom_id"], "response": None, "error": None}
             if r["state"] in ("done", "failed"):
                 line["response"] = {"status_code": r["status_code"], "request_id": r["request_id"],
@@ -169,8 +213,12 @@ class BatchStore:
                 files[kind] = (new_id("file-"), ("\n".join(lines) + "\n").encode())
                 self._write_blob(*files[kind])
         with self._tx() as db:
-            if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] == final:
+            if db.execute(f"SELECT status FROM batches WHERE id = ?{self._db.lock}",
+                          (batch_id,)).fetchone()[0] == final:
                 committed = False  # another caller finished it first
+            elif db.execute("SELECT 1 FROM batch_requests WHERE batch_id = ? AND state = 'running' LIMIT 1",
+                            (batch_id,)).fetchone():
+                committed = False  # a replica claimed lines since they were read: finalise later
             else:
                 committed = True
                 for kind, (file_id, data) in files.items():
@@ -184,17 +232,20 @@ class BatchStore:
                                              files.get("error", (None,))[0], batch_id))
         if not committed:
             for file_id, _ in files.values():
-                self._file_path(file_id).unlink(missing_ok=True)
-        else:  # the WAL still holds the pages with the bodies: copy them back and empty it
-            with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                self._delete_blob(file_id)
+            if self._batch_row(batch_id)["status"] != final:
+                return None
+        else:  # the bodies may linger in the database's own files: clear them there too
+            self._db.scrub()
         return self._batch_obj(self._batch_row(batch_id))
 
+    @retry_conflicts
     def cancel_batch(self, key_id: str, batch_id: str) -> dict | None:
         """validating/in_progress -> cancelling (-> cancelled at once if nothing is running). None if this
         key has no such batch; BatchStateError if it already ended otherwise."""
         with self._tx() as db:
-            b = db.execute("SELECT status FROM batches WHERE id = ? AND key_id = ?", (batch_id, key_id)).fetchone()
+            b = db.execute(f"SELECT status FROM batches WHERE id = ? AND key_id = ?{self._db.lock}",
+                           (batch_id, key_id)).fetchone()
             if b is None:
                 return None
             if b["status"] in ("validating", "in_progress"):
@@ -232,9 +283,10 @@ class BatchStore:
         b = dict(b)
         states = dict(self._query("SELECT state, COUNT(*) FROM batch_requests WHERE batch_id = ? GROUP BY state",
                                   (b["id"],)))
-        u = self._query("SELECT TOTAL(prompt_tokens), TOTAL(cached_prompt_tokens), TOTAL(completion_tokens),"
-                        " TOTAL(reasoning_tokens) FROM usage WHERE batch_id = ?", (b["id"],))[0]
-        prompt, cached, completion, reasoning = (int(x) for x in u)
+        u = self._query("SELECT CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(cached_prompt_tokens) AS BIGINT),"
+                        " CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT)"
+                        " FROM usage WHERE batch_id = ?", (b["id"],))[0]
+        prompt, cached, completion, reasoning = (int(x or 0) for x in u)
         obj = {"id": b["id"], "object": "batch", "endpoint": b["endpoint"],
                "errors": {"object": "list", "data": json.loads(b["errors"])} if b["errors"] else None,
                "input_file_id": b["input_file_id"], "completion_window": b["completion_window"],

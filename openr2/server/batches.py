@@ -6,6 +6,9 @@ batches, runs their lines through the same code as the interactive endpoints but
 yield to interactive requests in the scheduler), and records each line's response together with its bill,
 at the batch discount, in one transaction. Finished batches get their output and error files.
 
+Replicas (several servers on one PostgreSQL ledger) share the queue: each claims lines under a lease that
+its heartbeat renews, and takes over the lines of a replica whose lease lapsed (batch_store.py).
+
 Failures stay with their line: whatever makes a line fail is recorded as that line's error (the 4xx the
 interactive endpoint would answer, or a 500) and the batch goes on to complete. An input file that cannot
 be validated fails its batch once, with the reason in `errors`. Only a dead engine leaves lines claimed:
@@ -26,7 +29,7 @@ import contextlib
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from openr2.engine.async_engine import EngineDeadError
 from openr2.engine.usage import Usage
@@ -89,10 +92,14 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str):
-        path = ledger.file_path(server.authorise(request), file_id)
-        if path is None:
+        key_id = server.authorise(request)
+        path = ledger.file_path(key_id, file_id)
+        if path is not None:
+            return FileResponse(path, media_type="application/octet-stream")
+        content = await asyncio.to_thread(ledger.read_file, key_id, file_id)  # in the database (PostgreSQL)
+        if content is None:
             raise not_found(f"No such file: {file_id}", "file_id")
-        return FileResponse(path, media_type="application/octet-stream")
+        return Response(content, media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str):
@@ -155,6 +162,7 @@ class BatchWorker:
         resumed = await asyncio.to_thread(ledger.reset_in_flight)
         if resumed:
             logger.info("resuming %d batch lines interrupted by the last shutdown", resumed)
+        heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while self.server.engine.failure is None:
                 for batch_id in await asyncio.to_thread(ledger.list_active_batches):
@@ -164,8 +172,25 @@ class BatchWorker:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
         finally:  # shutdown: the lines in the engine are aborted; unfinished ones resume at the next start
+            heartbeat.cancel()
             for task in list(self._driving.values()):
                 task.cancel()
+            try:  # to run again at once on another replica (a shared ledger), and its balance freed
+                ledger.release_claims()
+                ledger.release_all()
+            except Exception:  # the database is gone too: the leases lapse instead
+                logger.exception("could not hand the claimed batch lines back")
+
+    async def _heartbeat(self) -> None:
+        """Renew this process's leases on its batch lines and balance reservations (ledger.heartbeat), well
+        within their length, so that other replicas take them back only once this process is gone."""
+        ledger = self.server.ledger
+        while True:
+            await asyncio.sleep(ledger.lease_s / 4)
+            try:
+                await asyncio.to_thread(ledger.heartbeat)
+            except Exception:  # the database is unreachable for now: tried again at the next beat
+                logger.exception("heartbeat failed")
 
     async def _drive(self, batch_id: str) -> None:
         try:

@@ -1,7 +1,11 @@
-"""The server's durable state in one SQLite file: usage rows, hashed API keys, files, batches.
+"""The server's durable state: usage rows, hashed API keys, files, batches; in one SQLite file (the embedded
+default) or in a PostgreSQL database that several server replicas share.
 
-Owns the schema and every query (the batch queries in batch_store.py and the prepaid balances in
-balance_store.py, mixins of Ledger); file contents live beside the database under data_dir/files/<id>.
+Owns every query (the batch queries in batch_store.py and the prepaid balances in balance_store.py, mixins
+of Ledger); the schema and its migrations are schema.py, the two backends' differences db.py. With SQLite,
+file contents live beside the database under data_dir/files/<id>; with PostgreSQL, in the database (replicas
+share no disk). The same SQL and the same unique keys serve both, so a line is billed once however many
+replicas race for it (batch_store.py on the shared queue, balance_store.py on the balances).
 It does not compute prices (openr2/billing.py), parse HTTP, or run models: a batch worker drives the batch
 methods (validate_batch -> claim_pending -> complete_request -> finalize_batch) and calls
 reset_in_flight() once at startup.
@@ -12,6 +16,8 @@ tokens, and it buys survival of power loss, not just of a killed process. A fini
 usage row commit in one transaction, and the usage table is unique on (batch_id, custom_id) and on
 request_id, so a resumed batch can neither lose a line nor bill one twice.
 
+Durability on PostgreSQL is the cluster's (synchronous_commit on by default: a commit is on its disk).
+
 Threads. One connection shared under a lock; each public method is one short transaction. SQLite
 serialises writers anyway, and a single connection keeps transactions simple. From async code the calls
 block for about a millisecond (plus the fsync on writes); run them in a thread if that matters. Other
@@ -20,7 +26,9 @@ while the server writes, and busy_timeout makes writers wait instead of failing.
 
 Privacy. Prompt and completion text are stored only when opened with log_content=True. Batch request
 and response bodies are kept only until the batch is finalised; then the output file is the record
-(secure_delete and a WAL checkpoint then clear them from the database file's bytes too).
+(secure_delete and a WAL checkpoint then clear them from the database file's bytes too; on PostgreSQL the
+old row versions stay in the cluster's files until autovacuum reuses their space). Keys are stored as
+salted hashes on both backends.
 """
 
 from __future__ import annotations
@@ -28,13 +36,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from openr2.billing import format_usd
@@ -46,53 +52,19 @@ from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's
     BatchStore,
     new_id,
 )
+from openr2.server.db import PostgresDatabase, SQLiteDatabase, is_postgres_url, retry_conflicts
 from openr2.server.private_files import open_private, private_dir, private_file
+from openr2.server.ratelimit import RateLimiter
+from openr2.server.schema import SCHEMA_VERSION, statements  # noqa: F401 (SCHEMA_VERSION re-exported)
+from openr2.server.shared_ratelimit import SharedRateLimiter
 
-SCHEMA_VERSION = 2
 KEY_PREFIX = "sk-openr2-"
 KEY_RANDOM_CHARS = 32
 KEY_LOOKUP_CHARS = 8  # first random chars, stored in clear to find the row; 48 of 192 bits
 PBKDF2_ITERATIONS = 1_000  # keys are 192 random bits: the hash only hides them, no stretching needed
 FILE_PURPOSES = ("batch", "batch_output", "user_data", "assistants", "fine-tune", "vision", "evals")
-
-_SCHEMA = """
-CREATE TABLE api_keys (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, lookup TEXT NOT NULL, salt BLOB NOT NULL,
-    hash BLOB NOT NULL, iterations INTEGER NOT NULL, created_at INTEGER NOT NULL, revoked_at INTEGER);
-CREATE INDEX api_keys_lookup ON api_keys(lookup);
-CREATE TABLE usage (
-    id INTEGER PRIMARY KEY, created_at INTEGER NOT NULL, request_id TEXT NOT NULL UNIQUE,
-    key_id TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, batch INTEGER NOT NULL,
-    batch_id TEXT, custom_id TEXT, prompt_tokens INTEGER NOT NULL, cached_prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
-    cost_pico_usd INTEGER NOT NULL, content TEXT, UNIQUE (batch_id, custom_id));
-CREATE INDEX usage_time ON usage(created_at);
-CREATE TABLE files (
-    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, status TEXT NOT NULL);
-CREATE INDEX files_key ON files(key_id);
-CREATE TABLE batches (
-    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
-    completion_window TEXT NOT NULL, status TEXT NOT NULL, model TEXT, metadata TEXT, errors TEXT,
-    output_file_id TEXT, error_file_id TEXT, created_at INTEGER NOT NULL, expires_at INTEGER,
-    in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
-    expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER);
-CREATE INDEX batches_key ON batches(key_id);
-CREATE TABLE batch_requests (
-    batch_id TEXT NOT NULL, custom_id TEXT NOT NULL, line INTEGER NOT NULL, id TEXT NOT NULL,
-    body TEXT, state TEXT NOT NULL, status_code INTEGER, request_id TEXT, response TEXT,
-    PRIMARY KEY (batch_id, custom_id));
-CREATE INDEX batch_requests_state ON batch_requests(batch_id, state, line);
-"""
-# version -> SQL that upgrades from version - 1; a new ledger is _SCHEMA (version 1) plus every migration
-_MIGRATIONS: dict[int, str] = {
-    2: """
-ALTER TABLE api_keys ADD COLUMN balance_pico_usd INTEGER;
-CREATE TABLE reservations (
-    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, amount_pico_usd INTEGER NOT NULL, created_at INTEGER NOT NULL);
-CREATE INDEX reservations_key ON reservations(key_id);
-""",
-}
+DEFAULT_LEASE_S = 30.0
+_SCHEMA = ";\n".join(statements(1, "sqlite")) + ";"  # version 1 on SQLite (tests build old ledgers)
 
 
 def _hash_secret(secret: str, salt: bytes, iterations: int) -> bytes:
@@ -100,39 +72,47 @@ def _hash_secret(secret: str, salt: bytes, iterations: int) -> bytes:
 
 
 class Ledger(BatchStore, BalanceStore):
-    """SQLite-backed state of one server. `key_id` scopes files, batches and usage: pass the verified key's
-    id, or any fixed string (e.g. "local") when the server runs without keys."""
+    """The durable state of one server, or of several replicas sharing one PostgreSQL database. `key_id`
+    scopes files, batches and usage: pass the verified key's id, or any fixed string (e.g. "local") when
+    the server runs without keys.
 
-    def __init__(self, path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                 log_content: bool = False, clock: Callable[[], float] = time.time):
-        self.path = Path(path)
-        self.data_dir = Path(data_dir) if data_dir is not None else self.path.parent
-        self.log_content = log_content
+    `target` is a SQLite file path (file contents then live under data_dir/files) or a postgresql:// URL
+    (file contents in the database: replicas share no disk). `lease_s`: how long batch lines and balance
+    reservations this process holds stay its own without a `heartbeat()`; past that another replica (or
+    this one restarted) takes them back."""
+
+    def __init__(self, target: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 log_content: bool = False, clock: Callable[[], float] = time.time, lease_s: float = DEFAULT_LEASE_S):
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s!r}")
+        self.log_content, self.lease_s = log_content, float(lease_s)
         self._clock = clock
-        self._lock = threading.RLock()
-        for folder in (self.path.parent, self.data_dir, self.data_dir / "files"):
-            private_dir(folder)
-        # SQLite gives the -wal and -shm it creates the database file's mode; ones left by an older
-        # version are tightened here
-        private_file(self.path)
-        for extra in ("-wal", "-shm"):
-            private_file(self.path.with_name(self.path.name + extra), create=False)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so a write transaction takes the write
-        # lock up front instead of failing half-way when another process writes.
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise ValueError(f"{self.path}: cannot enable WAL journal (got {mode}); is it on a network filesystem?")
-        self._db.execute("PRAGMA synchronous=FULL")
-        # privacy: overwrite deleted or replaced content with zeros, so cleared batch bodies (and revoked
-        # rows) do not linger in free space of the file (see finalize_batch for the WAL)
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._migrate()
+        self.replica_id = new_id("replica_")  # who holds this process's claims
+        self._closing: list = []
+        if is_postgres_url(target):
+            self.path, self.data_dir = None, None
+            self._db = PostgresDatabase(target)
+        else:
+            self.path = Path(target)
+            self.data_dir = Path(data_dir) if data_dir is not None else self.path.parent
+            for folder in (self.path.parent, self.data_dir, self.data_dir / "files"):
+                private_dir(folder)
+            # SQLite gives the -wal and -shm it creates the database file's mode; ones left by an older
+            # version are tightened here
+            private_file(self.path)
+            for extra in ("-wal", "-shm"):
+                private_file(self.path.with_name(self.path.name + extra), create=False)
+            self._db = SQLiteDatabase(self.path)
+        try:
+            self._db.migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        for other in self._closing:
+            other.close()
+        self._db.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -143,37 +123,34 @@ class Ledger(BatchStore, BalanceStore):
     def _now(self) -> int:
         return int(self._clock())
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _lease_until(self) -> int:
+        return math.ceil(self._clock() + self.lease_s)
 
-    def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _tx(self):
+        return self._db.tx()
 
-    def _migrate(self) -> None:
+    def _query(self, sql: str, args=()) -> list:
+        return self._db.query(sql, args)
+
+    def rate_limiter(self, requests_per_min: int | None, tokens_per_min: int | None):
+        """The server's per-key limiter: in memory for the one server of a SQLite ledger; counted in the
+        database (on a connection of its own) when replicas share it, so that the limit holds across them."""
+        if not self._db.shared or not (requests_per_min or tokens_per_min):
+            return RateLimiter(requests_per_min, tokens_per_min)
+        limiter = SharedRateLimiter(PostgresDatabase(self._db.url), requests_per_min, tokens_per_min)
+        self._closing.append(limiter)
+        return limiter
+
+    @retry_conflicts
+    def heartbeat(self) -> None:
+        """Renew this process's claims (call every lease_s / 3 or so) and drop reservations whose holder
+        stopped renewing them (a replica that died)."""
+        until, now = self._lease_until(), self._now()
         with self._tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ValueError(f"{self.path}: schema version {version} is newer than this openr2 "
-                                 f"({SCHEMA_VERSION}); upgrade openr2")
-            if version == 0:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                version = 1
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for stmt in _MIGRATIONS[v].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("UPDATE batch_requests SET lease_until = ? WHERE claimed_by = ? AND state = 'running'",
+                       (until, self.replica_id))
+            db.execute("UPDATE reservations SET lease_until = ? WHERE owner = ?", (until, self.replica_id))
+            db.execute("DELETE FROM reservations WHERE lease_until <= ?", (now,))
 
     # ---------------------------------------------------------------- API keys
 
@@ -228,6 +205,7 @@ class Ledger(BatchStore, BalanceStore):
 
     # ---------------------------------------------------------------- usage
 
+    @retry_conflicts
     def record_usage(self, key_id: str, model: str, endpoint: str, usage, batch: bool, cost: int,
                      request_id: str, batch_id: str | None = None, custom_id: str | None = None,
                      content: dict | str | None = None) -> bool:
@@ -265,7 +243,8 @@ class Ledger(BatchStore, BalanceStore):
                      key_id: str | None = None) -> list[dict]:
         """Totals over start <= created_at < end (Unix seconds, None = open), optionally per UTC day, key
         or model, optionally for one key. Costs are exact pico-dollar sums plus a formatted string."""
-        groups = {None: "NULL", "day": "date(u.created_at, 'unixepoch')", "key": "u.key_id", "model": "u.model"}
+        groups = {None: "CAST(NULL AS TEXT)", "day": self._db.day_sql.format("u.created_at"), "key": "u.key_id",
+                  "model": "u.model"}
         if group_by not in groups:
             raise ValueError(f"group_by must be one of day, key, model or None, got {group_by!r}")
         where, args = [], []
@@ -275,9 +254,10 @@ class Ledger(BatchStore, BalanceStore):
                 args.append(value)
         rows = self._query(
             f"SELECT {groups[group_by]} AS grp, MAX(k.name) AS key_name, COUNT(*) AS requests,"
-            " TOTAL(u.batch) AS batch_requests, SUM(u.prompt_tokens) AS prompt_tokens,"
-            " SUM(u.cached_prompt_tokens) AS cached_prompt_tokens, SUM(u.completion_tokens) AS completion_tokens,"
-            " SUM(u.reasoning_tokens) AS reasoning_tokens, SUM(u.cost_pico_usd) AS cost_pico_usd"
+            f" {_sum('u.batch')} AS batch_requests, {_sum('u.prompt_tokens')} AS prompt_tokens,"
+            f" {_sum('u.cached_prompt_tokens')} AS cached_prompt_tokens,"
+            f" {_sum('u.completion_tokens')} AS completion_tokens, {_sum('u.reasoning_tokens')} AS reasoning_tokens,"
+            f" {_sum('u.cost_pico_usd')} AS cost_pico_usd"
             " FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id"
             f" {'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY grp ORDER BY grp", args)
         out = []
@@ -301,7 +281,12 @@ class Ledger(BatchStore, BalanceStore):
         return self.data_dir / "files" / file_id
 
     def _write_blob(self, file_id: str, content: bytes) -> None:
-        """Temp file + fsync + rename + directory fsync: the file is whole or absent after a crash."""
+        """Temp file + fsync + rename + directory fsync: the file is whole or absent after a crash. On a
+        shared database, a row of file_blobs (committed: as durable as the rest)."""
+        if self._db.shared:
+            with self._tx() as db:
+                db.execute("INSERT INTO file_blobs (id, content) VALUES (?, ?)", (file_id, content))
+            return
         final = self._file_path(file_id)
         tmp = final.with_name(f".{file_id}.tmp")
         with open_private(tmp) as f:
@@ -315,9 +300,24 @@ class Ledger(BatchStore, BalanceStore):
         finally:
             os.close(dir_fd)
 
+    def _read_blob(self, file_id: str) -> bytes | None:
+        if self._db.shared:
+            rows = self._query("SELECT content FROM file_blobs WHERE id = ?", (file_id,))
+            return bytes(rows[0][0]) if rows else None
+        path = self._file_path(file_id)
+        return path.read_bytes() if path.is_file() else None
+
+    def _delete_blob(self, file_id: str) -> None:
+        if self._db.shared:
+            with self._tx() as db:
+                db.execute("DELETE FROM file_blobs WHERE id = ?", (file_id,))
+        else:
+            self._file_path(file_id).unlink(missing_ok=True)
+
     def _insert_file(self, db, file_id: str, key_id: str, filename: str, purpose: str, size: int) -> dict:
         row = (file_id, key_id, filename, purpose, size, self._now(), "processed")
-        db.execute("INSERT INTO files VALUES (?,?,?,?,?,?,?)", row)
+        db.execute("INSERT INTO files (id, key_id, filename, purpose, bytes, created_at, status)"
+                   " VALUES (?,?,?,?,?,?,?)", row)
         return _file_obj(dict(zip(("id", "key_id", "filename", "purpose", "bytes", "created_at", "status"), row)))
 
     def create_file(self, key_id: str, filename: str, purpose: str, content: bytes) -> dict:
@@ -339,12 +339,12 @@ class Ledger(BatchStore, BalanceStore):
         return _file_obj(dict(rows[0])) if rows else None
 
     def file_path(self, key_id: str, file_id: str) -> Path | None:
-        """Where the content is (for streaming it back), or None if this key has no such file."""
-        return self._file_path(file_id) if self.get_file(key_id, file_id) else None
+        """Where the content is on disk (for streaming it back), or None if this key has no such file or
+        the content lives in the database (read_file then)."""
+        return self._file_path(file_id) if not self._db.shared and self.get_file(key_id, file_id) else None
 
     def read_file(self, key_id: str, file_id: str) -> bytes | None:
-        path = self.file_path(key_id, file_id)
-        return path.read_bytes() if path else None
+        return self._read_blob(file_id) if self.get_file(key_id, file_id) else None
 
     def list_files(self, key_id: str, purpose: str | None = None, after: str | None = None,
                    limit: int = 10_000, order: str = "desc") -> tuple[list[dict], bool]:
@@ -356,7 +356,7 @@ class Ledger(BatchStore, BalanceStore):
         with self._tx() as db:
             deleted = db.execute("DELETE FROM files WHERE id = ? AND key_id = ?", (file_id, key_id)).rowcount
         if deleted:
-            self._file_path(file_id).unlink(missing_ok=True)
+            self._delete_blob(file_id)
         return bool(deleted)
 
     def _page(self, table, key_id, after, limit, order, to_obj, extra=None) -> tuple[list[dict], bool]:
@@ -377,6 +377,11 @@ class Ledger(BatchStore, BalanceStore):
         return [to_obj(dict(r)) for r in rows[:limit]], len(rows) > limit
 
     # ---------------------------------------------------------------- batches
+
+def _sum(column: str) -> str:
+    """SUM as a 64-bit integer on both backends (PostgreSQL's SUM of BIGINT is NUMERIC)."""
+    return f"CAST(SUM({column}) AS BIGINT)"
+
 
 def _file_obj(row: dict) -> dict:
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],

@@ -1,4 +1,4 @@
-"""Prepaid balances in the ledger: reservations all or nothing, exact debits settled with the usage row, releases,
+"""Prepaid balances in the ledger (on SQLite and PostgreSQL): reservations all or nothing, exact debits settled with the usage row, releases,
 a race between two processes' connections for the last of a balance, and the upgrade of a version-1 ledger."""
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ PRICES = PriceTable()
 USD = 10**12  # pico-dollars
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    with Ledger(tmp_path / "openr2.db") as led:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request, tmp_path):
+    """A ledger on each backend: SQLite in tmp_path, or a new database in the session's PostgreSQL cluster."""
+    target = tmp_path / "openr2.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    with Ledger(target) as led:
         yield led
 
 
@@ -88,10 +90,11 @@ def test_batch_lines_settle_at_the_batch_price(ledger):
                                    "available_pico_usd": USD - PRICES.cost(usage, batch=True)}
 
 
-def test_two_connections_race_for_the_last_of_a_balance(tmp_path):
-    """Two ledgers on one file (two processes, say): of 2 x 20 reservations that each need the whole balance,
-    one per round wins, whatever the interleaving."""
-    path = tmp_path / "openr2.db"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_connections_race_for_the_last_of_a_balance(tmp_path, request, backend):
+    """Two ledgers on one file or database (two processes, or two replicas): of 2 x 20 reservations that each
+    need the whole balance, one per round wins, whatever the interleaving."""
+    path = tmp_path / "openr2.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
     with Ledger(path) as a, Ledger(path) as b:
         key, _ = a.create_key("prepaid")
         a.set_balance(key, 1000)
@@ -112,7 +115,7 @@ def test_two_connections_race_for_the_last_of_a_balance(tmp_path):
                 t.join()
             assert sorted(outcomes) == [False, True]
             assert a.balance(key)["reserved_pico_usd"] == 1000
-            a.release_all()
+            a.release([f"a{round_}", f"b{round_}"])  # whichever ledger won (release_all is per replica)
 
 
 def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
@@ -124,6 +127,6 @@ def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
     con.commit()
     con.close()
     with Ledger(path) as led:
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert led.balance("key_old") is None and led.top_up("key_old", 7) == 7
         assert led.list_keys()[0]["name"] == "old"

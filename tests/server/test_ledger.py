@@ -1,4 +1,4 @@
-"""The SQLite ledger: WAL and schema version, hashed keys, usage rows and reports, files, per-key scoping,
+"""The ledger on SQLite and (where the test is not about the SQLite file) PostgreSQL: WAL and schema version, hashed keys, usage rows and reports, files, per-key scoping,
 and the batch lifecycle including a crash mid-batch (every line exactly once, billed once)."""
 
 from __future__ import annotations
@@ -37,8 +37,17 @@ def clock():
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request, tmp_path, clock):
+    """A ledger on each backend: SQLite in tmp_path, or a new database in the session's PostgreSQL cluster."""
+    target = tmp_path / "openr2.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    with Ledger(target, clock=clock) as led:
+        yield led
+
+
 @pytest.fixture
-def ledger(tmp_path, clock):
+def sqlite_ledger(tmp_path, clock):
+    """For what only the SQLite file shows: its WAL, its bytes, the files beside it."""
     with Ledger(tmp_path / "openr2.db", clock=clock) as led:
         yield led
 
@@ -48,7 +57,7 @@ def _bill(led, key, usage, request_id, model="m", batch=False, **kw):
                             request_id, **kw)
 
 
-def test_wal_and_schema_version(ledger, tmp_path):
+def test_wal_and_schema_version(sqlite_ledger, tmp_path):
     con = sqlite3.connect(tmp_path / "openr2.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -59,23 +68,23 @@ def test_wal_and_schema_version(ledger, tmp_path):
         Ledger(tmp_path / "openr2.db")
 
 
-def test_keys_hashed_verified_revoked(ledger, tmp_path):
-    assert not ledger.has_keys()
-    key_a, secret_a = ledger.create_key("alice")
-    key_b, secret_b = ledger.create_key("bob")
+def test_keys_hashed_verified_revoked(sqlite_ledger, tmp_path):
+    assert not sqlite_ledger.has_keys()
+    key_a, secret_a = sqlite_ledger.create_key("alice")
+    key_b, secret_b = sqlite_ledger.create_key("bob")
     assert secret_a.startswith("sk-openr2-") and len(secret_a) == len("sk-openr2-") + 32
-    assert ledger.has_keys()
-    assert ledger.verify_key(secret_a) == key_a and ledger.verify_key(secret_b) == key_b
-    assert ledger.verify_key(secret_a[:-1] + ("A" if secret_a[-1] != "A" else "B")) is None
-    assert ledger.verify_key("sk-openr2-short") is None and ledger.verify_key("") is None
-    listed = ledger.list_keys()
+    assert sqlite_ledger.has_keys()
+    assert sqlite_ledger.verify_key(secret_a) == key_a and sqlite_ledger.verify_key(secret_b) == key_b
+    assert sqlite_ledger.verify_key(secret_a[:-1] + ("A" if secret_a[-1] != "A" else "B")) is None
+    assert sqlite_ledger.verify_key("sk-openr2-short") is None and sqlite_ledger.verify_key("") is None
+    listed = sqlite_ledger.list_keys()
     assert [k["name"] for k in listed] == ["alice", "bob"]
     assert listed[0]["prefix"] == secret_a[:18] + "..."
     # The secret appears nowhere in the database files, only its salted hash: check the WAL while open,
     # then the main file after close (which checkpoints the WAL into it).
     for close in (False, True):
         if close:
-            ledger.close()
+            sqlite_ledger.close()
         files = [f for f in tmp_path.iterdir() if f.is_file()]
         assert any(f.name.endswith("-wal") for f in files) != close
         for f in files:
@@ -142,28 +151,28 @@ def test_content_only_with_log_content(tmp_path):
         assert (secret_text.encode() in data) is flag
 
 
-def test_files_scoped_and_atomic(ledger, tmp_path):
-    f = ledger.create_file("A", "in.jsonl", "batch", b"hello\n")
+def test_files_scoped_and_atomic(sqlite_ledger, tmp_path):
+    f = sqlite_ledger.create_file("A", "in.jsonl", "batch", b"hello\n")
     assert f["id"].startswith("file-") and f["object"] == "file" and f["bytes"] == 6
     assert f["status"] == "processed" and f["purpose"] == "batch" and isinstance(f["created_at"], int)
     assert (tmp_path / "files" / f["id"]).read_bytes() == b"hello\n"
     assert not list((tmp_path / "files").glob(".*tmp"))
-    assert ledger.get_file("A", f["id"]) == f and ledger.read_file("A", f["id"]) == b"hello\n"
-    assert ledger.get_file("B", f["id"]) is None and ledger.read_file("B", f["id"]) is None
-    assert ledger.list_files("B") == ([], False)
-    assert not ledger.delete_file("B", f["id"])
-    ids = [ledger.create_file("A", f"{i}.txt", "user_data", b"x")["id"] for i in range(3)]
-    page, more = ledger.list_files("A", limit=2)
+    assert sqlite_ledger.get_file("A", f["id"]) == f and sqlite_ledger.read_file("A", f["id"]) == b"hello\n"
+    assert sqlite_ledger.get_file("B", f["id"]) is None and sqlite_ledger.read_file("B", f["id"]) is None
+    assert sqlite_ledger.list_files("B") == ([], False)
+    assert not sqlite_ledger.delete_file("B", f["id"])
+    ids = [sqlite_ledger.create_file("A", f"{i}.txt", "user_data", b"x")["id"] for i in range(3)]
+    page, more = sqlite_ledger.list_files("A", limit=2)
     assert [x["id"] for x in page] == ids[::-1][:2] and more
-    page, more = ledger.list_files("A", limit=2, after=page[-1]["id"])
+    page, more = sqlite_ledger.list_files("A", limit=2, after=page[-1]["id"])
     assert [x["id"] for x in page] == [ids[0], f["id"]] and not more
-    assert [x["id"] for x in ledger.list_files("A", purpose="batch")[0]] == [f["id"]]
-    assert ledger.delete_file("A", f["id"]) and ledger.get_file("A", f["id"]) is None
+    assert [x["id"] for x in sqlite_ledger.list_files("A", purpose="batch")[0]] == [f["id"]]
+    assert sqlite_ledger.delete_file("A", f["id"]) and sqlite_ledger.get_file("A", f["id"]) is None
     assert not (tmp_path / "files" / f["id"]).exists()
     with pytest.raises(ValueError, match="purpose"):
-        ledger.create_file("A", "x", "nonsense", b"")
+        sqlite_ledger.create_file("A", "x", "nonsense", b"")
     with pytest.raises(ValueError, match="filename"):
-        ledger.create_file("A", "", "batch", b"")
+        sqlite_ledger.create_file("A", "", "batch", b"")
 
 
 def _input(n, model="m", endpoint="/v1/chat/completions"):
