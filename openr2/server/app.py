@@ -11,6 +11,12 @@ from the engine's token counts, also when the client disconnects before the end,
 request is then aborted and its cache blocks freed). Prompt and completion text are stored only with
 log_content. A stream that fails after its 200 headers ends with an error event, then `data: [DONE]`. A dead
 engine (async_engine.py) turns /health and every generation into a 503.
+
+`Server.engine` is the generation backend: the in-process AsyncEngine, or gateway.py's UpstreamBackend (the
+same interface over OpenAI-compatible upstream servers: `openr2 serve --upstream`). A backend with `start`
+/ `stop` is started and stopped with the app; an output's `prices`, where it has them, price its bill.
+Non-streamed requests pass `restartable=True`: nothing of theirs reaches the client before the end, so a
+backend may start them again elsewhere when its upstream fails midway.
 """
 
 from __future__ import annotations
@@ -181,7 +187,7 @@ class Server:
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
-        cost = self.prices.cost(usage, batch=False)
+        cost = (getattr(output, "prices", None) or self.prices).cost(usage, batch=False)  # an upstream's own
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
 
@@ -206,7 +212,7 @@ class Server:
         requests (bill=True) are timed into the latency histograms from `start` (perf_counter)."""
         timer = self.metrics.timer(start) if bill else None
         stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id,
-                                      priority)
+                                      priority, restartable=True)
         last = None
         try:
             last = await self.first_output(stream)
@@ -257,7 +263,7 @@ class Server:
         async def run(i: int, ids: list[int]):
             timer = self.metrics.timer(start) if bill else None
             stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}", key_id,
-                                          priority)
+                                          priority, restartable=True)
             try:
                 lasts[i] = await self.first_output(stream)
                 if timer:
@@ -360,9 +366,13 @@ def create_app(server: Server) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(server.ledger.release_all)  # reservations of a process that died (balance_store.py)
+        if hasattr(server.engine, "start"):  # a gateway's upstreams: connections and health probes
+            await server.engine.start()
         worker = asyncio.create_task(server.batch_worker.run())
         yield
         worker.cancel()
+        if hasattr(server.engine, "stop"):
+            await server.engine.stop()
 
     # Private by default: FastAPI's built-in OpenTelemetry (0.165+) could export spans when OTEL_*
     # variables are set; this server never sends anything anywhere, so it is switched off.
