@@ -1,0 +1,159 @@
+"""The gateway over upstreams that speak other dialects of the completions stream, replayed from recorded bodies
+(llama.cpp's server: `timings` with its cache count; llama-cpp-python's: no usage at all, no /health; a stream
+cut by an error event): the reasoning split the gateway applies to inline `<think>`, usage counted with the
+tokenizer where the upstream reports none, cache hits billed only where reported, and a stream that fails
+midway billed for what it delivered. The replayed server is a real HTTP server in this process."""
+
+import json
+import sqlite3
+import time
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from openr2.chat_format import render_chat
+from openr2.server.app import ServerConfig
+from tests.server._live import run_app
+from tests.server._upstreams import gateway
+from tests.tokenizer_utils import tiny_tokenizer
+
+ANSWER = ["Two", " and", " two", "</think>", "The", " answer", " is", " 4."]
+USER = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def _chunk(text: str, finish: str | None = None, **extra) -> str:
+    """One llama.cpp /v1/completions stream chunk (its field order and extras)."""
+    body = {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "created": 1733000000, "id": "chatcmpl-replay", "model": "gpt-3.5-turbo", "system_fingerprint": "b6100",
+            "object": "text_completion", **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def replay_app(dialect: str) -> FastAPI:
+    app = FastAPI()
+    app.state.bodies = []
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "replay.gguf", "object": "model", "owned_by": "me",
+                                            "meta": {"n_ctx_train": 2048}}]}
+
+    if dialect != "llama-cpp-python":  # that server has no /health: the pool falls back to /v1/models
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        app.state.bodies.append(body)
+        if body.get("max_tokens", 16) > 100:
+            return JSONResponse({"error": {"code": 400, "message": "too long", "type": "invalid_request_error"}},
+                                status_code=400)
+
+        async def events():
+            for piece in ANSWER[:-1]:
+                yield _chunk(piece)
+                if dialect == "error-midway" and piece == "</think>":
+                    yield f"data: {json.dumps({'error': {'code': 500, 'message': 'slot failed'}})}\n\n"
+                    return
+            if dialect == "llama.cpp":  # the finish chunk carries usage and timings (12 of 20 prompt tokens cached)
+                yield _chunk(ANSWER[-1], "stop", usage={"completion_tokens": 8, "prompt_tokens": 20, "total_tokens": 28},
+                             timings={"cache_n": 12, "prompt_n": 8, "predicted_n": 8})
+            else:
+                yield _chunk(ANSWER[-1], "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _client(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, _strict_response_validation=True)
+
+
+def _row(data, request_id) -> tuple:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        db = sqlite3.connect(data / "ledger.sqlite")
+        row = db.execute("SELECT prompt_tokens, cached_prompt_tokens, completion_tokens, reasoning_tokens "
+                         "FROM usage WHERE request_id = ?", (request_id,)).fetchone()
+        db.close()
+        if row:
+            return row
+        time.sleep(0.02)
+    raise AssertionError(f"{request_id} was never billed")
+
+
+def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
+    app = replay_app("llama.cpp")
+    with run_app(app) as up, gateway(ckpt, tmp_path, [up], ServerConfig(model_name="tiny")) as (base_url, server):
+        resp = _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=10)
+        message = resp.choices[0].message
+        assert (message.model_extra["reasoning_content"], message.content) == ("Two and two", "The answer is 4.")
+        assert resp.choices[0].finish_reason == "stop"
+        assert (resp.usage.prompt_tokens, resp.usage.prompt_tokens_details.cached_tokens,
+                resp.usage.completion_tokens) == (20, 12, 8)  # llama.cpp's counts, its cache hits priced
+        assert _row(tmp_path, resp.id)[:3] == (20, 12, 8)
+        sent = app.state.bodies[-1]
+        assert sent["model"] == "replay.gguf" and sent["stream"] and sent["stream_options"] == {"include_usage": True}
+        prompt = render_chat(USER, server.tokenizer)
+        assert sent["prompt"] == server.tokenizer.encode(prompt)  # the gateway's own rendering, as token ids
+        assert server.engine.max_model_len == 2048  # learnt from llama.cpp's /v1/models meta
+
+
+def test_an_upstream_without_usage_is_counted_with_the_tokenizer(ckpt, tmp_path):
+    with run_app(replay_app("llama-cpp-python")) as up, gateway(ckpt, tmp_path, [up]) as (base_url, server):
+        chunks = list(_client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=10,
+                                                                stream=True, stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        tok = server.tokenizer
+        prompt_ids = tok.encode(render_chat(USER, tok))
+        assert usage.prompt_tokens == len(prompt_ids)
+        assert usage.completion_tokens == len(tok.encode("".join(ANSWER)))
+        assert usage.completion_tokens_details.reasoning_tokens == len(tok.encode("Two and two"))
+        assert usage.prompt_tokens_details.cached_tokens == 0  # nothing reported: never priced as a hit
+        reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                            for c in chunks if c.choices)
+        assert reasoning == "Two and two"
+        assert _row(tmp_path, chunks[0].id) == (usage.prompt_tokens, 0, usage.completion_tokens,
+                                                usage.completion_tokens_details.reasoning_tokens)
+        # an upstream's own 400 comes through as a 400 (and does not take it out)
+        resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER,
+                                                                   "max_tokens": 200})
+        assert resp.status_code == 400 and resp.json()["error"]["message"] == "upstream: too long"
+        assert server.engine.pool.states[0].healthy
+
+
+def test_an_error_event_midway_ends_the_stream_and_bills_what_was_delivered(ckpt, tmp_path):
+    with run_app(replay_app("error-midway")) as up, gateway(ckpt, tmp_path, [up]) as (base_url, server):
+        received, rid = [], None
+        with pytest.raises(openai.APIError, match="upstream failed mid-answer"):
+            for chunk in _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=10,
+                                                                   stream=True):
+                rid = chunk.id
+                received += [c.delta.model_extra.get("reasoning_content") or c.delta.content or ""
+                             for c in chunk.choices]
+        assert "".join(received) == "Two and two"
+        tok = server.tokenizer
+        delivered = len(tok.encode("".join(ANSWER[:4])))  # through </think>, what the upstream sent
+        assert _row(tmp_path, rid)[2] == delivered
+
+
+def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
+    """Nothing listens on port 9 (discard): the first probe takes the upstream out, requests get a 503."""
+    with gateway(ckpt, tmp_path, ["http://127.0.0.1:9"]) as (base_url, server):
+        resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "upstream_error"
+        assert not server.engine.pool.states[0].healthy
