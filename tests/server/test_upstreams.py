@@ -113,3 +113,29 @@ def test_unhealthy_tried_and_unnamed_upstreams_are_skipped():
 def test_bad_pool_options(kw):
     with pytest.raises(ValueError):
         _pool(1, **kw)
+
+
+def test_serve_with_upstreams_builds_a_gateway(tmp_path, monkeypatch, capsys):
+    """`openr2 serve --config gateway.toml --upstream URL`: the config's upstreams, then the flags', behind the
+    usual server over the checkpoint's tokenizer; a bad file is a message and exit 2, not a traceback."""
+    import uvicorn
+
+    from openr2.cli import main
+    from openr2.server.gateway import UpstreamBackend
+    from tests.tokenizer_utils import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "gateway.toml").write_text('max_model_len = 1024\nprobe_interval_s = 5\n'
+                                           '[[upstreams]]\nurl = "http://a:8000"\nmodel = "r1"\nweight = 3\n')
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))  # instead of listening
+    argv = ["serve", "--model", str(tmp_path / "ckpt"), "--data-dir", str(tmp_path / "data")]
+    assert main([*argv, "--config", str(tmp_path / "gateway.toml"), "--upstream", "http://b:8001/v1"]) == 3
+    backend = apps[0].state.server.engine
+    assert isinstance(backend, UpstreamBackend) and backend.max_model_len == 1024
+    assert [(s.upstream.url, s.model, s.upstream.weight) for s in backend.pool.states] == [
+        ("http://a:8000", "r1", 3), ("http://b:8001", None, 1.0)]
+    assert backend.pool.probe_interval_s == 5
+    (tmp_path / "bad.toml").write_text('[[upstreams]]\nurl = "http://a"\nwieght = 2\n')
+    assert main([*argv, "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown key" in capsys.readouterr().err
