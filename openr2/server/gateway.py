@@ -196,6 +196,10 @@ class _Run:
                 self._settle_delivered()
                 raise UpstreamFailed(f"The upstream failed mid-answer ({type(e).__name__}); the part delivered "
                                      f"is billed.") from None
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: it is billed what it got
+            if self.last is not None:
+                self._settle_delivered()
+            raise
         finally:
             state.outstanding -= 1
         yield self._final()

@@ -4,6 +4,7 @@ cut by an error event): the reasoning split the gateway applies to inline `<thin
 tokenizer where the upstream reports none, cache hits billed only where reported, and a stream that fails
 midway billed for what it delivered. The replayed server is a real HTTP server in this process."""
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -34,7 +35,7 @@ def _chunk(text: str, finish: str | None = None, **extra) -> str:
 
 def replay_app(dialect: str) -> FastAPI:
     app = FastAPI()
-    app.state.bodies = []
+    app.state.bodies, app.state.closed = [], asyncio.Event()
 
     @app.get("/v1/models")
     async def models():
@@ -57,6 +58,11 @@ def replay_app(dialect: str) -> FastAPI:
         async def events():
             for piece in ANSWER[:-1]:
                 yield _chunk(piece)
+                if dialect == "stalls" and piece == "</think>":
+                    try:
+                        await asyncio.sleep(60)  # until the gateway hangs up
+                    finally:
+                        app.state.closed.set()
                 if dialect == "error-midway" and piece == "</think>":
                     yield f"data: {json.dumps({'error': {'code': 500, 'message': 'slot failed'}})}\n\n"
                     return
@@ -149,6 +155,28 @@ def test_an_error_event_midway_ends_the_stream_and_bills_what_was_delivered(ckpt
         tok = server.tokenizer
         delivered = len(tok.encode("".join(ANSWER[:4])))  # through </think>, what the upstream sent
         assert _row(tmp_path, rid)[2] == delivered
+
+
+def test_a_client_gone_midway_closes_the_upstream_stream_and_is_billed_what_it_got(ckpt, tmp_path):
+    app = replay_app("stalls")
+    with run_app(app) as up, gateway(ckpt, tmp_path, [up]) as (base_url, server):
+        body = {"model": "tiny", "messages": USER, "max_tokens": 10, "stream": True}
+        received = ""
+        with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=30) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    rid = chunk["id"]
+                    received += "".join(c["delta"].get("reasoning_content") or "" for c in chunk["choices"])
+                if received == "Two and two":
+                    break  # hang up while the upstream is still generating
+        deadline = time.time() + 10
+        while not app.state.closed.is_set():  # the gateway closed its upstream request
+            assert time.time() < deadline, "the upstream stream was left open"
+            time.sleep(0.02)
+        tok = server.tokenizer
+        assert _row(tmp_path, rid)[2] == len(tok.encode("".join(ANSWER[:4])))  # the text passed on, counted
+        assert server.engine.num_running == 0
 
 
 def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
