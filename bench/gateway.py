@@ -8,7 +8,9 @@ the upstream directly, then N to the gateway, with the same prompts but for a fi
 that neither side's prompts hit the prefix cache the other filled; rounds alternate after a warm-up round
 each, so outside load falls on both. Reported per side: the median round's tokens/s, TTFT p50/p99 and ITL
 p50/p99; the headline figures are the median over rounds of the paired differences: throughput ratio
-gateway / direct (target >= 0.95) and added TTFT p50 / p99 (target <= 5 ms). The client, the gateway and the
+gateway / direct (target >= 0.95) and added TTFT p50 / p99 (target <= 5 ms). Then --single lone requests
+(1 stream, 4 tokens) alternate between the sides: the TTFT a request pays for the gateway's hop when nothing
+queues, median and p90 of the paired differences. The client, the gateway and the
 upstream share this machine's CPUs, as they would not in a deployment: on a small machine the gateway's own
 CPU time comes out of the engine's.
 
@@ -80,6 +82,16 @@ def side_prompts(side: str, round_name: str, n: int) -> list[str]:
     return [f"{side} {p}" for p in prompts_for(round_name, n)]
 
 
+async def lone_ttfts(ports: dict[str, int], n: int) -> dict[str, list[float]]:
+    """TTFT of n lone requests per side, alternating sides, each with a fresh prompt."""
+    out = {side: [] for side in ports}
+    for i in range(n):
+        for side, port in ports.items():
+            result = await server_round(port, side_prompts(side, f"lone{i}", 1), 4)
+            out[side].append(result["ttft_p50_s"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=32)
@@ -87,11 +99,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the upstream's torch threads")
     ap.add_argument("--runs", type=int, default=5, help="timed rounds per side (median reported)")
     ap.add_argument("--no-compile", action="store_true", help="the upstream without its compiled decode step")
+    ap.add_argument("--single", type=int, default=30, help="lone requests per side for the unloaded TTFT")
     args = ap.parse_args()
     print(f"# gateway bench: small_moe upstream, float32 CPU, torch {torch.__version__}, upstream threads "
           f"{args.threads}{' (not compiled)' if args.no_compile else ''}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, cpus {os.cpu_count()} ({cpu_name()}); "
-          f"{args.clients} streams x {args.max_tokens} tokens, runs {args.runs} (median)")
+          f"{args.clients} streams x {args.max_tokens} tokens, runs {args.runs} (median); load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt")
@@ -112,6 +126,7 @@ def main() -> None:
                                                        args.max_tokens)))
                 through.append(asyncio.run(server_round(gw_port, side_prompts("gateway", f"r{r}", args.clients),
                                                         args.max_tokens)))
+            lone = asyncio.run(lone_ttfts({"direct": up_port, "gateway": gw_port}, args.single))
         finally:
             if gateway is not None:
                 stop_server(gateway)
@@ -123,6 +138,8 @@ def main() -> None:
     added_p99 = [b["ttft_p99_s"] - a["ttft_p99_s"] for a, b in zip(direct, through)]
     ratio, add50, add99 = statistics.median(ratios), statistics.median(added_p50), statistics.median(added_p99)
     d, g = median_round(direct), median_round(through)
+    lone_added = sorted(b - a for a, b in zip(lone["direct"], lone["gateway"]))
+    lone50, lone90 = statistics.median(lone_added), lone_added[int(0.9 * (len(lone_added) - 1))]
     ms = 1e3
     print(f"\n{args.clients} concurrent streaming chat requests x {args.max_tokens} tokens (ignore_eos, greedy)")
     print("| side | wall s | completion tokens | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
@@ -135,11 +152,16 @@ def main() -> None:
           f"{[round(x, 3) for x in ratios]})")
     print(f"added TTFT, median of per-round differences: p50 {add50 * ms:+.1f} ms, p99 {add99 * ms:+.1f} ms "
           f"(target <= 5 ms; per round p50 {[round(x * ms, 1) for x in added_p50]})")
+    print(f"lone requests ({args.single} per side, alternating): TTFT median direct "
+          f"{statistics.median(lone['direct']) * ms:.1f} ms, gateway {statistics.median(lone['gateway']) * ms:.1f} ms; "
+          f"added median {lone50 * ms:+.1f} ms, p90 {lone90 * ms:+.1f} ms (target <= 5 ms); load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
     print(json.dumps({"bench": "gateway", "model": "small_moe", "torch": torch.__version__, "cpu": cpu_name(),
                       "cpus": os.cpu_count(), "clients": args.clients, "max_tokens": args.max_tokens,
                       "runs": args.runs, "compiled": not args.no_compile, "ratio": round(ratio, 4),
                       "round_ratios": [round(x, 4) for x in ratios], "added_ttft_p50_ms": round(add50 * ms, 2),
-                      "added_ttft_p99_ms": round(add99 * ms, 2), "errors": errors,
+                      "added_ttft_p99_ms": round(add99 * ms, 2), "lone_added_ttft_median_ms": round(lone50 * ms, 2),
+                      "lone_added_ttft_p90_ms": round(lone90 * ms, 2), "errors": errors,
                       "direct": {k: v for k, v in d.items() if k != "errors"},
                       "gateway": {k: v for k, v in g.items() if k != "errors"}}))
 

@@ -184,10 +184,14 @@ class Server:
         finally:
             await self.release(reserved)
 
+    def prices_for(self, output) -> billing.PriceTable:
+        """The price table of one output: the upstream's own where the gateway's config gives one."""
+        return getattr(output, "prices", None) or self.prices
+
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
-        cost = (getattr(output, "prices", None) or self.prices).cost(usage, batch=False)  # an upstream's own
+        cost = self.prices_for(output).cost(usage, batch=False)
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
 

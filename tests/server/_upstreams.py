@@ -58,9 +58,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def gateway(ckpt: Path, data: Path, urls: list[str], config: ServerConfig | None = None, **pool_options):
-    """Yield (base_url, Server) of a gateway over `urls` (its ledger is data/ledger.sqlite)."""
-    pool = UpstreamPool([Upstream(u) for u in urls], **{"probe_interval_s": 0.5, **pool_options})
+def gateway(ckpt: Path, data: Path, urls: list, config: ServerConfig | None = None, **pool_options):
+    """Yield (base_url, Server) of a gateway over `urls` (base URLs or Upstreams; its ledger is
+    data/ledger.sqlite)."""
+    upstreams = [u if isinstance(u, Upstream) else Upstream(u) for u in urls]
+    pool = UpstreamPool(upstreams, **{"probe_interval_s": 0.5, **pool_options})
     backend = UpstreamBackend(pool, Tokenizer.from_pretrained(ckpt))
     ledger = Ledger(data / "ledger.sqlite", data_dir=data)
     server = Server(backend, ledger, billing.PriceTable(), config or ServerConfig(model_name="tiny"))

@@ -15,8 +15,11 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from openr2 import billing
 from openr2.chat_format import render_chat
+from openr2.engine.usage import Usage
 from openr2.server.app import ServerConfig
+from openr2.server.upstreams import Upstream
 from tests.server._live import run_app
 from tests.server._upstreams import gateway
 from tests.tokenizer_utils import tiny_tokenizer
@@ -89,6 +92,13 @@ def _client(base_url):
     return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, _strict_response_validation=True)
 
 
+def _cost(data, request_id) -> int:
+    db = sqlite3.connect(data / "ledger.sqlite")
+    (cost,) = db.execute("SELECT cost_pico_usd FROM usage WHERE request_id = ?", (request_id,)).fetchone()
+    db.close()
+    return cost
+
+
 def _row(data, request_id) -> tuple:
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -102,9 +112,14 @@ def _row(data, request_id) -> tuple:
     raise AssertionError(f"{request_id} was never billed")
 
 
+PRICES = billing.PriceTable(input_miss_micro_usd_per_mtok=1_000_000, input_hit_micro_usd_per_mtok=100_000,
+                            output_micro_usd_per_mtok=3_000_000)
+
+
 def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
     app = replay_app("llama.cpp")
-    with run_app(app) as up, gateway(ckpt, tmp_path, [up], ServerConfig(model_name="tiny")) as (base_url, server):
+    with run_app(app) as up, gateway(ckpt, tmp_path, [Upstream(up, prices=PRICES)], ServerConfig(model_name="tiny")
+                                     ) as (base_url, server):
         resp = _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=10)
         message = resp.choices[0].message
         assert (message.model_extra["reasoning_content"], message.content) == ("Two and two", "The answer is 4.")
@@ -112,11 +127,25 @@ def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
         assert (resp.usage.prompt_tokens, resp.usage.prompt_tokens_details.cached_tokens,
                 resp.usage.completion_tokens) == (20, 12, 8)  # llama.cpp's counts, its cache hits priced
         assert _row(tmp_path, resp.id)[:3] == (20, 12, 8)
+        # billed at that upstream's own prices, the cache hits at its hit price
+        assert _cost(tmp_path, resp.id) == PRICES.cost(Usage(20, 12, 8)) == 8 * 1_000_000 + 12 * 100_000 + 8 * 3_000_000
         sent = app.state.bodies[-1]
         assert sent["model"] == "replay.gguf" and sent["stream"] and sent["stream_options"] == {"include_usage": True}
         prompt = render_chat(USER, server.tokenizer)
         assert sent["prompt"] == server.tokenizer.encode(prompt)  # the gateway's own rendering, as token ids
         assert server.engine.max_model_len == 2048  # learnt from llama.cpp's /v1/models meta
+        # a batch line through that upstream: its prices at the batch discount
+        client = _client(base_url)
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "tiny", "messages": USER, "max_tokens": 10}}
+        upload = client.files.create(file=("b.jsonl", json.dumps(line).encode() + b"\n"), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.time() + 60
+        while (batch := client.batches.retrieve(batch.id)).status != "completed":
+            assert time.time() < deadline and batch.status not in ("failed", "cancelled"), batch.status
+            time.sleep(0.05)
+        (out,) = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+        assert _cost(tmp_path, out["response"]["body"]["id"]) == PRICES.cost(Usage(20, 12, 8), batch=True)
 
 
 def test_an_upstream_without_usage_is_counted_with_the_tokenizer(ckpt, tmp_path):
