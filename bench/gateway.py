@@ -59,11 +59,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def start(args: list[str], threads: int, log_path: str, port: int) -> subprocess.Popen:
+def start(args: list[str], threads: int, log_path: str, port: int, cpus: set[int] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "openr2", "serve", "--port", str(port), "--served-model-name", MODEL_NAME, *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            preexec_fn=pin)
     deadline = time.time() + 900  # a first compiled start builds its decode steps (minutes on 2 vCPUs)
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -100,12 +102,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="timed rounds per side (median reported)")
     ap.add_argument("--no-compile", action="store_true", help="the upstream without its compiled decode step")
     ap.add_argument("--single", type=int, default=30, help="lone requests per side for the unloaded TTFT")
+    ap.add_argument("--pin", action="store_true",
+                    help="the upstream on the first half of the CPUs, the gateway and the client on the rest, as "
+                         "when the gateway runs beside (not on) the engine's machine")
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_cpus, other_cpus = (set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])) if args.pin else (None, None)
+    if args.pin:
+        os.sched_setaffinity(0, other_cpus)  # the client
     print(f"# gateway bench: small_moe upstream, float32 CPU, torch {torch.__version__}, upstream threads "
           f"{args.threads}{' (not compiled)' if args.no_compile else ''}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, cpus {os.cpu_count()} ({cpu_name()}); "
           f"{args.clients} streams x {args.max_tokens} tokens, runs {args.runs} (median); load average "
-          f"{os.getloadavg()[0]:.1f} at the start")
+          f"{os.getloadavg()[0]:.1f} at the start"
+          + (f"; upstream on CPUs {sorted(engine_cpus)}, gateway and client on {sorted(other_cpus)}" if args.pin else ""))
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt")
@@ -113,12 +123,12 @@ def main() -> None:
         up_port, gw_port = free_port(), free_port()
         upstream = start(["--model", ckpt, "--data-dir", os.path.join(tmp, "up"),
                           *(["--no-compile"] if args.no_compile else [])], args.threads,
-                         os.path.join(tmp, "up.log"), up_port)
+                         os.path.join(tmp, "up.log"), up_port, engine_cpus)
         gateway = None
         direct, through = [], []
         try:
             gateway = start(["--model", ckpt, "--data-dir", os.path.join(tmp, "gw"), "--upstream",
-                             f"http://127.0.0.1:{up_port}"], 1, os.path.join(tmp, "gw.log"), gw_port)
+                             f"http://127.0.0.1:{up_port}"], 1, os.path.join(tmp, "gw.log"), gw_port, other_cpus)
             for side, port in (("direct", up_port), ("gateway", gw_port)):  # warm-up
                 asyncio.run(server_round(port, side_prompts(side, "warm", args.clients), 8))
             for r in range(args.runs):
@@ -158,7 +168,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} at the end")
     print(json.dumps({"bench": "gateway", "model": "small_moe", "torch": torch.__version__, "cpu": cpu_name(),
                       "cpus": os.cpu_count(), "clients": args.clients, "max_tokens": args.max_tokens,
-                      "runs": args.runs, "compiled": not args.no_compile, "ratio": round(ratio, 4),
+                      "runs": args.runs, "compiled": not args.no_compile, "pinned": args.pin, "ratio": round(ratio, 4),
                       "round_ratios": [round(x, 4) for x in ratios], "added_ttft_p50_ms": round(add50 * ms, 2),
                       "added_ttft_p99_ms": round(add99 * ms, 2), "lone_added_ttft_median_ms": round(lone50 * ms, 2),
                       "lone_added_ttft_p90_ms": round(lone90 * ms, 2), "errors": errors,
