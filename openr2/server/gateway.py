@@ -9,8 +9,11 @@ to an upstream's /v1/completions, which openr2, vLLM, SGLang and llama.cpp all a
 `stream_options.include_usage`. Each upstream chunk becomes one output at once (no buffering); `<think>`
 returned inline is split by the routes as for the local engine.
 
-Failures: an upstream that cannot be reached, or answers 5xx/429, before any token was passed on is left
-for another (upstreams.py takes a failing one out); a 4xx is the request's own fault and is answered as is.
+Failures: a request whose upstream cannot be reached, drops the connection, answers 5xx/429 or sends an error
+event before any token was passed on goes to another upstream, each tried once; a 4xx is the request's own
+fault and is answered as is. Only a transport failure takes an upstream out at once (upstreams.py): a 5xx
+or an error event may be this request's doing, and one bad request must not empty the pool; the health
+probes take out an upstream that is really down.
 One that fails after tokens went out ends the request with UpstreamFailed (a 502; a stream ends with its
 error event), and the last output yielded is updated to the usage of what was delivered, counted with the
 tokenizer, which is what the routes bill (they bill the last output they received).
@@ -52,6 +55,10 @@ class UpstreamFailed(APIError):
 
 class _Retry(Exception):
     """The chosen upstream failed before any token went out: try another."""
+
+
+class _ErrorEvent(Exception):
+    """An upstream's stream carried an error event: the request failed there, the upstream itself is alive."""
 
 
 def upstream_body(ids: list[int], params) -> dict:
@@ -126,11 +133,13 @@ class UpstreamBackend:
         ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
         body = upstream_body(ids, params)
         tried: set = set()
+        last_error = None
         while True:
             state = self.pool.pick(ids, tried)
             if state is None:
                 if priority <= 0:
-                    raise UpstreamFailed("No upstream could take the request; try again shortly.", 503)
+                    why = f" (the last one: {last_error})" if last_error else ""
+                    raise UpstreamFailed(f"No upstream could take the request{why}; try again shortly.", 503)
                 await asyncio.sleep(self.pool.probe_interval_s)
                 tried.clear()
                 continue
@@ -143,6 +152,7 @@ class UpstreamBackend:
                         yield output
                 return
             except _Retry as e:
+                last_error = str(e)
                 logger.warning("request %s: upstream %s failed before any token (%s); trying another",
                                request_id, state.upstream.url, e)
             except UpstreamFailed:
@@ -185,11 +195,11 @@ class _Run:
                         yield output
             if not self._all_finished:
                 raise httpx.RemoteProtocolError("the stream ended before every choice finished")
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, _ErrorEvent) as e:
             if self._all_finished:  # lost after the last choice ended (before [DONE]): the answer is whole
                 pass
             elif self.last is None:
-                if not isinstance(e, httpx.HTTPStatusError) or e.response.status_code >= 500:
+                if isinstance(e, httpx.TransportError):  # it cannot be reached or dropped the connection
                     pool.mark_failed(state, f"{type(e).__name__}: {e}")
                 raise _Retry(str(e)) from None
             else:
@@ -207,9 +217,7 @@ class _Run:
     async def _refuse(self, resp: httpx.Response) -> None:
         """A non-200 answer: a retry elsewhere for the upstream's trouble, else the client's 4xx as is."""
         raw = await resp.aread()
-        if resp.status_code in _RETRY_STATUS:
-            if resp.status_code != 429:
-                self.backend.pool.mark_failed(self.state, f"answered {resp.status_code}")
+        if resp.status_code in _RETRY_STATUS:  # the health probes, not this answer, take it out
             raise _Retry(f"answered {resp.status_code}")
         error = {}
         with contextlib.suppress(ValueError, AttributeError):
@@ -227,8 +235,8 @@ class _Run:
             raise httpx.DecodingError(f"not JSON: {data[:80]!r}") from None
         if not isinstance(chunk, dict):
             raise httpx.DecodingError("a chunk that is not an object")
-        if chunk.get("error"):  # an error event in the stream (openr2, vLLM): the upstream failed
-            raise httpx.RemoteProtocolError(f"upstream error event: {json.dumps(chunk['error'])[:200]}")
+        if chunk.get("error"):  # an error event in the stream (openr2, vLLM): this request failed there
+            raise _ErrorEvent(f"upstream error event: {json.dumps(chunk['error'])[:200]}")
         reported = reported_usage(chunk)
         if reported is not None:
             self.reported = reported

@@ -59,6 +59,9 @@ def replay_app(dialect: str) -> FastAPI:
                                 status_code=400)
 
         async def events():
+            if body.get("max_tokens") == 7:  # a request this upstream fails, in band, before any token
+                yield f"data: {json.dumps({'error': {'code': 500, 'message': 'poisoned'}})}\n\n"
+                return
             for piece in ANSWER[:-1]:
                 yield _chunk(piece)
                 if dialect == "stalls" and piece == "</think>":
@@ -206,6 +209,16 @@ def test_a_client_gone_midway_closes_the_upstream_stream_and_is_billed_what_it_g
         tok = server.tokenizer
         assert _row(tmp_path, rid)[2] == len(tok.encode("".join(ANSWER[:4])))  # the text passed on, counted
         assert server.engine.num_running == 0
+
+
+def test_a_request_every_upstream_fails_takes_none_of_them_out(ckpt, tmp_path):
+    apps = [replay_app("llama.cpp"), replay_app("llama.cpp")]
+    with run_app(apps[0]) as a, run_app(apps[1]) as b, gateway(ckpt, tmp_path, [a, b]) as (base_url, server):
+        resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 7})
+        assert resp.status_code == 503 and "poisoned" in resp.json()["error"]["message"]
+        assert [len(app.state.bodies) for app in apps] == [1, 1]  # tried on each upstream once
+        assert all(s.healthy for s in server.engine.pool.states)
+        assert _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=9).choices
 
 
 def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
