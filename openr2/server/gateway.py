@@ -33,11 +33,13 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from openr2.chat_format import ReasoningParser, prompt_opens_reasoning
 from openr2.engine.engine import CompletionOutput, RequestOutput
 from openr2.engine.usage import Usage
 from openr2.server.errors import APIError
+from openr2.server.metrics import PREFIX
 from openr2.server.upstream_usage import merge, reported_usage
 from openr2.server.upstreams import UpstreamPool, UpstreamState
 
@@ -91,6 +93,7 @@ class UpstreamBackend:
         self.failure: str | None = None  # never dead: upstreams come and go (a 503 while none is healthy)
         self.client = client
         self._probes: asyncio.Task | None = None
+        self.usage_sources = {"upstream": 0, "local": 0}  # for /metrics
 
     # ------------------------------------------------------------------------- backend interface
     @property
@@ -106,6 +109,28 @@ class UpstreamBackend:
         return sum(s.outstanding for s in self.pool.states)
 
     num_waiting = 0  # the upstreams queue; the gateway holds nothing back
+
+    def collect(self):
+        """The upstreams on /metrics (metrics.py registers this collector): health, load, requests sent, and
+        how many bills rest on the upstream's usage or on local counts (the ledger row does not say yet)."""
+        healthy = GaugeMetricFamily(f"{PREFIX}_upstream_healthy", "1 while the upstream is in the pool.",
+                                    labels=["upstream"])
+        outstanding = GaugeMetricFamily(f"{PREFIX}_upstream_outstanding_requests",
+                                        "Requests sent to the upstream and not yet ended.", labels=["upstream"])
+        sent = CounterMetricFamily(f"{PREFIX}_upstream_requests", "Requests sent to the upstream, retries included.",
+                                   labels=["upstream"])
+        for state in self.pool.states:
+            healthy.add_metric([state.upstream.url], int(state.healthy))
+            outstanding.add_metric([state.upstream.url], state.outstanding)
+            sent.add_metric([state.upstream.url], state.served)
+        sources = CounterMetricFamily(f"{PREFIX}_usage_source", "Requests ended with usage reported by the "
+                                      "upstream or counted with the tokenizer.", labels=["source"])
+        for source in ("upstream", "local"):
+            sources.add_metric([source], self.usage_sources[source])
+        yield from (healthy, outstanding, sent, sources)
+
+    def describe(self):  # no scrape at registration time
+        return []
 
     async def start(self) -> None:
         """Open the connection pool, probe every upstream once, then keep probing in the background."""
@@ -283,6 +308,7 @@ class _Run:
         usage, source = self._usage(self.reported)
         out = self._output(finished=True, usage=usage)
         out.usage_source = source
+        self.backend.usage_sources[source] += 1
         return out
 
     def _usage(self, reported) -> tuple[Usage, str]:
@@ -305,3 +331,4 @@ class _Run:
         """Mid-answer failure: the routes bill the last output they got, so it gets the delivered usage."""
         usage, _ = self._usage(None)  # any usage the upstream sent described more than was delivered
         self.last.usage, self.last.usage_source = usage, "local"
+        self.backend.usage_sources["local"] += 1

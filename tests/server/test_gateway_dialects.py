@@ -137,6 +137,9 @@ def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
         prompt = render_chat(USER, server.tokenizer)
         assert sent["prompt"] == server.tokenizer.encode(prompt)  # the gateway's own rendering, as token ids
         assert server.engine.max_model_len == 2048  # learnt from llama.cpp's /v1/models meta
+        metrics = httpx.get(base_url + "/metrics").text
+        assert f'openr2_upstream_healthy{{upstream="{up}"}} 1.0' in metrics
+        assert 'openr2_usage_source_total{source="upstream"} 1.0' in metrics
         # a batch line through that upstream: its prices at the batch discount
         client = _client(base_url)
         line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
@@ -167,6 +170,7 @@ def test_an_upstream_without_usage_is_counted_with_the_tokenizer(ckpt, tmp_path)
         assert reasoning == "Two and two"
         assert _row(tmp_path, chunks[0].id) == (usage.prompt_tokens, 0, usage.completion_tokens,
                                                 usage.completion_tokens_details.reasoning_tokens)
+        assert 'openr2_usage_source_total{source="local"} 1.0' in httpx.get(base_url + "/metrics").text
         # an upstream's own 400 comes through as a 400 (and does not take it out)
         resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER,
                                                                    "max_tokens": 200})
