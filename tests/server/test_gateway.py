@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -96,6 +97,20 @@ def test_same_answers_and_usage_as_the_upstream(gw, upstreams):
     assert b.choices[0].text == a.choices[0].text and b.choices[0].finish_reason == a.choices[0].finish_reason
     assert (b.usage.prompt_tokens, b.usage.completion_tokens) == (a.usage.prompt_tokens, a.usage.completion_tokens)
     assert _rows(data)[b.id + "-0"][0::2] == (b.usage.prompt_tokens, b.usage.completion_tokens)
+
+
+def test_several_samples_and_the_anthropic_route_through_the_gateway(gw, upstreams):
+    base_url, _, data = gw
+    kwargs = dict(model="tiny", messages=USER, max_tokens=6, temperature=1, seed=7, n=2)
+    a = _client(upstreams[0][1]).chat.completions.create(**kwargs)
+    b = _client(base_url).chat.completions.create(**kwargs)
+    assert [c.message.model_extra["reasoning_content"] for c in b.choices] == \
+        [c.message.model_extra["reasoning_content"] for c in a.choices]  # the same seeded samples
+    assert b.usage.completion_tokens == a.usage.completion_tokens
+    message = anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0).messages.create(
+        model="tiny", max_tokens=5, messages=[{"role": "user", "content": "What is 2+2?"}])
+    assert message.usage.output_tokens == 5 and message.stop_reason == "max_tokens"
+    assert _row(data, message.id)[2] == 5
 
 
 def _streamed(client, **kwargs):

@@ -1,8 +1,9 @@
-"""The gateway over upstreams that speak other dialects of the completions stream, replayed from recorded bodies
-(llama.cpp's server: `timings` with its cache count; llama-cpp-python's: no usage at all, no /health; a stream
-cut by an error event): the reasoning split the gateway applies to inline `<think>`, usage counted with the
-tokenizer where the upstream reports none, cache hits billed only where reported, and a stream that fails
-midway billed for what it delivered. The replayed server is a real HTTP server in this process."""
+"""The gateway over upstreams that speak other dialects of the completions stream, replayed in their shape
+(written after those servers' source, not captured live here): llama.cpp's server (`timings` with its cache
+count), llama-cpp-python's (no usage at all, no /health), a stream cut by an error event. Checked: the
+reasoning split the gateway applies to inline `<think>`, usage counted with the tokenizer where the upstream
+reports none, cache hits billed only where reported, per-upstream prices, and a stream that fails midway
+billed for what it delivered. The replayed server is a real HTTP server in this process."""
 
 import asyncio
 import json

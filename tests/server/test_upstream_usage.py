@@ -1,12 +1,13 @@
-"""Usage from upstream bodies: recorded final stream chunks of vLLM, SGLang, llama.cpp's server,
-llama-cpp-python's server and openr2, and how the gateway merges them with local counts."""
+"""Usage from upstream bodies: final stream chunks shaped as vLLM, SGLang, llama.cpp's server, llama-cpp-python's
+server and openr2 send them (written after their source and documentation, not captured from live servers
+here: only openr2's runs in these tests), and how the gateway merges them with local counts."""
 
 import pytest
 
 from openr2.engine.usage import Usage
 from openr2.server.upstream_usage import ReportedUsage, merge, reported_usage
 
-# The last chunk of a streamed /v1/completions with stream_options.include_usage, as each server sends it.
+# The last chunk of a streamed /v1/completions with stream_options.include_usage, in each server's shape.
 VLLM = {  # vllm serve ... --enable-prompt-tokens-details
     "id": "cmpl-5b2c", "object": "text_completion", "created": 1733000000, "model": "deepseek-ai/DeepSeek-R1",
     "choices": [], "usage": {"prompt_tokens": 20, "total_tokens": 36, "completion_tokens": 16,
