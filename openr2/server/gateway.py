@@ -187,6 +187,22 @@ class UpstreamBackend:
                                request_id, state.upstream.url)
 
 
+async def _sse_events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """The `data:` payloads of a server-sent event stream, grouped by what each network read brought: one
+    event at a time while the gateway keeps up, several at once when it falls behind (then they go on to
+    the client as one chunk, which is what keeps its CPU per token down under load). Nothing waits for
+    more: each read is passed on as it arrives."""
+    buffer = b""
+    async for piece in resp.aiter_bytes():  # content-decoded, unlike aiter_raw
+        buffer += piece
+        *lines, buffer = buffer.split(b"\n")
+        events = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if events:
+            yield events
+    if buffer.startswith(b"data:"):
+        yield [buffer[5:].strip()]
+
+
 class _Run:
     """One request on one upstream: the SSE stream read, turned into outputs, and its usage."""
 
@@ -208,16 +224,13 @@ class _Run:
                                                   headers=state.headers()) as resp:
                 if resp.status_code != 200:
                     await self._refuse(resp)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    output = self._feed(data)
+                async for events in _sse_events(resp):
+                    output, done = self._feed(events)
                     if output is not None:
                         self.last = output
                         yield output
+                    if done:
+                        break
             if not self._all_finished:
                 raise httpx.RemoteProtocolError("the stream ended before every choice finished")
         except (httpx.HTTPError, _ErrorEvent) as e:
@@ -253,7 +266,22 @@ class _Run:
         param = error.get("param") if isinstance(error.get("param"), str) else None
         raise APIError(status, f"upstream: {message}", param=param)
 
-    def _feed(self, data: str) -> RequestOutput | None:
+    def _feed(self, events: list[bytes]) -> tuple[RequestOutput | None, bool]:
+        """The events that arrived together -> (one output carrying all their text, or None; [DONE] seen)."""
+        for o in self.outputs:
+            o.text_delta = ""
+        changed = done = False
+        for data in events:
+            if data == b"[DONE]":
+                done = True
+                break
+            changed |= self._apply(data)
+        if not changed:
+            return None, done
+        return self._output(finished=False, usage=Usage(len(self.ids), 0, self.chunks, 0)), done
+
+    def _apply(self, data: bytes) -> bool:
+        """One upstream chunk into the choices' state; True if it added text."""
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -266,24 +294,22 @@ class _Run:
         if reported is not None:
             self.reported = reported
         changed = False
-        for o in self.outputs:
-            o.text_delta = ""
         for choice in chunk.get("choices") or []:
             i = choice.get("index", 0) if isinstance(choice, dict) else None
             if not isinstance(i, int) or not 0 <= i < len(self.outputs):
                 raise httpx.DecodingError(f"a choice index out of range: {i!r}")
             out, delta = self.outputs[i], choice.get("text") or ""
+            if not isinstance(delta, str):
+                raise httpx.DecodingError(f"a choice text that is not a string: {delta!r:.80}")
             if delta:
                 out.text += delta
-                out.text_delta = delta
+                out.text_delta += delta
                 self.chunks += 1
                 changed = True
             if choice.get("finish_reason") and out.finish_reason is None:
                 # held back until the usage has come (_final): then the last output carries it
                 out.stop_reason = choice["finish_reason"]
-        if not changed:
-            return None
-        return self._output(finished=False, usage=Usage(len(self.ids), 0, self.chunks, 0))
+        return changed
 
     def _output(self, finished: bool, usage: Usage) -> RequestOutput:
         outputs = []

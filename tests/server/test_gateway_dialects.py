@@ -20,6 +20,7 @@ from openr2 import billing
 from openr2.chat_format import render_chat
 from openr2.engine.usage import Usage
 from openr2.server.app import ServerConfig
+from openr2.server.gateway import _sse_events
 from openr2.server.upstreams import Upstream
 from tests.server._live import run_app
 from tests.server._upstreams import gateway
@@ -232,3 +233,16 @@ def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
         resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "upstream_error"
         assert not server.engine.pool.states[0].healthy
+
+
+def test_sse_events_are_grouped_by_read_and_survive_split_lines():
+    reads = [b'data: {"a": 1}\r\n\r\ndata: {"b"', b': 2}\n\n: a comment\n\ndata: {"c": 3}\n\ndata: [DONE]\n\n']
+
+    async def body():
+        for piece in reads:
+            yield piece
+
+    async def collect():
+        return [events async for events in _sse_events(httpx.Response(200, content=body()))]
+
+    assert asyncio.run(collect()) == [[b'{"a": 1}'], [b'{"b": 2}', b'{"c": 3}', b"[DONE]"]]

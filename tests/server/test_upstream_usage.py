@@ -88,3 +88,4 @@ def test_merge_counts_locally_what_is_missing():
 def test_merge_clamps_an_inconsistent_report():
     usage, _ = merge(ReportedUsage(5, 2, 9, 3), prompt_tokens=5, completion_tokens=_never, reasoning_tokens=_never)
     assert usage == Usage(5, 5, 2, 2)
+
