@@ -40,7 +40,7 @@ def _chunk(text: str, finish: str | None = None, **extra) -> str:
 
 def replay_app(dialect: str) -> FastAPI:
     app = FastAPI()
-    app.state.bodies, app.state.closed = [], asyncio.Event()
+    app.state.bodies, app.state.closed, app.state.sick = [], asyncio.Event(), False
 
     @app.get("/v1/models")
     async def models():
@@ -50,6 +50,8 @@ def replay_app(dialect: str) -> FastAPI:
     if dialect != "llama-cpp-python":  # that server has no /health: the pool falls back to /v1/models
         @app.get("/health")
         async def health():
+            if app.state.sick:
+                return JSONResponse({"status": "failed"}, status_code=503)
             return {"status": "ok"}
 
     @app.post("/v1/completions")
@@ -225,6 +227,31 @@ def test_a_request_every_upstream_fails_takes_none_of_them_out(ckpt, tmp_path):
         assert [len(app.state.bodies) for app in apps] == [1, 1]  # tried on each upstream once
         assert all(s.healthy for s in server.engine.pool.states)
         assert _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=9).choices
+
+
+def test_an_upstream_failing_its_health_check_is_taken_out_and_probed_back_in(ckpt, tmp_path):
+    apps = [replay_app("llama.cpp"), replay_app("llama.cpp")]
+    with run_app(apps[0]) as a, run_app(apps[1]) as b, gateway(ckpt, tmp_path, [a, b], probe_interval_s=0.1,
+                                                               affinity_tokens=0) as (base_url, server):
+        first = server.engine.pool.states[0]
+
+        def wait_for(healthy: bool):
+            deadline = time.time() + 10
+            while first.healthy != healthy:
+                assert time.time() < deadline, f"never {'back in' if healthy else 'taken out'}"
+                time.sleep(0.02)
+
+        apps[0].state.sick = True
+        wait_for(False)
+        before = len(apps[0].state.bodies)
+        for _ in range(4):  # all to the other one
+            assert _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=9).choices
+        assert len(apps[0].state.bodies) == before and len(apps[1].state.bodies) >= 4
+        apps[0].state.sick = False
+        wait_for(True)
+        for _ in range(4):  # least outstanding rotates over both again
+            _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=9)
+        assert len(apps[0].state.bodies) > before
 
 
 def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
