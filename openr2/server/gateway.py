@@ -7,7 +7,9 @@ ledger, batches, metrics, the chat page, the reasoning split and tool calls are 
 the gateway renders and tokenises the prompt itself (the checkpoint's own chat template) and sends the ids
 to an upstream's /v1/completions, which openr2, vLLM, SGLang and llama.cpp all accept, streaming, with
 `stream_options.include_usage`. Each upstream chunk becomes one output at once (no buffering); `<think>`
-returned inline is split by the routes as for the local engine.
+returned inline is split by the routes as for the local engine. An upstream configured with `cache_salt`
+gets each request's key, hashed, as vLLM's `cache_salt`, so its prefix cache is shared within a key only;
+otherwise every key shares the upstream's cache (the local engine salts by key: that is lost there).
 
 Failures: a request whose upstream cannot be reached, drops the connection, answers 5xx/429 or sends an error
 event before any token was passed on goes to another upstream, each tried once; a 4xx is the request's own
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -170,9 +173,10 @@ class UpstreamBackend:
                 continue
             tried.add(state)
             run = _Run(self, state, ids, text, params, request_id or "")
+            sent = {**body, "cache_salt": _cache_salt(salt)} if state.upstream.cache_salt and salt else body
             try:
                 # aclosing: a consumer that stops (a client gone) closes the upstream stream now, not at GC
-                async with contextlib.aclosing(run.stream(body)) as outputs:
+                async with contextlib.aclosing(run.stream(sent)) as outputs:
                     async for output in outputs:
                         yield output
                 return
@@ -185,6 +189,11 @@ class UpstreamBackend:
                     raise
                 logger.warning("request %s: upstream %s failed midway; starting again elsewhere",
                                request_id, state.upstream.url)
+
+
+def _cache_salt(key_id: str) -> str:
+    """The salt that partitions an upstream's prefix cache by API key, without handing it the key's id."""
+    return hashlib.blake2b(key_id.encode(), digest_size=16, person=b"openr2-salt").hexdigest()
 
 
 async def _sse_events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:

@@ -41,6 +41,9 @@ class Upstream:
     weight: float = 1.0
     api_key: str | None = None
     prices: billing.PriceTable | None = None  # what its tokens cost (None: the server's price table)
+    # send each request's API key as vLLM's `cache_salt` (hashed): the upstream then shares prefix-cache
+    # blocks only within one key, as openr2's own engine does; off for servers that do not know the field
+    cache_salt: bool = False
 
     def __post_init__(self):
         parsed = urlparse(self.url)
@@ -52,19 +55,21 @@ class Upstream:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not math.isfinite(self.weight) or self.weight <= 0:
             raise ValueError(f"upstream {self.url}: weight must be a positive number, got {self.weight!r}")
+        if not isinstance(self.cache_salt, bool):
+            raise ValueError(f"upstream {self.url}: cache_salt must be true or false, got {self.cache_salt!r}")
         for name in ("model", "api_key"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"upstream {self.url}: {name} must be a non-empty string, got {value!r}")
 
 
-_UPSTREAM_KEYS = {"url", "model", "models", "weight", "api_key", "prices"}
+_UPSTREAM_KEYS = {"url", "model", "models", "weight", "api_key", "prices", "cache_salt"}
 
 
 def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
     """A gateway TOML file -> (upstreams, its other top-level keys). Each `[[upstreams]]` table has `url`,
-    optional `model` (or `models`, its first entry), `weight`, `api_key` and `prices` (a table of
-    billing.PriceTable's file keys, or the path of a price file, relative to this file)."""
+    optional `model` (or `models`, its first entry), `weight`, `api_key`, `prices` (a table of
+    billing.PriceTable's file keys, or the path of a price file, relative to this file) and `cache_salt`."""
     import tomllib  # Python 3.11+, imported where used as billing.py does
 
     path = os.fspath(path)
@@ -100,7 +105,8 @@ def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
         elif prices is not None:
             raise ValueError(f"{where}: prices must be a table or a file path")
         try:
-            upstreams.append(Upstream(table["url"], model, table.get("weight", 1.0), table.get("api_key"), prices))
+            upstreams.append(Upstream(table["url"], model, table.get("weight", 1.0), table.get("api_key"), prices,
+                                      table.get("cache_salt", False)))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     return upstreams, data

@@ -96,7 +96,11 @@ def ckpt(tmp_path_factory):
 
 
 def _client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, _strict_response_validation=True)
+    return _client_with(base_url, "unused")
+
+
+def _client_with(base_url, key):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, _strict_response_validation=True)
 
 
 def _cost(data, request_id) -> int:
@@ -138,6 +142,7 @@ def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
         assert _cost(tmp_path, resp.id) == PRICES.cost(Usage(20, 12, 8)) == 8 * 1_000_000 + 12 * 100_000 + 8 * 3_000_000
         sent = app.state.bodies[-1]
         assert sent["model"] == "replay.gguf" and sent["stream"] and sent["stream_options"] == {"include_usage": True}
+        assert "cache_salt" not in sent  # only where configured
         prompt = render_chat(USER, server.tokenizer)
         assert sent["prompt"] == server.tokenizer.encode(prompt)  # the gateway's own rendering, as token ids
         assert server.engine.max_model_len == 2048  # learnt from llama.cpp's /v1/models meta
@@ -252,6 +257,17 @@ def test_an_upstream_failing_its_health_check_is_taken_out_and_probed_back_in(ck
         for _ in range(4):  # least outstanding rotates over both again
             _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=9)
         assert len(apps[0].state.bodies) > before
+
+
+def test_cache_salt_partitions_an_upstream_cache_by_key(ckpt, tmp_path):
+    app = replay_app("llama.cpp")
+    with run_app(app) as up, gateway(ckpt, tmp_path, [Upstream(up, cache_salt=True)]) as (base_url, server):
+        (alice, alice_secret), (bob, bob_secret) = [server.ledger.create_key(name) for name in ("alice", "bob")]
+        for secret in (alice_secret, bob_secret, alice_secret):
+            _client_with(base_url, secret).chat.completions.create(model="tiny", messages=USER, max_tokens=9)
+        salts = [body.get("cache_salt") for body in app.state.bodies]
+        assert salts[0] == salts[2] != salts[1] and None not in salts  # one partition per key
+        assert not {alice, bob} & set(salts)  # the key ids themselves never leave
 
 
 def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
