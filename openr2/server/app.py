@@ -215,8 +215,8 @@ class Server:
         here (the batch worker bills with the line), else the ChatCompletion after billing. Interactive
         requests (bill=True) are timed into the latency histograms from `start` (perf_counter)."""
         timer = self.metrics.timer(start) if bill else None
-        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id,
-                                      priority, restartable=True)
+        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
+                                      cache_salt(key_id, req), priority, restartable=True)
         last = None
         try:
             last = await self.first_output(stream)
@@ -266,8 +266,8 @@ class Server:
 
         async def run(i: int, ids: list[int]):
             timer = self.metrics.timer(start) if bill else None
-            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}", key_id,
-                                          priority, restartable=True)
+            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}",
+                                          cache_salt(key_id, req), priority, restartable=True)
             try:
                 lasts[i] = await self.first_output(stream)
                 if timer:
@@ -351,6 +351,12 @@ class Server:
             return await stream.__anext__()
         except ValueError as e:
             raise bad_request(str(e), str(e).split(":", 1)[0] if ":" in str(e) else None) from None
+
+
+def cache_salt(key_id: str, req) -> str:
+    """The engine's prefix-cache salt: the key (no two keys share cached blocks), split further by the
+    request's own `cache_salt` (vLLM's field; a gateway in front sends one per key of its own)."""
+    return key_id if req.cache_salt is None else f"{key_id}\x00{req.cache_salt}"
 
 
 async def _disconnected(request: Request) -> None:
@@ -445,7 +451,8 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)))
         try:  # a stream releases at its end (sse_events)
-            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
+                                            cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
@@ -472,7 +479,8 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_completion(key_id, req, prompts, params, request_id, start=start)))
         try:
-            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
+            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id,
+                                            cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)

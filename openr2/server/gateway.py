@@ -8,8 +8,8 @@ the gateway renders and tokenises the prompt itself (the checkpoint's own chat t
 to an upstream's /v1/completions, which openr2, vLLM, SGLang and llama.cpp all accept, streaming, with
 `stream_options.include_usage`. Each upstream chunk becomes one output at once (no buffering); `<think>`
 returned inline is split by the routes as for the local engine. An upstream configured with `cache_salt`
-gets each request's key, hashed, as vLLM's `cache_salt`, so its prefix cache is shared within a key only;
-otherwise every key shares the upstream's cache (the local engine salts by key: that is lost there).
+gets each request's key, hashed, as `cache_salt` (vLLM's field; openr2 takes it too), so its prefix cache is
+shared within a key only; otherwise every key shares the upstream's cache.
 
 Failures: a request whose upstream cannot be reached, drops the connection, answers 5xx/429 or sends an error
 event before any token was passed on goes to another upstream, each tried once; a 4xx is the request's own

@@ -41,8 +41,8 @@ class Upstream:
     weight: float = 1.0
     api_key: str | None = None
     prices: billing.PriceTable | None = None  # what its tokens cost (None: the server's price table)
-    # send each request's API key as vLLM's `cache_salt` (hashed): the upstream then shares prefix-cache
-    # blocks only within one key, as openr2's own engine does; off for servers that do not know the field
+    # send each request's API key as `cache_salt` (hashed; vLLM's field, openr2 takes it too): the upstream
+    # then shares prefix-cache blocks only within one key, as the local engine does; off for servers without it
     cache_salt: bool = False
 
     def __post_init__(self):

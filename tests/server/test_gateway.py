@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from openr2.server.upstreams import Upstream
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._upstreams import gateway, start_upstream, stop, wait_ready
 
@@ -145,6 +146,24 @@ def test_prefix_affinity_hits_the_upstream_cache_and_bills_the_hit(gw):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens >= 32  # the same upstream took both
     assert _rows(data)[second.id][1] == second.usage.prompt_tokens_details.cached_tokens
+
+
+def test_cache_salt_keeps_keys_apart_in_an_openr2_upstreams_cache(ckpt, upstreams, tmp_path):
+    url = upstreams[0][1]
+    with gateway(ckpt, tmp_path, [Upstream(url, cache_salt=True)]) as (base_url, server):
+        (_, alice), (_, bob) = server.ledger.create_key("alice"), server.ledger.create_key("bob")
+        messages = [{"role": "user", "content": "Salted prefix, salted answer. " * 8}]
+
+        def cached(secret) -> int:
+            client = openai.OpenAI(base_url=base_url + "/v1", api_key=secret, max_retries=0)
+            resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+            return resp.usage.prompt_tokens_details.cached_tokens
+
+        assert cached(alice) == 0 and cached(alice) >= 32  # the key's own blocks are reused
+        assert cached(bob) == 0  # never another key's
+    # the upstream checks the field as any request's: a bad one is a 400 naming it
+    resp = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "cache_salt": ""})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "cache_salt"
 
 
 def test_bad_requests_are_4xx_and_upstream_refusals_pass_through(gw, monkeypatch):
