@@ -265,7 +265,7 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     from openr2.server.app import Server, ServerConfig, create_app, parse_model_aliases
     from openr2.server.gateway import UpstreamBackend
     from openr2.server.pages import example_prompts
-    from openr2.server.upstreams import Upstream, UpstreamPool, load_upstreams
+    from openr2.server.upstreams import Upstream, UpstreamPool, check_prices, load_upstreams
     from openr2.tokenizer import Tokenizer
 
     upstreams, settings = load_upstreams(args.config) if args.config else ([], {})
@@ -277,6 +277,7 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     backend = UpstreamBackend(pool, Tokenizer.from_pretrained(args.model),
                               getattr(args, "engine_max_model_len", None) or settings.get("max_model_len"))
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
+    check_prices(upstreams, prices)
     config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
                           require_auth=args.require_auth, log_content=args.log_content,
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,

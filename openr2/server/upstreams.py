@@ -112,6 +112,23 @@ def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
     return upstreams, data
 
 
+def check_prices(upstreams: list[Upstream], ceiling: billing.PriceTable) -> None:
+    """Refuse an upstream price above the server's own table: prepaid balances reserve each request's worst
+    case at the server's prices before it is known which upstream runs it, so a dearer upstream could debit
+    more than was reserved and overdraw a balance. Cheaper upstreams are fine."""
+    for u in upstreams:
+        if u.prices is None:
+            continue
+        for name in ("input_miss_micro_usd_per_mtok", "input_hit_micro_usd_per_mtok", "output_micro_usd_per_mtok"):
+            if getattr(u.prices, name) > getattr(ceiling, name):
+                raise ValueError(f"upstream {u.url}: prices.{name} ({getattr(u.prices, name)}) is above the "
+                                 f"server's ({getattr(ceiling, name)}); raise --prices to at least the dearest "
+                                 f"upstream's (reservations are made at the server's prices)")
+        if u.prices.batch_discount_percent < ceiling.batch_discount_percent:
+            raise ValueError(f"upstream {u.url}: prices.batch_discount_percent ({u.prices.batch_discount_percent}) "
+                             f"is below the server's ({ceiling.batch_discount_percent})")
+
+
 @dataclass(eq=False)
 class UpstreamState:
     """One upstream as the pool sees it now."""

@@ -123,8 +123,9 @@ def _row(data, request_id) -> tuple:
     raise AssertionError(f"{request_id} was never billed")
 
 
-PRICES = billing.PriceTable(input_miss_micro_usd_per_mtok=1_000_000, input_hit_micro_usd_per_mtok=100_000,
-                            output_micro_usd_per_mtok=3_000_000)
+# cheaper than the server's default table, as serve requires (upstreams.check_prices)
+PRICES = billing.PriceTable(input_miss_micro_usd_per_mtok=100_000, input_hit_micro_usd_per_mtok=10_000,
+                            output_micro_usd_per_mtok=200_000)
 
 
 def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
@@ -139,7 +140,7 @@ def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
                 resp.usage.completion_tokens) == (20, 12, 8)  # llama.cpp's counts, its cache hits priced
         assert _row(tmp_path, resp.id)[:3] == (20, 12, 8)
         # billed at that upstream's own prices, the cache hits at its hit price
-        assert _cost(tmp_path, resp.id) == PRICES.cost(Usage(20, 12, 8)) == 8 * 1_000_000 + 12 * 100_000 + 8 * 3_000_000
+        assert _cost(tmp_path, resp.id) == PRICES.cost(Usage(20, 12, 8)) == 8 * 100_000 + 12 * 10_000 + 8 * 200_000
         sent = app.state.bodies[-1]
         assert sent["model"] == "replay.gguf" and sent["stream"] and sent["stream_options"] == {"include_usage": True}
         assert "cache_salt" not in sent  # only where configured

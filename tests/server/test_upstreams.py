@@ -139,3 +139,9 @@ def test_serve_with_upstreams_builds_a_gateway(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.toml").write_text('[[upstreams]]\nurl = "http://a"\nwieght = 2\n')
     assert main([*argv, "--config", str(tmp_path / "bad.toml")]) == 2
     assert "unknown key" in capsys.readouterr().err
+    # an upstream dearer than the server's own table could overdraw a prepaid balance: refused
+    (tmp_path / "dear.toml").write_text('[[upstreams]]\nurl = "http://a"\nprices = {output_usd_per_mtok = 100}\n')
+    assert main([*argv, "--config", str(tmp_path / "dear.toml")]) == 2
+    assert "above the server's" in capsys.readouterr().err
+    (tmp_path / "prices.toml").write_text("output_usd_per_mtok = 100\n")
+    assert main([*argv, "--config", str(tmp_path / "dear.toml"), "--prices", str(tmp_path / "prices.toml")]) == 3
