@@ -15,15 +15,15 @@ Failures: a request whose upstream cannot be reached, drops the connection, answ
 event before any token was passed on goes to another upstream, each tried once; a 4xx is the request's own
 fault and is answered as is. Only a transport failure takes an upstream out at once (upstreams.py): a 5xx
 or an error event may be this request's doing, and one bad request must not empty the pool; the health
-probes take out an upstream that is really down.
-One that fails after tokens went out ends the request with UpstreamFailed (a 502; a stream ends with its
-error event), and the last output yielded is updated to the usage of what was delivered, counted with the
-tokenizer, which is what the routes bill (they bill the last output they received).
+probes take out an upstream that is really down. A request that fails after tokens went out ends with
+UpstreamFailed (a 502; a stream ends with its error event) unless it is restartable (see generate), and
+the last output yielded is updated to the usage of what was delivered, counted with the tokenizer: the
+routes bill the last output they received. A client that goes away is billed the same way.
 
 Usage: the upstream's counts where it reports them (upstream_usage.py), the tokenizer's where it does not;
-cached prompt tokens only from the upstream. Each output carries `usage_source` ("upstream" or "local")
-and the chosen upstream's price table (`prices`, None for the server's). Not supported yet: logprobs (a
-400), since upstreams return token strings, not ids.
+cached prompt tokens only from the upstream. The last output carries `usage_source` ("upstream" or "local",
+counted on /metrics), every output the chosen upstream's price table (`prices`, None for the server's). Not
+supported yet: logprobs (a 400), since upstreams return token strings, not ids.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ class _Run:
                 copy.finish_reason = None
             outputs.append(copy)
         out = RequestOutput(self.request_id, self.prompt, self.ids, outputs, finished, usage)
-        out.usage_source, out.prices = "upstream", self.state.upstream.prices
+        out.prices = self.state.upstream.prices  # Server.prices_for bills with them
         return out
 
     @property
