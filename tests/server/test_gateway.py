@@ -36,10 +36,10 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upstreams(ckpt, tmp_path_factory):
-    """Three openr2 servers: A and B shared, C (one sequence at a time) for the kill test."""
+    """Three openr2 servers: A and B shared, C (two sequences at a time) for the kill test."""
     started = [start_upstream(ckpt, tmp_path_factory.mktemp("up-a")),
                start_upstream(ckpt, tmp_path_factory.mktemp("up-b")),
-               start_upstream(ckpt, tmp_path_factory.mktemp("up-c"), "--max-num-seqs", "1")]
+               start_upstream(ckpt, tmp_path_factory.mktemp("up-c"), "--max-num-seqs", "2")]
     try:
         for proc, url in started:
             wait_ready(proc, url)
@@ -216,7 +216,7 @@ def _prompt_for(server, state, tag: str) -> list:
     raise AssertionError("no prompt prefers that upstream")
 
 
-def test_killing_an_upstream_mid_load_loses_and_double_bills_nothing(ckpt, upstreams, tmp_path):
+def test_killing_an_upstream_mid_load_loses_and_double_bills_nothing(ckpt, upstreams, tmp_path, caplog):
     (victim, victim_url), (_, survivor_url) = upstreams[2], upstreams[1]
     with gateway(ckpt, tmp_path, [victim_url, survivor_url], affinity_tokens=12, affinity_slack=1000) as (
             base_url, server):
@@ -254,34 +254,36 @@ def test_killing_an_upstream_mid_load_loses_and_double_bills_nothing(ckpt, upstr
             thread.start()
             return thread
 
-        # the victim runs one sequence at a time: request 0 streams from it, the next ones queue behind it
-        # without a token, then it dies
-        threads = [start(0, stream, to_victim)]
+        # the victim runs two sequences at a time: request 0 streams from it and request 9 (not streamed)
+        # generates beside it; the next ones queue behind them without a token; then it dies
+        threads = [start(0, stream, to_victim), start(9, whole, to_victim)]
         deadline = time.time() + 120
-        while not received.get(0):
+        while received.get(0, 0) < 3:
             assert time.time() < deadline and 0 not in results, "the first stream never started"
             time.sleep(0.01)
         threads += [start(i, stream if i % 2 else whole, to_victim) for i in range(1, 7)]
         threads += [start(i, stream if i % 2 else whole, to_survivor) for i in range(7, 9)]
-        while victim_state.outstanding < 7:
+        while victim_state.outstanding < 8:
             assert time.time() < deadline and 0 not in results, "the queued requests never reached the victim"
             time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
         for t in threads:
             t.join(timeout=240)
-        assert len(results) == 9
+        assert len(results) == 10
 
         status = {i: r[0] for i, r in results.items()}
-        # the one that had streamed ends with an error event; every other one completes on the survivor
-        assert status == {0: "error", **{i: "completed" for i in range(1, 9)}}, results
-        assert all(results[i][2].completion_tokens == 300 for i in range(1, 9))
+        # the one that had streamed ends with an error event; every other one completes on the survivor,
+        # request 9 started again there from scratch (nothing of it had reached its client)
+        assert status == {0: "error", **{i: "completed" for i in range(1, 10)}}, results
+        assert all(results[i][2].completion_tokens == 300 for i in range(1, 10))
+        assert any(results[9][1] in r.getMessage() and "failed midway" in r.getMessage() for r in caplog.records)
         assert not victim_state.healthy
 
         for r in results.values():
             _row(tmp_path, r[1])  # streams are billed just after their end
         rows = _rows(tmp_path)
-        assert len(rows) == 9 and {r[1] for r in results.values()} == set(rows)  # one bill each, none twice
-        for i in range(1, 9):
+        assert len(rows) == 10 and {r[1] for r in results.values()} == set(rows)  # one bill each, none twice
+        for i in range(1, 10):
             assert rows[results[i][1]] == _usage(results[i][2])
         # the cut stream is billed for what was delivered: at least the deltas received, not the whole answer
         assert received[0] <= rows[results[0][1]][2] < 300
