@@ -208,7 +208,7 @@ class UpstreamPool:
                 resp = await client.get(f"{url}/v1/models", headers=headers, timeout=self.probe_timeout_s)
             ok = resp.status_code == 200 and state.model is not None
             reason = f"health check answered {resp.status_code}" if resp.status_code != 200 else "no model"
-        except (httpx.HTTPError, ValueError) as e:
+        except Exception as e:  # whatever an upstream answers (or not), the probing goes on
             ok, reason = False, f"health check failed: {type(e).__name__}: {e}"
         if ok and not state.healthy:
             logger.warning("upstream %s back in", url)

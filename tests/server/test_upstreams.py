@@ -145,3 +145,22 @@ def test_serve_with_upstreams_builds_a_gateway(tmp_path, monkeypatch, capsys):
     assert "above the server's" in capsys.readouterr().err
     (tmp_path / "prices.toml").write_text("output_usd_per_mtok = 100\n")
     assert main([*argv, "--config", str(tmp_path / "dear.toml"), "--prices", str(tmp_path / "prices.toml")]) == 3
+
+
+def test_a_probe_survives_any_answer():
+    """An upstream whose /v1/models is not what OpenAI's is (a list, not an object) is out, not a crash."""
+    import asyncio
+
+    import httpx
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[1, 2]) if request.url.path == "/v1/models" else httpx.Response(200)
+
+    pool = UpstreamPool([Upstream("http://odd:1")])
+
+    async def probe():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await pool.probe(client, pool.states[0])
+
+    assert asyncio.run(probe()) is False
+    assert not pool.states[0].healthy and "AttributeError" in pool.states[0].last_error
