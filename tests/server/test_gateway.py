@@ -4,8 +4,11 @@ from an upstream directly, the ledger holds what clients were told, prefix affin
 not started streaming and bills nothing twice."""
 
 import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +19,8 @@ import pytest
 
 from openr2.server.upstreams import Upstream
 from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._upstreams import gateway, start_upstream, stop, wait_ready
+from tests.server._live import free_port
+from tests.server._upstreams import ROOT, gateway, start_upstream, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 USER = [{"role": "user", "content": "What is 2+2?"}]
@@ -164,6 +168,24 @@ def test_cache_salt_keeps_keys_apart_in_an_openr2_upstreams_cache(ckpt, upstream
     # the upstream checks the field as any request's: a bad one is a 400 naming it
     resp = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "cache_salt": ""})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "cache_salt"
+
+
+def test_openr2_serve_upstream_as_a_process(ckpt, upstreams, tmp_path):
+    """The command a deployment runs: `openr2 serve --model CKPT --upstream URL`, answering and billing."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "openr2", "serve", "--model", str(ckpt), "--served-model-name",
+                             "tiny", "--upstream", upstreams[0][1], "--port", str(port), "--data-dir", str(tmp_path)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, base_url)
+        resp = _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=4, temperature=0)
+        assert resp.usage.completion_tokens == 4 or resp.choices[0].finish_reason == "stop"
+        assert _row(tmp_path, resp.id) == _usage(resp.usage)
+    finally:
+        stop(proc)
+    assert proc.returncode in (0, -15)  # SIGTERM: uvicorn shuts down, then re-raises the signal
 
 
 def test_bad_requests_are_4xx_and_upstream_refusals_pass_through(gw, monkeypatch):
