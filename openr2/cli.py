@@ -236,6 +236,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from openr2.server.app import Server, ServerConfig, create_app, parse_model_aliases
     from openr2.server.pages import example_prompts
 
+    if args.upstream or args.config:
+        return _serve_gateway(args)
     aliases = parse_model_aliases(args.model_aliases)
     ledger = _ledger(args)  # first: a bad database URL fails before minutes of loading
     engine = _load_engine(args)
@@ -265,6 +267,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"openr2: {server.engine.failure}", file=sys.stderr)
         return 1
     return 0 if http.started else 3  # uvicorn.run's status when it could not start (a port in use...)
+
+
+def _serve_gateway(args: argparse.Namespace) -> int:
+    """`serve --upstream URL ... | --config gateway.toml`: the same server, generation done by upstream servers;
+    --model names the checkpoint (or tokenizer) directory whose tokenizer and chat template the gateway uses."""
+    import uvicorn
+
+    from openr2 import billing
+    from openr2.engine.sampling import generation_defaults
+    from openr2.server.app import Server, ServerConfig, create_app, parse_model_aliases
+    from openr2.server.gateway import UpstreamBackend
+    from openr2.server.pages import example_prompts
+    from openr2.server.upstreams import Upstream, UpstreamPool, check_prices, load_upstreams
+    from openr2.tokenizer import Tokenizer
+
+    upstreams, settings = load_upstreams(args.config) if args.config else ([], {})
+    upstreams += [Upstream(url) for url in args.upstream or []]
+    unknown = set(settings) - {"max_model_len", "probe_interval_s", "affinity_tokens"}
+    if unknown:
+        raise ValueError(f"{args.config}: unknown top-level key(s) {sorted(unknown)}")
+    pool = UpstreamPool(upstreams, **{k: v for k, v in settings.items() if k != "max_model_len"})
+    backend = UpstreamBackend(pool, Tokenizer.from_pretrained(args.model),
+                              getattr(args, "engine_max_model_len", None) or settings.get("max_model_len"))
+    prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
+    check_prices(upstreams, prices)
+    config = ServerConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+                          require_auth=args.require_auth, log_content=args.log_content,
+                          requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
+                          default_sampling=generation_defaults(args.model), example_prompts=example_prompts(args.model),
+                          docs=args.docs, model_aliases=parse_model_aliases(args.model_aliases))
+    server = Server(backend, _ledger(args), prices, config)
+    print(f"openr2: gateway for {config.model_name!r} over {len(upstreams)} upstream(s) on "
+          f"http://{args.host}:{args.port} (data in {args.data_dir})")
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning"))
+    http.run()
+    return 0 if http.started else 3
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -581,7 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server", late_flags=_add_engine_flags)
-    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument("--model", required=True, help="checkpoint directory (with --upstream: its tokenizer is used)")
+    serve.add_argument("--upstream", action="append", default=None, metavar="URL",
+                       help="gateway mode: generate on this OpenAI-compatible server (openr2, vLLM, SGLang, "
+                            "llama.cpp) instead of in process; repeat for several")
+    serve.add_argument("--config", default=None, metavar="TOML",
+                       help="gateway mode: a file of [[upstreams]] tables (url, model, weight, api_key, prices)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="~/.openr2", help="SQLite ledger and stored files")

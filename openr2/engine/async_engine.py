@@ -83,11 +83,14 @@ class AsyncEngine:
         return self.engine.spec_stats
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       salt: str | None = None, priority: int = 0,
+                       restartable: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changed it; the last one is finished.
 
         Bad input raises ValueError before any output (nothing runs); a request the engine failed raises
-        RequestError; a dead or shut-down engine raises EngineDeadError.
+        RequestError; a dead or shut-down engine raises EngineDeadError. `restartable` (the caller shows
+        nothing before the end) matters only to the server's remote backend (server/gateway.py): a request
+        here has no other engine to start again on.
         """
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()

@@ -11,6 +11,12 @@ from the engine's token counts, also when the client disconnects before the end,
 request is then aborted and its cache blocks freed). Prompt and completion text are stored only with
 log_content. A stream that fails after its 200 headers ends with an error event, then `data: [DONE]`. A dead
 engine (async_engine.py) turns /health and every generation into a 503.
+
+`Server.engine` is the generation backend: the in-process AsyncEngine, or gateway.py's UpstreamBackend (the
+same interface over OpenAI-compatible upstream servers: `openr2 serve --upstream`). A backend with `start`
+/ `stop` is started and stopped with the app; an output's `prices`, where it has them, price its bill.
+Non-streamed requests pass `restartable=True`: nothing of theirs reaches the client before the end, so a
+backend may start them again elsewhere when its upstream fails midway.
 """
 
 from __future__ import annotations
@@ -177,10 +183,14 @@ class Server:
         finally:
             await self.release(reserved)
 
+    def prices_for(self, output) -> billing.PriceTable:
+        """The price table of one output: the upstream's own where the gateway's config gives one."""
+        return getattr(output, "prices", None) or self.prices
+
     def bill(self, key_id: str, endpoint: str, output, request_id: str, content: str | None = None) -> None:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
-        cost = self.prices.cost(usage, batch=False)
+        cost = self.prices_for(output).cost(usage, batch=False)
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None)
 
@@ -204,8 +214,8 @@ class Server:
         here (the batch worker bills with the line), else the ChatCompletion after billing. Interactive
         requests (bill=True) are timed into the latency histograms from `start` (perf_counter)."""
         timer = self.metrics.timer(start) if bill else None
-        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id,
-                                      priority)
+        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
+                                      cache_salt(key_id, req), priority, restartable=True)
         last = None
         try:
             last = await self.first_output(stream)
@@ -255,8 +265,8 @@ class Server:
 
         async def run(i: int, ids: list[int]):
             timer = self.metrics.timer(start) if bill else None
-            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}", key_id,
-                                          priority)
+            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}",
+                                          cache_salt(key_id, req), priority, restartable=True)
             try:
                 lasts[i] = await self.first_output(stream)
                 if timer:
@@ -342,6 +352,12 @@ class Server:
             raise bad_request(str(e), str(e).split(":", 1)[0] if ":" in str(e) else None) from None
 
 
+def cache_salt(key_id: str, req) -> str:
+    """The engine's prefix-cache salt: the key (no two keys share cached blocks), split further by the
+    request's own `cache_salt` (vLLM's field; a gateway in front sends one per key of its own)."""
+    return key_id if req.cache_salt is None else f"{key_id}\x00{req.cache_salt}"
+
+
 async def _disconnected(request: Request) -> None:
     """Return once the client has gone (the body is read: the next ASGI message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -359,6 +375,8 @@ def create_app(server: Server) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(server.ledger.release_all)  # reservations of a process that died (balance_store.py)
+        if hasattr(server.engine, "start"):  # a gateway's upstreams: connections and health probes
+            await server.engine.start()
         worker = asyncio.create_task(server.batch_worker.run())
         yield
         worker.cancel()
@@ -366,6 +384,8 @@ def create_app(server: Server) -> FastAPI:
         # the lifespan ends, before a merely cancelled task gets another turn
         with contextlib.suppress(asyncio.CancelledError):
             await worker
+        if hasattr(server.engine, "stop"):
+            await server.engine.stop()
 
     # Private by default: FastAPI's built-in OpenTelemetry (0.165+) could export spans when OTEL_*
     # variables are set; this server never sends anything anywhere, so it is switched off.
@@ -434,7 +454,8 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)))
         try:  # a stream releases at its end (sse_events)
-            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id, key_id)
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
+                                            cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
@@ -461,7 +482,8 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_completion(key_id, req, prompts, params, request_id, start=start)))
         try:
-            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id, key_id)
+            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id,
+                                            cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)

@@ -231,7 +231,7 @@ class BatchWorker:
                 reserved = await self._reserve(key_id, request_id, [(len(ids), params)])
                 response, out = await server.run_chat(key_id, req, prompt, ids, params, request_id, BATCH_PRIORITY,
                                                       bill=False)
-                usage = out.usage
+                usage, outs = out.usage, [out]
             else:
                 req, prompts, params = server.prepare_completion(line["body"])
                 await self._throttle(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
@@ -239,7 +239,8 @@ class BatchWorker:
                 response, outs = await server.run_completion(key_id, req, prompts, params, request_id,
                                                              BATCH_PRIORITY, bill=False)
                 usage = Usage.total(o.usage for o in outs)
-            cost = server.prices.cost(usage, batch=True)
+            # per output: a gateway's prompts may run on upstreams with their own prices (cost is linear)
+            cost = sum(server.prices_for(o).cost(o.usage, batch=True) for o in outs)
             # the line's bill settles its reservation (same request id, same transaction)
             await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
                                     response.model_dump(), request_id, usage, cost)

@@ -93,6 +93,8 @@ class Metrics:
                              registry=r)
         if server is not None:
             r.register(_QueueCollector(server))
+            if hasattr(getattr(server, "engine", None), "collect"):  # a gateway's upstreams (gateway.py)
+                r.register(server.engine)
 
     def count_usage(self, endpoint: str, usage) -> None:
         """`usage`: anything with prompt_tokens, cached_prompt_tokens, completion_tokens (engine or billing)."""

@@ -191,6 +191,7 @@ class _SamplingRequest(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only between equal salts (of one key)
 
     @model_validator(mode="before")
     @classmethod
@@ -200,6 +201,13 @@ class _SamplingRequest(_Strict):
                 if name in data and wants(data[name]):
                     raise ParamError(name, f"'{name}' is not supported by this server.")
         return data
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt(cls, v):
+        if v is not None and not 0 < len(v) <= 256:
+            raise ValueError("expected a non-empty string of at most 256 characters")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -23,7 +23,7 @@ class ScriptedEngine:
         self.failure, self.num_running, self.num_waiting, self.spec_stats = None, 0, 0, None
         self.prompts: list[str] = []  # every prompt it was given, in order
 
-    async def generate(self, prompt, params, request_id=None, salt=None, priority=0):
+    async def generate(self, prompt, params, request_id=None, salt=None, priority=0, restartable=False):
         ids = prompt["prompt_token_ids"]
         text = prompt.get("prompt") or self.tokenizer.decode(ids)
         self.prompts.append(text)

@@ -1,0 +1,369 @@
+"""UpstreamBackend: the server's generation backend when the tokens come from other servers.
+
+The routes talk to a generation backend: `generate(prompt, params, request_id, salt, priority)` yielding
+engine-shaped outputs (`RequestOutput`), plus `tokenizer`, `max_model_len`, `failure`, `num_running` and
+`num_waiting`. AsyncEngine is the in-process one; this is the other. So keys, rate limits, balances, the
+ledger, batches, metrics, the chat page, the reasoning split and tool calls are the same code either way:
+the gateway renders and tokenises the prompt itself (the checkpoint's own chat template) and sends the ids
+to an upstream's /v1/completions, which openr2, vLLM, SGLang and llama.cpp all accept, streaming, with
+`stream_options.include_usage`. Each upstream chunk becomes one output at once (no buffering); `<think>`
+returned inline is split by the routes as for the local engine. An upstream configured with `cache_salt`
+gets each request's key, hashed, as `cache_salt` (vLLM's field; openr2 takes it too), so its prefix cache is
+shared within a key only; otherwise every key shares the upstream's cache.
+
+Failures: a request whose upstream cannot be reached, drops the connection, answers 5xx/429 or sends an error
+event before any token was passed on goes to another upstream, each tried once; a 4xx is the request's own
+fault and is answered as is. Only a transport failure takes an upstream out at once (upstreams.py): a 5xx
+or an error event may be this request's doing, and one bad request must not empty the pool; the health
+probes take out an upstream that is really down. A request that fails after tokens went out ends with
+UpstreamFailed (a 502; a stream ends with its error event) unless it is restartable (see generate), and
+the last output yielded is updated to the usage of what was delivered, counted with the tokenizer: the
+routes bill the last output they received. A client that goes away is billed the same way.
+
+Usage: the upstream's counts where it reports them (upstream_usage.py), the tokenizer's where it does not;
+cached prompt tokens only from the upstream. The last output carries `usage_source` ("upstream" or "local",
+counted on /metrics), every output the chosen upstream's price table (`prices`, None for the server's). Not
+supported yet: logprobs (a 400), since upstreams return token strings, not ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from openr2.chat_format import ReasoningParser, prompt_opens_reasoning
+from openr2.engine.engine import CompletionOutput, RequestOutput
+from openr2.engine.usage import Usage
+from openr2.server.errors import APIError
+from openr2.server.metrics import PREFIX
+from openr2.server.upstream_usage import merge, reported_usage
+from openr2.server.upstreams import UpstreamPool, UpstreamState
+
+logger = logging.getLogger("openr2.gateway")
+_RETRY_STATUS = {429, 500, 502, 503, 504}  # the upstream's trouble, not the request's: another may serve it
+
+
+class UpstreamFailed(APIError):
+    """An upstream failed after part of the answer was passed on, or no upstream could take the request."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(status, message, "server_error", None, "upstream_error",
+                         {"Retry-After": "1"} if status == 503 else None)
+
+
+class _Retry(Exception):
+    """The chosen upstream failed before any token went out: try another."""
+
+
+class _ErrorEvent(Exception):
+    """An upstream's stream carried an error event: the request failed there, the upstream itself is alive."""
+
+
+def upstream_body(ids: list[int], params) -> dict:
+    """The /v1/completions body for one request: vLLM's names, extensions only when they are not defaults
+    (so that a server without them, llama.cpp's, is not handed fields it might refuse)."""
+    if params.logprobs is not None:
+        raise ValueError("logprobs: not available through the gateway yet (upstreams return token text, not ids)")
+    body = {"prompt": ids, "n": params.n, "temperature": params.temperature, "top_p": params.top_p,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if params.max_tokens is not None:
+        body["max_tokens"] = params.max_tokens
+    optional = {"top_k": -1, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "repetition_penalty": 1.0, "seed": None, "ignore_eos": False, "skip_special_tokens": True,
+                "include_stop_str_in_output": False}
+    for name, default in optional.items():
+        if getattr(params, name) != default:
+            body[name] = getattr(params, name)
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.stop_token_ids:
+        body["stop_token_ids"] = list(params.stop_token_ids)
+    return body
+
+
+class UpstreamBackend:
+    def __init__(self, pool: UpstreamPool, tokenizer, max_model_len: int | None = None,
+                 client: httpx.AsyncClient | None = None):
+        self.pool, self.tokenizer = pool, tokenizer
+        self._max_model_len = max_model_len
+        self.failure: str | None = None  # never dead: upstreams come and go (a 503 while none is healthy)
+        self.client = client
+        self._probes: asyncio.Task | None = None
+        self.usage_sources = {"upstream": 0, "local": 0}  # for /metrics
+
+    # ------------------------------------------------------------------------- backend interface
+    @property
+    def max_model_len(self) -> int:
+        """The configured context length, else the smallest an upstream reported, else 4096."""
+        if self._max_model_len:
+            return self._max_model_len
+        known = [s.max_model_len for s in self.pool.states if s.max_model_len]
+        return min(known) if known else 4096
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.outstanding for s in self.pool.states)
+
+    num_waiting = 0  # the upstreams queue; the gateway holds nothing back
+
+    def collect(self):
+        """The upstreams on /metrics (metrics.py registers this collector): health, load, requests sent, and
+        how many bills rest on the upstream's usage or on local counts (the ledger row does not say yet)."""
+        healthy = GaugeMetricFamily(f"{PREFIX}_upstream_healthy", "1 while the upstream is in the pool.",
+                                    labels=["upstream"])
+        outstanding = GaugeMetricFamily(f"{PREFIX}_upstream_outstanding_requests",
+                                        "Requests sent to the upstream and not yet ended.", labels=["upstream"])
+        sent = CounterMetricFamily(f"{PREFIX}_upstream_requests", "Requests sent to the upstream, retries included.",
+                                   labels=["upstream"])
+        for state in self.pool.states:
+            healthy.add_metric([state.upstream.url], int(state.healthy))
+            outstanding.add_metric([state.upstream.url], state.outstanding)
+            sent.add_metric([state.upstream.url], state.served)
+        sources = CounterMetricFamily(f"{PREFIX}_usage_source", "Requests ended with usage reported by the "
+                                      "upstream or counted with the tokenizer.", labels=["source"])
+        for source in ("upstream", "local"):
+            sources.add_metric([source], self.usage_sources[source])
+        yield from (healthy, outstanding, sent, sources)
+
+    def describe(self):  # no scrape at registration time
+        return []
+
+    async def start(self) -> None:
+        """Open the connection pool, probe every upstream once, then keep probing in the background."""
+        if self.client is None:
+            # no pool limit: every open stream holds a connection; a long prefill may take minutes
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
+                                            limits=httpx.Limits(max_connections=None,
+                                                                max_keepalive_connections=256))
+        await self.pool.probe_all(self.client)
+        self._probes = asyncio.create_task(self.pool.run(self.client))
+
+    async def stop(self) -> None:
+        if self._probes is not None:
+            self._probes.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def generate(self, prompt: dict, params, request_id: str | None = None, salt: str | None = None,
+                       priority: int = 0, restartable: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yield outputs as the upstream's chunks arrive; the last is finished and carries the usage.
+
+        A restartable request (non-streamed: the caller shows nothing before the end) that fails midway
+        starts again on another upstream; only what reached a client is ever billed, and once. Batch lines
+        (priority > 0) also wait for a healthy upstream instead of failing."""
+        ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        body = upstream_body(ids, params)
+        tried: set = set()
+        last_error = None
+        while True:
+            state = self.pool.pick(ids, tried)
+            if state is None:
+                if priority <= 0:
+                    why = f" (the last one: {last_error})" if last_error else ""
+                    raise UpstreamFailed(f"No upstream could take the request{why}; try again shortly.", 503)
+                await asyncio.sleep(self.pool.probe_interval_s)
+                tried.clear()
+                continue
+            tried.add(state)
+            run = _Run(self, state, ids, text, params, request_id or "")
+            sent = {**body, "cache_salt": _cache_salt(salt)} if state.upstream.cache_salt and salt else body
+            try:
+                # aclosing: a consumer that stops (a client gone) closes the upstream stream now, not at GC
+                async with contextlib.aclosing(run.stream(sent)) as outputs:
+                    async for output in outputs:
+                        yield output
+                return
+            except _Retry as e:
+                last_error = str(e)
+                logger.warning("request %s: upstream %s failed before any token (%s); trying another",
+                               request_id, state.upstream.url, e)
+            except UpstreamFailed:
+                if not restartable:
+                    raise
+                logger.warning("request %s: upstream %s failed midway; starting again elsewhere",
+                               request_id, state.upstream.url)
+
+
+def _cache_salt(key_id: str) -> str:
+    """The salt that partitions an upstream's prefix cache by API key, without handing it the key's id."""
+    return hashlib.blake2b(key_id.encode(), digest_size=16, person=b"openr2-salt").hexdigest()
+
+
+async def _sse_events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """The `data:` payloads of a server-sent event stream, grouped by what each network read brought: one
+    event at a time while the gateway keeps up, several at once when it falls behind (then they go on to
+    the client as one chunk, which is what keeps its CPU per token down under load). Nothing waits for
+    more: each read is passed on as it arrives."""
+    buffer = b""
+    async for piece in resp.aiter_bytes():  # content-decoded, unlike aiter_raw
+        buffer += piece
+        *lines, buffer = buffer.split(b"\n")
+        events = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if events:
+            yield events
+    if buffer.startswith(b"data:"):
+        yield [buffer[5:].strip()]
+
+
+class _Run:
+    """One request on one upstream: the SSE stream read, turned into outputs, and its usage."""
+
+    def __init__(self, backend: UpstreamBackend, state: UpstreamState, ids, text, params, request_id: str):
+        self.backend, self.state, self.ids, self.prompt = backend, state, ids, text
+        self.params, self.request_id = params, request_id
+        self.outputs = [CompletionOutput(index=i) for i in range(params.n)]
+        self.chunks = 0  # text-bearing choice deltas: the running completion count (one token each, mostly)
+        self.reported = None
+        self.last: RequestOutput | None = None  # the last output yielded
+
+    async def stream(self, body: dict) -> AsyncIterator[RequestOutput]:
+        state, pool = self.state, self.backend.pool
+        state.outstanding += 1
+        state.served += 1
+        try:
+            async with self.backend.client.stream("POST", f"{state.upstream.url}/v1/completions",
+                                                  json={**body, "model": state.model},
+                                                  headers=state.headers()) as resp:
+                if resp.status_code != 200:
+                    await self._refuse(resp)
+                async for events in _sse_events(resp):
+                    output, done = self._feed(events)
+                    if output is not None:
+                        self.last = output
+                        yield output
+                    if done:
+                        break
+            if not self._all_finished:
+                raise httpx.RemoteProtocolError("the stream ended before every choice finished")
+        except (httpx.HTTPError, _ErrorEvent) as e:
+            if self._all_finished:  # lost after the last choice ended (before [DONE]): the answer is whole
+                pass
+            elif self.last is None:
+                if isinstance(e, httpx.TransportError):  # it cannot be reached or dropped the connection
+                    pool.mark_failed(state, f"{type(e).__name__}: {e}")
+                raise _Retry(str(e)) from None
+            else:
+                self._settle_delivered()
+                raise UpstreamFailed(f"The upstream failed mid-answer ({type(e).__name__}); the part delivered "
+                                     f"is billed.") from None
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: it is billed what it got
+            if self.last is not None:
+                self._settle_delivered()
+            raise
+        finally:
+            state.outstanding -= 1
+        yield self._final()
+
+    async def _refuse(self, resp: httpx.Response) -> None:
+        """A non-200 answer: a retry elsewhere for the upstream's trouble, else the client's 4xx as is."""
+        raw = await resp.aread()
+        if resp.status_code in _RETRY_STATUS:  # the health probes, not this answer, take it out
+            raise _Retry(f"answered {resp.status_code}")
+        error = {}
+        with contextlib.suppress(ValueError, AttributeError):
+            error = json.loads(raw).get("error") or {}
+        error = error if isinstance(error, dict) else {"message": str(error)}
+        status = resp.status_code if 400 <= resp.status_code < 500 else 502
+        message = error.get("message") or raw[:200].decode(errors="replace")
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+        raise APIError(status, f"upstream: {message}", param=param)
+
+    def _feed(self, events: list[bytes]) -> tuple[RequestOutput | None, bool]:
+        """The events that arrived together -> (one output carrying all their text, or None; [DONE] seen)."""
+        for o in self.outputs:
+            o.text_delta = ""
+        changed = done = False
+        for data in events:
+            if data == b"[DONE]":
+                done = True
+                break
+            changed |= self._apply(data)
+        if not changed:
+            return None, done
+        return self._output(finished=False, usage=Usage(len(self.ids), 0, self.chunks, 0)), done
+
+    def _apply(self, data: bytes) -> bool:
+        """One upstream chunk into the choices' state; True if it added text."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise httpx.DecodingError(f"not JSON: {data[:80]!r}") from None
+        if not isinstance(chunk, dict):
+            raise httpx.DecodingError("a chunk that is not an object")
+        if chunk.get("error"):  # an error event in the stream (openr2, vLLM): this request failed there
+            raise _ErrorEvent(f"upstream error event: {json.dumps(chunk['error'])[:200]}")
+        reported = reported_usage(chunk)
+        if reported is not None:
+            self.reported = reported
+        changed = False
+        for choice in chunk.get("choices") or []:
+            i = choice.get("index", 0) if isinstance(choice, dict) else None
+            if not isinstance(i, int) or not 0 <= i < len(self.outputs):
+                raise httpx.DecodingError(f"a choice index out of range: {i!r}")
+            out, delta = self.outputs[i], choice.get("text") or ""
+            if not isinstance(delta, str):
+                raise httpx.DecodingError(f"a choice text that is not a string: {delta!r:.80}")
+            if delta:
+                out.text += delta
+                out.text_delta += delta
+                self.chunks += 1
+                changed = True
+            if choice.get("finish_reason") and out.finish_reason is None:
+                # held back until the usage has come (_final): then the last output carries it
+                out.stop_reason = choice["finish_reason"]
+        return changed
+
+    def _output(self, finished: bool, usage: Usage) -> RequestOutput:
+        outputs = []
+        for o in self.outputs:
+            copy = CompletionOutput(index=o.index, text=o.text, text_delta=o.text_delta,
+                                    finish_reason=o.finish_reason)
+            if not finished:
+                copy.finish_reason = None
+            outputs.append(copy)
+        out = RequestOutput(self.request_id, self.prompt, self.ids, outputs, finished, usage)
+        out.prices = self.state.upstream.prices  # Server.prices_for bills with them
+        return out
+
+    @property
+    def _all_finished(self) -> bool:
+        return all(o.stop_reason is not None for o in self.outputs)
+
+    def _final(self) -> RequestOutput:
+        for o in self.outputs:
+            o.text_delta = ""
+            o.finish_reason = "length" if o.stop_reason == "length" else "stop"
+        usage, source = self._usage(self.reported)
+        out = self._output(finished=True, usage=usage)
+        out.usage_source = source
+        self.backend.usage_sources[source] += 1
+        return out
+
+    def _usage(self, reported) -> tuple[Usage, str]:
+        tokenizer = self.backend.tokenizer
+
+        def completion() -> int:
+            return sum(len(tokenizer.encode(o.text)) for o in self.outputs)
+
+        def reasoning() -> int:
+            if self.prompt is None:  # a text completion: no chat, no reasoning split
+                return 0
+            opens = prompt_opens_reasoning(self.prompt)
+            return sum(len(tokenizer.encode(ReasoningParser(opens).parse(o.text)[0] or ""))
+                       for o in self.outputs)
+
+        return merge(reported, prompt_tokens=len(self.ids), completion_tokens=completion,
+                     reasoning_tokens=reasoning)
+
+    def _settle_delivered(self) -> None:
+        """Mid-answer failure: the routes bill the last output they got, so it gets the delivered usage."""
+        usage, _ = self._usage(None)  # any usage the upstream sent described more than was delivered
+        self.last.usage, self.last.usage_source = usage, "local"
+        self.backend.usage_sources["local"] += 1
