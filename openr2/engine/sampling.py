@@ -12,6 +12,7 @@ Order of operations per row (vLLM's):
   1. logprobs, when asked, from log_softmax of the raw model logits (vLLM's default "raw_logprobs":
      before penalties, temperature and masks, so they describe the model, not the sampler);
   2. repetition penalty over prompt + output tokens, then frequency and presence penalties over output;
+  2b. grammar masks (constrained decoding, engine/grammar.py): tokens a row's grammar does not allow -> -inf;
   3. greedy rows (temperature < 1e-5) take the argmax of the penalised logits and stop here;
   4. random rows: divide by temperature, mask with top-k, top-p, min-p, then sample.
 
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+
+from openr2.engine.grammar import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs cap; vLLM's default --max-logprobs
 GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does), avoiding overflow in x / T
@@ -106,6 +109,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the chosen token's
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # the answer's grammar (engine/grammar.py)
 
     def __post_init__(self):
         if not _is_int(self.n) or self.n < 1:
@@ -141,6 +145,8 @@ class SamplingParams:
         self.stop_token_ids = list(ids)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -201,6 +207,17 @@ def apply_penalties(
     counts = output_counts.to(logits.dtype)
     logits = logits - frequency_penalty.to(logits)[:, None] * counts
     return logits - presence_penalty.to(logits)[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_allowed(logits: torch.Tensor, allowed: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Grammar masks: (first row, allowed [n, V] bool) pairs; the rows' tokens outside `allowed` become -inf.
+    Rows not listed are untouched; one masked_fill for the whole batch."""
+    if not allowed:
+        return logits
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    for start, rows in allowed:
+        keep[start : start + rows.shape[0]] = rows.to(logits.device)
+    return logits.masked_fill(~keep, _NEG_INF)
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -292,11 +309,13 @@ def sample(
     generators: Sequence[torch.Generator | None] | None = None,
     prompt_token_ids: Sequence[TokenIds | None] | None = None,
     output_token_ids: Sequence[TokenIds | None] | None = None,
+    allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> SampleResult:
     """Pick one token per row, each row with its own params and generator (None = global RNG).
 
     Token histories are read only for rows with penalties (others may be None); the repetition penalty
-    needs both, frequency and presence need only the output. `logits` is not modified.
+    needs both, frequency and presence need only the output. `allowed`: per row None (free) or a bool [V]
+    grammar mask; a row never gets a token outside it. `logits` is not modified.
     """
     B, V = logits.shape
     if len(params) != B:
@@ -313,6 +332,8 @@ def sample(
     pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
     if pen_rows:
         x = penalise(x, params, pen_rows, prompt_token_ids, output_token_ids)
+    if allowed is not None:
+        x = apply_allowed(x, [(i, a.reshape(1, -1)) for i, a in enumerate(allowed) if a is not None])
 
     token_ids = x.argmax(dim=-1)  # right for greedy rows; random rows are overwritten below
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]
