@@ -16,8 +16,8 @@ How Anthropic's fields map onto ours:
     under max_tokens) but only `max_tokens` caps generation (thinking included): there is no separate cap.
   * `max_tokens` is cut to the room the context leaves (stop_reason `model_context_window_exceeded` when that
     cut ends the answer); `stop_sequences`, `temperature` (0..1), `top_p`, `top_k` as the chat path takes them.
-  * `tools` / `tool_choice` become OpenAI's `tools` / `tool_choice` (auto, none; any and a named tool need
-    constrained decoding, a 400 for now); calls come back as `tool_use` blocks, stop_reason "tool_use".
+  * `tools` / `tool_choice` become OpenAI's `tools` / `tool_choice` (auto, none; any -> required and a named
+    tool, both kept by constrained decoding); calls come back as `tool_use` blocks, stop_reason "tool_use".
   * `output_config.effort`, `metadata`, `service_tier`, `cache_control` and unknown fields are accepted and
     ignored; `output_config.format` (structured output) is a 400 for now. The current SDK no longer types
     `temperature`, `top_p` and `top_k`; they still work (as extra_body from the SDK).
