@@ -191,3 +191,29 @@ def test_a_bad_schema_is_refused_at_add_request(demo):
     with pytest.raises(ValueError, match="structured_outputs"):
         engine.add_request("r", "x", SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": 3})))
     assert not engine.has_unfinished_requests()
+
+
+def test_a_strict_tool_call_block_is_constrained_after_the_model_opens_it():
+    from openr2.tokenizer import TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, Tokenizer
+    from openr2.tool_calls import V3
+
+    tok = Tokenizer.from_pretrained(str(DEMO))
+    params = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+              "additionalProperties": False}
+    begin = tok.token_to_id(TOOL_CALLS_BEGIN)
+    grammar = V3.calls_grammar([("get_weather", params)], tok.token_to_id, after_begin=True)
+    compiler = GrammarCompiler(tok, tok.vocab_size)
+    state = compiler.state(compiler.compile(StructuredOutputsParams(grammar=grammar, trigger_token_ids=(begin,))),
+                           [begin])
+    text = tok.encode("Let me look.")
+    assert state.masks(text) is None  # free text before the block
+    good = tok.encode(V3.calls_text([("get_weather", '{"city":"Oslo"}')])) + [tok.eos_token_id]
+    rows = state.masks(good)
+    assert all(rows[j, t] for j, t in enumerate(good))
+    assert int(rows[1].sum()) == 1 and rows[1, tok.token_to_id(TOOL_CALL_BEGIN)]  # nothing but a call
+    bad = tok.encode(V3.calls_text([("get_weather", '{"city":"Rome"}')]))
+    rows = state.masks(bad)
+    assert not all(rows[j, t] for j, t in enumerate(bad))
+    for t in text + good:
+        state.advance(t)
+    assert state.matcher.is_stopped()
