@@ -168,10 +168,14 @@ def test_preemption_keeps_the_grammar_state(demo):
 
 
 def test_n_samples_each_follow_the_grammar(demo):
-    outs, _ = _run(demo, [PROMPTS[0]], [SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=80,
-                                                       structured_outputs=JSON)])
-    assert outs[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(outs[0].text), SCHEMA)
+    model, tok = demo
+    engine = LLMEngine(model, tok, EngineConfig(num_blocks=64, block_size=16))
+    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=80, structured_outputs=JSON)
+    outs = [out for out in engine.stream(PROMPTS[0], params) if out.finished][-1].outputs
+    assert len({o.text for o in outs}) > 1  # forked samples, each with its own grammar state
+    for out in outs:
+        assert out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.text), SCHEMA)
 
 
 def test_reasoning_is_free_until_think_end(demo):
