@@ -82,12 +82,13 @@ def check(params: StructuredOutputsParams) -> str:
 
 
 class GrammarCompiler:
-    """The tokenizer's view for llguidance (built on first use) and validated grammars, cached by text."""
+    """The tokenizer's view for llguidance (built on the first constrained request) and the texts of
+    grammars already validated against it (LRU), so a schema many requests share is checked once."""
 
     def __init__(self, tokenizer, vocab_size: int, cache_size: int = 256):
         self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
         self._ll_tokenizer = None
-        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache: OrderedDict[str, None] = OrderedDict()
 
     @property
     def ll_tokenizer(self):
@@ -110,7 +111,7 @@ class GrammarCompiler:
         error = LLMatcher.validate_grammar(text, self.ll_tokenizer)
         if error:
             raise ValueError(error.strip())
-        self._cache[text] = text
+        self._cache[text] = None
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return text
@@ -130,14 +131,6 @@ class GrammarState:
     def __init__(self, matcher, tokenizer_vocab_size: int, vocab_size: int, triggers: list[int]):
         self.matcher, self.pending = matcher, list(triggers)
         self.tokenizer_vocab_size, self.vocab_size = tokenizer_vocab_size, vocab_size
-
-    def copy(self) -> GrammarState:
-        return GrammarState(self.matcher.deep_copy(), self.tokenizer_vocab_size, self.vocab_size, self.pending)
-
-    @property
-    def active(self) -> bool:
-        """Whether the next token is constrained (every trigger has been generated)."""
-        return not self.pending
 
     def masks(self, drafts: list[int]) -> torch.Tensor | None:
         """allowed [1 + K, V] bool: row j for the position after drafts[:j]; None when no position is
