@@ -124,6 +124,17 @@ def test_named_tool_choice_returns_arguments_that_validate_and_the_next_turn_ans
     assert follow.choices[0].finish_reason in ("stop", "length") and follow.usage.completion_tokens > 0
 
 
+def test_a_streamed_named_tool_call(live):
+    client = _client(live[0])
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Paris?"}], tools=[WEATHER], max_tokens=400, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_THINKING))
+    calls = [d.tool_calls[0] for c in chunks if c.choices for d in [c.choices[0].delta] if d.tool_calls]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_required_tool_choice_calls_one_of_the_tools(live):
     client = _client(live[0])
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
