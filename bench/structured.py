@@ -77,18 +77,56 @@ def _timed_grammar() -> None:
     GrammarState.masks, GrammarState.advance = timed_masks, timed_advance
 
 
+def _byte_level(b: bytes) -> str:
+    """GPT-2's byte-level alphabet (what tokenizers' ByteLevel writes in a vocabulary)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte], extra = chr(256 + extra), extra + 1
+    return "".join(table[x] for x in b)
+
+
+def large_vocab(size: int):
+    """(model, tokenizer) with a `size`-token vocabulary: bench/grammar_libs.py's synthetic byte vocabulary (DeepSeek
+    has no tokenizer on this machine) as a byte-level BPE without merges (prompts encode byte by byte; the masks
+    see every token), EOS the last id, and the demo's architecture with random weights over that vocabulary."""
+    import dataclasses
+
+    import tokenizers
+
+    from bench.grammar_libs import synthetic_vocab
+    from openr2.config import ModelConfig
+    from openr2.model.transformer import build_model
+    from openr2.tokenizer import EOS
+
+    vocab, _ = synthetic_vocab(size)
+    bpe = tokenizers.models.BPE({_byte_level(t): i for i, t in enumerate(vocab[:-1])}, [])
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    config = dataclasses.replace(ModelConfig.from_pretrained(DEMO), vocab_size=size, eos_token_id=size - 1)
+    return build_model(config, seed=0).eval(), Tokenizer(tok, bos_token=None, eos_token=EOS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--speculative", default=None, help="e.g. mtp:2 (both sides)")
+    ap.add_argument("--vocab", type=int, default=0, help="a synthetic vocabulary of this size (e.g. 131072) and a "
+                    "random model over it, instead of the demo model and tokenizer")
     args = ap.parse_args()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, cpu {cpu_name()} x {os.cpu_count()}, "
-          f"demo model, eager, greedy, {args.new_tokens} new tokens, runs {args.runs}, "
+          f"{f'synthetic {args.vocab}-token vocabulary' if args.vocab else 'demo model'}, eager, greedy, "
+          f"{args.new_tokens} new tokens, runs {args.runs}, "
           f"speculative {args.speculative}")
     _timed_grammar()
-    model, tok = load_model(DEMO), Tokenizer.from_pretrained(DEMO)
+    model, tok = large_vocab(args.vocab) if args.vocab else (load_model(DEMO), Tokenizer.from_pretrained(DEMO))
     config = EngineConfig(num_blocks=256, block_size=16, enable_prefix_caching=False,
                           speculative_config=args.speculative)
     free = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

@@ -3,8 +3,8 @@
 Owns `StructuredOutputsParams` (vLLM's name: a JSON Schema, any JSON object, or an llguidance Lark grammar,
 optionally after a trigger token), `GrammarCompiler` (the served tokenizer's view for the grammar library,
 compiled grammars cached by text) and `GrammarState`, one per sequence: the matcher over its committed
-tokens and the allowed-token masks for the next step's positions (the sampled one and each draft's). The
-masks are applied by the batched sampler (sampling.apply_allowed); this module never sees logits.
+tokens and the masks of the tokens it blocks at the next step's positions (the sampled one and each draft's).
+The masks are applied by the batched sampler (sampling.apply_blocked); this module never sees logits.
 
 Reasoning stays free: a state starts with pending trigger tokens (the engine adds `</think>` when the prompt
 opens a reasoning block; a request may add its own, e.g. the tool-calls marker for `tool_choice: auto`) and
@@ -18,7 +18,7 @@ request is the common case, and compiling blocks the engine step), masks cost ~1
 (both far below a decode step), its Lark grammars name special tokens by id (DeepSeek's tool-call markers),
 and its wheel has no dependencies (xgrammar pulls in triton and transformers).
 
-Shape legend: K drafts of a row, V vocab (the model's; tokens past the tokenizer's are never allowed).
+Shape legend: K drafts of a row, V vocab (the model's; tokens past the tokenizer's are always blocked).
 """
 
 from __future__ import annotations
@@ -133,9 +133,9 @@ class GrammarState:
         self.tokenizer_vocab_size, self.vocab_size = tokenizer_vocab_size, vocab_size
 
     def masks(self, drafts: list[int]) -> torch.Tensor | None:
-        """allowed [1 + K, V] bool: row j for the position after drafts[:j]; None when no position is
-        constrained. A draft the grammar refuses is masked in its own row (so verification rejects it);
-        the rows after it are never reached and repeat that row."""
+        """blocked [1 + K, V] bool, True where the grammar refuses the token: row j for the position after
+        drafts[:j]; None when no position is constrained. A draft the grammar refuses is blocked in its own
+        row (so verification rejects it); the rows after it are never reached and repeat that row."""
         n_tok = self.tokenizer_vocab_size
         bits = np.full((1 + len(drafts), (n_tok + 31) // 32), -1, dtype=np.int32)  # all allowed: free rows
         pending, consumed, first = list(self.pending), 0, None  # first: the first constrained row
@@ -161,9 +161,10 @@ class GrammarState:
                 self.matcher.rollback(consumed)
         if first is None:
             return None
-        allowed = unpack(bits, n_tok, self.vocab_size)
-        allowed[:first] = True  # free rows allow the whole vocabulary, as unconstrained sampling does
-        return allowed
+        np.invert(bits, out=bits)  # set bits: blocked tokens (16 KB at 128K, where a bool [V] is 128 KB)
+        blocked = unpack(bits, n_tok, self.vocab_size)
+        blocked[:first] = False  # free rows block nothing, as unconstrained sampling does
+        return blocked
 
     def advance(self, token_id: int) -> None:
         """Commit one generated token."""
@@ -179,7 +180,8 @@ class GrammarState:
 
 def unpack(bits: np.ndarray, n_tok: int, vocab_size: int) -> torch.Tensor:
     """int32 bitmask [N, ceil(n_tok / 32)] (bit i of word w: token 32 w + i) -> bool [N, vocab_size]; ids past
-    n_tok are not allowed. numpy's unpackbits: ~10 us at 128K tokens, where torch shifts took milliseconds."""
-    allowed = np.zeros((bits.shape[0], max(vocab_size, n_tok)), dtype=np.uint8)
-    allowed[:, :n_tok] = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :n_tok]
-    return torch.from_numpy(allowed[:, :vocab_size].view(np.bool_))
+    n_tok are set (blocked). numpy's unpackbits: ~10 us at 128K tokens, where torch shifts took milliseconds."""
+    out = np.unpackbits(bits.view(np.uint8), axis=1, count=n_tok, bitorder="little")
+    if vocab_size > n_tok:
+        out = np.concatenate([out, np.ones((bits.shape[0], vocab_size - n_tok), dtype=np.uint8)], axis=1)
+    return torch.from_numpy(out[:, :vocab_size].view(np.bool_))

@@ -41,7 +41,7 @@ def test_the_sampler_never_picks_a_masked_token_and_greedy_is_the_allowed_argmax
               SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.5)]
     for trial in range(30):
         gens = [torch.Generator().manual_seed(trial * 10 + i) for i in range(B)]
-        ids = sample(logits, params, gens, allowed=allowed).token_ids.tolist()
+        ids = sample(logits, params, gens, blocked=[None if a is None else ~a for a in allowed]).token_ids.tolist()
         for i, (t, a) in enumerate(zip(ids, allowed)):
             if a is not None:
                 assert a[t], (trial, i)
@@ -54,8 +54,14 @@ def test_the_sampler_never_picks_a_masked_token_and_greedy_is_the_allowed_argmax
     mask[0, d] = False
     for p in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
         for trial in range(20):
-            out = sample_with_drafts(x, [[d, d]], [p], [torch.Generator().manual_seed(trial)], allowed=[mask])[0]
+            out = sample_with_drafts(x, [[d, d]], [p], [torch.Generator().manual_seed(trial)], blocked=[~mask])[0]
             assert len(out) == 1 and out[0].token_id != d
+
+
+def _allowed(state, drafts):
+    """The complement of GrammarState.masks (which gives the blocked tokens), None for free rows."""
+    blocked = state.masks(drafts)
+    return None if blocked is None else ~blocked
 
 
 def test_masks_with_drafts_roll_back_and_refuse_a_bad_draft():
@@ -64,16 +70,16 @@ def test_masks_with_drafts_roll_back_and_refuse_a_bad_draft():
     tok = Tokenizer.from_pretrained(str(DEMO))
     compiler = GrammarCompiler(tok, tok.vocab_size + 8)  # a model vocabulary padded past the tokenizer's
     state = compiler.state(compiler.compile(StructuredOutputsParams(json={"type": "object"})), [])
-    first = state.masks([])
+    first = _allowed(state, [])
     brace = tok.encode("{")[0]
     assert first.shape == (1, tok.vocab_size + 8) and first[0, brace] and int(first[0].sum()) == 1
     quote = tok.encode('"')[0]
-    rows = state.masks([brace, brace, quote])  # the second brace is refused: its row and the rest mask it
+    rows = _allowed(state, [brace, brace, quote])  # the second brace is refused: its row and the rest mask it
     assert rows[0, brace] and not rows[1, brace] and torch.equal(rows[2], rows[1]) and torch.equal(rows[3], rows[1])
-    assert torch.equal(state.masks([]), first)  # drafts were rolled back
+    assert torch.equal(_allowed(state, []), first)  # drafts were rolled back
     free = compiler.state(compiler.compile(StructuredOutputsParams(json={"type": "object"})), [502])
-    assert free.masks([7]) is None  # before the trigger: free
-    rows = free.masks([502, brace])
+    assert _allowed(free, [7]) is None  # before the trigger: free
+    rows = _allowed(free, [502, brace])
     assert rows[0].all() and int(rows[1].sum()) == 1 and rows[1, brace]
 
 
@@ -210,13 +216,13 @@ def test_a_strict_tool_call_block_is_constrained_after_the_model_opens_it():
     state = compiler.state(compiler.compile(StructuredOutputsParams(grammar=grammar, trigger_token_ids=(begin,))),
                            [begin])
     text = tok.encode("Let me look.")
-    assert state.masks(text) is None  # free text before the block
+    assert _allowed(state, text) is None  # free text before the block
     good = tok.encode(V3.calls_text([("get_weather", '{"city":"Oslo"}')])) + [tok.eos_token_id]
-    rows = state.masks(good)
+    rows = _allowed(state, good)
     assert all(rows[j, t] for j, t in enumerate(good))
     assert int(rows[1].sum()) == 1 and rows[1, tok.token_to_id(TOOL_CALL_BEGIN)]  # nothing but a call
     bad = tok.encode(V3.calls_text([("get_weather", '{"city":"Rome"}')]))
-    rows = state.masks(bad)
+    rows = _allowed(state, bad)
     assert not all(rows[j, t] for j, t in enumerate(bad))
     for t in text + good:
         state.advance(t)
