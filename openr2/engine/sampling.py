@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from openr2.engine.grammar import StructuredOutputsParams
@@ -217,8 +218,27 @@ def apply_blocked(logits: torch.Tensor, blocked: Sequence[tuple[int, torch.Tenso
         return logits
     x = logits.clone()
     for start, rows in blocked:
-        x[start : start + rows.shape[0]].masked_fill_(rows.to(x.device), _NEG_INF)
+        view = x[start : start + rows.shape[0]]
+        if view.is_cpu:
+            _fill_by_index(view, rows)
+        else:
+            view.masked_fill_(rows.to(view.device), _NEG_INF)
     return x
+
+
+def _fill_by_index(view: torch.Tensor, rows: torch.Tensor) -> None:
+    """view[rows] = -inf in place, through indices: a CPU masked_fill_ with a bool mask runs at ~4 ns a token
+    (~500 us at 128K on our test machine), numpy finds the indices in ~70 us and index writes are cheap. The
+    smaller side is indexed: the blocked tokens, or the allowed ones (kept, then everything else set)."""
+    mask = rows.numpy().reshape(-1)
+    flat = view.view(-1)
+    if np.count_nonzero(mask) * 2 <= mask.size:
+        flat.index_fill_(0, torch.from_numpy(np.flatnonzero(mask)), _NEG_INF)
+    else:
+        keep = torch.from_numpy(np.flatnonzero(~mask))
+        kept = flat[keep]
+        flat.fill_(_NEG_INF)
+        flat[keep] = kept
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

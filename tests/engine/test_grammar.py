@@ -58,6 +58,20 @@ def test_the_sampler_never_picks_a_masked_token_and_greedy_is_the_allowed_argmax
             assert len(out) == 1 and out[0].token_id != d
 
 
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 0.99, 1.0])
+def test_apply_blocked_equals_masked_fill(density):
+    from openr2.engine.sampling import apply_blocked
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 300, generator=gen)
+    before = x.clone()
+    blocked = torch.rand(2, 300, generator=gen) < density  # rows 1 and 2; rows 0 and 3 stay free
+    out = apply_blocked(x, [(1, blocked)])
+    expected = x.clone()
+    expected[1:3] = expected[1:3].masked_fill(blocked, float("-inf"))
+    assert torch.equal(out, expected) and torch.equal(x, before)
+
+
 def _allowed(state, drafts):
     """The complement of GrammarState.masks (which gives the blocked tokens), None for free rows."""
     blocked = state.masks(drafts)
