@@ -122,20 +122,22 @@ class GrammarCompiler:
         matcher = LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
-        return GrammarState(matcher, self.ll_tokenizer.vocab_size, self.vocab_size, triggers)
+        return GrammarState(matcher, self.ll_tokenizer.vocab_size, self.vocab_size, triggers, self.ll_tokenizer.eos_token)
 
 
 class GrammarState:
     """One sequence's grammar position over its committed tokens (see the module docstring)."""
 
-    def __init__(self, matcher, tokenizer_vocab_size: int, vocab_size: int, triggers: list[int]):
-        self.matcher, self.pending = matcher, list(triggers)
+    def __init__(self, matcher, tokenizer_vocab_size: int, vocab_size: int, triggers: list[int], eos_token_id: int):
+        self.matcher, self.pending, self.eos_token_id = matcher, list(triggers), eos_token_id
         self.tokenizer_vocab_size, self.vocab_size = tokenizer_vocab_size, vocab_size
 
     def masks(self, drafts: list[int]) -> torch.Tensor | None:
         """blocked [1 + K, V] bool, True where the grammar refuses the token: row j for the position after
         drafts[:j]; None when no position is constrained. A draft the grammar refuses is blocked in its own
         row (so verification rejects it); the rows after it are never reached and repeat that row."""
+        if self.matcher.is_error():  # a parser limit hit on the way (a pathological schema): end this request
+            raise RuntimeError(f"grammar: {self.matcher.get_error()}")
         n_tok = self.tokenizer_vocab_size
         bits = np.full((1 + len(drafts), (n_tok + 31) // 32), -1, dtype=np.int32)  # all allowed: free rows
         pending, consumed, first = list(self.pending), 0, None  # first: the first constrained row
@@ -152,6 +154,9 @@ class GrammarState:
                 # a refused token would put the matcher in its error state: test the mask's bit first
                 if d is None or d >= n_tok or not (int(bits[j, d >> 5]) >> (d & 31)) & 1:  # numpy int32
                     bits[j + 1:] = bits[j]
+                    break
+                if d == self.eos_token_id:  # allowed, and it ends the grammar: llguidance cannot roll a stop back
+                    bits[j + 1:] = bits[j]  # (the positions after an EOS are never used unless ignore_eos)
                     break
                 if not self.matcher.consume_token(d):
                     raise RuntimeError(f"grammar: allowed token {d} refused: {self.matcher.get_error()}")

@@ -91,10 +91,30 @@ def test_masks_with_drafts_roll_back_and_refuse_a_bad_draft():
     rows = _allowed(state, [brace, brace, quote])  # the second brace is refused: its row and the rest mask it
     assert rows[0, brace] and not rows[1, brace] and torch.equal(rows[2], rows[1]) and torch.equal(rows[3], rows[1])
     assert torch.equal(_allowed(state, []), first)  # drafts were rolled back
+    whole = tok.encode("{}") + [tok.eos_token_id, brace]  # a drafted EOS (llguidance cannot roll a stop back)
+    rows = _allowed(state, whole)
+    assert all(rows[j, t] for j, t in enumerate(whole[:3])) and not state.matcher.is_error()
+    assert torch.equal(_allowed(state, []), first)
     free = compiler.state(compiler.compile(StructuredOutputsParams(json={"type": "object"})), [502])
     assert _allowed(free, [7]) is None  # before the trigger: free
     rows = _allowed(free, [502, brace])
     assert rows[0].all() and int(rows[1].sum()) == 1 and rows[1, brace]
+
+
+def test_a_matcher_in_error_fails_its_request_only(demo):
+    model, tok = demo
+    engine = LLMEngine(model, tok, EngineConfig(num_blocks=64, block_size=16))
+    engine.add_request("bad", PROMPTS[0], _constrained())
+    engine.add_request("good", PROMPTS[1], _constrained())
+    engine.requests["bad"].seqs[0].grammar.matcher.consume_token(tok.encode("x")[0])  # refused: error state
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["bad"].error is not None and "grammar" in str(done["bad"].error)
+    assert done["good"].error is None and done["good"].outputs[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(done["good"].outputs[0].text), SCHEMA)
 
 
 def test_bad_grammars_are_value_errors():
