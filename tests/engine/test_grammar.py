@@ -192,11 +192,14 @@ def test_constrained_and_free_rows_share_a_batch(demo):
 
 @pytest.mark.parametrize("spec", ["mtp:2", "ngram:3"])
 def test_speculative_constrained_equals_non_speculative(demo, spec):
-    params = [_constrained(), _constrained(), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
-    plain, _ = _run(demo, PROMPTS[:3], params)
-    drafted, engine = _run(demo, PROMPTS[:3], params, speculative_config=spec)
-    assert [o.token_ids for o in drafted] == [o.token_ids for o in plain]
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=80, structured_outputs=JSON)
+    params = [_constrained(), _constrained(), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), seeded]
+    plain, _ = _run(demo, PROMPTS, params)
+    drafted, engine = _run(demo, PROMPTS, params, speculative_config=spec)
+    assert [o.token_ids for o in drafted[:3]] == [o.token_ids for o in plain[:3]]  # greedy: token for token
     assert engine.spec_stats.num_draft_tokens > 0
+    assert drafted[3].finish_reason == "stop"  # a sampled row verified by rejection sampling keeps the grammar too
+    jsonschema.validate(json.loads(drafted[3].text), SCHEMA)
 
 
 def test_preemption_keeps_the_grammar_state(demo):
