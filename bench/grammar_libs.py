@@ -8,6 +8,9 @@ shows), and the median time per token to compute the next-token mask and advance
 (the document's greedy tokenisation, the path a decode would take).
 
     python bench/grammar_libs.py [--runs 5]
+
+llguidance is a dependency of openr2; xgrammar is not: `pip install --no-deps xgrammar apache-tvm-ffi` first
+(its requirements pull in triton, which the CPU does not need; transformers is a dev dependency already).
 """
 
 from __future__ import annotations
