@@ -519,7 +519,7 @@ def _sample_rows(rows: list[tuple[Sequence, torch.Tensor, torch.Tensor | None]])
         torch.cat([row for _, row, _ in rows]), [s.draft_token_ids for s in seqs], [s.params for s in seqs],
         [s.generator for s in seqs], [s.token_ids[: s.num_prompt_tokens] if h else None for s, h in zip(seqs, history)],
         [s.output_token_ids if h else None for s, h in zip(seqs, history)],
-        blocked=masks if any(m is not None for m in masks) else None)
+        blocked=masks if any(m is not None for m in masks) else None, scratch=True)  # torch.cat made it: ours
 
 
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:

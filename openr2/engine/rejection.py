@@ -34,6 +34,7 @@ def sample_with_drafts(
     prompt_token_ids: Sequence[TokenIds | None] | None = None,
     output_token_ids: Sequence[TokenIds | None] | None = None,
     blocked: Sequence[torch.Tensor | None] | None = None,
+    scratch: bool = False,
 ) -> list[list[TokenSample]]:
     """Each row's tokens: the prefix of its drafts the target distribution accepts, then one sampled token.
 
@@ -47,6 +48,8 @@ def sample_with_drafts(
     Penalties see each position's history: the output so far plus the drafts before it.
     `blocked`: per row None or its grammar masks [len(drafts) + 1, V] bool (True: refused), row j for the
     position after drafts[:j] (engine/grammar.py); a blocked draft has p = 0 there and is rejected.
+    `logits` is not modified unless `scratch`: the caller hands it over (the engine's own concatenation of the
+    rows) and the masks are written into it, saving a copy of [M, V].
     """
     B = len(drafts)
     if len(params) != B:
@@ -73,7 +76,8 @@ def sample_with_drafts(
             prompts[m] = prompt_token_ids[i] if prompt_token_ids is not None else None
         x = penalise(x, pos_params, pen_positions, prompts if prompt_token_ids is not None else None, outputs)
     if blocked is not None:
-        x = apply_blocked(x, [(starts[i], b) for i, b in enumerate(blocked) if b is not None])
+        x = apply_blocked(x, [(starts[i], b) for i, b in enumerate(blocked) if b is not None],
+                          inplace=scratch or x is not logits)
 
     targets = x.argmax(dim=-1).tolist()  # the greedy rows' choices
     rand_rows = [i for i in range(B) if not params[i].greedy]

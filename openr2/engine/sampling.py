@@ -210,13 +210,14 @@ def apply_penalties(
     return logits - presence_penalty.to(logits)[:, None] * (counts > 0).to(logits.dtype)
 
 
-def apply_blocked(logits: torch.Tensor, blocked: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+def apply_blocked(logits: torch.Tensor, blocked: Sequence[tuple[int, torch.Tensor]],
+                  inplace: bool = False) -> torch.Tensor:
     """Grammar masks: (first row, blocked [n, V] bool) pairs; the rows' blocked tokens become -inf. Rows not
-    listed are untouched. One copy of the logits, then in place: at a 128K vocabulary every temporary [B, V]
-    mask cost milliseconds on a small CPU."""
+    listed are untouched. One copy of the logits (none with inplace), then in place: at a 128K vocabulary
+    every temporary [B, V] tensor costs a millisecond or more on a small CPU."""
     if not blocked:
         return logits
-    x = logits.clone()
+    x = logits if inplace else logits.clone()
     for start, rows in blocked:
         view = x[start : start + rows.shape[0]]
         if view.is_cpu:

@@ -52,10 +52,14 @@ def test_the_sampler_never_picks_a_masked_token_and_greedy_is_the_allowed_argmax
     d = int(x[0].argmax())
     mask = torch.ones(3, V, dtype=torch.bool)
     mask[0, d] = False
+    before = x.clone()
     for p in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
         for trial in range(20):
             out = sample_with_drafts(x, [[d, d]], [p], [torch.Generator().manual_seed(trial)], blocked=[~mask])[0]
             assert len(out) == 1 and out[0].token_id != d
+    assert torch.equal(x, before)  # not the caller's scratch: untouched
+    sample_with_drafts(x, [[d, d]], [SamplingParams(temperature=0)], blocked=[~mask], scratch=True)
+    assert x[0, d] == float("-inf")  # handed over: masked in place
 
 
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 0.99, 1.0])
