@@ -5,6 +5,7 @@ Public API (imported lazily so `import openr2` and `openr2 --help` stay instant)
     save_model(model, path)
     ModelConfig.from_pretrained(path)
     LLM(path).generate(prompts, SamplingParams(...)) / .chat(messages, ...)   (vLLM-style offline API)
+    SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))  (constrained decoding)
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "ModelConfig", "SamplingParams", "load_model", "save_model"]
+__all__ = ["LLM", "ModelConfig", "SamplingParams", "StructuredOutputsParams", "load_model", "save_model"]
 
 if TYPE_CHECKING:
     from openr2.checkpoints import load_model, save_model
     from openr2.config import ModelConfig
+    from openr2.engine.grammar import StructuredOutputsParams
     from openr2.engine.llm import LLM
     from openr2.engine.sampling import SamplingParams
 
@@ -38,4 +40,8 @@ def __getattr__(name: str):
         from openr2.engine.sampling import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from openr2.engine.grammar import StructuredOutputsParams
+
+        return StructuredOutputsParams
     raise AttributeError(f"module 'openr2' has no attribute {name!r}")

@@ -23,6 +23,7 @@ calls. Only the answer is parsed: reasoning is split off first (chat_format.Reas
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from openr2.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
@@ -48,6 +49,33 @@ class ToolCallDialect:
         """A whole calls block: (name, arguments) pairs."""
         sep = "\n" if self.name == "v3" else ""
         return TOOL_CALLS_BEGIN + sep.join(self.call_text(n, a) for n, a in calls) + TOOL_CALLS_END
+
+    def calls_grammar(self, tools: list[tuple[str, dict]], token_id: Callable[[str], int | None],
+                      max_calls: int | None = None, after_begin: bool = False) -> str:
+        """An llguidance Lark grammar of one calls block in this dialect, then nothing more: each call names one
+        of `tools` ((name, JSON Schema of its arguments)) with arguments that match that schema; at most
+        max_calls calls (None: any number >= 1). Markers that are single tokens are named by id, so text can
+        never spell them; after_begin: the block's opening marker was already generated (a trigger token)."""
+        def marker(text: str) -> str:
+            tid = token_id(text)
+            return f"<[{tid}]>" if tid is not None else json.dumps(text)
+
+        alternatives = []
+        for i, (name, schema) in enumerate(tools):
+            # no free whitespace in the arguments: every token makes progress, whatever the model
+            args = "%json" + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+            if self.name == "v3":
+                body = f'"function" {marker(TOOL_SEP)} {json.dumps(name + chr(10) + "```json" + chr(10))} {args} ' \
+                       f'{json.dumps(chr(10) + "```")}'
+            else:
+                body = f"{json.dumps(name)} {marker(TOOL_SEP)} {args}"
+            alternatives.append(f"call_{i}: {marker(TOOL_CALL_BEGIN)} {body} {marker(TOOL_CALL_END)}")
+        sep = '"\\n" ' if self.name == "v3" else ""
+        more = "" if max_calls == 1 else f" ({sep}call)*"
+        begin = "" if after_begin else marker(TOOL_CALLS_BEGIN) + " "
+        lines = [f"start: {begin}call{more} {marker(TOOL_CALLS_END)}",
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *alternatives]
+        return "\n".join(lines)
 
     def parse_call(self, body: str) -> tuple[str, str] | None:
         """The text between one call's markers -> (name, arguments text), or None if it is not in this dialect."""

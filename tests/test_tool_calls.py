@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,30 @@ def test_a_call_is_given_out_as_soon_as_it_is_complete_and_max_calls_keeps_the_f
     assert p.feed(text[first:]) == ("", [ParsedCall("time", TIME)])
     one = ToolCallParser(V31, ["weather", "time"], max_calls=1)
     assert one.parse(text) == (V31.call_text("time", TIME), [ParsedCall("weather", WEATHER)])
+
+
+@pytest.mark.parametrize("dialect", [V3, V31])
+def test_the_calls_grammar_takes_exactly_the_calls_the_parser_reads(dialect):
+    import llguidance
+
+    from openr2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "openr2" / "assets" / "openr2-demo")
+    lltok = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=tok.vocab_size, eos_token=tok.eos_token_id)
+    tools = [("weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}), ("time", {"type": "object"})]
+
+    def accepts(text: str, max_calls=None) -> bool:
+        grammar = llguidance.LLMatcher.grammar_from_lark(dialect.calls_grammar(tools, tok.token_to_id, max_calls))
+        matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        return matcher.consume_tokens(tok.encode(text) + [tok.eos_token_id]) and matcher.is_stopped()
+
+    two = [("weather", '{"city":"Paris"}'), ("time", '{"zone":"UTC"}')]
+    assert accepts(dialect.calls_text(two))
+    assert ToolCallParser(dialect, ["weather", "time"]).parse(dialect.calls_text(two))[1] == [ParsedCall(*c) for c in two]
+    assert not accepts(dialect.calls_text(two), max_calls=1) and accepts(dialect.calls_text(two[:1]), max_calls=1)
+    assert not accepts(dialect.calls_text([("weather", '{"town":"Paris"}')]))  # arguments off the schema
+    assert not accepts(dialect.calls_text([("other", "{}")]))  # a tool that was not offered
+    assert not accepts("Sure. " + dialect.calls_text(two[:1]))  # nothing before the calls
+    other = V31 if dialect is V3 else V3
+    assert not accepts(other.calls_text(two[:1]))  # only the template's own dialect

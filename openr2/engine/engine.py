@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openr2.engine.compiled import COMPILED_DECODE_MAX_TOKENS
+from openr2.engine.grammar import GrammarCompiler
 from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.rejection import sample_with_drafts
@@ -103,6 +104,8 @@ class _Request:
         self.stops = [StopChecker(params.stop, params.include_stop_str_in_output) for _ in range(params.n)]
         self.starts_in_reasoning = starts_in_reasoning
         self.forked = params.n == 1
+        self.grammar: str | None = None  # the compiled constraint of params.structured_outputs
+        self.triggers: list[int] = []  # tokens generated freely before the constraint starts
 
     @property
     def finished(self) -> bool:
@@ -150,6 +153,7 @@ class LLMEngine:
             eos = mconf.eos_token_id
             self.eos_token_id = eos[0] if isinstance(eos, list) else eos
         self.think_ids = _think_ids(tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, mconf.vocab_size) if tokenizer is not None else None
 
     @classmethod
     def from_pretrained(cls, path: str, config: EngineConfig | None = None, dtype=torch.float32,
@@ -186,6 +190,8 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
         req = _Request(request_id, text, ids, params, max_tokens, salt, priority, self.tokenizer,
                        self._starts_in_reasoning(ids))
+        if params.structured_outputs is not None:
+            self._constrain(req)
         seq = self._new_seq(req, 0, list(ids))
         self.requests[request_id] = req
         self.scheduler.add(seq)
@@ -307,21 +313,37 @@ class LLMEngine:
         p = req.params
         seq = Sequence(next(self._seq_ids), req.request_id, index, token_ids, len(req.prompt_ids), p,
                        make_generator(p.seed, self.model.device, index), req.salt, req.priority)
+        if req.grammar is not None:  # forks happen before any token is committed: a fresh state is theirs
+            seq.grammar = self.grammars.state(req.grammar, req.triggers)
         req.seqs.append(seq)
         return seq
+
+    def _constrain(self, req: _Request) -> None:
+        """Compile the request's grammar (ValueError when it has none that works with this tokenizer); the
+        answer is constrained after the reasoning its prompt opens (</think>) and the request's own triggers."""
+        if self.grammars is None:
+            raise ValueError("structured_outputs: constrained decoding needs the model's tokenizer")
+        spec = req.params.structured_outputs
+        try:
+            req.grammar = self.grammars.compile(spec)
+        except ValueError as e:
+            raise ValueError(f"structured_outputs: {e}") from None
+        req.triggers = ([self.think_ids[1]] if req.starts_in_reasoning else []) + list(spec.trigger_token_ids)
 
     def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict, failed: dict) -> None:
         """Verify drafts and sample for every ready row, appending the committed tokens; a request whose own
         work raises goes to `failed` (request_id -> the exception) and gets no token this step."""
-        rows = []  # (sequence, its logits rows [1 + drafts, V])
+        rows = []  # (sequence, its logits rows [1 + drafts, V], their grammar masks or None)
         for seq in ready:
             req = self.requests[seq.request_id]
             try:  # a request with n > 1 samples its n first tokens from the one prompt pass, then forks
                 group = self._fork(req, seq) if not req.forked else [seq]
+                # each position's grammar mask (the sampled one and each draft's); None: a free row
+                masks = [s.grammar.masks(s.draft_token_ids) if s.grammar is not None else None for s in group]
             except Exception as e:
                 failed[req.request_id] = e
                 continue
-            rows += [(s, logits[seq.seq_id]) for s in group]
+            rows += [(s, logits[seq.seq_id], m) for s, m in zip(group, masks)]
         if not rows:
             return
         try:
@@ -334,7 +356,7 @@ class LLMEngine:
                 except Exception as e:
                     failed[row[0].request_id] = e
                     tokens.append(None)
-        for (seq, _), committed in zip(rows, tokens):
+        for (seq, *_), committed in zip(rows, tokens):
             if seq.request_id in failed:
                 continue
             req = self.requests[seq.request_id]
@@ -380,6 +402,8 @@ class LLMEngine:
     def _append(self, req: _Request, seq: Sequence, token) -> None:
         out = req.outputs[seq.index]
         p = req.params
+        if seq.grammar is not None:
+            seq.grammar.advance(token.token_id)
         seq.token_ids.append(token.token_id)
         out.token_ids.append(token.token_id)
         out.token_ids_delta.append(token.token_id)
@@ -457,15 +481,18 @@ class LLMEngine:
         return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning, start)
 
 
-def _sample_rows(rows: list[tuple[Sequence, torch.Tensor]]) -> list[list]:
-    """The committed tokens (TokenSamples) of each (sequence, logits rows [1 + drafts, V]), each with its
-    sequence's params and generator: its accepted drafts, then one sampled token."""
-    seqs = [s for s, _ in rows]
+def _sample_rows(rows: list[tuple[Sequence, torch.Tensor, torch.Tensor | None]]) -> list[list]:
+    """The committed tokens (TokenSamples) of each (sequence, logits rows [1 + drafts, V], grammar masks of
+    those rows or None), each with its sequence's params and generator: its accepted drafts, then one
+    sampled token."""
+    seqs = [s for s, *_ in rows]
     history = [s.params.has_penalties for s in seqs]  # token histories are read only for penalties
+    masks = [m for *_, m in rows]
     return sample_with_drafts(
-        torch.cat([row for _, row in rows]), [s.draft_token_ids for s in seqs], [s.params for s in seqs],
+        torch.cat([row for _, row, _ in rows]), [s.draft_token_ids for s in seqs], [s.params for s in seqs],
         [s.generator for s in seqs], [s.token_ids[: s.num_prompt_tokens] if h else None for s, h in zip(seqs, history)],
-        [s.output_token_ids if h else None for s, h in zip(seqs, history)])
+        [s.output_token_ids if h else None for s, h in zip(seqs, history)],
+        blocked=masks if any(m is not None for m in masks) else None, scratch=True)  # torch.cat made it: ours
 
 
 def _think_ids(tokenizer) -> tuple[int | None, int | None]:

@@ -18,6 +18,7 @@ from openr2.engine.sampling import (
     SamplingParams,
     TokenIds,
     TokenSample,
+    apply_blocked,
     or_empty,
     penalise,
     race,
@@ -32,6 +33,8 @@ def sample_with_drafts(
     generators: Sequence[torch.Generator | None] | None = None,
     prompt_token_ids: Sequence[TokenIds | None] | None = None,
     output_token_ids: Sequence[TokenIds | None] | None = None,
+    blocked: Sequence[torch.Tensor | None] | None = None,
+    scratch: bool = False,
 ) -> list[list[TokenSample]]:
     """Each row's tokens: the prefix of its drafts the target distribution accepts, then one sampled token.
 
@@ -43,6 +46,10 @@ def sample_with_drafts(
     A row without drafts is drawn exactly as `sample` draws it (same generator use), and each row draws
     len(drafts) uniforms and then one race from its own generator, so seeded runs reproduce.
     Penalties see each position's history: the output so far plus the drafts before it.
+    `blocked`: per row None or its grammar masks [len(drafts) + 1, V] bool (True: refused), row j for the
+    position after drafts[:j] (engine/grammar.py); a blocked draft has p = 0 there and is rejected.
+    `logits` is not modified unless `scratch`: the caller hands it over (the engine's own concatenation of the
+    rows) and the masks are written into it, saving a copy of [M, V].
     """
     B = len(drafts)
     if len(params) != B:
@@ -68,6 +75,9 @@ def sample_with_drafts(
             outputs[m] = list(or_empty(output_token_ids[i] if output_token_ids else None)) + drafts[i][: m - starts[i]]
             prompts[m] = prompt_token_ids[i] if prompt_token_ids is not None else None
         x = penalise(x, pos_params, pen_positions, prompts if prompt_token_ids is not None else None, outputs)
+    if blocked is not None:
+        x = apply_blocked(x, [(starts[i], b) for i, b in enumerate(blocked) if b is not None],
+                          inplace=scratch or x is not logits)
 
     targets = x.argmax(dim=-1).tolist()  # the greedy rows' choices
     rand_rows = [i for i in range(B) if not params[i].greedy]

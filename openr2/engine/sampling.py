@@ -12,6 +12,7 @@ Order of operations per row (vLLM's):
   1. logprobs, when asked, from log_softmax of the raw model logits (vLLM's default "raw_logprobs":
      before penalties, temperature and masks, so they describe the model, not the sampler);
   2. repetition penalty over prompt + output tokens, then frequency and presence penalties over output;
+  2b. grammar masks (constrained decoding, engine/grammar.py): tokens a row's grammar does not allow -> -inf;
   3. greedy rows (temperature < 1e-5) take the argmax of the penalised logits and stop here;
   4. random rows: divide by temperature, mask with top-k, top-p, min-p, then sample.
 
@@ -33,7 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from openr2.engine.grammar import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs cap; vLLM's default --max-logprobs
 GREEDY_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does), avoiding overflow in x / T
@@ -106,6 +110,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the chosen token's
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # the answer's grammar (engine/grammar.py)
 
     def __post_init__(self):
         if not _is_int(self.n) or self.n < 1:
@@ -141,6 +146,8 @@ class SamplingParams:
         self.stop_token_ids = list(ids)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -201,6 +208,38 @@ def apply_penalties(
     counts = output_counts.to(logits.dtype)
     logits = logits - frequency_penalty.to(logits)[:, None] * counts
     return logits - presence_penalty.to(logits)[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_blocked(logits: torch.Tensor, blocked: Sequence[tuple[int, torch.Tensor]],
+                  inplace: bool = False) -> torch.Tensor:
+    """Grammar masks: (first row, blocked [n, V] bool) pairs; the rows' blocked tokens become -inf. Rows not
+    listed are untouched. One copy of the logits (none with inplace), then in place: at a 128K vocabulary
+    every temporary [B, V] tensor costs a millisecond or more on a small CPU."""
+    if not blocked:
+        return logits
+    x = logits if inplace else logits.clone()
+    for start, rows in blocked:
+        view = x[start : start + rows.shape[0]]
+        if view.is_cpu:
+            _fill_by_index(view, rows)
+        else:
+            view.masked_fill_(rows.to(view.device), _NEG_INF)
+    return x
+
+
+def _fill_by_index(view: torch.Tensor, rows: torch.Tensor) -> None:
+    """view[rows] = -inf in place, through indices: a CPU masked_fill_ with a bool mask runs at ~4 ns a token
+    (~500 us at 128K on our test machine), numpy finds the indices in ~70 us and index writes are cheap. The
+    smaller side is indexed: the blocked tokens, or the allowed ones (kept, then everything else set)."""
+    mask = rows.numpy().reshape(-1)
+    flat = view.view(-1)
+    if np.count_nonzero(mask) * 2 <= mask.size:
+        flat.index_fill_(0, torch.from_numpy(np.flatnonzero(mask)), _NEG_INF)
+    else:
+        keep = torch.from_numpy(np.flatnonzero(~mask))
+        kept = flat[keep]
+        flat.fill_(_NEG_INF)
+        flat[keep] = kept
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -292,11 +331,13 @@ def sample(
     generators: Sequence[torch.Generator | None] | None = None,
     prompt_token_ids: Sequence[TokenIds | None] | None = None,
     output_token_ids: Sequence[TokenIds | None] | None = None,
+    blocked: Sequence[torch.Tensor | None] | None = None,
 ) -> SampleResult:
     """Pick one token per row, each row with its own params and generator (None = global RNG).
 
     Token histories are read only for rows with penalties (others may be None); the repetition penalty
-    needs both, frequency and presence need only the output. `logits` is not modified.
+    needs both, frequency and presence need only the output. `blocked`: per row None (free) or a bool [V]
+    grammar mask, True where the token is refused; a row never gets a blocked token. `logits` is not modified.
     """
     B, V = logits.shape
     if len(params) != B:
@@ -313,6 +354,8 @@ def sample(
     pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
     if pen_rows:
         x = penalise(x, params, pen_rows, prompt_token_ids, output_token_ids)
+    if blocked is not None:
+        x = apply_blocked(x, [(i, b.reshape(1, -1)) for i, b in enumerate(blocked) if b is not None])
 
     token_ids = x.argmax(dim=-1)  # right for greedy rows; random rows are overwritten below
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,9 @@ class Sequence:
     num_registered: int = 0  # full blocks already offered to the prefix cache
     cumulative_logprob: float = 0.0
     draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens, verified by the next step
+    # constrained decoding (engine/grammar.GrammarState) over the committed tokens: preemption recomputes the
+    # same tokens, so it stays as it is
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:

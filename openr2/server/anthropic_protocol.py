@@ -16,10 +16,12 @@ How Anthropic's fields map onto ours:
     under max_tokens) but only `max_tokens` caps generation (thinking included): there is no separate cap.
   * `max_tokens` is cut to the room the context leaves (stop_reason `model_context_window_exceeded` when that
     cut ends the answer); `stop_sequences`, `temperature` (0..1), `top_p`, `top_k` as the chat path takes them.
-  * `tools` / `tool_choice` become OpenAI's `tools` / `tool_choice` (auto, none; any and a named tool need
-    constrained decoding, a 400 for now); calls come back as `tool_use` blocks, stop_reason "tool_use".
+  * `tools` / `tool_choice` become OpenAI's `tools` / `tool_choice` (auto, none; any -> required and a named
+    tool, both kept by constrained decoding); calls come back as `tool_use` blocks, stop_reason "tool_use".
+  * `output_config.format` ({"type": "json_schema", "schema": ...}, structured output) becomes the chat
+    path's `response_format` json_schema: the text is constrained to the schema.
   * `output_config.effort`, `metadata`, `service_tier`, `cache_control` and unknown fields are accepted and
-    ignored; `output_config.format` (structured output) is a 400 for now. The current SDK no longer types
+    ignored. The current SDK no longer types
     `temperature`, `top_p` and `top_k`; they still work (as extra_body from the SDK).
 Usage follows Anthropic's meaning: `input_tokens` excludes the prompt tokens read from the prefix cache,
 which are `cache_read_input_tokens` (input_tokens + cache_read_input_tokens = the whole prompt).
@@ -63,7 +65,7 @@ class MessagesRequest(_Strict):
     thinking: ThinkingConfig | None = None
     tools: list[dict] | None = None
     tool_choice: dict | None = None
-    output_config: dict | None = None  # {"effort": ...} is accepted (no effort levels here); "format" is not
+    output_config: dict | None = None  # {"effort": ...} is accepted (no effort levels here); "format" is used
     metadata: dict | None = None
 
     @field_validator("stop_sequences")
@@ -76,9 +78,11 @@ class MessagesRequest(_Strict):
     @field_validator("output_config")
     @classmethod
     def _output_config(cls, v):
-        if v and v.get("format") is not None:
-            raise ParamError("output_config.format", "output_config.format (structured output) is not supported "
-                                                     "yet.")
+        fmt = (v or {}).get("format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "json_schema"
+                                or not isinstance(fmt.get("schema"), dict)):
+            raise ParamError("output_config.format", "output_config.format must be {'type': 'json_schema', "
+                                                     "'schema': {...}}.")
         return v
 
     @model_validator(mode="after")
@@ -222,6 +226,10 @@ def _chat_body(req: MessagesRequest) -> dict:
             "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
     if req.thinking is not None and req.thinking.type != "adaptive":
         body["thinking"] = {"type": req.thinking.type}
+    fmt = (req.output_config or {}).get("format")
+    if fmt is not None:  # structured output: the chat path's json_schema (constrained decoding)
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
     if req.tools:
         body["tools"], body["tool_choice"] = _tools(req.tools), _tool_choice(req.tool_choice)
         if (req.tool_choice or {}).get("disable_parallel_tool_use"):

@@ -205,7 +205,8 @@ class Server:
         prompt += req.assistant_prefix or ""
         ids = self.tokenizer.encode(prompt)
         params = req.to_sampling_params(self.config.default_max_tokens, self.engine.max_model_len, len(ids),
-                                        self.config.default_sampling, clip_max_tokens)
+                                        self.config.default_sampling, clip_max_tokens,
+                                        self.template.structured_outputs(req))
         return req, prompt, ids, params
 
     async def run_chat(self, key_id: str, req, prompt: str, ids: list[int], params, request_id: str,
@@ -254,8 +255,9 @@ class Server:
         if len(prompts) > 1 and req.stream:
             raise bad_request("Streaming takes one prompt per request.", "prompt")
         max_model_len = self.engine.max_model_len
-        return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling)
-                              for ids in prompts]
+        structured = self.template.json_outputs(req)
+        return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling,
+                                                     structured_outputs=structured) for ids in prompts]
 
     async def run_completion(self, key_id: str, req, prompts: list[list[int]], params: list, request_id: str,
                              priority: int = 0, bill: bool = True, start: float | None = None):

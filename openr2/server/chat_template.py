@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from openr2.chat_format import ToolSupport, thinking_modes, tool_support, with_tools
 from openr2.server.errors import bad_request
+from openr2.tokenizer import TOOL_CALLS_BEGIN
 from openr2.tool_calls import ToolCallParser
 
 ToolParserFactory = Callable[[], ToolCallParser]  # a fresh parser per choice
@@ -58,6 +59,37 @@ class TemplateFeatures:
         chosen = asked if asked is not None else implied
         return {} if chosen is None or chosen not in modes else {"thinking": chosen}
 
+    def structured_outputs(self, req):
+        """The engine's constraint for a chat request (engine.grammar.StructuredOutputsParams), or None: a
+        calls block in the template's dialect for tool_choice 'required' / named (the calls must happen) or for
+        `strict` tools under 'auto' (free text until the model opens a calls block, then the block is kept to
+        the schemas); else response_format's JSON. A 400 names the parameter whose grammar does not compile."""
+        from openr2.engine.grammar import StructuredOutputsParams
+
+        forced = req.forced_tools
+        strict_auto = req.tools_active and forced is None and any(t["function"].get("strict") for t in req.tools)
+        if forced is None and not strict_auto:
+            return self.json_outputs(req)
+        names = forced if forced is not None else req.tool_names
+        schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
+                   for t in req.tools}
+        max_calls = 1 if req.parallel_tool_calls is False or isinstance(req.tool_choice, dict) else None
+        trigger = self.tokenizer.token_to_id(TOOL_CALLS_BEGIN) if strict_auto else None
+        if strict_auto and trigger is None:
+            raise bad_request("strict tools with tool_choice 'auto' need a tokenizer whose tool-call markers "
+                              "are special tokens.", "tools")
+        grammar = self.tools.dialect.calls_grammar([(n, schemas[n]) for n in names], self.tokenizer.token_to_id,
+                                                   max_calls, after_begin=strict_auto)
+        return _checked(StructuredOutputsParams(grammar=grammar, trigger_token_ids=(trigger,) if strict_auto else ()),
+                        "tools")
+
+    def json_outputs(self, req):
+        """response_format's constraint (chat or completions), or None for free text."""
+        from openr2.engine.grammar import StructuredOutputsParams
+
+        schema = req.json_schema
+        return None if schema is None else _checked(StructuredOutputsParams(json=schema), "response_format")
+
     def tool_parser(self, req) -> ToolParserFactory | None:
         """What parses a chat request's tool calls out of each answer; None without tools to call."""
         if not req.tools_active:
@@ -65,3 +97,14 @@ class TemplateFeatures:
         dialect, names = self.tools.dialect, req.tool_names
         max_calls = 1 if req.parallel_tool_calls is False else None
         return lambda: ToolCallParser(dialect, names, max_calls)
+
+
+def _checked(spec, param: str):
+    """spec if its grammar compiles, else a 400 naming the request's parameter."""
+    from openr2.engine.grammar import check
+
+    try:
+        check(spec)
+    except ValueError as e:
+        raise bad_request(f"The {param} schema cannot be used: {e}", param) from None
+    return spec

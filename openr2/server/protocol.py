@@ -14,14 +14,16 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
     any other level: on) are read by `thinking_choice`. `tools` with `tool_choice` "auto" (or absent) are
     shown to the model in its template's tool format and its calls parsed from the answer;
     `parallel_tool_calls: false` keeps the first call. With `tool_choice: "none"` tools are not shown.
+    `tool_choice` "required" or a named function, `strict` tools, and `response_format` json_object /
+    json_schema (chat and completions) are kept by constrained decoding (engine/grammar.py; the grammars
+    are built in chat_template.py): the arguments or the answer always parse and match the schema.
   * accepted and ignored (they do not change the output): `user`, `metadata`, `store`, `service_tier`,
     `prompt_cache_key`, ... and any unknown field, since clients pass arbitrary `extra_body` keys; assistant
     `reasoning_content` on input is never an error, and reaches the template only on the tool-calling turns
     of the current user turn (see template_messages). Past assistant `tool_calls` must have OpenAI's shape
     (`function.name` and `function.arguments` strings) for the template to render them.
   * rejected with a 400 naming the parameter, because we would silently answer something else:
-    `tool_choice` "required" or a named function and `strict` tools (they need constrained decoding),
-    `response_format` other than text, non-text content parts, `logit_bias`, `audio`, `prediction`, legacy
+    `response_format` json with tools (one grammar per answer), non-text content parts, `logit_bias`, `audio`, `prediction`, legacy
     `functions`, `best_of` != n, `echo` with `logprobs` or `suffix`, and guided-decoding extras. `suffix`
     (fill-in-the-middle) is accepted here with text prompts; the server refuses it for a model whose
     tokenizer has no FIM tokens.
@@ -164,9 +166,33 @@ def _check_tool(tool: Any, where: str) -> None:
         raise ParamError(f"{where}.function.name", "a function name is 1 to 64 of a-z, A-Z, 0-9, _ and -.")
     if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), dict):
         raise ParamError(where, f"{where}.function: description is a string and parameters a JSON Schema object.")
-    if fn.get("strict"):
-        raise ParamError(f"{where}.function.strict", "strict tools need constrained decoding, which this server "
-                                                     "does not have yet.")
+    if not isinstance(fn.get("strict", False), (bool, type(None))):
+        raise ParamError(f"{where}.function.strict", "strict is a boolean.")
+
+
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _check_response_format(v: Any) -> Any:
+    """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict, description}."""
+    if v is None:
+        return v
+    if not isinstance(v, dict):
+        raise ParamError("response_format", "response_format must be an object such as {'type': 'json_object'}.")
+    kind = v.get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ParamError("response_format", f"response_format type {kind!r} is not one of 'text', 'json_object', "
+                                            f"'json_schema'.")
+    if kind == "json_schema":
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
+                or not _SCHEMA_NAME.fullmatch(spec["name"]):
+            raise ParamError("response_format", "response_format json_schema needs a name of 1 to 64 of a-z, A-Z, "
+                                                "0-9, _ and -.")
+        if not isinstance(spec.get("schema", {}), dict) or not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise ParamError("response_format", "response_format json_schema: schema is a JSON Schema object and "
+                                                "strict a boolean.")
+    return v
 
 
 class _SamplingRequest(_Strict):
@@ -192,6 +218,22 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only between equal salts (of one key)
+    response_format: dict | None = None
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, v):
+        return _check_response_format(v)
+
+    @property
+    def json_schema(self) -> dict | None:
+        """The JSON Schema the answer must match (any object for json_object); None for free text."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind == "json_schema":
+            return self.response_format["json_schema"].get("schema") or {"type": "object"}
+        return None
 
     @model_validator(mode="before")
     @classmethod
@@ -242,7 +284,7 @@ class _SamplingRequest(_Strict):
 
     def to_sampling_params(self, default_max_tokens: int | None, max_model_len: int,
                            num_prompt_tokens: int | None = None, defaults: dict | None = None,
-                           clip_max_tokens: bool = False):
+                           clip_max_tokens: bool = False, structured_outputs=None):
         """The engine's SamplingParams; with num_prompt_tokens, prompt + max_tokens must fit max_model_len
         (or, with clip_max_tokens, max_tokens is cut to the room left: Anthropic's clients ask for more).
 
@@ -284,7 +326,8 @@ class _SamplingRequest(_Strict):
         options = {**(defaults or {}), **{k: v for k, v in options.items() if v is not None}}
         rename = {"max_tokens": max_param, "logprobs": logprobs_param}
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **options)
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured_outputs,
+                                  **options)
         except ValueError as e:  # SamplingParams names the field first: "top_p must be in (0, 1], ..."
             message = str(e)
             field = message.split(" ", 1)[0]
@@ -299,7 +342,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -308,14 +350,6 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict | None = None  # vLLM/SGLang: {"thinking": bool} or {"enable_thinking": bool}
 
     prompt_param: ClassVar[str] = "messages"
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v):
-        kind = (v or {}).get("type", "text")
-        if kind != "text":
-            raise ParamError("response_format", f"response_format type {kind!r} is not supported yet; only 'text'.")
-        return v
 
     @field_validator("thinking")
     @classmethod
@@ -338,12 +372,32 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise ParamError(f"messages[{i}].prefix", "only the last message can be a prefix.")
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true.")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ParamError("tool_choice", "tool_choice 'required' or a named function needs constrained "
-                                            "decoding, which this server does not have yet; use 'auto' or 'none'.")
+        choice = self.tool_choice
+        named = isinstance(choice, dict) and choice.get("type", "function") == "function" \
+            and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+        if choice not in (None, "none", "auto", "required") and not named:
+            raise ParamError("tool_choice", "tool_choice is 'none', 'auto', 'required' or "
+                                            "{'type': 'function', 'function': {'name': ...}}.")
+        if (choice == "required" or named) and not self.tools:
+            raise ParamError("tool_choice", "tool_choice 'required' or a named function needs tools.")
         for k, tool in enumerate(self.tools if self.tools_active else []):  # with "none" they are never shown
             _check_tool(tool, f"tools[{k}]")
+        if named and choice["function"]["name"] not in self.tool_names:
+            raise ParamError("tool_choice", f"tool_choice names {choice['function']['name']!r}, which is not "
+                                            f"one of the tools.")
+        if self.json_schema is not None and self.tools_active:
+            raise ParamError("response_format", "response_format json_object / json_schema cannot be combined "
+                                                "with tools; use a tool's parameters schema, or tool_choice 'none'.")
         return self
+
+    @property
+    def forced_tools(self) -> list[str] | None:
+        """The tools one of which the answer must call (tool_choice 'required' or named), else None."""
+        if self.tool_choice == "required":
+            return self.tool_names
+        if isinstance(self.tool_choice, dict):
+            return [self.tool_choice["function"]["name"]]
+        return None
 
     @property
     def tools_active(self) -> bool:

@@ -121,7 +121,7 @@ def test_keys_errors_and_billing_are_anthropics(live):
     assert r.status_code == 200 and r.json()["type"] == "message"
     client = _anthropic(live)
     for bad in ({"extra_body": {"temperature": 1.5}}, {"max_tokens": 0}, {"messages": []},
-                {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
+                {"output_config": {"format": {"type": "json_schema"}}},
                 {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
                 {"thinking": {"type": "enabled", "budget_tokens": 100}},
                 {"thinking": {"type": "enabled", "budget_tokens": 2048}}):

@@ -145,3 +145,12 @@ def test_stream_of_nothing_still_has_one_block_and_the_window_stop_reason():
     assert events[-2]["delta"]["stop_reason"] == "model_context_window_exceeded"
     whole = message_from_output(outputs[-1], "m", "msg_2", starts_in_reasoning=False, clipped=False)
     assert whole["content"] == [{"type": "text", "text": ""}] and whole["stop_reason"] == "max_tokens"
+
+
+def test_output_config_format_becomes_a_json_schema_response_format():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    body = _body(messages=[{"role": "user", "content": "Q"}],
+                 output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}})
+    assert body["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": schema, "strict": True}}
+    assert "response_format" not in _body(messages=[{"role": "user", "content": "Q"}], output_config={"effort": "low"})

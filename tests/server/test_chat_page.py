@@ -223,6 +223,7 @@ def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
             assert first.locator(".error").count() == 0
             assert bodies[0]["messages"] == [{"role": "user", "content": TINY_EXAMPLES[0]}]
             assert "max_tokens" not in bodies[0] and "temperature" not in bodies[0]  # the server's defaults apply
+            assert "response_format" not in bodies[0]
             m = _STATS.search(first.locator(".stats").text_content())
             prompt, completion = int(m.group(1)), int(m.group(3))
             assert completion > 0 and prompt + completion <= server.engine.engine.max_model_len
@@ -294,6 +295,14 @@ def test_chat_page_in_headless_chromium(live_with_page, tmp_path):
             page.press("#prompt", "Enter")
             page.locator(".msg.assistant .stats").wait_for(state="visible")
             assert bodies[-1]["messages"] == [{"role": "user", "content": "Hello"}]
+
+            # JSON mode asks for a JSON object (constrained decoding; the thinking stays free)
+            page.check("#json-mode")
+            page.fill("#prompt", "As JSON")
+            page.press("#prompt", "Enter")
+            page.locator(".msg.assistant").nth(1).locator(".stats").wait_for(state="visible")
+            assert bodies[-1]["response_format"] == {"type": "json_object"}
+            assert page.locator(".msg.assistant").nth(1).locator(".error").count() == 0
         finally:
             browser.close()
 

@@ -106,7 +106,7 @@ def test_body_must_be_an_object(client):
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("patch,param", [
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),  # a ParamError inside a validator
+    ({"response_format": {"type": "xml"}}, "response_format"),  # a ParamError inside a validator
     ({"model": None}, "model"),
     ({"n": "two"}, "n"),
 ])
@@ -157,9 +157,9 @@ def test_official_client_reads_our_errors():
                                     http_client=httpx2.AsyncClient(transport=transport))
         with pytest.raises(openai.BadRequestError) as e:
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                                 response_format={"type": "json_object"})
+                                                 response_format={"type": "xml"})
         assert (e.value.param, e.value.type) == ("response_format", "invalid_request_error")
-        assert "json_object" in e.value.message
+        assert "xml" in e.value.message
         with pytest.raises(openai.NotFoundError) as e:
             await client.models.retrieve("ghost")
         assert e.value.code == "model_not_found"

@@ -96,11 +96,11 @@ CHAT = {
         "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": _TEXT}}},
     "max_completion_tokens": _int(1, 4), "logprobs": _nullable({"type": "boolean"}), "top_logprobs": _int(0, 4),
     "response_format": _nullable({"type": "object", "required": ["type"],
-                                  "properties": {"type": {"const": "text"}}}),
+                                  "properties": {"type": {"enum": ["text", "json_object"]}}}),
     "tools": _nullable({"type": "array", "maxItems": 2, "items": {
         "type": "object", "required": ["type", "function"], "properties": {
             "type": {"const": "function"}, "function": _TOOL}}}),
-    "tool_choice": {"enum": [None, "none", "auto"]}, "parallel_tool_calls": _nullable({"type": "boolean"}),
+    "tool_choice": {"enum": [None, "none", "auto", "required"]}, "parallel_tool_calls": _nullable({"type": "boolean"}),
     "thinking": _nullable({"type": "object", "required": ["type"],
                            "properties": {"type": {"enum": ["enabled", "disabled"]}}}),
     "chat_template_kwargs": _nullable({"type": "object", "properties": {"thinking": {"type": "boolean"}}}),
