@@ -23,7 +23,8 @@ routes bill the last output they received. A client that goes away is billed the
 Usage: the upstream's counts where it reports them (upstream_usage.py), the tokenizer's where it does not;
 cached prompt tokens only from the upstream. The last output carries `usage_source` ("upstream" or "local",
 counted on /metrics), every output the chosen upstream's price table (`prices`, None for the server's). Not
-supported yet: logprobs (a 400), since upstreams return token strings, not ids.
+supported yet (400s): logprobs, since upstreams return token strings, not ids; constrained decoding, whose
+grammar runs in openr2's own sampler.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def upstream_body(ids: list[int], params) -> dict:
     (so that a server without them, llama.cpp's, is not handed fields it might refuse)."""
     if params.logprobs is not None:
         raise ValueError("logprobs: not available through the gateway yet (upstreams return token text, not ids)")
+    if params.structured_outputs is not None:  # its grammar runs in openr2's own sampler, which is not here
+        raise ValueError("response_format: constrained decoding (json_object, json_schema, strict tools, a required "
+                         "or named tool_choice) is not available through the gateway yet")
     body = {"prompt": ids, "n": params.n, "temperature": params.temperature, "top_p": params.top_p,
             "stream": True, "stream_options": {"include_usage": True}}
     if params.max_tokens is not None:

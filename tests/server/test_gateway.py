@@ -194,6 +194,10 @@ def test_bad_requests_are_4xx_and_upstream_refusals_pass_through(gw, monkeypatch
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_p"
     resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "logprobs": True})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "logprobs"
+    # constrained decoding runs in openr2's own sampler: refused, not silently unconstrained
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "response_format": fmt})
+    assert resp.status_code == 400 and "gateway" in resp.json()["error"]["message"]
     # the gateway's own context check (the length it learnt from the upstreams' /v1/models)
     resp = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4000})
     assert resp.status_code == 400
