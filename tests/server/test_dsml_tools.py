@@ -41,9 +41,12 @@ def _bare_tokenizer() -> Tokenizer:
 
 
 def script(prompt: str) -> str:
-    if "<result>" in prompt:  # (the tools prompt itself shows <function_results>)
-        return "It is 21C in Paris."
-    return "Let me check." + CALLS if "<functions>" in prompt else "No tools."
+    """A DeepSeek-like answer: think when the prompt opens <think>, call the tool it was shown, or answer from
+    its result (the tools prompt itself shows <function_results>, so look for a <result>)."""
+    think = "Look it up.</think>" if prompt.endswith("<think>") else ""
+    if "<result>" in prompt:
+        return think + "It is 21C in Paris."
+    return think + ("Let me check." + CALLS if "<functions>" in prompt else "No tools.")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,24 @@ def test_a_dsml_round_trip_whole_and_streamed(scripted):
     assert text == "Let me check." and [d.function.name for d in deltas if d.function.name] == ["get_weather"]
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris", "days": 2}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_thinking_tool_turns_carry_their_reasoning_back(scripted):
+    base_url, _, engine = scripted
+    client = _openai(base_url)
+    thinking = {"thinking": {"type": "enabled"}}
+    first = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], extra_body=thinking)
+    message = first.choices[0].message
+    assert message.reasoning_content == "Look it up." and message.tool_calls[0].function.name == "get_weather"
+    history = [*ASK, {"role": "assistant", "content": message.content, "reasoning_content": message.reasoning_content,
+                      "tool_calls": [c.model_dump() for c in message.tool_calls]},
+               {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "21C"}]
+    follow = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], extra_body=thinking)
+    assert follow.choices[0].message.reasoning_content == "Look it up."
+    assert follow.choices[0].message.content == "It is 21C in Paris."
+    prompt = engine.prompts[-1]  # the tool loop's reasoning is in the prompt, and thinking reopens after results
+    assert "<｜Assistant｜><think>Look it up.</think>Let me check.\n\n<｜DSML｜function_calls>" in prompt
+    assert prompt.endswith("</function_results>\n\n<think>")
 
 
 @pytest.fixture(scope="module")
