@@ -84,8 +84,8 @@ def encode_v32(messages: list[dict], tools: list[dict] | None = None, thinking: 
 
 
 def _merge_tool_results(messages: list[dict]) -> list[dict]:
-    """V4 has no tool role: results become `<tool_result>` blocks of a user turn (with any user text that
-    follows them), in the order of the calls they answer."""
+    """V4 has no tool role: results become `<tool_result>` blocks of a user turn, in the order of the calls
+    they answer; consecutive user turns and results merge into one, joined by a blank line."""
     merged: list[dict] = []
     order: dict[str, int] = {}
     for m in messages:
@@ -98,8 +98,7 @@ def _merge_tool_results(messages: list[dict]) -> list[dict]:
         else:
             merged.append(m)
             continue
-        if merged and merged[-1]["role"] == "user" and "blocks" in merged[-1] and \
-                (block[0] == "tool" or merged[-1]["blocks"][-1][0] == "tool"):
+        if merged and merged[-1]["role"] == "user":  # consecutive user turns and results are one turn
             merged[-1]["blocks"].append(block)
         else:
             merged.append({"role": "user", "blocks": [block]})

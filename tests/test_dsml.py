@@ -143,3 +143,32 @@ def test_the_calls_grammar_takes_exactly_the_calls_the_parser_reads(dialect):
     assert not accepts(other.calls_text(two[:1]))  # only the checkpoint's own block
     with pytest.raises(ValueError):
         dialect.calls_grammar([("t", {"type": "object", "required": ["x"]})], tok.token_to_id)
+
+
+def test_v4_merges_results_into_one_user_turn_in_call_order():
+    calls = [{"id": i, "type": "function", "function": {"name": "t", "arguments": "{}"}} for i in ("a", "b")]
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "b", "content": "B"}, {"role": "tool", "tool_call_id": "a", "content": "A"},
+            {"role": "user", "content": "and?"}]
+    assert encode_v4(msgs, thinking=False).endswith(
+        "<｜User｜><tool_result>A</tool_result>\n\n<tool_result>B</tool_result>\n\nand?<｜Assistant｜></think>")
+
+
+def test_a_template_less_checkpoint_gets_its_release_format_and_a_template_wins():
+    from openr2.chat_format import render_chat, thinking_modes, tool_support
+    from openr2.tokenizer import Tokenizer
+    from openr2.tool_calls import V3
+    from tests.tokenizer_utils import tiny_tokenizer
+
+    with_template = tiny_tokenizer()
+    bare = Tokenizer(with_template.backend, with_template.bos_token, with_template.eos_token,
+                     with_template.eos_token, None)
+    for model_type, dialect in (("deepseek_v32", V32), ("deepseek_v4", V4)):
+        support = tool_support(bare, model_type=model_type)
+        assert support.dialect is dialect and support.renders_tools
+        assert thinking_modes(bare, model_type=model_type) == {True, False}
+        assert dialect.open in render_chat([{"role": "user", "content": "Hi"}], bare, model_type=model_type,
+                                           tools=[{"type": "function", "function": {"name": "t"}}])
+    # a checkpoint's own template (V3.2-Exp ships one) is what its model writes: it wins over the model_type
+    assert tool_support(with_template, model_type="deepseek_v32").dialect is V3
+    assert tool_support(bare).dialect is V3  # no template, no encoder: the built-in R1 format
