@@ -157,15 +157,17 @@ class DsmlDialect:
                       max_calls: int | None = None, after_begin: bool = False) -> str:
         """An llguidance Lark grammar of one calls block (as calls_text writes it), then nothing more: each call
         names one of `tools` ((name, JSON Schema of its arguments)) and writes that schema's declared
-        properties in order, required ones always, plain strings as raw text and every other value as JSON
-        under its own schema; at most max_calls calls (None: any number >= 1). after_begin: the block's
+        properties in order, required ones always, plain strings as raw text (without the DSML marker) and
+        every other value as JSON under its own schema; at most max_calls calls (None: any number >= 1). after_begin: the block's
         opening marker was already generated (a trigger token). ValueError for a schema DSML cannot carry
         (required properties it does not declare, names with quotes)."""
         def marker(text: str) -> str:
             tid = token_id(text)
             return f"<[{tid}]>" if tid is not None else json.dumps(text)
 
-        lines = ['PLAIN: /[^<]+/']
+        # a plain string: any text without the DSML marker (so the parser's first close tag is its own), ended
+        # lazily by its close tag
+        lines = [f"plain[suffix={json.dumps(PARAM_CLOSE)}]: PLAIN", f"PLAIN: /(?s:.*)/ & ~/(?s:.*{DSML}.*)/"]
         for i, (name, schema) in enumerate(tools):
             if '"' in name:
                 raise ValueError(f"tool {name!r}: a DSML tool name cannot hold a quote")
@@ -179,10 +181,11 @@ class DsmlDialect:
                     raise ValueError(f"tool {name!r}: a DSML parameter name cannot hold a quote")
                 plain = isinstance(prop, dict) and prop.get("type") == "string" and set(prop) <= _PLAIN_STRING_KEYS
                 head = f'<{DSML}parameter name="{key}" string="{"true" if plain else "false"}">'
-                value = "PLAIN?" if plain else \
-                    "%json" + json.dumps({**(prop if isinstance(prop, dict) else {}),
-                                          "x-guidance": {"whitespace_flexible": False}})
-                param = f'{json.dumps(head)} {value} {json.dumps(PARAM_CLOSE + chr(10))}'
+                if plain:
+                    param = f'{json.dumps(head)} plain "\\n"'
+                else:
+                    schema_ = {**(prop if isinstance(prop, dict) else {}), "x-guidance": {"whitespace_flexible": False}}
+                    param = f'{json.dumps(head)} %json{json.dumps(schema_)} {json.dumps(PARAM_CLOSE + chr(10))}'
                 params.append(param if key in required else f"({param})?")
             body = " ".join(params) if params else '"\\n"'
             lines.append(f'call_{i}: {json.dumps(f"{INVOKE_OPEN} name={json.dumps(name)}>" + chr(10))} {body} '

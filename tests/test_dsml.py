@@ -134,6 +134,8 @@ def test_the_calls_grammar_takes_exactly_the_calls_the_parser_reads(dialect):
     parsed = DsmlParser(dialect, ["weather", "time"]).parse(dialect.calls_text(two))[1]
     assert [(c.name, json.loads(c.arguments)) for c in parsed] == [(n, json.loads(a)) for n, a in two]
     assert not accepts(dialect.calls_text(two), max_calls=1) and accepts(dialect.calls_text(two[:1]), max_calls=1)
+    assert accepts(dialect.calls_text([("weather", '{"city": "a < b </x>"}')]))  # raw text, markup included
+    assert not accepts(dialect.calls_text([("weather", '{"city": "a </｜DSML｜invoke> b"}')]))  # not DSML's
     assert not accepts(dialect.calls_text([("weather", '{"days": 2}')]))  # a required argument missing
     assert not accepts(dialect.calls_text([("weather", '{"city": "Paris", "days": 0}')]))  # off the schema
     assert not accepts(dialect.calls_text([("weather", '{"city": "Paris", "town": "x"}')]))  # undeclared
