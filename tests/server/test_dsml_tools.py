@@ -32,6 +32,9 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "days"], "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 CALLS = V32.calls_text([("get_weather", '{"city": "Paris", "days": 2}')])
+# a call of a tool that was not offered, then one whose integer is no JSON
+BROKEN = V32.calls_text([("get_time", "{}"), ("get_weather", '{"city": "Paris", "days": 2}')]).replace(
+    'string="false">2<', 'string="false">two<')
 
 
 def _bare_tokenizer() -> Tokenizer:
@@ -44,6 +47,8 @@ def script(prompt: str) -> str:
     """A DeepSeek-like answer: think when the prompt opens <think>, call the tool it was shown, or answer from
     its result (the tools prompt itself shows <function_results>, so look for a <result>)."""
     think = "Look it up.</think>" if prompt.endswith("<think>") else ""
+    if "Broken?" in prompt:
+        return BROKEN
     if "<result>" in prompt:
         return think + "It is 21C in Paris."
     return think + ("Let me check." + CALLS if "<functions>" in prompt else "No tools.")
@@ -87,6 +92,18 @@ def test_a_dsml_round_trip_whole_and_streamed(scripted):
     assert text == "Let me check." and [d.function.name for d in deltas if d.function.name] == ["get_weather"]
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris", "days": 2}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_malformed_calls_come_back_as_text(scripted):
+    client = _openai(scripted[0])
+    ask = [{"role": "user", "content": "Broken?"}]
+    whole = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER]).choices[0]
+    assert whole.finish_reason == "stop" and not whole.message.tool_calls
+    assert 'invoke name="get_time"' in whole.message.content and ">two<" in whole.message.content
+    chunks = list(client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
 
 
 def test_thinking_tool_turns_carry_their_reasoning_back(scripted):
