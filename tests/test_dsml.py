@@ -174,3 +174,23 @@ def test_a_template_less_checkpoint_gets_its_release_format_and_a_template_wins(
     # a checkpoint's own template (V3.2-Exp ships one) is what its model writes: it wins over the model_type
     assert tool_support(with_template, model_type="deepseek_v32").dialect is V3
     assert tool_support(bare).dialect is V3  # no template, no encoder: the built-in R1 format
+
+
+def test_the_eval_backend_renders_a_template_less_v32_checkpoint_as_the_server_does():
+    import dataclasses
+
+    from openr2.engine.engine import EngineConfig, LLMEngine
+    from openr2.eval.backends import LocalBackend, Request
+    from openr2.model.transformer import build_model
+    from openr2.presets import tiny_v32
+    from openr2.tokenizer import Tokenizer
+    from tests.tokenizer_utils import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    bare = Tokenizer(tok.backend, tok.bos_token, tok.eos_token, tok.eos_token, None)
+    config = dataclasses.replace(tiny_v32(), vocab_size=bare.vocab_size, num_nextn_predict_layers=0,
+                                 eos_token_id=bare.eos_token_id, bos_token_id=bare.bos_token_id)
+    engine = LLMEngine(build_model(config, seed=0), bare, EngineConfig(block_size=16, num_blocks=64))
+    messages = [{"role": "user", "content": "2+2?"}]
+    ((_, done),) = LocalBackend(engine).run([Request("a", 0, messages, 0.0, 1.0, 1, 0)])
+    assert done.usage.prompt_tokens == len(bare.encode(encode_v32(messages, thinking=False)))
