@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import anthropic
 import jsonschema
 import openai
 import pytest
@@ -92,6 +93,29 @@ def test_a_dsml_round_trip_whole_and_streamed(scripted):
     assert text == "Let me check." and [d.function.name for d in deltas if d.function.name] == ["get_weather"]
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris", "days": 2}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_anthropic_tool_use_and_results_in_dsml(scripted):
+    base_url, _, engine = scripted
+    client = anthropic.Anthropic(base_url=base_url + "/anthropic", api_key="unused", max_retries=0)
+    tool = {"name": "get_weather", "description": "Weather of a city", "input_schema": WEATHER["function"]["parameters"]}
+    msg = client.messages.create(model="tiny", max_tokens=2000, messages=ASK, tools=[tool])
+    assert msg.stop_reason == "tool_use" and [b.type for b in msg.content] == ["text", "tool_use"]
+    use = msg.content[1]
+    assert (use.name, use.input) == ("get_weather", {"city": "Paris", "days": 2})
+    answer = client.messages.create(model="tiny", max_tokens=2000, tools=[tool], messages=[
+        *ASK, {"role": "assistant", "content": [b.model_dump() for b in msg.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21C"}]}])
+    assert answer.stop_reason == "end_turn" and answer.content[-1].text == "It is 21C in Paris."
+    assert "<function_results>\n<result>21C</result>\n</function_results>" in engine.prompts[-1]
+
+
+def test_strict_tools_under_auto_are_refused_for_dsml(scripted):
+    client = _openai(scripted[0])
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    with pytest.raises(openai.BadRequestError) as e:  # the block's opening is no single token to trigger on
+        client.chat.completions.create(model="tiny", messages=ASK, tools=[strict])
+    assert e.value.body["param"] == "tools"
 
 
 def test_malformed_calls_come_back_as_text(scripted):
