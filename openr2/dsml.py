@@ -157,10 +157,11 @@ class DsmlDialect:
                       max_calls: int | None = None, after_begin: bool = False) -> str:
         """An llguidance Lark grammar of one calls block (as calls_text writes it), then nothing more: each call
         names one of `tools` ((name, JSON Schema of its arguments)) and writes that schema's declared
-        properties in order, required ones always, plain strings as raw text (without the DSML marker) and
-        every other value as JSON under its own schema; at most max_calls calls (None: any number >= 1). after_begin: the block's
-        opening marker was already generated (a trigger token). ValueError for a schema DSML cannot carry
-        (required properties it does not declare, names with quotes)."""
+        properties in order (so a schema without `properties` gets `{}`), required ones always, plain strings
+        as raw text without the DSML marker and every other value as JSON under its own schema; at most
+        max_calls calls (None: any number >= 1). after_begin: the block's opening marker was already generated
+        (a trigger token). ValueError for a schema DSML cannot carry (required properties it does not
+        declare, names with quotes)."""
         def marker(text: str) -> str:
             tid = token_id(text)
             return f"<[{tid}]>" if tid is not None else json.dumps(text)
