@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from openr2.dsml import DSML_DIALECTS, DsmlDialect
+from openr2.dsml_encoding import encode_v4, encode_v32
 from openr2.tokenizer import (
     ASSISTANT,
     BOS,
@@ -43,7 +45,7 @@ from openr2.tokenizer import (
     USER,
     Tokenizer,
 )
-from openr2.tool_calls import DIALECTS, ToolCallDialect, tools_prompt
+from openr2.tool_calls import DIALECTS, ToolCallDialect
 
 ROLES = ("system", "user", "assistant", "tool")
 _ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -193,18 +195,30 @@ def _pick_template(tokenizer: Tokenizer | None, template: str | None) -> str | N
     return tokenizer.chat_template if tokenizer is not None else None
 
 
+# Checkpoints whose release ships no jinja template, only a Python encoder (their model_type -> ours):
+# DeepSeek-V3.2 (V3.2-Exp still had a template, in the V3.1 dialect, and keeps it) and V4.
+ENCODERS = {"deepseek_v32": encode_v32, "deepseek_v4": encode_v4}
+
+
 def render_chat(messages: Iterable[Any], tokenizer: Tokenizer | None = None, add_generation_prompt: bool = True,
-                template: str | None = None, **template_kwargs: Any) -> str:
+                template: str | None = None, model_type: str | None = None, **template_kwargs: Any) -> str:
     """Render messages to prompt text.
 
     With a template (the `template` argument, else the tokenizer's `chat_template`) render it with jinja;
-    otherwise use the built-in R1 format, where `thinking=False` ends the prompt with `<｜Assistant｜>`
+    else a checkpoint of a `model_type` in ENCODERS gets its release's encoder (options: `tools`, `thinking`,
+    off by default as on DeepSeek's API; its user turns end with the generation prompt whatever
+    add_generation_prompt says); otherwise use the built-in R1 format, where `thinking=False` ends the prompt with `<｜Assistant｜>`
     instead of `<｜Assistant｜><think>\\n`. Extra keyword arguments go to the template (tools, thinking...),
     which decides what they mean (DeepSeek-R1's own template ignores `thinking`; the built-in format
     refuses options it does not have rather than drop them, e.g. `tools`).
     """
     msgs = normalize_messages(messages)
     source = _pick_template(tokenizer, template)
+    if source is None and model_type in ENCODERS:
+        unknown = set(template_kwargs) - {"thinking", "tools"}
+        if unknown:
+            raise ValueError(f"{model_type} chat format: unknown option(s) {sorted(unknown)}")
+        return ENCODERS[model_type](msgs, template_kwargs.get("tools"), bool(template_kwargs.get("thinking", False)))
     if source is None:
         unknown = set(template_kwargs) - {"thinking"}
         if unknown:
@@ -236,12 +250,14 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     return prompt.rstrip(_NEWLINES + " ").endswith(THINK_START)
 
 
-def thinking_modes(tokenizer: Tokenizer | None = None, template: str | None = None) -> frozenset[bool]:
+def thinking_modes(tokenizer: Tokenizer | None = None, template: str | None = None,
+                   model_type: str | None = None) -> frozenset[bool]:
     """The thinking modes a chat template can open: {True} (R1: always `<think>`), {False} (no reasoning) or
     both (V3.1 and later, and the built-in format: the `thinking` option switches). Found by rendering one
     user message each way and asking prompt_opens_reasoning, so it holds for any template."""
     msgs = [{"role": "user", "content": "Hi"}]
-    return frozenset(prompt_opens_reasoning(render_chat(msgs, tokenizer, template=template, thinking=mode))
+    return frozenset(prompt_opens_reasoning(render_chat(msgs, tokenizer, template=template, model_type=model_type,
+                                                        thinking=mode))
                      for mode in (True, False))
 
 
@@ -250,7 +266,7 @@ class ToolSupport:
     """How a chat template handles tools: the dialect its past calls are written in (None: it has none, so
     the model cannot be asked for calls) and whether it describes `tools` itself."""
 
-    dialect: ToolCallDialect | None
+    dialect: ToolCallDialect | DsmlDialect | None
     renders_tools: bool
 
 
@@ -260,18 +276,19 @@ _PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool", "descripti
                                                 "parameters": {"type": "object"}}}
 
 
-def tool_support(tokenizer: Tokenizer | None = None, template: str | None = None) -> ToolSupport:
+def tool_support(tokenizer: Tokenizer | None = None, template: str | None = None,
+                 model_type: str | None = None) -> ToolSupport:
     """Read the tool-call dialect from the template itself: render a past call and see which way it is
     written; then whether a `tools` option shows up in the prompt."""
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [_PROBE_CALL]}]
     try:
-        text = render_chat(msgs, tokenizer, add_generation_prompt=False, template=template)
+        text = render_chat(msgs, tokenizer, add_generation_prompt=False, template=template, model_type=model_type)
     except ValueError:
         text = ""
     args = _PROBE_CALL["function"]["arguments"]
-    dialect = next((d for d in DIALECTS if d.call_text("probe_tool", args) in text), None)
+    dialect = next((d for d in (*DIALECTS, *DSML_DIALECTS) if d.probe_text("probe_tool", args) in text), None)
     try:
-        shown = render_chat(msgs[:1], tokenizer, template=template, tools=[_PROBE_TOOL])
+        shown = render_chat(msgs[:1], tokenizer, template=template, model_type=model_type, tools=[_PROBE_TOOL])
     except ValueError:  # the built-in renderer takes no tools option
         shown = ""
     return ToolSupport(dialect, "probe_tool" in shown)
@@ -283,7 +300,7 @@ def with_tools(messages: list[dict], tools: list[dict], support: ToolSupport) ->
     if support.renders_tools:
         return messages, {"tools": tools}
     lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
-    prompt = {"role": "system", "content": tools_prompt(tools, support.dialect)}
+    prompt = {"role": "system", "content": support.dialect.tools_prompt(tools)}
     return [*messages[:lead], prompt, *messages[lead:]], {}
 
 

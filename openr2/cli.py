@@ -109,16 +109,17 @@ def _load_engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Answer one prompt as a user message through the model's chat template (the plain text with --raw, or
-    when the tokenizer has no template), streaming the text as it is generated."""
-    from openr2.chat_format import encode_chat
+    """Answer one prompt as a user message through the model's chat template or its release's encoder (the
+    plain text with --raw, or when the checkpoint has neither), streaming the text as it is generated."""
+    from openr2.chat_format import ENCODERS, encode_chat
 
     args.model = _model_dir(args)
     engine = _load_engine(args)
     params = _sampling_params(args)
-    chat = not args.raw and bool(engine.tokenizer.chat_templates)
-    prompt = {"prompt_token_ids": encode_chat([{"role": "user", "content": args.prompt}], engine.tokenizer)} \
-        if chat else args.prompt
+    model_type = engine.model.config.model_type
+    chat = not args.raw and (bool(engine.tokenizer.chat_templates) or model_type in ENCODERS)
+    prompt = {"prompt_token_ids": encode_chat([{"role": "user", "content": args.prompt}], engine.tokenizer,
+                                              model_type=model_type)} if chat else args.prompt
     final = None
     for out in engine.stream(prompt, params):
         if params.n == 1:
@@ -170,7 +171,7 @@ def _chat_loop(engine, params, dim: str, plain: str) -> int:
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        text = render_chat(history, engine.tokenizer)
+        text = render_chat(history, engine.tokenizer, model_type=engine.model.config.model_type)
         parser = ReasoningParser(starts_in_reasoning=prompt_opens_reasoning(text))
         prompt = {"prompt_token_ids": engine.tokenizer.encode(text)}
         answer = _stream_turn(engine, prompt, params, parser, dim, plain)

@@ -77,6 +77,21 @@ class ToolCallDialect:
                  "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *alternatives]
         return "\n".join(lines)
 
+    @property
+    def trigger(self) -> str:
+        """The text that opens a calls block (a trigger token for strict tools under tool_choice 'auto')."""
+        return TOOL_CALLS_BEGIN
+
+    def probe_text(self, name: str, arguments: str) -> str:
+        """What a template that speaks this dialect writes for one past call (chat_format.tool_support)."""
+        return self.call_text(name, arguments)
+
+    def tools_prompt(self, tools: list[dict]) -> str:
+        return tools_prompt(tools, self)
+
+    def parser(self, tool_names, max_calls: int | None = None) -> ToolCallParser:
+        return ToolCallParser(self, tool_names, max_calls)
+
     def parse_call(self, body: str) -> tuple[str, str] | None:
         """The text between one call's markers -> (name, arguments text), or None if it is not in this dialect."""
         head, sep, rest = body.partition(TOOL_SEP)
@@ -119,7 +134,7 @@ def tools_prompt(tools: list[dict], dialect: ToolCallDialect) -> str:
     return "\n\n".join(parts)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag (a tag maybe cut by a delta)."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
         if text.endswith(tag[:n]):
@@ -161,7 +176,7 @@ class ToolCallParser:
             if not self._in_block:
                 i = self._buf.find(TOOL_CALLS_BEGIN)
                 if i < 0:
-                    keep = 0 if final else _partial_suffix(self._buf, TOOL_CALLS_BEGIN)
+                    keep = 0 if final else partial_suffix(self._buf, TOOL_CALLS_BEGIN)
                     content.append(self._buf[:len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break

@@ -65,6 +65,11 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def model_type(self) -> str:
+        """The checkpoint's model_type (which chat format a template-less checkpoint speaks)."""
+        return self.engine.model.config.model_type
+
+    @property
     def max_model_len(self) -> int:
         """The context length: prompt + completion tokens of one request."""
         return self.engine.max_model_len

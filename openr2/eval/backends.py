@@ -97,7 +97,8 @@ class LocalBackend:
         tok, pending = self.engine.tokenizer, {}
         try:
             for n, r in enumerate(requests):
-                text = render_chat(r.messages, tok)  # as the server renders it, so both see the same ids
+                # as the server renders it (a template-less V3.2 checkpoint included), so both see the same ids
+                text = render_chat(r.messages, tok, model_type=self.engine.model.config.model_type)
                 ids = tok.encode(text)
                 room = self.engine.max_model_len - len(ids)
                 max_tokens = max_tokens_for(r.max_tokens, self.engine.max_model_len, len(ids))  # as served

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openr2 import billing
-from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning, render_chat
+from openr2.chat_format import fim_prompt, has_fim, prompt_opens_reasoning
 from openr2.engine.async_engine import AsyncEngine, EngineDeadError
 from openr2.engine.sampling import DEFAULT_MAX_TOKENS
 from openr2.server.aliases import PathAliasMiddleware
@@ -121,7 +121,7 @@ class Server:
         self.limiter = ledger.rate_limiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
         self.metrics = Metrics(self)
-        self.template = TemplateFeatures(self.tokenizer, self.config.model_name)
+        self.template = TemplateFeatures(self.tokenizer, self.config.model_name, getattr(engine, "model_type", None))
 
     # ------------------------------------------------------------------------------------ helpers
     def authorise(self, request: Request) -> str:
@@ -199,7 +199,7 @@ class Server:
         req = ChatCompletionRequest.parse(body)
         messages, options = self.template.prompt_inputs(req, self.check_model(req.model))
         try:
-            prompt = render_chat(messages, self.tokenizer, **options)
+            prompt = self.template.render(messages, options)
         except ValueError as e:  # messages the template refuses (its raise_exception, roles out of order...)
             raise bad_request(str(e), "messages") from None
         prompt += req.assistant_prefix or ""

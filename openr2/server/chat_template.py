@@ -1,10 +1,12 @@
 """What the served model's chat template can do, and what a chat request asks of it.
 
 Owns `TemplateFeatures`: the thinking modes the template has and the tool-call dialect it writes (both read
-once from the template itself, chat_format.thinking_modes / tool_support), the template options and messages
+once from the template itself, chat_format.thinking_modes / tool_support; a checkpoint with no template but
+a model_type whose release ships an encoder, DeepSeek-V3.2 and V4, gets that encoder and its DSML dialect), the template options and messages
 of one chat request (`prompt_inputs`: its thinking choice, or the mode its model alias implies, and its tools),
 with a 400 naming the parameter when the template cannot do what the request asks, and the parser of the
-request's tool calls (`tool_parser`). It does not render (chat_format.render_chat) nor run anything.
+request's tool calls (`tool_parser`). Rendering itself is chat_format.render_chat's (`render` passes the
+model_type); it runs nothing.
 """
 
 from __future__ import annotations
@@ -12,27 +14,31 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from openr2.chat_format import ToolSupport, thinking_modes, tool_support, with_tools
+from openr2.chat_format import ToolSupport, render_chat, thinking_modes, tool_support, with_tools
+from openr2.dsml import DsmlParser
 from openr2.server.errors import bad_request
-from openr2.tokenizer import TOOL_CALLS_BEGIN
 from openr2.tool_calls import ToolCallParser
 
-ToolParserFactory = Callable[[], ToolCallParser]  # a fresh parser per choice
+ToolParserFactory = Callable[[], ToolCallParser | DsmlParser]  # a fresh parser per choice
 
 
 class TemplateFeatures:
-    def __init__(self, tokenizer, model_name: str):
-        self.tokenizer, self.model_name = tokenizer, model_name
+    def __init__(self, tokenizer, model_name: str, model_type: str | None = None):
+        self.tokenizer, self.model_name, self.model_type = tokenizer, model_name, model_type
+
+    def render(self, messages: list[dict], options: dict) -> str:
+        """The prompt text (chat_format.render_chat); ValueError for messages the format refuses."""
+        return render_chat(messages, self.tokenizer, model_type=self.model_type, **options)
 
     @functools.cached_property
     def thinking_modes(self) -> frozenset[bool]:
         """{True}, {False} or both (chat_format.thinking_modes)."""
-        return thinking_modes(self.tokenizer)
+        return thinking_modes(self.tokenizer, model_type=self.model_type)
 
     @functools.cached_property
     def tools(self) -> ToolSupport:
         """The tool-call dialect and whether the template describes tools itself (chat_format.tool_support)."""
-        return tool_support(self.tokenizer)
+        return tool_support(self.tokenizer, model_type=self.model_type)
 
     def prompt_inputs(self, req, implied_thinking: bool | None) -> tuple[list[dict], dict]:
         """(messages, template options) for a chat request (protocol.ChatCompletionRequest)."""
@@ -74,7 +80,7 @@ class TemplateFeatures:
         schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
                    for t in req.tools}
         max_calls = 1 if req.parallel_tool_calls is False or isinstance(req.tool_choice, dict) else None
-        trigger = self.tokenizer.token_to_id(TOOL_CALLS_BEGIN) if strict_auto else None
+        trigger = self.tokenizer.token_to_id(self.tools.dialect.trigger) if strict_auto else None
         if strict_auto and trigger is None:
             raise bad_request("strict tools with tool_choice 'auto' need a tokenizer whose tool-call markers "
                               "are special tokens.", "tools")
@@ -96,7 +102,7 @@ class TemplateFeatures:
             return None
         dialect, names = self.tools.dialect, req.tool_names
         max_calls = 1 if req.parallel_tool_calls is False else None
-        return lambda: ToolCallParser(dialect, names, max_calls)
+        return lambda: dialect.parser(names, max_calls)
 
 
 def _checked(spec, param: str):

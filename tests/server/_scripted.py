@@ -18,8 +18,10 @@ from tests.server._live import run_app
 
 
 class ScriptedEngine:
-    def __init__(self, tokenizer, script: Callable[[str], str], max_model_len: int = 4096):
+    def __init__(self, tokenizer, script: Callable[[str], str], max_model_len: int = 4096,
+                 model_type: str = "deepseek_v3"):
         self.tokenizer, self.script, self.max_model_len = tokenizer, script, max_model_len
+        self.model_type = model_type  # the checkpoint's, as AsyncEngine.model_type tells it
         self.failure, self.num_running, self.num_waiting, self.spec_stats = None, 0, 0, None
         self.prompts: list[str] = []  # every prompt it was given, in order
 
@@ -47,9 +49,10 @@ class ScriptedEngine:
 
 
 @contextlib.contextmanager
-def serve_scripted(tokenizer, script, data: Path, config: ServerConfig | None = None):
+def serve_scripted(tokenizer, script, data: Path, config: ServerConfig | None = None,
+                   model_type: str = "deepseek_v3"):
     """Yield (base_url, Server, ScriptedEngine)."""
-    engine = ScriptedEngine(tokenizer, script)
+    engine = ScriptedEngine(tokenizer, script, model_type=model_type)
     ledger = Ledger(data / "ledger.sqlite", data_dir=data)
     server = Server(engine, ledger, billing.PriceTable(), config or ServerConfig(model_name="tiny"))
     try:

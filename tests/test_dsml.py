@@ -1,0 +1,196 @@
+"""DeepSeek-V3.2 / V4 DSML: conversations rendered byte for byte as the releases' own test vectors, their calls
+read back (whole and in random deltas alike, malformed ones as content) and the calls grammar."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from openr2.chat_format import normalize_messages
+from openr2.dsml import DSML, V4, V32, DsmlParser
+from openr2.dsml_encoding import encode_v4, encode_v32
+from openr2.tokenizer import EOS, THINK_END
+from openr2.tool_calls import ParsedCall
+
+DATA = Path(__file__).parent / "data" / "dsml"  # see its README for where each vector comes from
+
+
+def _case(name: str):
+    data = json.loads((DATA / f"{name}_input{'_1' if name == 'v4' else ''}.json").read_text())
+    # vLLM's copy of the V4 vector names the reasoning `reasoning`; DeepSeek's API calls it reasoning_content
+    msgs = [{("reasoning_content" if k == "reasoning" else k): v for k, v in m.items()} for m in data["messages"]]
+    expected = (DATA / f"{name}_output{'_1' if name == 'v4' else ''}.txt").read_text()
+    return normalize_messages(msgs), data["tools"], expected
+
+
+def test_v32_renders_the_release_test_vector():
+    messages, tools, expected = _case("v32")
+    assert encode_v32(messages, tools, thinking=True) == expected.strip()  # the release's test strips the file
+
+
+def test_v4_renders_the_release_test_vector():
+    messages, tools, expected = _case("v4")
+    assert encode_v4(messages, tools, thinking=True) == expected
+
+
+def test_generation_prompts_and_chat_mode():
+    ask = [{"role": "user", "content": "Hi"}]
+    assert encode_v32(ask, thinking=True).endswith("<｜User｜>Hi<｜Assistant｜><think>")
+    assert encode_v32(ask, thinking=False).endswith("<｜Assistant｜></think>")
+    assert encode_v4(ask, thinking=False) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>"
+    # without tools V4 drops the reasoning of turns before the last question, like V3.2
+    two = [*ask, {"role": "assistant", "content": "Hello", "reasoning_content": "greet"},
+           {"role": "user", "content": "Bye"}]
+    assert "greet" not in encode_v4(two) and "greet" not in encode_v32(two)
+    with pytest.raises(ValueError):
+        encode_v32([*ask, {"role": "tool", "content": "x"}])  # a result with no call
+
+
+@pytest.mark.parametrize("name,dialect", [("v32", V32), ("v4", V4)])
+def test_the_reference_calls_parse_back_into_their_openai_calls(name, dialect):
+    messages, tools, expected = _case(name)
+    names = [t["function"]["name"] for t in tools]
+    calls_turns = [m for m in messages if m["role"] == "assistant" and m.get("tool_calls")]
+    # each calls block of the rendered vector, as the model generated it (after </think>, before EOS)
+    blocks = [chunk.split(THINK_END)[-1] for chunk in expected.split(EOS) if dialect.open in chunk]
+    assert len(blocks) == len(calls_turns)
+    for block, turn in zip(blocks, calls_turns):
+        content, calls = DsmlParser(dialect, names).parse(block)
+        assert content == ""
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == \
+            [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in turn["tool_calls"]]
+
+
+def _answers(dialect):
+    calls = dialect.calls_text([("weather", '{"city": "Paris", "days": 3}'), ("time", "{}")])
+    got = [ParsedCall("weather", '{"city": "Paris", "days": 3}'), ParsedCall("time", "{}")]
+    bad_json = dialect.call_text("weather", "{}").replace("\n\n", f'\n<{DSML}parameter name="days" string="false">'
+                                                          f'three</{DSML}parameter>\n')
+    return {
+        "plain": ("Just text.", "Just text.", []),
+        "calls": (calls, "", got),
+        "text then calls": ("Let me check." + calls, "Let me check.", got),
+        "no blank line": ("Hm " + calls.lstrip("\n"), "Hm ", got),
+        "unknown tool": (dialect.calls_text([("nope", "{}"), ("time", "{}")]), dialect.call_text("nope", "{}"),
+                         [ParsedCall("time", "{}")]),
+        "value not json": (f"\n\n{dialect.open}\n{bad_json}\n{dialect.close}", bad_json, []),
+        "cut short": (f"\n\n{dialect.open}\n{dialect.call_text('time', '{}')}\n{DSML}invoke name=",
+                      f"{DSML}invoke name=", [ParsedCall("time", "{}")]),
+        "stray text in the block": (f"\n\n{dialect.open}\nhmm {dialect.call_text('time', '{}')}\n{dialect.close}",
+                                    "hmm ", [ParsedCall("time", "{}")]),
+    }
+
+
+@pytest.mark.parametrize("dialect", [V32, V4], ids=["v3.2", "v4"])
+def test_parse_whole_and_in_random_deltas_agree(dialect):
+    rng = random.Random(0)
+    for name, (text, content, calls) in _answers(dialect).items():
+        assert DsmlParser(dialect, ["weather", "time"]).parse(text) == (content, calls), name
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 8))))
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+            p = DsmlParser(dialect, ["weather", "time"])
+            got_content, got_calls = "", []
+            for piece in pieces:
+                c, k = p.feed(piece)
+                got_content, got_calls = got_content + c, got_calls + k
+            c, k = p.finish()
+            assert (got_content + c, got_calls + k) == (content, calls), (name, pieces)
+
+
+def test_parameters_are_typed_by_their_string_attribute():
+    args = {"s": "3", "n": 3, "f": 1.5, "b": True, "l": [1, "a"], "o": {"k": None}}
+    text = V32.calls_text([("t", json.dumps(args))])
+    assert 'name="s" string="true">3<' in text and 'name="n" string="false">3<' in text
+    (call,) = DsmlParser(V32, ["t"]).parse(text)[1]
+    assert json.loads(call.arguments) == args
+    dup = V32.call_text("t", '{"a": "x"}').replace("\n</", f'\n<{DSML}parameter name="a" string="true">y'
+                                                           f'</{DSML}parameter>\n</')
+    assert V32.parse_invoke(dup) is None  # a parameter given twice is no call
+
+
+@pytest.mark.parametrize("dialect", [V32, V4], ids=["v3.2", "v4"])
+def test_the_calls_grammar_takes_exactly_the_calls_the_parser_reads(dialect):
+    import llguidance
+
+    from openr2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "openr2" / "assets" / "openr2-demo")
+    lltok = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=tok.vocab_size, eos_token=tok.eos_token_id)
+    tools = [("weather", {"type": "object", "properties": {"city": {"type": "string"},
+                                                           "days": {"type": "integer", "minimum": 1}},
+                          "required": ["city"]}), ("time", {"type": "object"})]
+
+    def accepts(text: str, max_calls=None) -> bool:
+        grammar = llguidance.LLMatcher.grammar_from_lark(dialect.calls_grammar(tools, tok.token_to_id, max_calls))
+        matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        return matcher.consume_tokens(tok.encode(text) + [tok.eos_token_id]) and matcher.is_stopped()
+
+    two = [("weather", '{"city": "Paris", "days": 2}'), ("time", "{}")]
+    assert accepts(dialect.calls_text(two)) and accepts(dialect.calls_text([("weather", '{"city": "Oslo"}')]))
+    parsed = DsmlParser(dialect, ["weather", "time"]).parse(dialect.calls_text(two))[1]
+    assert [(c.name, json.loads(c.arguments)) for c in parsed] == [(n, json.loads(a)) for n, a in two]
+    assert not accepts(dialect.calls_text(two), max_calls=1) and accepts(dialect.calls_text(two[:1]), max_calls=1)
+    assert accepts(dialect.calls_text([("weather", '{"city": "a < b </x>"}')]))  # raw text, markup included
+    assert not accepts(dialect.calls_text([("weather", '{"city": "a </｜DSML｜invoke> b"}')]))  # not DSML's
+    assert not accepts(dialect.calls_text([("weather", '{"days": 2}')]))  # a required argument missing
+    assert not accepts(dialect.calls_text([("weather", '{"city": "Paris", "days": 0}')]))  # off the schema
+    assert not accepts(dialect.calls_text([("weather", '{"city": "Paris", "town": "x"}')]))  # undeclared
+    assert not accepts(dialect.calls_text([("other", "{}")]))  # a tool that was not offered
+    assert not accepts("Sure." + dialect.calls_text(two[:1]))  # nothing before the calls
+    other = V4 if dialect is V32 else V32
+    assert not accepts(other.calls_text(two[:1]))  # only the checkpoint's own block
+    with pytest.raises(ValueError):
+        dialect.calls_grammar([("t", {"type": "object", "required": ["x"]})], tok.token_to_id)
+
+
+def test_v4_merges_results_into_one_user_turn_in_call_order():
+    calls = [{"id": i, "type": "function", "function": {"name": "t", "arguments": "{}"}} for i in ("a", "b")]
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "b", "content": "B"}, {"role": "tool", "tool_call_id": "a", "content": "A"},
+            {"role": "user", "content": "and?"}]
+    assert encode_v4(msgs, thinking=False).endswith(
+        "<｜User｜><tool_result>A</tool_result>\n\n<tool_result>B</tool_result>\n\nand?<｜Assistant｜></think>")
+
+
+def test_a_template_less_checkpoint_gets_its_release_format_and_a_template_wins():
+    from openr2.chat_format import render_chat, thinking_modes, tool_support
+    from openr2.tokenizer import Tokenizer
+    from openr2.tool_calls import V3
+    from tests.tokenizer_utils import tiny_tokenizer
+
+    with_template = tiny_tokenizer()
+    bare = Tokenizer(with_template.backend, with_template.bos_token, with_template.eos_token,
+                     with_template.eos_token, None)
+    for model_type, dialect in (("deepseek_v32", V32), ("deepseek_v4", V4)):
+        support = tool_support(bare, model_type=model_type)
+        assert support.dialect is dialect and support.renders_tools
+        assert thinking_modes(bare, model_type=model_type) == {True, False}
+        assert dialect.open in render_chat([{"role": "user", "content": "Hi"}], bare, model_type=model_type,
+                                           tools=[{"type": "function", "function": {"name": "t"}}])
+    # a checkpoint's own template (V3.2-Exp ships one) is what its model writes: it wins over the model_type
+    assert tool_support(with_template, model_type="deepseek_v32").dialect is V3
+    assert tool_support(bare).dialect is V3  # no template, no encoder: the built-in R1 format
+
+
+def test_the_eval_backend_renders_a_template_less_v32_checkpoint_as_the_server_does():
+    import dataclasses
+
+    from openr2.engine.engine import EngineConfig, LLMEngine
+    from openr2.eval.backends import LocalBackend, Request
+    from openr2.model.transformer import build_model
+    from openr2.presets import tiny_v32
+    from openr2.tokenizer import Tokenizer
+    from tests.tokenizer_utils import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    bare = Tokenizer(tok.backend, tok.bos_token, tok.eos_token, tok.eos_token, None)
+    config = dataclasses.replace(tiny_v32(), vocab_size=bare.vocab_size, num_nextn_predict_layers=0,
+                                 eos_token_id=bare.eos_token_id, bos_token_id=bare.bos_token_id)
+    engine = LLMEngine(build_model(config, seed=0), bare, EngineConfig(block_size=16, num_blocks=64))
+    messages = [{"role": "user", "content": "2+2?"}]
+    ((_, done),) = LocalBackend(engine).run([Request("a", 0, messages, 0.0, 1.0, 1, 0)])
+    assert done.usage.prompt_tokens == len(bare.encode(encode_v32(messages, thinking=False)))
