@@ -503,7 +503,28 @@ class DeltaToolCall(ResponseToolCall):
     index: int
 
 
-class ChatChoice(BaseModel):
+class ContentFilter(BaseModel):
+    """Which rule of the operator's content policy (policy.py) ended a choice, and whether it refused the request
+    or the answer; sent as the choice's `content_filter` beside finish_reason "content_filter" (an openr2 field:
+    Azure's `content_filter_results` holds fixed categories with severities, which an operator's rule is not)."""
+
+    rule: str
+    on: Literal["request", "answer"]
+
+
+class _Filterable(BaseModel):
+    content_filter: ContentFilter | None = None  # only on a choice the policy ended
+
+    @model_serializer(mode="wrap")
+    def _filter_when_any(self, handler):
+        data = handler(self)
+        found = data.pop("content_filter", None)  # last, after finish_reason, when there is one
+        if found is not None:
+            data["content_filter"] = found
+        return data
+
+
+class ChatChoice(_Filterable):
     index: int
     message: ChatResponseMessage
     finish_reason: FinishReason
@@ -539,7 +560,7 @@ class DeltaMessage(BaseModel):
         return data
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Filterable):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
@@ -562,7 +583,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Filterable):
     index: int
     text: str
     finish_reason: Literal["stop", "length", "content_filter"] | None = None  # None only mid-stream
