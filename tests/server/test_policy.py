@@ -10,6 +10,7 @@ answer ("yes" / "no", the text inserted into its prompt) runs on the scripted en
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -278,3 +279,15 @@ def test_serve_with_a_bad_rules_file_exits_2_naming_file_and_rule(tmp_path, caps
     bad.write_text("[[rules]\n")
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--policy", str(bad)]) == 2
     assert f"{bad}: not valid TOML" in capsys.readouterr().err
+
+
+def test_the_readme_example_loads_as_documented(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = tmp_path / "rules.toml"
+    example.write_text(readme.split("# rules.toml, for `openr2 serve", 1)[1].split("```", 1)[0].split("\n", 1)[1])
+    keys, judge = Policy.load(example).rules
+    assert (keys.id, keys.applies_to, judge.id, judge.applies_to) == ("no-keys", "both", "no-medical-diagnosis",
+                                                                       "request")
+    assert keys.first_match("my key is SK-" + "a" * 24) == 10 and keys.first_match("sk-short") is None
+    assert judge.refuse_when.search("Yes, it does.") and not judge.refuse_when.search("No, yes-men aside")
+    assert judge.judge_max_tokens == 8 and judge.judge.endswith("\n\n{text}")
