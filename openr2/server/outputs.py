@@ -244,6 +244,7 @@ class CompletionStream:
         self.echo, self.token_text = echo, token_text
         self.chars: dict[int, int] = {}  # choice -> characters sent (text_offset of the next token)
         self.num_tokens: dict[int, int] = {}
+        self.done: set[int] = set()  # choices whose finish_reason was sent (later outputs still carry them)
 
     def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionChunk:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -252,6 +253,8 @@ class CompletionStream:
         chunks = []
         for out in output.outputs:
             index = prompt_index * self.n + out.index
+            if index in self.done:
+                continue
             text = out.text_delta
             if index not in self.chars:
                 self.chars[index], self.num_tokens[index] = 0, 0
@@ -260,6 +263,8 @@ class CompletionStream:
             reason = finish_reason(out.finish_reason)
             if not text and reason is None:
                 continue
+            if reason is not None:
+                self.done.add(index)
             logprobs = None
             if out.logprobs is not None:
                 start = self.num_tokens[index]

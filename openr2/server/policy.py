@@ -210,7 +210,7 @@ class PolicyEngine:
         out = None
         async for out in stream:
             for o in out.outputs:
-                if o.index in done:
+                if o.index in done or not o.text_delta and not o.finished:  # no new text: no new match
                     continue
                 hits = [(at, k) for k, r in enumerate(patterns) if (at := r.first_match(o.text)) is not None]
                 if hits:
