@@ -26,7 +26,8 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
     (fill-in-the-middle) is accepted here with text prompts; the server refuses it for a model whose
     tokenizer has no FIM tokens.
 
-finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
+finish_reason "content_filter" comes only from the operator's policy (policy.py), with `content_filter: {rule,
+on}` beside it on the choice (ContentFilter). finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
 OpenAI's Literal has no "abort", and "length" is the one value that tells a client the text was cut
 short; "stop" would claim a complete answer.
 """
