@@ -9,7 +9,9 @@ answer ("yes" / "no", the text inserted into its prompt) runs on the scripted en
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import anthropic
@@ -101,7 +103,7 @@ def patterns(ckpt, baseline, tmp_path_factory):
     if len(baseline["messages"]) >= 4:
         terms["cut-messages"] = _term(baseline["messages"])
     rules = [{"id": "open-sesame", "applies_to": "request", "patterns": ["open sesame"], "literal": True},
-             *({"id": rid, "applies_to": "both", "patterns": [term], "literal": True} for rid, term in terms.items())]
+             *({"id": rid, "applies_to": "answer", "patterns": [term], "literal": True} for rid, term in terms.items())]
     policy = Policy.from_dict({"rules": rules})
     with serve(ckpt, tmp_path_factory.mktemp("patterns"), _config(policy)) as (base_url, server):
         yield base_url, server, terms
@@ -180,6 +182,27 @@ def test_an_answer_pattern_ends_anthropic_messages_with_refusal(patterns, baseli
         sent = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert sent == expected and final.stop_reason == "refusal"
+
+
+def test_batch_lines_go_through_the_same_rules(patterns):
+    base_url, _, _ = patterns
+    client = _openai(base_url)
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": text}]}}
+             for cid, text in (("refused", "open sesame, please"), ("allowed", "Hello"))]
+    upload = client.files.create(file=("b.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()),
+                                 purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.time() + 60
+    while batch.status not in ("completed", "failed") and time.time() < deadline:
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    out = {x["custom_id"]: x["response"]["body"]["choices"][0]
+           for x in map(json.loads, client.files.content(batch.output_file_id).text.splitlines())}
+    assert out["refused"]["finish_reason"] == "content_filter"
+    assert out["refused"]["content_filter"] == {"rule": "open-sesame", "on": "request"}
+    assert "content_filter" not in out["allowed"] or out["allowed"]["content_filter"]["on"] == "answer"
 
 
 @pytest.fixture(scope="module")
