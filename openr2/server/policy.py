@@ -45,7 +45,7 @@ SIDES = ("request", "answer", "both")
 _RULE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a metric label and a JSON value: kept plain
 _PATTERN_KEYS = {"id", "applies_to", "patterns", "literal", "case_sensitive", "description"}
 _JUDGE_KEYS = {"id", "applies_to", "judge", "refuse_when", "judge_max_tokens", "case_sensitive", "description"}
-MAX_JUDGE_TOKENS = 256
+MAX_JUDGE_TOKENS = 4096  # room for a model that always thinks (R1) to think first
 
 
 @dataclass(frozen=True)

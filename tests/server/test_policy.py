@@ -314,3 +314,14 @@ def test_the_readme_example_loads_as_documented(tmp_path):
     assert keys.first_match("my key is SK-" + "a" * 24) == 10 and keys.first_match("sk-short") is None
     assert judge.refuse_when.search("Yes, it does.") and not judge.refuse_when.search("No, yes-men aside")
     assert judge.judge_max_tokens == 8 and judge.judge.endswith("\n\n{text}")
+
+
+def test_a_judge_prompt_that_leaves_no_room_in_the_context_is_a_startup_error():
+    from openr2.server.metrics import Metrics
+    from tests.server._scripted import ScriptedEngine
+
+    policy = Policy.from_dict({"rules": [{"id": "long-judge", "applies_to": "answer", "refuse_when": "yes",
+                                          "judge": "Please judge this text carefully. " * 4 + "{text}"}]}, "rules.toml")
+    with pytest.raises(ValueError, match=r"^rules.toml: rule 'long-judge': the judge prompt leaves no room"):
+        PolicyEngine(ScriptedEngine(tiny_tokenizer(), str, max_model_len=32), policy, Metrics())
+    PolicyEngine(ScriptedEngine(tiny_tokenizer(), str, max_model_len=4096), policy, Metrics())  # fits: fine
