@@ -84,16 +84,24 @@ def ckpt(tmp_path_factory):
 def baseline(ckpt, tmp_path_factory):
     """The greedy answers of a server without a policy (which must show no trace of one)."""
     with serve(ckpt, tmp_path_factory.mktemp("plain"), _config()) as (base_url, server):
-        assert not isinstance(server.engine, PolicyEngine) and "openr2_policy" not in httpx.get(base_url + "/metrics").text
         client = _openai(base_url)
         chat = client.chat.completions.create(model="tiny", messages=CHAT, **GREEDY, extra_body=NO_THINKING)
-        assert "content_filter" not in chat.choices[0].model_dump() and chat.choices[0].finish_reason == "length"
         text = client.completions.create(model="tiny", prompt="Once upon a time", **GREEDY,
                                          extra_body={"ignore_eos": True})
         msg = anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0).messages.create(
             model="tiny", max_tokens=16, messages=CHAT, thinking={"type": "disabled"}, extra_body={"temperature": 0})
         return {"chat": chat.choices[0].message.content, "text": text.choices[0].text,
-                "messages": msg.content[0].text}
+                "messages": msg.content[0].text, "wrapped": isinstance(server.engine, PolicyEngine),
+                "metrics": httpx.get(base_url + "/metrics").text,
+                "fields": [chat.choices[0].model_dump(), text.choices[0].model_dump(), msg.model_dump()],
+                "ends": (chat.choices[0].finish_reason, text.choices[0].finish_reason, msg.stop_reason)}
+
+
+def test_without_a_policy_nothing_changes(baseline):
+    assert not baseline["wrapped"] and "openr2_policy" not in baseline["metrics"]
+    assert "policy:judge" not in baseline["metrics"]
+    assert all("content_filter" not in fields for fields in baseline["fields"])
+    assert baseline["ends"][:2] == ("length", "length") and baseline["ends"][2] in ("end_turn", "max_tokens")
 
 
 @pytest.fixture(scope="module")
