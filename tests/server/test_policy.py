@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from openr2.cli import main
 from openr2.server.app import ServerConfig
 from openr2.server.policy import Policy, PolicyEngine
 from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import serve
+from tests.server._live import free_port, serve
 from tests.server._scripted import serve_scripted
 from tests.tokenizer_utils import tiny_tokenizer
 
@@ -333,3 +336,36 @@ def test_a_judge_prompt_that_leaves_no_room_in_the_context_is_a_startup_error():
     with pytest.raises(ValueError, match=r"^rules.toml: rule 'long-judge': the judge prompt leaves no room"):
         PolicyEngine(ScriptedEngine(tiny_tokenizer(), str, max_model_len=32), policy, Metrics())
     PolicyEngine(ScriptedEngine(tiny_tokenizer(), str, max_model_len=4096), policy, Metrics())  # fits: fine
+
+
+@pytest.mark.slow
+def test_openr2_serve_with_a_rules_file(ckpt, tmp_path):
+    """The command as an operator runs it: the file read, the rules applied and counted, SIGTERM ends it."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nid = "no-sesame"\napplies_to = "request"\npatterns = ["sesame"]\n')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "openr2", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--data-dir", str(tmp_path / "data"), "--served-model-name", "tiny", "--no-compile",
+                             "--policy", str(rules)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        ask = [{"role": "user", "content": "Open Sesame!"}]
+        choice = _openai(base_url).chat.completions.create(model="tiny", messages=ask, max_tokens=4).choices[0]
+        assert choice.finish_reason == "content_filter"
+        assert choice.model_extra["content_filter"] == {"rule": "no-sesame", "on": "request"}
+        assert _refusals(base_url) == {("no-sesame", "request"): 1.0}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
