@@ -12,10 +12,10 @@ What the rules see:
     prompt, with a fill-in-the-middle suffix), decoded without special tokens. A refused request never reaches
     the model: its answer is empty and its usage zero (nothing is billed).
   * "answer": everything the model generates for a choice, its thinking included. Pattern rules are checked as
-    the text grows: at a match the choice ends, cut where the match starts; in a stream the text sent before
-    that stays sent (a match that began in an earlier chunk keeps that beginning). Judge rules need the whole
-    answer, so with one on "answer" nothing is streamed until the answer is judged. The tokens generated are
-    billed, as for any answer.
+    the text grows (_AnswerWatch): text that may still become part of a match is held back until more text
+    decides it, so a stream never carries any part of a match; at a match the choice ends, cut where the match
+    starts, and the text sent before it stays sent. Judge rules need the whole answer, so with one on "answer"
+    nothing is streamed until the answer is judged. The tokens generated are billed, as for any answer.
   * A judge rule runs the served model itself on the operator's prompt with `{text}` replaced by the text
     (the end of it, when the whole does not fit the context), greedy, at most `judge_max_tokens`; the answer
     (its thinking removed) refuses when `refuse_when` (a regular expression) is found in it. Judge calls are not
@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex  # re's syntax, plus partial matches: what a growing answer may still turn into
 from prometheus_client import Counter
 
 from openr2.chat_format import ReasoningParser, prompt_opens_reasoning, render_chat
@@ -52,18 +53,33 @@ MAX_JUDGE_TOKENS = 4096  # room for a model that always thinks (R1) to think fir
 class Rule:
     id: str
     applies_to: str  # "request", "answer" or "both"
-    patterns: tuple[re.Pattern, ...] = ()
+    patterns: tuple[regex.Pattern, ...] = ()
     judge: str | None = None  # the judge prompt, with "{text}" where the text goes
-    refuse_when: re.Pattern | None = None
+    refuse_when: regex.Pattern | None = None
     judge_max_tokens: int = 16
 
     def on(self, side: str) -> bool:
         return self.applies_to in (side, "both")
 
-    def first_match(self, text: str) -> int | None:
-        """Where the earliest match of a pattern starts, or None."""
-        starts = [m.start() for p in self.patterns if (m := p.search(text))]
+    def first_match(self, text: str, pos: int = 0) -> int | None:
+        """Where the earliest match of a pattern (at or after pos) starts, or None."""
+        starts = [m.start() for p in self.patterns if (m := p.search(text, pos))]
         return min(starts) if starts else None
+
+    def scan(self, text: str, pos: int) -> tuple[int | None, int | None]:
+        """For text that is still growing: (where the earliest settled match starts, where the earliest match that
+        more text may still make, unmake or move starts), each None if there is none. A match that reaches the
+        end is not settled: `\\bterm\\b` or `term$` may fail once the next word arrives."""
+        settled = open_ = None
+        for p in self.patterns:
+            m = p.search(text, pos, partial=True)
+            if m is None or m.start() == len(text):
+                continue
+            if not m.partial and m.end() < len(text):
+                settled = m.start() if settled is None else min(settled, m.start())
+            else:
+                open_ = m.start() if open_ is None else min(open_, m.start())
+        return settled, open_
 
 
 @dataclass(frozen=True)
@@ -125,13 +141,13 @@ def _rule(item: dict, where: str) -> Rule:
     for key in ("literal", "case_sensitive"):
         if not isinstance(item.get(key, False), bool):
             raise ValueError(f"{where}: '{key}' must be true or false")
-    flags = 0 if item.get("case_sensitive") else re.IGNORECASE
+    flags = 0 if item.get("case_sensitive") else regex.IGNORECASE
     if "patterns" in item:
         patterns = item["patterns"]
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise ValueError(f"{where}: 'patterns' must be a non-empty list of non-empty strings")
         literal = item.get("literal", False)
-        return Rule(rid, side, tuple(_compile(re.escape(p) if literal else p, flags, f"{where}: pattern {p!r}")
+        return Rule(rid, side, tuple(_compile(regex.escape(p) if literal else p, flags, f"{where}: pattern {p!r}")
                                      for p in patterns))
     judge, refuse_when = item["judge"], item.get("refuse_when")
     if not isinstance(judge, str) or "{text}" not in judge:
@@ -146,10 +162,10 @@ def _rule(item: dict, where: str) -> Rule:
                 refuse_when=_compile(refuse_when, flags, f"{where}: refuse_when"))
 
 
-def _compile(pattern: str, flags: int, where: str) -> re.Pattern:
+def _compile(pattern: str, flags: int, where: str) -> regex.Pattern:
     try:
-        return re.compile(pattern, flags)
-    except re.error as e:
+        return regex.compile(pattern, flags)
+    except regex.error as e:
         raise ValueError(f"{where} is not a valid regular expression: {e}") from None
 
 
@@ -203,24 +219,13 @@ class PolicyEngine:
 
     async def _answers(self, stream, n: int, request_id, salt, priority):
         """The engine's outputs with answer rules applied; held back to the end when a judge must read them."""
-        patterns, judges = self._policy.patterns("answer"), self._policy.judges("answer")
+        judges = self._policy.judges("answer")
+        watch = _AnswerWatch(self._policy.patterns("answer"), n)
         hold = bool(judges)
-        refused: dict[int, tuple[Rule, int]] = {}  # choice -> (rule, where its text is cut)
-        done: set[int] = set()
         out = None
         async for out in stream:
-            for o in out.outputs:
-                if o.index in done or not o.text_delta and not o.finished:  # no new text: no new match
-                    continue
-                hits = [(at, k) for k, r in enumerate(patterns) if (at := r.first_match(o.text)) is not None]
-                if hits:
-                    at, k = min(hits)
-                    refused[o.index] = (patterns[k], at)
-                    self._refusals.labels(patterns[k].id, "answer").inc()
-                if o.finished or o.index in refused:
-                    done.add(o.index)
-            out = _cut(out, refused, all_done := len(done) == n)
-            if all_done:
+            out = watch.feed(out, self._refusals)
+            if watch.all_done:
                 break
             if not hold:
                 yield out
@@ -229,15 +234,17 @@ class PolicyEngine:
         if out is None:
             return
         if hold:
+            outputs = []
             for o in out.outputs:
-                if o.index in refused:
-                    continue
-                rule = await self._check(o.text, "answer", f"{request_id}-{o.index}", salt, priority, judges_only=True)
-                if rule is not None:
-                    self._refusals.labels(rule.id, "answer").inc()
-                    refused[o.index] = (rule, 0)
-            out = _cut(out, refused, out.finished or len(done) == n)
-            out = dataclasses.replace(out, outputs=[_whole(o) for o in out.outputs])
+                if o.finish_reason != "content_filter":
+                    rule = await self._check(o.text, "answer", f"{request_id}-{o.index}", salt, priority,
+                                             judges_only=True)
+                    if rule is not None:
+                        self._refusals.labels(rule.id, "answer").inc()
+                        o = dataclasses.replace(o, text="", finish_reason="content_filter",
+                                                stop_reason=ContentFilter(rule=rule.id, on="answer"))
+                outputs.append(_whole(o))
+            out = dataclasses.replace(out, outputs=outputs)
         yield out
 
     async def _check(self, text: str, side: str, request_id, salt, priority, judges_only: bool = False) -> Rule | None:
@@ -282,18 +289,51 @@ class PolicyEngine:
         return rule.refuse_when.search((answer or "").strip()) is not None
 
 
-def _cut(out: RequestOutput, refused: dict, finished: bool) -> RequestOutput:
-    """`out` with each refused choice ended where its rule cut it (what it had sent before stays sent)."""
-    outputs = []
-    for o in out.outputs:
-        if o.index in refused:
-            rule, at = refused[o.index]
-            before = len(o.text) - len(o.text_delta)  # what earlier outputs carried
-            o = dataclasses.replace(o, text=o.text[:at], text_delta=o.text[before:at] if at > before else "",
-                                    finish_reason="content_filter", stop_reason=ContentFilter(rule=rule.id,
-                                                                                              on="answer"))
-        outputs.append(o)
-    return dataclasses.replace(out, outputs=outputs, finished=finished)
+class _AnswerWatch:
+    """Pattern rules over the choices of one answer as they grow. Per choice it releases only text that no match
+    can start in: text that may still become a match (a partial match, or one that reaches the end) is held back
+    until the next output decides it, so the stream never carries any part of a match. A settled match ends the
+    choice there (finish_reason "content_filter", its text cut where the match starts)."""
+
+    def __init__(self, rules: list[Rule], n: int):
+        self.rules, self.n = rules, n
+        self.sent = [0] * n  # characters of each choice's text released so far
+        self.ended: dict[int, CompletionOutput] = {}  # choice -> what later outputs show of it, once it is over
+
+    @property
+    def all_done(self) -> bool:
+        return len(self.ended) == self.n
+
+    def feed(self, out: RequestOutput, refusals) -> RequestOutput:
+        outputs = [self._choice(o, refusals) for o in out.outputs]
+        return dataclasses.replace(out, outputs=outputs, finished=out.finished or self.all_done)
+
+    def _choice(self, o: CompletionOutput, refusals) -> CompletionOutput:
+        i, text = o.index, o.text
+        if i in self.ended:  # ended before (by the engine or a rule): nothing more of it goes out
+            return self.ended[i]
+        cut, rule, release = None, None, len(text)
+        for r in self.rules:
+            if o.finished:
+                settled, open_ = r.first_match(text, self.sent[i]), None
+            else:
+                settled, open_ = r.scan(text, self.sent[i])
+            if settled is not None and (cut is None or settled < cut):
+                cut, rule = settled, r
+            if open_ is not None:
+                release = min(release, open_)
+        if rule is not None:
+            refusals.labels(rule.id, "answer").inc()
+            ended = dataclasses.replace(o, text=text[:cut], text_delta=text[self.sent[i]:cut],
+                                        finish_reason="content_filter",
+                                        stop_reason=ContentFilter(rule=rule.id, on="answer"))
+            self.ended[i] = dataclasses.replace(ended, text_delta="", token_ids_delta=[])
+            return ended
+        released = dataclasses.replace(o, text=text[:release], text_delta=text[self.sent[i]:release])
+        self.sent[i] = release
+        if o.finished:
+            self.ended[i] = dataclasses.replace(released, text_delta="", token_ids_delta=[])
+        return released
 
 
 def _hidden(o: CompletionOutput) -> CompletionOutput:

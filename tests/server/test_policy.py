@@ -21,10 +21,14 @@ import anthropic
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 from openr2.cli import main
+from openr2.engine.engine import CompletionOutput, RequestOutput
+from openr2.engine.usage import Usage
 from openr2.server.app import ServerConfig
-from openr2.server.policy import Policy, PolicyEngine
+from openr2.server.metrics import Metrics
+from openr2.server.policy import Policy, PolicyEngine, _AnswerWatch
 from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import free_port, serve
 from tests.server._scripted import serve_scripted
@@ -328,7 +332,6 @@ def test_the_readme_example_loads_as_documented(tmp_path):
 
 
 def test_a_judge_prompt_that_leaves_no_room_in_the_context_is_a_startup_error():
-    from openr2.server.metrics import Metrics
     from tests.server._scripted import ScriptedEngine
 
     policy = Policy.from_dict({"rules": [{"id": "long-judge", "applies_to": "answer", "refuse_when": "yes",
@@ -369,3 +372,38 @@ def test_openr2_serve_with_a_rules_file(ckpt, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _watched(patterns: list[str], deltas: list[str]) -> list[CompletionOutput]:
+    """The choice outputs an answer rule over `patterns` lets out, fed the text `deltas` (the last one finishes)."""
+    rule = Policy.from_dict({"rules": [{"id": "r", "applies_to": "answer", "patterns": patterns}]}).rules[0]
+    watch, text, seen = _AnswerWatch([rule], 1), "", []
+    refusals = Counter("x", "x", ["rule", "on"], registry=CollectorRegistry())
+    for k, delta in enumerate(deltas):
+        text += delta
+        out = CompletionOutput(index=0, text=text, text_delta=delta,
+                               finish_reason="stop" if k == len(deltas) - 1 else None)
+        seen.append(watch.feed(RequestOutput("r", None, [1], [out], out.finished, Usage(1, 0, k + 1)),
+                               refusals).outputs[0])
+        if watch.all_done:
+            break
+    return seen
+
+
+def test_no_part_of_a_match_is_ever_streamed():
+    seen = _watched(["open sesame"], ["Say open", " ses", "ame", " now", "."])
+    # "open", "open ses" and "open sesame" (a match at the end may yet change) held until the next text decides
+    assert [o.text_delta for o in seen] == ["Say ", "", "", ""]
+    assert (seen[-1].text, seen[-1].finish_reason, seen[-1].stop_reason.rule) == ("Say ", "content_filter", "r")
+
+
+def test_text_that_turns_out_not_to_match_is_released_whole():
+    seen = _watched([r"\bass\b", "open sesame"], ["an ass", "istant, open", " sea", "!"])
+    assert "".join(o.text_delta for o in seen) == seen[-1].text == "an assistant, open sea!"
+    assert [o.text_delta for o in seen] == ["an ", "assistant, ", "open sea", "!"] and seen[-1].finish_reason == "stop"
+
+
+def test_an_end_anchor_is_decided_at_the_real_end():
+    assert _watched([r"done\.$"], ["I am done.", " Or not."])[-1].finish_reason == "stop"
+    seen = _watched([r"done\.$"], ["I am", " done."])
+    assert (seen[-1].text, seen[-1].finish_reason) == ("I am ", "content_filter")
