@@ -100,11 +100,17 @@ class Policy:
         import tomllib  # Python 3.11+, as for --prices in TOML
 
         path = str(path)
-        with open(path, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path}: not valid TOML: {e}") from None
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # a directory, no permission: a clear startup error, not a traceback
+            raise ValueError(f"{path}: cannot read the rules file: {e.strerror}") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
         return cls.from_dict(data, path)
 
     @classmethod

@@ -317,6 +317,13 @@ def test_serve_with_a_bad_rules_file_exits_2_naming_file_and_rule(tmp_path, caps
     bad.write_text("[[rules]\n")
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--policy", str(bad)]) == 2
     assert f"{bad}: not valid TOML" in capsys.readouterr().err
+    bad.write_bytes(b'[[rules]]\nid = "\xff"\n')
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--policy", str(bad)]) == 2
+    assert f"{bad}: not valid TOML" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--policy", str(tmp_path)]) == 2
+    assert f"{tmp_path}: cannot read the rules file" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--policy", str(tmp_path / "none.toml")]) == 2
+    assert "none.toml" in capsys.readouterr().err
 
 
 def test_the_readme_example_loads_as_documented(tmp_path):
