@@ -197,6 +197,12 @@ def test_an_answer_pattern_ends_anthropic_messages_with_refusal(patterns, baseli
         sent = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert sent == expected and final.stop_reason == "refusal"
+    body = {"model": "tiny", "max_tokens": 16, "messages": CHAT, "thinking": {"type": "disabled"}, "temperature": 0,
+            "stream": True}
+    frames = [f.split("\n") for f in httpx.post(base_url + "/v1/messages", json=body).text.split("\n\n") if f]
+    delta = next(json.loads(f[1].removeprefix("data: ")) for f in frames if f[0] == "event: message_delta")
+    assert delta["delta"] == {"stop_reason": "refusal", "stop_sequence": None,
+                              "content_filter": {"rule": rule, "on": "answer"}}
 
 
 def test_batch_lines_go_through_the_same_rules(patterns):
