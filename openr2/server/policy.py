@@ -153,8 +153,12 @@ def _rule(item: dict, where: str) -> Rule:
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise ValueError(f"{where}: 'patterns' must be a non-empty list of non-empty strings")
         literal = item.get("literal", False)
-        return Rule(rid, side, tuple(_compile(regex.escape(p) if literal else p, flags, f"{where}: pattern {p!r}")
-                                     for p in patterns))
+        compiled = tuple(_compile(regex.escape(p) if literal else p, flags, f"{where}: pattern {p!r}")
+                         for p in patterns)
+        for p in compiled:  # e.g. "a*" or "\\b": an empty match is found in any text, so it would refuse everything
+            if any(m.start() == m.end() for sample in ("", "x", "a b\n1.") for m in p.finditer(sample)):
+                raise ValueError(f"{where}: pattern {p.pattern!r} matches empty text, so it would refuse everything")
+        return Rule(rid, side, compiled)
     judge, refuse_when = item["judge"], item.get("refuse_when")
     if not isinstance(judge, str) or "{text}" not in judge:
         raise ValueError(f"{where}: 'judge' must be a prompt with {{text}} where the text goes")

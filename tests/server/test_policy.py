@@ -306,6 +306,8 @@ def test_the_judges_answer_decides(scripted):
     ([{"id": "has space", "applies_to": "answer", "patterns": ["a"]}], "rule 'has space': 'id' must be"),
     ([{"applies_to": "answer", "patterns": ["a"]}], "rules[0]: 'id' must be"),
     ([], "no rules"),
+    ([{"id": "x", "applies_to": "request", "patterns": ["ok", "n*"]}], "rule 'x': pattern 'n*' matches empty text"),
+    ([{"id": "x", "applies_to": "request", "patterns": [r"\b"]}], r"rule 'x': pattern '\\b' matches empty text"),
 ])
 def test_a_malformed_rule_is_named(rules, complaint):
     with pytest.raises(ValueError) as e:
