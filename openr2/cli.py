@@ -236,10 +236,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from openr2.engine.sampling import generation_defaults
     from openr2.server.app import Server, ServerConfig, create_app, parse_model_aliases
     from openr2.server.pages import example_prompts
+    from openr2.server.policy import Policy
 
     if args.upstream or args.config:
         return _serve_gateway(args)
     aliases = parse_model_aliases(args.model_aliases)
+    policy = Policy.load(args.policy) if args.policy else None  # a bad rules file fails before the model loads
     ledger = _ledger(args)  # first: a bad database URL fails before minutes of loading
     engine = _load_engine(args)
     prices = billing.PriceTable.load(args.prices) if args.prices else billing.PriceTable()
@@ -247,7 +249,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           require_auth=args.require_auth, log_content=args.log_content,
                           requests_per_min=args.requests_per_min, tokens_per_min=args.tokens_per_min,
                           default_sampling=generation_defaults(args.model),
-                          example_prompts=example_prompts(args.model), docs=args.docs, model_aliases=aliases)
+                          example_prompts=example_prompts(args.model), docs=args.docs, model_aliases=aliases,
+                          policy=policy)
     if engine.config.compile:
         print("openr2: preparing the compiled decode step (the first start compiles it, for minutes; later ones "
               "load it from disk)...")
@@ -636,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prices", default=None, help="price table (JSON or TOML, dollars per million tokens)")
     serve.add_argument("--require-auth", action="store_true", help="require an API key even before one exists")
     serve.add_argument("--log-content", action="store_true", help="store prompt and completion text in the ledger")
+    serve.add_argument("--policy", default=None, metavar="RULES.toml",
+                       help="the operator's content rules (patterns or a judge prompt; README: Content policy); "
+                            "none by default")
     serve.add_argument("--docs", action="store_true",
                        help="serve FastAPI's /docs and /redoc (their pages load Swagger UI / ReDoc from a CDN)")
     serve.add_argument("--requests-per-min", type=int, default=None, help="per-key request limit (429 past it)")

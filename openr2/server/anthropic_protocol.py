@@ -247,7 +247,10 @@ def usage(engine_usage) -> dict:
 
 def stop_reason(out, clipped: bool, num_calls: int = 0) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) of a finished CompletionOutput; clipped: max_tokens was cut to the
-    context, so running out of it means the context window is full; "tool_use" only with calls made."""
+    context, so running out of it means the context window is full; "tool_use" only with calls made; "refusal"
+    when the operator's policy ended it (policy.py), Anthropic's reason for a response its classifiers stopped."""
+    if out.finish_reason == "content_filter":
+        return "refusal", None
     if out.finish_reason == "stop":
         if isinstance(out.stop_reason, str):
             return "stop_sequence", out.stop_reason
@@ -275,7 +278,12 @@ def message_from_output(output, model: str, msg_id: str, *, starts_in_reasoning:
     content += [_tool_use(c) for c in calls]
     reason, sequence = stop_reason(out, clipped, len(calls))
     return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": reason, "stop_sequence": sequence, "usage": usage(output.usage)}
+            "stop_reason": reason, "stop_sequence": sequence, **_content_filter(out), "usage": usage(output.usage)}
+
+
+def _content_filter(out) -> dict:
+    """{"content_filter": {"rule", "on"}} when the operator's policy ended the message (as on OpenAI's choices)."""
+    return {"content_filter": out.stop_reason.model_dump()} if out.finish_reason == "content_filter" else {}
 
 
 def event(kind: str, data: dict) -> str:
@@ -369,7 +377,8 @@ class MessageStream:
         events = self._open("text") if self.index < 0 else []  # a message has at least one block
         events += self._close()
         reason, sequence = stop_reason(last.outputs[0], self.clipped, self.num_calls)
-        events.append(event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+        events.append(event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence,
+                                                        **_content_filter(last.outputs[0])},
                                               "usage": usage(last.usage)}))
         events.append(event("message_stop", {}))
         return events

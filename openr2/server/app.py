@@ -61,6 +61,7 @@ from openr2.server.outputs import (
     completion_from_outputs,
     sse,
 )
+from openr2.server.policy import Policy, PolicyEngine
 from openr2.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -91,6 +92,7 @@ class ServerConfig:
     # other names of the served model -> the thinking mode each implies (None: the model's default), as
     # DeepSeek's platform names its two modes; a request's own thinking choice still wins
     model_aliases: dict = dataclasses.field(default_factory=lambda: dict(DEEPSEEK_ALIASES))
+    policy: Policy | None = None  # the operator's content rules (`--policy`, policy.py); None: no policy
 
 
 DEEPSEEK_ALIASES = {"deepseek-chat": False, "deepseek-reasoner": True}
@@ -121,6 +123,8 @@ class Server:
         self.limiter = ledger.rate_limiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
         self.metrics = Metrics(self)
+        if self.config.policy is not None:  # every generation (chat, completions, messages, batches) passes it
+            self.engine = PolicyEngine(engine, self.config.policy, self.metrics)
         self.template = TemplateFeatures(self.tokenizer, self.config.model_name, getattr(engine, "model_type", None))
 
     # ------------------------------------------------------------------------------------ helpers

@@ -19,6 +19,9 @@ Series (prefix `openr2_`):
   spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total, spec_decode_num_accepted_tokens_total
                                               speculative decoding (vLLM's series): rows that carried drafts,
                                               drafted tokens, accepted tokens; read at scrape time
+  policy_refusals_total{rule,on}              only with `serve --policy` (registered by policy.py): refusals
+                                              per operator rule, on="request" or "answer"; judge calls' tokens
+                                              are the token counters' endpoint="policy:judge"
 
 Gauges are read without the AsyncEngine's lock: `len()` of a deque or list is atomic under the GIL, and a
 scrape must never wait behind an engine step. /metrics needs no API key, like vLLM's and /health: it

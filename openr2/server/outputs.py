@@ -27,6 +27,7 @@ from openr2.server.protocol import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionTokensDetails,
+    ContentFilter,
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
@@ -50,12 +51,18 @@ SSE_DONE = "data: [DONE]\n\n"
 
 # ---------------------------------------------------------------------------------------------- builders
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "length"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "length", "content_filter": "content_filter"}
 
 
 def finish_reason(engine_reason: str | None) -> str | None:
-    """Engine reason -> OpenAI's: stop, length; abort -> length (cut short, see the module docstring)."""
+    """Engine reason -> OpenAI's: stop, length; abort -> length (cut short, see the module docstring);
+    content_filter (the operator's policy, policy.py) stays."""
     return None if engine_reason is None else _FINISH.get(engine_reason, "stop")
+
+
+def content_filter(out) -> ContentFilter | None:
+    """The policy rule that ended a choice (policy.py leaves it in stop_reason), else None."""
+    return out.stop_reason if out.finish_reason == "content_filter" else None
 
 
 def usage_from_engine(usage) -> UsageInfo:
@@ -135,7 +142,7 @@ def chat_completion_from_output(output, model: str, created: int, *, starts_in_r
                                                   for c in tool_calls(calls)] or None)
         logprobs = chat_logprobs(out.logprobs, token_text) if out.logprobs is not None else None
         choices.append(ChatChoice(index=out.index, finish_reason=chat_finish_reason(out.finish_reason, len(calls))
-                                  or "stop", message=message, logprobs=logprobs))
+                                  or "stop", message=message, logprobs=logprobs, content_filter=content_filter(out)))
     return ChatCompletion(id=id or output.request_id, created=created, model=model, choices=choices,
                           usage=usage_from_engine(output.usage))
 
@@ -199,7 +206,8 @@ class ChatStream:
                     logprobs, self.pending[i] = chat_logprobs(self.pending[i], self.token_text), []
                 last = k == len(pieces) - 1
                 chunks.append(self.chunk([ChatChunkChoice(index=i, delta=delta, logprobs=logprobs,
-                                                          finish_reason=reason if last else None)]))
+                                                          finish_reason=reason if last else None,
+                                                          content_filter=content_filter(out) if last else None)]))
         return chunks
 
     def usage_chunk(self, usage) -> ChatCompletionChunk:
@@ -215,7 +223,8 @@ def completion_from_outputs(outputs: list, model: str, created: int, *, id: str,
         for out in output.outputs:
             logprobs = completion_logprobs(out.logprobs, token_text, len(prefix)) if out.logprobs is not None else None
             choices.append(CompletionChoice(index=p * n + out.index, text=prefix + out.text, logprobs=logprobs,
-                                            finish_reason=finish_reason(out.finish_reason) or "stop"))
+                                            finish_reason=finish_reason(out.finish_reason) or "stop",
+                                            content_filter=content_filter(out)))
     return Completion(id=id, created=created, model=model, choices=choices,
                       usage=usage_from_engine([o.usage for o in outputs]))
 
@@ -235,6 +244,7 @@ class CompletionStream:
         self.echo, self.token_text = echo, token_text
         self.chars: dict[int, int] = {}  # choice -> characters sent (text_offset of the next token)
         self.num_tokens: dict[int, int] = {}
+        self.done: set[int] = set()  # choices whose finish_reason was sent (later outputs still carry them)
 
     def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionChunk:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -243,6 +253,8 @@ class CompletionStream:
         chunks = []
         for out in output.outputs:
             index = prompt_index * self.n + out.index
+            if index in self.done:
+                continue
             text = out.text_delta
             if index not in self.chars:
                 self.chars[index], self.num_tokens[index] = 0, 0
@@ -251,6 +263,8 @@ class CompletionStream:
             reason = finish_reason(out.finish_reason)
             if not text and reason is None:
                 continue
+            if reason is not None:
+                self.done.add(index)
             logprobs = None
             if out.logprobs is not None:
                 start = self.num_tokens[index]
@@ -260,7 +274,7 @@ class CompletionStream:
             self.num_tokens[index] += len(out.token_ids_delta)
             self.chars[index] += len(text)
             chunks.append(self.chunk([CompletionChoice(index=index, text=text, finish_reason=reason,
-                                                       logprobs=logprobs)]))
+                                                       logprobs=logprobs, content_filter=content_filter(out))]))
         return chunks
 
     def usage_chunk(self, usages) -> CompletionChunk:

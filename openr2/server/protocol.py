@@ -28,7 +28,8 @@ Parameter policy (OpenAI clients send many fields, and anything via extra_body):
     (fill-in-the-middle) is accepted here with text prompts; the server refuses it for a model whose
     tokenizer has no FIM tokens.
 
-finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
+finish_reason "content_filter" comes only from the operator's policy (policy.py), with `content_filter: {rule,
+on}` beside it on the choice (ContentFilter). finish_reason: the engine's "abort" (client gone, server shutting down, deadline) maps to "length":
 OpenAI's Literal has no "abort", and "length" is the one value that tells a client the text was cut
 short; "stop" would claim a complete answer.
 """
@@ -565,7 +566,28 @@ class DeltaToolCall(ResponseToolCall):
     index: int
 
 
-class ChatChoice(BaseModel):
+class ContentFilter(BaseModel):
+    """Which rule of the operator's content policy (policy.py) ended a choice, and whether it refused the request
+    or the answer; sent as the choice's `content_filter` beside finish_reason "content_filter" (an openr2 field:
+    Azure's `content_filter_results` holds fixed categories with severities, which an operator's rule is not)."""
+
+    rule: str
+    on: Literal["request", "answer"]
+
+
+class _Filterable(BaseModel):
+    content_filter: ContentFilter | None = None  # only on a choice the policy ended
+
+    @model_serializer(mode="wrap")
+    def _filter_when_any(self, handler):
+        data = handler(self)
+        found = data.pop("content_filter", None)  # last, after finish_reason, when there is one
+        if found is not None:
+            data["content_filter"] = found
+        return data
+
+
+class ChatChoice(_Filterable):
     index: int
     message: ChatResponseMessage
     finish_reason: FinishReason
@@ -601,7 +623,7 @@ class DeltaMessage(BaseModel):
         return data
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Filterable):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
@@ -624,7 +646,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Filterable):
     index: int
     text: str
     finish_reason: Literal["stop", "length", "content_filter"] | None = None  # None only mid-stream

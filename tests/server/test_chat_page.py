@@ -329,6 +329,7 @@ def _fake_stream_app():
     async def chat(request: Request):
         body = await request.json()
         fail = body["messages"][-1]["content"] == "fail"
+        refuse = body["messages"][-1]["content"] == "refuse"
 
         def chunk(delta=None, finish=None, usage=None):
             choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
@@ -342,7 +343,9 @@ def _fake_stream_app():
                                      "param": None, "code": None}})
         else:
             events += [chunk({"content": t, "reasoning_content": None}) for t in ["The answer ", "is 4. 你好"]]
-            events.append(chunk({"content": ""}, "stop"))
+            events.append(chunk({"content": ""}, "content_filter" if refuse else "stop"))
+            if refuse:  # the policy's rule, on the choice beside finish_reason (policy.py)
+                events[-1]["choices"][0]["content_filter"] = {"rule": "no-<b>-tags", "on": "answer"}
             events.append(chunk(usage={"prompt_tokens": 1000, "completion_tokens": 30, "total_tokens": 1030,
                                        "prompt_cache_hit_tokens": 640, "prompt_cache_miss_tokens": 360,
                                        "prompt_tokens_details": {"cached_tokens": 640},
@@ -393,6 +396,13 @@ def test_chat_page_splits_thinking_from_the_answer_across_split_reads(tmp_path):
             err.wait_for(state="visible")
             assert err.text_content() == "The engine ran out of cache blocks."
             assert page.locator(".msg.assistant").nth(1).locator(".reasoning").text_content().startswith("Two")
+
+            page.fill("#prompt", "refuse")  # the content policy ended the answer: said, with its rule, as text
+            page.press("#prompt", "Enter")
+            note = page.locator(".msg.assistant").nth(2).locator(".note")
+            note.wait_for(state="visible")
+            assert note.text_content() == 'This server\'s content policy stopped the answer here (rule "no-<b>-tags").'
+            assert page.locator(".msg.assistant").nth(2).locator(".answer").text_content() == "The answer is 4. 你好"
         finally:
             browser.close()
 

@@ -6,12 +6,14 @@ the server's own ranges: they pass validation and reach the engine (most answer 
 at a 400 the way untyped schema fields would make them. About 1,100 cases, under a minute on two busy
 cores. OPENR2_FUZZ_SCALE multiplies every operation's count for a deeper run, e.g.
     OPENR2_FUZZ_SCALE=10 .venv/bin/python -m pytest -q -s tests/server/test_fuzz.py
+and OPENR2_FUZZ_POLICY=1 runs it through a content policy (`serve --policy`) that refuses often.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 
 import httpx
 import pytest
@@ -169,10 +171,30 @@ def _tighten(spec: dict) -> dict:
     return spec
 
 
+def _busy_policy():
+    """OPENR2_FUZZ_POLICY=1: the same run through a content policy that refuses often, on both sides, by
+    patterns and by judges (the served model's verdicts read by wide expressions), so refusals mid-stream,
+    held-back answers and judge calls meet every generated request."""
+    from openr2.server.policy import Policy
+
+    judge = {"judge": "Is this bad? {text}", "judge_max_tokens": 3}
+    return Policy.from_dict({"rules": [
+        {"id": "req-digits", "applies_to": "request", "patterns": ["a{3}", r"\d{4}"]},
+        {"id": "both-e", "applies_to": "both", "patterns": ["e"], "case_sensitive": True},
+        {"id": "judge-req", "applies_to": "request", "refuse_when": "^.?[a-m]", **judge},
+        {"id": "judge-ans", "applies_to": "answer", "refuse_when": "^.?[n-z]", **judge}]})
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    with serve_tiny(tmp_path_factory, ServerConfig(model_name="tiny", default_max_tokens=4)) as s:
+    policy = _busy_policy() if os.environ.get("OPENR2_FUZZ_POLICY") else None
+    with serve_tiny(tmp_path_factory, ServerConfig(model_name="tiny", default_max_tokens=4, policy=policy)) as s:
         yield s
+        if policy is not None:  # the policy did meet the requests: refusals on both sides
+            text = s[1].metrics.exposition()[0].decode()
+            for side in ("request", "answer"):
+                counts = re.findall(rf'openr2_policy_refusals_total\{{on="{side}",rule="[^"]+"\}} (\S+)', text)
+                assert sum(map(float, counts)) > 0, side
 
 
 def _run(operation, mode, examples: int, base_url: str) -> tuple[list[int], list[str]]:

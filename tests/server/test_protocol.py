@@ -276,6 +276,26 @@ def test_completion_stream():
     assert parsed[-1].choices == [] and parsed[-1].usage.completion_tokens == 3
 
 
+def test_completion_stream_ends_each_choice_once():
+    """With n > 1 a finished choice is still in the engine's later outputs: its finish_reason is sent once (a
+    choice the content policy ended carries the rule beside it)."""
+    from openr2.server.protocol import ContentFilter
+
+    stream = CompletionStream("cmpl-n", "m", 3, n=2)
+    refused = ContentFilter(rule="r", on="answer")
+    first = [CompletionOutput(index=0, text="A", text_delta="A", finish_reason="content_filter", stop_reason=refused),
+             CompletionOutput(index=1, text="B", text_delta="B")]
+    second = [CompletionOutput(index=0, text="A", finish_reason="content_filter", stop_reason=refused),
+              CompletionOutput(index=1, text="BC", text_delta="C", finish_reason="stop")]
+    third = [CompletionOutput(index=0, text="A", finish_reason="content_filter", stop_reason=refused),
+             CompletionOutput(index=1, text="BC", finish_reason="stop")]
+    chunks = [c for outs in (first, second, third)
+              for c in stream.feed(RequestOutput("r", None, [1], outs, outs is third, Usage(1, 0, 3)))]
+    sent = [json.loads(c.model_dump_json())["choices"][0] for c in chunks]
+    assert [(c["index"], c["text"], c["finish_reason"], c.get("content_filter")) for c in sent] == [
+        (0, "A", "content_filter", {"rule": "r", "on": "answer"}), (1, "B", None, None), (1, "C", "stop", None)]
+
+
 # ---------------------------------------------------------------------------------------------- requests
 
 def captured(call) -> dict:
