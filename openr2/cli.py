@@ -688,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage = sub.add_parser("usage", help="token and cost totals from the ledger")
     usage.add_argument("--start", type=int, default=None, help="unix seconds, inclusive")
     usage.add_argument("--end", type=int, default=None, help="unix seconds, exclusive")
-    usage.add_argument("--group-by", choices=["day", "key", "model"], default=None)
+    usage.add_argument("--group-by", choices=["day", "key", "model", "source"], default=None,
+                       help="source: where the token counts came from (engine, upstream, local)")
     usage.add_argument("--data-dir", default="~/.openr2")
     _add_database_flag(usage)
     usage.set_defaults(func=cmd_usage)

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 
 from openr2.billing import usd_amount
 from openr2.server.errors import bad_request
+from openr2.server.ledger import USAGE_GROUPS
 
 
 def balance_payload(balance: dict | None) -> dict:
@@ -30,8 +31,8 @@ def add_account_routes(app: FastAPI, server) -> None:
     async def usage(request: Request, start: int | None = None, end: int | None = None,
                     group_by: str | None = None):
         key_id = server.authorise(request)
-        if group_by not in (None, "day", "key", "model"):
-            raise bad_request("group_by must be one of day, key, model.", "group_by")
+        if group_by is not None and group_by not in USAGE_GROUPS:
+            raise bad_request(f"group_by must be one of {', '.join(USAGE_GROUPS)}.", "group_by")
         for name, value in (("start", start), ("end", end)):
             if value is not None and not -(2**63) <= value < 2**63:  # SQLite integers are 64-bit
                 raise bad_request(f"{name} must be a Unix time in seconds.", name)

@@ -50,7 +50,7 @@ from openr2.server.errors import (
     unauthorized,
     unavailable,
 )
-from openr2.server.ledger import InsufficientBalance, Ledger
+from openr2.server.ledger import InsufficientBalance, Ledger, usage_source
 from openr2.server.limits import BodyLimitMiddleware
 from openr2.server.metrics import Metrics, MetricsMiddleware
 from openr2.server.outputs import (
@@ -192,7 +192,8 @@ class Server:
         usage = output.usage
         cost = self.prices_for(output).cost(usage, batch=False)
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
-                                 content=content if self.config.log_content else None)
+                                 content=content if self.config.log_content else None,
+                                 usage_source=usage_source(output))
 
     def prepare_chat(self, body: dict, clip_max_tokens: bool = False):
         """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""

@@ -35,6 +35,7 @@ from openr2.engine.async_engine import EngineDeadError
 from openr2.engine.usage import Usage
 from openr2.server.batch_store import BatchStateError
 from openr2.server.errors import APIError, bad_request, internal_error, not_found
+from openr2.server.ledger import usage_source
 
 logger = logging.getLogger("openr2.server")
 BATCH_PRIORITY = 1
@@ -243,7 +244,7 @@ class BatchWorker:
             cost = sum(server.prices_for(o).cost(o.usage, batch=True) for o in outs)
             # the line's bill settles its reservation (same request id, same transaction)
             await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
-                                    response.model_dump(), request_id, usage, cost)
+                                    response.model_dump(), request_id, usage, cost, usage_source(*outs))
             return
         except EngineDeadError:
             raise  # not the line's fault: it stays claimed, and the next start runs it

@@ -76,6 +76,11 @@ def test_completions(live):
     resp = _client(base_url).completions.create(model="tiny", prompt=["The answer is", "What is"], max_tokens=5,
                                                 temperature=0)
     assert len(resp.choices) == 2 and resp.usage.completion_tokens == 10
+    # billed on the in-process engine's own counts, each prompt's row saying so
+    by_source = httpx.get(base_url + "/v1/usage", params={"group_by": "source"}).json()["data"]
+    assert [r["usage_source"] for r in by_source] == ["engine"] and by_source[0]["requests"] >= 2
+    bad = httpx.get(base_url + "/v1/usage", params={"group_by": "upstream"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
 
 
 def _totals(base_url):

@@ -86,5 +86,8 @@ def test_sigkill_one_gateway_replica_mid_batch(deployment, pg_url):
         billed = dict(db.execute("SELECT custom_id, completion_tokens FROM usage WHERE batch_id = %s",
                                  (batch.id,)).fetchall())
         assert billed == told
+        sources = db.execute("SELECT usage_source, COUNT(*) FROM usage WHERE batch_id = %s GROUP BY usage_source",
+                             (batch.id,)).fetchall()
+        assert sources == [("upstream", LINES)]  # each bill on the counts the upstream reported
     report = httpx.get(f"{base_b}/v1/usage").json()["data"][0]
     assert report["batch_requests"] == report["requests"] == LINES
