@@ -43,7 +43,7 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, chat, prompt, ids, params, clipped = prepare(await server.body(request))
-        server.admit(key_id, len(ids) + params.max_tokens)
+        await server.admit(key_id, len(ids) + params.max_tokens)
         msg_id = random_id("msg_")
         reserved = await server.reserve(key_id, {msg_id: server.prices.worst_case(len(ids), params.max_tokens)})
         events = MessageStream(msg_id, req.model, starts_in_reasoning=prompt_opens_reasoning(prompt),

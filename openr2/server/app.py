@@ -153,9 +153,17 @@ class Server:
                             "model", "model_not_found")
         return None if name == self.config.model_name else self.config.model_aliases[name]
 
-    def admit(self, key_id: str, num_tokens: int) -> None:
+    async def acquire(self, key_id: str, num_tokens: int) -> float:
+        """The limiter's answer (limiter.acquire): at once from memory; from the database (replicas) on the
+        limiter's own thread, so that its round trip never holds up the streams on this loop."""
+        executor = getattr(self.limiter, "executor", None)
+        if executor is None:
+            return self.limiter.acquire(key_id, num_tokens)
+        return await asyncio.get_running_loop().run_in_executor(executor, self.limiter.acquire, key_id, num_tokens)
+
+    async def admit(self, key_id: str, num_tokens: int) -> None:
         try:
-            wait = self.limiter.acquire(key_id, num_tokens)
+            wait = await self.acquire(key_id, num_tokens)
         except ValueError as e:
             raise bad_request(str(e), "max_tokens") from None
         if wait > 0:
@@ -448,7 +456,7 @@ def create_app(server: Server) -> FastAPI:
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompt, ids, params = server.prepare_chat(await server.body(request))
-        server.admit(key_id, len(ids) + params.max_tokens * params.n)
+        await server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
         reserved = await server.reserve(key_id, {request_id: server.prices.worst_case(len(ids),
                                                                                       params.max_tokens * params.n)})
@@ -475,7 +483,7 @@ def create_app(server: Server) -> FastAPI:
         start = time.perf_counter()
         key_id = server.authorise(request)
         req, prompts, params = server.prepare_completion(await server.body(request))
-        server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
+        await server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
         # each prompt is billed on its own (request_id-i; a stream's one prompt as request_id): reserved alike
         bill_ids = [request_id] if req.stream else [f"{request_id}-{i}" for i in range(len(prompts))]

@@ -268,7 +268,7 @@ class BatchWorker:
     async def _throttle(self, key_id: str, tokens: int) -> None:
         """Wait until the key's rate limits admit `tokens` more (see the module docstring)."""
         try:
-            while (wait := self.server.limiter.acquire(key_id, tokens)) > 0:
+            while (wait := await self.server.acquire(key_id, tokens)) > 0:
                 await asyncio.sleep(wait)
         except ValueError as e:  # more than a whole minute's budget: waiting would never help
             raise bad_request(str(e), "max_tokens") from None

@@ -6,6 +6,10 @@ transaction that takes a per-key lock (db.lock_name: a PostgreSQL advisory lock;
 two replicas admitting requests of one key at once are counted one after the other and the limit holds.
 Events are rows of rate_events, deleted once they leave the window.
 
+Each admission is a database round trip, so the server runs it off its event loop, on `executor` (one thread:
+the limiter has one connection anyway, and a slow database then holds up admissions only, not the worker
+threads that bill and the streams on the loop).
+
 The clock is this process's wall clock (time.time), shared by replicas only as far as their clocks agree:
 keep them synchronised (NTP), a skew of s seconds moves a window's edge by s. Commits do not wait for the
 disk (synchronous_commit off on PostgreSQL): a crash forgets at most the last instants' events, which errs
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from openr2.server.ratelimit import _check_tokens, check_admissible, check_limits, wait_s
@@ -34,6 +39,7 @@ class SharedRateLimiter:
         self.window_s = float(window_s)
         self._clock = clock
         self._last_sweep = clock()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="openr2-ratelimit")
 
     @property
     def enabled(self) -> bool:
@@ -84,6 +90,7 @@ class SharedRateLimiter:
             yield db, [r[0] / 1000 for r in rows if r[2]], [(r[0] / 1000, r[1]) for r in rows if r[1]]
 
     def close(self) -> None:
+        self.executor.shutdown(wait=True)
         self.db.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -12,6 +13,9 @@ import pytest
 
 from openr2 import billing
 from openr2.engine.usage import Usage
+from openr2.server.db import SQLiteDatabase
+from openr2.server.ledger import Ledger
+from openr2.server.shared_ratelimit import SharedRateLimiter
 
 
 def _client(base_url, key="unused"):
@@ -162,6 +166,46 @@ def test_a_stream_is_billed_off_the_event_loop(live, monkeypatch):
     while not on_loop and time.time() < deadline:
         time.sleep(0.01)
     assert chunks and on_loop == [False]
+
+
+def test_a_slow_rate_limit_database_does_not_stall_other_streams(live, tmp_path, monkeypatch):
+    """Replicas count rate limits in the database (shared_ratelimit.py): a round trip per request. While one
+    request's admission waits on a slow database, another request's stream keeps flowing."""
+    base_url, server = live
+    Ledger(tmp_path / "rl.sqlite").close()  # the schema
+    limiter = SharedRateLimiter(SQLiteDatabase(tmp_path / "rl.sqlite"), requests_per_min=1000)
+    acquire, slow, stalls = limiter.acquire, threading.Event(), []
+
+    def slow_acquire(key_id, tokens=0):
+        if slow.is_set():
+            began = time.monotonic()
+            time.sleep(0.6)  # a database under load, or far away
+            stalls.append((began, time.monotonic()))
+        return acquire(key_id, tokens)
+
+    monkeypatch.setattr(limiter, "acquire", slow_acquire)
+    monkeypatch.setattr(server, "limiter", limiter)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    arrivals, other = [], []
+    try:
+        with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                arrivals.append(time.monotonic())
+                if i == 2:  # streaming: now another request arrives, and its admission is slow
+                    slow.set()
+                    thread = threading.Thread(target=lambda: other.append(httpx.post(
+                        base_url + "/v1/chat/completions", timeout=60,
+                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})))
+                    thread.start()
+        thread.join(timeout=30)
+    finally:
+        limiter.close()
+    assert other and other[0].status_code == 200
+    ((began, ended),) = stalls
+    during = [t for t in arrivals if began < t < ended]
+    assert len(during) >= 10, f"the stream stalled while another request was admitted ({len(during)} chunks)"
+    assert max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.3
 
 
 def _batch_file(n: int, max_tokens: int = 4) -> bytes:
