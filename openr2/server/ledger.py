@@ -52,7 +52,7 @@ from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's
     BatchStore,
     new_id,
 )
-from openr2.server.db import PostgresDatabase, SQLiteDatabase, is_postgres_url, retry_conflicts
+from openr2.server.db import DatabaseClock, PostgresDatabase, SQLiteDatabase, is_postgres_url, retry_conflicts
 from openr2.server.private_files import open_private, private_dir, private_file
 from openr2.server.ratelimit import RateLimiter
 from openr2.server.schema import SCHEMA_VERSION, statements  # noqa: F401 (SCHEMA_VERSION re-exported)
@@ -83,14 +83,19 @@ class Ledger(BatchStore, BalanceStore):
     `target` is a SQLite file path (file contents then live under data_dir/files) or a postgresql:// URL
     (file contents in the database: replicas share no disk). `lease_s`: how long batch lines and balance
     reservations this process holds stay its own without a `heartbeat()`; past that another replica (or
-    this one restarted) takes them back."""
+    this one restarted) takes them back.
+
+    `clock`: wall-clock seconds. On a shared database it is read on the database server's clock (db.DatabaseClock,
+    `db_clock`), so that replicas whose clocks disagree still agree on when a lease lapses; by default unless a
+    clock is given (tests drive their own)."""
 
     def __init__(self, target: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                 log_content: bool = False, clock: Callable[[], float] = time.time, lease_s: float = DEFAULT_LEASE_S):
+                 log_content: bool = False, clock: Callable[[], float] | None = None,
+                 lease_s: float = DEFAULT_LEASE_S, db_clock: bool | None = None):
         if not lease_s > 0:
             raise ValueError(f"lease_s must be positive, got {lease_s!r}")
         self.log_content, self.lease_s = log_content, float(lease_s)
-        self._clock = clock
+        self._clock = clock or time.time
         self.replica_id = new_id("replica_")  # who holds this process's claims
         self._closing: list = []
         if is_postgres_url(target):
@@ -109,6 +114,8 @@ class Ledger(BatchStore, BalanceStore):
             self._db = SQLiteDatabase(self.path)
         try:
             self._db.migrate()
+            if self._db.shared and (clock is None if db_clock is None else db_clock):
+                self._clock = DatabaseClock(self._db, self._clock)
         except BaseException:
             self._db.close()
             raise
@@ -141,7 +148,9 @@ class Ledger(BatchStore, BalanceStore):
         database (on a connection of its own) when replicas share it, so that the limit holds across them."""
         if not self._db.shared or not (requests_per_min or tokens_per_min):
             return RateLimiter(requests_per_min, tokens_per_min)
-        limiter = SharedRateLimiter(PostgresDatabase(self._db.url), requests_per_min, tokens_per_min)
+        db = PostgresDatabase(self._db.url)
+        clock = DatabaseClock(db, self._clock.base) if isinstance(self._clock, DatabaseClock) else self._clock
+        limiter = SharedRateLimiter(db, requests_per_min, tokens_per_min, clock=clock)
         self._closing.append(limiter)
         return limiter
 
@@ -149,6 +158,8 @@ class Ledger(BatchStore, BalanceStore):
     def heartbeat(self) -> None:
         """Renew this process's claims (call every lease_s / 3 or so) and drop reservations whose holder
         stopped renewing them (a replica that died)."""
+        if isinstance(self._clock, DatabaseClock):
+            self._clock.sync()
         until, now = self._lease_until(), self._now()
         with self._tx() as db:
             db.execute("UPDATE batch_requests SET lease_until = ? WHERE claimed_by = ? AND state = 'running'",
