@@ -298,8 +298,9 @@ def _serve_gateway(args: argparse.Namespace) -> int:
                           default_sampling=generation_defaults(args.model), example_prompts=example_prompts(args.model),
                           docs=args.docs, model_aliases=parse_model_aliases(args.model_aliases))
     server = Server(backend, _ledger(args), prices, config)
+    where = "ledger in PostgreSQL" if args.database_url else f"data in {args.data_dir}"
     print(f"openr2: gateway for {config.model_name!r} over {len(upstreams)} upstream(s) on "
-          f"http://{args.host}:{args.port} (data in {args.data_dir})")
+          f"http://{args.host}:{args.port} ({where})")
     http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning"))
     http.run()
     return 0 if http.started else 3
