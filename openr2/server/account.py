@@ -30,7 +30,7 @@ def add_account_routes(app: FastAPI, server) -> None:
     @app.get("/v1/usage")
     async def usage(request: Request, start: int | None = None, end: int | None = None,
                     group_by: str | None = None):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         if group_by is not None and group_by not in USAGE_GROUPS:
             raise bad_request(f"group_by must be one of {', '.join(USAGE_GROUPS)}.", "group_by")
         for name, value in (("start", start), ("end", end)):
@@ -41,4 +41,4 @@ def add_account_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/user/balance")
     async def balance(request: Request):
-        return balance_payload(server.ledger.balance(server.authorise(request)))
+        return balance_payload(server.ledger.balance(await server.authorise(request)))

@@ -41,7 +41,7 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
     @app.post(ENDPOINT, openapi_extra=json_body_doc(MessagesRequest))
     async def messages(request: Request):
         start = time.perf_counter()
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         req, chat, prompt, ids, params, clipped = prepare(await server.body(request))
         await server.admit(key_id, len(ids) + params.max_tokens)
         msg_id = random_id("msg_")
@@ -104,7 +104,7 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
 
     @app.post(ENDPOINT + "/count_tokens", openapi_extra=json_body_doc(MessagesRequest))
     async def count_tokens(request: Request):
-        server.authorise(request)
+        await server.authorise(request)
         body = await server.body(request)
         # max_tokens is no part of the count (nor of this request): as much as anything could ask for
         _, _, _, ids, _, _ = prepare({**body, "max_tokens": 2**31 - 1})

@@ -124,7 +124,13 @@ class Server:
         self.template = TemplateFeatures(self.tokenizer, self.config.model_name)
 
     # ------------------------------------------------------------------------------------ helpers
-    def authorise(self, request: Request) -> str:
+    async def authorise(self, request: Request) -> str:
+        """The verified key's id (LOCAL_KEY while no key exists), else a 401. Its reads are database round
+        trips (on PostgreSQL, over the network), so they run in a worker thread, never holding up the streams
+        on this loop."""
+        return await asyncio.to_thread(self._authorise, request)
+
+    def _authorise(self, request: Request) -> str:
         if not (self.config.require_auth or self.ledger.has_keys()):
             return LOCAL_KEY
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
@@ -442,19 +448,19 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        server.authorise(request)
+        await server.authorise(request)
         return ModelList(data=[served_model(name) for name in server.model_names])
 
     @app.get("/v1/models/{model_id:path}")  # :path: served names such as "deepseek-ai/DeepSeek-R1" have slashes
     async def model(request: Request, model_id: str):
-        server.authorise(request)
+        await server.authorise(request)
         server.check_model(model_id)
         return served_model(model_id)
 
     @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
         start = time.perf_counter()
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         req, prompt, ids, params = server.prepare_chat(await server.body(request))
         await server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
@@ -481,7 +487,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
     async def completions(request: Request):
         start = time.perf_counter()
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         req, prompts, params = server.prepare_completion(await server.body(request))
         await server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")

@@ -65,7 +65,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.post("/v1/files")
     async def create_file(request: Request):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         form = await request.form()  # at most ServerConfig.max_file_bytes: limits.py stops the read
         upload, purpose = form.get("file"), form.get("purpose")
         if upload is None or isinstance(upload, str):
@@ -81,19 +81,19 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, after: str | None = None, limit: int = 100):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         return _page(*ledger.list_files(key_id, purpose, after, _limit(limit, 10_000)))
 
     @app.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str):
-        found = ledger.get_file(server.authorise(request), file_id)
+        found = ledger.get_file(await server.authorise(request), file_id)
         if found is None:
             raise not_found(f"No such file: {file_id}", "file_id")
         return found
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         path = ledger.file_path(key_id, file_id)
         if path is not None:
             return FileResponse(path, media_type="application/octet-stream")
@@ -104,13 +104,13 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str):
-        if not ledger.delete_file(server.authorise(request), file_id):
+        if not ledger.delete_file(await server.authorise(request), file_id):
             raise not_found(f"No such file: {file_id}", "file_id")
         return {"id": file_id, "object": "file", "deleted": True}
 
     @app.post("/v1/batches")
     async def create_batch(request: Request):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         body = await server.body(request)
         if not isinstance(body.get("input_file_id"), str) or not isinstance(body.get("endpoint"), str):
             raise bad_request("input_file_id and endpoint are required strings.", "input_file_id")
@@ -126,11 +126,11 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/batches")
     async def list_batches(request: Request, after: str | None = None, limit: int = 20):
-        return _page(*ledger.list_batches(server.authorise(request), after, _limit(limit, 100)))
+        return _page(*ledger.list_batches(await server.authorise(request), after, _limit(limit, 100)))
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(request: Request, batch_id: str):
-        found = ledger.get_batch(server.authorise(request), batch_id)
+        found = ledger.get_batch(await server.authorise(request), batch_id)
         if found is None:
             raise not_found(f"No such batch: {batch_id}", "batch_id")
         return found
@@ -138,7 +138,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(request: Request, batch_id: str):
         try:
-            found = ledger.cancel_batch(server.authorise(request), batch_id)
+            found = ledger.cancel_batch(await server.authorise(request), batch_id)
         except ValueError as e:
             raise _as_400(e) from None
         if found is None:

@@ -168,23 +168,31 @@ def test_a_stream_is_billed_off_the_event_loop(live, monkeypatch):
     assert chunks and on_loop == [False]
 
 
-def test_a_slow_rate_limit_database_does_not_stall_other_streams(live, tmp_path, monkeypatch):
-    """Replicas count rate limits in the database (shared_ratelimit.py): a round trip per request. While one
-    request's admission waits on a slow database, another request's stream keeps flowing."""
+@pytest.mark.parametrize("slow_part", ["rate limit", "key lookup"])
+def test_a_slow_database_does_not_stall_other_streams(live, tmp_path, monkeypatch, slow_part):
+    """Each request reads the database before it runs: its key (has_keys, verify_key) and, on replicas, its rate
+    limits (shared_ratelimit.py), round trips over the network on PostgreSQL. While one request waits on a slow
+    database there, another request's stream keeps flowing."""
     base_url, server = live
-    Ledger(tmp_path / "rl.sqlite").close()  # the schema
-    limiter = SharedRateLimiter(SQLiteDatabase(tmp_path / "rl.sqlite"), requests_per_min=1000)
-    acquire, slow, stalls = limiter.acquire, threading.Event(), []
+    slow, stalls = threading.Event(), []
 
-    def slow_acquire(key_id, tokens=0):
-        if slow.is_set():
-            began = time.monotonic()
-            time.sleep(0.6)  # a database under load, or far away
-            stalls.append((began, time.monotonic()))
-        return acquire(key_id, tokens)
+    def slowed(call):
+        def run(*args, **kwargs):
+            if slow.is_set():
+                began = time.monotonic()
+                time.sleep(0.6)  # a database under load, or far away
+                stalls.append((began, time.monotonic()))
+            return call(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(limiter, "acquire", slow_acquire)
-    monkeypatch.setattr(server, "limiter", limiter)
+    limiter = None
+    if slow_part == "rate limit":
+        Ledger(tmp_path / "rl.sqlite").close()  # the schema
+        limiter = SharedRateLimiter(SQLiteDatabase(tmp_path / "rl.sqlite"), requests_per_min=1000)
+        monkeypatch.setattr(limiter, "acquire", slowed(limiter.acquire))
+        monkeypatch.setattr(server, "limiter", limiter)
+    else:
+        monkeypatch.setattr(server.ledger, "has_keys", slowed(server.ledger.has_keys))
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
             "ignore_eos": True}
     arrivals, other = [], []
@@ -192,7 +200,7 @@ def test_a_slow_rate_limit_database_does_not_stall_other_streams(live, tmp_path,
         with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
             for i, _ in enumerate(r.iter_lines()):
                 arrivals.append(time.monotonic())
-                if i == 2:  # streaming: now another request arrives, and its admission is slow
+                if i == 2:  # streaming: now another request arrives, and its database read is slow
                     slow.set()
                     thread = threading.Thread(target=lambda: other.append(httpx.post(
                         base_url + "/v1/chat/completions", timeout=60,
@@ -200,11 +208,12 @@ def test_a_slow_rate_limit_database_does_not_stall_other_streams(live, tmp_path,
                     thread.start()
         thread.join(timeout=30)
     finally:
-        limiter.close()
+        if limiter is not None:
+            limiter.close()
     assert other and other[0].status_code == 200
     ((began, ended),) = stalls
     during = [t for t in arrivals if began < t < ended]
-    assert len(during) >= 10, f"the stream stalled while another request was admitted ({len(during)} chunks)"
+    assert len(during) >= 10, f"the stream stalled while another request read the database ({len(during)} chunks)"
     assert max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.3
 
 
