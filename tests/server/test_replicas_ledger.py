@@ -240,6 +240,13 @@ def test_keys_and_usage_commands_take_a_database_url(pg_url, pg_cluster, capsys)
     assert main(["keys", "topup", key_id, "1.00", "--database-url", pg_url]) == 0
     assert capsys.readouterr().out.strip() == f"{key_id}: balance $3.50"
     assert main(["usage", "--database-url", pg_url]) == 0
+    with Ledger(pg_url) as led:
+        led.record_usage(key_id, "m", "/v1/chat/completions", Usage(10, 0, 5), False, 0, "r1", usage_source="upstream")
+        led.record_usage(key_id, "m", "/v1/chat/completions", Usage(20, 0, 5), False, 0, "r2", usage_source="local")
+    capsys.readouterr()
+    assert main(["usage", "--group-by", "source", "--database-url", pg_url]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["usage_source"]: r["prompt_tokens"] for r in rows} == {"local": 20, "upstream": 10}
     assert main(["keys", "list", "--database-url", "mysql://u@h/db"]) == 2
     assert "must be a postgresql:// URL" in capsys.readouterr().err
     assert main(["keys", "list", "--database-url", f"postgresql://openr2@/nope?host={pg_cluster.dir}"]) == 2
