@@ -337,3 +337,15 @@ def test_a_key_rate_limit_holds_across_replicas_with_skewed_clocks(pg_url):
     with Ledger(pg_url) as a, Ledger(pg_url, clock=_skewed(-3600), db_clock=False) as b:
         limiters = [a.rate_limiter(3, None), b.rate_limiter(3, None)]
         assert sum(limiters[i % 2].acquire("k2") == 0 for i in range(6)) > 3
+
+
+def test_a_clock_step_is_corrected_at_the_next_heartbeat(pg_url):
+    """A replica's clock stepped after start (an NTP correction, a VM resumed) reads the database's time again
+    once its heartbeat measures the offset anew, well before a lease could lapse."""
+    jump = [0.0]
+    with Ledger(pg_url, lease_s=30) as a, Ledger(pg_url, lease_s=30, clock=lambda: time.time() + jump[0],
+                                                  db_clock=True) as b:
+        jump[0] = 3600.0
+        assert b._now() - a._now() >= 3599
+        b.heartbeat()
+        assert abs(b._now() - a._now()) <= 1
