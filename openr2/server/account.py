@@ -9,6 +9,8 @@ The balance answers in DeepSeek's shape: `is_available` (whether the key can sti
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 
 from openr2.billing import usd_amount
@@ -36,9 +38,9 @@ def add_account_routes(app: FastAPI, server) -> None:
         for name, value in (("start", start), ("end", end)):
             if value is not None and not -(2**63) <= value < 2**63:  # SQLite integers are 64-bit
                 raise bad_request(f"{name} must be a Unix time in seconds.", name)
-        rows = server.ledger.usage_report(start, end, group_by, key_id=key_id)
+        rows = await asyncio.to_thread(server.ledger.usage_report, start, end, group_by, key_id=key_id)
         return {"object": "list", "data": rows}
 
     @app.get("/v1/user/balance")
     async def balance(request: Request):
-        return balance_payload(server.ledger.balance(await server.authorise(request)))
+        return balance_payload(await asyncio.to_thread(server.ledger.balance, await server.authorise(request)))

@@ -82,11 +82,11 @@ def add_batch_routes(app: FastAPI, server) -> None:
     @app.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, after: str | None = None, limit: int = 100):
         key_id = await server.authorise(request)
-        return _page(*ledger.list_files(key_id, purpose, after, _limit(limit, 10_000)))
+        return _page(*await asyncio.to_thread(ledger.list_files, key_id, purpose, after, _limit(limit, 10_000)))
 
     @app.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str):
-        found = ledger.get_file(await server.authorise(request), file_id)
+        found = await asyncio.to_thread(ledger.get_file, await server.authorise(request), file_id)
         if found is None:
             raise not_found(f"No such file: {file_id}", "file_id")
         return found
@@ -94,7 +94,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
     @app.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str):
         key_id = await server.authorise(request)
-        path = ledger.file_path(key_id, file_id)
+        path = await asyncio.to_thread(ledger.file_path, key_id, file_id)
         if path is not None:
             return FileResponse(path, media_type="application/octet-stream")
         content = await asyncio.to_thread(ledger.read_file, key_id, file_id)  # in the database (PostgreSQL)
@@ -104,7 +104,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str):
-        if not ledger.delete_file(await server.authorise(request), file_id):
+        if not await asyncio.to_thread(ledger.delete_file, await server.authorise(request), file_id):
             raise not_found(f"No such file: {file_id}", "file_id")
         return {"id": file_id, "object": "file", "deleted": True}
 
@@ -117,8 +117,8 @@ def add_batch_routes(app: FastAPI, server) -> None:
         if not isinstance(body.get("completion_window", "24h"), str):
             raise bad_request("completion_window must be a string such as '24h'.", "completion_window")
         try:
-            batch = ledger.create_batch(key_id, body["input_file_id"], body["endpoint"],
-                                        body.get("completion_window", "24h"), body.get("metadata"))
+            batch = await asyncio.to_thread(ledger.create_batch, key_id, body["input_file_id"], body["endpoint"],
+                                            body.get("completion_window", "24h"), body.get("metadata"))
         except ValueError as e:
             raise _as_400(e) from None
         server.batch_worker.wake()
@@ -126,11 +126,12 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/batches")
     async def list_batches(request: Request, after: str | None = None, limit: int = 20):
-        return _page(*ledger.list_batches(await server.authorise(request), after, _limit(limit, 100)))
+        return _page(*await asyncio.to_thread(ledger.list_batches, await server.authorise(request), after,
+                                              _limit(limit, 100)))
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(request: Request, batch_id: str):
-        found = ledger.get_batch(await server.authorise(request), batch_id)
+        found = await asyncio.to_thread(ledger.get_batch, await server.authorise(request), batch_id)
         if found is None:
             raise not_found(f"No such batch: {batch_id}", "batch_id")
         return found
@@ -138,7 +139,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(request: Request, batch_id: str):
         try:
-            found = ledger.cancel_batch(await server.authorise(request), batch_id)
+            found = await asyncio.to_thread(ledger.cancel_batch, await server.authorise(request), batch_id)
         except ValueError as e:
             raise _as_400(e) from None
         if found is None:

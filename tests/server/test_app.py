@@ -168,11 +168,11 @@ def test_a_stream_is_billed_off_the_event_loop(live, monkeypatch):
     assert chunks and on_loop == [False]
 
 
-@pytest.mark.parametrize("slow_part", ["rate limit", "key lookup"])
+@pytest.mark.parametrize("slow_part", ["rate limit", "key lookup", "file listing"])
 def test_a_slow_database_does_not_stall_other_streams(live, tmp_path, monkeypatch, slow_part):
-    """Each request reads the database before it runs: its key (has_keys, verify_key) and, on replicas, its rate
-    limits (shared_ratelimit.py), round trips over the network on PostgreSQL. While one request waits on a slow
-    database there, another request's stream keeps flowing."""
+    """Each request reads the database: its key (has_keys, verify_key), on replicas its rate limits
+    (shared_ratelimit.py), and the files and batches routes their rows; round trips over the network on
+    PostgreSQL. While one request waits on a slow database there, another request's stream keeps flowing."""
     base_url, server = live
     slow, stalls = threading.Event(), []
 
@@ -191,8 +191,13 @@ def test_a_slow_database_does_not_stall_other_streams(live, tmp_path, monkeypatc
         limiter = SharedRateLimiter(SQLiteDatabase(tmp_path / "rl.sqlite"), requests_per_min=1000)
         monkeypatch.setattr(limiter, "acquire", slowed(limiter.acquire))
         monkeypatch.setattr(server, "limiter", limiter)
-    else:
+    elif slow_part == "key lookup":
         monkeypatch.setattr(server.ledger, "has_keys", slowed(server.ledger.has_keys))
+    else:
+        monkeypatch.setattr(server.ledger, "list_files", slowed(server.ledger.list_files))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    send = (lambda: httpx.get(base_url + "/v1/files", timeout=60)) if slow_part == "file listing" else \
+        (lambda: httpx.post(base_url + "/v1/chat/completions", json=chat, timeout=60))
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
             "ignore_eos": True}
     arrivals, other = [], []
@@ -202,9 +207,7 @@ def test_a_slow_database_does_not_stall_other_streams(live, tmp_path, monkeypatc
                 arrivals.append(time.monotonic())
                 if i == 2:  # streaming: now another request arrives, and its database read is slow
                     slow.set()
-                    thread = threading.Thread(target=lambda: other.append(httpx.post(
-                        base_url + "/v1/chat/completions", timeout=60,
-                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})))
+                    thread = threading.Thread(target=lambda: other.append(send()))
                     thread.start()
         thread.join(timeout=30)
     finally:
@@ -213,8 +216,8 @@ def test_a_slow_database_does_not_stall_other_streams(live, tmp_path, monkeypatc
     assert other and other[0].status_code == 200
     ((began, ended),) = stalls
     during = [t for t in arrivals if began < t < ended]
+    # on the loop, the stall would hold every stream: no chunk at all inside it (the test then fails with 0)
     assert len(during) >= 10, f"the stream stalled while another request read the database ({len(during)} chunks)"
-    assert max(b - a for a, b in zip(arrivals, arrivals[1:])) < 0.3
 
 
 def _batch_file(n: int, max_tokens: int = 4) -> bytes:
