@@ -302,8 +302,9 @@ def _serve_gateway(args: argparse.Namespace) -> int:
                           default_sampling=generation_defaults(args.model), example_prompts=example_prompts(args.model),
                           docs=args.docs, model_aliases=parse_model_aliases(args.model_aliases))
     server = Server(backend, _ledger(args), prices, config)
+    where = "ledger in PostgreSQL" if args.database_url else f"data in {args.data_dir}"
     print(f"openr2: gateway for {config.model_name!r} over {len(upstreams)} upstream(s) on "
-          f"http://{args.host}:{args.port} (data in {args.data_dir})")
+          f"http://{args.host}:{args.port} ({where})")
     http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning"))
     http.run()
     return 0 if http.started else 3
@@ -695,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage = sub.add_parser("usage", help="token and cost totals from the ledger")
     usage.add_argument("--start", type=int, default=None, help="unix seconds, inclusive")
     usage.add_argument("--end", type=int, default=None, help="unix seconds, exclusive")
-    usage.add_argument("--group-by", choices=["day", "key", "model"], default=None)
+    usage.add_argument("--group-by", choices=["day", "key", "model", "source"], default=None,
+                       help="source: where the token counts came from (engine, upstream, local)")
     usage.add_argument("--data-dir", default="~/.openr2")
     _add_database_flag(usage)
     usage.set_defaults(func=cmd_usage)

@@ -9,10 +9,13 @@ The balance answers in DeepSeek's shape: `is_available` (whether the key can sti
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 
 from openr2.billing import usd_amount
 from openr2.server.errors import bad_request
+from openr2.server.ledger import USAGE_GROUPS
 
 
 def balance_payload(balance: dict | None) -> dict:
@@ -29,15 +32,15 @@ def add_account_routes(app: FastAPI, server) -> None:
     @app.get("/v1/usage")
     async def usage(request: Request, start: int | None = None, end: int | None = None,
                     group_by: str | None = None):
-        key_id = server.authorise(request)
-        if group_by not in (None, "day", "key", "model"):
-            raise bad_request("group_by must be one of day, key, model.", "group_by")
+        key_id = await server.authorise(request)
+        if group_by is not None and group_by not in USAGE_GROUPS:
+            raise bad_request(f"group_by must be one of {', '.join(USAGE_GROUPS)}.", "group_by")
         for name, value in (("start", start), ("end", end)):
             if value is not None and not -(2**63) <= value < 2**63:  # SQLite integers are 64-bit
                 raise bad_request(f"{name} must be a Unix time in seconds.", name)
-        rows = server.ledger.usage_report(start, end, group_by, key_id=key_id)
+        rows = await asyncio.to_thread(server.ledger.usage_report, start, end, group_by, key_id=key_id)
         return {"object": "list", "data": rows}
 
     @app.get("/v1/user/balance")
     async def balance(request: Request):
-        return balance_payload(server.ledger.balance(server.authorise(request)))
+        return balance_payload(await asyncio.to_thread(server.ledger.balance, await server.authorise(request)))

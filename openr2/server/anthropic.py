@@ -41,9 +41,9 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
     @app.post(ENDPOINT, openapi_extra=json_body_doc(MessagesRequest))
     async def messages(request: Request):
         start = time.perf_counter()
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         req, chat, prompt, ids, params, clipped = prepare(await server.body(request))
-        server.admit(key_id, len(ids) + params.max_tokens)
+        await server.admit(key_id, len(ids) + params.max_tokens)
         msg_id = random_id("msg_")
         reserved = await server.reserve(key_id, {msg_id: server.prices.worst_case(len(ids), params.max_tokens)})
         events = MessageStream(msg_id, req.model, starts_in_reasoning=prompt_opens_reasoning(prompt),
@@ -104,7 +104,7 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
 
     @app.post(ENDPOINT + "/count_tokens", openapi_extra=json_body_doc(MessagesRequest))
     async def count_tokens(request: Request):
-        server.authorise(request)
+        await server.authorise(request)
         body = await server.body(request)
         # max_tokens is no part of the count (nor of this request): as much as anything could ask for
         _, _, _, ids, _, _ = prepare({**body, "max_tokens": 2**31 - 1})

@@ -50,7 +50,7 @@ from openr2.server.errors import (
     unauthorized,
     unavailable,
 )
-from openr2.server.ledger import InsufficientBalance, Ledger
+from openr2.server.ledger import InsufficientBalance, Ledger, usage_source
 from openr2.server.limits import BodyLimitMiddleware
 from openr2.server.metrics import Metrics, MetricsMiddleware
 from openr2.server.outputs import (
@@ -128,7 +128,13 @@ class Server:
         self.template = TemplateFeatures(self.tokenizer, self.config.model_name, getattr(engine, "model_type", None))
 
     # ------------------------------------------------------------------------------------ helpers
-    def authorise(self, request: Request) -> str:
+    async def authorise(self, request: Request) -> str:
+        """The verified key's id (LOCAL_KEY while no key exists), else a 401. Its reads are database round
+        trips (on PostgreSQL, over the network), so they run in a worker thread, never holding up the streams
+        on this loop."""
+        return await asyncio.to_thread(self._authorise, request)
+
+    def _authorise(self, request: Request) -> str:
         if not (self.config.require_auth or self.ledger.has_keys()):
             return LOCAL_KEY
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
@@ -157,9 +163,17 @@ class Server:
                             "model", "model_not_found")
         return None if name == self.config.model_name else self.config.model_aliases[name]
 
-    def admit(self, key_id: str, num_tokens: int) -> None:
+    async def acquire(self, key_id: str, num_tokens: int) -> float:
+        """The limiter's answer (limiter.acquire): at once from memory; from the database (replicas) on the
+        limiter's own thread, so that its round trip never holds up the streams on this loop."""
+        executor = getattr(self.limiter, "executor", None)
+        if executor is None:
+            return self.limiter.acquire(key_id, num_tokens)
+        return await asyncio.get_running_loop().run_in_executor(executor, self.limiter.acquire, key_id, num_tokens)
+
+    async def admit(self, key_id: str, num_tokens: int) -> None:
         try:
-            wait = self.limiter.acquire(key_id, num_tokens)
+            wait = await self.acquire(key_id, num_tokens)
         except ValueError as e:
             raise bad_request(str(e), "max_tokens") from None
         if wait > 0:
@@ -196,7 +210,8 @@ class Server:
         usage = output.usage
         cost = self.prices_for(output).cost(usage, batch=False)
         self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
-                                 content=content if self.config.log_content else None)
+                                 content=content if self.config.log_content else None,
+                                 usage_source=usage_source(output))
 
     def prepare_chat(self, body: dict, clip_max_tokens: bool = False):
         """Validate a chat body and render its prompt: (request, prompt text, prompt ids, SamplingParams)."""
@@ -437,21 +452,21 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        server.authorise(request)
+        await server.authorise(request)
         return ModelList(data=[served_model(name) for name in server.model_names])
 
     @app.get("/v1/models/{model_id:path}")  # :path: served names such as "deepseek-ai/DeepSeek-R1" have slashes
     async def model(request: Request, model_id: str):
-        server.authorise(request)
+        await server.authorise(request)
         server.check_model(model_id)
         return served_model(model_id)
 
     @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
     async def chat_completions(request: Request):
         start = time.perf_counter()
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         req, prompt, ids, params = server.prepare_chat(await server.body(request))
-        server.admit(key_id, len(ids) + params.max_tokens * params.n)
+        await server.admit(key_id, len(ids) + params.max_tokens * params.n)
         request_id = random_id("chatcmpl-")
         reserved = await server.reserve(key_id, {request_id: server.prices.worst_case(len(ids),
                                                                                       params.max_tokens * params.n)})
@@ -476,9 +491,9 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
     async def completions(request: Request):
         start = time.perf_counter()
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         req, prompts, params = server.prepare_completion(await server.body(request))
-        server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
+        await server.admit(key_id, sum(len(ids) + p.max_tokens * p.n for ids, p in zip(prompts, params)))
         request_id = random_id("cmpl-")
         # each prompt is billed on its own (request_id-i; a stream's one prompt as request_id): reserved alike
         bill_ids = [request_id] if req.stream else [f"{request_id}-{i}" for i in range(len(prompts))]

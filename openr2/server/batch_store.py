@@ -117,7 +117,7 @@ class BatchStore:
 
     @retry_conflicts
     def complete_request(self, batch_id: str, custom_id: str, status_code: int, body: dict, request_id: str,
-                         usage=None, cost: int = 0) -> bool:
+                         usage=None, cost: int = 0, usage_source: str | None = None) -> bool:
         """Record one line's response and, when `usage` is given, its bill (cost = prices.cost(usage,
         batch=True)) in one transaction. False, with nothing written, if the line was already finished:
         the first completion wins and a duplicate is never billed."""
@@ -138,7 +138,7 @@ class BatchStore:
             if usage is not None:
                 content = {"request": json.loads(r["body"]), "response": body} if self.log_content else None
                 if not self._insert_usage(db, r["key_id"], r["model"], r["endpoint"], Usage.of(usage), True,
-                                          cost, request_id, batch_id, custom_id, content):
+                                          cost, request_id, batch_id, custom_id, content, usage_source):
                     raise ValueError(f"request_id {request_id!r} is already billed")  # rolls the line back
         return True
 

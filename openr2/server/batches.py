@@ -35,6 +35,7 @@ from openr2.engine.async_engine import EngineDeadError
 from openr2.engine.usage import Usage
 from openr2.server.batch_store import BatchStateError
 from openr2.server.errors import APIError, bad_request, internal_error, not_found
+from openr2.server.ledger import usage_source
 
 logger = logging.getLogger("openr2.server")
 BATCH_PRIORITY = 1
@@ -64,7 +65,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.post("/v1/files")
     async def create_file(request: Request):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         form = await request.form()  # at most ServerConfig.max_file_bytes: limits.py stops the read
         upload, purpose = form.get("file"), form.get("purpose")
         if upload is None or isinstance(upload, str):
@@ -80,20 +81,20 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, after: str | None = None, limit: int = 100):
-        key_id = server.authorise(request)
-        return _page(*ledger.list_files(key_id, purpose, after, _limit(limit, 10_000)))
+        key_id = await server.authorise(request)
+        return _page(*await asyncio.to_thread(ledger.list_files, key_id, purpose, after, _limit(limit, 10_000)))
 
     @app.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str):
-        found = ledger.get_file(server.authorise(request), file_id)
+        found = await asyncio.to_thread(ledger.get_file, await server.authorise(request), file_id)
         if found is None:
             raise not_found(f"No such file: {file_id}", "file_id")
         return found
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str):
-        key_id = server.authorise(request)
-        path = ledger.file_path(key_id, file_id)
+        key_id = await server.authorise(request)
+        path = await asyncio.to_thread(ledger.file_path, key_id, file_id)
         if path is not None:
             return FileResponse(path, media_type="application/octet-stream")
         content = await asyncio.to_thread(ledger.read_file, key_id, file_id)  # in the database (PostgreSQL)
@@ -103,21 +104,21 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str):
-        if not ledger.delete_file(server.authorise(request), file_id):
+        if not await asyncio.to_thread(ledger.delete_file, await server.authorise(request), file_id):
             raise not_found(f"No such file: {file_id}", "file_id")
         return {"id": file_id, "object": "file", "deleted": True}
 
     @app.post("/v1/batches")
     async def create_batch(request: Request):
-        key_id = server.authorise(request)
+        key_id = await server.authorise(request)
         body = await server.body(request)
         if not isinstance(body.get("input_file_id"), str) or not isinstance(body.get("endpoint"), str):
             raise bad_request("input_file_id and endpoint are required strings.", "input_file_id")
         if not isinstance(body.get("completion_window", "24h"), str):
             raise bad_request("completion_window must be a string such as '24h'.", "completion_window")
         try:
-            batch = ledger.create_batch(key_id, body["input_file_id"], body["endpoint"],
-                                        body.get("completion_window", "24h"), body.get("metadata"))
+            batch = await asyncio.to_thread(ledger.create_batch, key_id, body["input_file_id"], body["endpoint"],
+                                            body.get("completion_window", "24h"), body.get("metadata"))
         except ValueError as e:
             raise _as_400(e) from None
         server.batch_worker.wake()
@@ -125,11 +126,12 @@ def add_batch_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/batches")
     async def list_batches(request: Request, after: str | None = None, limit: int = 20):
-        return _page(*ledger.list_batches(server.authorise(request), after, _limit(limit, 100)))
+        return _page(*await asyncio.to_thread(ledger.list_batches, await server.authorise(request), after,
+                                              _limit(limit, 100)))
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(request: Request, batch_id: str):
-        found = ledger.get_batch(server.authorise(request), batch_id)
+        found = await asyncio.to_thread(ledger.get_batch, await server.authorise(request), batch_id)
         if found is None:
             raise not_found(f"No such batch: {batch_id}", "batch_id")
         return found
@@ -137,7 +139,7 @@ def add_batch_routes(app: FastAPI, server) -> None:
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(request: Request, batch_id: str):
         try:
-            found = ledger.cancel_batch(server.authorise(request), batch_id)
+            found = await asyncio.to_thread(ledger.cancel_batch, await server.authorise(request), batch_id)
         except ValueError as e:
             raise _as_400(e) from None
         if found is None:
@@ -243,7 +245,7 @@ class BatchWorker:
             cost = sum(server.prices_for(o).cost(o.usage, batch=True) for o in outs)
             # the line's bill settles its reservation (same request id, same transaction)
             await asyncio.to_thread(server.ledger.complete_request, batch_id, line["custom_id"], 200,
-                                    response.model_dump(), request_id, usage, cost)
+                                    response.model_dump(), request_id, usage, cost, usage_source(*outs))
             return
         except EngineDeadError:
             raise  # not the line's fault: it stays claimed, and the next start runs it
@@ -267,7 +269,7 @@ class BatchWorker:
     async def _throttle(self, key_id: str, tokens: int) -> None:
         """Wait until the key's rate limits admit `tokens` more (see the module docstring)."""
         try:
-            while (wait := self.server.limiter.acquire(key_id, tokens)) > 0:
+            while (wait := await self.server.acquire(key_id, tokens)) > 0:
                 await asyncio.sleep(wait)
         except ValueError as e:  # more than a whole minute's budget: waiting would never help
             raise bad_request(str(e), "max_tokens") from None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,6 +241,28 @@ class PostgresDatabase:
                 for stmt in schema.statements(v, self.dialect):
                     db.execute(stmt)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (v,))
+
+
+class DatabaseClock:
+    """Wall-clock time read on the database server's clock, for what replicas compare across processes (batch
+    line leases, reservation leases, rate-limit windows): a replica whose own clock is off would otherwise take
+    live replicas' lines as lapsed, or count a key's window from the wrong edge. Not a round trip per reading:
+    `sync` measures the offset between `clock` and the server's clock_timestamp() (to within half a round
+    trip), and readings are `clock()` plus it; call `sync` now and then (the ledger's heartbeat does), so that
+    the drift of the local clock since does not add up."""
+
+    def __init__(self, db: PostgresDatabase, clock=time.time):
+        self._db, self.base, self.offset = db, clock, 0.0
+        self.sync()
+
+    def sync(self) -> None:
+        before = self.base()
+        (db_now,) = self._db.query("SELECT EXTRACT(EPOCH FROM clock_timestamp())")[0]
+        after = self.base()
+        self.offset = float(db_now) - (before + after) / 2
+
+    def __call__(self) -> float:
+        return self.base() + self.offset
 
 
 def _check_version(version: int, where) -> None:

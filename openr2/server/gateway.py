@@ -119,7 +119,7 @@ class UpstreamBackend:
 
     def collect(self):
         """The upstreams on /metrics (metrics.py registers this collector): health, load, requests sent, and
-        how many bills rest on the upstream's usage or on local counts (the ledger row does not say yet)."""
+        how many bills rest on the upstream's usage or on local counts (each ledger row says which too)."""
         healthy = GaugeMetricFamily(f"{PREFIX}_upstream_healthy", "1 while the upstream is in the pool.",
                                     labels=["upstream"])
         outstanding = GaugeMetricFamily(f"{PREFIX}_upstream_outstanding_requests",
@@ -334,6 +334,7 @@ class _Run:
             outputs.append(copy)
         out = RequestOutput(self.request_id, self.prompt, self.ids, outputs, finished, usage)
         out.prices = self.state.upstream.prices  # Server.prices_for bills with them
+        out.usage_source = "local"  # counted here until the final output says otherwise (_final)
         return out
 
     @property

@@ -52,7 +52,7 @@ from openr2.server.batch_store import (  # noqa: F401 (re-exported: the ledger's
     BatchStore,
     new_id,
 )
-from openr2.server.db import PostgresDatabase, SQLiteDatabase, is_postgres_url, retry_conflicts
+from openr2.server.db import DatabaseClock, PostgresDatabase, SQLiteDatabase, is_postgres_url, retry_conflicts
 from openr2.server.private_files import open_private, private_dir, private_file
 from openr2.server.ratelimit import RateLimiter
 from openr2.server.schema import SCHEMA_VERSION, statements  # noqa: F401 (SCHEMA_VERSION re-exported)
@@ -64,6 +64,10 @@ KEY_LOOKUP_CHARS = 8  # first random chars, stored in clear to find the row; 48 
 PBKDF2_ITERATIONS = 1_000  # keys are 192 random bits: the hash only hides them, no stretching needed
 FILE_PURPOSES = ("batch", "batch_output", "user_data", "assistants", "fine-tune", "vision", "evals")
 DEFAULT_LEASE_S = 30.0
+# where a bill's token counts came from: this process's engine, the gateway's upstream, or the gateway's own
+# count with the tokenizer (an upstream that did not report them, or an answer cut midway)
+USAGE_SOURCES = ("engine", "upstream", "local")
+USAGE_GROUPS = ("day", "key", "model", "source")
 _SCHEMA = ";\n".join(statements(1, "sqlite")) + ";"  # version 1 on SQLite (tests build old ledgers)
 
 
@@ -79,14 +83,19 @@ class Ledger(BatchStore, BalanceStore):
     `target` is a SQLite file path (file contents then live under data_dir/files) or a postgresql:// URL
     (file contents in the database: replicas share no disk). `lease_s`: how long batch lines and balance
     reservations this process holds stay its own without a `heartbeat()`; past that another replica (or
-    this one restarted) takes them back."""
+    this one restarted) takes them back.
+
+    `clock`: wall-clock seconds. On a shared database it is read on the database server's clock (db.DatabaseClock,
+    `db_clock`), so that replicas whose clocks disagree still agree on when a lease lapses; by default unless a
+    clock is given (tests drive their own)."""
 
     def __init__(self, target: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                 log_content: bool = False, clock: Callable[[], float] = time.time, lease_s: float = DEFAULT_LEASE_S):
+                 log_content: bool = False, clock: Callable[[], float] | None = None,
+                 lease_s: float = DEFAULT_LEASE_S, db_clock: bool | None = None):
         if not lease_s > 0:
             raise ValueError(f"lease_s must be positive, got {lease_s!r}")
         self.log_content, self.lease_s = log_content, float(lease_s)
-        self._clock = clock
+        self._clock = clock or time.time
         self.replica_id = new_id("replica_")  # who holds this process's claims
         self._closing: list = []
         if is_postgres_url(target):
@@ -105,6 +114,8 @@ class Ledger(BatchStore, BalanceStore):
             self._db = SQLiteDatabase(self.path)
         try:
             self._db.migrate()
+            if self._db.shared and (clock is None if db_clock is None else db_clock):
+                self._clock = DatabaseClock(self._db, self._clock)
         except BaseException:
             self._db.close()
             raise
@@ -137,7 +148,9 @@ class Ledger(BatchStore, BalanceStore):
         database (on a connection of its own) when replicas share it, so that the limit holds across them."""
         if not self._db.shared or not (requests_per_min or tokens_per_min):
             return RateLimiter(requests_per_min, tokens_per_min)
-        limiter = SharedRateLimiter(PostgresDatabase(self._db.url), requests_per_min, tokens_per_min)
+        db = PostgresDatabase(self._db.url)
+        clock = DatabaseClock(db, self._clock.base) if isinstance(self._clock, DatabaseClock) else self._clock
+        limiter = SharedRateLimiter(db, requests_per_min, tokens_per_min, clock=clock)
         self._closing.append(limiter)
         return limiter
 
@@ -145,6 +158,8 @@ class Ledger(BatchStore, BalanceStore):
     def heartbeat(self) -> None:
         """Renew this process's claims (call every lease_s / 3 or so) and drop reservations whose holder
         stopped renewing them (a replica that died)."""
+        if isinstance(self._clock, DatabaseClock):
+            self._clock.sync()
         until, now = self._lease_until(), self._now()
         with self._tx() as db:
             db.execute("UPDATE batch_requests SET lease_until = ? WHERE claimed_by = ? AND state = 'running'",
@@ -208,15 +223,18 @@ class Ledger(BatchStore, BalanceStore):
     @retry_conflicts
     def record_usage(self, key_id: str, model: str, endpoint: str, usage, batch: bool, cost: int,
                      request_id: str, batch_id: str | None = None, custom_id: str | None = None,
-                     content: dict | str | None = None) -> bool:
+                     content: dict | str | None = None, usage_source: str | None = None) -> bool:
         """One billed request. False (nothing written) if this request_id or (batch_id, custom_id) is
-        already billed, which makes billing safe to retry. `content` is dropped unless log_content."""
+        already billed, which makes billing safe to retry. `content` is dropped unless log_content.
+        `usage_source`: where the token counts came from (USAGE_SOURCES; None: not said)."""
         with self._tx() as db:
             return self._insert_usage(db, key_id, model, endpoint, Usage.of(usage), batch, cost, request_id,
-                                      batch_id, custom_id, content)
+                                      batch_id, custom_id, content, usage_source)
 
     def _insert_usage(self, db, key_id, model, endpoint, usage: Usage, batch, cost, request_id, batch_id,
-                      custom_id, content) -> bool:
+                      custom_id, content, usage_source=None) -> bool:
+        if usage_source is not None and usage_source not in USAGE_SOURCES:
+            raise ValueError(f"usage_source must be one of {', '.join(USAGE_SOURCES)} or None, got {usage_source!r}")
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise ValueError(f"cost must be a non-negative integer of pico-dollars, got {cost!r}")
         for name, value in (("key_id", key_id), ("model", model), ("endpoint", endpoint),
@@ -231,22 +249,23 @@ class Ledger(BatchStore, BalanceStore):
             content = None
         cur = db.execute(
             "INSERT INTO usage (created_at, request_id, key_id, model, endpoint, batch, batch_id, custom_id,"
-            " prompt_tokens, cached_prompt_tokens, completion_tokens, reasoning_tokens, cost_pico_usd, content)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            " prompt_tokens, cached_prompt_tokens, completion_tokens, reasoning_tokens, cost_pico_usd, content,"
+            " usage_source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (self._now(), request_id, key_id, model, endpoint, int(bool(batch)), batch_id, custom_id,
              usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens, usage.reasoning_tokens,
-             cost, content))
+             cost, content, usage_source))
         self._settle(db, key_id, request_id, cost, billed=cur.rowcount == 1)  # a prepaid balance pays
         return cur.rowcount == 1
 
     def usage_report(self, start: int | None = None, end: int | None = None, group_by: str | None = None,
                      key_id: str | None = None) -> list[dict]:
         """Totals over start <= created_at < end (Unix seconds, None = open), optionally per UTC day, key
-        or model, optionally for one key. Costs are exact pico-dollar sums plus a formatted string."""
+        model or usage source ("source": engine, upstream, local; null for rows from before it was recorded),
+        optionally for one key. Costs are exact pico-dollar sums plus a formatted string."""
         groups = {None: "CAST(NULL AS TEXT)", "day": self._db.day_sql.format("u.created_at"), "key": "u.key_id",
-                  "model": "u.model"}
+                  "model": "u.model", "source": "u.usage_source"}
         if group_by not in groups:
-            raise ValueError(f"group_by must be one of day, key, model or None, got {group_by!r}")
+            raise ValueError(f"group_by must be one of {', '.join(USAGE_GROUPS)} or None, got {group_by!r}")
         where, args = [], []
         for cond, value in (("u.created_at >= ?", start), ("u.created_at < ?", end), ("u.key_id = ?", key_id)):
             if value is not None:
@@ -264,7 +283,7 @@ class Ledger(BatchStore, BalanceStore):
         for r in rows:
             if r["requests"] == 0:  # an ungrouped aggregate over no rows still yields one row of NULLs
                 continue
-            item = {} if group_by is None else {{"key": "key_id"}.get(group_by, group_by): r["grp"]}
+            item = {} if group_by is None else {{"key": "key_id", "source": "usage_source"}.get(group_by, group_by): r["grp"]}
             if group_by == "key":
                 item["key_name"] = r["key_name"]
             item.update({name: r[name] for name in ("requests", "prompt_tokens", "cached_prompt_tokens",
@@ -377,6 +396,14 @@ class Ledger(BatchStore, BalanceStore):
         return [to_obj(dict(r)) for r in rows[:limit]], len(rows) > limit
 
     # ---------------------------------------------------------------- batches
+
+def usage_source(*outputs) -> str:
+    """Where outputs' token counts came from, for their ledger row: the gateway marks its outputs (an upstream's
+    report or its own count, gateway.py); the in-process engine counted them itself. Outputs billed together
+    (a batch line's prompts) are "upstream" only if every count came from the upstream."""
+    sources = {getattr(output, "usage_source", None) or "engine" for output in outputs}
+    return sources.pop() if len(sources) == 1 else "local"
+
 
 def _sum(column: str) -> str:
     """SUM as a 64-bit integer on both backends (PostgreSQL's SUM of BIGINT is NUMERIC)."""

@@ -9,7 +9,7 @@ kept, and how two processes are kept from migrating at once, is the backend's bu
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TYPES = {
     "sqlite": {"int": "INTEGER", "blob": "BLOB", "serial_pk": "INTEGER PRIMARY KEY", "rowid": ""},
@@ -67,6 +67,11 @@ CREATE INDEX batch_requests_claimed ON batch_requests(claimed_by, state);
 CREATE TABLE rate_events (key_id TEXT NOT NULL, at_ms {int} NOT NULL, tokens {int} NOT NULL, request {int} NOT NULL);
 CREATE INDEX rate_events_key ON rate_events(key_id, at_ms);
 CREATE TABLE file_blobs (id TEXT PRIMARY KEY, content {blob} NOT NULL);
+""",
+    # where each bill's token counts came from: "engine" (this process's own engine), "upstream" (reported by
+    # the gateway's upstream), "local" (the gateway counted them with the tokenizer); NULL on older rows
+    4: """
+ALTER TABLE usage ADD COLUMN usage_source TEXT;
 """,
 }
 

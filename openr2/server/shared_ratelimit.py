@@ -6,8 +6,12 @@ transaction that takes a per-key lock (db.lock_name: a PostgreSQL advisory lock;
 two replicas admitting requests of one key at once are counted one after the other and the limit holds.
 Events are rows of rate_events, deleted once they leave the window.
 
-The clock is this process's wall clock (time.time), shared by replicas only as far as their clocks agree:
-keep them synchronised (NTP), a skew of s seconds moves a window's edge by s. Commits do not wait for the
+Each admission is a database round trip, so the server runs it off its event loop, on `executor` (one thread:
+the limiter has one connection anyway, and a slow database then holds up admissions only, not the worker
+threads that bill and the streams on the loop).
+
+The clock: the ledger gives its limiter the database server's (db.DatabaseClock, synced once a window), so
+replicas whose own clocks disagree still count one window. Commits do not wait for the
 disk (synchronous_commit off on PostgreSQL): a crash forgets at most the last instants' events, which errs
 on the side of the client, as a restart of the in-memory limiter does.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from openr2.server.ratelimit import _check_tokens, check_admissible, check_limits, wait_s
@@ -33,7 +38,8 @@ class SharedRateLimiter:
         self.tokens_per_min = tokens_per_min or None
         self.window_s = float(window_s)
         self._clock = clock
-        self._last_sweep = clock()
+        self._last_sweep = self._synced = clock()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="openr2-ratelimit")
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +51,7 @@ class SharedRateLimiter:
         check_admissible(tokens, self.tokens_per_min)
         if not self.enabled:
             return 0.0
-        now = self._clock()
+        now = self._now()
         with self._window(key_id, now) as (db, requests, token_events):
             wait = wait_s(requests, token_events, sum(n for _, n in token_events), now, tokens,
                           self.requests_per_min, self.tokens_per_min, self.window_s)
@@ -60,10 +66,17 @@ class SharedRateLimiter:
         _check_tokens(tokens)
         if not tokens or self.tokens_per_min is None:
             return
-        now = self._clock()
+        now = self._now()
         with self._window(key_id, now) as (db, _, _):
             db.execute("INSERT INTO rate_events (key_id, at_ms, tokens, request) VALUES (?, ?, ?, 0)",
                        (key_id, _ms(now), tokens))
+
+    def _now(self) -> float:
+        now = self._clock()
+        if hasattr(self._clock, "sync") and now - self._synced >= self.window_s:  # the local clock's drift
+            self._clock.sync()
+            now = self._synced = self._clock()
+        return now
 
     @contextmanager
     def _window(self, key_id: str, now: float):
@@ -84,6 +97,7 @@ class SharedRateLimiter:
             yield db, [r[0] / 1000 for r in rows if r[2]], [(r[0] / 1000, r[1]) for r in rows if r[1]]
 
     def close(self) -> None:
+        self.executor.shutdown(wait=True)
         self.db.close()
 
 

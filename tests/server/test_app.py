@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -12,6 +13,9 @@ import pytest
 
 from openr2 import billing
 from openr2.engine.usage import Usage
+from openr2.server.db import SQLiteDatabase
+from openr2.server.ledger import Ledger
+from openr2.server.shared_ratelimit import SharedRateLimiter
 
 
 def _client(base_url, key="unused"):
@@ -76,6 +80,11 @@ def test_completions(live):
     resp = _client(base_url).completions.create(model="tiny", prompt=["The answer is", "What is"], max_tokens=5,
                                                 temperature=0)
     assert len(resp.choices) == 2 and resp.usage.completion_tokens == 10
+    # billed on the in-process engine's own counts, each prompt's row saying so
+    by_source = httpx.get(base_url + "/v1/usage", params={"group_by": "source"}).json()["data"]
+    assert [r["usage_source"] for r in by_source] == ["engine"] and by_source[0]["requests"] >= 2
+    bad = httpx.get(base_url + "/v1/usage", params={"group_by": "upstream"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
 
 
 def _totals(base_url):
@@ -157,6 +166,58 @@ def test_a_stream_is_billed_off_the_event_loop(live, monkeypatch):
     while not on_loop and time.time() < deadline:
         time.sleep(0.01)
     assert chunks and on_loop == [False]
+
+
+@pytest.mark.parametrize("slow_part", ["rate limit", "key lookup", "file listing"])
+def test_a_slow_database_does_not_stall_other_streams(live, tmp_path, monkeypatch, slow_part):
+    """Each request reads the database: its key (has_keys, verify_key), on replicas its rate limits
+    (shared_ratelimit.py), and the files and batches routes their rows; round trips over the network on
+    PostgreSQL. While one request waits on a slow database there, another request's stream keeps flowing."""
+    base_url, server = live
+    slow, stalls = threading.Event(), []
+
+    def slowed(call):
+        def run(*args, **kwargs):
+            if slow.is_set():
+                began = time.monotonic()
+                time.sleep(0.6)  # a database under load, or far away
+                stalls.append((began, time.monotonic()))
+            return call(*args, **kwargs)
+        return run
+
+    limiter = None
+    if slow_part == "rate limit":
+        Ledger(tmp_path / "rl.sqlite").close()  # the schema
+        limiter = SharedRateLimiter(SQLiteDatabase(tmp_path / "rl.sqlite"), requests_per_min=1000)
+        monkeypatch.setattr(limiter, "acquire", slowed(limiter.acquire))
+        monkeypatch.setattr(server, "limiter", limiter)
+    elif slow_part == "key lookup":
+        monkeypatch.setattr(server.ledger, "has_keys", slowed(server.ledger.has_keys))
+    else:
+        monkeypatch.setattr(server.ledger, "list_files", slowed(server.ledger.list_files))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    send = (lambda: httpx.get(base_url + "/v1/files", timeout=60)) if slow_part == "file listing" else \
+        (lambda: httpx.post(base_url + "/v1/chat/completions", json=chat, timeout=60))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    arrivals, other = [], []
+    try:
+        with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                arrivals.append(time.monotonic())
+                if i == 2:  # streaming: now another request arrives, and its database read is slow
+                    slow.set()
+                    thread = threading.Thread(target=lambda: other.append(send()))
+                    thread.start()
+        thread.join(timeout=30)
+    finally:
+        if limiter is not None:
+            limiter.close()
+    assert other and other[0].status_code == 200
+    ((began, ended),) = stalls
+    during = [t for t in arrivals if began < t < ended]
+    # on the loop, the stall would hold every stream: no chunk at all inside it (the test then fails with 0)
+    assert len(during) >= 10, f"the stream stalled while another request read the database ({len(during)} chunks)"
 
 
 def _batch_file(n: int, max_tokens: int = 4) -> bytes:

@@ -127,6 +127,6 @@ def test_a_version_1_ledger_is_upgraded_in_place(tmp_path):
     con.commit()
     con.close()
     with Ledger(path) as led:
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert led.balance("key_old") is None and led.top_up("key_old", 7) == 7
         assert led.list_keys()[0]["name"] == "old"

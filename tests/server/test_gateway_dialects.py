@@ -110,6 +110,13 @@ def _cost(data, request_id) -> int:
     return cost
 
 
+def _source(data, request_id) -> str:
+    db = sqlite3.connect(data / "ledger.sqlite")
+    (source,) = db.execute("SELECT usage_source FROM usage WHERE request_id = ?", (request_id,)).fetchone()
+    db.close()
+    return source
+
+
 def _row(data, request_id) -> tuple:
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -141,6 +148,7 @@ def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
         assert _row(tmp_path, resp.id)[:3] == (20, 12, 8)
         # billed at that upstream's own prices, the cache hits at its hit price
         assert _cost(tmp_path, resp.id) == PRICES.cost(Usage(20, 12, 8)) == 8 * 100_000 + 12 * 10_000 + 8 * 200_000
+        assert _source(tmp_path, resp.id) == "upstream"  # the ledger row says whose counts it bills
         sent = app.state.bodies[-1]
         assert sent["model"] == "replay.gguf" and sent["stream"] and sent["stream_options"] == {"include_usage": True}
         assert "cache_salt" not in sent  # only where configured
@@ -162,6 +170,7 @@ def test_llama_cpp_usage_and_timings_and_the_reasoning_split(ckpt, tmp_path):
             time.sleep(0.05)
         (out,) = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
         assert _cost(tmp_path, out["response"]["body"]["id"]) == PRICES.cost(Usage(20, 12, 8), batch=True)
+        assert _source(tmp_path, out["response"]["body"]["id"]) == "upstream"
 
 
 def test_an_upstream_without_usage_is_counted_with_the_tokenizer(ckpt, tmp_path):
@@ -181,6 +190,7 @@ def test_an_upstream_without_usage_is_counted_with_the_tokenizer(ckpt, tmp_path)
         assert _row(tmp_path, chunks[0].id) == (usage.prompt_tokens, 0, usage.completion_tokens,
                                                 usage.completion_tokens_details.reasoning_tokens)
         assert 'openr2_usage_source_total{source="local"} 1.0' in httpx.get(base_url + "/metrics").text
+        assert _source(tmp_path, chunks[0].id) == "local"
         # an upstream's own 400 comes through as a 400 (and does not take it out)
         resp = httpx.post(base_url + "/v1/chat/completions", json={"model": "tiny", "messages": USER,
                                                                    "max_tokens": 200})

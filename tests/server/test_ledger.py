@@ -130,6 +130,58 @@ def test_usage_rows_idempotent_and_reported(ledger, clock):
         ledger.record_usage(a, "m", "/v1/completions", Usage(1), False, 0.5, "r9")
 
 
+def test_each_bill_says_where_its_usage_came_from(ledger):
+    assert _bill(ledger, "k", Usage(10, 0, 5), "r1", usage_source="engine")
+    assert _bill(ledger, "k", Usage(20, 8, 5), "r2", usage_source="upstream")
+    assert _bill(ledger, "k", Usage(30, 0, 5), "r3", usage_source="local")
+    assert _bill(ledger, "k", Usage(40, 0, 5), "r4")  # a caller that does not say: NULL, as rows before v4
+    batch_id = ledger.validate_batch(ledger.create_batch(
+        "k", ledger.create_file("k", "in.jsonl", "batch", _input(1))["id"], "/v1/chat/completions")["id"])["id"]
+    (line,) = ledger.claim_pending(batch_id, 1)
+    assert ledger.complete_request(batch_id, line["custom_id"], 200, {}, line["id"], Usage(50, 0, 5), 1,
+                                   usage_source="upstream")
+    rows = dict(ledger._query("SELECT request_id, usage_source FROM usage"))
+    assert rows == {"r1": "engine", "r2": "upstream", "r3": "local", "r4": None, line["id"]: "upstream"}
+    by_source = {r["usage_source"]: (r["requests"], r["prompt_tokens"]) for r in ledger.usage_report(group_by="source")}
+    assert by_source == {"engine": (1, 10), "upstream": (2, 70), "local": (1, 30), None: (1, 40)}
+    with pytest.raises(ValueError, match="usage_source"):
+        _bill(ledger, "k", Usage(1), "r5", usage_source="guessed")
+    assert "r5" not in dict(ledger._query("SELECT request_id, usage_source FROM usage"))
+
+
+def test_a_version_3_ledger_gains_the_usage_source_column(tmp_path, request):
+    """Both backends: a database left at version 3 (with a bill) is migrated when a newer openr2 opens it;
+    the old bill's source is unknown (NULL), new ones say theirs."""
+    from openr2.server import schema
+
+    for backend in ("sqlite", "postgresql"):
+        if backend == "sqlite":
+            target = tmp_path / "v3.db"
+            con = sqlite3.connect(target, isolation_level=None)
+            run = con.execute
+        else:
+            import psycopg
+
+            target = request.getfixturevalue("pg_url")
+            con = psycopg.connect(target, autocommit=True)
+            run = con.execute
+            run("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+        for v in (1, 2, 3):
+            for stmt in schema.statements(v, backend):
+                run(stmt)
+            if backend == "postgresql":
+                run("INSERT INTO schema_version (version) VALUES (%s)", (v,))
+        if backend == "sqlite":
+            run("PRAGMA user_version=3")
+        run("INSERT INTO usage (created_at, request_id, key_id, model, endpoint, batch, prompt_tokens,"
+            " cached_prompt_tokens, completion_tokens, reasoning_tokens, cost_pico_usd)"
+            " VALUES (1, 'old', 'k', 'm', '/v1/completions', 0, 1, 0, 1, 0, 0)")
+        con.close()
+        with Ledger(target) as led:
+            assert _bill(led, "k", Usage(2), "new", usage_source="upstream")
+            assert dict(led._query("SELECT request_id, usage_source FROM usage")) == {"old": None, "new": "upstream"}
+
+
 def test_sql_sums_are_exact(ledger):
     rng, expected = random.Random(1), 0
     for i in range(2_000):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import psycopg
 import pytest
@@ -239,6 +240,13 @@ def test_keys_and_usage_commands_take_a_database_url(pg_url, pg_cluster, capsys)
     assert main(["keys", "topup", key_id, "1.00", "--database-url", pg_url]) == 0
     assert capsys.readouterr().out.strip() == f"{key_id}: balance $3.50"
     assert main(["usage", "--database-url", pg_url]) == 0
+    with Ledger(pg_url) as led:
+        led.record_usage(key_id, "m", "/v1/chat/completions", Usage(10, 0, 5), False, 0, "r1", usage_source="upstream")
+        led.record_usage(key_id, "m", "/v1/chat/completions", Usage(20, 0, 5), False, 0, "r2", usage_source="local")
+    capsys.readouterr()
+    assert main(["usage", "--group-by", "source", "--database-url", pg_url]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["usage_source"]: r["prompt_tokens"] for r in rows} == {"local": 20, "upstream": 10}
     assert main(["keys", "list", "--database-url", "mysql://u@h/db"]) == 2
     assert "must be a postgresql:// URL" in capsys.readouterr().err
     assert main(["keys", "list", "--database-url", f"postgresql://openr2@/nope?host={pg_cluster.dir}"]) == 2
@@ -290,3 +298,54 @@ def test_a_deadlock_victim_is_run_again(replicas, monkeypatch):
     assert _complete(a, batch_id, line)
     assert len(begun) == 2 and a.usage_report()[0]["requests"] == 1
     assert a.get_batch("A", batch_id)["request_counts"]["completed"] == 1
+
+
+def _skewed(offset_s: float):
+    return lambda: time.time() + offset_s
+
+
+def test_a_replica_with_a_skewed_clock_takes_no_live_line(pg_url):
+    """Leases are read on the database's clock: a replica whose own clock runs an hour ahead does not see the
+    other's lines as lapsed, so no line runs twice. (The same replica on its own clock takes them all.)"""
+    with Ledger(pg_url, lease_s=30) as a, Ledger(pg_url, lease_s=30, clock=_skewed(3600), db_clock=True) as b:
+        assert abs(b._now() - a._now()) <= 1
+        batch_id = _batch(a, 8)
+        held_by_a = {line["custom_id"] for line in a.claim_pending(batch_id, 4)}
+        b.heartbeat()  # nor does its heartbeat drop a's balance reservations as lapsed
+        held_by_b = {line["custom_id"] for line in b.claim_pending(batch_id, 8)}
+        assert held_by_a.isdisjoint(held_by_b) and len(held_by_a | held_by_b) == 8
+        for led, held in ((a, held_by_a), (b, held_by_b)):
+            for cid in held:
+                assert _complete(led, batch_id, {"custom_id": cid, "id": f"req-{cid}"})
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT custom_id) FROM usage").fetchone() == (8, 8)
+
+    # the control: on its own skewed clock, a replica takes a live replica's lines as lapsed
+    with Ledger(pg_url, lease_s=30) as a, Ledger(pg_url, lease_s=30, clock=_skewed(3600), db_clock=False) as b:
+        batch_id = _batch(a, 4)
+        held_by_a = {line["custom_id"] for line in a.claim_pending(batch_id, 4)}
+        assert {line["custom_id"] for line in b.claim_pending(batch_id, 4)} == held_by_a  # each would run twice
+
+
+def test_a_key_rate_limit_holds_across_replicas_with_skewed_clocks(pg_url):
+    """Rate-limit windows on the database's clock: replicas an hour apart still count one window per key."""
+    with Ledger(pg_url) as a, Ledger(pg_url, clock=_skewed(-3600), db_clock=True) as b:
+        limiters = [a.rate_limiter(3, None), b.rate_limiter(3, None)]
+        admitted = [limiters[i % 2].acquire("k") == 0 for i in range(6)]
+        assert admitted == [True, True, True, False, False, False]
+    # the control: on its own clock, each replica drops the other's events as outside its window
+    with Ledger(pg_url) as a, Ledger(pg_url, clock=_skewed(-3600), db_clock=False) as b:
+        limiters = [a.rate_limiter(3, None), b.rate_limiter(3, None)]
+        assert sum(limiters[i % 2].acquire("k2") == 0 for i in range(6)) > 3
+
+
+def test_a_clock_step_is_corrected_at_the_next_heartbeat(pg_url):
+    """A replica's clock stepped after start (an NTP correction, a VM resumed) reads the database's time again
+    once its heartbeat measures the offset anew, well before a lease could lapse."""
+    jump = [0.0]
+    with Ledger(pg_url, lease_s=30) as a, Ledger(pg_url, lease_s=30, clock=lambda: time.time() + jump[0],
+                                                  db_clock=True) as b:
+        jump[0] = 3600.0
+        assert b._now() - a._now() >= 3599
+        b.heartbeat()
+        assert abs(b._now() - a._now()) <= 1
