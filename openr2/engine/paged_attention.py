@@ -34,8 +34,15 @@ stream here: a register-blocked dot-product micro-kernel with AVX-512 reductions
 matters. It is the model's `attend` for float32 pools on CPU; other dtypes and devices (and machines where
 the kernel cannot be built) read through the gather reference.
 
-Not here: bfloat16 pools (the kernel's loads would convert), a CUDA kernel (FlashMLA-style), and sparse reads
-(DeepSeek V3.2/V4 select blocks per query: the same kernel with a per-row list of selected blocks).
+`paged_index_scores` is DeepSeek-V3.2's lightning-indexer scan over the paged indexer keys, in the same
+extension: keys read in place through the block table, and per key the products of all indexer heads, ReLU,
+head weight and head sum fused in registers, so neither a gathered copy of the keys (64 MB per layer at
+128K tokens) nor the [Hi, S] products are ever written; `gather_index_scores` (model/indexer.py's products
+over the gathered keys) is its reference. It is compute-bound (Hi Di FMAs per 4 Di bytes of key), so
+bfloat16 keys would halve the bytes but not the time; AMX/bf16 dot products would change the numbers.
+The sparse read of the selected latents stays a gather of K rows (kv_cache.py says why).
+
+Not here: bfloat16 pools (the kernel's loads would convert) and a CUDA kernel (FlashMLA-style).
 
 Shape legend: B rows, T new tokens per row (padded), H heads, C kv_lora_rank, R rope dim, L cached layers,
 N pool slots, W blocks per row's table, S context keys.
@@ -118,6 +125,10 @@ def _build() -> None:
     def _(q_latent, q_rope, pool_c, pool_r, layer, block_table, positions, block_size, scale):
         return q_latent.new_empty(q_latent.shape)  # contiguous, as the kernel returns it
 
+    @torch.library.register_fake("openr2::paged_index_scores")
+    def _(q_index, weights, pool_k, layer, block_table, positions, num_keys, block_size, scale):
+        return q_index.new_empty((q_index.shape[0], q_index.shape[1], num_keys), dtype=torch.float32)
+
 
 def kernel_reads(pool: torch.Tensor) -> bool:
     """Whether the kernel reads this pool (float32 on CPU, kernel built); otherwise the gather path does.
@@ -137,6 +148,39 @@ def paged_latent_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, pool_c:
     # contiguous queries (tiny): the kernel reads them so, and a compiled graph must not guess their strides
     return torch.ops.openr2.paged_latent_attention(q_latent.contiguous(), q_rope.contiguous(), pool_c, pool_r,
                                                    layer_idx, block_table, positions, block_size, scale)
+
+
+def paged_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: torch.Tensor, layer_idx: int,
+                       block_table: torch.Tensor, positions: torch.Tensor, num_keys: int, block_size: int,
+                       scale: float) -> torch.Tensor:
+    """The lightning indexer's scores, read in place: q_index [B, T, Hi, Di], weights [B, T, Hi] over the indexer
+    keys pool_k [L, N, Di] (layer layer_idx) through block_table [B, W] -> [B, T, num_keys] float32,
+    sum_h weights ReLU(scale q . k) for keys 0..positions[b, t], -inf past it. ReLU, head weight and head sum
+    are fused per key: neither the keys nor the [Hi, S] products are materialised.
+    `gather_index_scores` is the reference."""
+    return torch.ops.openr2.paged_index_scores(q_index.contiguous(), weights.contiguous(), pool_k, layer_idx,
+                                               block_table, positions, num_keys, block_size, scale)
+
+
+def gather_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: torch.Tensor, layer_idx: int,
+                        block_table: torch.Tensor, positions: torch.Tensor, num_keys: int, block_size: int,
+                        scale: float, slots: torch.Tensor | None = None,
+                        chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """The reference of `paged_index_scores` (same arguments): each row's keys gathered in position order, then
+    model/indexer.py's `index_scores` products in its order (q . k per head, scale, ReLU, the weights' head
+    sum), `chunk_elements` of the [B, t, Hi, S] products at a time."""
+    if slots is None:
+        slots = block_slots(block_table, block_size, num_keys)
+    keys = pool_k[layer_idx].index_select(0, slots.flatten())
+    kt = keys.view(*slots.shape, -1).float().transpose(1, 2).unsqueeze(1)  # [B, 1, Di, S]
+    B, T, Hi, _ = q_index.shape
+    step = max(1, chunk_elements // max(1, B * Hi * num_keys))
+    out = []
+    for t0 in range(0, T, step):  # in place: the [B, t, Hi, S] products are the step's largest tensor
+        s = torch.matmul(q_index[:, t0 : t0 + step].float(), kt).mul_(scale).relu_()  # [B, t, Hi, S]
+        out.append(torch.matmul(weights[:, t0 : t0 + step].unsqueeze(-2), s).squeeze(-2))  # [B, t, S]
+    scores = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+    return scores.masked_fill_(~causal_mask(positions, num_keys), float("-inf"))
 
 
 def block_slots(block_table: torch.Tensor, block_size: int, num_keys: int) -> torch.Tensor:
