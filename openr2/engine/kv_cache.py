@@ -184,6 +184,10 @@ class PagedView:
         return (self.pool.c_kv, self.pool.k_rope, self.block_table, self.write_slots, self.write_index,
                 self.pool.block_size)
 
+    def index_args(self) -> tuple:
+        """The indexer keys, passed after the compiled step's other arguments (a model with an indexer), or ()."""
+        return () if self.pool.k_index is None else (self.pool.k_index,)
+
     def _layer(self, layer_idx: int) -> int:
         return self.pool.index_in_kind[layer_idx]
 
@@ -212,42 +216,17 @@ class PagedView:
             return paged_attention.paged_index_scores(*args)
         return paged_attention.gather_index_scores(*args, slots=self.slots(), chunk_elements=_SCORE_CHUNK_ELEMENTS)
 
-    def key_slots(self, indices: torch.Tensor) -> torch.Tensor:
-        """Pool slots of key positions indices [B, T, K] (each < S) through each row's block table."""
-        B, T, K = indices.shape
-        bs = self.pool.block_size
-        flat = indices.reshape(B, T * K)
-        return (self.block_table.gather(1, flat // bs) * bs + flat % bs).view(B, T, K)
-
     def attend_sparse(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
                       indices: torch.Tensor, scale: float) -> torch.Tensor:
         """`attend` over only the keys indices [B, T, K] at or before each query's position: [B, T, H, C]. Only
-        the selected latents are read (gathered from the pool by slot, t queries at a time), never a row's
-        whole context. model/mla.py's `attend_latent_sparse` (the same products over a dense context) is
-        the reference. Why a copy of the K rows and not an in-place read: the paged kernel over one-token
-        blocks was measured at 9.0-9.7 ms against 7.3-7.7 ms for this (V3.2 shapes, K 2048, 128 heads, one
-        query, 2 shared vCPUs, load 4.8), of which the copy is 0.45 ms: MKL's products win over the kernel's."""
+        the selected latents are read (gathered from the pool by slot, engine/paged_attention.py's
+        `gather_sparse_attention`), never a row's whole context. model/mla.py's `attend_latent_sparse` (the
+        same products over a dense context) is the reference."""
         i = self._layer(layer_idx)
-        pool_c, pool_r = self.pool.c_kv[i], self.pool.k_rope[i]
-        B, T, H, C = q_latent.shape
-        K, R = indices.shape[-1], q_rope.shape[-1]
-        slots = self.key_slots(indices)
-        visible = indices <= positions[:, :, None]
-        step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, B * K * (C + R)))
-        out = []
-        for t0 in range(0, T, step):
-            sl = slots[:, t0 : t0 + step]
-            t = sl.shape[1]
-            flat = sl.reshape(-1)
-            c_sel = pool_c.index_select(0, flat).view(B * t, K, C).to(q_latent.dtype)  # [B t, K, C]
-            r_sel = pool_r.index_select(0, flat).view(B * t, K, R).to(q_rope.dtype)
-            scores = torch.bmm(q_latent[:, t0 : t0 + step].reshape(B * t, H, C), c_sel.transpose(1, 2))
-            scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
-                                   alpha=scale, beta=scale)  # [B t, H, K]
-            scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
-            probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
-            out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        slots = paged_attention.key_slots(self.block_table, self.pool.block_size, indices)
+        return paged_attention.gather_sparse_attention(q_latent, q_rope, self.pool.c_kv[i], self.pool.k_rope[i],
+                                                       slots, indices <= positions[:, :, None], scale,
+                                                       _GATHER_CHUNK_ELEMENTS)
 
     def slots(self) -> torch.Tensor:
         """[B, S] the pool slot of each row's key j (S = the longest context; past a row's end: block 0 or

@@ -439,8 +439,9 @@ at::Tensor paged_latent_attention(const at::Tensor& q_latent, const at::Tensor& 
 TORCH_LIBRARY(openr2, m) {
   m.def("paged_latent_attention(Tensor q_latent, Tensor q_rope, Tensor pool_c, Tensor pool_r, int layer, "
         "Tensor block_table, Tensor positions, int block_size, float scale) -> Tensor");
+  // num_keys is a SymInt: a compiled step's key count follows its dynamic block-table width
   m.def("paged_index_scores(Tensor q_index, Tensor weights, Tensor pool_k, int layer, Tensor block_table, "
-        "Tensor positions, int num_keys, int block_size, float scale) -> Tensor");
+        "Tensor positions, SymInt num_keys, int block_size, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openr2, CPU, m) {

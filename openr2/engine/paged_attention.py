@@ -183,6 +183,42 @@ def gather_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: to
     return scores.masked_fill_(~causal_mask(positions, num_keys), float("-inf"))
 
 
+def gather_sparse_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, pool_c: torch.Tensor,
+                            pool_r: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
+                            chunk_elements: int | None = 1 << 24) -> torch.Tensor:
+    """Absorbed attention of query (b, t) over only its selected keys: q_latent [B, T, H, C], q_rope [B, T, H, R]
+    over one layer's pool_c [N, C] / pool_r [N, R] at slots [B, T, K], visible [B, T, K] -> [B, T, H, C]. The K
+    rows are gathered by slot, `chunk_elements` gathered elements at a time (None: every query at once, as a
+    compiled step, whose rows are dynamic, must), for MKL's products (model/mla.py's
+    `attend_latent_sparse` is the reference). Why not read them in place: the paged kernel over one-token
+    blocks was measured at 9.0-9.7 ms against 7.3-7.7 ms for this (V3.2 shapes, K 2048, 128 heads, one query,
+    2 shared vCPUs, load 4.8), of which the copy is 0.45 ms."""
+    B, T, H, C = q_latent.shape
+    K, R = slots.shape[-1], q_rope.shape[-1]
+    step = T if chunk_elements is None else max(1, chunk_elements // max(1, B * K * (C + R)))
+    out = []
+    for t0 in range(0, T, step):
+        sl = slots[:, t0 : t0 + step]
+        t = sl.shape[1]
+        flat = sl.reshape(-1)
+        c_sel = pool_c.index_select(0, flat).view(B * t, K, C).to(q_latent.dtype)  # [B t, K, C]
+        r_sel = pool_r.index_select(0, flat).view(B * t, K, R).to(q_rope.dtype)
+        scores = torch.bmm(q_latent[:, t0 : t0 + step].reshape(B * t, H, C), c_sel.transpose(1, 2))
+        scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
+                               alpha=scale, beta=scale)  # [B t, H, K]
+        scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
+        out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def key_slots(block_table: torch.Tensor, block_size: int, indices: torch.Tensor) -> torch.Tensor:
+    """Pool slots [B, T, K] of key positions indices [B, T, K] through each row's block table [B, W]."""
+    B, T, K = indices.shape
+    flat = indices.reshape(B, T * K)
+    return (block_table.gather(1, flat // block_size) * block_size + flat % block_size).view(B, T, K)
+
+
 def block_slots(block_table: torch.Tensor, block_size: int, num_keys: int) -> torch.Tensor:
     """[B, num_keys] pool slot of each row's key j (through its block table; padding blocks past the end)."""
     offsets = torch.arange(block_size, device=block_table.device)

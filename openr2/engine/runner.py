@@ -29,9 +29,8 @@ class ModelRunner:
         self.fused_draft = False  # compiled decode rows also run the first MTP draft step (engine sets it)
         self.device = model.device
         self._compiled_decode = None
-        # DeepSeek-V3.2 (sparse attention: the indexer's scores and top-k, the selected latents' gather) runs
-        # its decode steps eagerly: the compiled step (engine/compiled.py) carries the dense latent cache only
-        compile = compile and not model.config.has_indexer
+        # DeepSeek-V3.2 compiles too: the compiled step carries the indexer keys, and the in-place indexer scan
+        # is an opaque op in its graph (engine/compiled.py: DecodeView)
         if compile:
             from openr2.quant.layers import quant_schemes
 
@@ -82,7 +81,7 @@ class ModelRunner:
 
             *cache, block_size = view.decode_args()
             logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(
-                hidden, ids, positions, *cache, last, block_size=block_size)
+                hidden, ids, positions, *cache, last, *view.index_args(), block_size=block_size)
         else:
             attn_impl = "absorbed" if T <= COMPILED_DECODE_MAX_WIDTH else "naive"
             logits, h = self.model.draft(hidden, ids, positions, view, depth, last, attn_impl)
@@ -164,7 +163,7 @@ class ModelRunner:
     def _decode_compiled(self, ids, positions, view):
         try:
             *cache, block_size = view.decode_args()
-            return self._decode_step()(ids, positions, *cache, block_size=block_size)
+            return self._decode_step()(ids, positions, *cache, *view.index_args(), block_size=block_size)
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",

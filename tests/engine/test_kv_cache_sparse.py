@@ -174,9 +174,10 @@ def test_sparse_model_over_the_paged_cache_equals_the_full_forward(model):
                               what="sparse attention over the paged cache vs the full forward")
 
 
+@pytest.mark.slow
 def test_llm_greedy_generation_equals_transformers_generate(tmp_path):
     """`LLM` over a V3.2 checkpoint transformers wrote (blocks of 8, prompt chunks of at most 12 tokens, two
-    sequences at once, compile asked for: V3.2 decodes eagerly) generates what transformers' `generate`
+    sequences at once, decode steps compiled) generates what transformers' `generate`
     does, 3 x index_topk tokens past prompts of index_topk + 8; then continuing one of them from a prefix
     the cache holds (a prefix-cache hit) still does."""
     from openr2.checkpoints import load_model
@@ -203,10 +204,11 @@ def test_llm_greedy_generation_equals_transformers_generate(tmp_path):
     assert (top2[..., 0] - top2[..., 1]).min() > FACTOR * max_abs_diff(logits, theirs)
 
     llm = LLM(str(tmp_path), compile=True, block_size=8, max_num_batched_tokens=12, num_blocks=24)
-    assert llm.engine.runner._compiled_decode is None
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt.tolist()], greedy)
     assert [o.outputs[0].token_ids for o in outs] == want[:, P:].tolist()
+    step = llm.engine.runner._compiled_decode
+    assert step is not None and step.num_packages >= 1  # decoded through exported packages, and stayed so
     # row 0 again from its prompt and first K generated tokens: at least its prompt's blocks come from the cache
     again = llm.generate([{"prompt_token_ids": want[0, : P + K].tolist()}],
                          SamplingParams(temperature=0, max_tokens=new - K, ignore_eos=True))[0]
