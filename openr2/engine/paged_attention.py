@@ -55,6 +55,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import warnings
 
 import torch
@@ -66,6 +67,7 @@ _ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
 }
+_STALE_LOCK_S = 600.0  # an extension build's lock file older than this was left by a killed build
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 
@@ -111,6 +113,7 @@ def _build() -> None:
         from torch.utils import cpp_extension
 
         os.makedirs(folder, exist_ok=True)
+        clear_stale_lock(folder)
         copy = os.path.join(folder, "paged_attention.cpp")
         if not os.path.isfile(copy):  # written once (a fresh mtime would make ninja rebuild), whole, then renamed
             with tempfile.NamedTemporaryFile(dir=folder, delete=False) as f:
@@ -128,6 +131,20 @@ def _build() -> None:
     @torch.library.register_fake("openr2::paged_index_scores")
     def _(q_index, weights, pool_k, layer, block_table, positions, num_keys, block_size, scale):
         return q_index.new_empty((q_index.shape[0], q_index.shape[1], num_keys), dtype=torch.float32)
+
+
+def clear_stale_lock(folder: str, stale_s: float = _STALE_LOCK_S) -> bool:
+    """Remove the build folder's lock file if it is older than `stale_s`: cpp_extension's build takes it and
+    waits, without limit, while it exists, so a build killed half-way (its lock left behind) would hang every
+    later load. A build here takes ~20-120 s; a lock older than stale_s is nobody's. True if removed."""
+    lock = os.path.join(folder, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > stale_s:
+            os.remove(lock)
+            return True
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
+    return False
 
 
 def kernel_reads(pool: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ run of the reference (tests/numerics.py). Also eager vs compiled, and bad tables
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -227,3 +228,15 @@ def test_index_scan_refuses_bad_tables_and_positions():
         paged_attention.paged_index_scores(q, w, pool_k, 0, bad, positions, S, bs, 1.0)
     with pytest.raises(RuntimeError, match="past the"):
         paged_attention.paged_index_scores(q, w, pool_k, 0, block_table, positions, S - 1, bs, 1.0)
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    """cpp_extension waits without limit on its build folder's lock file: one left by a killed build (old) is
+    removed before building, one a running build holds (fresh) is not."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not paged_attention.clear_stale_lock(str(tmp_path), stale_s=600) and lock.exists()
+    old = lock.stat().st_mtime - 601
+    os.utime(lock, (old, old))
+    assert paged_attention.clear_stale_lock(str(tmp_path), stale_s=600) and not lock.exists()
+    assert not paged_attention.clear_stale_lock(str(tmp_path))  # no lock: nothing to do
