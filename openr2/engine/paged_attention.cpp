@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -359,9 +360,13 @@ void index_scan(const IndexProblem& p) {
     for (int64_t bt = begin; bt < end; ++bt)
       std::fill(p.out + bt * S + p.pos[bt] + 1, p.out + (bt + 1) * S, kNegInf);
   });
+  // Tasks are claimed one at a time from a shared counter, not split evenly up front: on a shared machine a
+  // thread whose CPU is taken by another process then does fewer tasks instead of holding up the step. Each
+  // score is computed by one task whichever thread runs it, so the numbers do not depend on the schedule.
   const int64_t tasks = static_cast<int64_t>(task_row.size());
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task_row[task];
       const int64_t nblk = (row_keys[b] + bs - 1) / bs;
       for (int64_t blk = task_first[task]; blk < std::min(nblk, task_first[task] + chunk_blocks); ++blk) {
