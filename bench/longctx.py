@@ -80,12 +80,28 @@ def decode_step(model, topk, pool, table, S, read="blocks"):
     return run
 
 
+def compiled_decode_step(model, topk, pool, table, S):
+    """decode_step through the engine's compiled step (engine/compiled.py: an AOTInductor package on first use)."""
+    from openr2.engine.compiled import compiled_decode_step as compiled_step
+
+    step, ids, positions = compiled_step(model), torch.tensor([[7]]), torch.tensor([[S]])
+
+    def run():
+        set_topk(model, topk)  # read when the step is exported (its first call), then part of the package
+        view = pool.view(table, [S], [1])
+        *cache, block_size = view.decode_args()
+        with torch.inference_mode():
+            return step(ids, positions, *cache, *view.index_args(), block_size=block_size)[0]
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,65536,131072")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--heads", type=int, default=128, help="attention heads (the release's 128 by default)")
     ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--compiled", action="store_true", help="also time DSA through the compiled decode step")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = config(args.heads)
@@ -116,6 +132,10 @@ def main():
 
         rows = {"dense": decode_step(model, 1 << 30, pool, table, S), "dsa": decode_step(model, K, pool, table, S),
                 "dsa_gather": decode_step(model, K, pool, table, S, read="gather")}
+        if args.compiled:
+            rows["dsa_compiled"] = compiled_decode_step(model, K, pool, table, S)
+            print(f"# {S}: compiled vs eager DSA logits, max diff "
+                  f"{(rows['dsa_compiled']() - rows['dsa']()).abs().max().item():.2g}")
         if first is not None:
             rows["dsa_first"] = first
         # the two DSA reads are one function: the same logits (the fast one within float32 rounding)
@@ -125,6 +145,8 @@ def main():
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         mb = {"dense": L * S * (C + R) * 4 / 1e6, "dsa": L * (S * Di + min(K, S) * (C + R)) * 4 / 1e6}
         vs_first = ms["dsa"] / ms.get("dsa_first", ms["dsa"])
+        if args.compiled:
+            print(f"# {S}: dsa compiled {ms['dsa_compiled']:.2f} ms (eager {ms['dsa']:.2f})")
         print(f"{S:>8} {ms['dense']:>9.2f} {ms['dsa']:>8.2f} {ms['dsa_gather']:>14.2f} {mb['dense']:>14.1f} "
               f"{mb['dsa']:>12.1f} {vs_first:>10.2f} {load:>8.2f}   (dsa vs dsa_gather logits: max diff {diff:.2g})")
         result["decode"].append({"context": S, "ms": ms, "mb_read": mb, "other_processes": other,
