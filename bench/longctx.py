@@ -7,16 +7,24 @@ leave them) in shuffled blocks of 64, and one decode step (one new token, the ab
 engine runs V3.2) is timed:
   dense  the same model with its indexers keeping every key (dense MLA; the paged in-place kernel reads the
          whole context's latents);
-  dsa    sparse attention: the indexer scores every key from its indexer keys, then only the top-k tokens'
-         latents are gathered by slot (engine/kv_cache.py: PagedView.index_scores / attend_sparse).
-Bytes read per step are counted from the shapes (per layer: dense S (C + R), DSA S Di + min(K, S) (C + R)
-elements, 4 bytes each; the indexer keys are gathered once more as a copy). Prefill time: one prompt of
+  dsa    sparse attention: the indexer scores every key from its indexer keys read in place by block table
+         (the fused scan of engine/paged_attention.py), then only the top-k tokens' latents are gathered by
+         slot (engine/kv_cache.py: PagedView.index_scores / attend_sparse);
+  dsa_gather  the same with the view's read="gather": the indexer keys gathered into position order first
+         and scored by model/indexer.py's separate products (the reference, and what DSA decode ran before).
+Bytes read from the cache per step are counted from the shapes (per layer: dense S (C + R), DSA S Di + min(K, S)
+(C + R) elements, 4 bytes each; dsa_gather also writes and re-reads a copy of the S Di indexer keys and its
+[Hi, S] products, not counted). Prefill time: one prompt of
 --prefill-tokens (4K: longer prompts take many minutes on a small CPU) through the model over the paged cache in
 chunks of 512, each chunk through the MLA path the engine's runner picks (its cost model: DSA's absorbed path
 attends over index_topk keys per query), dense and DSA.
 Cache bytes per token: dense MLA (deepseek_v3) vs V3.2 (latent + indexer key), float32 and bfloat16.
 
+Each later context also times the first context's DSA step again in the same interleaved rounds, so that
+"DSA here / DSA at the first context" comes from one window of a shared machine's load.
+
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/longctx.py [--contexts 4096,16384,65536,131072 --runs 5]
+      (--prefill-tokens 0 skips the prefill)
 Prints a table (ms per step, median) and a final JSON line.
 """
 
@@ -60,14 +68,30 @@ def set_topk(model, k):
             m.index_topk = k
 
 
-def decode_step(model, topk, pool, table, S):
-    """One decode step of one row at position S (absorbed path, eager), the indexers keeping `topk` keys."""
+def decode_step(model, topk, pool, table, S, read="blocks"):
+    """One decode step of one row at position S (absorbed path, eager), the indexers keeping `topk` keys;
+    read: the view's read implementation (kv_cache.READ_IMPLS)."""
     ids, positions = torch.tensor([[7]]), torch.tensor([[S]])
 
     def run():
         set_topk(model, topk)
         with torch.inference_mode():
-            model(ids, positions, cache=pool.view(table, [S], [1]), attn_impl="absorbed")
+            return model(ids, positions, cache=pool.view(table, [S], [1], read=read), attn_impl="absorbed")
+    return run
+
+
+def compiled_decode_step(model, topk, pool, table, S):
+    """decode_step through the engine's compiled step (engine/compiled.py: an AOTInductor package on first use)."""
+    from openr2.engine.compiled import compiled_decode_step as compiled_step
+
+    step, ids, positions = compiled_step(model), torch.tensor([[7]]), torch.tensor([[S]])
+
+    def run():
+        set_topk(model, topk)  # read when the step is exported (its first call), then part of the package
+        view = pool.view(table, [S], [1])
+        *cache, block_size = view.decode_args()
+        with torch.inference_mode():
+            return step(ids, positions, *cache, *view.index_args(), block_size=block_size)[0]
     return run
 
 
@@ -77,6 +101,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--heads", type=int, default=128, help="attention heads (the release's 128 by default)")
     ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--compiled", action="store_true", help="also time DSA through the compiled decode step")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = config(args.heads)
@@ -93,7 +118,11 @@ def main():
             "dense_mla": bytes_per_token(dataclasses.replace(cfg, model_type="deepseek_v3"), dtype),
             "dsa": bytes_per_token(cfg, dtype)}
     print("cache bytes per token (all layers):", result["cache_bytes_per_token"])
-    print(f"{'context':>8} {'dense ms':>9} {'dsa ms':>8} {'dense MB read':>14} {'dsa MB read':>12}")
+    print(f"{'context':>8} {'dense ms':>9} {'dsa ms':>8} {'dsa_gather ms':>14} {'dense MB read':>14} "
+          f"{'dsa MB read':>12} {'dsa/first':>10} {'load 1m':>8}")
+    # the first context's DSA step, timed again beside each later context's rows: the ratio of the two comes
+    # from one interleaved window, not from two windows of a shared machine's changing load
+    first = None
     for S in (int(s) for s in args.contexts.split(",")):
         blocks = -(-(S + 1) // BLOCK)
         pool = KVPool(cfg, blocks, BLOCK)
@@ -101,18 +130,35 @@ def main():
             t.normal_(generator=gen)
         table = [torch.randperm(blocks, generator=gen).tolist()]
 
-        rows = {mode: decode_step(model, topk, pool, table, S) for mode, topk in (("dense", 1 << 30), ("dsa", K))}
+        rows = {"dense": decode_step(model, 1 << 30, pool, table, S), "dsa": decode_step(model, K, pool, table, S),
+                "dsa_gather": decode_step(model, K, pool, table, S, read="gather")}
+        if args.compiled:
+            rows["dsa_compiled"] = compiled_decode_step(model, K, pool, table, S)
+            print(f"# {S}: compiled vs eager DSA logits, max diff "
+                  f"{(rows['dsa_compiled']() - rows['dsa']()).abs().max().item():.2g}")
+        if first is not None:
+            rows["dsa_first"] = first
+        # the two DSA reads are one function: the same logits (the fast one within float32 rounding)
+        diff = (rows["dsa"]() - rows["dsa_gather"]()).abs().max().item()
         times, other = time_rows(rows, args.runs, warmup=1)
+        load = os.getloadavg()[0]
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         mb = {"dense": L * S * (C + R) * 4 / 1e6, "dsa": L * (S * Di + min(K, S) * (C + R)) * 4 / 1e6}
-        print(f"{S:>8} {ms['dense']:>9.2f} {ms['dsa']:>8.2f} {mb['dense']:>14.1f} {mb['dsa']:>12.1f}")
-        result["decode"].append({"context": S, "ms": ms, "mb_read": mb, "other_processes": other})
+        vs_first = ms["dsa"] / ms.get("dsa_first", ms["dsa"])
+        if args.compiled:
+            print(f"# {S}: dsa compiled {ms['dsa_compiled']:.2f} ms (eager {ms['dsa']:.2f})")
+        print(f"{S:>8} {ms['dense']:>9.2f} {ms['dsa']:>8.2f} {ms['dsa_gather']:>14.2f} {mb['dense']:>14.1f} "
+              f"{mb['dsa']:>12.1f} {vs_first:>10.2f} {load:>8.2f}   (dsa vs dsa_gather logits: max diff {diff:.2g})")
+        result["decode"].append({"context": S, "ms": ms, "mb_read": mb, "other_processes": other,
+                                 "load_avg_1m": load, "dsa_vs_gather_max_logit_diff": diff,
+                                 "dsa_vs_first_same_window": vs_first})
+        first = first or rows["dsa"]  # keeps the first context's pool alive
         del pool
-    base = result["decode"][0]["ms"]["dsa"]
-    for row in result["decode"]:
-        row["dsa_vs_first"] = row["ms"]["dsa"] / base
     # prefill: one prompt in chunks of 512 through the naive path over the paged cache
     P = args.prefill_tokens
+    if not P:
+        print(json.dumps(result))
+        return
     prompt = torch.randint(0, cfg.vocab_size, (P,), generator=gen)
     for mode, topk in (("dense", 1 << 30), ("dsa", K)):
         set_topk(model, topk)

@@ -10,7 +10,8 @@ The step reads and writes the engine's paged pool directly: `DecodeView` is the 
 decode-only step, built from plain tensors so that it can live inside the compiled region. Its reads go
 through the block tables in place (engine/paged_attention.py's kernel, an opaque op to the compiler), so no
 context is copied inside the graph. The MTP draft step (`draft_step`, speculative decoding) is compiled the
-same way.
+same way. DeepSeek-V3.2 (sparse attention) passes its indexer keys too: the indexer's in-place scan
+(paged_attention.py) is one more opaque op, its top-k and the selected latents' gather are traced.
 """
 
 from __future__ import annotations
@@ -36,22 +37,41 @@ class DecodeView:
     """The cache of a decode-only step over rows padded to T new tokens: the valid tokens (flat index
     `write_index` into [B * T]) go to pool slots `write_slots`; row b reads keys 0..positions[b, t] through
     `block_table[b]` (blocks of `block_size` slots). read: "blocks" (in place) or "gather" (the reference:
-    each row's context copied out first, as before the in-place read)."""
+    each row's context copied out first, as before the in-place read). pool_k: the indexer keys of a model
+    with sparse attention (DeepSeek-V3.2), else None.
+
+    With pool_k the indexer scores every key of the tables (those past a query are -inf) and always selects
+    (`selects_always`: no host sync on the positions): a query that sees fewer than index_topk keys selects
+    them all, which is dense MLA up to rounding."""
+
+    selects_always = True
 
     def __init__(self, pool_c: torch.Tensor, pool_r: torch.Tensor, block_table: torch.Tensor,
-                 write_slots: torch.Tensor, write_index: torch.Tensor, block_size: int, read: str = "blocks"):
-        self.pool_c, self.pool_r, self.block_table = pool_c, pool_r, block_table
+                 write_slots: torch.Tensor, write_index: torch.Tensor, block_size: int, read: str = "blocks",
+                 pool_k: torch.Tensor | None = None):
+        self.pool_c, self.pool_r, self.block_table, self.pool_k = pool_c, pool_r, block_table, pool_k
         self.write_slots, self.write_index, self.block_size, self.read_impl = write_slots, write_index, block_size, read
 
-    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+    def _write(self, pool: torch.Tensor, layer_idx: int, new: torch.Tensor) -> None:
         # Written into the whole pool tensor, not into a per-layer view of it: compiled, a write through a
         # view becomes a copy of the entire pool per layer (~70 ms/step at 64 MB), this one a scatter.
         layer = torch.full_like(self.write_slots, layer_idx)
-        self.pool_c.index_put_((layer, self.write_slots), c_kv.flatten(0, 1)[self.write_index].to(self.pool_c.dtype))
-        self.pool_r.index_put_((layer, self.write_slots), k_rope.flatten(0, 1)[self.write_index].to(self.pool_r.dtype))
+        pool.index_put_((layer, self.write_slots), new.flatten(0, 1)[self.write_index].to(pool.dtype))
+
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        self._write(self.pool_c, layer_idx, c_kv)
+        self._write(self.pool_r, layer_idx, k_rope)
+
+    def write_indexer(self, layer_idx: int, k_index: torch.Tensor) -> None:
+        if self.pool_k is None:
+            raise ValueError("this decode step was given no indexer keys (its model has no indexer)")
+        self._write(self.pool_k, layer_idx, k_index)
 
     def read(self, layer_idx: int):
         raise NotImplementedError("the compiled decode step runs absorbed attention only")
+
+    def _num_keys(self) -> int:
+        return self.block_table.shape[1] * self.block_size
 
     def attend(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -60,8 +80,29 @@ class DecodeView:
         if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool_c):
             return paged_attention.paged_latent_attention(*args)
         # every key of the tables (the mask hides those past each query): no size that depends on data
-        slots = paged_attention.block_slots(self.block_table, self.block_size, self.block_table.shape[1] * self.block_size)
+        slots = paged_attention.block_slots(self.block_table, self.block_size, self._num_keys())
         return paged_attention.gather_latent_attention(*args, slots=slots)
+
+    def index_scores(self, layer_idx: int, q_index: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        """[B, T, S] for S = every key of the tables, -inf past each query."""
+        S = self._num_keys()
+        args = (q_index, weights, self.pool_k, layer_idx, self.block_table, positions, S, self.block_size, scale)
+        if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool_k):
+            return paged_attention.paged_index_scores(*args)
+        slots = paged_attention.block_slots(self.block_table, self.block_size, S)
+        return paged_attention.gather_index_scores(*args, slots=slots)
+
+    def attend_sparse(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
+                      indices: torch.Tensor, scale: float) -> torch.Tensor:
+        # keys past the query (some past the tables: a query seeing fewer keys than it selects) are masked;
+        # their slots are read as the query's own key's (no clamp to the tables' width: a scalar of the
+        # dynamic width would make export specialise it)
+        visible = indices <= positions[:, :, None]
+        safe = torch.where(visible, indices, positions[:, :, None])
+        slots = paged_attention.key_slots(self.block_table, self.block_size, safe)
+        return paged_attention.gather_sparse_attention(q_latent, q_rope, self.pool_c[layer_idx],
+                                                       self.pool_r[layer_idx], slots, visible, scale, None)
 
     def advance(self, num_tokens: int) -> None:
         """Lengths live in the engine's sequences."""
@@ -69,32 +110,34 @@ class DecodeView:
 
 def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
                 pool_r: torch.Tensor, block_table: torch.Tensor, write_slots: torch.Tensor,
-                write_index: torch.Tensor, block_size: int, read: str = "blocks"):
+                write_index: torch.Tensor, block_size: int, read: str = "blocks", pool_k: torch.Tensor | None = None):
     """ids/positions [B, T], block_table [B, W], write_slots/write_index [number of valid new tokens] (as
-    PagedView.decode_args gives them) -> (logits of every new position [B, T, V], final-normed hidden
+    PagedView.decode_args gives them; pool_k: the indexer keys, PagedView.index_args) -> (logits of every new position [B, T, V], final-normed hidden
     [B, T, D]) (absorbed MLA; the hidden feeds an MTP drafter). T > 1: a token and its drafts.
 
     B * T is at most COMPILED_DECODE_MAX_TOKENS. The implementations are the ones inductor fuses: the experts'
     host-sync-free `decode` path and the `compiled` kernels (model/layers.py: one row on CPU as a product
     and a sum, int8 weights likewise); run eagerly (the tests' reference) they give the same numbers."""
-    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
+    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read, pool_k)
     return model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode", kernel_impl="compiled",
                  return_hidden=True)
 
 
 def draft_step(model: Transformer, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                pool_c: torch.Tensor, pool_r: torch.Tensor, block_table: torch.Tensor, write_slots: torch.Tensor,
-               write_index: torch.Tensor, last: torch.Tensor, block_size: int, depth: int = 0, read: str = "blocks"):
+               write_index: torch.Tensor, last: torch.Tensor, block_size: int, depth: int = 0, read: str = "blocks",
+               pool_k: torch.Tensor | None = None):
     """MTP module `depth` drafting over the pool: hidden [B, T, D], next_ids/positions [B, T], the cache
     arguments as decode_step's, last [B] -> (draft logits at each row's `last` position [B, V], block output
     there [B, D]) (Transformer.draft_at: keys at every position, the block at `last` only)."""
-    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
+    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read, pool_k)
     return model.draft_at(hidden, next_ids, positions, view, last, depth, "decode", "compiled")
 
 
 def decode_draft_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, pool_c: torch.Tensor,
                       pool_r: torch.Tensor, block_table: torch.Tensor, write_slots: torch.Tensor,
-                      write_index: torch.Tensor, block_size: int, read: str = "blocks"):
+                      write_index: torch.Tensor, block_size: int, read: str = "blocks",
+                      pool_k: torch.Tensor | None = None):
     """decode_step and the first MTP draft step in one call (speculative decoding with an MTP module).
 
     Row b's T tokens are a token and its drafts ids[b, 1:]. Greedy verification is done here too: the argmax
@@ -106,7 +149,7 @@ def decode_draft_step(model: Transformer, ids: torch.Tensor, positions: torch.Te
     engine redoes the draft step only for rows whose committed tokens are not the argmax ones (sampled
     rows). Returns (logits [B, T, V], final-normed hidden [B, T, D], argmax next tokens [B, T], accepted
     [B], the MTP's argmax draft at position accepted [B], its block output there [B, D])."""
-    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read)
+    view = DecodeView(pool_c, pool_r, block_table, write_slots, write_index, block_size, read, pool_k)
     logits, hidden = model(ids, positions, cache=view, attn_impl="absorbed", moe_impl="decode",
                            kernel_impl="compiled", return_hidden=True)
     next_ids = logits.argmax(-1)
@@ -139,14 +182,15 @@ class CompiledStep:
     compiling it for ~30-60 s. Shapes that do not export run through torch.compile (dynamic rows and context;
     compiled once per process). Arguments are tensors; the pools (dim 1: slots) and the block table (dim 1:
     blocks) are at `pools` and `table_arg`, the write slots and indices right after it; block_size is a
-    keyword.
+    keyword. A model with sparse attention (V3.2) passes its indexer keys last, at `index_arg` (one of `pools`),
+    which the step takes as its keyword pool_k.
     """
 
-    def __init__(self, model: Transformer, step, pools: tuple[int, int], table_arg: int,
-                 cache_dir: str | None = None, **static):
+    def __init__(self, model: Transformer, step, pools: tuple[int, ...], table_arg: int,
+                 cache_dir: str | None = None, index_arg: int | None = None, **static):
         paged_attention.load()  # the in-place read's kernel, registered before anything is traced
         self.model, self.step, self.static = model, step, static
-        self.pools, self.table_arg = pools, table_arg
+        self.pools, self.table_arg, self.index_arg = pools, table_arg, index_arg
         self.cache_dir = cache_dir or default_cache_dir()
         self._multi = None  # torch.compile fallback, made on first need
         self._runners: dict[tuple, object] = {}  # (rows, width, block size) -> package loader, or False
@@ -164,7 +208,8 @@ class CompiledStep:
             return tuple(runner.boxed_run(list(args)))
         if self._multi is None:
             self._multi = _private_compile(self.step)
-        return self._multi(self.model, *args, block_size=block_size, **self.static)
+        args, index = _split_index(args, self.index_arg)
+        return self._multi(self.model, *args, block_size=block_size, **index, **self.static)
 
     @property
     def num_packages(self) -> int:
@@ -183,7 +228,7 @@ class CompiledStep:
                 return package
         key = self._key(rows > 1, width, block_size, example)
         prefix = f"{self.step.__name__}-{aoti.key_hash(key)}"
-        module = _Step(self.model, self.step, dict(self.static, block_size=block_size))
+        module = _Step(self.model, self.step, dict(self.static, block_size=block_size), self.index_arg)
         constants = dict(module.named_parameters()) | dict(module.named_buffers())
         package = aoti.find(self.cache_dir, prefix, key, rows, constants)
         if package is not None:
@@ -232,13 +277,21 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+def _split_index(args: tuple, index_arg: int | None) -> tuple[tuple, dict]:
+    """(the step's positional arguments, {"pool_k": the indexer keys} or {})."""
+    if index_arg is None:
+        return args, {}
+    return args[:index_arg] + args[index_arg + 1 :], {"pool_k": args[index_arg]}
+
+
 class _Step(torch.nn.Module):
-    def __init__(self, model: Transformer, step, static: dict):
+    def __init__(self, model: Transformer, step, static: dict, index_arg: int | None = None):
         super().__init__()
-        self.model, self.step, self.static = model, step, static
+        self.model, self.step, self.static, self.index_arg = model, step, static, index_arg
 
     def forward(self, *args):
-        return self.step(self.model, *args, **self.static)
+        args, index = _split_index(args, self.index_arg)
+        return self.step(self.model, *args, **index, **self.static)
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -261,12 +314,14 @@ def compiled_draft_step(model: Transformer, depth: int, cache_dir: str | None = 
 
 def _compiled(model: Transformer, name: str, cache_dir: str | None) -> CompiledStep:
     steps = _COMPILED.setdefault(model, {})
+    sparse = model.config.has_indexer  # the indexer keys follow the step's other arguments
     if name not in steps:
         if name in ("decode", "decode-draft"):
-            steps[name] = CompiledStep(model, decode_step if name == "decode" else decode_draft_step, (2, 3), 4,
-                                       cache_dir)
+            steps[name] = CompiledStep(model, decode_step if name == "decode" else decode_draft_step,
+                                       (2, 3, 7) if sparse else (2, 3), 4, cache_dir, 7 if sparse else None)
         else:
-            steps[name] = CompiledStep(model, draft_step, (3, 4), 5, cache_dir, depth=int(name.split("-")[1]))
+            steps[name] = CompiledStep(model, draft_step, (3, 4, 9) if sparse else (3, 4), 5, cache_dir,
+                                       9 if sparse else None, depth=int(name.split("-")[1]))
     return steps[name]
 
 

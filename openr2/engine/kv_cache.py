@@ -25,8 +25,9 @@ from the block tables and lengths by tensor ops, not per-token Python loops.
 
 Sparse attention (V3.2; the protocol's `write_indexer`, `index_scores`, `attend_sparse`): `write_indexer`
 scatters the indexer keys to the latents' slots; `index_scores` scores every context key of each row from the
-indexer keys alone (gathered [B, S, Di] in position order: Di floats per key, against C + R for a latent; the
-latents are not read); `attend_sparse` maps the selected key positions [B, T, K] to pool slots through the
+indexer keys alone (Di floats per key, against C + R for a latent; the latents are not read), in place by block
+table with the head sum fused (engine/paged_attention.py), or gathered [B, S, Di] in position order (read=
+"gather", the reference); `attend_sparse` maps the selected key positions [B, T, K] to pool slots through the
 block tables (tensor ops) and gathers only those K latents per query (index_select by slot, then
 model/mla.py's `attend_latent_sparse` products): a decode step reads K latents, not the context's.
 
@@ -43,7 +44,6 @@ import torch
 
 from openr2.config import ModelConfig
 from openr2.engine import paged_attention
-from openr2.model.mla import causal_mask
 
 _GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered latent elements per chunk of queries (attend_sparse)
 _SCORE_CHUNK_ELEMENTS = 1 << 26  # indexer products [B, t, Hi, S] per chunk of queries (index_scores)
@@ -167,6 +167,10 @@ class KVPool:
         return (self.c_kv, self.k_rope, torch.tensor(table, device=device), torch.tensor(slots, device=device),
                 torch.arange(len(slots), device=device), bs)
 
+    def index_args(self) -> tuple:
+        """The indexer keys, passed after the compiled steps' other arguments (a model with an indexer), or ()."""
+        return () if self.k_index is None else (self.k_index,)
+
 
 class PagedView:
     def __init__(self, pool: KVPool, block_tables: list[list[int]], num_computed: list[int], num_new: list[int],
@@ -200,6 +204,10 @@ class PagedView:
         return (self.pool.c_kv, self.pool.k_rope, self.block_table, self.write_slots, self.write_index,
                 self.pool.block_size)
 
+    def index_args(self) -> tuple:
+        """The indexer keys, passed after the compiled step's other arguments (a model with an indexer), or ()."""
+        return self.pool.index_args()
+
     def _layer(self, layer_idx: int) -> int:
         return self.pool.index_in_kind[layer_idx]
 
@@ -220,56 +228,25 @@ class PagedView:
     def index_scores(self, layer_idx: int, q_index: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
                      scale: float) -> torch.Tensor:
         """[B, T, S] float32: the indexer's score of each row's context keys 0..S-1 (S = the longest context),
-        -inf past each query's position. Reads the indexer keys only (gathered in position order)."""
-        slots = self.slots()
-        keys = self.pool.k_index[self._layer(layer_idx)].index_select(0, slots.flatten())
-        kt = keys.view(*slots.shape, -1).float().transpose(1, 2).unsqueeze(1)  # [B, 1, Di, S]
-        # model/indexer.py's `index_scores` (the reference, same products in the same order), with its scale
-        # and ReLU in place: the [B, t, Hi, S] products are the step's largest tensor
-        B, T, Hi, _ = q_index.shape
-        S = kt.shape[-1]
-        step = max(1, _SCORE_CHUNK_ELEMENTS // max(1, B * Hi * S))
-        out = []
-        for t0 in range(0, T, step):
-            s = torch.matmul(q_index[:, t0 : t0 + step].float(), kt).mul_(scale).relu_()  # [B, t, Hi, S]
-            out.append(torch.matmul(weights[:, t0 : t0 + step].unsqueeze(-2), s).squeeze(-2))  # [B, t, S]
-        scores = out[0] if len(out) == 1 else torch.cat(out, dim=1)
-        return scores.masked_fill_(~causal_mask(positions, S), float("-inf"))
-
-    def key_slots(self, indices: torch.Tensor) -> torch.Tensor:
-        """Pool slots of key positions indices [B, T, K] (each < S) through each row's block table."""
-        B, T, K = indices.shape
-        bs = self.pool.block_size
-        flat = indices.reshape(B, T * K)
-        return (self.block_table.gather(1, flat // bs) * bs + flat % bs).view(B, T, K)
+        -inf past each query's position. Reads the indexer keys only: in place by block table, ReLU and head
+        sum fused (engine/paged_attention.py), or gathered in position order (read="gather", the reference)."""
+        args = (q_index, weights, self.pool.k_index, self._layer(layer_idx), self.block_table, positions,
+                self.num_keys, self.pool.block_size, scale)
+        if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool.k_index):
+            return paged_attention.paged_index_scores(*args)
+        return paged_attention.gather_index_scores(*args, slots=self.slots(), chunk_elements=_SCORE_CHUNK_ELEMENTS)
 
     def attend_sparse(self, layer_idx: int, q_latent: torch.Tensor, q_rope: torch.Tensor, positions: torch.Tensor,
                       indices: torch.Tensor, scale: float) -> torch.Tensor:
         """`attend` over only the keys indices [B, T, K] at or before each query's position: [B, T, H, C]. Only
-        the selected latents are read (gathered from the pool by slot, t queries at a time), never a row's
-        whole context. model/mla.py's `attend_latent_sparse` (the same products over a dense context) is
-        the reference."""
+        the selected latents are read (gathered from the pool by slot, engine/paged_attention.py's
+        `gather_sparse_attention`), never a row's whole context. model/mla.py's `attend_latent_sparse` (the
+        same products over a dense context) is the reference."""
         i = self._layer(layer_idx)
-        pool_c, pool_r = self.pool.c_kv[i], self.pool.k_rope[i]
-        B, T, H, C = q_latent.shape
-        K, R = indices.shape[-1], q_rope.shape[-1]
-        slots = self.key_slots(indices)
-        visible = indices <= positions[:, :, None]
-        step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, B * K * (C + R)))
-        out = []
-        for t0 in range(0, T, step):
-            sl = slots[:, t0 : t0 + step]
-            t = sl.shape[1]
-            flat = sl.reshape(-1)
-            c_sel = pool_c.index_select(0, flat).view(B * t, K, C).to(q_latent.dtype)  # [B t, K, C]
-            r_sel = pool_r.index_select(0, flat).view(B * t, K, R).to(q_rope.dtype)
-            scores = torch.bmm(q_latent[:, t0 : t0 + step].reshape(B * t, H, C), c_sel.transpose(1, 2))
-            scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
-                                   alpha=scale, beta=scale)  # [B t, H, K]
-            scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
-            probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
-            out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
-        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        slots = paged_attention.key_slots(self.block_table, self.pool.block_size, indices)
+        return paged_attention.gather_sparse_attention(q_latent, q_rope, self.pool.c_kv[i], self.pool.k_rope[i],
+                                                       slots, indices <= positions[:, :, None], scale,
+                                                       _GATHER_CHUNK_ELEMENTS)
 
     def slots(self) -> torch.Tensor:
         """[B, S] the pool slot of each row's key j (S = the longest context; past a row's end: block 0 or

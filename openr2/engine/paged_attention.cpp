@@ -1,5 +1,6 @@
 // Absorbed-MLA attention read in place from the paged latent pool (CPU, float32): the kernel behind
 // openr2/engine/paged_attention.py, which explains the design and holds the reference it is tested against.
+// Also DeepSeek-V3.2's lightning-indexer scan over the paged indexer keys (openr2::paged_index_scores, below).
 //
 // openr2::paged_latent_attention(q_latent [B, T, H, C], q_rope [B, T, H, R], pool_c [L, N, C], pool_r [L, N, R],
 //                                layer, block_table [B, W], positions [B, T], block_size, scale) -> [B, T, H, C]
@@ -27,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -254,6 +256,160 @@ void attend(const Problem& p) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------- indexer scan
+// I[b, t, j] = sum_h w[b, t, h] ReLU(scale q[b, t, h] . k[j]) for key j of row b's context, read in place.
+// The heads are the vector lanes: per key, D broadcast-FMAs give its H products, and ReLU, the head weight and
+// the sum over heads fold into one more FMA per vector and one horizontal sum per key: the [H, S] products
+// are never stored. (scale > 0 moves out of the ReLU onto the weights.)
+constexpr int64_t kIndexChunkTokens = 2048;  // keys per task
+
+template <int KB>
+inline void index_block(const float* k, int64_t D, const float* qt, const float* w, int64_t HV, int64_t Hp,
+                        float* out) {
+  Vec tot[KB];
+  for (int u = 0; u < KB; ++u) tot[u] = Vec(0.f);
+  for (int64_t v = 0; v < HV; ++v) {
+    Vec acc[KB];
+    for (int u = 0; u < KB; ++u) acc[u] = Vec(0.f);
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec q = Vec::loadu(qt + d * Hp + v * kLanes);
+      for (int u = 0; u < KB; ++u) acc[u] = at::vec::fmadd(Vec(k[u * D + d]), q, acc[u]);
+    }
+    const Vec wv = Vec::loadu(w + v * kLanes);
+    for (int u = 0; u < KB; ++u) tot[u] = at::vec::fmadd(at::vec::maximum(acc[u], Vec(0.f)), wv, tot[u]);
+  }
+  for (int u = 0; u < KB; ++u)
+    out[u] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, tot[u]);
+}
+
+// The same for exactly HV vectors of heads (HV * lanes = 64 heads, the release's, on AVX-512): all heads' sums
+// of KB keys in registers at once, so each step over d loads HV query vectors and KB key scalars for HV * KB
+// FMAs (the generic form above loads one query vector per KB FMAs, and its scalar broadcasts bound it).
+template <int HV, int KB>
+inline void index_block_heads(const float* k, int64_t D, const float* qt, const float* w, float* out) {
+  Vec acc[KB][HV];
+  for (int u = 0; u < KB; ++u)
+    for (int v = 0; v < HV; ++v) acc[u][v] = Vec(0.f);
+  for (int64_t d = 0; d < D; ++d) {
+    Vec q[HV];
+    for (int v = 0; v < HV; ++v) q[v] = Vec::loadu(qt + d * HV * kLanes + v * kLanes);
+    for (int u = 0; u < KB; ++u) {
+      const Vec kd(k[u * D + d]);
+      for (int v = 0; v < HV; ++v) acc[u][v] = at::vec::fmadd(kd, q[v], acc[u][v]);
+    }
+  }
+  for (int u = 0; u < KB; ++u) {
+    Vec tot(0.f);
+    for (int v = 0; v < HV; ++v)
+      tot = at::vec::fmadd(at::vec::maximum(acc[u][v], Vec(0.f)), Vec::loadu(w + v * kLanes), tot);
+    out[u] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, tot);
+  }
+}
+
+// scores of keys k[0..n) (rows D apart) for one query: qt [D][HV lanes], w [HV lanes]
+inline void index_keys(const float* k, int64_t n, int64_t D, const float* qt, const float* w, int64_t HV,
+                       float* out) {
+  int64_t j = 0;
+  if (HV * kLanes == 64 && kLanes == 16) {
+    for (; j + 6 <= n; j += 6) index_block_heads<4, 6>(k + j * D, D, qt, w, out + j);
+    for (; j < n; ++j) index_block_heads<4, 1>(k + j * D, D, qt, w, out + j);
+    return;
+  }
+  const int64_t Hp = HV * kLanes;
+  for (; j + 8 <= n; j += 8) index_block<8>(k + j * D, D, qt, w, HV, Hp, out + j);
+  for (; j < n; ++j) index_block<1>(k + j * D, D, qt, w, HV, Hp, out + j);
+}
+
+struct IndexProblem {
+  const float *q, *w, *pool;
+  const int64_t *table, *pos;
+  float* out;
+  int64_t B, T, H, D, W, S, block_size, num_blocks;
+  float scale;
+};
+
+void index_scan(const IndexProblem& p) {
+  const int64_t B = p.B, T = p.T, H = p.H, D = p.D, W = p.W, S = p.S, bs = p.block_size;
+  const int64_t HV = (H + kLanes - 1) / kLanes, Hp = HV * kLanes;
+  std::vector<int64_t> task_row, task_first, row_keys(B);
+  const int64_t chunk_blocks = std::max<int64_t>(1, kIndexChunkTokens / bs);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = p.pos[b * T];
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p.pos[b * T + t] >= 0, "positions must be >= 0");
+      last = std::max(last, p.pos[b * T + t]);
+    }
+    TORCH_CHECK(last < S, "row ", b, " has a query at position ", last, " past the ", S, " keys scored");
+    row_keys[b] = last + 1;
+    const int64_t nblk = (row_keys[b] + bs - 1) / bs;
+    TORCH_CHECK(nblk <= W, "row ", b, " reads ", nblk, " blocks; its block table holds ", W);
+    for (int64_t i = 0; i < nblk; ++i)
+      TORCH_CHECK(p.table[b * W + i] >= 0 && p.table[b * W + i] < p.num_blocks, "block table entry ",
+                  p.table[b * W + i], " (row ", b, ") outside the pool's ", p.num_blocks, " blocks");
+    for (int64_t c = 0; c < nblk; c += chunk_blocks) task_row.push_back(b), task_first.push_back(c);
+  }
+  // per query: its heads transposed to lanes, qt [D][Hp], and the weights times the scale (padding lanes 0)
+  std::vector<float> qt(B * T * D * Hp, 0.f), wt(B * T * Hp, 0.f);
+  for (int64_t bt = 0; bt < B * T; ++bt)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t d = 0; d < D; ++d) qt[(bt * D + d) * Hp + h] = p.q[(bt * H + h) * D + d];
+      wt[bt * Hp + h] = p.w[bt * H + h] * p.scale;
+    }
+  // keys past each query's position (and past its row's context): -inf, as the reference masks them
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt)
+      std::fill(p.out + bt * S + p.pos[bt] + 1, p.out + (bt + 1) * S, kNegInf);
+  });
+  // Tasks are claimed one at a time from a shared counter, not split evenly up front: on a shared machine a
+  // thread whose CPU is taken by another process then does fewer tasks instead of holding up the step. Each
+  // score is computed by one task whichever thread runs it, so the numbers do not depend on the schedule.
+  const int64_t tasks = static_cast<int64_t>(task_row.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const int64_t b = task_row[task];
+      const int64_t nblk = (row_keys[b] + bs - 1) / bs;
+      for (int64_t blk = task_first[task]; blk < std::min(nblk, task_first[task] + chunk_blocks); ++blk) {
+        const float* k = p.pool + p.table[b * W + blk] * bs * D;
+        const int64_t j0 = blk * bs;
+        for (int64_t t = 0; t < T; ++t) {  // the block stays in L1/L2 for every query of the row
+          const int64_t bt = b * T + t;
+          const int64_t n = std::min(bs, p.pos[bt] + 1 - j0);  // keys of this block the query sees
+          const float* qtt = qt.data() + bt * D * Hp;
+          const float* wtt = wt.data() + bt * Hp;
+          float* o = p.out + bt * S + j0;
+          if (n > 0) index_keys(k, n, D, qtt, wtt, HV, o);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor paged_index_scores(const at::Tensor& q_index, const at::Tensor& weights, const at::Tensor& pool_k,
+                              int64_t layer, const at::Tensor& block_table, const at::Tensor& positions,
+                              int64_t num_keys, int64_t block_size, double scale) {
+  TORCH_CHECK(q_index.dim() == 4 && weights.dim() == 3, "q_index [B, T, H, D] and weights [B, T, H]");
+  TORCH_CHECK(pool_k.dim() == 3 && pool_k.scalar_type() == at::kFloat && pool_k.is_contiguous(),
+              "pool_k: a contiguous float32 [L, N, D]");
+  const int64_t B = q_index.size(0), T = q_index.size(1), H = q_index.size(2), D = q_index.size(3);
+  TORCH_CHECK(weights.size(0) == B && weights.size(1) == T && weights.size(2) == H, "weights shape");
+  TORCH_CHECK(pool_k.size(2) == D, "pool_k width ", pool_k.size(2), " != the queries' ", D);
+  TORCH_CHECK(layer >= 0 && layer < pool_k.size(0), "layer ", layer, " outside the pool's ", pool_k.size(0));
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B, "block_table [B, W]");
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T, "positions [B, T]");
+  TORCH_CHECK(block_size > 0 && pool_k.size(1) % block_size == 0, "pool slots must be whole blocks");
+  TORCH_CHECK(scale > 0, "scale must be > 0 (it moves out of the ReLU)");
+  const auto q = q_index.to(at::kFloat).contiguous(), w = weights.to(at::kFloat).contiguous();
+  const auto table = block_table.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  auto out = at::empty({B, T, num_keys}, q.options());
+  if (B * T == 0 || num_keys == 0) return out;
+  IndexProblem p{q.data_ptr<float>(), w.data_ptr<float>(), pool_k.select(0, layer).data_ptr<float>(),
+                 table.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), out.data_ptr<float>(), B, T, H, D,
+                 table.size(1), num_keys, block_size, pool_k.size(1) / block_size, static_cast<float>(scale)};
+  index_scan(p);
+  return out;
+}
+
 at::Tensor paged_latent_attention(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& pool_c,
                                   const at::Tensor& pool_r, int64_t layer, const at::Tensor& block_table,
                                   const at::Tensor& positions, int64_t block_size, double scale) {
@@ -288,6 +444,12 @@ at::Tensor paged_latent_attention(const at::Tensor& q_latent, const at::Tensor& 
 TORCH_LIBRARY(openr2, m) {
   m.def("paged_latent_attention(Tensor q_latent, Tensor q_rope, Tensor pool_c, Tensor pool_r, int layer, "
         "Tensor block_table, Tensor positions, int block_size, float scale) -> Tensor");
+  // num_keys is a SymInt: a compiled step's key count follows its dynamic block-table width
+  m.def("paged_index_scores(Tensor q_index, Tensor weights, Tensor pool_k, int layer, Tensor block_table, "
+        "Tensor positions, SymInt num_keys, int block_size, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(openr2, CPU, m) { m.impl("paged_latent_attention", &paged_latent_attention); }
+TORCH_LIBRARY_IMPL(openr2, CPU, m) {
+  m.impl("paged_latent_attention", &paged_latent_attention);
+  m.impl("paged_index_scores", &paged_index_scores);
+}

@@ -34,8 +34,15 @@ stream here: a register-blocked dot-product micro-kernel with AVX-512 reductions
 matters. It is the model's `attend` for float32 pools on CPU; other dtypes and devices (and machines where
 the kernel cannot be built) read through the gather reference.
 
-Not here: bfloat16 pools (the kernel's loads would convert), a CUDA kernel (FlashMLA-style), and sparse reads
-(DeepSeek V3.2/V4 select blocks per query: the same kernel with a per-row list of selected blocks).
+`paged_index_scores` is DeepSeek-V3.2's lightning-indexer scan over the paged indexer keys, in the same
+extension: keys read in place through the block table, and per key the products of all indexer heads, ReLU,
+head weight and head sum fused in registers, so neither a gathered copy of the keys (64 MB per layer at
+128K tokens) nor the [Hi, S] products are ever written; `gather_index_scores` (model/indexer.py's products
+over the gathered keys) is its reference. It is compute-bound (Hi Di FMAs per 4 Di bytes of key), so
+bfloat16 keys would halve the bytes but not the time; AMX/bf16 dot products would change the numbers.
+The sparse read of the selected latents stays a gather of K rows (kv_cache.py says why).
+
+Not here: bfloat16 pools (the kernel's loads would convert) and a CUDA kernel (FlashMLA-style).
 
 Shape legend: B rows, T new tokens per row (padded), H heads, C kv_lora_rank, R rope dim, L cached layers,
 N pool slots, W blocks per row's table, S context keys.
@@ -48,6 +55,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import warnings
 
 import torch
@@ -59,6 +67,7 @@ _ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
 }
+_STALE_LOCK_S = 600.0  # an extension build's lock file older than this was left by a killed build
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 
@@ -104,6 +113,7 @@ def _build() -> None:
         from torch.utils import cpp_extension
 
         os.makedirs(folder, exist_ok=True)
+        clear_stale_lock(folder)
         copy = os.path.join(folder, "paged_attention.cpp")
         if not os.path.isfile(copy):  # written once (a fresh mtime would make ninja rebuild), whole, then renamed
             with tempfile.NamedTemporaryFile(dir=folder, delete=False) as f:
@@ -117,6 +127,24 @@ def _build() -> None:
     @torch.library.register_fake("openr2::paged_latent_attention")
     def _(q_latent, q_rope, pool_c, pool_r, layer, block_table, positions, block_size, scale):
         return q_latent.new_empty(q_latent.shape)  # contiguous, as the kernel returns it
+
+    @torch.library.register_fake("openr2::paged_index_scores")
+    def _(q_index, weights, pool_k, layer, block_table, positions, num_keys, block_size, scale):
+        return q_index.new_empty((q_index.shape[0], q_index.shape[1], num_keys), dtype=torch.float32)
+
+
+def clear_stale_lock(folder: str, stale_s: float = _STALE_LOCK_S) -> bool:
+    """Remove the build folder's lock file if it is older than `stale_s`: cpp_extension's build takes it and
+    waits, without limit, while it exists, so a build killed half-way (its lock left behind) would hang every
+    later load. A build here takes ~20-120 s; a lock older than stale_s is nobody's. True if removed."""
+    lock = os.path.join(folder, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > stale_s:
+            os.remove(lock)
+            return True
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
+    return False
 
 
 def kernel_reads(pool: torch.Tensor) -> bool:
@@ -137,6 +165,75 @@ def paged_latent_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, pool_c:
     # contiguous queries (tiny): the kernel reads them so, and a compiled graph must not guess their strides
     return torch.ops.openr2.paged_latent_attention(q_latent.contiguous(), q_rope.contiguous(), pool_c, pool_r,
                                                    layer_idx, block_table, positions, block_size, scale)
+
+
+def paged_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: torch.Tensor, layer_idx: int,
+                       block_table: torch.Tensor, positions: torch.Tensor, num_keys: int, block_size: int,
+                       scale: float) -> torch.Tensor:
+    """The lightning indexer's scores, read in place: q_index [B, T, Hi, Di], weights [B, T, Hi] over the indexer
+    keys pool_k [L, N, Di] (layer layer_idx) through block_table [B, W] -> [B, T, num_keys] float32,
+    sum_h weights ReLU(scale q . k) for keys 0..positions[b, t], -inf past it. ReLU, head weight and head sum
+    are fused per key: neither the keys nor the [Hi, S] products are materialised.
+    `gather_index_scores` is the reference."""
+    return torch.ops.openr2.paged_index_scores(q_index.contiguous(), weights.contiguous(), pool_k, layer_idx,
+                                               block_table, positions, num_keys, block_size, scale)
+
+
+def gather_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: torch.Tensor, layer_idx: int,
+                        block_table: torch.Tensor, positions: torch.Tensor, num_keys: int, block_size: int,
+                        scale: float, slots: torch.Tensor | None = None,
+                        chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """The reference of `paged_index_scores` (same arguments): each row's keys gathered in position order, then
+    model/indexer.py's `index_scores` products in its order (q . k per head, scale, ReLU, the weights' head
+    sum), `chunk_elements` of the [B, t, Hi, S] products at a time."""
+    if slots is None:
+        slots = block_slots(block_table, block_size, num_keys)
+    keys = pool_k[layer_idx].index_select(0, slots.flatten())
+    kt = keys.view(*slots.shape, -1).float().transpose(1, 2).unsqueeze(1)  # [B, 1, Di, S]
+    B, T, Hi, _ = q_index.shape
+    step = max(1, chunk_elements // max(1, B * Hi * num_keys))
+    out = []
+    for t0 in range(0, T, step):  # in place: the [B, t, Hi, S] products are the step's largest tensor
+        s = torch.matmul(q_index[:, t0 : t0 + step].float(), kt).mul_(scale).relu_()  # [B, t, Hi, S]
+        out.append(torch.matmul(weights[:, t0 : t0 + step].unsqueeze(-2), s).squeeze(-2))  # [B, t, S]
+    scores = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+    return scores.masked_fill_(~causal_mask(positions, num_keys), float("-inf"))
+
+
+def gather_sparse_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, pool_c: torch.Tensor,
+                            pool_r: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, scale: float,
+                            chunk_elements: int | None = 1 << 24) -> torch.Tensor:
+    """Absorbed attention of query (b, t) over only its selected keys: q_latent [B, T, H, C], q_rope [B, T, H, R]
+    over one layer's pool_c [N, C] / pool_r [N, R] at slots [B, T, K], visible [B, T, K] -> [B, T, H, C]. The K
+    rows are gathered by slot, `chunk_elements` gathered elements at a time (None: every query at once, as a
+    compiled step, whose rows are dynamic, must), for MKL's products (model/mla.py's
+    `attend_latent_sparse` is the reference). Why not read them in place: the paged kernel over one-token
+    blocks was measured at 9.0-9.7 ms against 7.3-7.7 ms for this (V3.2 shapes, K 2048, 128 heads, one query,
+    2 shared vCPUs, load 4.8), of which the copy is 0.45 ms."""
+    B, T, H, C = q_latent.shape
+    K, R = slots.shape[-1], q_rope.shape[-1]
+    step = T if chunk_elements is None else max(1, chunk_elements // max(1, B * K * (C + R)))
+    out = []
+    for t0 in range(0, T, step):
+        sl = slots[:, t0 : t0 + step]
+        t = sl.shape[1]
+        flat = sl.reshape(-1)
+        c_sel = pool_c.index_select(0, flat).view(B * t, K, C).to(q_latent.dtype)  # [B t, K, C]
+        r_sel = pool_r.index_select(0, flat).view(B * t, K, R).to(q_rope.dtype)
+        scores = torch.bmm(q_latent[:, t0 : t0 + step].reshape(B * t, H, C), c_sel.transpose(1, 2))
+        scores = torch.baddbmm(scores, q_rope[:, t0 : t0 + step].reshape(B * t, H, R), r_sel.transpose(1, 2),
+                               alpha=scale, beta=scale)  # [B t, H, K]
+        scores = scores.masked_fill(~visible[:, t0 : t0 + step].reshape(B * t, 1, K), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_sel.dtype)
+        out.append(torch.bmm(probs, c_sel).view(B, t, H, C))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def key_slots(block_table: torch.Tensor, block_size: int, indices: torch.Tensor) -> torch.Tensor:
+    """Pool slots [B, T, K] of key positions indices [B, T, K] through each row's block table [B, W]."""
+    B, T, K = indices.shape
+    flat = indices.reshape(B, T * K)
+    return (block_table.gather(1, flat // block_size) * block_size + flat % block_size).view(B, T, K)
 
 
 def block_slots(block_table: torch.Tensor, block_size: int, num_keys: int) -> torch.Tensor:

@@ -33,9 +33,8 @@ class ModelRunner:
         self.fused_draft = False  # compiled decode rows also run the first MTP draft step (engine sets it)
         self.device = model.device
         self._compiled_decode = None
-        # DeepSeek-V3.2 (sparse attention: the indexer's scores and top-k, the selected latents' gather) runs
-        # its decode steps eagerly: the compiled step (engine/compiled.py) carries the dense latent cache only
-        compile = compile and not model.config.has_indexer
+        # DeepSeek-V3.2 compiles too: the compiled step carries the indexer keys, and the in-place indexer scan
+        # is an opaque op in its graph (engine/compiled.py: DecodeView)
         if compile:
             from openr2.quant.layers import quant_schemes
 
@@ -73,7 +72,9 @@ class ModelRunner:
         one-position step (the positions past it are fillers of rejected drafts: not written)."""
         T = max(len(r[3]) for r in rows)
         B, D = len(rows), rows[0][2].shape[-1]
-        if self._compiled_decode is not None and T > COMPILED_DECODE_MAX_WIDTH and B <= COMPILED_DECODE_MAX_TOKENS:
+        # (not with an indexer, V3.2: draft_at runs its MTP block at every position, writing its indexer keys too)
+        if self._compiled_decode is not None and T > COMPILED_DECODE_MAX_WIDTH and B <= COMPILED_DECODE_MAX_TOKENS \
+                and not self.model.config.has_indexer:
             # long rows (prompts): the keys of the positions before the drafting one eagerly, then the
             # drafting position through the compiled one-token step (past it: fillers, to be overwritten)
             keys = [(seq, start, h[:i], ids[:i]) for seq, start, h, ids, i in rows if i > 0]
@@ -94,7 +95,8 @@ class ModelRunner:
             *cache, block_size = self.pool.decode_args([r[0].block_table for r in rows], [r[1] for r in rows], T)
             logits, h = compiled_draft_step(self.model, depth, self.compile_cache_dir)(
                 hidden, torch.tensor(ids, device=self.device).view(B, T),
-                torch.tensor(positions, device=self.device).view(B, T), *cache, last, block_size=block_size)
+                torch.tensor(positions, device=self.device).view(B, T), *cache, last, *self.pool.index_args(),
+                block_size=block_size)
             return logits.float(), h
         hidden = torch.zeros(B, T, D, dtype=self.model.dtype, device=self.device)
         ids, positions = [], []
@@ -222,7 +224,7 @@ class ModelRunner:
     def _decode_compiled(self, ids, positions, cache: tuple):
         *tensors, block_size = cache
         try:
-            return self._decode_step()(ids, positions, *tensors, block_size=block_size)
+            return self._decode_step()(ids, positions, *tensors, *self.pool.index_args(), block_size=block_size)
         except Exception as e:  # compilation fails in many exception types; eager is the reference
             # A model torch.compile cannot take whole (for example a layer type it cannot trace): run eager.
             warnings.warn(f"compiled decode unavailable, running eager: {type(e).__name__}: {str(e)[:200]}",
@@ -231,7 +233,7 @@ class ModelRunner:
             from openr2.engine.compiled import decode_draft_step, decode_step
 
             step = decode_draft_step if self.fused_draft else decode_step
-            return step(self.model, ids, positions, *tensors, block_size=block_size)
+            return step(self.model, ids, positions, *tensors, block_size=block_size, pool_k=self.pool.k_index)
 
 
 class FusedDraft(NamedTuple):

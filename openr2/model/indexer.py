@@ -115,10 +115,16 @@ class Indexer(nn.Module):
                 return None
             return self.scores(x, xq, cos, sin, kernel_impl).topk(self.index_topk, dim=-1).indices
         cache.write_indexer(self.layer_idx, self.keys(x, cos, sin, kernel_impl))
-        if int(positions.max()) < self.index_topk:  # position p sees p + 1 keys
+        # position p sees p + 1 keys. A cache that scores inside a compiled step (`selects_always`) skips this
+        # check, a host sync: its top-k then holds every visible key, dense MLA up to rounding
+        always = getattr(cache, "selects_always", False)
+        if not always and int(positions.max()) < self.index_topk:
             return None
         scores = cache.index_scores(self.layer_idx, self.queries(xq, cos, sin, kernel_impl), self.head_weights(x),
                                     positions, self.scale)
+        if always:  # K more -inf columns: a top-K exists whatever the context, with no branch on its size
+            pad = scores.new_full((*scores.shape[:2], self.index_topk), float("-inf"))
+            return torch.cat((scores, pad), dim=-1).topk(self.index_topk, dim=-1).indices
         return scores.topk(min(self.index_topk, scores.shape[-1]), dim=-1).indices
 
 

@@ -14,7 +14,7 @@ from openr2.engine import compiled
 from openr2.engine.engine import EngineConfig, LLMEngine
 from openr2.engine.kv_cache import KVPool
 from openr2.model.transformer import build_model
-from openr2.presets import tiny_v3
+from openr2.presets import tiny_v3, tiny_v32
 from tests.engine.test_engine import GREEDY, _naive_greedy, _prompts, _run
 from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
 
@@ -379,3 +379,62 @@ def test_a_restart_loads_the_compiled_steps_from_disk(model, tmp_path):
     for i, prompt in enumerate(prompts):
         assert done[str(i)].outputs[0].token_ids == _naive_greedy(model, prompt, GREEDY.max_tokens), i
     assert json.loads(several.with_suffix(".json").read_text())["key"]["torch"] == torch.__version__  # rebuilt
+
+
+@pytest.mark.slow
+def test_sparse_attention_decode_step_compiles_and_equals_eager(tmp_path):
+    """DeepSeek-V3.2 (tiny, top-8): one decode step of three rows, two of whose contexts (60, 33 keys) the
+    indexer cuts to 8 and one (6 keys) it keeps whole, compiled into an AOTInductor package (the in-place
+    indexer scan an opaque op in it) vs the same step eager, logits and the pools' writes (indexer keys
+    included) against a float64 run. The eager step's float32 selections are the float64 run's with margin
+    (tests/dsa.py), so no float32 implementation's rounding can change them."""
+    from tests.dsa import assert_selection_decided
+    from tests.hf_utils import perturb_
+
+    config = dataclasses.replace(tiny_v32(), num_nextn_predict_layers=0)
+    model = build_model(config, seed=5)
+    perturb_(model, seed=5, scale=0.5)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    bs, num_blocks, lengths = 8, 24, [60, 5, 33]
+    pool = KVPool(config, num_blocks, bs)
+    for t in (pool.c_kv, pool.k_rope, pool.k_index):
+        t.normal_(generator=gen)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    view = pool.view([[free.pop() for _ in range(-(-(n + 1) // bs))] for n in lengths], lengths, [1] * 3)
+    ids = torch.randint(0, config.vocab_size, (3, 1), generator=gen)
+    positions = torch.tensor(lengths)[:, None]
+    table, write_slots, write_index = view.decode_args()[2:5]
+    pools = (pool.c_kv, pool.k_rope, pool.k_index)
+    eager, ref = [t.clone() for t in pools], [t.double() for t in pools]
+    seen: dict[str, list[torch.Tensor]] = {"32": [], "64": []}
+    scores = compiled.DecodeView.index_scores
+
+    def run(m, p, record):
+        def recording(self, *args):
+            out = scores(self, *args)
+            seen[record].append(out)
+            return out
+
+        compiled.DecodeView.index_scores = recording
+        try:
+            with torch.inference_mode():
+                return compiled.decode_step(m, ids, positions, p[0], p[1], table, write_slots, write_index, bs,
+                                            pool_k=p[2])
+        finally:
+            compiled.DecodeView.index_scores = scores
+
+    want = run(model, eager, "32")
+    with float64_compute():
+        want64 = run(float64_copy(model), ref, "64")
+    assert_selection_decided(seen["32"], seen["64"], config.index_topk, what="compiled sparse step")
+    index_before = pool.k_index.clone()
+    step = compiled.CompiledStep(model, compiled.decode_step, (2, 3, 7), 4, str(tmp_path), index_arg=7)
+    with torch.inference_mode():
+        got = step(ids, positions, *pools[:2], table, write_slots, write_index, pools[2], block_size=bs)
+    assert step.num_built == 1 and step.num_packages == 1  # exported: the indexer scan runs inside AOTInductor
+    for name, g, w, r in zip(("logits", "hidden"), got, want, want64):
+        assert_close_to_reference(g, w, r, what=f"sparse step {name}")
+    for name, g, w, r in zip(("c_kv", "k_rope", "k_index"), pools, eager, ref):
+        assert_close_to_reference(g, w, r, what=f"sparse step {name} writes")
+    assert not torch.equal(pool.k_index, index_before)  # the step wrote its tokens' indexer keys

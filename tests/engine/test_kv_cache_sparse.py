@@ -174,9 +174,10 @@ def test_sparse_model_over_the_paged_cache_equals_the_full_forward(model):
                               what="sparse attention over the paged cache vs the full forward")
 
 
+@pytest.mark.slow
 def test_llm_greedy_generation_equals_transformers_generate(tmp_path):
     """`LLM` over a V3.2 checkpoint transformers wrote (blocks of 8, prompt chunks of at most 12 tokens, two
-    sequences at once, compile asked for: V3.2 decodes eagerly) generates what transformers' `generate`
+    sequences at once, decode steps compiled) generates what transformers' `generate`
     does, 3 x index_topk tokens past prompts of index_topk + 8; then continuing one of them from a prefix
     the cache holds (a prefix-cache hit) still does."""
     from openr2.checkpoints import load_model
@@ -203,20 +204,23 @@ def test_llm_greedy_generation_equals_transformers_generate(tmp_path):
     assert (top2[..., 0] - top2[..., 1]).min() > FACTOR * max_abs_diff(logits, theirs)
 
     llm = LLM(str(tmp_path), compile=True, block_size=8, max_num_batched_tokens=12, num_blocks=24)
-    assert llm.engine.runner._compiled_decode is None
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt.tolist()], greedy)
     assert [o.outputs[0].token_ids for o in outs] == want[:, P:].tolist()
+    step = llm.engine.runner._compiled_decode
+    assert step is not None and step.num_packages >= 1  # decoded through exported packages, and stayed so
     # row 0 again from its prompt and first K generated tokens: at least its prompt's blocks come from the cache
     again = llm.generate([{"prompt_token_ids": want[0, : P + K].tolist()}],
                          SamplingParams(temperature=0, max_tokens=new - K, ignore_eos=True))[0]
     assert again.num_cached_tokens >= P and again.outputs[0].token_ids == want[0, P + K :].tolist()
 
 
-def test_mtp_speculative_greedy_equals_plain_greedy():
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_mtp_speculative_greedy_equals_plain_greedy(compile, tmp_path):
     """MTP drafts on V3.2 (the MTP layer's indexer keys in the pool's layer L; verify rows of 1 + k tokens
     through the sparse path; rejected tokens' keys overwritten later): greedy outputs equal those without
-    drafts, with chunked prefills beside decodes and prompts up to ~9x index_topk."""
+    drafts, with chunked prefills beside decodes and prompts up to ~9x index_topk. compiled: the decode, fused
+    decode-and-draft and draft steps compiled, the indexer keys passed to each."""
     from openr2.engine.llm import LLM
     from openr2.engine.sampling import SamplingParams
 
@@ -226,13 +230,21 @@ def test_mtp_speculative_greedy_equals_plain_greedy():
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 40, 17, 70)]
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    options = dict(compile=False, block_size=8, num_blocks=40, max_num_batched_tokens=48)
+    options = dict(compile=compile, block_size=8, num_blocks=40, max_num_batched_tokens=48)
+    if compile:
+        options["compile_cache_dir"] = str(tmp_path)
     outs = {}
     for spec in (None, "mtp:2"):
         llm = LLM(model, speculative_config=spec, **options)
         outs[spec] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
         assert llm.engine.blocks.num_free == llm.engine.pool.num_blocks
     assert llm.engine.spec_stats.num_draft_tokens > 0
+    if compile:  # the steps ran compiled (a failed compile would have fallen back to eager)
+        from openr2.engine import compiled
+
+        steps = compiled._COMPILED[model]
+        assert llm.engine.runner._compiled_decode is not None and {"decode", "decode-draft", "draft-0"} <= set(steps)
+        assert all(step.num_packages >= 1 for step in steps.values())
     assert outs["mtp:2"] == outs[None]
     for prompt, got in zip(prompts, outs[None]):  # and both are the full forward's greedy continuation
         seq = torch.tensor([prompt])

@@ -6,13 +6,15 @@ run of the reference (tests/numerics.py). Also eager vs compiled, and bad tables
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from openr2.engine import paged_attention
-from openr2.model.mla import LatentCache
-from tests.numerics import assert_close_to_reference
+from openr2.model.mla import LatentCache, causal_mask
+from tests.dsa import assert_selection_decided
+from tests.numerics import assert_close_to_reference, float64_compute
 
 pytestmark = pytest.mark.skipif(not paged_attention.load(), reason="the paged attention kernel could not be built")
 
@@ -140,3 +142,101 @@ def test_bad_tables_are_refused():
     bad[1, 0] = pool_c.shape[1] // bs  # one past the pool
     with pytest.raises(RuntimeError, match="outside the pool"):
         paged_attention.paged_latent_attention(q_latent, q_rope, pool_c, pool_r, 0, bad, positions, bs, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lightning indexer's scan (DeepSeek-V3.2): paged_index_scores against gather_index_scores (model/indexer.py's
+# products over the gathered keys) and its float64 run; top-k selections decided by the model (tests/dsa.py).
+
+
+def _index_problem(seed, computed, num_new, Hi=64, Di=32, block_size=8, shared_blocks=0, pad_rows=0):
+    """_problem's tables and positions over a pool of indexer keys [LAYERS, N, Di]; random queries [rows, T, Hi,
+    Di] and head weights (both signs, as weights_proj gives them). Returns (q, w, pool_k, table, positions, S, bs)."""
+    *_, block_table, positions, block_size, _ = _problem(seed, computed, num_new, H=1, C=4, R=4,
+                                                         block_size=block_size, shared_blocks=shared_blocks,
+                                                         pad_rows=pad_rows)
+    gen = torch.Generator().manual_seed(seed + 100)
+    rows, T = positions.shape
+    pool_k = torch.randn(LAYERS, (int(block_table.max()) + 4) * block_size, Di, generator=gen)
+    q = torch.randn(rows, T, Hi, Di, generator=gen)
+    w = torch.randn(rows, T, Hi, generator=gen) * Hi**-0.5
+    return q, w, pool_k, block_table, positions, int(positions.max()) + 1, block_size
+
+
+def _check_index(problem, what, topk=None):
+    q, w, pool_k, block_table, positions, S, bs = problem
+    scale = q.shape[-1] ** -0.5
+    for layer in range(LAYERS):
+        args = (pool_k, layer, block_table, positions, S, bs, scale)
+        fast = paged_attention.paged_index_scores(q, w, *args)
+        plain = paged_attention.gather_index_scores(q, w, *args)
+        with float64_compute():  # the reference's .float() keeps float64
+            ref = paged_attention.gather_index_scores(q.double(), w.double(), pool_k.double(), *args[1:])
+        assert fast.shape == plain.shape == (*positions.shape, S) and fast.dtype == torch.float32
+        visible = torch.isfinite(ref)  # keys 0..position, each query's own
+        assert torch.equal(visible, causal_mask(positions, S)) and torch.equal(torch.isfinite(fast), visible)
+        assert_close_to_reference(fast[visible], plain[visible], ref[visible], what=f"{what}, layer {layer}")
+        if topk is not None:  # the fast scores select the float64 reference's keys where the model decides
+            assert_selection_decided([fast], [ref], topk, what=f"{what}, layer {layer}")
+
+
+@pytest.mark.parametrize("num_new", [[1, 1, 1], [1, 3, 2], [4, 1, 4]], ids=str)
+def test_index_scan_equals_gather_reference_ragged_rows(num_new):
+    """Rows of different lengths, 1..4 queries each (padded), every block boundary inside some row."""
+    _check_index(_index_problem(10, [37, 5, 64], num_new), f"index scan, ragged {num_new}")
+
+
+def test_index_scan_padding_rows_and_shared_prefix_blocks():
+    _check_index(_index_problem(11, [40, 21, 33], [2, 1, 3], shared_blocks=2, pad_rows=2),
+                 "index scan, shared prefix blocks and padding rows")
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 64])
+def test_index_scan_long_contexts_over_several_tasks_selects_the_references_top_k(block_size):
+    """Contexts past the kernel's 2048 keys per task; the top-64 of the fast scores is the float64
+    reference's (each boundary gap well above the float32 error)."""
+    _check_index(_index_problem(12, [5000, 2100], [1, 2], block_size=block_size), f"index scan, bs {block_size}",
+                 topk=64)
+
+
+@pytest.mark.parametrize(("Hi", "Di"), [(64, 128), (48, 32), (4, 16), (17, 7)], ids=str)
+def test_index_scan_shapes(Hi, Di):
+    """64 heads: the release's (the register-blocked form on AVX-512); others: the generic form and padded lanes."""
+    _check_index(_index_problem(13, [30, 70], [3, 1], Hi=Hi, Di=Di), f"index scan, Hi {Hi}, Di {Di}")
+
+
+def test_index_scan_compiled_call_equals_eager():
+    q, w, pool_k, block_table, positions, S, bs = _index_problem(14, [20, 9], [2, 3])
+
+    def scores(q, w, pool_k, block_table, positions):
+        return paged_attention.paged_index_scores(q * 2.0, w, pool_k, 1, block_table, positions, S, bs, 0.25) + 1.0
+
+    args = (q, w, pool_k, block_table, positions)
+    compiled = torch.compile(scores, dynamic=True, fullgraph=True)
+    assert torch.equal(compiled(*args), scores(*args))
+
+
+def test_index_scan_refuses_bad_tables_and_positions():
+    q, w, pool_k, block_table, positions, S, bs = _index_problem(15, [20, 9], [1, 1])
+    too_far = positions.clone()
+    too_far[0, 0] = block_table.shape[1] * bs  # past the table's last block
+    with pytest.raises(RuntimeError, match="block table holds"):
+        paged_attention.paged_index_scores(q, w, pool_k, 0, block_table, too_far, int(too_far.max()) + 1, bs, 1.0)
+    bad = block_table.clone()
+    bad[1, 0] = pool_k.shape[1] // bs  # one past the pool
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        paged_attention.paged_index_scores(q, w, pool_k, 0, bad, positions, S, bs, 1.0)
+    with pytest.raises(RuntimeError, match="past the"):
+        paged_attention.paged_index_scores(q, w, pool_k, 0, block_table, positions, S - 1, bs, 1.0)
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    """cpp_extension waits without limit on its build folder's lock file: one left by a killed build (old) is
+    removed before building, one a running build holds (fresh) is not."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not paged_attention.clear_stale_lock(str(tmp_path), stale_s=600) and lock.exists()
+    old = lock.stat().st_mtime - 601
+    os.utime(lock, (old, old))
+    assert paged_attention.clear_stale_lock(str(tmp_path), stale_s=600) and not lock.exists()
+    assert not paged_attention.clear_stale_lock(str(tmp_path))  # no lock: nothing to do
