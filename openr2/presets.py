@@ -86,6 +86,28 @@ def tiny_v32() -> ModelConfig:
                                index_topk=8)
 
 
+def tiny_v4() -> ModelConfig:
+    """A tiny DeepSeek-V4 for tests: every attention kind (window 16; CSA 4:1 with a top-8 indexer; HCA 16:1),
+    2 hyper-connection streams, hash-routed then scored MoE, YaRN on the compressed branches. Prompts of
+    ~100-300 tokens make the window, both compressors and the indexer's selection all decide."""
+    return ModelConfig(
+        model_type="deepseek_v4", vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, scoring_func="sqrtsoftplus",
+        routed_scaling_factor=1.5, norm_topk_prob=True, topk_method="noaux_tc",
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        sliding_window=16, hc_mult=2, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=2, o_lora_rank=16,
+        swiglu_limit=10.0, index_n_heads=16, index_head_dim=16, index_topk=8, max_position_embeddings=1024,
+        rope_theta=10000.0, compress_rope_theta=160000.0,
+        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 256, "beta_fast": 32,
+                      "beta_slow": 1},
+        num_nextn_predict_layers=0, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+    )
+
+
 def tiny_v2() -> ModelConfig:
     """A V2-Lite-shaped test model: plain q_proj, softmax greedy routing, no YaRN, two dense layers."""
     return ModelConfig(
@@ -142,6 +164,7 @@ PRESETS = {
     "deepseek-v2-lite": deepseek_v2_lite,
     "tiny-v3": tiny_v3,
     "tiny-v32": tiny_v32,
+    "tiny-v4": tiny_v4,
     "tiny-v2": tiny_v2,
     "bench-moe": bench_moe,
     "small-moe": small_moe,

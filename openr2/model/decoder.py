@@ -1,5 +1,6 @@
-"""The decoder blocks: `DecoderLayer` (pre-norm MLA + dense MLP or MoE) and `MTPLayer`, the multi-token
-prediction block (DeepSeek-V3) built on it. model/transformer.py stacks them.
+"""The decoder blocks: `DecoderLayer` (pre-norm MLA + dense MLP or MoE), `MTPLayer`, the multi-token
+prediction block (DeepSeek-V3) built on it, and `HyperDecoderLayer` (DeepSeek-V4: compressed attention and
+V4's MoE between hyper-connections). model/transformer.py stacks them.
 
 Multi-token prediction: extra decoder blocks that draft the token after next. Depth k at position i:
 x = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) (embedding first, as the checkpoints and vLLM order
@@ -16,9 +17,12 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
+from openr2.model.compressed import CompressedAttention
+from openr2.model.hyper import HyperConnection, hyper_residual
 from openr2.model.layers import MLP, RMSNorm
 from openr2.model.mla import MLA
 from openr2.model.moe import MoE
+from openr2.model.moe_v4 import V4MoE
 
 
 class DecoderLayer(nn.Module):
@@ -60,3 +64,25 @@ class MTPLayer(DecoderLayer):
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
         h = super().forward(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         return h, self.shared_head.norm(h)
+
+
+class HyperDecoderLayer(nn.Module):
+    """DeepSeek-V4 block over hc_mult residual streams X [B, T, n, D]: each sublayer reads
+    norm(sum_k pre_k X_k) and writes X'_k = post_k out + sum_j comb[j, k] X_j (model/hyper.py)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = CompressedAttention(config, layer_idx)
+        self.mlp = V4MoE(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config)
+        self.ffn_hc = HyperConnection(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict, input_ids: torch.Tensor | None,
+                moe_impl: str = "grouped") -> torch.Tensor:
+        collapsed, post, comb = self.attn_hc(x)
+        x = hyper_residual(x, self.self_attn(self.input_layernorm(collapsed), positions, ropes), post, comb)
+        collapsed, post, comb = self.ffn_hc(x)
+        out = self.mlp(self.post_attention_layernorm(collapsed), input_ids, moe_impl)
+        return hyper_residual(x, out, post, comb)

@@ -5,6 +5,11 @@ HF DeepSeek modules (embed_tokens, layers.i.self_attn.q_a_proj, ..., norm, lm_he
 adds the `model.` prefix and unstacks experts. The blocks are model/decoder.py's: `layers` holds
 DecoderLayers, `mtp` the MTP modules.
 
+DeepSeek-V4 (config.is_v4) composes other blocks under the same names: `layers` holds HyperDecoderLayers over
+hc_mult residual streams (the embedding copied into each), `hc_head` collapses them before `norm`, and two
+rope tables serve the layers (main for sliding windows, compressed for CSA/HCA). It runs the whole sequence
+from position 0 (no cache yet: generation is full-forward greedy) and has no MTP module yet.
+
 Shape legend: B batch, T tokens, D hidden, V vocab.
 """
 
@@ -14,16 +19,19 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.decoder import DecoderLayer, MTPLayer
+from openr2.model.compressed import v4_rotaries
+from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, MTPLayer
+from openr2.model.hyper import HyperConnection, HyperHead
 from openr2.model.indexer import HeadWeights
 from openr2.model.layers import KERNEL_IMPLS, Linear, RMSNorm
 from openr2.model.mla import LatentCache
 from openr2.model.moe import Gate, RoutedExperts
+from openr2.model.moe_v4 import HashGate, ScoreGate
 from openr2.model.rope import RotaryEmbedding
 
 # modules whose parameters stay float32 whatever the model's dtype, as transformers keeps them: the router
 # (`_keep_in_fp32_modules_strict`) and the indexer's head weights (`_keep_in_fp32_modules`)
-FLOAT32_MODULES = (Gate, HeadWeights)
+FLOAT32_MODULES = (Gate, HeadWeights, ScoreGate, HashGate, HyperConnection, HyperHead)
 
 
 class Transformer(nn.Module):
@@ -34,14 +42,20 @@ class Transformer(nn.Module):
         # (checkpoints.load_model) nn.Embedding's normal_ imports torch._dynamo, ~1.5-3 s of every start
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        block = HyperDecoderLayer if config.is_v4 else DecoderLayer
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config)
-        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
-                                 for k in range(config.num_nextn_predict_layers))
+        if config.is_v4:
+            self.hc_head = HyperHead(config)
+            self.rotary, self.rotary_compress = v4_rotaries(config)
+            self.mtp = nn.ModuleList()  # V4's MTP block (hyper-connections of its own) is not built yet
+        else:
+            self.rotary = RotaryEmbedding(config)
+            self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
+                                     for k in range(config.num_nextn_predict_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
@@ -67,9 +81,12 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
+        if self.config.is_v4:
+            x = self._forward_v4(x, input_ids, positions, cache, moe_impl, with_mtp)
+        else:
+            cos, sin = self.rotary(positions, x.dtype)
+            for layer in self.layers:
+                x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         if cache is not None:
             cache.advance(T)
         if return_hidden:
@@ -81,6 +98,18 @@ class Transformer(nn.Module):
         if with_mtp:
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return logits
+
+    def _forward_v4(self, x, input_ids, positions, cache, moe_impl, with_mtp):
+        """Embeddings [B, T, D] -> the collapsed streams [B, T, D] (before the final norm)."""
+        if cache is not None or with_mtp:
+            raise ValueError("DeepSeek-V4 runs without a cache and without MTP in openr2 for now")
+        if not bool((positions == torch.arange(positions.shape[1], device=positions.device)).all()):
+            raise ValueError("DeepSeek-V4 runs whole sequences from position 0 (no cache yet)")
+        ropes = {"main": self.rotary(positions, x.dtype), "compress": self.rotary_compress(positions, x.dtype)}
+        x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            x = layer(x, positions, ropes, input_ids, moe_impl)
+        return self.hc_head(x)
 
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
               depth: int = 0, logits_index: torch.Tensor | None = None, attn_impl: str = "absorbed",
@@ -140,6 +169,16 @@ class Transformer(nn.Module):
             elif isinstance(module, RoutedExperts):
                 module.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(module, (HyperConnection, HyperHead)):
+                fn = module.fn if isinstance(module, HyperConnection) else module.hc_fn
+                fn.normal_(0.0, std, generator=generator)
+            elif isinstance(module, (ScoreGate, HashGate)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if isinstance(module, HashGate):  # a frozen random table: k distinct experts per token id
+                    table = torch.rand(module.tid2eid.shape[0], module.weight.shape[0], generator=generator)
+                    module.tid2eid.copy_(table.argsort(dim=-1)[:, : module.top_k])
+                else:
+                    module.e_score_correction_bias.zero_()
             elif isinstance(module, Gate):
                 module.weight.normal_(0.0, std, generator=generator)
                 if hasattr(module, "e_score_correction_bias"):
@@ -153,6 +192,17 @@ def _select(x: torch.Tensor, index) -> torch.Tensor:
     if isinstance(index, tuple):
         return x[index]
     return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+@torch.no_grad()
+def greedy_full_forward(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """input_ids [B, T] -> [B, T + max_new_tokens]: greedy continuation by a full forward of the whole sequence
+    per token (no cache; DeepSeek-V4 generates this way until it has one). Quadratic: for tests and checks."""
+    seq = input_ids
+    for _ in range(max_new_tokens):
+        next_ids = model(seq, logits_index=torch.full((seq.shape[0],), seq.shape[1] - 1)).argmax(-1)
+        seq = torch.cat((seq, next_ids[:, None]), dim=1)
+    return seq
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0):

@@ -1,0 +1,149 @@
+"""DeepSeek-V4 against transformers' DeepseekV4ForCausalLM, float32: logits both directions (openr2 loads what
+transformers saved; transformers loads what openr2 saved) and greedy generation (ours: full forward per token;
+theirs: `generate` with its compressor caches).
+
+The prompts (160 tokens, tiny_v4: window 16, CSA 4:1 with top-8, HCA 16:1) are long enough that each piece
+decides the logits: checked by switching it off in a copy (a window as long as the prompt, no compressed
+entries, a dense indexer) and seeing the logits move by far more than the parity bound. Before comparing,
+the indexer's selection is checked to be decided by the model and not by rounding (tests/dsa.py's rule on
+the recorded scores). Logits are compared as in test_parity.py (each side within a small factor of the
+other's error against a float64 run of our model), and max |ours - theirs| <= 1e-4 besides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import openr2.model.compressed as compressed
+from openr2.checkpoints import load_model, save_model
+from openr2.model.transformer import greedy_full_forward
+from openr2.presets import tiny_v4
+from tests.dsa import assert_selection_decided
+from tests.hf_utils import hf_model
+from tests.numerics import assert_same_function, float64_compute, float64_copy, max_abs_diff, reference64
+
+PARITY = 1e-4  # issue 18: max abs logit difference in float32
+TOKENS = 160
+GEN_SEED = 4
+
+
+@contextlib.contextmanager
+def recorded_scores():
+    seen, original = [], compressed.compressed_index_scores
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.detach().clone())
+        return out
+
+    compressed.compressed_index_scores = recording
+    try:
+        yield seen
+    finally:
+        compressed.compressed_index_scores = original
+
+
+def _ids(config, tokens=TOKENS, batch=2, seed=0):
+    return torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, openr2 model loaded from its save_pretrained)."""
+    config = tiny_v4()
+    config.validate()
+    hf = hf_model(config, seed=3)
+    path = tmp_path_factory.mktemp("v4-hf")
+    hf.save_pretrained(path)
+    return hf, load_model(path)
+
+
+def _assert_decided(model, ids):
+    with recorded_scores() as s32, torch.no_grad():
+        model(ids)
+    with recorded_scores() as s64, float64_compute(), torch.no_grad():
+        float64_copy(model)(ids)
+    assert_selection_decided(s32, s64, model.config.index_topk, what="v4")
+
+
+def _check_parity(ours, theirs, ref64, what):
+    assert_same_function(ours, theirs, ref64, what=what)
+    diff = max_abs_diff(ours, theirs)
+    print(f"{what}: max |ours - transformers| = {diff:.3g}")
+    assert diff <= PARITY, f"{what}: logits differ by {diff:.3g} > {PARITY}"
+
+
+def _attentions(model):
+    return [layer.self_attn for layer in model.layers]
+
+
+def test_every_piece_decides(pair):
+    """A window as long as the prompt, no compressed entries, or a dense indexer: each moves the logits far
+    beyond the parity bound, so the comparisons below test all three."""
+    _, ours = pair
+    ids = _ids(ours.config)
+    with torch.no_grad():
+        base = ours(ids)
+        for what, change in [
+            ("window", lambda a: setattr(a, "window", 10**6)),
+            ("compressed entries", lambda a: setattr(a, "compressor", None)),
+            ("indexer top-k", lambda a: a.compressor is not None and hasattr(a.compressor, "indexer")
+             and setattr(a.compressor.indexer, "topk", 10**6)),
+        ]:
+            other = copy.deepcopy(ours)
+            for attn in _attentions(other):
+                change(attn)
+            moved = max_abs_diff(other(ids), base)
+            assert moved > 100 * PARITY, f"{what}: switching it off moves the logits by only {moved:.3g}"
+        kinds = {a.kind for a in _attentions(ours)}
+        assert kinds == {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}
+
+
+def test_openr2_loads_transformers_save(pair):
+    hf, ours = pair
+    ids = _ids(ours.config)
+    _assert_decided(ours, ids)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        mine = ours(ids)
+    _check_parity(mine, theirs, reference64(ours, ids), "openr2 <- transformers")
+
+
+def test_transformers_loads_openr2_save(pair, tmp_path):
+    import transformers
+
+    _, ours = pair
+    save_model(ours, tmp_path)
+    theirs_model = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path).float().eval()
+    ids = _ids(ours.config, seed=1)
+    _assert_decided(ours, ids)
+    with torch.no_grad():
+        theirs = theirs_model(ids).logits
+        mine = ours(ids)
+    _check_parity(mine, theirs, reference64(ours, ids), "transformers <- openr2")
+    # and what openr2 reloads from its own save is the same model, bit for bit
+    assert torch.equal(load_model(tmp_path)(ids), mine)
+
+
+def test_greedy_generation_equals_transformers_generate(pair):
+    """Greedy tokens equal transformers' cached `generate` (which crosses window, CSA and HCA block boundaries
+    as it goes). Each step's top-2 logit margin is checked to exceed the logits' difference, so a near-tie
+    cannot decide the comparison; the selection guard on the final sequence covers every prefix (a query's
+    scores depend only on tokens up to it)."""
+    hf, ours = pair
+    new = 20
+    prompt = _ids(ours.config, tokens=TOKENS - new + 3, seed=GEN_SEED)  # ends past an HCA block boundary mid-way
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False)
+    mine = greedy_full_forward(ours, prompt, new)
+    assert (mine[:, prompt.shape[1]:] != ours.config.eos_token_id).all(), "EOS generated: choose another seed"
+    _assert_decided(ours, mine)
+    with torch.no_grad():
+        logits = ours(mine)[:, prompt.shape[1] - 1 : -1]
+        top2 = logits.topk(2, dim=-1).values
+    margin = (top2[..., 0] - top2[..., 1]).min().item()
+    assert margin > 10 * PARITY, f"a greedy step is a near-tie (margin {margin:.3g}); choose another seed"
+    assert torch.equal(mine, theirs), (mine[:, prompt.shape[1]:], theirs[:, prompt.shape[1]:])
