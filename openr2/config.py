@@ -472,7 +472,7 @@ def _read_v4(hf: dict, source: str, defaults: ModelConfig) -> dict[str, Any]:
             raise ValueError(f"{source}: key 'compress_ratios' must hold 0, 4 or 128 per layer "
                              f"(got {hf['compress_ratios']!r})") from None
     if types is None:  # transformers' default: two HCA layers, then HCA at even and CSA at odd indices
-        types = V4_LAYER_TYPES[2:] * min(n, 2) + [V4_LAYER_TYPES[1 + (i % 2 == 0)] for i in range(max(n - 2, 0))]
+        types = [V4_LAYER_TYPES[2]] * min(n, 2) + [V4_LAYER_TYPES[1 + (i % 2 == 0)] for i in range(max(n - 2, 0))]
     out["layer_types"] = list(types)[:n]
     mlp = hf.get("mlp_layer_types")
     if mlp is None:

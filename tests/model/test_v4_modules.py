@@ -1,0 +1,119 @@
+"""DeepSeek-V4 pieces on their own: the grouped experts against the looped reference (float64-referenced, as
+tests/numerics.py), the routers' rules, and config.json reading against transformers' DeepseekV4Config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from openr2.config import ModelConfig
+from openr2.model.moe_v4 import ClippedExperts, HashGate, ScoreGate, clipped_swiglu
+from openr2.presets import deepseek_v4_flash, deepseek_v4_pro, tiny_v4
+from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
+
+
+def _experts(seed=0):
+    config = tiny_v4()
+    experts = ClippedExperts(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # large enough that the clip at swiglu_limit (10) bites on some rows
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=gen) * 0.8)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=gen) * 0.2)
+    return config, experts
+
+
+def test_grouped_experts_equal_looped():
+    config, experts = _experts()
+    gen = torch.Generator().manual_seed(1)
+    N, K, E = 64, config.num_experts_per_tok, config.n_routed_experts
+    x = torch.randn(N, config.hidden_size, generator=gen) * 2
+    ids = torch.rand(N, E, generator=gen).argsort(-1)[:, :K]
+    weights = torch.rand(N, K, generator=gen)
+    h = torch.einsum("nd,nkid->nki", x, experts.gate_up_proj[ids])
+    gate, up = h.chunk(2, dim=-1)
+    assert (gate > config.swiglu_limit).any() and (up.abs() > config.swiglu_limit).any()  # both clips bite
+    with torch.no_grad():
+        fast = experts(x, weights, ids, "grouped")
+        plain = experts(x, weights, ids, "looped")
+        with float64_compute():
+            ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
+    assert_close_to_reference(fast, plain, ref, what="V4 experts grouped vs looped")
+    with pytest.raises(ValueError, match="looped' or 'grouped"):
+        experts(x, weights, ids, "fused")
+
+
+def test_clipped_swiglu():
+    gate_up = torch.tensor([[12.0, -3.0, 15.0, -20.0]])  # gate (12, -3), up (15, -20), limit 10
+    want = torch.tensor([[torch.nn.functional.silu(torch.tensor(10.0)) * 10, torch.nn.functional.silu(
+        torch.tensor(-3.0)) * -10]])
+    assert torch.allclose(clipped_swiglu(gate_up, 10.0), want)
+
+
+def test_routers():
+    config = tiny_v4()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, config.hidden_size, generator=gen)
+    ids_in = torch.randint(0, config.vocab_size, (3, 4), generator=gen)
+    hashed = HashGate(config)
+    scored = ScoreGate(config)
+    with torch.no_grad():
+        for gate in (hashed, scored):
+            gate.weight.normal_(generator=gen)
+        hashed.tid2eid.copy_(torch.rand(config.vocab_size, config.n_routed_experts, generator=gen).argsort(-1)[:, :2])
+        scored.e_score_correction_bias.copy_(torch.rand(config.n_routed_experts, generator=gen))
+    w, ids = hashed(x, ids_in)
+    assert torch.equal(ids, hashed.tid2eid[ids_in.reshape(-1)])  # the table alone picks the experts
+    assert torch.allclose(w.sum(-1), torch.full((12,), config.routed_scaling_factor))
+    with pytest.raises(ValueError, match="token ids"):
+        hashed(x)
+    w, ids = scored(x)
+    scores = torch.nn.functional.softplus(x @ scored.weight.t()).sqrt()
+    want = (scores + scored.e_score_correction_bias).topk(2, dim=-1).indices  # the bias picks, never weighs
+    assert torch.equal(ids, want)
+    picked = scores.gather(1, ids)
+    assert torch.allclose(w, picked / picked.sum(-1, keepdim=True) * config.routed_scaling_factor)
+
+
+def test_config_matches_transformers_reading():
+    """Flat keys read as transformers' DeepseekV4Config derives them: default schedules, legacy spellings."""
+    import transformers
+
+    for hf_kwargs in [
+        {"num_hidden_layers": 7},
+        {"num_hidden_layers": 5, "compress_ratios": [0, 4, 128, 4, 128, 0], "num_hash_layers": 2,
+         "qk_rope_head_dim": 32, "compress_rate_hca": 64},
+    ]:
+        theirs = transformers.DeepseekV4Config(**hf_kwargs)
+        ours = ModelConfig.from_hf({"model_type": "deepseek_v4", **hf_kwargs})
+        assert ours.layer_types == theirs.layer_types
+        assert ours.mlp_layer_types == theirs.mlp_layer_types
+        assert ours.compress_rates == theirs.compress_rates
+        assert ours.qk_rope_head_dim == theirs.qk_rope_head_dim
+
+
+@pytest.mark.parametrize("make", [tiny_v4, deepseek_v4_flash, deepseek_v4_pro])
+def test_config_round_trip(make):
+    config = make()
+    back = ModelConfig.from_hf(config.to_hf())
+    for f in dataclasses.fields(config):
+        if f.name not in ("source", "quantization_config", "torch_dtype"):
+            assert getattr(back, f.name) == getattr(config, f.name), f.name
+
+
+def test_config_errors_name_the_key():
+    hf = tiny_v4().to_hf()
+    for key, value, why in [
+        ("layer_types", ["sliding_attention"] * 3 + ["full_attention"], "layer_types"),
+        ("mlp_layer_types", ["moe"] * 3, "mlp_layer_types"),
+        ("o_groups", 3, "o_groups"),
+        ("scoring_func", "softmax", "scoring_func"),
+        ("compress_ratios", [0, 4, 5, 4], "compress_ratios"),
+    ]:
+        bad = {**hf, key: value}
+        if key == "compress_ratios":
+            bad.pop("layer_types")
+        with pytest.raises(ValueError, match=f"key '{why}'"):
+            ModelConfig.from_hf(bad, source="x/config.json")
