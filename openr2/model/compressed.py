@@ -21,8 +21,11 @@ through block-diagonal `o_a_proj` (each group to `o_lora_rank`), then `o_b_proj`
 Sliding layers rotate with the main table (rope_theta, no scaling), CSA/HCA layers and their compressors and
 indexer with the compressed table (compress_rope_theta, YaRN without an attention factor).
 
-This is the plain path: the whole sequence from position 0 (prompts, training, full-forward greedy) with a
-dense masked softmax over [window keys ; entries]. Parameter names are transformers' DeepseekV4 modules'.
+One path, a dense masked softmax over [window keys ; entries], serves the whole sequence from position 0
+(prompts, training) and, with a `CompressedCache`, chunked prefill and decode: the cache keeps each layer's
+last sliding_window - 1 keys and each compressor's `CompressorState` (the incomplete block's projections, the
+last block's overlap halves, the entries), so a forward sees exactly the keys the full forward would
+(tests/model/test_v4_cache.py). Parameter names are transformers' DeepseekV4 modules'.
 
 Shape legend: B batch, T tokens (queries and window keys), N compressed entries, H heads, Dh head_dim,
 R rope dim, M block size (compress rate), G output groups, Hi/Di the indexer's heads and head dim.
@@ -31,9 +34,9 @@ R rope dim, M block size (compress rate), G output groups, Hi/Di the indexer's h
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from openr2.config import ModelConfig
@@ -62,6 +65,16 @@ def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
+@dataclass
+class CompressorState:
+    """One compressor's running state between forwards (CompressedCache keeps one per compressor)."""
+    pending_kv: torch.Tensor | None = None  # [B, < M, width]: projections of the incomplete block, no bias yet
+    pending_gate: torch.Tensor | None = None
+    prev_kv: torch.Tensor | None = None  # [B, M, d]: the last complete block's first halves (overlap only),
+    prev_gate: torch.Tensor | None = None  # its gates with the position bias added
+    entries: torch.Tensor | None = None  # [B, N, d]: every entry so far
+
+
 class Compressor(nn.Module):
     """Gated pooling of every `rate` tokens into one `dim`-channel entry, normed and rotated at the block's first
     position. `overlap` (CSA): projections are 2 x dim wide, entry w pools block w-1's first halves with
@@ -76,20 +89,44 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
         self.kv_norm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] (tokens 0..T-1), cos/sin [B, T, R/2] of the compressed table -> entries [B, T // M, dim]."""
-        B, T, _ = x.shape
-        M, N, d = self.rate, T // self.rate, self.dim
-        kv = self.kv_proj(x[:, : N * M]).view(B, N, M, -1)
-        gate = self.gate_proj(x[:, : N * M]).view(B, N, M, -1) + self.position_bias
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None) -> torch.Tensor:
+        """x [B, T, D] -> every entry so far [B, N, dim]. Without a state x holds tokens 0..T-1 and a trailing
+        incomplete block is dropped; with one, x continues the state's tokens and the incomplete block waits
+        in it. `rotary` is the compressed rope table (entries rotate at their block's first position)."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        first = 0
+        if state is not None:
+            first = 0 if state.entries is None else state.entries.shape[1]
+            if state.pending_kv is not None:
+                kv, gate = torch.cat((state.pending_kv, kv), dim=1), torch.cat((state.pending_gate, gate), dim=1)
+        usable = kv.shape[1] // self.rate * self.rate
+        new = self._pool(kv[:, :usable], gate[:, :usable], first, rotary, state)
+        if state is None:
+            return new
+        state.pending_kv, state.pending_gate = kv[:, usable:], gate[:, usable:]
+        state.entries = new if state.entries is None else torch.cat((state.entries, new), dim=1)
+        return state.entries
+
+    def _pool(self, kv, gate, first: int, rotary: RotaryEmbedding, state: CompressorState | None):
+        """Complete blocks kv, gate [B, N * M, width] -> entries first..first+N-1 [B, N, dim]."""
+        B, M, d = kv.shape[0], self.rate, self.dim
+        N = kv.shape[1] // M
+        if N == 0:
+            return kv.new_zeros(B, 0, d)
+        kv = kv.view(B, N, M, -1)
+        gate = gate.view(B, N, M, -1) + self.position_bias
         if self.overlap:  # slots [B, N, 2M, d]: block w-1's first halves, then block w's second halves
-            prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
-            prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
-            kv = torch.cat((prev_kv, kv[..., d:]), dim=2)
-            gate = torch.cat((prev_gate, gate[..., d:]), dim=2)
+            has_prev = state is not None and state.prev_kv is not None
+            prev_kv = state.prev_kv if has_prev else kv.new_zeros(B, M, d)
+            prev_gate = state.prev_gate if has_prev else gate.new_full((B, M, d), float("-inf"))
+            if state is not None:
+                state.prev_kv, state.prev_gate = kv[:, -1, :, :d], gate[:, -1, :, :d]
+            kv = torch.cat((torch.cat((prev_kv[:, None], kv[:, :-1, :, :d]), dim=1), kv[..., d:]), dim=2)
+            gate = torch.cat((torch.cat((prev_gate[:, None], gate[:, :-1, :, :d]), dim=1), gate[..., d:]), dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        starts = torch.arange(N, device=x.device) * M  # an entry rotates at its block's first position
-        return rope_tail(self.kv_norm(pooled), cos[:, starts], sin[:, starts])
+        starts = ((first + torch.arange(N, device=kv.device)) * M).expand(B, N)
+        cos, sin = rotary(starts, kv.dtype)
+        return rope_tail(self.kv_norm(pooled), cos, sin)
 
 
 def entry_visible(positions: torch.Tensor, num_entries: int, rate: int) -> torch.Tensor:
@@ -122,10 +159,10 @@ class CompressedIndexer(Compressor):
         self.scorer.weights_proj = nn.Linear(config.hidden_size, Hi, bias=False)
 
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
+               sin: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None) -> torch.Tensor:
         """-> selected [B, T, N] bool: the query's top-k visible entries."""
         B, T, _ = x.shape
-        keys = self(x, cos, sin)  # [B, N, Di]
+        keys = self(x, rotary, state)  # [B, N, Di]
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim), cos[:, :, None],
                       sin[:, :, None])
         weights = self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
@@ -162,10 +199,13 @@ class CompressedAttention(nn.Module):
             self.compressor = Compressor(D, Dh, self.rate, overlap=csa, eps=eps)
             if csa:
                 self.compressor.indexer = CompressedIndexer(config, self.rate)
-        self.eps, self.scale = eps, Dh ** -0.5
+        self.eps, self.scale, self.layer_idx = eps, Dh ** -0.5, layer_idx
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict) -> torch.Tensor:
-        """x [B, T, D] (positions 0..T-1), ropes {"main", "compress"}: (cos, sin) [B, T, R/2] -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict,
+                cache: CompressedCache | None = None) -> torch.Tensor:
+        """x [B, T, D] at positions [B, T] (0..T-1 without a cache; the cache's next T with one), ropes:
+        "main" and "compress" (cos, sin) [B, T, R/2] at those positions, "rotary" the compressed table
+        (for entries) -> [B, T, D]."""
         B, T, _ = x.shape
         cos, sin = ropes["compress" if self.rate else "main"]
         hc, hs = cos[:, :, None], sin[:, :, None]  # broadcast over heads
@@ -173,14 +213,24 @@ class CompressedAttention(nn.Module):
         q = self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim)
         q = rope_tail(unweighted_rms_norm(q, self.eps), hc, hs)
         kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, Dh]
-        ahead = positions[:, :, None] - positions[:, None, :]  # [B, T, T]: query position - key position
+        key_positions = positions
+        if cache is not None:  # the window's earlier keys, then this forward's; keep the last W - 1
+            past = cache.windows[self.layer_idx]
+            if past is not None:
+                kv = torch.cat((past, kv), dim=1)
+                key_positions = torch.cat((positions[:, :1] - past.shape[1] + torch.arange(
+                    past.shape[1], device=x.device), positions), dim=1)
+            cache.windows[self.layer_idx] = kv[:, max(0, kv.shape[1] - (self.window - 1)):]
+        ahead = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]: query position - key position
         mask = (ahead >= 0) & (ahead < self.window)
         keys = kv
         if self.compressor is not None:
-            entries = self.compressor(x, cos, sin)  # [B, N, Dh]
+            states = cache.states[self.layer_idx] if cache is not None else (None, None)
+            entries = self.compressor(x, ropes["rotary"], states[0])  # [B, N, Dh]
             seen = entry_visible(positions, entries.shape[1], self.rate)
             if getattr(self.compressor, "indexer", None) is not None:
-                seen = seen & self.compressor.indexer.select(x, q_latent, positions, cos, sin)
+                seen = seen & self.compressor.indexer.select(x, q_latent, positions, cos, sin, ropes["rotary"],
+                                                              states[1])
             keys, mask = torch.cat((kv, entries), dim=1), torch.cat((mask, seen), dim=-1)
         out = attend_with_sinks(q, keys, mask, self.sinks, self.scale)  # [B, T, H, Dh]
         out = rope_tail(out, hc, -hs)  # values carry rope: rotate back by the query's position
@@ -203,3 +253,28 @@ def attend_with_sinks(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, s
     sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
     probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1]
     return torch.einsum("bhts,bsd->bthd", probs.to(keys.dtype), keys)
+
+
+@dataclass
+class CompressedCache:
+    """A DeepSeek-V4 model's cache for one batch of sequences of one length (the contiguous, non-paged cache
+    the model decodes with, as LatentCache is for MLA): per layer the window's last sliding_window - 1 keys,
+    and per compressor (the layer's, the CSA indexer's) its CompressorState: pending incomplete block,
+    overlap halves and entries. The model appends to it during a forward and calls `advance` once after its
+    last layer; positions must continue at `length`."""
+
+    num_layers: int
+    length: int = 0
+    windows: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.windows = [None] * self.num_layers
+        self.states = [(CompressorState(), CompressorState()) for _ in range(self.num_layers)]
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> CompressedCache:
+        return cls(config.num_hidden_layers)
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens

@@ -7,8 +7,8 @@ DecoderLayers, `mtp` the MTP modules.
 
 DeepSeek-V4 (config.is_v4) composes other blocks under the same names: `layers` holds HyperDecoderLayers over
 hc_mult residual streams (the embedding copied into each), `hc_head` collapses them before `norm`, and two
-rope tables serve the layers (main for sliding windows, compressed for CSA/HCA). It runs the whole sequence
-from position 0 (no cache yet: generation is full-forward greedy) and has no MTP module yet.
+rope tables serve the layers (main for sliding windows, compressed for CSA/HCA). Its cache is a
+compressed.CompressedCache (windows and compressor states), not the latent cache; it has no MTP module yet.
 
 Shape legend: B batch, T tokens, D hidden, V vocab.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.compressed import v4_rotaries
+from openr2.model.compressed import CompressedCache, v4_rotaries
 from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, MTPLayer
 from openr2.model.hyper import HyperConnection, HyperHead
 from openr2.model.indexer import HeadWeights
@@ -101,14 +101,19 @@ class Transformer(nn.Module):
 
     def _forward_v4(self, x, input_ids, positions, cache, moe_impl, with_mtp):
         """Embeddings [B, T, D] -> the collapsed streams [B, T, D] (before the final norm)."""
-        if cache is not None or with_mtp:
-            raise ValueError("DeepSeek-V4 runs without a cache and without MTP in openr2 for now")
-        if not bool((positions == torch.arange(positions.shape[1], device=positions.device)).all()):
-            raise ValueError("DeepSeek-V4 runs whole sequences from position 0 (no cache yet)")
-        ropes = {"main": self.rotary(positions, x.dtype), "compress": self.rotary_compress(positions, x.dtype)}
+        if with_mtp:
+            raise ValueError("DeepSeek-V4 has no MTP module in openr2 yet")
+        if cache is not None and not isinstance(cache, CompressedCache):
+            raise ValueError(f"DeepSeek-V4 needs a CompressedCache, got {type(cache).__name__}")
+        start = cache.length if cache is not None else 0
+        want = start + torch.arange(positions.shape[1], device=positions.device)
+        if not bool((positions == want).all()):  # compressors pool whole blocks from position 0 on
+            raise ValueError(f"DeepSeek-V4 positions must run {start}..{start + positions.shape[1] - 1} in every row")
+        ropes = {"main": self.rotary(positions, x.dtype), "compress": self.rotary_compress(positions, x.dtype),
+                 "rotary": self.rotary_compress}
         x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for layer in self.layers:
-            x = layer(x, positions, ropes, input_ids, moe_impl)
+            x = layer(x, positions, ropes, input_ids, moe_impl, cache)
         return self.hc_head(x)
 
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
@@ -202,6 +207,20 @@ def greedy_full_forward(model: Transformer, input_ids: torch.Tensor, max_new_tok
     for _ in range(max_new_tokens):
         next_ids = model(seq, logits_index=torch.full((seq.shape[0],), seq.shape[1] - 1)).argmax(-1)
         seq = torch.cat((seq, next_ids[:, None]), dim=1)
+    return seq
+
+
+@torch.no_grad()
+def greedy_cached(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """As greedy_full_forward, through DeepSeek-V4's CompressedCache: the prompt once, then a token per step."""
+    cache = CompressedCache.for_model(model.config)
+    logits = model(input_ids, cache=cache, logits_index=torch.full((input_ids.shape[0],), input_ids.shape[1] - 1))
+    seq = input_ids
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(-1)
+        seq = torch.cat((seq, next_ids[:, None]), dim=1)
+        if step + 1 < max_new_tokens:
+            logits = model(next_ids[:, None], cache=cache)[:, -1]
     return seq
 
 

@@ -1,6 +1,6 @@
 """DeepSeek-V4 against transformers' DeepseekV4ForCausalLM, float32: logits both directions (openr2 loads what
-transformers saved; transformers loads what openr2 saved) and greedy generation (ours: full forward per token;
-theirs: `generate` with its compressor caches).
+transformers saved; transformers loads what openr2 saved) and greedy generation (ours: full forward per token
+and through CompressedCache; theirs: `generate` with its compressor caches).
 
 The prompts (160 tokens, tiny_v4: window 16, CSA 4:1 with top-8, HCA 16:1) are long enough that each piece
 decides the logits: checked by switching it off in a copy (a window as long as the prompt, no compressed
@@ -20,7 +20,7 @@ import torch
 
 import openr2.model.compressed as compressed
 from openr2.checkpoints import load_model, save_model
-from openr2.model.transformer import greedy_full_forward
+from openr2.model.transformer import greedy_cached, greedy_full_forward
 from openr2.presets import tiny_v4
 from tests.dsa import assert_selection_decided
 from tests.hf_utils import hf_model
@@ -147,3 +147,4 @@ def test_greedy_generation_equals_transformers_generate(pair):
     margin = (top2[..., 0] - top2[..., 1]).min().item()
     assert margin > 10 * PARITY, f"a greedy step is a near-tie (margin {margin:.3g}); choose another seed"
     assert torch.equal(mine, theirs), (mine[:, prompt.shape[1]:], theirs[:, prompt.shape[1]:])
+    assert torch.equal(greedy_cached(ours, prompt, new), theirs)  # and through openr2's CompressedCache

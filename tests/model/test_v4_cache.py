@@ -1,0 +1,62 @@
+"""DeepSeek-V4's CompressedCache (model/compressed.py): prefill in chunks and decode token by token equal the
+full forward at every position, across window (16), CSA block (4) and HCA block (16) boundaries, chunks
+shorter and longer than a block or the window. Compared as tests/numerics.py does (the cached path's error
+against a float64 full forward within a small factor of the full float32 forward's), after checking that
+the indexer's top-k selection is decided by the model, not by rounding (tests/dsa.py's rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openr2.model.compressed import CompressedCache
+from openr2.model.transformer import build_model, greedy_cached, greedy_full_forward
+from openr2.presets import tiny_v4
+from tests.dsa import assert_selection_decided
+from tests.hf_utils import perturb_
+from tests.model.test_v4_parity import recorded_scores
+from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
+
+CHUNKS = [7, 1, 1, 9, 16, 1, 3, 20, 1, 1, 1, 2, 33, 1, 1]  # 97 tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(tiny_v4(), seed=0)
+    perturb_(m, seed=7, scale=0.1)  # sinks, position biases and hyper-connection biases off zero too
+    return m.eval()
+
+
+def test_chunks_and_decode_equal_the_full_forward(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(3))
+    with recorded_scores() as s32, torch.no_grad():
+        full = model(ids)
+    with recorded_scores() as s64, float64_compute(), torch.no_grad():
+        ref = float64_copy(model)(ids)
+    assert_selection_decided(s32, s64, model.config.index_topk, what="v4 cache")
+    cache, parts, start = CompressedCache.for_model(model.config), [], 0
+    with torch.no_grad():
+        for n in CHUNKS:
+            parts.append(model(ids[:, start : start + n], cache=cache))
+            start += n
+    assert cache.length == ids.shape[1]
+    assert_close_to_reference(torch.cat(parts, dim=1), full, ref, what="V4 cached (chunks + decode) vs full")
+
+
+def test_cache_refuses_other_positions(model):
+    cache = CompressedCache.for_model(model.config)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        with pytest.raises(ValueError, match="positions must run 5..9"):
+            model(ids, positions=torch.arange(5)[None], cache=cache)
+
+
+def test_greedy_cached_equals_full_forward(model):
+    """Each step's top-2 margin is checked to exceed 100x the paths' logit difference: no near-tie decides."""
+    prompt = torch.randint(0, model.config.vocab_size, (2, 45), generator=torch.Generator().manual_seed(4))
+    full = greedy_full_forward(model, prompt, 24)
+    with torch.no_grad():
+        top2 = model(full)[:, prompt.shape[1] - 1 : -1].topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3, "a greedy step is a near-tie; choose another seed"
+    assert torch.equal(greedy_cached(model, prompt, 24), full)
