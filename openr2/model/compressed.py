@@ -43,6 +43,8 @@ from openr2.config import ModelConfig
 from openr2.model.layers import RMSNorm
 from openr2.model.rope import RotaryEmbedding, apply_rope
 
+V4_ATTN_IMPLS = ("naive", "sparse")
+
 
 def v4_rotaries(config: ModelConfig) -> tuple[RotaryEmbedding, RotaryEmbedding]:
     """(main, compressed) rope tables: main at rope_theta unscaled, compressed at compress_rope_theta with the
@@ -159,8 +161,10 @@ class CompressedIndexer(Compressor):
         self.scorer.weights_proj = nn.Linear(config.hidden_size, Hi, bias=False)
 
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None) -> torch.Tensor:
-        """-> selected [B, T, N] bool: the query's top-k visible entries."""
+               sin: torch.Tensor, rotary: RotaryEmbedding,
+               state: CompressorState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (indices [B, T, k], valid [B, T, k]): the query's top-k entries, k = min(index_topk, N); a pick
+        is invalid where fewer than k entries are visible (its score was -inf)."""
         B, T, _ = x.shape
         keys = self(x, rotary, state)  # [B, N, Di]
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim), cos[:, :, None],
@@ -168,11 +172,8 @@ class CompressedIndexer(Compressor):
         weights = self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
         visible = entry_visible(positions, keys.shape[1], self.rate)
         scores = compressed_index_scores(q, keys, weights, visible)
-        k = min(self.topk, keys.shape[1])
-        picked = torch.zeros_like(visible)
-        if k:
-            picked.scatter_(-1, scores.topk(k, dim=-1).indices, True)
-        return picked & visible  # picks among -inf scores (fewer than k visible) are dropped
+        indices = scores.topk(min(self.topk, keys.shape[1]), dim=-1).indices
+        return indices, visible.gather(-1, indices)
 
 
 class CompressedAttention(nn.Module):
@@ -202,10 +203,14 @@ class CompressedAttention(nn.Module):
         self.eps, self.scale, self.layer_idx = eps, Dh ** -0.5, layer_idx
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict,
-                cache: CompressedCache | None = None) -> torch.Tensor:
+                cache: CompressedCache | None = None, attn_impl: str = "naive") -> torch.Tensor:
         """x [B, T, D] at positions [B, T] (0..T-1 without a cache; the cache's next T with one), ropes:
         "main" and "compress" (cos, sin) [B, T, R/2] at those positions, "rotary" the compressed table
-        (for entries) -> [B, T, D]."""
+        (for entries) -> [B, T, D]. attn_impl (V4_ATTN_IMPLS): CSA layers attend their selected entries
+        through a mask over all of them (`naive`, the reference) or gathered (`sparse`: k entries per query
+        instead of N, what matters at long context)."""
+        if attn_impl not in V4_ATTN_IMPLS:
+            raise ValueError(f"DeepSeek-V4 attn_impl must be one of {V4_ATTN_IMPLS}, got {attn_impl!r}")
         B, T, _ = x.shape
         cos, sin = ropes["compress" if self.rate else "main"]
         hc, hs = cos[:, :, None], sin[:, :, None]  # broadcast over heads
@@ -223,16 +228,21 @@ class CompressedAttention(nn.Module):
             cache.windows[self.layer_idx] = kv[:, max(0, kv.shape[1] - (self.window - 1)):]
         ahead = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]: query position - key position
         mask = (ahead >= 0) & (ahead < self.window)
-        keys = kv
+        keys, picked = kv, None
         if self.compressor is not None:
             states = cache.states[self.layer_idx] if cache is not None else (None, None)
             entries = self.compressor(x, ropes["rotary"], states[0])  # [B, N, Dh]
-            seen = entry_visible(positions, entries.shape[1], self.rate)
             if getattr(self.compressor, "indexer", None) is not None:
-                seen = seen & self.compressor.indexer.select(x, q_latent, positions, cos, sin, ropes["rotary"],
-                                                              states[1])
-            keys, mask = torch.cat((kv, entries), dim=1), torch.cat((mask, seen), dim=-1)
-        out = attend_with_sinks(q, keys, mask, self.sinks, self.scale)  # [B, T, H, Dh]
+                picked = self.compressor.indexer.select(x, q_latent, positions, cos, sin, ropes["rotary"], states[1])
+                seen = mask.new_zeros(B, T, entries.shape[1]).scatter_(-1, *picked)
+            else:
+                seen = entry_visible(positions, entries.shape[1], self.rate)
+            if picked is None or attn_impl == "naive":
+                keys, mask = torch.cat((kv, entries), dim=1), torch.cat((mask, seen), dim=-1)
+        if picked is not None and attn_impl == "sparse":
+            out = attend_gathered_with_sinks(q, kv, mask, entries, *picked, self.sinks, self.scale)
+        else:
+            out = attend_with_sinks(q, keys, mask, self.sinks, self.scale)  # [B, T, H, Dh]
         out = rope_tail(out, hc, -hs)  # values carry rope: rotate back by the query's position
         return self.o_b_proj(self._grouped_out(out))
 
@@ -242,6 +252,24 @@ class CompressedAttention(nn.Module):
         G = self.groups
         w = self.o_a_proj.weight.view(G, -1, self.o_a_proj.in_features)  # [G, r, H*Dh/G]
         return torch.einsum("btgi,gri->btgr", out.reshape(B, T, G, -1), w).reshape(B, T, -1)
+
+
+def attend_gathered_with_sinks(q: torch.Tensor, window: torch.Tensor, window_mask: torch.Tensor,
+                               entries: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor,
+                               sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """`attend_with_sinks` over the window keys [B, S, Dh] (window_mask [B, T, S]) and, per query, only its
+    selected entries (indices, valid [B, T, k] into entries [B, N, Dh]), gathered: the same softmax."""
+    B, T, k = indices.shape
+    picked = entries.gather(1, indices.reshape(B, T * k, 1).expand(-1, -1, entries.shape[-1])).view(B, T, k, -1)
+    logits = torch.cat((torch.einsum("bthd,bsd->bhts", q, window) * scale,
+                        torch.einsum("bthd,btkd->bhtk", q, picked) * scale), dim=-1)
+    mask = torch.cat((window_mask, valid), dim=-1)
+    logits = logits.masked_fill(~mask[:, None], float("-inf")).float()
+    sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+    probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1].to(window.dtype)
+    S = window.shape[1]
+    return torch.einsum("bhts,bsd->bthd", probs[..., :S], window) + \
+        torch.einsum("bhtk,btkd->bthd", probs[..., S:], picked)
 
 
 def attend_with_sinks(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,

@@ -80,9 +80,10 @@ class HyperDecoderLayer(nn.Module):
         self.ffn_hc = HyperConnection(config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict, input_ids: torch.Tensor | None,
-                moe_impl: str = "grouped", cache=None) -> torch.Tensor:
+                moe_impl: str = "grouped", cache=None, attn_impl: str = "naive") -> torch.Tensor:
         collapsed, post, comb = self.attn_hc(x)
-        x = hyper_residual(x, self.self_attn(self.input_layernorm(collapsed), positions, ropes, cache), post, comb)
+        attn = self.self_attn(self.input_layernorm(collapsed), positions, ropes, cache, attn_impl)
+        x = hyper_residual(x, attn, post, comb)
         collapsed, post, comb = self.ffn_hc(x)
         out = self.mlp(self.post_attention_layernorm(collapsed), input_ids, moe_impl)
         return hyper_residual(x, out, post, comb)

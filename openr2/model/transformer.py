@@ -82,7 +82,7 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         if self.config.is_v4:
-            x = self._forward_v4(x, input_ids, positions, cache, moe_impl, with_mtp)
+            x = self._forward_v4(x, input_ids, positions, cache, attn_impl, moe_impl, with_mtp)
         else:
             cos, sin = self.rotary(positions, x.dtype)
             for layer in self.layers:
@@ -99,8 +99,9 @@ class Transformer(nn.Module):
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return logits
 
-    def _forward_v4(self, x, input_ids, positions, cache, moe_impl, with_mtp):
-        """Embeddings [B, T, D] -> the collapsed streams [B, T, D] (before the final norm)."""
+    def _forward_v4(self, x, input_ids, positions, cache, attn_impl, moe_impl, with_mtp):
+        """Embeddings [B, T, D] -> the collapsed streams [B, T, D] (before the final norm). attn_impl is
+        compressed.V4_ATTN_IMPLS' (naive, sparse)."""
         if with_mtp:
             raise ValueError("DeepSeek-V4 has no MTP module in openr2 yet")
         if cache is not None and not isinstance(cache, CompressedCache):
@@ -113,7 +114,7 @@ class Transformer(nn.Module):
                  "rotary": self.rotary_compress}
         x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for layer in self.layers:
-            x = layer(x, positions, ropes, input_ids, moe_impl, cache)
+            x = layer(x, positions, ropes, input_ids, moe_impl, cache, attn_impl)
         return self.hc_head(x)
 
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
@@ -211,16 +212,19 @@ def greedy_full_forward(model: Transformer, input_ids: torch.Tensor, max_new_tok
 
 
 @torch.no_grad()
-def greedy_cached(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """As greedy_full_forward, through DeepSeek-V4's CompressedCache: the prompt once, then a token per step."""
+def greedy_cached(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int,
+                  attn_impl: str = "sparse") -> torch.Tensor:
+    """As greedy_full_forward, through DeepSeek-V4's CompressedCache: the prompt once, then a token per step
+    (CSA layers gathering their selected entries unless attn_impl says naive)."""
     cache = CompressedCache.for_model(model.config)
-    logits = model(input_ids, cache=cache, logits_index=torch.full((input_ids.shape[0],), input_ids.shape[1] - 1))
+    last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    logits = model(input_ids, cache=cache, logits_index=last, attn_impl=attn_impl)
     seq = input_ids
     for step in range(max_new_tokens):
         next_ids = logits.argmax(-1)
         seq = torch.cat((seq, next_ids[:, None]), dim=1)
         if step + 1 < max_new_tokens:
-            logits = model(next_ids[:, None], cache=cache)[:, -1]
+            logits = model(next_ids[:, None], cache=cache, attn_impl=attn_impl)[:, -1]
     return seq
 
 

@@ -1,6 +1,7 @@
 """DeepSeek-V4's CompressedCache (model/compressed.py): prefill in chunks and decode token by token equal the
 full forward at every position, across window (16), CSA block (4) and HCA block (16) boundaries, chunks
-shorter and longer than a block or the window. Compared as tests/numerics.py does (the cached path's error
+shorter and longer than a block or the window; and the CSA layers' gathered path (attn_impl "sparse") equals
+the masked reference ("naive"), with and without the cache. Compared as tests/numerics.py does (the cached path's error
 against a float64 full forward within a small factor of the full float32 forward's), after checking that
 the indexer's top-k selection is decided by the model, not by rounding (tests/dsa.py's rule)."""
 
@@ -27,7 +28,8 @@ def model():
     return m.eval()
 
 
-def test_chunks_and_decode_equal_the_full_forward(model):
+@pytest.mark.parametrize("attn_impl", ["naive", "sparse"])
+def test_chunks_and_decode_equal_the_full_forward(model, attn_impl):
     ids = torch.randint(0, model.config.vocab_size, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(3))
     with recorded_scores() as s32, torch.no_grad():
         full = model(ids)
@@ -37,10 +39,15 @@ def test_chunks_and_decode_equal_the_full_forward(model):
     cache, parts, start = CompressedCache.for_model(model.config), [], 0
     with torch.no_grad():
         for n in CHUNKS:
-            parts.append(model(ids[:, start : start + n], cache=cache))
+            parts.append(model(ids[:, start : start + n], cache=cache, attn_impl=attn_impl))
             start += n
     assert cache.length == ids.shape[1]
-    assert_close_to_reference(torch.cat(parts, dim=1), full, ref, what="V4 cached (chunks + decode) vs full")
+    assert_close_to_reference(torch.cat(parts, dim=1), full, ref, what=f"V4 cached {attn_impl} vs full naive")
+    with torch.no_grad():
+        sparse = model(ids, attn_impl="sparse")
+    assert_close_to_reference(sparse, full, ref, what="V4 sparse vs naive, no cache")
+    with pytest.raises(ValueError, match="attn_impl"):
+        model(ids[:, :4], attn_impl="absorbed")
 
 
 def test_cache_refuses_other_positions(model):
@@ -60,3 +67,4 @@ def test_greedy_cached_equals_full_forward(model):
         top2 = model(full)[:, prompt.shape[1] - 1 : -1].topk(2, dim=-1).values
     assert (top2[..., 0] - top2[..., 1]).min() > 1e-3, "a greedy step is a near-tie; choose another seed"
     assert torch.equal(greedy_cached(model, prompt, 24), full)
+    assert torch.equal(greedy_cached(model, prompt, 24, attn_impl="naive"), full)
