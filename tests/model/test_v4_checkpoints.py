@@ -144,6 +144,8 @@ def test_fp8_and_fp4_dequantised_as_transformers_does(release):
     with torch.no_grad():
         rel = (load_model(root / "quant")(ids) - model(ids)).norm() / model(ids).norm()
     assert 0 < rel < 0.5, rel  # FP4 experts move the logits, but they are still the same model's
+    with pytest.raises(ValueError, match="keep_fp8 is not supported for DeepSeek-V4"):
+        load_model(root / "quant", keep_fp8=True)  # refused, not silently dequantised
 
 
 def test_errors_name_file_and_tensor(release, tmp_path):
