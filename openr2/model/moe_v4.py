@@ -78,11 +78,12 @@ class ClippedExperts(RoutedExperts):
         return F.linear(clipped_swiglu(F.linear(x, self.gate_up_proj[e]), self.limit), self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str = "grouped"):
-        """x [N, D], weights [N, K], ids [N, K] -> [N, D]; impl `looped` (reference) or `grouped`."""
+        """x [N, D], weights [N, K], ids [N, K] -> [N, D]; impl `looped` (reference) or `grouped` (`fused`,
+        the trainer's choice, runs `grouped` too: autograd over it; no hand-written backward for the clip yet)."""
         if impl == "looped":
             return self._looped(x, weights, ids)
-        if impl != "grouped":
-            raise ValueError(f"DeepSeek-V4 experts run moe_impl 'looped' or 'grouped', got {impl!r}")
+        if impl not in ("grouped", "fused"):
+            raise ValueError(f"DeepSeek-V4 experts run moe_impl 'looped', 'grouped' or 'fused', got {impl!r}")
         K = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)

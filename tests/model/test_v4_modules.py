@@ -10,7 +10,9 @@ import torch
 
 from openr2.config import ModelConfig
 from openr2.model.moe_v4 import ClippedExperts, HashGate, ScoreGate, clipped_swiglu
+from openr2.model.transformer import build_model
 from openr2.presets import deepseek_v4_flash, deepseek_v4_pro, tiny_v4
+from tests.hf_utils import perturb_
 from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
 
 
@@ -41,8 +43,25 @@ def test_grouped_experts_equal_looped():
         with float64_compute():
             ref = float64_copy(experts)(x.double(), weights.double(), ids, "looped")
     assert_close_to_reference(fast, plain, ref, what="V4 experts grouped vs looped")
-    with pytest.raises(ValueError, match="looped' or 'grouped"):
-        experts(x, weights, ids, "fused")
+    with pytest.raises(ValueError, match="'looped', 'grouped' or 'fused'"):
+        experts(x, weights, ids, "decode")
+
+
+def test_trains_end_to_end():
+    """A training step's backward (the trainer's moe_impl) reaches every parameter but the indexer's (sinks,
+    position biases, hyper-connections, both routers' weights), and the hash table is a buffer the optimizer
+    never sees."""
+    model = build_model(tiny_v4(), seed=0)
+    perturb_(model, seed=1)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(0))
+    logits = model(ids[:, :-1], moe_impl="fused")
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("tid2eid" in n for n in names)
+    # the indexer only ranks entries (top-k is not differentiable, as in DeepSeek-V3.2 and transformers): its
+    # parameters get no gradient from the LM loss; everything else does
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0)
+    assert no_grad and all(".compressor.indexer." in n for n in no_grad), no_grad
 
 
 def test_clipped_swiglu():
