@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.layers import RMSNorm
+from openr2.model.layers import Float32RMSNorm
 from openr2.model.rope import RotaryEmbedding, apply_rope
 
 V4_ATTN_IMPLS = ("naive", "sparse")
@@ -89,7 +89,7 @@ class Compressor(nn.Module):
         self.kv_proj = nn.Linear(hidden_size, width, bias=False)
         self.gate_proj = nn.Linear(hidden_size, width, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
-        self.kv_norm = RMSNorm(dim, eps)
+        self.kv_norm = Float32RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None) -> torch.Tensor:
         """x [B, T, D] -> every entry so far [B, N, dim]. Without a state x holds tokens 0..T-1 and a trailing
@@ -186,10 +186,10 @@ class CompressedAttention(nn.Module):
         self.kind, self.rate = config.layer_types[layer_idx], config.compress_rate(layer_idx)
         self.groups, eps = config.o_groups, config.rms_norm_eps
         self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
-        self.q_a_norm = RMSNorm(config.q_lora_rank, eps)
+        self.q_a_norm = Float32RMSNorm(config.q_lora_rank, eps)
         self.q_b_proj = nn.Linear(config.q_lora_rank, H * Dh, bias=False)
         self.kv_proj = nn.Linear(D, Dh, bias=False)
-        self.kv_norm = RMSNorm(Dh, eps)
+        self.kv_norm = Float32RMSNorm(Dh, eps)
         # block-diagonal: group g maps its H*Dh/G channels to rows [g*o_lora_rank, (g+1)*o_lora_rank)
         self.o_a_proj = nn.Linear(H * Dh // config.o_groups, config.o_groups * config.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(config.o_groups * config.o_lora_rank, D, bias=False)

@@ -19,7 +19,7 @@ from torch import nn
 from openr2.config import ModelConfig
 from openr2.model.compressed import CompressedAttention
 from openr2.model.hyper import HyperConnection, hyper_residual
-from openr2.model.layers import MLP, RMSNorm
+from openr2.model.layers import MLP, Float32RMSNorm, RMSNorm
 from openr2.model.mla import MLA
 from openr2.model.moe import MoE
 from openr2.model.moe_v4 import V4MoE
@@ -74,8 +74,8 @@ class HyperDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = CompressedAttention(config, layer_idx)
         self.mlp = V4MoE(config, layer_idx)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = Float32RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Float32RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn_hc = HyperConnection(config)
         self.ffn_hc = HyperConnection(config)
 

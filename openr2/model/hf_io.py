@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from openr2.config import ModelConfig
 from openr2.model import names_v4
-from openr2.model.transformer import FLOAT32_MODULES, Transformer
+from openr2.model.transformer import FLOAT32_MODULES, FLOAT32_PARAMS, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 # stacked experts, or (quantized checkpoints) one of their stored tensors: experts.gate_up_proj.weight_scale
@@ -248,9 +248,10 @@ def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype 
 
 
 def _is_router(model: Transformer, ours: str) -> bool:
-    """Whether the parameter stays float32 whatever the dtype: the router's, the indexer's head weights."""
-    owner = model.get_submodule(ours.rsplit(".", 1)[0])
-    return isinstance(owner, FLOAT32_MODULES)
+    """Whether the parameter stays float32 whatever the dtype: the router's, the indexer's head weights (V4:
+    hyper-connections, norms, sinks, position biases)."""
+    owner, _, leaf = ours.rpartition(".")
+    return isinstance(model.get_submodule(owner), FLOAT32_MODULES) or leaf in FLOAT32_PARAMS
 
 
 def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:

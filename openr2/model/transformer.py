@@ -23,7 +23,7 @@ from openr2.model.compressed import CompressedCache, v4_rotaries
 from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, MTPLayer
 from openr2.model.hyper import HyperConnection, HyperHead
 from openr2.model.indexer import HeadWeights
-from openr2.model.layers import KERNEL_IMPLS, Linear, RMSNorm
+from openr2.model.layers import KERNEL_IMPLS, Float32RMSNorm, Linear, RMSNorm
 from openr2.model.mla import LatentCache
 from openr2.model.moe import Gate, RoutedExperts
 from openr2.model.moe_v4 import HashGate, ScoreGate
@@ -31,7 +31,10 @@ from openr2.model.rope import RotaryEmbedding
 
 # modules whose parameters stay float32 whatever the model's dtype, as transformers keeps them: the router
 # (`_keep_in_fp32_modules_strict`) and the indexer's head weights (`_keep_in_fp32_modules`)
-FLOAT32_MODULES = (Gate, HeadWeights, ScoreGate, HashGate, HyperConnection, HyperHead)
+FLOAT32_MODULES = (Gate, HeadWeights, ScoreGate, HashGate, HyperConnection, HyperHead, Float32RMSNorm)
+# parameters kept float32 by name (DeepSeek-V4: attention sinks and compressors' position biases), as transformers'
+# `_keep_in_fp32_modules_strict` keeps them
+FLOAT32_PARAMS = ("sinks", "position_bias")
 
 
 class Transformer(nn.Module):
@@ -44,7 +47,7 @@ class Transformer(nn.Module):
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         block = HyperDecoderLayer if config.is_v4 else DecoderLayer
         self.layers = nn.ModuleList(block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = (Float32RMSNorm if config.is_v4 else RMSNorm)(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -238,9 +241,12 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device=
 
 def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Cast to `dtype`, keeping FLOAT32_MODULES (router weights and correction biases, the indexer's head
-    weights) in float32 (as transformers does)."""
+    weights; V4's hyper-connections and norms) and FLOAT32_PARAMS in float32 (as transformers does)."""
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, FLOAT32_MODULES):
             module.float()
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in FLOAT32_PARAMS:
+            param.data = param.data.float()
     return model

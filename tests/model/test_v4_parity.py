@@ -24,7 +24,14 @@ from openr2.model.transformer import greedy_cached, greedy_full_forward
 from openr2.presets import tiny_v4
 from tests.dsa import assert_selection_decided
 from tests.hf_utils import hf_model
-from tests.numerics import assert_same_function, float64_compute, float64_copy, max_abs_diff, reference64
+from tests.numerics import (
+    FACTOR,
+    assert_same_function,
+    float64_compute,
+    float64_copy,
+    max_abs_diff,
+    reference64,
+)
 
 PARITY = 1e-4  # issue 18: max abs logit difference in float32
 TOKENS = 160
@@ -148,3 +155,29 @@ def test_greedy_generation_equals_transformers_generate(pair):
     assert margin > 10 * PARITY, f"a greedy step is a near-tie (margin {margin:.3g}); choose another seed"
     assert torch.equal(mine, theirs), (mine[:, prompt.shape[1]:], theirs[:, prompt.shape[1]:])
     assert torch.equal(greedy_cached(ours, prompt, new), theirs)  # and through openr2's CompressedCache
+
+
+def test_bfloat16_keeps_transformers_float32_parameters(pair, tmp_path):
+    """Loaded in bfloat16, the parameters transformers keeps float32 (`_keep_in_fp32_modules_strict`: norms,
+    sinks, position biases, hyper-connections) stay float32 here too; the router's weight also does (DeepSeek's
+    inference code routes in float32; transformers' V4 rounds it to the model dtype). A bfloat16 forward is as
+    far from the float64 run as transformers' bfloat16 forward is (both move discrete choices, top-k entries
+    and experts, so the errors are large; their sizes still agree within the usual factor)."""
+    import transformers
+
+    hf, ours = pair
+    hf.save_pretrained(tmp_path)
+    mine16 = load_model(tmp_path, dtype=torch.bfloat16)
+    theirs16 = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    kept = {n for n, p in mine16.named_parameters() if p.dtype == torch.float32}
+    theirs_kept = {n.removeprefix("model.") for n, p in theirs16.named_parameters() if p.dtype == torch.float32}
+    assert kept - theirs_kept == {n for n in kept if n.endswith("mlp.gate.weight")}
+    assert theirs_kept <= kept
+    ids = _ids(ours.config)
+    with torch.no_grad():
+        mine, theirs = mine16(ids), theirs16(ids).logits
+    assert mine.dtype == torch.bfloat16
+    ref = reference64(ours, ids)
+    err_mine, err_theirs = max_abs_diff(mine, ref), max_abs_diff(theirs, ref)
+    print(f"bfloat16: max |ours - float64| = {err_mine:.3g}, transformers' {err_theirs:.3g}")
+    assert err_mine <= FACTOR * err_theirs and err_theirs <= FACTOR * err_mine
