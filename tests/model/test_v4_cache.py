@@ -13,10 +13,9 @@ import torch
 from openr2.model.compressed import CompressedCache
 from openr2.model.transformer import build_model, greedy_cached, greedy_full_forward
 from openr2.presets import tiny_v4
-from tests.dsa import assert_selection_decided
 from tests.hf_utils import perturb_
-from tests.model.test_v4_parity import recorded_scores
-from tests.numerics import assert_close_to_reference, float64_compute, float64_copy
+from tests.numerics import assert_close_to_reference, reference64
+from tests.v4 import assert_decided
 
 CHUNKS = [7, 1, 1, 9, 16, 1, 3, 20, 1, 1, 1, 2, 33, 1, 1]  # 97 tokens
 
@@ -31,11 +30,10 @@ def model():
 @pytest.mark.parametrize("attn_impl", ["naive", "sparse"])
 def test_chunks_and_decode_equal_the_full_forward(model, attn_impl):
     ids = torch.randint(0, model.config.vocab_size, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(3))
-    with recorded_scores() as s32, torch.no_grad():
+    assert_decided(model, ids, what="v4 cache")
+    with torch.no_grad():
         full = model(ids)
-    with recorded_scores() as s64, float64_compute(), torch.no_grad():
-        ref = float64_copy(model)(ids)
-    assert_selection_decided(s32, s64, model.config.index_topk, what="v4 cache")
+    ref = reference64(model, ids)
     cache, parts, start = CompressedCache.for_model(model.config), [], 0
     with torch.no_grad():
         for n in CHUNKS:

@@ -12,46 +12,21 @@ other's error against a float64 run of our model), and max |ours - theirs| <= 1e
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
 
-import openr2.model.compressed as compressed
 from openr2.checkpoints import load_model, save_model
 from openr2.model.transformer import greedy_cached, greedy_full_forward
 from openr2.presets import tiny_v4
-from tests.dsa import assert_selection_decided
 from tests.hf_utils import hf_model
-from tests.numerics import (
-    FACTOR,
-    assert_same_function,
-    float64_compute,
-    float64_copy,
-    max_abs_diff,
-    reference64,
-)
+from tests.numerics import FACTOR, assert_same_function, max_abs_diff, reference64
+from tests.v4 import assert_decided
 
 PARITY = 1e-4  # issue 18: max abs logit difference in float32
 TOKENS = 160
 GEN_SEED = 4
-
-
-@contextlib.contextmanager
-def recorded_scores():
-    seen, original = [], compressed.compressed_index_scores
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out.detach().clone())
-        return out
-
-    compressed.compressed_index_scores = recording
-    try:
-        yield seen
-    finally:
-        compressed.compressed_index_scores = original
 
 
 def _ids(config, tokens=TOKENS, batch=2, seed=0):
@@ -67,14 +42,6 @@ def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("v4-hf")
     hf.save_pretrained(path)
     return hf, load_model(path)
-
-
-def _assert_decided(model, ids):
-    with recorded_scores() as s32, torch.no_grad():
-        model(ids)
-    with recorded_scores() as s64, float64_compute(), torch.no_grad():
-        float64_copy(model)(ids)
-    assert_selection_decided(s32, s64, model.config.index_topk, what="v4")
 
 
 def _check_parity(ours, theirs, ref64, what):
@@ -113,7 +80,7 @@ def test_every_piece_decides(pair):
 def test_openr2_loads_transformers_save(pair):
     hf, ours = pair
     ids = _ids(ours.config)
-    _assert_decided(ours, ids)
+    assert_decided(ours, ids)
     with torch.no_grad():
         theirs = hf(ids).logits
         mine = ours(ids)
@@ -127,7 +94,7 @@ def test_transformers_loads_openr2_save(pair, tmp_path):
     save_model(ours, tmp_path)
     theirs_model = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path).float().eval()
     ids = _ids(ours.config, seed=1)
-    _assert_decided(ours, ids)
+    assert_decided(ours, ids)
     with torch.no_grad():
         theirs = theirs_model(ids).logits
         mine = ours(ids)
@@ -147,7 +114,7 @@ def test_greedy_generation_equals_transformers_generate(pair):
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False)
     mine = greedy_full_forward(ours, prompt, new)
     assert (mine[:, prompt.shape[1]:] != ours.config.eos_token_id).all(), "EOS generated: choose another seed"
-    _assert_decided(ours, mine)
+    assert_decided(ours, mine)
     with torch.no_grad():
         logits = ours(mine)[:, prompt.shape[1] - 1 : -1]
         top2 = logits.topk(2, dim=-1).values
