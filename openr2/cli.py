@@ -93,6 +93,8 @@ def _info_v4(name: str, config, stats) -> int:
                   f"{rates['heavily_compressed_attention']}:1; {config.n_routed_experts} routed experts "
                   f"top-{config.num_experts_per_tok}, {config.mlp_layer_types.count('hash_moe')} hash-routed layers)"),
         ("total parameters", f"{stats.total_params:,} ({_short(stats.total_params)}; MTP not counted)"),
+        ("MTP parameters", f"{stats.mtp_params:,} ({config.num_nextn_predict_layers} depth(s); embedding and head "
+                           f"shared)"),
         ("active parameters", f"{stats.active_params:,} per token ({_short(stats.active_params)}; head counted, "
                               f"input embedding not)"),
         ("indexer parameters", f"{stats.indexer_params:,} (in the totals above; {config.index_n_heads} heads x "

@@ -80,6 +80,14 @@ def test_deepseek_v4_counts_by_hand(capsys):
     # q_b_proj [heads * dim, q_lora], weights_proj [heads, hidden]
     per_layer = 2 * (2 * dim * hidden) + m * 2 * dim + dim + heads * dim * q_lora + heads * hidden
     assert flash["indexer_params"] == 21 * per_layer == 225_730_176
+    # the MTP depth: a sliding-window block (attention: q_a, its norm, q_b, kv, its norm, o_a, o_b, sinks; MoE:
+    # gate, 256 experts and the shared one of 3 x 4096 x 2048; two norms; two hyper-connections of 24 x 16384
+    # + 24 + 3), plus enorm, hnorm, norm, e_proj, h_proj and its hc_head (4 x 16384 + 4 + 1)
+    d, n = 4096, 4
+    attn = d * q_lora + q_lora + q_lora * 64 * 512 + d * 512 + 512 + (64 * 512 // 8) * (8 * 1024) + 8 * 1024 * d + 64
+    moe = 256 * d + 257 * 3 * d * 2048
+    hc = 2 * ((2 + n) * n * n * d + (2 + n) * n + 3)
+    assert flash["mtp_params"] == attn + moe + 2 * d + hc + 3 * d + 2 * d * d + n * n * d + n + 1
     # per token: a CSA layer's 512-dim entry and 128-dim key every 4 tokens, an HCA layer's entry every 128
     assert flash["cache_bytes_per_token"] == 21 * (512 + 128) * 2 // 4 + 20 * 512 * 2 // 128 == 6_880
     assert pro["cache_bytes_per_token"] == 30 * (512 + 128) * 2 // 4 + 31 * 512 * 2 // 128 == 9_848

@@ -12,8 +12,7 @@ key = value each: a fixed cost once the context passes it); a CSA layer adds one
 index_head_dim indexer key per `m` tokens, an HCA layer one head_dim entry per `m'` tokens. `cache_bytes(n)`
 is that total at context n; `compressor_state_bytes` the compressors' running state per sequence (float32,
 as DeepSeek's inference code keeps it: the pooled projections and gate scores of the last 2m tokens for the
-overlapping CSA/indexer compressors, of the last m' for HCA), which does not grow with the context. The MTP
-block is not built for V4 yet, so `mtp_params` is 0 there.
+overlapping CSA/indexer compressors, of the last m' for HCA), which does not grow with the context.
 """
 
 from __future__ import annotations
@@ -96,7 +95,8 @@ def model_stats(config: ModelConfig) -> ModelStats:
 
 
 def _v4_stats(config: ModelConfig, model: Transformer) -> ModelStats:
-    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
     routed = sum(p.numel() for m in model.layers.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
     k, n = config.num_experts_per_tok, config.n_routed_experts
     active = total - model.embed_tokens.weight.numel() - (routed - routed * k // n)
@@ -113,6 +113,6 @@ def _v4_stats(config: ModelConfig, model: Transformer) -> ModelStats:
         elif kind == "heavily_compressed_attention":
             compressed.append((m, Dh * E))
             state += 2 * m * Dh * STATE_BYTES_PER_ELEMENT
-    return ModelStats(total, active, 0, config.num_hidden_layers, 0, 0, indexer, Di * E,
+    return ModelStats(total, active, mtp, config.num_hidden_layers, 0, 0, indexer, Di * E,
                       config.num_hidden_layers * config.sliding_window * Dh * E, compressed, state,
                       config.sliding_window)

@@ -13,12 +13,14 @@ Shape legend: B batch, T tokens, D hidden.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from openr2.config import ModelConfig
 from openr2.model.compressed import CompressedAttention
-from openr2.model.hyper import HyperConnection, hyper_residual
+from openr2.model.hyper import HyperConnection, HyperHead, hyper_residual
 from openr2.model.layers import MLP, Float32RMSNorm, RMSNorm
 from openr2.model.mla import MLA
 from openr2.model.moe import MoE
@@ -87,3 +89,38 @@ class HyperDecoderLayer(nn.Module):
         collapsed, post, comb = self.ffn_hc(x)
         out = self.mlp(self.post_attention_layernorm(collapsed), input_ids, moe_impl)
         return hyper_residual(x, out, post, comb)
+
+
+def v4_mtp_config(config: ModelConfig) -> ModelConfig:
+    """The config V4's MTP blocks are built from: their layers appended to the schedule as sliding-window
+    attention and score-routed MoE (the release's compress_ratios end in 0 for the MTP layer; its gate has a
+    bias, no hash table: vLLM's and the release's `mtp.0.ffn.gate.bias`)."""
+    k = config.num_nextn_predict_layers
+    return dataclasses.replace(config, num_hidden_layers=config.num_hidden_layers + k,
+                               layer_types=list(config.layer_types) + ["sliding_attention"] * k,
+                               mlp_layer_types=list(config.mlp_layer_types) + ["moe"] * k)
+
+
+class HyperMTPLayer(HyperDecoderLayer):
+    """DeepSeek-V4's multi-token prediction depth, as vLLM runs the release's `mtp.{k}.*` (transformers drops
+    them): the previous depth's residual streams H [B, T, n, D] (the main model's before its hc_head) and the
+    next token's embedding e give X_j = h_proj(hnorm(H_j)) + e_proj(enorm(e)) per stream; one V4 block;
+    then its own hc_head and norm before the shared head. `mtp_config` is v4_mtp_config(config)."""
+
+    def __init__(self, mtp_config: ModelConfig, layer_idx: int):
+        super().__init__(mtp_config, layer_idx)
+        d, eps = mtp_config.hidden_size, mtp_config.rms_norm_eps
+        self.enorm = Float32RMSNorm(d, eps)
+        self.hnorm = Float32RMSNorm(d, eps)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.hc_head = HyperHead(mtp_config)
+        self.norm = Float32RMSNorm(d, eps)
+
+    def forward(self, streams: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor, ropes: dict,
+                moe_impl: str = "grouped", attn_impl: str = "naive") -> tuple[torch.Tensor, torch.Tensor]:
+        """streams [B, T, n, D], next_embeds [B, T, D] (Emb(t_{i+k})) -> (block output streams [B, T, n, D],
+        norm(hc_head(streams)) [B, T, D], what the LM head reads)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(-2)
+        h = super().forward(x, positions, ropes, None, moe_impl, None, attn_impl)
+        return h, self.norm(self.hc_head(h))

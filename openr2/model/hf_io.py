@@ -15,8 +15,8 @@ like any other. transformers' conversion mapping does nothing more for deepseek_
 head weights) load in float32 whatever the dtype.
 
 DeepSeek-V4 (model/names_v4.py) is read in two layouts, the release's own names (`embed.weight`,
-`layers.N.attn.wq_a.weight`, with `.scale` beside FP8 weights; its `mtp.*` tensors are skipped: openr2 has no
-V4 MTP block yet) and what transformers' save_pretrained writes; openr2 writes the latter. Release experts may
+`layers.N.attn.wq_a.weight`, with `.scale` beside FP8 weights) and what transformers' save_pretrained writes;
+openr2 writes the latter, plus the MTP depths under the release's `mtp.{k}.*` names (transformers ignores them). Release experts may
 be FP4 (e2m1, two per int8 byte, low nibble first) with a UE8M0 scale per 32 inputs: dequantised at load.
 UE8M0 scales (float8_e8m0fnu, or raw uint8 exponents) are powers of two.
 
@@ -220,7 +220,8 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointFil
     files = CheckpointFiles(path, (config.quantization_config or {}).get("weight_block_size"))
     files.release = config.is_v4 and "embed.weight" in files.where
     n_mtp = config.num_nextn_predict_layers
-    if n_mtp and not config.is_v4 and not any(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in files.where):
+    mtp_prefix = "mtp." if config.is_v4 else f"model.layers.{config.num_hidden_layers}."
+    if n_mtp and not any(k.startswith(mtp_prefix) for k in files.where):
         warnings.warn(f"{path}: config announces {n_mtp} MTP layer(s) but the files hold no MTP tensors "
                       f"(as transformers saves); loading with MTP off", stacklevel=3)
         config.num_nextn_predict_layers = 0
@@ -260,7 +261,7 @@ def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, 
     if config.tie_word_embeddings:
         optional.add("lm_head.weight")
     present = set(files.where)
-    if files.release:  # the release's MTP block: openr2 builds no V4 MTP module yet
+    if config.is_v4:  # MTP tensors past the depths the config builds (and the release's copies of embed/head)
         optional |= {n for n in present if n.startswith("mtp.")}
     missing = sorted(expected - present)
     if missing:

@@ -9,6 +9,10 @@ which leaves a mixture: `model.` + the release name for nearly everything, but `
 Both layouts load; openr2 writes transformers' (which transformers loads).
 
 In the release, quantized weights carry `<module>.scale` (transformers: `<module>.weight_scale_inv`).
+
+The MTP depths (`mtp.{k}.*` in the release; transformers drops them on load and never writes them) keep
+the release's names in both layouts: `enorm`, `hnorm`, `e_proj`, `h_proj`, `norm`, `hc_head_{fn,base,scale}`
+and a layer's names for the block (`attn.*`, `ffn.*`, `attn_norm`, `hc_attn_fn`, ...), as vLLM reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ _MLP = {"gate.weight": "gate.weight", "gate.e_score_correction_bias": "gate.bias
         "shared_experts.gate_proj.weight": "shared_experts.w1.weight",
         "shared_experts.down_proj.weight": "shared_experts.w2.weight",
         "shared_experts.up_proj.weight": "shared_experts.w3.weight"}
+_MTP = {**{f"{n}.weight": f"{n}.weight" for n in ("enorm", "hnorm", "e_proj", "h_proj", "norm")},
+        **{f"hc_head.hc_{p}": f"hc_head_{p}" for p in ("fn", "base", "scale")}}
 _EXPERTS = {"experts.gate_up_proj": ("w1", "w3"), "experts.down_proj": ("w2",)}
 
 
@@ -51,9 +57,12 @@ def release_names(ours: str, num_experts: int) -> list[str]:
     """The release tensor(s) of one of our parameters (stacked experts: per expert, w1 and w3 or w2)."""
     if ours in _TOP:
         return [_TOP[ours]]
-    m = re.match(r"^layers\.(\d+)\.(.*)$", ours)
+    m = re.match(r"^(layers|mtp)\.(\d+)\.(.*)$", ours)
     if m:
-        layer, rest = f"layers.{m.group(1)}.", m.group(2)
+        layer, rest = f"{m.group(1)}.{m.group(2)}.", m.group(3)
+        if m.group(1) == "mtp":
+            if rest in _MTP:
+                return [layer + _MTP[rest]]
         if rest in _LAYER:
             return [layer + _LAYER[rest]]
         if rest.startswith("self_attn."):
@@ -72,7 +81,7 @@ def release_names(ours: str, num_experts: int) -> list[str]:
 
 def transformers_name(release: str) -> str:
     """The name transformers 5.24's save_pretrained gives a release tensor (see the module docstring)."""
-    if release == "head.weight":
+    if release == "head.weight" or release.startswith("mtp."):
         return release
     if release == "embed.weight":
         return "model.embed_tokens.weight"

@@ -8,7 +8,8 @@ DecoderLayers, `mtp` the MTP modules.
 DeepSeek-V4 (config.is_v4) composes other blocks under the same names: `layers` holds HyperDecoderLayers over
 hc_mult residual streams (the embedding copied into each), `hc_head` collapses them before `norm`, and two
 rope tables serve the layers (main for sliding windows, compressed for CSA/HCA). Its cache is a
-compressed.CompressedCache (windows and compressor states), not the latent cache; it has no MTP module yet.
+compressed.CompressedCache (windows and compressor states), not the latent cache. Its MTP depths
+(decoder.HyperMTPLayer) read the last layer's residual streams (`forward_mtp_v4`); they run without a cache.
 
 Shape legend: B batch, T tokens, D hidden, V vocab.
 """
@@ -20,7 +21,7 @@ from torch import nn
 
 from openr2.config import ModelConfig
 from openr2.model.compressed import CompressedCache, v4_rotaries
-from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, MTPLayer
+from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, HyperMTPLayer, MTPLayer, v4_mtp_config
 from openr2.model.hyper import HyperConnection, HyperHead
 from openr2.model.indexer import HeadWeights
 from openr2.model.layers import KERNEL_IMPLS, Float32RMSNorm, Linear, RMSNorm
@@ -54,7 +55,9 @@ class Transformer(nn.Module):
         if config.is_v4:
             self.hc_head = HyperHead(config)
             self.rotary, self.rotary_compress = v4_rotaries(config)
-            self.mtp = nn.ModuleList()  # V4's MTP block (hyper-connections of its own) is not built yet
+            mtp_config = v4_mtp_config(config)
+            self.mtp = nn.ModuleList(HyperMTPLayer(mtp_config, config.num_hidden_layers + k)
+                                     for k in range(config.num_nextn_predict_layers))
         else:
             self.rotary = RotaryEmbedding(config)
             self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
@@ -84,8 +87,10 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
+        streams = None
         if self.config.is_v4:
-            x = self._forward_v4(x, input_ids, positions, cache, attn_impl, moe_impl, with_mtp)
+            streams = self._forward_v4(x, input_ids, positions, cache, attn_impl, moe_impl)
+            x = self.hc_head(streams)
         else:
             cos, sin = self.rotary(positions, x.dtype)
             for layer in self.layers:
@@ -99,14 +104,14 @@ class Transformer(nn.Module):
         hidden = self.norm(_select(x, logits_index))
         logits = self.lm_head(hidden, kernel_impl)
         if with_mtp:
+            if streams is not None:  # V4's MTP reads the residual streams, not the normed hidden
+                return logits, self.forward_mtp_v4(streams, input_ids, positions, moe_impl)
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return logits
 
-    def _forward_v4(self, x, input_ids, positions, cache, attn_impl, moe_impl, with_mtp):
-        """Embeddings [B, T, D] -> the collapsed streams [B, T, D] (before the final norm). attn_impl is
-        compressed.V4_ATTN_IMPLS' (naive, sparse)."""
-        if with_mtp:
-            raise ValueError("DeepSeek-V4 has no MTP module in openr2 yet")
+    def _forward_v4(self, x, input_ids, positions, cache, attn_impl, moe_impl):
+        """Embeddings [B, T, D] -> the last layer's residual streams [B, T, n, D] (hc_head and the final norm
+        follow). attn_impl is compressed.V4_ATTN_IMPLS' (naive, sparse)."""
         if cache is not None and not isinstance(cache, CompressedCache):
             raise ValueError(f"DeepSeek-V4 needs a CompressedCache, got {type(cache).__name__}")
         start = cache.length if cache is not None else 0
@@ -118,7 +123,23 @@ class Transformer(nn.Module):
         x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for layer in self.layers:
             x = layer(x, positions, ropes, input_ids, moe_impl, cache, attn_impl)
-        return self.hc_head(x)
+        return x
+
+    def forward_mtp_v4(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                       moe_impl: str = "grouped") -> list[torch.Tensor]:
+        """DeepSeek-V4: draft logits of each MTP depth k = 1..D from the main model's last residual streams
+        [B, T, n, D] (before its hc_head): depth k at position i combines H^{k-1}_i with Emb(t_{i+k}) and
+        predicts t_{i+k+1}; T - k positions (as forward_mtp)."""
+        T = input_ids.shape[1]
+        drafts, h = [], streams
+        for k, mtp in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            pos = positions[:, : T - k]
+            ropes = {"main": self.rotary(pos, h.dtype)}  # MTP blocks attend over a sliding window only
+            h, normed = mtp(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), pos, ropes, moe_impl)
+            drafts.append(self.lm_head(normed))
+        return drafts
 
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
               depth: int = 0, logits_index: torch.Tensor | None = None, attn_impl: str = "absorbed",
@@ -126,6 +147,8 @@ class Transformer(nn.Module):
         """MTP module `depth` as a drafter over a cache: hidden [B, T, D] (the main model's final-normed
         hidden at each position, or a previous draft step's block output), next_ids [B, T] (the token
         after each position) -> (draft logits at logits_index, as in forward; block output h [B, T, D])."""
+        if self.config.is_v4:
+            raise ValueError("DeepSeek-V4's MTP drafts over a cache are not built yet (forward_mtp_v4 has none)")
         cos, sin = self.rotary(positions, hidden.dtype)
         h, normed = self.mtp[depth](hidden, self.embed_tokens(next_ids), positions, cos, sin, moe_impl, cache,
                                     attn_impl, kernel_impl)

@@ -2,7 +2,7 @@
 config.json (`compress_ratios` with the MTP layer's trailing entry, `num_hash_layers`, `qk_rope_head_dim`, flat
 `rope_scaling`), release tensor names (transformers' conversion_mapping.py read backwards), FP8 e4m3 linears
 with UE8M0 block scales (`.scale`), FP4 e2m1 experts packed two per byte with a UE8M0 scale per 32 inputs, and
-`mtp.*` tensors (skipped). transformers' own FP8/FP4 dequantizer (Fp8Dequantize) is the oracle for the
+an MTP depth under `mtp.0.*` (loaded; tensors of depths the config does not build are skipped). transformers' own FP8/FP4 dequantizer (Fp8Dequantize) is the oracle for the
 dequantised values.
 """
 
@@ -16,13 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openr2.checkpoints import load_model
+from openr2.checkpoints import load_model, save_model
 from openr2.config import ModelConfig
 from openr2.model import hf_io
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v4
 from tests.hf_utils import perturb_
 
+MTP_CONFIG = dataclasses.replace(tiny_v4(), num_nextn_predict_layers=1)
 BLOCK = [16, 16]  # FP8 block of the synthetic checkpoint (the release: 128 x 128; tiny_v4's widths are 32-256)
 FP8 = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$|\.shared_experts\.w\d\.weight$")
 FP4 = re.compile(r"\.ffn\.experts\.\d+\.w\d\.weight$")
@@ -84,12 +85,13 @@ def _write(path, config_json: dict, tensors: dict) -> None:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """(openr2 model, float release tensors, quantized release dir, dequantised-float release dir)."""
-    config = tiny_v4()
+    config = MTP_CONFIG
     model = build_model(config)
     perturb_(model, seed=5)
     items = {name: t.clone() for name, t in hf_io.hf_state_items(model, release=True)}
     assert "embed.weight" in items and "layers.1.attn.indexer.compressor.ape" in items
-    mtp = {"mtp.0.e_proj.weight": torch.randn(8, 8), "mtp.0.attn.attn_sink": torch.randn(4)}
+    assert "mtp.0.e_proj.weight" in items and "mtp.0.hc_head_fn" in items and "mtp.0.ffn.gate.bias" in items
+    mtp = {"mtp.1.e_proj.weight": torch.randn(8, 8), "mtp.1.attn.attn_sink": torch.randn(4)}  # a 2nd depth: skipped
     quant, dequant, counts = {}, {}, {"fp8": 0, "fp4": 0}
     for name, t in items.items():
         kind = "fp8" if FP8.search(name) else "fp4" if FP4.search(name) else None
@@ -100,7 +102,7 @@ def release(tmp_path_factory):
         quant[name], quant[name.removesuffix(".weight") + ".scale"] = q, s
         dequant[name] = _oracle(q, s)
         counts[kind] += 1
-    assert counts["fp8"] >= 4 * 6 and counts["fp4"] == 4 * 8 * 3, counts
+    assert counts["fp8"] >= 5 * 6 and counts["fp4"] == 5 * 8 * 3, counts  # 4 layers and the MTP block
     root = tmp_path_factory.mktemp("v4-release")
     cfg = release_config(config)
     _write(root / "float", cfg, {**items, **mtp})
@@ -112,7 +114,7 @@ def release(tmp_path_factory):
 def test_release_config_reads_as_the_preset(release):
     _, root = release
     read = ModelConfig.from_pretrained(root / "float")
-    want = tiny_v4()
+    want = MTP_CONFIG
     for f in dataclasses.fields(want):
         if f.name not in ("source", "quantization_config", "torch_dtype"):
             assert getattr(read, f.name) == getattr(want, f.name), f.name
@@ -178,3 +180,33 @@ def test_errors_name_file_and_tensor(release, tmp_path):
             load_model(path)
         message = str(err.value)
         assert str(path) in message and repr(name) in message, message
+
+
+def test_mtp_round_trip_and_transformers_ignores_it(tmp_path):
+    """openr2 saves its MTP depth under the release's names and reads it back bit for bit; transformers loads
+    the same directory (it ignores `mtp.*`) and its logits are ours."""
+    import transformers
+
+    model = build_model(MTP_CONFIG)
+    perturb_(model, seed=2)
+    save_model(model, tmp_path)
+    back = load_model(tmp_path)
+    mine, theirs = model.state_dict(), back.state_dict()
+    assert any(k.startswith("mtp.0.") for k in mine) and mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path).float().eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+
+
+def test_transformers_save_without_mtp_loads_with_mtp_off(tmp_path):
+    """transformers writes num_nextn_predict_layers 1 but no MTP tensors: loaded with MTP off, with a warning."""
+    from tests.hf_utils import hf_model
+
+    hf = hf_model(MTP_CONFIG, seed=0)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with pytest.warns(UserWarning, match="MTP off"):
+        model = load_model(tmp_path)
+    assert model.config.num_nextn_predict_layers == 0 and len(model.mtp) == 0

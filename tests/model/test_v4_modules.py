@@ -136,3 +136,27 @@ def test_config_errors_name_the_key():
             bad.pop("layer_types")
         with pytest.raises(ValueError, match=f"key '{why}'"):
             ModelConfig.from_hf(bad, source="x/config.json")
+
+
+def test_mtp_depths_read_the_right_tokens():
+    """Depth k's draft at position i predicts t_{i+k+1} from the streams up to i and Emb(t_{i+k}): it moves with
+    token i + k and with earlier tokens, never with later ones; and the trainer's with_mtp backward reaches
+    every MTP parameter."""
+    config = dataclasses.replace(tiny_v4(), num_nextn_predict_layers=2)
+    model = build_model(config, seed=0)
+    perturb_(model, seed=4)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    i = 20
+    with torch.no_grad():
+        _, drafts = model(ids, with_mtp=True)
+        for k, draft in enumerate(drafts, start=1):
+            assert draft.shape[1] == ids.shape[1] - k
+            later, at = ids.clone(), ids.clone()
+            later[0, i + k + 1 :] = (later[0, i + k + 1 :] + 1) % 256
+            at[0, i + k] = (at[0, i + k] + 1) % 256
+            # rounding only (other sequence contents change the products' blocking): ~1e-7 at logits ~1
+            assert (model(later, with_mtp=True)[1][k - 1][0, i] - draft[0, i]).abs().max() < 1e-5
+            assert (model(at, with_mtp=True)[1][k - 1][0, i] - draft[0, i]).abs().max() > 1e-2
+    logits, drafts = model(ids[:, :-1], with_mtp=True, moe_impl="fused")
+    sum(torch.nn.functional.cross_entropy(d[0], ids[0, k + 1 :]) for k, d in enumerate(drafts, start=1)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
