@@ -72,6 +72,7 @@ def test_every_piece_decides(pair):
             for attn in _attentions(other):
                 change(attn)
             moved = max_abs_diff(other(ids), base)
+            print(f"switching off the {what} moves the logits by {moved:.3g}")
             assert moved > 100 * PARITY, f"{what}: switching it off moves the logits by only {moved:.3g}"
         kinds = {a.kind for a in _attentions(ours)}
         assert kinds == {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}
