@@ -105,7 +105,13 @@ class ClippedMLP(MLP):
 
 
 class V4MoE(nn.Module):
-    """y = sum_k g_k E_k(x) + shared(x), routed by hash (`hash_moe`) or by score (`moe`)."""
+    """y = sum_k g_k E_k(x) + shared(x), routed by hash (`hash_moe`) or by score (`moe`).
+
+    While training it counts the tokens routed to each expert (`expert_load`), which moe.update_correction_bias
+    turns into auxiliary-loss-free balancing of the score-routed layers' correction bias (hash layers have
+    none: their table is frozen)."""
+
+    counts_expert_load = True
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -115,10 +121,15 @@ class V4MoE(nn.Module):
         n_shared = config.n_shared_experts
         self.shared_experts = ClippedMLP(config.hidden_size, n_shared * config.moe_intermediate_size,
                                          config.swiglu_limit) if n_shared else None
+        # not a buffer (never saved or cast); on the CPU explicitly, also when the model is built on "meta"
+        self.expert_load = torch.zeros(config.n_routed_experts, device="cpu")
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, moe_impl: str = "grouped") -> torch.Tensor:
         """x [B, T, D], input_ids [B, T] -> [B, T, D]."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat, input_ids)
+        if self.training:
+            counts = torch.bincount(ids.flatten(), minlength=self.expert_load.numel())
+            self.expert_load = self.expert_load.to(counts.device) + counts.float()
         out = self.experts(flat, weights, ids, moe_impl).view(x.shape)
         return out if self.shared_experts is None else out + self.shared_experts(x)

@@ -160,3 +160,26 @@ def test_mtp_depths_read_the_right_tokens():
     logits, drafts = model(ids[:, :-1], with_mtp=True, moe_impl="fused")
     sum(torch.nn.functional.cross_entropy(d[0], ids[0, k + 1 :]) for k, d in enumerate(drafts, start=1)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
+
+
+def test_balancing_updates_only_score_routed_biases():
+    """Training forwards count each expert's tokens; update_correction_bias moves every score-routed layer's
+    bias by +-gamma towards the mean load (as for V3's noaux_tc gates) and leaves the hash layers' frozen table."""
+    from openr2.model.moe import update_correction_bias
+    from openr2.model.moe_v4 import V4MoE
+
+    model = build_model(tiny_v4(), seed=0).train()
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(0))
+    tables = [m.gate.tid2eid.clone() for m in model.modules() if isinstance(m, V4MoE) and hasattr(m.gate, "tid2eid")]
+    with torch.no_grad():
+        model(ids)
+    moes = [m for m in model.modules() if isinstance(m, V4MoE)]
+    loads = [m.expert_load.clone() for m in moes]
+    assert all(load.sum() == 60 * 2 for load in loads)  # 60 tokens x top-2 per layer
+    stats = update_correction_bias(model, 0.01)
+    assert len(stats) == len(moes) and all(m.expert_load.sum() == 0 for m in moes)
+    for m, load in zip(moes, loads):
+        if hasattr(m.gate, "e_score_correction_bias"):
+            assert torch.equal(m.gate.e_score_correction_bias, 0.01 * torch.sign(load.mean() - load))
+    after = [m.gate.tid2eid for m in model.modules() if isinstance(m, V4MoE) and hasattr(m.gate, "tid2eid")]
+    assert tables and all(torch.equal(a, b) for a, b in zip(tables, after))
