@@ -75,6 +75,9 @@ class CompressorState:
     prev_kv: torch.Tensor | None = None  # [B, M, d]: the last complete block's first halves (overlap only),
     prev_gate: torch.Tensor | None = None  # its gates with the position bias added
     entries: torch.Tensor | None = None  # [B, N, d]: every entry so far
+    # overlap only: the last forward's complete blocks' first halves (kv, gate with bias) [B, n, M, d] each,
+    # so that a paged cache can keep the overlap state at each of its block boundaries (engine/v4_cache.py)
+    block_halves: tuple | None = None
 
 
 class Compressor(nn.Module):
@@ -123,6 +126,7 @@ class Compressor(nn.Module):
             prev_gate = state.prev_gate if has_prev else gate.new_full((B, M, d), float("-inf"))
             if state is not None:
                 state.prev_kv, state.prev_gate = kv[:, -1, :, :d], gate[:, -1, :, :d]
+                state.block_halves = kv[..., :d], gate[..., :d]
             kv = torch.cat((torch.cat((prev_kv[:, None], kv[:, :-1, :, :d]), dim=1), kv[..., d:]), dim=2)
             gate = torch.cat((torch.cat((prev_gate[:, None], gate[:, :-1, :, :d]), dim=1), gate[..., d:]), dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
@@ -219,13 +223,8 @@ class CompressedAttention(nn.Module):
         q = rope_tail(unweighted_rms_norm(q, self.eps), hc, hs)
         kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, Dh]
         key_positions = positions
-        if cache is not None:  # the window's earlier keys, then this forward's; keep the last W - 1
-            past = cache.windows[self.layer_idx]
-            if past is not None:
-                kv = torch.cat((past, kv), dim=1)
-                key_positions = torch.cat((positions[:, :1] - past.shape[1] + torch.arange(
-                    past.shape[1], device=x.device), positions), dim=1)
-            cache.windows[self.layer_idx] = kv[:, max(0, kv.shape[1] - (self.window - 1)):]
+        if cache is not None:  # the window's earlier keys, then this forward's
+            kv, key_positions = cache.extend_window(self.layer_idx, kv, positions, self.window)
         ahead = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]: query position - key position
         mask = (ahead >= 0) & (ahead < self.window)
         keys, picked = kv, None
@@ -303,6 +302,19 @@ class CompressedCache:
     @classmethod
     def for_model(cls, config: ModelConfig) -> CompressedCache:
         return cls(config.num_hidden_layers)
+
+    def extend_window(self, layer_idx: int, kv: torch.Tensor, positions: torch.Tensor,
+                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This forward's keys kv [B, T, Dh] at positions [B, T] -> (the window's earlier keys then these,
+        their positions [B, S]); keeps the last window - 1 for the next forward."""
+        past = self.windows[layer_idx]
+        key_positions = positions
+        if past is not None:
+            kv = torch.cat((past, kv), dim=1)
+            key_positions = torch.cat((positions[:, :1] - past.shape[1] + torch.arange(
+                past.shape[1], device=kv.device), positions), dim=1)
+        self.windows[layer_idx] = kv[:, max(0, kv.shape[1] - (window - 1)):]
+        return kv, key_positions
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
