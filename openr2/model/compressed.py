@@ -259,7 +259,7 @@ def attend_gathered_with_sinks(q: torch.Tensor, window: torch.Tensor, window_mas
     """`attend_with_sinks` over the window keys [B, S, Dh] (window_mask [B, T, S]) and, per query, only its
     selected entries (indices, valid [B, T, k] into entries [B, N, Dh]), gathered: the same softmax."""
     B, T, k = indices.shape
-    picked = entries.gather(1, indices.reshape(B, T * k, 1).expand(-1, -1, entries.shape[-1])).view(B, T, k, -1)
+    picked = entries.gather(1, indices.reshape(B, T * k, 1).expand(-1, -1, entries.shape[-1])).view(B, T, k, entries.shape[-1])
     logits = torch.cat((torch.einsum("bthd,bsd->bhts", q, window) * scale,
                         torch.einsum("bthd,btkd->bhtk", q, picked) * scale), dim=-1)
     mask = torch.cat((window_mask, valid), dim=-1)

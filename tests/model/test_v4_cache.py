@@ -66,3 +66,12 @@ def test_greedy_cached_equals_full_forward(model):
     assert (top2[..., 0] - top2[..., 1]).min() > 1e-3, "a greedy step is a near-tie; choose another seed"
     assert torch.equal(greedy_cached(model, prompt, 24), full)
     assert torch.equal(greedy_cached(model, prompt, 24, attn_impl="naive"), full)
+
+
+def test_sparse_before_the_first_entry(model):
+    """Several queries and no complete compressed entry yet (a prompt shorter than a CSA block): the gathered
+    path picks nothing and attends the window alone, as the masked reference does."""
+    ids = torch.tensor([[5, 9, 2]])
+    with torch.no_grad():
+        naive, sparse = model(ids), model(ids, attn_impl="sparse")
+    assert_close_to_reference(sparse, naive, reference64(model, ids), what="V4 sparse with no entries")
