@@ -31,7 +31,8 @@ class ModelRunner:
         self._compiled_decode = None
         # DeepSeek-V3.2 (sparse attention: the indexer's scores and top-k, the selected latents' gather) runs
         # its decode steps eagerly: the compiled step (engine/compiled.py) carries the dense latent cache only
-        compile = compile and not model.config.has_indexer
+        # DeepSeek-V4 (compressed caches, engine/v4_cache.py) likewise, a row per forward
+        compile = compile and not model.config.has_indexer and not model.config.is_v4
         if compile:
             from openr2.quant.layers import quant_schemes
 
@@ -49,10 +50,14 @@ class ModelRunner:
 
         A row that reaches its last token gets logits (float32) at that token and at each draft, [1 + k, V];
         with_hidden, every row gets the final-normed hidden of its new positions [n, D]."""
+        out = StepOutput({}, {})
+        if self.model.config.is_v4:
+            for seq, n in plan:
+                self._forward_v4(seq, n, with_hidden, out)
+            return out
         groups: dict[str, list] = {"absorbed": [], "naive": []}
         for seq, n in plan:
             groups[self._attn_impl(n, seq.num_computed + n)].append((seq, n))
-        out = StepOutput({}, {})
         for attn_impl, group in groups.items():
             if group:
                 self._forward(group, attn_impl, with_hidden, out)
@@ -145,6 +150,22 @@ class ModelRunner:
         if with_hidden:
             for b, (seq, n) in enumerate(group):
                 out.hidden[seq.seq_id] = hidden[b, :n]
+
+    def _forward_v4(self, seq: Sequence, n: int, with_hidden: bool, out: StepOutput) -> None:
+        """One DeepSeek-V4 row through its V4RowCache (CSA layers gathering their selected entries)."""
+        start = seq.num_computed
+        state = seq.cache_state if seq.cache_state is not None and seq.cache_state.length == start else None
+        cache = self.pool.row_cache(seq.block_table, start, state)
+        ids = torch.tensor([seq.next_token_ids(n)], device=self.device)
+        m = 1 + len(seq.draft_token_ids) if start + n == seq.num_tokens + len(seq.draft_token_ids) else 0
+        index = (torch.zeros(m, dtype=torch.long, device=self.device),
+                 torch.arange(n - m, n, device=self.device))
+        logits, hidden = self.model(ids, cache=cache, attn_impl="sparse", logits_index=index, return_hidden=True)
+        seq.cache_state = cache.row_state()
+        if m:
+            out.logits[seq.seq_id] = logits.float()
+        if with_hidden:
+            out.hidden[seq.seq_id] = hidden[0]
 
     def uncompiled_rows(self, max_rows: int) -> int | None:
         """The fewest one-token decode rows (1..max_rows) the compiled step would still have to compile (or load)

@@ -98,6 +98,7 @@ class Scheduler:
             return
         child.block_table = table
         child.num_computed, child.num_registered = parent.num_computed, parent.num_registered
+        child.cache_state = parent.cache_state
         child.status = Status.RUNNING
         insert_by_priority(self.running, child)
 

@@ -41,6 +41,7 @@ class Sequence:
     num_registered: int = 0  # full blocks already offered to the prefix cache
     cumulative_logprob: float = 0.0
     draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens, verified by the next step
+    cache_state: object = None  # the pool's per-sequence state between steps (DeepSeek-V4: v4_cache.V4RowState)
 
     @property
     def num_tokens(self) -> int:
@@ -71,4 +72,5 @@ class Sequence:
         self.block_table = []
         self.num_registered = 0
         self.draft_token_ids = []
+        self.cache_state = None
         self.status = Status.WAITING

@@ -1,0 +1,209 @@
+"""DeepSeek-V4's paged cache: the pool of its three cache kinds and the per-row view the model decodes with.
+
+What a block of `block_size` tokens holds, per layer (model/compressed.py says what each thing is):
+- every layer: the window's keys, one rotated key [Dh] per token (a forward reads only the last
+  sliding_window - 1 before it; the older ones stay so that a prefix-cache hit at any later block boundary
+  finds its window);
+- CSA and HCA layers (compression rate M, block_size a multiple of M): the block's block_size / M entries [Dh];
+- CSA layers: the indexer's entries [Di] (rate M too), and per overlapping compressor (the layer's, the
+  indexer's) its overlap state at the block's end: the first halves of the block's last compression block,
+  kv and gate (position bias added) [2, M, d].
+Every kind is indexed by the same block table, so one prefix-cache hit and one copy-on-write cover them all,
+and `from_budget` counts them all. A block is reusable once complete: at a block boundary no compression block
+is pending (M divides block_size), so entries, indexer entries and overlap state there say everything.
+
+The incomplete compression block's projections (< M tokens per compressor) are per sequence: `V4RowState`
+rides on the sequence (Sequence.cache_state) from one step to its next, valid at its `length`. A sequence
+without a valid one (new, preempted and recomputed, a prefix-cache hit) starts at a block boundary, where the
+state is rebuilt from the pool. Not in the budget: at most M - 1 tokens' projections per compressor and
+running sequence.
+
+`V4RowCache` is model/compressed.py's CompressedCache for one row (the model's cache protocol:
+`extend_window`, `states`, `advance`), filled from the pool before the forward and written back by `advance`:
+the new keys, the completed entries, the overlap state at each block end this forward crossed. The engine
+runs V4 rows one forward each, eagerly (engine/runner.py); the window and entries are gathered per forward
+(the simplest correct read; in-place reads are next).
+
+Shape legend: L layers, Dh head_dim, Di indexer head dim, M compression rate, W sliding window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from openr2.config import ModelConfig
+from openr2.model.compressed import CompressedCache
+
+_GATE_DTYPE = torch.float32  # gates carry the float32 position bias (FLOAT32_PARAMS): float32 in any model dtype
+
+
+@dataclass(frozen=True)
+class V4RowState:
+    """A sequence's compressors' running state after `length` tokens: per layer a pair (layer's, indexer's) of
+    (pending_kv, pending_gate, prev_kv, prev_gate) or None. Never mutated: a fork shares it."""
+
+    length: int
+    states: tuple
+
+
+class V4Pool:
+    """The pool of a DeepSeek-V4 model's caches (the module docstring); KVPool's interface for the engine."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 num_layers: int | None = None):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1 (got {num_blocks}); raise the cache memory budget")
+        L = config.num_hidden_layers
+        if num_layers not in (None, L):
+            raise ValueError("DeepSeek-V4 MTP layers have no paged cache yet (speculative decoding is off for V4)")
+        self.rates = [config.compress_rate(i) for i in range(L)]
+        bad = sorted({m for m in self.rates if m and block_size % m})
+        if bad:
+            raise ValueError(f"DeepSeek-V4 needs block_size a multiple of every compression rate (got "
+                             f"{block_size}, rates {bad}): a complete block must hold whole compressed entries")
+        self.config, self.num_blocks, self.block_size, self.dtype = config, num_blocks, block_size, dtype
+        self.num_layers, self.window_size = L, config.sliding_window
+        self.csa = [config.layer_types[i] == "compressed_sparse_attention" for i in range(L)]
+        Dh, Di, bs = config.head_dim, config.index_head_dim, block_size
+        z = dict(dtype=dtype, device=device)
+        self.window = torch.zeros(L, num_blocks * bs, Dh, **z)
+        self.entries = {i: torch.zeros(num_blocks * bs // m, Dh, **z) for i, m in enumerate(self.rates) if m}
+        self.index_entries = {i: torch.zeros(num_blocks * bs // self.rates[i], Di, **z)
+                              for i in range(L) if self.csa[i]}
+        # overlap state at each block's end: [num_blocks, M, d] kv halves and gate halves, per compressor
+        self.halves = {(i, j): (torch.zeros(num_blocks, self.rates[i], d, **z),
+                                torch.zeros(num_blocks, self.rates[i], d, dtype=_GATE_DTYPE, device=device))
+                       for i in range(L) if self.csa[i] for j, d in ((0, Dh), (1, Di))}
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        e, g = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=_GATE_DTYPE).element_size()
+        Dh, Di, bs = config.head_dim, config.index_head_dim, block_size
+        total = 0
+        for i in range(config.num_hidden_layers):
+            m = config.compress_rate(i)
+            total += bs * Dh * e
+            if m:
+                total += bs // m * Dh * e
+            if config.layer_types[i] == "compressed_sparse_attention":
+                total += bs // m * Di * e + m * (Dh + Di) * (e + g)
+        return total
+
+    @classmethod
+    def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 64,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    num_layers: int | None = None) -> V4Pool:
+        """As many blocks as fit `budget_bytes`, a block costing what every layer's kinds store for it."""
+        per_block = cls.bytes_per_block(config, block_size, dtype)
+        return cls(config, int(budget_bytes // per_block), block_size, dtype, device, num_layers)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.window, *self.entries.values(), *self.index_entries.values()]
+        tensors += [t for pair in self.halves.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
+        """Copy the first num_tokens tokens of block src into block dst (copy-on-write for forked samples): their
+        keys and their complete entries (a fork carries the pending block in its V4RowState)."""
+        bs = self.block_size
+        self.window[:, dst * bs : dst * bs + num_tokens] = self.window[:, src * bs : src * bs + num_tokens]
+        for table in (self.entries, self.index_entries):
+            for i, t in table.items():
+                per, n = bs // self.rates[i], num_tokens // self.rates[i]
+                t[dst * per : dst * per + n] = t[src * per : src * per + n]
+
+    def row_cache(self, block_table: list[int], length: int, state: V4RowState | None) -> V4RowCache:
+        """The cache for one row's forward of tokens from `length` on; `state` the row's V4RowState at that
+        length, or None at a block boundary (rebuilt from the pool)."""
+        return V4RowCache(self, block_table, length, state)
+
+    def token_slots(self, table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        p = torch.arange(start, end, device=table.device)
+        return table[p // self.block_size] * self.block_size + p % self.block_size
+
+    def entry_slots(self, table: torch.Tensor, rate: int, start: int, end: int) -> torch.Tensor:
+        per = self.block_size // rate
+        w = torch.arange(start, end, device=table.device)
+        return table[w // per] * per + w % per
+
+
+class V4RowCache(CompressedCache):
+    """model/compressed.py's CompressedCache for one row, read from and written back to a V4Pool."""
+
+    def __init__(self, pool: V4Pool, block_table: list[int], length: int, state: V4RowState | None):
+        super().__init__(pool.num_layers)
+        if state is not None and state.length != length:
+            raise ValueError(f"row state is for {state.length} tokens, not {length}")
+        if state is None and length % pool.block_size:
+            raise ValueError(f"a DeepSeek-V4 row without its running state must start at a block boundary "
+                             f"(block_size {pool.block_size}), not at {length}")
+        self.pool, self.length, self.start = pool, length, length
+        device = pool.window.device
+        self.table = torch.tensor(block_table, dtype=torch.long, device=device)
+        self.new_keys: dict[int, torch.Tensor] = {}
+        first = max(0, length - (pool.window_size - 1))
+        slots = pool.token_slots(self.table, first, length)
+        for i in range(pool.num_layers):
+            if length:
+                self.windows[i] = pool.window[i].index_select(0, slots)[None]
+            m = pool.rates[i]
+            if not m:
+                continue
+            kinds = [pool.entries] + ([pool.index_entries] if pool.csa[i] else [])
+            entry_slots = pool.entry_slots(self.table, m, 0, length // m)
+            for j, entries in enumerate(kinds):
+                st = self.states[i][j]
+                if length >= m:
+                    st.entries = entries[i].index_select(0, entry_slots)[None]
+                if state is not None and state.states[i][j] is not None:
+                    st.pending_kv, st.pending_gate, st.prev_kv, st.prev_gate = state.states[i][j]
+                elif pool.csa[i] and length:  # at a block boundary: the overlap state stored at its end
+                    kv, gate = pool.halves[(i, j)]
+                    block = self.table[length // pool.block_size - 1]
+                    st.prev_kv, st.prev_gate = kv[block][None], gate[block][None]
+
+    def extend_window(self, layer_idx, kv, positions, window):
+        self.new_keys[layer_idx] = kv
+        return super().extend_window(layer_idx, kv, positions, window)
+
+    def advance(self, num_tokens: int) -> None:
+        """After the model's last layer: write this forward's keys, entries and overlap states to the pool."""
+        pool, start, end = self.pool, self.start, self.start + num_tokens
+        slots = pool.token_slots(self.table, start, end)
+        for i in range(pool.num_layers):
+            pool.window[i].index_copy_(0, slots, self.new_keys[i][0].to(pool.dtype))
+            m = pool.rates[i]
+            if not m or end // m == start // m:
+                continue
+            n0, n1 = start // m, end // m
+            kinds = [pool.entries] + ([pool.index_entries] if pool.csa[i] else [])
+            for j, entries in enumerate(kinds):
+                st = self.states[i][j]
+                entries[i].index_copy_(0, pool.entry_slots(self.table, m, n0, n1), st.entries[0, n0:n1].to(pool.dtype))
+                if not pool.csa[i]:
+                    continue
+                kv_halves, gate_halves = st.block_halves  # [1, n1 - n0, M, d]: compression blocks n0..n1-1
+                kv, gate = pool.halves[(i, j)]
+                bs = pool.block_size
+                for b in range(start // bs, end // bs):  # blocks whose end this forward reached
+                    w = (b + 1) * bs // m - 1 - n0
+                    kv[self.table[b]] = kv_halves[0, w].to(kv.dtype)
+                    gate[self.table[b]] = gate_halves[0, w].to(gate.dtype)
+        super().advance(num_tokens)
+
+    def row_state(self) -> V4RowState:
+        """The compressors' running state after this forward (copies: the slices would keep the forward's
+        projections alive)."""
+        states = []
+        for i in range(self.pool.num_layers):
+            pair = []
+            for st in self.states[i]:
+                parts = (st.pending_kv, st.pending_gate, st.prev_kv, st.prev_gate)
+                pair.append(None if st.pending_kv is None else tuple(
+                    None if t is None else t.clone() for t in parts))
+            states.append(tuple(pair))
+        return V4RowState(self.length, tuple(states))
