@@ -177,3 +177,17 @@ def test_block_size_must_hold_whole_entries(model):
 
     with pytest.raises(ValueError, match="multiple of every compression rate"):
         LLM(model, compile=False, block_size=8, num_blocks=8)
+
+
+def test_forked_samples_carry_the_running_state(model):
+    """n=2 off a 45-token prompt (mid cache block, mid HCA block, one token past a CSA block): the second sample
+    starts from the first's cache (full blocks shared, the partial one copied, the compressors' running state
+    shared); both decode the full forward's greedy continuation."""
+    from openr2.engine.llm import LLM
+    from openr2.engine.sampling import SamplingParams
+
+    prompt = torch.randint(0, model.config.vocab_size, (45,), generator=torch.Generator().manual_seed(5)).tolist()
+    llm = LLM(model, compile=False, block_size=BS, num_blocks=16)
+    out = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True))[0]
+    want = _greedy_full(model, prompt, 20)
+    assert [o.token_ids for o in out.outputs] == [want, want]
