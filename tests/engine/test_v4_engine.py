@@ -102,6 +102,42 @@ def test_paged_rows_equal_the_full_forward(model):
                               what="V4 over the paged cache vs the full forward")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype):
+    """What the pool stores is what CompressedCache keeps: a row in chunks (7, 9, 20, 12, 19, then decode) and
+    a prefix-cache hit on its first 48 tokens give the very logits CompressedCache gives with the same chunks,
+    in float32 and in bfloat16 (stored in the model's dtype, gates in float32)."""
+    import copy
+
+    from openr2.model.compressed import CompressedCache
+    from openr2.model.transformer import cast_model
+
+    m = cast_model(copy.deepcopy(model), dtype)
+    V = m.config.vocab_size
+    gen = torch.Generator().manual_seed(8)
+    seq0 = torch.randint(0, V, (72,), generator=gen).tolist()
+    seq1 = seq0[:48] + torch.randint(0, V, (25,), generator=gen).tolist()
+    chunks0, chunks1 = [7, 9, 20, 12, 19, 1, 1, 1, 1, 1], [7, 9, 20, 12, 21, 1, 1, 1, 1]
+    pool = V4Pool(m.config, num_blocks=12, block_size=BS, dtype=dtype)
+    tables = [[0, 1, 2, 3, 4], [0, 1, 2, 5, 6]]
+    paged, plain = [[], []], [[], []]
+    with torch.inference_mode():
+        for b, (seq, chunks) in enumerate(((seq0, chunks0), (seq1, chunks1))):
+            ref, state, start = CompressedCache.for_model(m.config), None, 0
+            for n in chunks:
+                ids = torch.tensor([seq[start : start + n]])
+                plain[b].append(m(ids, cache=ref, attn_impl="sparse"))
+                if b == 0 or start >= 48:  # row 1's first 48 tokens come from row 0's blocks
+                    cache = pool.row_cache(tables[b], start, state)
+                    paged[b].append(m(ids, cache=cache, attn_impl="sparse"))
+                    state = cache.row_state()
+                else:
+                    plain[b].pop()
+                start += n
+    for b in range(2):
+        assert torch.equal(torch.cat(paged[b], dim=1), torch.cat(plain[b], dim=1)), f"row {b} ({dtype})"
+
+
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
     seq = torch.tensor([prompt])
     with torch.inference_mode():
