@@ -139,8 +139,9 @@ class LLMEngine:
         if config.num_blocks is not None:
             self.pool = pool_cls(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers)
         else:
+            running = {"max_num_seqs": config.max_num_seqs} if mconf.is_v4 else {}  # their compressor states
             self.pool = pool_cls.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
-                                             model.device, num_layers)
+                                             model.device, num_layers, **running)
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
                                    self.pool.copy_block)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))

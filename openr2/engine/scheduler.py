@@ -123,7 +123,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table, seq.cache_state = [], None
         seq.status = Status.FINISHED
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:

@@ -15,8 +15,8 @@ is pending (M divides block_size), so entries, indexer entries and overlap state
 The incomplete compression block's projections (< M tokens per compressor) are per sequence: `V4RowState`
 rides on the sequence (Sequence.cache_state) from one step to its next, valid at its `length`. A sequence
 without a valid one (new, preempted and recomputed, a prefix-cache hit) starts at a block boundary, where the
-state is rebuilt from the pool. Not in the budget: at most M - 1 tokens' projections per compressor and
-running sequence.
+state is rebuilt from the pool. The budget sets aside the most such state max_num_seqs sequences hold
+(`row_state_bytes`).
 
 `V4RowCache` is model/compressed.py's CompressedCache for one row (the model's cache protocol:
 `extend_window`, `states`, `advance`), filled from the pool before the forward and written back by `advance`:
@@ -92,13 +92,33 @@ class V4Pool:
                 total += bs // m * Di * e + m * (Dh + Di) * (e + g)
         return total
 
+    @staticmethod
+    def row_state_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+        """The most a sequence's V4RowState holds: per compressor M - 1 pending tokens' kv and gate projections
+        (model dtype) and, overlapping ones, the last block's first halves (kv in the model dtype, gate float32)."""
+        e, g = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=_GATE_DTYPE).element_size()
+        total = 0
+        for i in range(config.num_hidden_layers):
+            m = config.compress_rate(i)
+            if not m:
+                continue
+            dims = [config.head_dim]
+            if config.layer_types[i] == "compressed_sparse_attention":
+                dims.append(config.index_head_dim)
+            for d in dims:
+                overlap = len(dims) == 2
+                total += (m - 1) * (2 * d if overlap else d) * 2 * e + (m * d * (e + g) if overlap else 0)
+        return total
+
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 64,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    num_layers: int | None = None) -> V4Pool:
-        """As many blocks as fit `budget_bytes`, a block costing what every layer's kinds store for it."""
+                    num_layers: int | None = None, max_num_seqs: int = 0) -> V4Pool:
+        """As many blocks as fit `budget_bytes` once max_num_seqs running sequences' states are set aside, a block
+        costing what every layer's kinds store for it."""
+        budget = budget_bytes - max_num_seqs * cls.row_state_bytes(config, dtype)
         per_block = cls.bytes_per_block(config, block_size, dtype)
-        return cls(config, int(budget_bytes // per_block), block_size, dtype, device, num_layers)
+        return cls(config, int(max(0, budget) // per_block), block_size, dtype, device, num_layers)
 
     @property
     def nbytes(self) -> int:

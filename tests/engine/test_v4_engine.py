@@ -40,6 +40,10 @@ def test_pool_kinds_from_one_budget():
     assert pool.num_blocks == 10 and pool.nbytes == 10 * per_block
     assert pool.entries[1].shape == (10 * BS // 4, Dh) and pool.entries[2].shape == (10 * BS // 16, Dh)
     assert pool.index_entries[3].shape == (10 * BS // 4, Di) and set(pool.index_entries) == {1, 3}
+    # running sequences' compressor states come out of the same budget
+    running = 3 * V4Pool.row_state_bytes(config, torch.float32)
+    assert V4Pool.from_budget(config, 10 * per_block + running, block_size=BS, max_num_seqs=3).num_blocks == 10
+    assert V4Pool.from_budget(config, 10 * per_block + running - 1, block_size=BS, max_num_seqs=3).num_blocks == 9
     with pytest.raises(ValueError, match="multiple of every compression rate"):
         V4Pool(config, 4, block_size=8)  # HCA's 16 tokens per entry would straddle blocks
     pool.window.normal_()
@@ -136,6 +140,32 @@ def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype):
                 start += n
     for b in range(2):
         assert torch.equal(torch.cat(paged[b], dim=1), torch.cat(plain[b], dim=1)), f"row {b} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_state_bytes_is_the_largest_state(model, dtype):
+    """After 47 tokens (3 pending in each CSA block of 4, 15 in the HCA block of 16: the most) a row's state
+    takes exactly row_state_bytes; after 48 (none pending) less."""
+    import copy
+
+    from openr2.model.transformer import cast_model
+
+    m = cast_model(copy.deepcopy(model), dtype)
+    pool = V4Pool(m.config, num_blocks=4, block_size=BS, dtype=dtype)
+    cache = pool.row_cache([0, 1, 2, 3], 0, None)
+    with torch.inference_mode():
+        m(torch.arange(47)[None], cache=cache)
+    state = cache.row_state()
+
+    def nbytes(state):
+        return sum(t.numel() * t.element_size() for layer in state.states for pair in layer if pair is not None
+                   for t in pair if t is not None)
+
+    assert nbytes(state) == V4Pool.row_state_bytes(m.config, dtype)
+    cache = pool.row_cache([0, 1, 2, 3], 47, state)
+    with torch.inference_mode():
+        m(torch.tensor([[3]]), cache=cache)
+    assert nbytes(cache.row_state()) < V4Pool.row_state_bytes(m.config, dtype)
 
 
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
