@@ -1,9 +1,9 @@
 """DeepSeek-V4's paged cache: the pool of its three cache kinds and the per-row view the model decodes with.
 
 What a block of `block_size` tokens holds, per layer (model/compressed.py says what each thing is):
-- every layer: the window's keys, one rotated key [Dh] per token (a forward reads only the last
-  sliding_window - 1 before it; the older ones stay so that a prefix-cache hit at any later block boundary
-  finds its window);
+- every layer: the window's keys at the block's end, the rotated keys [Dh] of its last W - 1 tokens (what a
+  forward starting at the next block boundary reads: a prefix-cache hit there finds its window; block_size
+  >= W - 1, so a block's window costs (W - 1) / block_size keys per token, not one);
 - CSA and HCA layers (compression rate M, block_size a multiple of M): the block's block_size / M entries [Dh];
 - CSA layers: the indexer's entries [Di] (rate M too), and per overlapping compressor (the layer's, the
   indexer's) its overlap state at the block's end: the first halves of the block's last compression block,
@@ -12,15 +12,16 @@ Every kind is indexed by the same block table, so one prefix-cache hit and one c
 and `from_budget` counts them all. A block is reusable once complete: at a block boundary no compression block
 is pending (M divides block_size), so entries, indexer entries and overlap state there say everything.
 
-The incomplete compression block's projections (< M tokens per compressor) are per sequence: `V4RowState`
-rides on the sequence (Sequence.cache_state) from one step to its next, valid at its `length`. A sequence
+The incomplete cache block's window keys (< block_size per layer) and the incomplete compression block's
+projections (< M tokens per compressor) are per sequence: `V4RowState` rides on the sequence
+(Sequence.cache_state) from one step to its next, valid at its `length`. A sequence
 without a valid one (new, preempted and recomputed, a prefix-cache hit) starts at a block boundary, where the
 state is rebuilt from the pool. The budget sets aside the most such state max_num_seqs sequences hold
 (`row_state_bytes`).
 
 `V4RowCache` is model/compressed.py's CompressedCache for one row (the model's cache protocol:
 `extend_window`, `states`, `advance`), filled from the pool before the forward and written back by `advance`:
-the new keys, the completed entries, the overlap state at each block end this forward crossed. The engine
+the window keys and overlap state at each block end this forward reached, the completed entries. The engine
 runs V4 rows one forward each, eagerly (engine/runner.py); the window and entries are gathered per forward
 (the simplest correct read; in-place reads are next).
 
@@ -41,10 +42,12 @@ _GATE_DTYPE = torch.float32  # gates carry the float32 position bias (FLOAT32_PA
 
 @dataclass(frozen=True)
 class V4RowState:
-    """A sequence's compressors' running state after `length` tokens: per layer a pair (layer's, indexer's) of
-    (pending_kv, pending_gate, prev_kv, prev_gate) or None. Never mutated: a fork shares it."""
+    """A sequence's running state after `length` tokens: per layer the window keys of its incomplete cache block
+    [1, length % block_size, Dh], and a pair (layer's, indexer's) of its compressors' (pending_kv, pending_gate,
+    prev_kv, prev_gate) or None. Never mutated: a fork shares it."""
 
     length: int
+    keys: tuple
     states: tuple
 
 
@@ -64,12 +67,15 @@ class V4Pool:
         if bad:
             raise ValueError(f"DeepSeek-V4 needs block_size a multiple of every compression rate (got "
                              f"{block_size}, rates {bad}): a complete block must hold whole compressed entries")
+        if block_size < config.sliding_window - 1:
+            raise ValueError(f"DeepSeek-V4 needs block_size >= sliding_window - 1 (got {block_size}, window "
+                             f"{config.sliding_window}): a block keeps the window at its end")
         self.config, self.num_blocks, self.block_size, self.dtype = config, num_blocks, block_size, dtype
-        self.num_layers, self.window_size = L, config.sliding_window
+        self.num_layers, self.tail = L, config.sliding_window - 1  # window keys kept per block
         self.csa = [config.layer_types[i] == "compressed_sparse_attention" for i in range(L)]
         Dh, Di, bs = config.head_dim, config.index_head_dim, block_size
         z = dict(dtype=dtype, device=device)
-        self.window = torch.zeros(L, num_blocks * bs, Dh, **z)
+        self.window = torch.zeros(L, num_blocks * self.tail, Dh, **z)
         self.entries = {i: torch.zeros(num_blocks * bs // m, Dh, **z) for i, m in enumerate(self.rates) if m}
         self.index_entries = {i: torch.zeros(num_blocks * bs // self.rates[i], Di, **z)
                               for i in range(L) if self.csa[i]}
@@ -85,7 +91,7 @@ class V4Pool:
         total = 0
         for i in range(config.num_hidden_layers):
             m = config.compress_rate(i)
-            total += bs * Dh * e
+            total += (config.sliding_window - 1) * Dh * e
             if m:
                 total += bs // m * Dh * e
             if config.layer_types[i] == "compressed_sparse_attention":
@@ -93,11 +99,12 @@ class V4Pool:
         return total
 
     @staticmethod
-    def row_state_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-        """The most a sequence's V4RowState holds: per compressor M - 1 pending tokens' kv and gate projections
-        (model dtype) and, overlapping ones, the last block's first halves (kv in the model dtype, gate float32)."""
+    def row_state_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """The most a sequence's V4RowState holds: per layer block_size - 1 window keys; per compressor M - 1
+        pending tokens' kv and gate projections (model dtype) and, overlapping ones, the last block's first
+        halves (kv in the model dtype, gate float32)."""
         e, g = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=_GATE_DTYPE).element_size()
-        total = 0
+        total = config.num_hidden_layers * (block_size - 1) * config.head_dim * e
         for i in range(config.num_hidden_layers):
             m = config.compress_rate(i)
             if not m:
@@ -116,7 +123,7 @@ class V4Pool:
                     num_layers: int | None = None, max_num_seqs: int = 0) -> V4Pool:
         """As many blocks as fit `budget_bytes` once max_num_seqs running sequences' states are set aside, a block
         costing what every layer's kinds store for it."""
-        budget = budget_bytes - max_num_seqs * cls.row_state_bytes(config, dtype)
+        budget = budget_bytes - max_num_seqs * cls.row_state_bytes(config, block_size, dtype)
         per_block = cls.bytes_per_block(config, block_size, dtype)
         return cls(config, int(max(0, budget) // per_block), block_size, dtype, device, num_layers)
 
@@ -128,9 +135,9 @@ class V4Pool:
 
     def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         """Copy the first num_tokens tokens of block src into block dst (copy-on-write for forked samples): their
-        keys and their complete entries (a fork carries the pending block in its V4RowState)."""
+        complete entries (a fork shares the incomplete block's window keys and pending projections in its
+        V4RowState)."""
         bs = self.block_size
-        self.window[:, dst * bs : dst * bs + num_tokens] = self.window[:, src * bs : src * bs + num_tokens]
         for table in (self.entries, self.index_entries):
             for i, t in table.items():
                 per, n = bs // self.rates[i], num_tokens // self.rates[i]
@@ -140,10 +147,6 @@ class V4Pool:
         """The cache for one row's forward of tokens from `length` on; `state` the row's V4RowState at that
         length, or None at a block boundary (rebuilt from the pool)."""
         return V4RowCache(self, block_table, length, state)
-
-    def token_slots(self, table: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        p = torch.arange(start, end, device=table.device)
-        return table[p // self.block_size] * self.block_size + p % self.block_size
 
     def entry_slots(self, table: torch.Tensor, rate: int, start: int, end: int) -> torch.Tensor:
         per = self.block_size // rate
@@ -165,11 +168,19 @@ class V4RowCache(CompressedCache):
         device = pool.window.device
         self.table = torch.tensor(block_table, dtype=torch.long, device=device)
         self.new_keys: dict[int, torch.Tensor] = {}
-        first = max(0, length - (pool.window_size - 1))
-        slots = pool.token_slots(self.table, first, length)
+        bs, tail = pool.block_size, pool.tail
+        self.base = length - length % bs  # the incomplete cache block's first position
+        self.partial = [state.keys[i] if state is not None else None for i in range(pool.num_layers)]
+        first = max(0, length - tail)  # the window before this forward: positions first..length-1
         for i in range(pool.num_layers):
-            if length:
-                self.windows[i] = pool.window[i].index_select(0, slots)[None]
+            parts = []
+            if first < self.base:  # the previous block's last base - first keys
+                block = int(self.table[self.base // bs - 1])
+                parts.append(pool.window[i, (block + 1) * tail - (self.base - first) : (block + 1) * tail])
+            if length > self.base:
+                parts.append(self.partial[i][0, max(first, self.base) - self.base :])
+            if parts:
+                self.windows[i] = torch.cat(parts)[None]
             m = pool.rates[i]
             if not m:
                 continue
@@ -193,9 +204,15 @@ class V4RowCache(CompressedCache):
     def advance(self, num_tokens: int) -> None:
         """After the model's last layer: write this forward's keys, entries and overlap states to the pool."""
         pool, start, end = self.pool, self.start, self.start + num_tokens
-        slots = pool.token_slots(self.table, start, end)
+        bs, tail = pool.block_size, pool.tail
         for i in range(pool.num_layers):
-            pool.window[i].index_copy_(0, slots, self.new_keys[i][0].to(pool.dtype))
+            keys = self.new_keys[i][0].to(pool.dtype)  # positions base..end-1
+            if self.partial[i] is not None:
+                keys = torch.cat((self.partial[i][0], keys))
+            for b in range(start // bs, end // bs):  # blocks this forward completed: keep their last keys
+                block, e = int(self.table[b]), (b + 1) * bs - self.base
+                pool.window[i, block * tail : (block + 1) * tail] = keys[e - tail : e]
+            self.partial[i] = keys[end // bs * bs - self.base :][None].clone()
             m = pool.rates[i]
             if not m or end // m == start // m:
                 continue
@@ -226,4 +243,4 @@ class V4RowCache(CompressedCache):
                 pair.append(None if st.pending_kv is None else tuple(
                     None if t is None else t.clone() for t in parts))
             states.append(tuple(pair))
-        return V4RowState(self.length, tuple(states))
+        return V4RowState(self.length, tuple(self.partial), tuple(states))

@@ -8,6 +8,8 @@ a selection (tests/v4.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def model():
 def test_pool_kinds_from_one_budget():
     config = tiny_v4()  # layers: sliding, CSA 4, HCA 16, CSA 4; Dh 32, Di 16
     Dh, Di, e = config.head_dim, config.index_head_dim, 4
-    window = 4 * BS * Dh * e
+    window = 4 * (config.sliding_window - 1) * Dh * e  # each block keeps the window at its end
     csa = BS // 4 * (Dh + Di) * e + 4 * (Dh + Di) * (e + 4)  # entries, indexer entries, overlap halves
     hca = BS // 16 * Dh * e
     per_block = window + 2 * csa + hca
@@ -41,16 +43,16 @@ def test_pool_kinds_from_one_budget():
     assert pool.entries[1].shape == (10 * BS // 4, Dh) and pool.entries[2].shape == (10 * BS // 16, Dh)
     assert pool.index_entries[3].shape == (10 * BS // 4, Di) and set(pool.index_entries) == {1, 3}
     # running sequences' compressor states come out of the same budget
-    running = 3 * V4Pool.row_state_bytes(config, torch.float32)
+    running = 3 * V4Pool.row_state_bytes(config, BS, torch.float32)
     assert V4Pool.from_budget(config, 10 * per_block + running, block_size=BS, max_num_seqs=3).num_blocks == 10
     assert V4Pool.from_budget(config, 10 * per_block + running - 1, block_size=BS, max_num_seqs=3).num_blocks == 9
     with pytest.raises(ValueError, match="multiple of every compression rate"):
         V4Pool(config, 4, block_size=8)  # HCA's 16 tokens per entry would straddle blocks
-    pool.window.normal_()
+    with pytest.raises(ValueError, match="block_size >= sliding_window - 1"):
+        V4Pool(dataclasses.replace(config, sliding_window=40), 4, block_size=32)
+    assert pool.window.shape == (4, 10 * 15, Dh)
     pool.entries[1].normal_()
-    pool.copy_block(1, 3, num_tokens=9)  # copy-on-write: 9 keys, 2 complete CSA entries, no HCA entry
-    assert torch.equal(pool.window[:, 48:57], pool.window[:, 16:25])
-    assert not torch.equal(pool.window[:, 57], pool.window[:, 25])
+    pool.copy_block(1, 3, num_tokens=9)  # copy-on-write: 2 complete CSA entries, no HCA entry
     assert torch.equal(pool.entries[1][12:14], pool.entries[1][4:6])
     assert not torch.equal(pool.entries[1][14], pool.entries[1][6])
 
@@ -106,11 +108,12 @@ def test_paged_rows_equal_the_full_forward(model):
                               what="V4 over the paged cache vs the full forward")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype):
-    """What the pool stores is what CompressedCache keeps: a row in chunks (7, 9, 20, 12, 19, then decode) and
-    a prefix-cache hit on its first 48 tokens give the very logits CompressedCache gives with the same chunks,
-    in float32 and in bfloat16 (stored in the model's dtype, gates in float32)."""
+@pytest.mark.parametrize("dtype,bs", [(torch.float32, BS), (torch.bfloat16, BS), (torch.float32, 32)])
+def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype, bs):
+    """What the pool stores is what CompressedCache keeps: a row in chunks (7, 9, 16, 16, 19 across a block end,
+    then decode) and a prefix-cache hit on its first 48 tokens give the very logits CompressedCache gives with the same chunks,
+    in float32 and in bfloat16 (stored in the model's dtype, gates in float32); in blocks of 16 and of 32 (the
+    hit mid-block: 32 tokens from the pool, 16 recomputed)."""
     import copy
 
     from openr2.model.compressed import CompressedCache
@@ -121,9 +124,10 @@ def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype):
     gen = torch.Generator().manual_seed(8)
     seq0 = torch.randint(0, V, (72,), generator=gen).tolist()
     seq1 = seq0[:48] + torch.randint(0, V, (25,), generator=gen).tolist()
-    chunks0, chunks1 = [7, 9, 20, 12, 19, 1, 1, 1, 1, 1], [7, 9, 20, 12, 21, 1, 1, 1, 1]
-    pool = V4Pool(m.config, num_blocks=12, block_size=BS, dtype=dtype)
-    tables = [[0, 1, 2, 3, 4], [0, 1, 2, 5, 6]]
+    chunks0, chunks1 = [7, 9, 16, 16, 19, 1, 1, 1, 1, 1], [7, 9, 16, 16, 21, 1, 1, 1, 1]
+    pool = V4Pool(m.config, num_blocks=12, block_size=bs, dtype=dtype)
+    hit = 48 // bs * bs
+    tables = [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4][: hit // bs] + [5, 6, 7, 8]]
     paged, plain = [[], []], [[], []]
     with torch.inference_mode():
         for b, (seq, chunks) in enumerate(((seq0, chunks0), (seq1, chunks1))):
@@ -131,7 +135,7 @@ def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype):
             for n in chunks:
                 ids = torch.tensor([seq[start : start + n]])
                 plain[b].append(m(ids, cache=ref, attn_impl="sparse"))
-                if b == 0 or start >= 48:  # row 1's first 48 tokens come from row 0's blocks
+                if b == 0 or start >= hit:  # row 1's first `hit` tokens come from row 0's blocks
                     cache = pool.row_cache(tables[b], start, state)
                     paged[b].append(m(ids, cache=cache, attn_impl="sparse"))
                     state = cache.row_state()
@@ -144,7 +148,8 @@ def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_state_bytes_is_the_largest_state(model, dtype):
-    """After 47 tokens (3 pending in each CSA block of 4, 15 in the HCA block of 16: the most) a row's state
+    """After 47 tokens (15 window keys in the cache block of 16, 3 pending in each CSA block of 4, 15 in the HCA
+    block of 16: the most) a row's state
     takes exactly row_state_bytes; after 48 (none pending) less."""
     import copy
 
@@ -158,14 +163,15 @@ def test_row_state_bytes_is_the_largest_state(model, dtype):
     state = cache.row_state()
 
     def nbytes(state):
-        return sum(t.numel() * t.element_size() for layer in state.states for pair in layer if pair is not None
-                   for t in pair if t is not None)
+        keys = sum(t.numel() * t.element_size() for t in state.keys)
+        return keys + sum(t.numel() * t.element_size() for layer in state.states for pair in layer
+                          if pair is not None for t in pair if t is not None)
 
-    assert nbytes(state) == V4Pool.row_state_bytes(m.config, dtype)
+    assert nbytes(state) == V4Pool.row_state_bytes(m.config, BS, dtype)
     cache = pool.row_cache([0, 1, 2, 3], 47, state)
     with torch.inference_mode():
         m(torch.tensor([[3]]), cache=cache)
-    assert nbytes(cache.row_state()) < V4Pool.row_state_bytes(m.config, dtype)
+    assert nbytes(cache.row_state()) < V4Pool.row_state_bytes(m.config, BS, dtype)
 
 
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
