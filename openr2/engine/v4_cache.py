@@ -30,6 +30,7 @@ Shape legend: L layers, Dh head_dim, Di indexer head dim, M compression rate, W 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +65,15 @@ class V4Pool:
             raise ValueError("DeepSeek-V4 MTP layers have no paged cache yet (speculative decoding is off for V4)")
         self.rates = [config.compress_rate(i) for i in range(L)]
         bad = sorted({m for m in self.rates if m and block_size % m})
+        unit = math.lcm(*(m for m in self.rates if m)) if any(self.rates) else 1
+        fits = max(block_size, config.sliding_window - 1)
+        hint = f"; for example block_size {-(-fits // unit) * unit}"
         if bad:
             raise ValueError(f"DeepSeek-V4 needs block_size a multiple of every compression rate (got "
-                             f"{block_size}, rates {bad}): a complete block must hold whole compressed entries")
+                             f"{block_size}, rates {bad}): a complete block must hold whole compressed entries{hint}")
         if block_size < config.sliding_window - 1:
             raise ValueError(f"DeepSeek-V4 needs block_size >= sliding_window - 1 (got {block_size}, window "
-                             f"{config.sliding_window}): a block keeps the window at its end")
+                             f"{config.sliding_window}): a block keeps the window at its end{hint}")
         self.config, self.num_blocks, self.block_size, self.dtype = config, num_blocks, block_size, dtype
         self.num_layers, self.tail = L, config.sliding_window - 1  # window keys kept per block
         self.csa = [config.layer_types[i] == "compressed_sparse_attention" for i in range(L)]
