@@ -79,6 +79,24 @@ class CompressorState:
     # so that a paged cache can keep the overlap state at each of its block boundaries (engine/v4_cache.py)
     block_halves: tuple | None = None
 
+    # The entries' protocol, which a paged cache implements over its pool (engine/v4_cache.py): the attention
+    # asks for all of them (dense HCA, the indexer's scan, the masked reference) or only the selected ones.
+    @property
+    def num_entries(self) -> int:
+        return 0 if self.entries is None else self.entries.shape[1]
+
+    def extend(self, new: torch.Tensor) -> None:
+        """Append this forward's new entries [B, n, d]."""
+        self.entries = new if self.entries is None else torch.cat((self.entries, new), dim=1)
+
+    def all(self) -> torch.Tensor:
+        """Every entry so far [B, N, d]."""
+        return self.entries
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The entries at indices [B, T, k] (each < num_entries): [B, T, k, d]."""
+        return take_entries(self.entries, indices)
+
 
 class Compressor(nn.Module):
     """Gated pooling of every `rate` tokens into one `dim`-channel entry, normed and rotated at the block's first
@@ -96,21 +114,26 @@ class Compressor(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState | None = None) -> torch.Tensor:
         """x [B, T, D] -> every entry so far [B, N, dim]. Without a state x holds tokens 0..T-1 and a trailing
-        incomplete block is dropped; with one, x continues the state's tokens and the incomplete block waits
-        in it. `rotary` is the compressed rope table (entries rotate at their block's first position)."""
-        kv, gate = self.kv_proj(x), self.gate_proj(x)
-        first = 0
+        incomplete block is dropped; with one, x continues the state's tokens (`update`) and the incomplete
+        block waits in it. `rotary` is the compressed rope table (entries rotate at their block's first
+        position)."""
         if state is not None:
-            first = 0 if state.entries is None else state.entries.shape[1]
-            if state.pending_kv is not None:
-                kv, gate = torch.cat((state.pending_kv, kv), dim=1), torch.cat((state.pending_gate, gate), dim=1)
+            self.update(x, rotary, state)
+            return state.all()
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        usable = kv.shape[1] // self.rate * self.rate
+        return self._pool(kv[:, :usable], gate[:, :usable], 0, rotary, None)
+
+    def update(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState) -> None:
+        """Continue the state's tokens with x [B, T, D]: the blocks it completes become entries (state.extend)."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        first = state.num_entries
+        if state.pending_kv is not None:
+            kv, gate = torch.cat((state.pending_kv, kv), dim=1), torch.cat((state.pending_gate, gate), dim=1)
         usable = kv.shape[1] // self.rate * self.rate
         new = self._pool(kv[:, :usable], gate[:, :usable], first, rotary, state)
-        if state is None:
-            return new
         state.pending_kv, state.pending_gate = kv[:, usable:], gate[:, usable:]
-        state.entries = new if state.entries is None else torch.cat((state.entries, new), dim=1)
-        return state.entries
+        state.extend(new)
 
     def _pool(self, kv, gate, first: int, rotary: RotaryEmbedding, state: CompressorState | None):
         """Complete blocks kv, gate [B, N * M, width] -> entries first..first+N-1 [B, N, dim]."""
@@ -230,16 +253,20 @@ class CompressedAttention(nn.Module):
         keys, picked = kv, None
         if self.compressor is not None:
             states = cache.states[self.layer_idx] if cache is not None else (None, None)
-            entries = self.compressor(x, ropes["rotary"], states[0])  # [B, N, Dh]
+            store = states[0]
+            if store is None:  # no cache: the entries of the whole sequence
+                store = CompressorState(entries=self.compressor(x, ropes["rotary"]))
+            else:
+                self.compressor.update(x, ropes["rotary"], store)
             if getattr(self.compressor, "indexer", None) is not None:
                 picked = self.compressor.indexer.select(x, q_latent, positions, cos, sin, ropes["rotary"], states[1])
-                seen = mask.new_zeros(B, T, entries.shape[1]).scatter_(-1, *picked)
-            else:
-                seen = entry_visible(positions, entries.shape[1], self.rate)
-            if picked is None or attn_impl == "naive":
+            if picked is None or attn_impl == "naive":  # every entry, the unselected masked
+                entries = store.all()  # [B, N, Dh]
+                seen = entry_visible(positions, entries.shape[1], self.rate) if picked is None else \
+                    mask.new_zeros(B, T, entries.shape[1]).scatter_(-1, *picked)
                 keys, mask = torch.cat((kv, entries), dim=1), torch.cat((mask, seen), dim=-1)
-        if picked is not None and attn_impl == "sparse":
-            out = attend_gathered_with_sinks(q, kv, mask, entries, *picked, self.sinks, self.scale)
+        if picked is not None and attn_impl == "sparse":  # only the selected entries are read
+            out = attend_gathered_with_sinks(q, kv, mask, store.take(picked[0]), picked[1], self.sinks, self.scale)
         else:
             out = attend_with_sinks(q, keys, mask, self.sinks, self.scale)  # [B, T, H, Dh]
         out = rope_tail(out, hc, -hs)  # values carry rope: rotate back by the query's position
@@ -253,13 +280,18 @@ class CompressedAttention(nn.Module):
         return torch.einsum("btgi,gri->btgr", out.reshape(B, T, G, -1), w).reshape(B, T, -1)
 
 
-def attend_gathered_with_sinks(q: torch.Tensor, window: torch.Tensor, window_mask: torch.Tensor,
-                               entries: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor,
-                               sinks: torch.Tensor, scale: float) -> torch.Tensor:
-    """`attend_with_sinks` over the window keys [B, S, Dh] (window_mask [B, T, S]) and, per query, only its
-    selected entries (indices, valid [B, T, k] into entries [B, N, Dh]), gathered: the same softmax."""
+def take_entries(entries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """entries [B, N, d] at indices [B, T, k] -> [B, T, k, d]."""
     B, T, k = indices.shape
-    picked = entries.gather(1, indices.reshape(B, T * k, 1).expand(-1, -1, entries.shape[-1])).view(B, T, k, entries.shape[-1])
+    d = entries.shape[-1]
+    return entries.gather(1, indices.reshape(B, T * k, 1).expand(-1, -1, d)).view(B, T, k, d)
+
+
+def attend_gathered_with_sinks(q: torch.Tensor, window: torch.Tensor, window_mask: torch.Tensor,
+                               picked: torch.Tensor, valid: torch.Tensor, sinks: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """`attend_with_sinks` over the window keys [B, S, Dh] (window_mask [B, T, S]) and, per query, only its
+    selected entries picked [B, T, k, Dh] (valid [B, T, k]: invalid picks masked): the same softmax."""
     logits = torch.cat((torch.einsum("bthd,bsd->bhts", q, window) * scale,
                         torch.einsum("bthd,btkd->bhtk", q, picked) * scale), dim=-1)
     mask = torch.cat((window_mask, valid), dim=-1)
