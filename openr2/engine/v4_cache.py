@@ -22,8 +22,10 @@ state is rebuilt from the pool. The budget sets aside the most such state max_nu
 `V4RowCache` is model/compressed.py's CompressedCache for one row (the model's cache protocol:
 `extend_window`, `states`, `advance`), filled from the pool before the forward and written back by `advance`:
 the window keys and overlap state at each block end this forward reached, the completed entries. The engine
-runs V4 rows one forward each, eagerly (engine/runner.py); the window and entries are gathered per forward
-(the simplest correct read; in-place reads are next).
+runs V4 rows one forward each, eagerly (engine/runner.py). The compressors' entries are `PagedEntries`: on
+the gathered CSA path a query's selected entries are read from the pool by row (k per query, not N); the
+indexer's entries (its scan scores them all), HCA's (all attended) and the window's W - 1 keys are gathered
+per forward.
 
 Shape legend: L layers, Dh head_dim, Di indexer head dim, M compression rate, W sliding window.
 """
@@ -31,12 +33,12 @@ Shape legend: L layers, Dh head_dim, Di indexer head dim, M compression rate, W 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from openr2.config import ModelConfig
-from openr2.model.compressed import CompressedCache
+from openr2.model.compressed import CompressedCache, CompressorState
 
 _GATE_DTYPE = torch.float32  # gates carry the float32 position bias (FLOAT32_PARAMS): float32 in any model dtype
 
@@ -152,10 +154,55 @@ class V4Pool:
         length, or None at a block boundary (rebuilt from the pool)."""
         return V4RowCache(self, block_table, length, state)
 
-    def entry_slots(self, table: torch.Tensor, rate: int, start: int, end: int) -> torch.Tensor:
+    def entry_slots(self, table: torch.Tensor, rate: int, w: torch.Tensor) -> torch.Tensor:
+        """Pool rows of a sequence's entries w (any shape) at `rate` tokens per entry, through its block table."""
         per = self.block_size // rate
-        w = torch.arange(start, end, device=table.device)
         return table[w // per] * per + w % per
+
+
+@dataclass
+class PagedEntries(CompressorState):
+    """A compressor's entries for one row's forward (model/compressed.py's entries protocol): the first `stored`
+    in the pool (`store`, the layer's entries there), this forward's new ones in `new` until `advance` writes
+    them. `take` reads only the selected entries' rows; `all` gathers every entry (HCA, the indexer's scan)."""
+
+    pool: V4Pool | None = None
+    store: torch.Tensor | None = None  # [pool entries, d]
+    table: torch.Tensor | None = None
+    rate: int = 0
+    stored: int = 0
+    new: torch.Tensor | None = None  # [1, n, d]
+    _all: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_entries(self) -> int:
+        return self.stored + (0 if self.new is None else self.new.shape[1])
+
+    def extend(self, new: torch.Tensor) -> None:
+        self.new = new if self.new is None else torch.cat((self.new, new), dim=1)
+        self._all = None
+
+    def all(self) -> torch.Tensor:
+        if self._all is None:
+            w = torch.arange(self.stored, device=self.store.device)
+            parts = [self.store.index_select(0, self.pool.entry_slots(self.table, self.rate, w))[None]]
+            if self.new is not None:
+                parts.append(self.new)
+            self._all = torch.cat(parts, dim=1)
+        return self._all
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        B, T, k = indices.shape
+        d, flat = self.store.shape[-1], indices.reshape(-1)
+        if self.num_entries == 0:
+            return self.store.new_zeros(B, T, k, d)
+        if self.stored:
+            slots = self.pool.entry_slots(self.table, self.rate, flat.clamp(max=self.stored - 1))
+            out = self.store.index_select(0, slots)
+        if self.new is not None and self.new.shape[1]:
+            fresh = self.new[0].index_select(0, (flat - self.stored).clamp(min=0))
+            out = fresh if not self.stored else torch.where((flat < self.stored)[:, None], out, fresh)
+        return out.view(B, T, k, d)
 
 
 class V4RowCache(CompressedCache):
@@ -189,17 +236,17 @@ class V4RowCache(CompressedCache):
             if not m:
                 continue
             kinds = [pool.entries] + ([pool.index_entries] if pool.csa[i] else [])
-            entry_slots = pool.entry_slots(self.table, m, 0, length // m)
+            paged = []
             for j, entries in enumerate(kinds):
-                st = self.states[i][j]
-                if length >= m:
-                    st.entries = entries[i].index_select(0, entry_slots)[None]
+                st = PagedEntries(pool=pool, store=entries[i], table=self.table, rate=m, stored=length // m)
+                paged.append(st)
                 if state is not None and state.states[i][j] is not None:
                     st.pending_kv, st.pending_gate, st.prev_kv, st.prev_gate = state.states[i][j]
                 elif pool.csa[i] and length:  # at a block boundary: the overlap state stored at its end
                     kv, gate = pool.halves[(i, j)]
                     block = self.table[length // pool.block_size - 1]
                     st.prev_kv, st.prev_gate = kv[block][None], gate[block][None]
+            self.states[i] = (*paged, CompressorState())[:2]
 
     def extend_window(self, layer_idx, kv, positions, window):
         self.new_keys[layer_idx] = kv
@@ -224,7 +271,8 @@ class V4RowCache(CompressedCache):
             kinds = [pool.entries] + ([pool.index_entries] if pool.csa[i] else [])
             for j, entries in enumerate(kinds):
                 st = self.states[i][j]
-                entries[i].index_copy_(0, pool.entry_slots(self.table, m, n0, n1), st.entries[0, n0:n1].to(pool.dtype))
+                w = torch.arange(n0, n1, device=self.table.device)
+                entries[i].index_copy_(0, pool.entry_slots(self.table, m, w), st.new[0].to(pool.dtype))
                 if not pool.csa[i]:
                     continue
                 kv_halves, gate_halves = st.block_halves  # [1, n1 - n0, M, d]: compression blocks n0..n1-1

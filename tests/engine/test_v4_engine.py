@@ -174,6 +174,45 @@ def test_row_state_bytes_is_the_largest_state(model, dtype):
     assert nbytes(cache.row_state()) < V4Pool.row_state_bytes(m.config, BS, dtype)
 
 
+def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
+    """On the gathered path a CSA layer's own entries are never gathered whole from the pool: each query's
+    index_topk are read by row (`take`); the indexer's entries and HCA's are (`all`). The masked reference
+    ("naive") reads every entry, and both give the same logits."""
+    from openr2.engine import v4_cache
+
+    config = model.config
+    calls = []
+    for name in ("all", "take"):
+        original = getattr(v4_cache.PagedEntries, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            calls.append((_name, self.store.data_ptr()))
+            return _original(self, *args)
+
+        monkeypatch.setattr(v4_cache.PagedEntries, name, spy)
+    ids = torch.randint(0, config.vocab_size, (1, 81), generator=torch.Generator().manual_seed(2))
+    assert_decided(model, ids, what="v4 selected entries")
+    out = {}
+    for impl in ("sparse", "naive"):
+        pool = V4Pool(config, num_blocks=6, block_size=BS)
+        cache = pool.row_cache([0, 1, 2, 3, 4, 5], 0, None)
+        with torch.inference_mode():
+            model(ids[:, :80], cache=cache, attn_impl=impl)
+            calls.clear()
+            cache = pool.row_cache([0, 1, 2, 3, 4, 5], 80, cache.row_state())
+            out[impl] = model(ids[:, 80:], cache=cache, attn_impl=impl)  # 20 entries per CSA layer, top-8
+        csa = {pool.entries[i].data_ptr() for i in (1, 3)}
+        whole = {ptr for name, ptr in calls if name == "all"}
+        assert whole >= {pool.index_entries[1].data_ptr(), pool.index_entries[3].data_ptr(),
+                         pool.entries[2].data_ptr()}
+        if impl == "sparse":
+            assert not whole & csa and {ptr for name, ptr in calls if name == "take"} == csa
+        else:
+            assert whole >= csa
+    assert_close_to_reference(out["sparse"], out["naive"], reference64(model, ids)[:, 80:],
+                              what="paged sparse vs naive")
+
+
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
     seq = torch.tensor([prompt])
     with torch.inference_mode():
