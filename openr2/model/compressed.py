@@ -44,6 +44,7 @@ from openr2.model.layers import Float32RMSNorm
 from openr2.model.rope import RotaryEmbedding, apply_rope
 
 V4_ATTN_IMPLS = ("naive", "sparse")
+SCORE_CHUNK_ELEMENTS = 1 << 26  # indexer products [B, t, Hi, N] formed at once (compressed_index_scores)
 
 
 def v4_rotaries(config: ModelConfig) -> tuple[RotaryEmbedding, RotaryEmbedding]:
@@ -168,9 +169,15 @@ def compressed_index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.
                             visible: torch.Tensor) -> torch.Tensor:
     """q [B, T, Hi, Di], keys [B, N, Di], weights [B, T, Hi] (scales folded in) -> float32 scores [B, T, N],
     sum_h weights[h] * ReLU(q_h . k) / sqrt(Di), -inf on entries the query cannot see. A module function so
-    that tests can record the scores (tests/v4.py)."""
-    dots = torch.einsum("bthd,bnd->bthn", q.float(), keys.float()).relu_() * q.shape[-1] ** -0.5
-    scores = torch.einsum("bthn,bth->btn", dots, weights.float())
+    that tests can record the scores (tests/v4.py). The [B, t, Hi, N] products are the step's largest tensor
+    (a long prompt chunk over a long context): formed SCORE_CHUNK_ELEMENTS at a time, t queries per chunk."""
+    B, T, Hi, _ = q.shape
+    kt, step = keys.float(), max(1, SCORE_CHUNK_ELEMENTS // max(1, B * Hi * keys.shape[1]))
+    out = []
+    for t0 in range(0, T, step):
+        dots = torch.einsum("bthd,bnd->bthn", q[:, t0 : t0 + step].float(), kt).relu_() * q.shape[-1] ** -0.5
+        out.append(torch.einsum("bthn,bth->btn", dots, weights[:, t0 : t0 + step].float()))
+    scores = out[0] if len(out) == 1 else torch.cat(out, dim=1)
     return scores.masked_fill(~visible, float("-inf"))
 
 

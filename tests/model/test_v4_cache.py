@@ -75,3 +75,21 @@ def test_sparse_before_the_first_entry(model):
     with torch.no_grad():
         naive, sparse = model(ids), model(ids, attn_impl="sparse")
     assert_close_to_reference(sparse, naive, reference64(model, ids), what="V4 sparse with no entries")
+
+
+def test_index_scores_in_query_chunks_equal_one_pass(monkeypatch):
+    """The indexer's products formed a few queries at a time (as a long prompt chunk over a long context is):
+    the same scores as in one pass (within its float32 error against float64), the mask included."""
+    import openr2.model.compressed as compressed
+    from tests.numerics import float64_compute
+
+    gen = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 9, 4, 8, generator=gen), torch.randn(2, 6, 8, generator=gen)
+    weights, visible = torch.randn(2, 9, 4, generator=gen), torch.rand(2, 9, 6, generator=gen) > 0.3
+    whole = compressed.compressed_index_scores(q, keys, weights, visible)
+    monkeypatch.setattr(compressed, "SCORE_CHUNK_ELEMENTS", 2 * 4 * 6 * 2)  # 2 queries per chunk
+    chunked = compressed.compressed_index_scores(q, keys, weights, visible)
+    with float64_compute():  # its .float() keeps float64
+        ref = compressed.compressed_index_scores(q.double(), keys.double(), weights.double(), visible)
+    assert ref.dtype == torch.float64 and torch.equal(torch.isinf(chunked), ~visible)
+    assert_close_to_reference(chunked[visible], whole[visible], ref[visible], what="indexer scores in chunks")
