@@ -245,6 +245,9 @@ class CompressedAttention(nn.Module):
         instead of N, what matters at long context)."""
         if attn_impl not in V4_ATTN_IMPLS:
             raise ValueError(f"DeepSeek-V4 attn_impl must be one of {V4_ATTN_IMPLS}, got {attn_impl!r}")
+        if isinstance(cache, CompressedCacheRows):  # rows at different lengths: each through its own cache
+            return torch.cat([self.forward(x[b : b + 1], positions[b : b + 1], _row_ropes(ropes, b), row, attn_impl)
+                              for b, row in enumerate(cache.rows)])
         B, T, _ = x.shape
         cos, sin = ropes["compress" if self.rate else "main"]
         hc, hs = cos[:, :, None], sin[:, :, None]  # broadcast over heads
@@ -357,3 +360,20 @@ class CompressedCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+
+
+@dataclass
+class CompressedCacheRows:
+    """A batch whose rows stand at different lengths (an engine's decode rows), one CompressedCache (or a paged
+    one) per row: each layer's attention runs row by row through its row's cache, the rest of the model batched.
+    Row b's positions must continue rows[b].length."""
+
+    rows: list
+
+    def advance(self, num_tokens: int) -> None:
+        for row in self.rows:
+            row.advance(num_tokens)
+
+
+def _row_ropes(ropes: dict, b: int) -> dict:
+    return {name: (v if name == "rotary" else (v[0][b : b + 1], v[1][b : b + 1])) for name, v in ropes.items()}

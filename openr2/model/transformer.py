@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.compressed import CompressedCache, v4_rotaries
+from openr2.model.compressed import CompressedCache, CompressedCacheRows, v4_rotaries
 from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, HyperMTPLayer, MTPLayer, v4_mtp_config
 from openr2.model.hyper import HyperConnection, HyperHead
 from openr2.model.indexer import HeadWeights
@@ -112,12 +112,18 @@ class Transformer(nn.Module):
     def _forward_v4(self, x, input_ids, positions, cache, attn_impl, moe_impl):
         """Embeddings [B, T, D] -> the last layer's residual streams [B, T, n, D] (hc_head and the final norm
         follow). attn_impl is compressed.V4_ATTN_IMPLS' (naive, sparse)."""
-        if cache is not None and not isinstance(cache, CompressedCache):
+        if cache is not None and not isinstance(cache, (CompressedCache, CompressedCacheRows)):
             raise ValueError(f"DeepSeek-V4 needs a CompressedCache, got {type(cache).__name__}")
-        start = cache.length if cache is not None else 0
-        want = start + torch.arange(positions.shape[1], device=positions.device)
-        if not bool((positions == want).all()):  # compressors pool whole blocks from position 0 on
-            raise ValueError(f"DeepSeek-V4 positions must run {start}..{start + positions.shape[1] - 1} in every row")
+        steps = torch.arange(positions.shape[1], device=positions.device)
+        if isinstance(cache, CompressedCacheRows):
+            starts = torch.tensor([row.length for row in cache.rows], device=positions.device)
+            if len(cache.rows) != positions.shape[0] or not bool((positions == starts[:, None] + steps).all()):
+                raise ValueError("DeepSeek-V4 positions must continue each row's cache length")
+        else:
+            start = cache.length if cache is not None else 0
+            if not bool((positions == start + steps).all()):  # compressors pool whole blocks from position 0 on
+                raise ValueError(f"DeepSeek-V4 positions must run {start}..{start + positions.shape[1] - 1} in every "
+                                 "row")
         ropes = {"main": self.rotary(positions, x.dtype), "compress": self.rotary_compress(positions, x.dtype),
                  "rotary": self.rotary_compress}
         x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()

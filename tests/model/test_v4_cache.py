@@ -93,3 +93,31 @@ def test_index_scores_in_query_chunks_equal_one_pass(monkeypatch):
         ref = compressed.compressed_index_scores(q.double(), keys.double(), weights.double(), visible)
     assert ref.dtype == torch.float64 and torch.equal(torch.isinf(chunked), ~visible)
     assert_close_to_reference(chunked[visible], whole[visible], ref[visible], what="indexer scores in chunks")
+
+
+def test_rows_at_different_lengths_decode_together(model):
+    """CompressedCacheRows: two rows prefilled to 37 and 52 tokens in their own caches, then 20 steps decoded in
+    one batch (attention row by row, the rest batched): every step equals the full forward of its row."""
+    from openr2.model.compressed import CompressedCacheRows
+
+    gen = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(0, model.config.vocab_size, (1, n + 20), generator=gen) for n in (37, 52)]
+    for ids in seqs:
+        assert_decided(model, ids, what="v4 rows")
+    caches = [CompressedCache.for_model(model.config) for _ in seqs]
+    with torch.no_grad():
+        for ids, cache in zip(seqs, caches):
+            model(ids[:, :-20], cache=cache, attn_impl="sparse")
+        rows, steps = CompressedCacheRows(caches), []
+        for s in range(20):
+            ids = torch.cat([q[:, q.shape[1] - 20 + s : q.shape[1] - 19 + s] for q in seqs])
+            positions = torch.tensor([[c.length] for c in caches])
+            steps.append(model(ids, positions, cache=rows, attn_impl="sparse"))
+        with pytest.raises(ValueError, match="continue each row's cache length"):
+            model(ids, positions, cache=rows)
+    assert [c.length for c in caches] == [57, 72]
+    got = torch.cat(steps, dim=1)  # [2, 20, V]
+    for b, ids in enumerate(seqs):
+        with torch.no_grad():
+            full = model(ids)[:, -20:]
+        assert_close_to_reference(got[b : b + 1], full, reference64(model, ids)[:, -20:], what=f"V4 rows, row {b}")
