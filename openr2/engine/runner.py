@@ -31,7 +31,7 @@ class ModelRunner:
         self._compiled_decode = None
         # DeepSeek-V3.2 (sparse attention: the indexer's scores and top-k, the selected latents' gather) runs
         # its decode steps eagerly: the compiled step (engine/compiled.py) carries the dense latent cache only
-        # DeepSeek-V4 (compressed caches, engine/v4_cache.py) likewise, a row per forward
+        # DeepSeek-V4 (compressed caches, engine/v4_cache.py) likewise: per-row caches, attention row by row
         compile = compile and not model.config.has_indexer and not model.config.is_v4
         if compile:
             from openr2.quant.layers import quant_schemes

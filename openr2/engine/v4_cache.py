@@ -22,10 +22,10 @@ state is rebuilt from the pool. The budget sets aside the most such state max_nu
 `V4RowCache` is model/compressed.py's CompressedCache for one row (the model's cache protocol:
 `extend_window`, `states`, `advance`), filled from the pool before the forward and written back by `advance`:
 the window keys and overlap state at each block end this forward reached, the completed entries. The engine
-runs V4 rows one forward each, eagerly (engine/runner.py). The compressors' entries are `PagedEntries`: on
-the gathered CSA path a query's selected entries are read from the pool by row (k per query, not N); the
-indexer's entries (its scan scores them all), HCA's (all attended) and the window's W - 1 keys are gathered
-per forward.
+runs V4 eagerly (engine/runner.py): decode rows together as CompressedCacheRows, prompt chunks a row each.
+The compressors' entries are `PagedEntries`: on the gathered CSA path a query's selected entries are read
+from the pool by row (k per query, not N); the indexer's entries (its scan scores them all), HCA's (all
+attended) and the window's W - 1 keys are gathered per forward.
 
 Shape legend: L layers, Dh head_dim, Di indexer head dim, M compression rate, W sliding window.
 """
