@@ -45,6 +45,7 @@ from openr2.model.rope import RotaryEmbedding, apply_rope
 
 V4_ATTN_IMPLS = ("naive", "sparse")
 SCORE_CHUNK_ELEMENTS = 1 << 26  # indexer products [B, t, Hi, N] formed at once (compressed_index_scores)
+WINDOW_QUERY_BLOCK = 256  # queries per window-attention block of a long chunk (CompressedAttention.forward)
 
 
 def v4_rotaries(config: ModelConfig) -> tuple[RotaryEmbedding, RotaryEmbedding]:
@@ -275,10 +276,25 @@ class CompressedAttention(nn.Module):
                 seen = entry_visible(positions, entries.shape[1], self.rate) if picked is None else \
                     mask.new_zeros(B, T, entries.shape[1]).scatter_(-1, *picked)
                 keys, mask = torch.cat((kv, entries), dim=1), torch.cat((mask, seen), dim=-1)
-        if picked is not None and attn_impl == "sparse":  # only the selected entries are read
-            out = attend_gathered_with_sinks(q, kv, mask, store.take(picked[0]), picked[1], self.sinks, self.scale)
-        else:
-            out = attend_with_sinks(q, keys, mask, self.sinks, self.scale)  # [B, T, H, Dh]
+        sparse = picked is not None and attn_impl == "sparse"  # only the selected entries are read
+        taken = store.take(picked[0]) if sparse else None
+        W, past = kv.shape[1], kv.shape[1] - T  # window keys (the query t's own at past + t), then entries
+        out = []
+        # A long chunk attends in query blocks, each over the window keys it can see (positions are contiguous):
+        # T x (block + W) products instead of T x (T + W)
+        step = T if T <= WINDOW_QUERY_BLOCK else WINDOW_QUERY_BLOCK
+        for t0 in range(0, T, step):
+            t, ks = slice(t0, t0 + step), slice(max(0, past + t0 - (self.window - 1)), min(W, past + t0 + step))
+            if step == T:
+                t, ks = slice(None), slice(0, W)
+            if sparse:
+                out.append(attend_gathered_with_sinks(q[:, t], kv[:, ks], mask[:, t, ks], taken[:, t], picked[1][:, t],
+                                                      self.sinks, self.scale))
+            else:
+                block_keys = torch.cat((kv[:, ks], keys[:, W:]), dim=1) if step < T else keys
+                block_mask = torch.cat((mask[:, t, ks], mask[:, t, W:]), dim=-1) if step < T else mask
+                out.append(attend_with_sinks(q[:, t], block_keys, block_mask, self.sinks, self.scale))
+        out = out[0] if len(out) == 1 else torch.cat(out, dim=1)  # [B, T, H, Dh]
         out = rope_tail(out, hc, -hs)  # values carry rope: rotate back by the query's position
         return self.o_b_proj(self._grouped_out(out))
 

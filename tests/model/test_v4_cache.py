@@ -121,3 +121,23 @@ def test_rows_at_different_lengths_decode_together(model):
         with torch.no_grad():
             full = model(ids)[:, -20:]
         assert_close_to_reference(got[b : b + 1], full, reference64(model, ids)[:, -20:], what=f"V4 rows, row {b}")
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "sparse"])
+def test_long_chunks_attend_in_query_blocks(model, attn_impl, monkeypatch):
+    """Queries in blocks of 7, each over only the window keys it can see (as long chunks run): the same logits
+    as one block, without a cache and in cached chunks of 40 and 57 (blocks straddling the past window)."""
+    import openr2.model.compressed as compressed
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 97), generator=torch.Generator().manual_seed(3))
+    assert_decided(model, ids, what="v4 query blocks")
+    with torch.no_grad():
+        whole = model(ids, attn_impl=attn_impl)
+        monkeypatch.setattr(compressed, "WINDOW_QUERY_BLOCK", 7)
+        blocked = model(ids, attn_impl=attn_impl)
+        cache = CompressedCache.for_model(model.config)
+        chunked = torch.cat([model(ids[:, :40], cache=cache, attn_impl=attn_impl),
+                             model(ids[:, 40:], cache=cache, attn_impl=attn_impl)], dim=1)
+    ref = reference64(model, ids)
+    assert_close_to_reference(blocked, whole, ref, what=f"V4 query blocks {attn_impl}")
+    assert_close_to_reference(chunked, whole, ref, what=f"V4 query blocks, cached chunks {attn_impl}")
