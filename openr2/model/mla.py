@@ -32,7 +32,8 @@ DeepSeek Sparse Attention (V3.2: model/indexer.py) adds three, which a cache for
   gathers their latents (a paged cache through its block tables). `attend_latent_sparse` below is the
   gather, `attend_latent` with the selection ANDed into the causal mask its dense reference.
 The model asks for the indexer's three only when the config has an indexer; a cache without them cannot
-serve such a model.
+serve such a model. DeepSeek-V4 caches no latent: its cache kind is model/compressed.py's CompressedCache
+(per layer a window of keys and the compressors' running state), used by the V4 layers alone.
 
 With an indexer (V3.2) both paths attend over each query's top-k keys only: `naive` (the plain reference)
 ANDs the selection into its causal mask; `absorbed` (the fast path) gathers the selected latents and attends
