@@ -135,7 +135,7 @@ class LLMEngine:
                 raise ValueError("speculative_config: method 'mtp' needs a checkpoint with MTP modules "
                                  "(num_nextn_predict_layers >= 1); use 'ngram' for this one")
             num_layers += len(model.mtp)  # the MTP layers' own caches
-        if mconf.is_v4 and self.speculative is not None:
+        if mconf.is_v4 and speculative is not None:
             raise ValueError("speculative decoding is not supported for DeepSeek-V4 yet (its paged cache cannot "
                              "roll back rejected drafts' compressor state)")
         pool_cls = V4Pool if mconf.is_v4 else KVPool
