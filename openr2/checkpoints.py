@@ -37,6 +37,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     FP8 block weights are dequantised to `dtype` unless keep_fp8, which keeps every module whose stored
     weights are all FP8 in FP8 with per-use dequantisation (half the memory of bf16)."""
     config, files = hf_io.open_checkpoint(path)
+    if keep_fp8 and config.is_v4:  # quant/ knows neither the release's `.scale` names nor its FP4 experts
+        raise ValueError(f"{path}: keep_fp8 is not supported for DeepSeek-V4 yet; load without it (FP8 and FP4 "
+                         f"weights are dequantised)")
     quantized = config.quantization_config or {}
     config.quantization_config = None  # weights are dequantised below, unless held quantized
     with torch.device("meta"):

@@ -35,6 +35,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "model_type": config.model_type, **stats.to_dict()}))
         return 0
+    if config.is_v4:
+        return _info_v4(args.model, config, stats)
     layers = stats.num_layers
     rows = [
         ("model", f"{args.model} ({config.model_type}, {layers} layers, {config.n_routed_experts} routed experts "
@@ -65,6 +67,49 @@ def cmd_info(args: argparse.Namespace) -> int:
                                 f"vs {dense:,} B for dense MLA (V3): "
                                 f"+{100 * (stats.cache_bytes_per_token / dense - 1):.1f}%"),
         ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _info_v4(name: str, config, stats) -> int:
+    """`openr2 info` for DeepSeek-V4: attention kinds per layer, and cache sizes at 4K / 128K / 1M tokens
+    against DeepSeek-V3's MLA (its preset, bf16 latents in all 61 layers)."""
+    from openr2.model.accounting import CONTEXTS, model_stats
+    from openr2.presets import deepseek_v3
+
+    kinds = [config.layer_types.count(k) for k in ("sliding_attention", "compressed_sparse_attention",
+                                                    "heavily_compressed_attention")]
+    rates = config.compress_rates
+    v3 = model_stats(deepseek_v3())
+    rows = [
+        ("model", f"{name} ({config.model_type}, {stats.num_layers} layers: {kinds[0]} sliding-window, {kinds[1]} "
+                  f"CSA {rates['compressed_sparse_attention']}:1, {kinds[2]} HCA "
+                  f"{rates['heavily_compressed_attention']}:1; {config.n_routed_experts} routed experts "
+                  f"top-{config.num_experts_per_tok}, {config.mlp_layer_types.count('hash_moe')} hash-routed layers)"),
+        ("total parameters", f"{stats.total_params:,} ({_short(stats.total_params)}; MTP not counted)"),
+        ("MTP parameters", f"{stats.mtp_params:,} ({config.num_nextn_predict_layers} depth(s); embedding and head "
+                           f"shared)"),
+        ("active parameters", f"{stats.active_params:,} per token ({_short(stats.active_params)}; head counted, "
+                              f"input embedding not)"),
+        ("indexer parameters", f"{stats.indexer_params:,} (in the totals above; {config.index_n_heads} heads x "
+                               f"{config.index_head_dim} dims, top-{config.index_topk} entries per query)"),
+        ("cache growth, bf16", f"{stats.cache_bytes_per_token:,} B per token (compressed entries and indexer keys) "
+                               f"vs {v3.cache_bytes_per_token:,} B for V3's MLA"),
+        ("window, bf16", f"{_mib(stats.window_bytes)} ({config.sliding_window} tokens x {config.head_dim} dims x "
+                         f"{stats.num_layers} layers)"),
+        ("compressor state", f"{_mib(stats.compressor_state_bytes)} per sequence, float32"),
+    ]
+    for n in CONTEXTS:
+        ours, theirs = stats.cache_bytes(n), v3.cache_bytes(n)
+        beyond = f" (past V3's {v3_max:,} tokens)" if n > (v3_max := deepseek_v3().max_position_embeddings) else ""
+        rows.append((f"cache at {f'{n // 1024}K' if n < 2**20 else f'{n // 2**20}M'}",
+                     f"{_mib(ours)} vs V3 MLA {_mib(theirs)}{beyond}: {100 * ours / theirs:.1f}%"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -8,6 +8,16 @@ lightning indexer (`index_n_heads` x `index_head_dim`, keeping the `index_topk` 
 transformers class fixes what V3 leaves to the config (sigmoid noaux_tc routing, MoE in every layer after
 the dense ones, interleaved MLA rope, a q LoRA), so a V3.2 config that says otherwise is refused rather than
 read as something transformers would compute differently.
+
+DeepSeek-V4 (`model_type: deepseek_v4`) is not MLA: one shared 512-dim KV head per layer with partial rotary
+(`head_dim`, `qk_rope_head_dim` = head_dim x partial_rotary_factor), an attention kind per layer
+(`layer_types`: sliding window, CSA = 4:1 compressed entries picked by an indexer, HCA = 128:1 entries attended
+densely; `compress_rates`), hyper-connections (`hc_mult` streams, `hc_sinkhorn_iters`, `hc_eps`), a grouped
+low-rank output projection (`o_groups` x `o_lora_rank`), sqrtsoftplus routing with hash-routed layers
+(`mlp_layer_types`) and clipped SwiGLU (`swiglu_limit`). Here `rope_theta` is the main (sliding) table's
+base and `rope_scaling` the YaRN of the compressed branches, whose base is `compress_rope_theta` (transformers
+nests both under `rope_parameters.main` / `.compress`). The MLA keys (kv_lora_rank, qk_nope_head_dim,
+v_head_dim, n_group...) mean nothing for V4 and are neither read nor written.
 """
 
 from __future__ import annotations
@@ -19,15 +29,26 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
 ROUTING_METHODS = {  # topk_method -> scoring_func it needs
     "greedy": "softmax",
     "group_limited_greedy": "softmax",
     "noaux_tc": "sigmoid",
 }
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
+_V4_RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention",
+                           128: "heavily_compressed_attention"}  # the release's `compress_ratios`
+# V4's own keys (None for the other model types), written to config.json only for deepseek_v4
+_V4_KEYS = ("head_dim", "layer_types", "mlp_layer_types", "compress_rates", "compress_rope_theta", "sliding_window",
+            "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "swiglu_limit")
+# MLA / V3-routing keys V4 has no use for
+_NOT_V4_KEYS = ("intermediate_size", "n_group", "topk_group", "topk_method", "first_k_dense_replace",
+                "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "rope_interleave", "aux_loss_alpha",
+                "seq_aux")
 _NULLABLE = {"q_lora_rank", "pad_token_id", "bos_token_id", "eos_token_id", "num_key_value_heads"}
 _ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                  "deepseek_v32": "DeepseekV32ForCausalLM"}
+                  "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
 _INDEXER_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
 
 
@@ -79,6 +100,19 @@ class ModelConfig:
     index_n_heads: int | None = None
     index_head_dim: int | None = None
     index_topk: int | None = None
+    # DeepSeek-V4 (deepseek_v4 only; None otherwise): see the module docstring
+    head_dim: int | None = None
+    layer_types: list | None = None
+    mlp_layer_types: list | None = None
+    compress_rates: dict | None = None
+    compress_rope_theta: float | None = None
+    sliding_window: int | None = None
+    hc_mult: int | None = None
+    hc_sinkhorn_iters: int | None = None
+    hc_eps: float | None = None
+    o_groups: int | None = None
+    o_lora_rank: int | None = None
+    swiglu_limit: float | None = None
     # FP8 block format of the stored weights ({quant_method: fp8, weight_block_size: [128, 128]}), or None
     quantization_config: dict | None = None
     torch_dtype: str | None = None
@@ -98,12 +132,25 @@ class ModelConfig:
         return self.model_type == "deepseek_v3"
 
     @property
+    def is_v4(self) -> bool:
+        """DeepSeek-V4: per-layer attention kinds over one shared KV head, hyper-connections, hash routing."""
+        return self.model_type == "deepseek_v4"
+
+    def compress_rate(self, layer_idx: int) -> int:
+        """V4: tokens per compressed entry of a layer (0 for a sliding-window layer)."""
+        kind = self.layer_types[layer_idx]
+        return 0 if kind == "sliding_attention" else self.compress_rates[kind]
+
+    @property
     def has_indexer(self) -> bool:
         """DeepSeek Sparse Attention: a lightning indexer in every attention layer (V3.2)."""
         return self.model_type == "deepseek_v32"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """DeepSeek's rule: dense for the first `first_k_dense_replace` layers, then MoE every `moe_layer_freq`."""
+        """DeepSeek's rule: dense for the first `first_k_dense_replace` layers, then MoE every `moe_layer_freq`
+        (V4: every layer)."""
+        if self.is_v4:
+            return True
         return (
             self.n_routed_experts > 0
             and layer_idx >= self.first_k_dense_replace
@@ -131,12 +178,19 @@ class ModelConfig:
             raise ValueError(f"{source}: key 'model_type' is {model_type!r}; openr2 reads {', '.join(MODEL_TYPES)}")
         defaults = _defaults_for(model_type)
         names = {f.name for f in dataclasses.fields(cls)} - {"source", "rope_scaling", "rope_theta"}
-        if model_type != "deepseek_v32":
-            names -= set(_INDEXER_KEYS)  # only V3.2 has an indexer; stray keys elsewhere mean nothing
+        if model_type not in ("deepseek_v32", "deepseek_v4"):
+            names -= set(_INDEXER_KEYS)  # only V3.2 and V4 have indexers; stray keys elsewhere mean nothing
+        if model_type == "deepseek_v4":
+            names -= set(_NOT_V4_KEYS)
+        else:
+            names -= set(_V4_KEYS)
         kwargs: dict[str, Any] = {k: hf[k] for k in names if k in hf and (hf[k] is not None or k in _NULLABLE)}
         if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:  # transformers 5.x alias
             kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-        kwargs["rope_theta"], kwargs["rope_scaling"] = _read_rope(hf, source)
+        if model_type == "deepseek_v4":
+            kwargs.update(_read_v4(hf, source, defaults))
+        else:
+            kwargs["rope_theta"], kwargs["rope_scaling"] = _read_rope(hf, source)
         if "torch_dtype" not in kwargs and isinstance(hf.get("dtype"), str):
             kwargs["torch_dtype"] = hf["dtype"]
         cfg = dataclasses.replace(defaults, **kwargs, source=source)
@@ -165,9 +219,13 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name in ("source", "rope_scaling", "torch_dtype", "quantization_config"):
                 continue
-            if f.name in _INDEXER_KEYS and not self.has_indexer:
+            if f.name in _INDEXER_KEYS and not (self.has_indexer or self.is_v4):
+                continue
+            if f.name in (_NOT_V4_KEYS if self.is_v4 else _V4_KEYS):
                 continue
             out[f.name] = getattr(self, f.name)
+        if self.is_v4:
+            return self._to_hf_v4(out)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**{k: v for k, v in self.rope_scaling.items() if k != "type"}, "rope_type": "yarn",
@@ -175,6 +233,24 @@ class ModelConfig:
         out["rope_parameters"] = rope
         if self.is_v3:
             out["num_mtp_layers"] = self.num_nextn_predict_layers  # transformers 5.x name; defaults to 1 if absent
+        if self.torch_dtype:
+            out["dtype"] = self.torch_dtype
+        return out
+
+    def _to_hf_v4(self, out: dict) -> dict:
+        """transformers' DeepseekV4Config keys: both rope tables nested by kind, partial rotary as a factor."""
+        out.pop("rope_theta", None)
+        out.pop("qk_rope_head_dim")
+        factor = self.qk_rope_head_dim / self.head_dim
+        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta, "partial_rotary_factor": factor}
+        if self.rope_scaling:
+            compress = {**{k: v for k, v in self.rope_scaling.items() if k != "type"}, **compress,
+                        "rope_type": "yarn", "attention_factor": 1.0}
+        out["rope_theta"] = self.rope_theta
+        out["partial_rotary_factor"] = factor
+        out["num_key_value_heads"] = 1
+        out["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                           "partial_rotary_factor": factor}, "compress": compress}
         if self.torch_dtype:
             out["dtype"] = self.torch_dtype
         return out
@@ -190,6 +266,8 @@ class ModelConfig:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"{self.source}: key '{key}' {why} (got {getattr(self, key, None)!r})")
 
+        if self.is_v4:
+            return self._validate_v4(bad)
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
         for key in positive:
@@ -221,6 +299,46 @@ class ModelConfig:
             self._validate_routing(bad)
         if self.has_indexer:
             self._validate_indexer(bad)
+
+    def _validate_v4(self, bad) -> None:
+        def positive_int(key):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(key, "must be a positive integer")
+
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                    "qk_rope_head_dim", "max_position_embeddings", "moe_intermediate_size", "n_routed_experts",
+                    "num_experts_per_tok", "sliding_window", "hc_mult", "hc_sinkhorn_iters", "o_groups",
+                    "o_lora_rank", "q_lora_rank"):
+            positive_int(key)
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            raise bad("qk_rope_head_dim", f"must be even and <= head_dim ({self.head_dim})")
+        if self.num_attention_heads % self.o_groups:
+            raise bad("o_groups", f"must divide num_attention_heads ({self.num_attention_heads})")
+        n = self.num_hidden_layers
+        for key, allowed in (("layer_types", V4_LAYER_TYPES), ("mlp_layer_types", V4_MLP_LAYER_TYPES)):
+            types = getattr(self, key)
+            if not isinstance(types, list) or len(types) != n or any(t not in allowed for t in types):
+                raise bad(key, f"must list one of {allowed} for each of the {n} layers")
+        rates = self.compress_rates
+        if not isinstance(rates, dict) or any(not isinstance(rates.get(k), int) or rates[k] <= 0
+                                              for k in V4_LAYER_TYPES[1:]):
+            raise bad("compress_rates", f"must map {V4_LAYER_TYPES[1:]} to positive integers")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise bad("num_experts_per_tok", f"must be in 1..n_routed_experts ({self.n_routed_experts})")
+        if self.scoring_func not in ("sqrtsoftplus", "sigmoid"):
+            raise bad("scoring_func", "must be 'sqrtsoftplus' or 'sigmoid' for deepseek_v4")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "must be 'silu'")
+        for key in ("rms_norm_eps", "hc_eps", "swiglu_limit"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise bad(key, "must be > 0")
+        if "compressed_sparse_attention" in self.layer_types:
+            for key in _INDEXER_KEYS:
+                positive_int(key)
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise bad("index_head_dim", f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim})")
 
     def _validate_indexer(self, bad) -> None:
         """V3.2: the indexer's sizes, and what transformers' DeepseekV32 modules fix whatever the config says."""
@@ -280,6 +398,17 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def _defaults_for(model_type: str) -> ModelConfig:
+    if model_type == "deepseek_v4":  # transformers' DeepseekV4Config defaults (those of V4-Flash's dimensions)
+        return ModelConfig(
+            model_type=model_type, vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048,
+            num_hidden_layers=43, num_attention_heads=64, num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64,
+            q_lora_rank=1024, num_experts_per_tok=6, n_routed_experts=256, n_shared_experts=1,
+            scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+            max_position_embeddings=1048576, rope_theta=10000.0, rope_scaling=None, compress_rope_theta=160000.0,
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}, hc_mult=4,
+            hc_sinkhorn_iters=20, hc_eps=1e-6, swiglu_limit=10.0, sliding_window=128, o_groups=8, o_lora_rank=1024,
+            index_n_heads=64, index_head_dim=128, index_topk=512, num_nextn_predict_layers=1, rms_norm_eps=1e-6,
+            bos_token_id=0, eos_token_id=1, topk_method="noaux_tc")
     if model_type == "deepseek_v3":
         return ModelConfig(model_type=model_type, rope_scaling=None)
     if model_type == "deepseek_v32":  # transformers' DeepseekV32Config defaults: V3's plus the indexer's
@@ -320,3 +449,58 @@ def _read_rope(hf: dict, source: str) -> tuple[float, dict | None]:
         raise ValueError(f"{source}: key '{key}.factor' must be a positive number (got {factor!r})")
     yarn["factor"] = factor
     return theta, yarn
+
+
+def _read_v4(hf: dict, source: str, defaults: ModelConfig) -> dict[str, Any]:
+    """V4's derived keys, as transformers' DeepseekV4Config.__post_init__ derives them: `compress_rates`
+    (or the legacy `compress_rate_csa` / `_hca`), `layer_types` (or the release's `compress_ratios` per layer,
+    the MTP layer's trailing entry dropped; else transformers' default schedule), `mlp_layer_types` (or
+    `num_hash_layers`, default 3), partial rotary (`partial_rotary_factor` or the release's
+    `qk_rope_head_dim`) and the two rope tables (nested `rope_parameters` or flat keys)."""
+    out: dict[str, Any] = {}
+    n = hf.get("num_hidden_layers", defaults.num_hidden_layers)
+    rates = dict(hf.get("compress_rates") or defaults.compress_rates)
+    for legacy, kind in (("compress_rate_csa", V4_LAYER_TYPES[1]), ("compress_rate_hca", V4_LAYER_TYPES[2])):
+        if hf.get(legacy) is not None:
+            rates[kind] = hf[legacy]
+    out["compress_rates"] = rates
+    types = hf.get("layer_types")
+    if types is None and hf.get("compress_ratios") is not None:
+        try:
+            types = [_V4_RATIO_TO_LAYER_TYPE[r] for r in hf["compress_ratios"]]
+        except (KeyError, TypeError):
+            raise ValueError(f"{source}: key 'compress_ratios' must hold 0, 4 or 128 per layer "
+                             f"(got {hf['compress_ratios']!r})") from None
+    if types is None:  # transformers' default: two HCA layers, then HCA at even and CSA at odd indices
+        types = [V4_LAYER_TYPES[2]] * min(n, 2) + [V4_LAYER_TYPES[1 + (i % 2 == 0)] for i in range(max(n - 2, 0))]
+    out["layer_types"] = list(types)[:n]
+    mlp = hf.get("mlp_layer_types")
+    if mlp is None:
+        n_hash = hf.get("num_hash_layers", 3)
+        mlp = ["hash_moe"] * min(n, n_hash) + ["moe"] * max(0, n - n_hash)
+    out["mlp_layer_types"] = list(mlp)[:n]
+    head_dim = hf.get("head_dim", defaults.head_dim)
+    if hf.get("partial_rotary_factor") is not None:
+        out["qk_rope_head_dim"] = int(head_dim * hf["partial_rotary_factor"])
+    elif hf.get("qk_rope_head_dim") is not None:
+        out["qk_rope_head_dim"] = hf["qk_rope_head_dim"]
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params.get("main"), dict) and isinstance(params.get("compress"), dict):
+        out["rope_theta"] = params["main"].get("rope_theta", hf.get("rope_theta", defaults.rope_theta))
+        compress = params["compress"]
+        out["compress_rope_theta"] = compress.get("rope_theta", hf.get("compress_rope_theta",
+                                                                       defaults.compress_rope_theta))
+        if compress.get("rope_type", compress.get("type", "default")) == "default":
+            out["rope_scaling"] = None
+        else:
+            _, out["rope_scaling"] = _read_rope({**hf, "rope_parameters": compress}, source)
+    else:  # flat keys: rope_theta for the main table, rope_scaling (or flat rope_parameters) for the compressed
+        out["rope_theta"] = hf.get("rope_theta", defaults.rope_theta)
+        out["compress_rope_theta"] = hf.get("compress_rope_theta", defaults.compress_rope_theta)
+        flat = {k: v for k, v in hf.items() if k not in ("rope_parameters", "rope_theta")}
+        if params:
+            flat["rope_parameters"] = params
+        _, out["rope_scaling"] = _read_rope(flat, source)
+    if out["rope_scaling"] is not None:
+        out["rope_scaling"].pop("attention_factor", None)  # V4's compressed rope has none (1.0), always
+    return out

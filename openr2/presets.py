@@ -1,6 +1,13 @@
 """Named model configs as plain functions: test configs, the benchmark model, and the official ones.
 
 Official values are those of the released config.json files (DeepSeek-V3/R1, V3.2, V2, V2-Lite).
+
+DeepSeek-V4-Flash / -Pro: transformers 5.24's DeepseekV4Config defaults (= Flash's dimensions) and its
+docstrings (Pro: hidden 7168, 128 heads, 16 output groups), with the layer schedules, Pro's remaining sizes and
+the YaRN of the compressed branches from the released config.json files as quoted in
+shared/reference/deepseek_v32_v4.md section 3 (Pro's marked unconfirmed there: 61 layers, q_lora 1536, 384
+experts of 3072, index_topk 1024). Their totals land on the model cards' 284B / 13B active (Flash) and
+1.6T / 49B active (Pro): tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -86,6 +93,65 @@ def tiny_v32() -> ModelConfig:
                                index_topk=8)
 
 
+_YARN_V4 = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
+_V4_KINDS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+
+
+def deepseek_v4_flash() -> ModelConfig:
+    """DeepSeek-V4-Flash (284B total, 13B active): 43 layers, 2 sliding / 21 CSA / 20 HCA (the release's
+    compress_ratios [0, 0] + [4, 128] x 20 + [4], its MTP layer's trailing 0 dropped), 3 hash-routed layers,
+    FP8 linears and FP4 experts."""
+    ratios = [0, 0] + [4, 128] * 20 + [4]
+    return ModelConfig(
+        model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048,
+        num_hidden_layers=43, num_attention_heads=64, num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64,
+        q_lora_rank=1024, n_routed_experts=256, num_experts_per_tok=6, n_shared_experts=1,
+        scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, norm_topk_prob=True, topk_method="noaux_tc",
+        layer_types=[_V4_KINDS[r] for r in ratios], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        sliding_window=128, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=8, o_lora_rank=1024,
+        swiglu_limit=10.0, index_n_heads=64, index_head_dim=128, index_topk=512,
+        max_position_embeddings=1048576, rope_theta=10000.0, compress_rope_theta=160000.0,
+        rope_scaling=dict(_YARN_V4), num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=0,
+        eos_token_id=1, torch_dtype="bfloat16",
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                             "weight_block_size": [128, 128], "expert_dtype": "fp4"},
+    )
+
+
+def deepseek_v4_pro() -> ModelConfig:
+    """DeepSeek-V4-Pro (1.6T total, 49B active): 61 layers, 31 HCA / 30 CSA ([128, 128] + [4, 128] x 29 + [4]),
+    hidden 7168, 128 heads in 16 output groups, 384 experts of 3072, top-1024 indexer."""
+    ratios = [128, 128] + [4, 128] * 29 + [4]
+    return dataclasses.replace(
+        deepseek_v4_flash(), hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+        n_routed_experts=384, moe_intermediate_size=3072, o_groups=16, index_topk=1024,
+        layer_types=[_V4_KINDS[r] for r in ratios], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58,
+    )
+
+
+def tiny_v4() -> ModelConfig:
+    """A tiny DeepSeek-V4 for tests: every attention kind (window 16; CSA 4:1 with a top-8 indexer; HCA 16:1),
+    2 hyper-connection streams, hash-routed then scored MoE, YaRN on the compressed branches. Prompts of
+    ~100-300 tokens make the window, both compressors and the indexer's selection all decide."""
+    return ModelConfig(
+        model_type="deepseek_v4", vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, scoring_func="sqrtsoftplus",
+        routed_scaling_factor=1.5, norm_topk_prob=True, topk_method="noaux_tc",
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        sliding_window=16, hc_mult=2, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=2, o_lora_rank=16,
+        swiglu_limit=10.0, index_n_heads=16, index_head_dim=16, index_topk=8, max_position_embeddings=1024,
+        rope_theta=10000.0, compress_rope_theta=160000.0,
+        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 256, "beta_fast": 32,
+                      "beta_slow": 1},
+        num_nextn_predict_layers=0, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+    )
+
+
 def tiny_v2() -> ModelConfig:
     """A V2-Lite-shaped test model: plain q_proj, softmax greedy routing, no YaRN, two dense layers."""
     return ModelConfig(
@@ -138,10 +204,13 @@ PRESETS = {
     "deepseek-v3": deepseek_v3,
     "deepseek-r1": deepseek_v3,
     "deepseek-v3.2": deepseek_v32,
+    "deepseek-v4-flash": deepseek_v4_flash,
+    "deepseek-v4-pro": deepseek_v4_pro,
     "deepseek-v2": deepseek_v2,
     "deepseek-v2-lite": deepseek_v2_lite,
     "tiny-v3": tiny_v3,
     "tiny-v32": tiny_v32,
+    "tiny-v4": tiny_v4,
     "tiny-v2": tiny_v2,
     "bench-moe": bench_moe,
     "small-moe": small_moe,

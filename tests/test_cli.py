@@ -67,6 +67,42 @@ def test_deepseek_v32_counts_by_hand(capsys):
     assert "top-2048" in out
 
 
+def test_deepseek_v4_counts_by_hand(capsys):
+    """V4-Flash and -Pro land on their model cards (284B / 13B active; 1.6T / 49B active); the indexers and
+    the cache sizes by hand from the config's numbers (bf16; the window counts once the context passes it)."""
+    flash, pro = _info_json(capsys, "deepseek-v4-flash"), _info_json(capsys, "deepseek-v4-pro")
+    assert flash["total_params"] / 1e9 == pytest.approx(284, abs=0.5)
+    assert flash["active_params"] / 1e9 == pytest.approx(13, abs=0.5)
+    assert pro["total_params"] / 1e12 == pytest.approx(1.6, abs=0.05)
+    assert pro["active_params"] / 1e9 == pytest.approx(49, abs=0.5)
+    hidden, heads, dim, q_lora, m = 4096, 64, 128, 1024, 4
+    # indexer of a CSA layer: its compressor (kv and gate to 2 x dim, position bias [m, 2 dim], norm [dim]),
+    # q_b_proj [heads * dim, q_lora], weights_proj [heads, hidden]
+    per_layer = 2 * (2 * dim * hidden) + m * 2 * dim + dim + heads * dim * q_lora + heads * hidden
+    assert flash["indexer_params"] == 21 * per_layer == 225_730_176
+    # the MTP depth: a sliding-window block (attention: q_a, its norm, q_b, kv, its norm, o_a, o_b, sinks; MoE:
+    # gate, 256 experts and the shared one of 3 x 4096 x 2048; two norms; two hyper-connections of 24 x 16384
+    # + 24 + 3), plus enorm, hnorm, norm, e_proj, h_proj and its hc_head (4 x 16384 + 4 + 1)
+    d, n = 4096, 4
+    attn = d * q_lora + q_lora + q_lora * 64 * 512 + d * 512 + 512 + (64 * 512 // 8) * (8 * 1024) + 8 * 1024 * d + 64
+    moe = 256 * d + 257 * 3 * d * 2048
+    hc = 2 * ((2 + n) * n * n * d + (2 + n) * n + 3)
+    assert flash["mtp_params"] == attn + moe + 2 * d + hc + 3 * d + 2 * d * d + n * n * d + n + 1
+    # per token: a CSA layer's 512-dim entry and 128-dim key every 4 tokens, an HCA layer's entry every 128
+    assert flash["cache_bytes_per_token"] == 21 * (512 + 128) * 2 // 4 + 20 * 512 * 2 // 128 == 6_880
+    assert pro["cache_bytes_per_token"] == 30 * (512 + 128) * 2 // 4 + 31 * 512 * 2 // 128 == 9_848
+    window = 43 * 128 * 512 * 2
+    assert flash["cache_bytes"] == {str(n): window + n * 6_880 for n in (4096, 131072, 1048576)}
+    assert flash["cache_bytes"]["1048576"] / 2**30 == pytest.approx(6.72, abs=0.005)  # vs V3: 68.6 GiB
+    assert pro["cache_bytes"]["1048576"] / 2**30 == pytest.approx(9.62, abs=0.005)
+    # float32 compressor state: CSA 2 x 2m x 2 x (512 + 128), HCA 2 x 128 x 512 elements per layer
+    assert flash["compressor_state_bytes"] == 4 * (21 * 2 * 8 * 2 * 640 + 20 * 2 * 128 * 512)
+    assert main(["info", "deepseek-v4-flash"]) == 0
+    out = capsys.readouterr().out
+    assert "2 sliding-window, 21 CSA 4:1, 20 HCA 128:1" in out and "6,880 B per token" in out
+    assert "cache at 1M         6.72 GiB vs V3 MLA 68.62 GiB (past V3's 163,840 tokens): 9.8%" in out
+
+
 def test_deepseek_v2_lite_counts(capsys):
     info = _info_json(capsys, "deepseek-v2-lite")
     assert info["total_params"] == 15_706_484_224

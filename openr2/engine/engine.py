@@ -36,6 +36,7 @@ from openr2.engine.sequence import Sequence
 from openr2.engine.speculative import SpecStats, SpeculativeConfig, Speculator
 from openr2.engine.stop import StopChecker
 from openr2.engine.usage import Usage
+from openr2.engine.v4_cache import V4Pool
 from openr2.model.transformer import Transformer
 
 
@@ -134,11 +135,16 @@ class LLMEngine:
                 raise ValueError("speculative_config: method 'mtp' needs a checkpoint with MTP modules "
                                  "(num_nextn_predict_layers >= 1); use 'ngram' for this one")
             num_layers += len(model.mtp)  # the MTP layers' own caches
+        if mconf.is_v4 and speculative is not None:
+            raise ValueError("speculative decoding is not supported for DeepSeek-V4 yet (its paged cache cannot "
+                             "roll back rejected drafts' compressor state)")
+        pool_cls = V4Pool if mconf.is_v4 else KVPool
         if config.num_blocks is not None:
-            self.pool = KVPool(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers)
+            self.pool = pool_cls(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers)
         else:
-            self.pool = KVPool.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
-                                           model.device, num_layers)
+            running = {"max_num_seqs": config.max_num_seqs} if mconf.is_v4 else {}  # their compressor states
+            self.pool = pool_cls.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
+                                             model.device, num_layers, **running)
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
                                    self.pool.copy_block)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))

@@ -7,11 +7,11 @@ cached layer. What a layer stores for a block is its *cache kind*'s business:
   k_rope [R]; for DeepSeek-V3.2 (sparse attention) also the lightning indexer's key k_index [Di] (128 dims in
   the release), in the same blocks at the same slots, so one block table, one prefix-cache hit and one
   copy-on-write cover latent and indexer key alike, and the memory budget counts both.
-- Next, by the same seam (docs: /work/shared/reference/deepseek_v32_v4.md): V4's compressed entries (CSA:
-  one entry per 4 tokens, so `tokens_per_entry` 4 and block_size / 4 entries per block; HCA: per 128) and
-  its sliding-window ring (a fixed window per sequence: blocks outside the window go back to the pool).
+- DeepSeek-V4 is not MLA: its pool (window keys, compressed entries, indexer entries, compressor state per
+  block, on the same block tables and budget rule) is engine/v4_cache.py's V4Pool, which the engine builds
+  instead of this one.
 A kind says how many entries a block holds and how wide each field is; `cache_kinds` maps a config's layers
-to kinds (all latent today, with the indexer key for V3.2; V4 will read its `layer_types` there); `KVPool.from_budget` sizes the blocks so
+to kinds (all latent, with the indexer key for V3.2); `KVPool.from_budget` sizes the blocks so
 that the bytes of all layers' kinds for one block, times the number of blocks, fit the budget. Layers of one
 kind share stacked tensors ([layers of that kind, entries, width]), so a compiled step writes and reads one
 tensor per field.

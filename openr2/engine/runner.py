@@ -35,6 +35,8 @@ class ModelRunner:
         self._compiled_decode = None
         # DeepSeek-V3.2 compiles too: the compiled step carries the indexer keys, and the in-place indexer scan
         # is an opaque op in its graph (engine/compiled.py: DecodeView)
+        # DeepSeek-V4 (compressed caches, engine/v4_cache.py) decodes eagerly: per-row caches, attention row by row
+        compile = compile and not model.config.is_v4
         if compile:
             from openr2.quant.layers import quant_schemes
 
@@ -52,10 +54,16 @@ class ModelRunner:
 
         A row that reaches its last token gets logits (float32) at that token and at each draft, [1 + k, V];
         with_hidden, every row gets the final-normed hidden of its new positions [n, D]."""
+        out = StepOutput({}, {})
+        if self.model.config.is_v4:  # one-token rows (decode) in one forward, longer chunks a row each
+            singles = [(seq, n) for seq, n in plan if n == 1]
+            for group in ([singles] if len(singles) > 1 else [[row] for row in singles]) + \
+                    [[(seq, n)] for seq, n in plan if n > 1]:
+                self._forward_v4(group, with_hidden, out)
+            return out
         groups: dict[str, list] = {"absorbed": [], "naive": []}
         for seq, n in plan:
             groups[self._attn_impl(n, seq.num_computed + n)].append((seq, n))
-        out = StepOutput({}, {})
         for attn_impl, group in groups.items():
             if group:
                 self._forward(group, attn_impl, with_hidden, out)
@@ -183,6 +191,39 @@ class ModelRunner:
         if with_hidden:
             for b, (seq, n) in enumerate(group):
                 out.hidden[seq.seq_id] = hidden[b, :n]
+
+    def _forward_v4(self, group: list[tuple[Sequence, int]], with_hidden: bool, out: StepOutput) -> None:
+        """DeepSeek-V4 rows of n tokens each (one n per group) through their V4RowCaches, CSA layers gathering
+        their selected entries; several rows go as CompressedCacheRows (attention row by row)."""
+        from openr2.model.compressed import CompressedCacheRows
+
+        n = group[0][1]
+        caches, ids, positions, rows, cols, sampled = [], [], [], [], [], []
+        for b, (seq, _) in enumerate(group):
+            start = seq.num_computed
+            state = seq.cache_state if seq.cache_state is not None and seq.cache_state.length == start else None
+            caches.append(self.pool.row_cache(seq.block_table, start, state))
+            ids.append(seq.next_token_ids(n))
+            positions.append(list(range(start, start + n)))
+            if start + n == seq.num_tokens + len(seq.draft_token_ids):  # reaches its end: sample
+                m = 1 + len(seq.draft_token_ids)
+                rows += [b] * m
+                cols += range(n - m, n)
+                sampled.append((seq, m))
+        cache = caches[0] if len(caches) == 1 else CompressedCacheRows(caches)
+        index = (torch.tensor(rows, dtype=torch.long, device=self.device),
+                 torch.tensor(cols, dtype=torch.long, device=self.device))
+        logits, hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                                    cache=cache, attn_impl="sparse", logits_index=index, return_hidden=True)
+        logits = logits.float()
+        i = 0
+        for seq, m in sampled:
+            out.logits[seq.seq_id] = logits[i : i + m]
+            i += m
+        for b, (seq, _) in enumerate(group):
+            seq.cache_state = caches[b].row_state()
+            if with_hidden:
+                out.hidden[seq.seq_id] = hidden[b]
 
     def uncompiled_rows(self, max_rows: int) -> int | None:
         """The fewest one-token decode rows (1..max_rows) the compiled step would still have to compile (or load)

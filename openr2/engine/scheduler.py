@@ -98,6 +98,7 @@ class Scheduler:
             return
         child.block_table = table
         child.num_computed, child.num_registered = parent.num_computed, parent.num_registered
+        child.cache_state = parent.cache_state
         child.status = Status.RUNNING
         insert_by_priority(self.running, child)
 
@@ -122,7 +123,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.block_table = []
+        seq.block_table, seq.cache_state = [], None
         seq.status = Status.FINISHED
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:

@@ -45,6 +45,7 @@ class Sequence:
     # constrained decoding (engine/grammar.GrammarState) over the committed tokens: preemption recomputes the
     # same tokens, so it stays as it is
     grammar: Any = None
+    cache_state: object = None  # the pool's per-sequence state between steps (DeepSeek-V4: v4_cache.V4RowState)
 
     @property
     def num_tokens(self) -> int:
@@ -75,4 +76,5 @@ class Sequence:
         self.block_table = []
         self.num_registered = 0
         self.draft_token_ids = []
+        self.cache_state = None
         self.status = Status.WAITING

@@ -46,6 +46,9 @@ def check_exportable(config: ModelConfig, source: str) -> None:
     if qc.get("quant_method") not in (None, "fp8"):
         raise bad(f"the checkpoint is quantized ({qc}); export its float checkpoint (re-quantizing int weights "
                   f"would compound the error)")
+    if config.is_v4:
+        raise bad("deepseek_v4 (DeepSeek-V4: compressed attention, hyper-connections): llama.cpp's deepseek2 "
+                  "graph has none of them")
     if config.has_indexer:
         raise bad("deepseek_v32 (DeepSeek-V3.2 sparse attention): the deepseek2 graph has no lightning indexer "
                   "and would attend to every key")

@@ -1,5 +1,6 @@
-"""The decoder blocks: `DecoderLayer` (pre-norm MLA + dense MLP or MoE) and `MTPLayer`, the multi-token
-prediction block (DeepSeek-V3) built on it. model/transformer.py stacks them.
+"""The decoder blocks: `DecoderLayer` (pre-norm MLA + dense MLP or MoE), `MTPLayer`, the multi-token
+prediction block (DeepSeek-V3) built on it, and `HyperDecoderLayer` (DeepSeek-V4: compressed attention and
+V4's MoE between hyper-connections). model/transformer.py stacks them.
 
 Multi-token prediction: extra decoder blocks that draft the token after next. Depth k at position i:
 x = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) (embedding first, as the checkpoints and vLLM order
@@ -12,13 +13,18 @@ Shape legend: B batch, T tokens, D hidden.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.layers import MLP, RMSNorm
+from openr2.model.compressed import CompressedAttention
+from openr2.model.hyper import HyperConnection, HyperHead, hyper_residual
+from openr2.model.layers import MLP, Float32RMSNorm, RMSNorm
 from openr2.model.mla import MLA
 from openr2.model.moe import MoE
+from openr2.model.moe_v4 import V4MoE
 
 
 class DecoderLayer(nn.Module):
@@ -68,3 +74,61 @@ class MTPLayer(DecoderLayer):
     def block(self, x, positions, cos, sin, cache=None, attn_impl="naive", moe_impl="grouped", kernel_impl="eager"):
         """The decoder block over the combined input x [B, T, D] -> h^k [B, T, D]."""
         return super().forward(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
+
+
+class HyperDecoderLayer(nn.Module):
+    """DeepSeek-V4 block over hc_mult residual streams X [B, T, n, D]: each sublayer reads
+    norm(sum_k pre_k X_k) and writes X'_k = post_k out + sum_j comb[j, k] X_j (model/hyper.py)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = CompressedAttention(config, layer_idx)
+        self.mlp = V4MoE(config, layer_idx)
+        self.input_layernorm = Float32RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Float32RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config)
+        self.ffn_hc = HyperConnection(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict, input_ids: torch.Tensor | None,
+                moe_impl: str = "grouped", cache=None, attn_impl: str = "naive") -> torch.Tensor:
+        collapsed, post, comb = self.attn_hc(x)
+        attn = self.self_attn(self.input_layernorm(collapsed), positions, ropes, cache, attn_impl)
+        x = hyper_residual(x, attn, post, comb)
+        collapsed, post, comb = self.ffn_hc(x)
+        out = self.mlp(self.post_attention_layernorm(collapsed), input_ids, moe_impl)
+        return hyper_residual(x, out, post, comb)
+
+
+def v4_mtp_config(config: ModelConfig) -> ModelConfig:
+    """The config V4's MTP blocks are built from: their layers appended to the schedule as sliding-window
+    attention and score-routed MoE (the release's compress_ratios end in 0 for the MTP layer; its gate has a
+    bias, no hash table: vLLM's and the release's `mtp.0.ffn.gate.bias`)."""
+    k = config.num_nextn_predict_layers
+    return dataclasses.replace(config, num_hidden_layers=config.num_hidden_layers + k,
+                               layer_types=list(config.layer_types) + ["sliding_attention"] * k,
+                               mlp_layer_types=list(config.mlp_layer_types) + ["moe"] * k)
+
+
+class HyperMTPLayer(HyperDecoderLayer):
+    """DeepSeek-V4's multi-token prediction depth, as vLLM runs the release's `mtp.{k}.*` (transformers drops
+    them): the previous depth's residual streams H [B, T, n, D] (the main model's before its hc_head) and the
+    next token's embedding e give X_j = h_proj(hnorm(H_j)) + e_proj(enorm(e)) per stream; one V4 block;
+    then its own hc_head and norm before the shared head. `mtp_config` is v4_mtp_config(config)."""
+
+    def __init__(self, mtp_config: ModelConfig, layer_idx: int):
+        super().__init__(mtp_config, layer_idx)
+        d, eps = mtp_config.hidden_size, mtp_config.rms_norm_eps
+        self.enorm = Float32RMSNorm(d, eps)
+        self.hnorm = Float32RMSNorm(d, eps)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.hc_head = HyperHead(mtp_config)
+        self.norm = Float32RMSNorm(d, eps)
+
+    def forward(self, streams: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor, ropes: dict,
+                moe_impl: str = "grouped", attn_impl: str = "naive") -> tuple[torch.Tensor, torch.Tensor]:
+        """streams [B, T, n, D], next_embeds [B, T, D] (Emb(t_{i+k})) -> (block output streams [B, T, n, D],
+        norm(hc_head(streams)) [B, T, D], what the LM head reads)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(-2)
+        h = super().forward(x, positions, ropes, None, moe_impl, None, attn_impl)
+        return h, self.norm(self.hc_head(h))

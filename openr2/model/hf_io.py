@@ -14,6 +14,12 @@ like any other. transformers' conversion mapping does nothing more for deepseek_
 (its `qwen2_moe` rule), and neither does this module. Parameters of FLOAT32_MODULES (router, the indexer's
 head weights) load in float32 whatever the dtype.
 
+DeepSeek-V4 (model/names_v4.py) is read in two layouts, the release's own names (`embed.weight`,
+`layers.N.attn.wq_a.weight`, with `.scale` beside FP8 weights) and what transformers' save_pretrained writes;
+openr2 writes the latter, plus the MTP depths under the release's `mtp.{k}.*` names (transformers ignores them). Release experts may
+be FP4 (e2m1, two per int8 byte, low nibble first) with a UE8M0 scale per 32 inputs: dequantised at load.
+UE8M0 scales (float8_e8m0fnu, or raw uint8 exponents) are powers of two.
+
 Modules whose state-dict keys are not the checkpoint's (quantized modules) are given to `load_weights` /
 `write_checkpoint` as a `names` map (state-dict key -> name in our layout): this module knows no
 quantization. `openr2/checkpoints.py` (load_model, save_model) builds the model and that map.
@@ -33,7 +39,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from openr2.config import ModelConfig
-from openr2.model.transformer import FLOAT32_MODULES, Transformer
+from openr2.model import names_v4
+from openr2.model.transformer import FLOAT32_MODULES, FLOAT32_PARAMS, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 # stacked experts, or (quantized checkpoints) one of their stored tensors: experts.gate_up_proj.weight_scale
@@ -52,8 +59,12 @@ def _hf_prefix(ours: str, num_layers: int) -> str:
     return "model." + ours
 
 
-def hf_names(ours: str, config: ModelConfig) -> list[str]:
-    """HF tensor names that make up one of our parameters (several for stacked experts, in expert order)."""
+def hf_names(ours: str, config: ModelConfig, release: bool = False) -> list[str]:
+    """HF tensor names that make up one of our parameters (several for stacked experts, in expert order);
+    V4: the release's names if `release`, else transformers' saved names."""
+    if config.is_v4:
+        names = names_v4.release_names(ours, config.n_routed_experts)
+        return names if release else [names_v4.transformers_name(n) for n in names]
     hf = _hf_prefix(ours, config.num_hidden_layers)
     m = _EXPERTS.match(hf)
     if not m:
@@ -66,6 +77,8 @@ def hf_names(ours: str, config: ModelConfig) -> list[str]:
 def _mtp_copies(config: ModelConfig) -> dict[str, str]:
     """HF names of the MTP layers' copies of embedding and head -> the main tensor they copy."""
     out = {}
+    if config.is_v4:  # no V4 MTP block: nothing to copy
+        return out
     for k in range(config.num_nextn_predict_layers):
         layer = f"model.layers.{config.num_hidden_layers + k}"
         out[f"{layer}.embed_tokens.weight"] = "model.embed_tokens.weight"
@@ -88,6 +101,7 @@ class CheckpointFiles:
 
     def __init__(self, path: str, block: list[int] | None = None):
         self.path, self.block = path, list(block or [128, 128])
+        self.release = False  # V4 files under the release's own names (set by open_checkpoint)
         self.where: dict[str, str] = {}
         self._handles: dict[str, object] = {}
         index = os.path.join(path, INDEX_FILE)
@@ -133,6 +147,17 @@ class CheckpointFiles:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self.where[key]).get_slice(key).get_shape())
 
+    def dtype_name(self, key: str) -> str:
+        """safetensors' dtype tag of a tensor (F32, BF16, F8_E4M3, I8, ...)."""
+        return self._open(self.where[key]).get_slice(key).get_dtype()
+
+    def scale_of(self, key: str) -> str | None:
+        """The block-scale tensor stored beside a quantized weight: `_scale_inv` (HF) or the release's `.scale`."""
+        for name in (key + "_scale_inv", names_v4.release_scale_name(key) if self.release else None):
+            if name in self.where:
+                return name
+        return None
+
     def read(self, key: str) -> torch.Tensor:
         try:
             return self._open(self.where[key]).get_tensor(key)
@@ -142,12 +167,12 @@ class CheckpointFiles:
 
 def _dequantize_fp8(files: CheckpointFiles, key: str, weight: torch.Tensor, block: list[int]) -> torch.Tensor:
     """W[i, j] = float(Wq[i, j]) * scale_inv[i // b0, j // b1] (scale_inv is a multiplier despite its name)."""
-    scale_key = key + "_scale_inv"
-    if scale_key not in files.where:
-        raise ValueError(f"{files.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r}")
+    scale_key = files.scale_of(key)
+    if scale_key is None:
+        raise ValueError(f"{files.file_of(key)}: FP8 tensor {key!r} has no {key + '_scale_inv'!r}")
     if weight.dim() != 2:
         raise ValueError(f"{files.file_of(key)}: FP8 tensor {key!r} must be 2-D, got {tuple(weight.shape)}")
-    scale = files.read(scale_key).float()
+    scale = _scale_values(files.read(scale_key))
     rows, cols = weight.shape
     want = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     if tuple(scale.shape) != want:
@@ -155,6 +180,33 @@ def _dequantize_fp8(files: CheckpointFiles, key: str, weight: torch.Tensor, bloc
                          f"expected {want} for {block[0]}x{block[1]} blocks of {tuple(weight.shape)}")
     scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return weight.float() * scale
+
+
+def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """float32 multipliers: UE8M0 as raw uint8 exponents is 2^(e - 127); float8_e8m0fnu and floats convert."""
+    if scale.dtype == torch.uint8:
+        return torch.exp2(scale.float() - 127.0)
+    return scale.float()
+
+
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1
+
+
+def _dequantize_fp4(files: CheckpointFiles, key: str, packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """[rows, cols / 2] int8, two e2m1 values per byte (low nibble first), times a scale per `cols / scale
+    columns` inputs (the release: 32) -> float32 [rows, cols]."""
+    scale_key = files.scale_of(key)
+    if scale_key is None:
+        raise ValueError(f"{files.file_of(key)}: FP4 tensor {key!r} has no {names_v4.release_scale_name(key)!r}")
+    scale = _scale_values(files.read(scale_key))
+    rows = packed.shape[0]
+    if scale.dim() != 2 or scale.shape[0] != rows or cols % scale.shape[1]:
+        raise ValueError(f"{files.file_of(scale_key)}: tensor {scale_key!r} has shape {tuple(scale.shape)}, "
+                         f"expected ({rows}, {cols} / block) for FP4 weights of {rows} x {cols}")
+    u8 = packed.view(torch.uint8)
+    lut = torch.tensor(_FP4_VALUES)
+    values = torch.stack((lut[(u8 & 0xF).long()], lut[(u8 >> 4).long()]), dim=-1).reshape(rows, cols)
+    return values * scale.repeat_interleave(cols // scale.shape[1], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -166,8 +218,10 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointFil
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_pretrained(path)
     files = CheckpointFiles(path, (config.quantization_config or {}).get("weight_block_size"))
+    files.release = config.is_v4 and "embed.weight" in files.where
     n_mtp = config.num_nextn_predict_layers
-    if n_mtp and not any(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in files.where):
+    mtp_prefix = "mtp." if config.is_v4 else f"model.layers.{config.num_hidden_layers}."
+    if n_mtp and not any(k.startswith(mtp_prefix) for k in files.where):
         warnings.warn(f"{path}: config announces {n_mtp} MTP layer(s) but the files hold no MTP tensors "
                       f"(as transformers saves); loading with MTP off", stacklevel=3)
         config.num_nextn_predict_layers = 0
@@ -180,12 +234,14 @@ def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype 
     the tensors of `names` (state-dict key -> name in our layout: quantized modules) as they are stored."""
     config, names = model.config, names or {}
     params = _our_params(model)
-    wanted = {ours: hf_names(names.get(ours, ours), config) for ours in params}
+    wanted = {ours: hf_names(names.get(ours, ours), config, files.release) for ours in params}
     _check_names(files, config, wanted)
 
     state = {}
     for ours, meta in params.items():
         target_dtype = torch.float32 if _is_router(model, ours) else meta.dtype if ours in names else dtype
+        if not meta.is_floating_point():  # integer buffers (V4's hash table) keep their dtype
+            target_dtype = meta.dtype
         state[ours] = _read_param(files, wanted[ours], meta, target_dtype, device, files.block)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
@@ -193,9 +249,10 @@ def load_weights(model: Transformer, files: CheckpointFiles, dtype: torch.dtype 
 
 
 def _is_router(model: Transformer, ours: str) -> bool:
-    """Whether the parameter stays float32 whatever the dtype: the router's, the indexer's head weights."""
-    owner = model.get_submodule(ours.rsplit(".", 1)[0])
-    return isinstance(owner, FLOAT32_MODULES)
+    """Whether the parameter stays float32 whatever the dtype: the router's, the indexer's head weights (V4:
+    hyper-connections, norms, sinks, position biases)."""
+    owner, _, leaf = ours.rpartition(".")
+    return isinstance(model.get_submodule(owner), FLOAT32_MODULES) or leaf in FLOAT32_PARAMS
 
 
 def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, list[str]]) -> None:
@@ -204,11 +261,15 @@ def _check_names(files: CheckpointFiles, config: ModelConfig, wanted: dict[str, 
     if config.tie_word_embeddings:
         optional.add("lm_head.weight")
     present = set(files.where)
+    if config.is_v4:  # MTP tensors past the depths the config builds (and the release's copies of embed/head)
+        optional |= {n for n in present if n.startswith("mtp.")}
     missing = sorted(expected - present)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"{files.path}: tensor {missing[0]!r} is missing{more}")
     scales = {n + "_scale_inv" for n in expected}
+    if files.release:
+        scales |= {names_v4.release_scale_name(n) for n in expected}
     unexpected = sorted(present - expected - optional - scales)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -225,23 +286,30 @@ def _read_param(files: CheckpointFiles, names: list[str], meta: torch.Tensor, dt
         slices = [out[e, i * rows : (i + 1) * rows] for e in range(meta.shape[0]) for i in range(per_expert)]
     for name, dest in zip(names, slices):
         shape = files.shape(name)
-        if shape != tuple(dest.shape):
+        # FP4-packed: two values per byte along the inputs
+        fp4 = files.dtype_name(name) == "I8" and dest.is_floating_point() and dest.dim() == 2 \
+            and shape == (dest.shape[0], dest.shape[1] // 2)
+        if shape != tuple(dest.shape) and not fp4:
             raise ValueError(f"{files.file_of(name)}: tensor {name!r} has shape {shape}, "
                              f"expected {tuple(dest.shape)}")
         tensor = files.read(name)
-        if tensor.dtype in _FP8_DTYPES and dest.dtype not in _FP8_DTYPES:  # kept FP8: copied as stored
+        if fp4:
+            tensor = _dequantize_fp4(files, name, tensor, dest.shape[1])
+        elif tensor.dtype in _FP8_DTYPES and dest.dtype not in _FP8_DTYPES:  # kept FP8: copied as stored
             tensor = _dequantize_fp8(files, name, tensor, block)
         dest.copy_(tensor)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- save
-def hf_state_items(model: Transformer, stored: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_state_items(model: Transformer, stored: dict[str, str] | None = None,
+                   release: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs of the whole checkpoint, experts unstacked, MTP copies included; `stored`
-    names tensors whose state-dict key is not their name in our layout (see load_weights)."""
+    names tensors whose state-dict key is not their name in our layout (see load_weights); `release`: V4's
+    release names instead of transformers'."""
     config, stored = model.config, stored or {}
     for ours, tensor in _our_params(model).items():
-        names = hf_names(stored.get(ours, ours), config)
+        names = hf_names(stored.get(ours, ours), config, release)
         if len(names) == 1:
             yield names[0], tensor.detach()
             continue

@@ -53,6 +53,18 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, inplace)
 
 
+class Float32RMSNorm(RMSNorm):
+    """DeepSeek-V4's norm: its weight stays float32 whatever the model dtype, the normalised input is scaled in
+    float32 and cast once at the end (transformers' DeepseekV4RMSNorm; `RMSNorm` casts first). With a weight
+    of the input's dtype (a float32 model) it is `RMSNorm`."""
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x, inplace)
+        x32 = x.float()
+        return (self.weight.float() * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+
+
 def records_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd records an op on these tensors: an in-place fast path is taken only when not."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

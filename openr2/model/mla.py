@@ -34,6 +34,8 @@ DeepSeek Sparse Attention (V3.2: model/indexer.py) adds three, which a cache for
 The model asks for the indexer's three only when the config has an indexer; a cache without them cannot
 serve such a model. A cache with `selects_always = True` (a compiled step's, which cannot branch on the
 positions without a host sync) gets the top-k even when every key would fit: dense MLA up to rounding.
+DeepSeek-V4 caches no latent: its cache kind is model/compressed.py's CompressedCache
+(per layer a window of keys and the compressors' running state), used by the V4 layers alone.
 
 With an indexer (V3.2) both paths attend over each query's top-k keys only: `naive` (the plain reference)
 ANDs the selection into its causal mask; `absorbed` (the fast path) gathers the selected latents and attends

@@ -364,7 +364,7 @@ def update_correction_bias(model: nn.Module, gamma: float) -> list[dict]:
     {"max_over_mean": ..., "tokens": ...}. Under data parallelism, all-reduce `expert_load` first."""
     stats = []
     for module in model.modules():
-        if isinstance(module, MoE):
+        if isinstance(module, MoE) or getattr(module, "counts_expert_load", False):  # V4MoE too (moe_v4.py)
             load = module.expert_load
             mean = load.mean()
             if load.sum() > 0:

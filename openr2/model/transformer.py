@@ -5,6 +5,12 @@ HF DeepSeek modules (embed_tokens, layers.i.self_attn.q_a_proj, ..., norm, lm_he
 adds the `model.` prefix and unstacks experts. The blocks are model/decoder.py's: `layers` holds
 DecoderLayers, `mtp` the MTP modules.
 
+DeepSeek-V4 (config.is_v4) composes other blocks under the same names: `layers` holds HyperDecoderLayers over
+hc_mult residual streams (the embedding copied into each), `hc_head` collapses them before `norm`, and two
+rope tables serve the layers (main for sliding windows, compressed for CSA/HCA). Its cache is a
+compressed.CompressedCache (windows and compressor states), not the latent cache. Its MTP depths
+(decoder.HyperMTPLayer) read the last layer's residual streams (`forward_mtp_v4`); they run without a cache.
+
 Shape legend: B batch, T tokens, D hidden, V vocab.
 """
 
@@ -14,16 +20,22 @@ import torch
 from torch import nn
 
 from openr2.config import ModelConfig
-from openr2.model.decoder import DecoderLayer, MTPLayer
+from openr2.model.compressed import CompressedCache, CompressedCacheRows, v4_rotaries
+from openr2.model.decoder import DecoderLayer, HyperDecoderLayer, HyperMTPLayer, MTPLayer, v4_mtp_config
+from openr2.model.hyper import HyperConnection, HyperHead
 from openr2.model.indexer import HeadWeights
-from openr2.model.layers import KERNEL_IMPLS, Linear, RMSNorm
+from openr2.model.layers import KERNEL_IMPLS, Float32RMSNorm, Linear, RMSNorm
 from openr2.model.mla import LatentCache
 from openr2.model.moe import Gate, RoutedExperts
+from openr2.model.moe_v4 import HashGate, ScoreGate
 from openr2.model.rope import RotaryEmbedding
 
 # modules whose parameters stay float32 whatever the model's dtype, as transformers keeps them: the router
 # (`_keep_in_fp32_modules_strict`) and the indexer's head weights (`_keep_in_fp32_modules`)
-FLOAT32_MODULES = (Gate, HeadWeights)
+FLOAT32_MODULES = (Gate, HeadWeights, ScoreGate, HashGate, HyperConnection, HyperHead, Float32RMSNorm)
+# parameters kept float32 by name (DeepSeek-V4: attention sinks and compressors' position biases), as transformers'
+# `_keep_in_fp32_modules_strict` keeps them
+FLOAT32_PARAMS = ("sinks", "position_bias")
 
 
 class Transformer(nn.Module):
@@ -34,14 +46,22 @@ class Transformer(nn.Module):
         # (checkpoints.load_model) nn.Embedding's normal_ imports torch._dynamo, ~1.5-3 s of every start
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        block = HyperDecoderLayer if config.is_v4 else DecoderLayer
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = (Float32RMSNorm if config.is_v4 else RMSNorm)(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config)
-        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
-                                 for k in range(config.num_nextn_predict_layers))
+        if config.is_v4:
+            self.hc_head = HyperHead(config)
+            self.rotary, self.rotary_compress = v4_rotaries(config)
+            mtp_config = v4_mtp_config(config)
+            self.mtp = nn.ModuleList(HyperMTPLayer(mtp_config, config.num_hidden_layers + k)
+                                     for k in range(config.num_nextn_predict_layers))
+        else:
+            self.rotary = RotaryEmbedding(config)
+            self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
+                                     for k in range(config.num_nextn_predict_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, attn_impl: str = "naive", moe_impl: str = "grouped",
@@ -67,9 +87,14 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
+        streams = None
+        if self.config.is_v4:
+            streams = self._forward_v4(x, input_ids, positions, cache, attn_impl, moe_impl)
+            x = self.hc_head(streams)
+        else:
+            cos, sin = self.rotary(positions, x.dtype)
+            for layer in self.layers:
+                x = layer(x, positions, cos, sin, cache, attn_impl, moe_impl, kernel_impl)
         if cache is not None:
             cache.advance(T)
         if return_hidden:
@@ -79,8 +104,48 @@ class Transformer(nn.Module):
         hidden = self.norm(_select(x, logits_index))
         logits = self.lm_head(hidden, kernel_impl)
         if with_mtp:
+            if streams is not None:  # V4's MTP reads the residual streams, not the normed hidden
+                return logits, self.forward_mtp_v4(streams, input_ids, positions, moe_impl)
             return logits, self.forward_mtp(hidden, input_ids, positions, moe_impl)
         return logits
+
+    def _forward_v4(self, x, input_ids, positions, cache, attn_impl, moe_impl):
+        """Embeddings [B, T, D] -> the last layer's residual streams [B, T, n, D] (hc_head and the final norm
+        follow). attn_impl is compressed.V4_ATTN_IMPLS' (naive, sparse)."""
+        if cache is not None and not isinstance(cache, (CompressedCache, CompressedCacheRows)):
+            raise ValueError(f"DeepSeek-V4 needs a CompressedCache, got {type(cache).__name__}")
+        steps = torch.arange(positions.shape[1], device=positions.device)
+        if isinstance(cache, CompressedCacheRows):
+            starts = torch.tensor([row.length for row in cache.rows], device=positions.device)
+            if len(cache.rows) != positions.shape[0] or not bool((positions == starts[:, None] + steps).all()):
+                raise ValueError("DeepSeek-V4 positions must continue each row's cache length")
+        else:
+            start = cache.length if cache is not None else 0
+            if not bool((positions == start + steps).all()):  # compressors pool whole blocks from position 0 on
+                raise ValueError(f"DeepSeek-V4 positions must run {start}..{start + positions.shape[1] - 1} in every "
+                                 "row")
+        ropes = {"main": self.rotary(positions, x.dtype), "compress": self.rotary_compress(positions, x.dtype),
+                 "rotary": self.rotary_compress}
+        x = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            x = layer(x, positions, ropes, input_ids, moe_impl, cache, attn_impl)
+        return x
+
+    def forward_mtp_v4(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                       moe_impl: str = "grouped") -> list[torch.Tensor]:
+        """DeepSeek-V4: draft logits of each MTP depth k = 1..D from the main model's last residual streams
+        [B, T, n, D] (before its hc_head): depth k at position i combines H^{k-1}_i with Emb(t_{i+k}) and
+        predicts t_{i+k+1}; T - k positions (as forward_mtp)."""
+        T = input_ids.shape[1]
+        drafts, h = [], streams
+        for k, mtp in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            pos = positions[:, : T - k]
+            ropes = {"main": self.rotary(pos, h.dtype)}  # MTP blocks attend over a sliding window only
+            h, normed = mtp(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), pos, ropes, moe_impl)
+            drafts.append(self.lm_head(normed))
+        return drafts
 
     def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
               depth: int = 0, logits_index: torch.Tensor | None = None, attn_impl: str = "absorbed",
@@ -88,6 +153,8 @@ class Transformer(nn.Module):
         """MTP module `depth` as a drafter over a cache: hidden [B, T, D] (the main model's final-normed
         hidden at each position, or a previous draft step's block output), next_ids [B, T] (the token
         after each position) -> (draft logits at logits_index, as in forward; block output h [B, T, D])."""
+        if self.config.is_v4:
+            raise ValueError("DeepSeek-V4's MTP drafts over a cache are not built yet (forward_mtp_v4 has none)")
         cos, sin = self.rotary(positions, hidden.dtype)
         h, normed = self.mtp[depth](hidden, self.embed_tokens(next_ids), positions, cos, sin, moe_impl, cache,
                                     attn_impl, kernel_impl)
@@ -175,6 +242,16 @@ class Transformer(nn.Module):
             elif isinstance(module, RoutedExperts):
                 module.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(module, (HyperConnection, HyperHead)):
+                fn = module.fn if isinstance(module, HyperConnection) else module.hc_fn
+                fn.normal_(0.0, std, generator=generator)
+            elif isinstance(module, (ScoreGate, HashGate)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if isinstance(module, HashGate):  # a frozen random table: k distinct experts per token id
+                    table = torch.rand(module.tid2eid.shape[0], module.weight.shape[0], generator=generator)
+                    module.tid2eid.copy_(table.argsort(dim=-1)[:, : module.top_k])
+                else:
+                    module.e_score_correction_bias.zero_()
             elif isinstance(module, Gate):
                 module.weight.normal_(0.0, std, generator=generator)
                 if hasattr(module, "e_score_correction_bias"):
@@ -206,6 +283,34 @@ def _select(x: torch.Tensor, index) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 
+@torch.no_grad()
+def greedy_full_forward(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """input_ids [B, T] -> [B, T + max_new_tokens]: greedy continuation by a full forward of the whole sequence
+    per token (no cache; DeepSeek-V4 generates this way until it has one). Quadratic: for tests and checks."""
+    seq = input_ids
+    for _ in range(max_new_tokens):
+        next_ids = model(seq, logits_index=torch.full((seq.shape[0],), seq.shape[1] - 1)).argmax(-1)
+        seq = torch.cat((seq, next_ids[:, None]), dim=1)
+    return seq
+
+
+@torch.no_grad()
+def greedy_cached(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int,
+                  attn_impl: str = "sparse") -> torch.Tensor:
+    """As greedy_full_forward, through DeepSeek-V4's CompressedCache: the prompt once, then a token per step
+    (CSA layers gathering their selected entries unless attn_impl says naive)."""
+    cache = CompressedCache.for_model(model.config)
+    last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    logits = model(input_ids, cache=cache, logits_index=last, attn_impl=attn_impl)
+    seq = input_ids
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(-1)
+        seq = torch.cat((seq, next_ids[:, None]), dim=1)
+        if step + 1 < max_new_tokens:
+            logits = model(next_ids[:, None], cache=cache, attn_impl=attn_impl)[:, -1]
+    return seq
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0):
     """A freshly initialised model (float32 router and indexer head weights whatever `dtype`)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -216,9 +321,12 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device=
 
 def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Cast to `dtype`, keeping FLOAT32_MODULES (router weights and correction biases, the indexer's head
-    weights) in float32 (as transformers does)."""
+    weights; V4's hyper-connections and norms) and FLOAT32_PARAMS in float32 (as transformers does)."""
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, FLOAT32_MODULES):
             module.float()
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in FLOAT32_PARAMS:
+            param.data = param.data.float()
     return model

@@ -1,4 +1,5 @@
-"""Greedy accuracy on held-out problems through the model's own contiguous cache (model/mla.py's LatentCache), one
+"""Greedy accuracy on held-out problems through the model's own contiguous cache (model/mla.py's LatentCache;
+DeepSeek-V4: model/compressed.py's CompressedCache), one
 problem at a time: the plain generation loop, for what the engine does not serve yet (DeepSeek-V3.2's sparse
 attention until the engine's indexer cache lands) and for comparing one set of weights attended densely and
 sparsely (train/dsa_loss.dense_attention around the call). evaluate.py's `task_accuracy` is the engine's path.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from openr2.chat_format import encode_chat
+from openr2.model.compressed import CompressedCache
 from openr2.model.mla import LatentCache
 from openr2.tasks.answers import answer_of
 from openr2.tasks.synthetic import Problem, to_messages, verify
@@ -23,7 +25,10 @@ from openr2.tasks.synthetic import Problem, to_messages, verify
 def greedy_completion(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """The greedy continuation of prompt_ids (at most max_tokens, stopping at EOS), batch 1."""
     device = model.device
-    cache = LatentCache.for_model(model.config, 1, len(prompt_ids) + max_tokens, model.dtype, device)
+    if model.config.is_v4:  # windows and compressor state, no latent
+        cache = CompressedCache.for_model(model.config)
+    else:
+        cache = LatentCache.for_model(model.config, 1, len(prompt_ids) + max_tokens, model.dtype, device)
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[:, -1]
     out: list[int] = []
     while len(out) < max_tokens:

@@ -70,7 +70,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def _moe_modules(model: torch.nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    """The MoE layers whose expert load is counted (all-reduced under data parallelism): V3's, and V4's
+    (moe_v4.V4MoE, which has no sequence-wise aux loss)."""
+    return [m for m in model.modules() if isinstance(m, MoE) or getattr(m, "counts_expert_load", False)]
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,7 @@ def _edit_config(path, **changes):
     ({"attention_bias": True}, "attention_bias"),
     ({"model_type": "deepseek_v32", "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8},
      "deepseek_v32 .*no lightning indexer"),
+    ({"model_type": "deepseek_v4", "o_groups": 2}, "deepseek_v4 .*has none of them"),
     ({"rope_interleave": False}, "rope_interleave"),
     ({"quantization_config": {"quant_method": "openr2", "scheme": "int4", "group_size": 64, "symmetric": False}},
      "the checkpoint is quantized"),

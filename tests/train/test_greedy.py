@@ -7,8 +7,8 @@ import dataclasses
 
 import torch
 
-from openr2.model.transformer import build_model
-from openr2.presets import tiny_v32
+from openr2.model.transformer import build_model, greedy_full_forward
+from openr2.presets import tiny_v4, tiny_v32
 from openr2.tasks.synthetic import held_out_problems
 from openr2.train.greedy import greedy_accuracy, greedy_completion
 from tests.hf_utils import perturb_
@@ -30,6 +30,19 @@ def test_cached_greedy_equals_full_forward_greedy():
         for _ in range(6):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert ours == ids[len(prompt):]
+
+
+def test_cached_greedy_v4_equals_full_forward_greedy():
+    """DeepSeek-V4 through its CompressedCache: a prompt past the window and several CSA/HCA blocks."""
+    model = build_model(tiny_v4(), seed=1).eval()
+    perturb_(model, 3)
+    prompt = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = greedy_completion(model, _Tok(), prompt, 6)
+    with torch.no_grad():
+        seq = greedy_full_forward(model, torch.tensor([prompt]), 6)
+        top2 = model(seq)[0, len(prompt) - 1 : -1].topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # no near-tie decides a step
+    assert ours == seq[0, len(prompt):].tolist()
 
 
 def test_greedy_accuracy_rows():
