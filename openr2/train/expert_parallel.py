@@ -9,8 +9,8 @@ Forward of one MoE layer on every rank (the router, shared expert and attention 
 (token, slot) pairs sorted by expert are sent to their expert's rank with one all-to-all (rows of x and
 the local expert ids), each rank runs its experts over the rows of all ranks, the outputs come back
 with the reverse all-to-all and each token sums its K rows with its routing weights (as the model's
-fused path does). The all-to-all is an autograd Function (its backward is the reverse all-to-all), so
-the gradient of an expert collects every rank's tokens; the Trainer scales each rank's loss by the
+fused path does). The all-to-all is torch's differentiable functional collective (its backward is the
+reverse all-to-all; it works on gloo too), so the gradient of an expert collects every rank's tokens; the Trainer scales each rank's loss by the
 world size for DDP's average, so expert gradients, which nothing averages, are divided by it here.
 
 Only N == world size for now (no expert-data-parallel replicas), and not with FSDP.
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from openr2.model.moe import MoE, RoutedExperts, _fused_ok, _GroupedExperts
 from openr2.train.distributed import Dist
@@ -32,30 +33,9 @@ from openr2.train.distributed import Dist
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with split sizes; the gradient goes back along the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        torch_dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        torch_dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
-
-
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    if x.requires_grad:
-        return _AllToAll.apply(x, out_splits, in_splits, group)
-    out = x.new_empty(sum(out_splits), *x.shape[1:])
-    torch_dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+    """all_to_all_single with split sizes; differentiable (the gradient goes back by the reverse exchange)."""
+    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
 
 class EPExperts(RoutedExperts):
