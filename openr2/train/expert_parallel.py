@@ -6,8 +6,8 @@ that the Trainer asks for what changes under EP: which parameters DDP must leave
 norm, and whole (single-process format) model and optimizer state for checkpoints and evaluation.
 
 Forward of one MoE layer on every rank (the router, shared expert and attention stay data-parallel):
-(token, slot) pairs sorted by expert are sent to their expert's rank with one all-to-all (rows of x and
-the local expert ids), each rank runs its experts over the rows of all ranks, the outputs come back
+the count of (token, slot) pairs per expert is exchanged, the pairs' rows of x, sorted by expert, are sent
+to their expert's rank with one all-to-all, each rank runs its experts over the rows of all ranks, the outputs come back
 with the reverse all-to-all and each token sums its K rows with its routing weights (as the model's
 fused path does). The all-to-all is torch's differentiable functional collective (its backward is the
 reverse all-to-all; it works on gloo too), so the gradient of an expert collects every rank's tokens; the Trainer scales each rank's loss by the
@@ -58,18 +58,22 @@ class EPExperts(RoutedExperts):
         N, K = ids.shape
         flat = ids.flatten()
         order = flat.argsort(stable=True)  # pairs sorted by expert, hence by the rank that holds it
-        sorted_ids = flat.index_select(0, order)
-        in_splits = torch.bincount(sorted_ids // self.num_experts, minlength=self.size)
-        out_splits = torch.empty_like(in_splits)
-        torch_dist.all_to_all_single(out_splits, in_splits, group=self.group)
-        in_splits, out_splits = in_splits.tolist(), out_splits.tolist()
+        # rows per expert, exchanged: each rank learns how many rows of each of its experts every rank sends
+        sent = torch.bincount(flat, minlength=self.num_experts * self.size)
+        received = torch.empty_like(sent)  # [source rank, local expert]
+        torch_dist.all_to_all_single(received, sent, group=self.group)
+        received = received.view(self.size, self.num_experts)
+        in_splits = sent.view(self.size, self.num_experts).sum(1).tolist()
+        out_splits = received.sum(1).tolist()
         rows = _exchange(x.index_select(0, order // K), out_splits, in_splits, self.group)
-        local_ids = _exchange(sorted_ids % self.num_experts, out_splits, in_splits, self.group)
+        local_ids = torch.arange(self.num_experts, device=x.device).repeat(self.size).repeat_interleave(
+            received.flatten())  # the rows arrive by source rank, each source's sorted by expert
         y = self._run_local(rows, local_ids, impl)
         back = _exchange(y, in_splits, out_splits, self.group)  # [N*K, D] in the order sent
-        # to the other ranks only: rows and their expert ids out, expert outputs back
+        # to the other ranks only: rows out, expert outputs back, and the counts
         to_others, back_to_others = sum(in_splits) - in_splits[self.rank], sum(out_splits) - out_splits[self.rank]
-        self.sent_bytes += (to_others + back_to_others) * x.shape[1] * x.element_size() + to_others * 8
+        self.sent_bytes += (to_others + back_to_others) * x.shape[1] * x.element_size() + \
+            (self.size - 1) * self.num_experts * sent.element_size()
         inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
         # each token's K rows summed with their routing weights in one pass, as the model's fused path does
         w = weights if weights.dtype == back.dtype else weights.to(back.dtype)
