@@ -81,6 +81,11 @@ class EPExperts(RoutedExperts):
 
     def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor, impl: str) -> torch.Tensor:
         """Unweighted outputs of this rank's experts for the received rows [R, D] (one expert each)."""
+        if rows.shape[0] == 0:
+            # nothing routed here: an empty output that still depends on the rows and the experts, so every
+            # rank runs the reverse all-to-alls in backward and the experts get zero gradients, as in one
+            # process (None would skip their AdamW update: no decay, no moment decay)
+            return rows + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
         if impl == "fused" and _fused_ok(rows, ones, self.gate_up_proj, self.down_proj):
             order = local_ids.argsort(stable=True)

@@ -5,6 +5,10 @@ layouts (EP2 -> 1 process and back) as they resume in their own, and bad layouts
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +19,7 @@ from openr2.presets import tiny_v3
 from openr2.train import expert_parallel
 from openr2.train.config import TrainConfig
 from openr2.train.distributed import Dist
-from tests.train.test_distributed import N_TERMS, U64, _run, _weight_bounds
+from tests.train.test_distributed import N_TERMS, REPO, U64, _run, _weight_bounds
 
 STEP5 = "step-0000005"
 
@@ -81,6 +85,25 @@ def test_checkpoints_resume_across_layouts(runs, tmp_path):
         _assert_steps_match(got, {**single, **padded}, 5, resumed_bounds)
         for name, want in ref["state"].items():
             torch.testing.assert_close(got["state"][name], want, rtol=0, atol=resumed_bounds[-1], msg=name)
+
+
+def test_experts_match_the_whole_module_on_every_path(tmp_path):
+    """EPExperts on 2 ranks == RoutedExperts on all tokens: outputs and gradients (x, routing weights, the
+    rank's experts), for the fused, grouped and looped paths, and when one rank receives no token at all
+    (its experts then get zero gradients and it still takes part in the backward all-to-alls)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests/train/_ep_experts_run.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = torch.load(tmp_path / "experts.pt", weights_only=True)
+    assert len(results) == 6
+    # float64: both sides form the same products and sum at most 64 of them per stage (D = 64, 2 x 24 pairs
+    # per expert) over three chained stages, so 3 * 64 * u ~ 2e-14 relative to the terms' magnitudes;
+    # 1e-12 against the largest value leaves room for cancellation, while a wrong expert, a lost rank or an
+    # unscaled gradient is off by O(1)
+    for case, worst in results.items():
+        assert worst <= 1e-12, (case, worst)
 
 
 def test_bad_layouts_are_refused():
