@@ -174,6 +174,8 @@ def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
     if experts % n:
         raise ValueError(f"expert_parallel={n} does not divide the model's {experts} routed experts "
                          "(n_routed_experts)")
+    if dist.world_size == 1:
+        raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
     if dist.world_size % n:
         raise ValueError(f"expert_parallel={n} does not divide the world size {dist.world_size}")
     if dist.world_size != n:

@@ -120,6 +120,8 @@ def test_bad_layouts_are_refused():
         expert_parallel.apply(model, 2, Dist(0, 3))
     with pytest.raises(ValueError, match="not supported yet"):
         expert_parallel.apply(model, 2, Dist(0, 4))
+    with pytest.raises(ValueError, match="needs 2 processes: launch with torchrun --nproc-per-node 2"):
+        expert_parallel.apply(model, 2, Dist())
     assert expert_parallel.apply(model, 1, Dist()) is None
 
 
