@@ -78,6 +78,7 @@ class TrainConfig(_Options):
     resume: str | None = None  # a run directory (follows `latest`) or a step directory
     deterministic: bool = True
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    expert_parallel: int = 1  # under torchrun: routed experts split over this many ranks (expert_parallel.py)
     eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
     # What to train and on what (read by run.py, the `openr2 train` command; the loop ignores them).
     model: str = "small-moe"  # a preset name or a directory/config.json (fresh weights)
@@ -152,6 +153,11 @@ class TrainConfig(_Options):
             raise bad("resume", "must be a path or null")
         if self.distributed not in STRATEGIES:
             raise bad("distributed", f"expected one of {STRATEGIES}")
+        if self.expert_parallel < 1:
+            raise bad("expert_parallel", "must be at least 1")
+        if self.expert_parallel > 1 and self.distributed == "fsdp":
+            raise bad("expert_parallel", "expert parallelism with distributed=fsdp is not supported yet "
+                                         "(use distributed=ddp: attention and shared experts data-parallel)")
         for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, str) and v):

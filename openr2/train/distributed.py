@@ -84,8 +84,9 @@ def shutdown(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.Module:
-    """The module the training step calls. FSDP shards `model` in place (its parameters become DTensors)."""
+def wrap(model: torch.nn.Module, strategy: str, dist: Dist, local_params: list[str] = ()) -> torch.nn.Module:
+    """The module the training step calls. FSDP shards `model` in place (its parameters become DTensors).
+    DDP leaves `local_params` (names) alone: each rank holds its own (expert parallelism's experts)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed strategy {strategy!r}: expected one of {STRATEGIES}")
     if not dist.enabled:
@@ -94,6 +95,8 @@ def wrap(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [model.device.index] if model.device.type == "cuda" else None
+        if local_params:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(local_params))
         # Correction biases are updated identically on every rank from all-reduced loads: no broadcast.
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard

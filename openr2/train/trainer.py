@@ -23,6 +23,9 @@ tokenizer).train()` runs `config.steps` optimizer steps:
   losses normalised by the global token count (N processes == one process on the whole batch); rank 0
   logs, evaluates and saves; checkpoints hold whole tensors and name-keyed optimizer state, so a run can
   resume under a different parallelism.
+- with expert_parallel N (expert_parallel.py) each rank holds 1/N of the routed experts, tokens travel to
+  them by all-to-all, the rest stays DDP; the grad norm sums the ranks' expert parts, checkpoints gather the
+  experts (the single-process format) and resume slices them; records carry all_to_all_bytes.
 Float32 on CPU; bf16 autocast on CUDA.
 """
 
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 
 from openr2.model.moe import MoE, update_correction_bias
 from openr2.train import distributed as dist_utils
+from openr2.train import expert_parallel
 from openr2.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from openr2.train.config import TrainConfig
 from openr2.train.data import IGNORE_INDEX
@@ -115,7 +119,9 @@ class Trainer(TrainingLoop):
         for m in self.moe:  # the sequence-wise aux loss weight comes from the training config
             m.aux_loss_alpha = config.aux_loss_alpha
         self.has_mtp = config.mtp_lambda > 0 and len(getattr(model, "mtp", ())) > 0
-        self.module = dist_utils.wrap(model, config.distributed, self.dist)  # what the step calls
+        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist)  # None without EP
+        self.module = dist_utils.wrap(model, config.distributed, self.dist,
+                                      self.ep.expert_names if self.ep else ())  # what the step calls
         self.sharded = dist_utils.is_sharded(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
                                            betas=config.betas, weight_decay=config.weight_decay,
@@ -133,25 +139,34 @@ class Trainer(TrainingLoop):
         """Parameter-name keyed, whole (unsharded) optimizer state: the same file whatever the parallelism."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
+        state = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
+        return self.ep.full_optimizer_state(state) if self.ep else state
 
     def full_model(self) -> torch.nn.Module:
         """The model with whole tensors, for saving and evaluation: the model itself unless FSDP sharded it
-        (then a plain copy on rank 0, filled from the gathered state; every rank must call this)."""
-        if not self.sharded:
+        (then a plain copy on rank 0, filled from the gathered state; every rank must call this); the same
+        under expert parallelism, whose ranks hold a part of the experts each."""
+        if not self.sharded and not self.ep:
             return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         from openr2.model.transformer import build_model
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = self.full_state_dict()
         if not self.dist.is_main:
             return self.model
         if self._plain_copy is None:
             self._plain_copy = build_model(self.model.config, dtype=self.model.dtype, seed=None)
         self._plain_copy.load_state_dict(state)
         return self._plain_copy
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state with whole tensors, in the single-process format (collective)."""
+        if self.ep:
+            return self.ep.full_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=self.sharded))
 
     # ------------------------------------------------------------------ resume / save
     def _resume(self, path: str) -> None:
@@ -166,6 +181,9 @@ class Trainer(TrainingLoop):
         missing = [k for k in self.model.state_dict() if k not in loaded]
         if missing:
             raise ValueError(f"{state['path']}: checkpoint lacks {missing[:3]} of this model")
+        if self.ep:  # whole experts in the file: this rank keeps its slice of them and of their moments
+            loaded = self.ep.local_state_dict(loaded)
+            state["optimizer"] = self.ep.local_optimizer_state(state["optimizer"])
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, loaded, options=options)
         try:
@@ -285,8 +303,11 @@ class Trainer(TrainingLoop):
                     tokens += int(count.item())
                 sums[k] = sums.get(k, 0.0) + value.item() / cfg.grad_accum
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
-                                                   foreach=False)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        if self.ep:  # each rank holds a part of the experts' gradients
+            grad_norm = self.ep.clip_grad_norm_(params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
@@ -297,6 +318,8 @@ class Trainer(TrainingLoop):
                   "grad_norm": float(grad_norm), "tokens": tokens}
         if loads:
             record["expert_load"] = loads
+        if self.ep:  # this rank's, forward and backward (the backward sends what the forward sent)
+            record["all_to_all_bytes"] = 2 * self.ep.take_sent_bytes()
         return record
 
     def lr_at(self, step: int) -> float:

@@ -26,13 +26,14 @@ N_TERMS = 8 * 16 * 2  # tokens summed into one gradient element: batch 8 x seq 1
 ADAM_EPS = torch.optim.AdamW([torch.zeros(1)]).defaults["eps"]  # the Trainer's AdamW uses the default eps
 
 
-def _run(out_dir: Path, strategy: str, nproc: int) -> dict:
+def _run(out_dir: Path, strategy: str, nproc: int, *args: str) -> dict:
+    """_dist_run.py's result; `args` after the strategy: dtype, a checkpoint to resume."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT), str(out_dir), strategy]
+        cmd = [sys.executable, str(SCRIPT), str(out_dir), strategy, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(SCRIPT), str(out_dir), strategy]
+               str(SCRIPT), str(out_dir), strategy, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out_dir / "result.pt", weights_only=True)
