@@ -108,9 +108,11 @@ def build(cache_dir: str, prefix: str, key: dict, module: torch.nn.Module, examp
                           indent=1, sort_keys=True)
             for name in (built, manifest):
                 os.chmod(name, 0o600)
+            # loaded before it is made visible: a package this process cannot run is never left for the next
+            loader = _load(built, constants)
             os.replace(built, path)
             os.replace(manifest, path[: -len(".pt2")] + ".json")  # the manifest last: it makes the package visible
-    return Package(lo, hi, path, _load(path, constants))
+    return Package(lo, hi, path, loader)
 
 
 def _rows_range(program, pools: tuple, writes: tuple, width: int) -> tuple[int, float]:
@@ -139,8 +141,14 @@ def _load(path: str, constants: dict):
     compiling and running test programs (~2.5-5 s per process, only to warn on a mismatch; the key holds
     the CPU capability), then loads the package a second time."""
     loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+    names = loader.get_constant_fqns()
+    missing = [name for name in names if name not in constants]
+    if missing:  # a tensor the step captured that is no parameter or buffer (inductor names it _tensor_constant<i>)
+        raise ValueError(f"the package reads {len(missing)} tensor constant(s) that are not the model's parameters or "
+                       f"buffers: {', '.join(missing[:4])} (a plain tensor attribute or a tensor made in forward; "
+                       "make it a buffer)")
     # (constants, use_inactive, check_full_update, user_managed)
-    loader.load_constants({name: constants[name] for name in loader.get_constant_fqns()}, False, True, True)
+    loader.load_constants({name: constants[name] for name in names}, False, True, True)
     return loader
 
 

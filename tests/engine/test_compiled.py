@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import pytest
 import torch
@@ -379,3 +380,48 @@ def test_a_restart_loads_the_compiled_steps_from_disk(model, tmp_path):
     for i, prompt in enumerate(prompts):
         assert done[str(i)].outputs[0].token_ids == _naive_greedy(model, prompt, GREEDY.max_tokens), i
     assert json.loads(several.with_suffix(".json").read_text())["key"]["torch"] == torch.__version__  # rebuilt
+
+
+@pytest.mark.slow
+def test_a_64_dim_rope_exports_and_matches_eager(tmp_path):
+    """V3's 64 rope dims (32 inverse frequencies): the one-row decode step exports to a package on disk and gives
+    the eager step's logits and pool writes. (The frequencies were a plain tensor attribute: inductor inlines a
+    tensor of up to 8 values, but captured this one as a constant the package's loader was never given, and the
+    step fell back to torch.compile.)"""
+    config = dataclasses.replace(tiny_v3(), num_nextn_predict_layers=0, qk_rope_head_dim=64)
+    model = build_model(config, seed=2).eval()
+    gen = torch.Generator().manual_seed(12)
+    pool_c, pool_r = _filled_pool(model, 8, 4, gen)
+    args = _step_args(model, [13], 8, 4, gen)
+    eager_c, eager_r, ref_c, ref_r = pool_c.clone(), pool_r.clone(), pool_c.double(), pool_r.double()
+    step = compiled.CompiledStep(model, compiled.decode_step, (2, 3), 4, str(tmp_path))
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not exported.*")
+        got = step(*args[:2], pool_c, pool_r, *args[2:], block_size=4)
+        want = compiled.decode_step(model, *args[:2], eager_c, eager_r, *args[2:], 4)
+    assert (step.num_packages, step.num_built) == (1, 1) and step._multi is None
+    assert len(list(tmp_path.glob("decode_step-*.pt2"))) == 1 and len(list(tmp_path.glob("decode_step-*.json"))) == 1
+    ref = _decode_step64(model, *args[:2], ref_c, ref_r, *args[2:], 4)
+    for name, g, w, r in zip(("logits", "hidden"), got, want, ref):
+        assert_close_to_reference(g, w, r, what=f"{name}, rope 64")
+    assert_close_to_reference(pool_r, eager_r, ref_r, what="pool_r writes, rope 64")
+
+
+def test_a_package_reading_a_tensor_the_model_lacks_names_it(monkeypatch):
+    """A package whose constants are not all the model's parameters and buffers is refused with their names (the
+    engine's fall-back warning quotes it), not with a bare KeyError."""
+    from openr2.engine import aoti
+
+    class Loader:
+        def __init__(self, *args):
+            pass
+
+        def get_constant_fqns(self):
+            return ["model.norm.weight", "_tensor_constant0"]
+
+        def load_constants(self, *args):
+            raise AssertionError("loaded with a constant missing")
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", Loader)
+    with pytest.raises(ValueError, match="not the model's parameters or buffers: _tensor_constant0 "):
+        aoti._load("step.pt2", {"model.norm.weight": torch.ones(2)})
