@@ -425,3 +425,36 @@ def test_a_package_reading_a_tensor_the_model_lacks_names_it(monkeypatch):
     monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", Loader)
     with pytest.raises(ValueError, match="not the model's parameters or buffers: _tensor_constant0 "):
         aoti._load("step.pt2", {"model.norm.weight": torch.ones(2)})
+
+
+@pytest.mark.parametrize("variant", ["rope 64", "no YaRN, rope 18", "V2-shaped", "int8", "MTP decode+draft"])
+def test_exported_steps_read_only_the_models_parameters_and_buffers(variant):
+    """Export alone (seconds, no build): every tensor the decode step reads is a parameter or buffer of the
+    model, so its package's loader is given all of them. A lifted tensor constant (a plain tensor attribute, as
+    the rope frequencies were) would reach AOTInductor as a constant of its own, which it inlines only up to 8
+    values: larger ones fail to load and the step falls back to torch.compile."""
+    from openr2.presets import tiny_v2
+
+    base = dataclasses.replace(tiny_v3(), num_nextn_predict_layers=0, qk_rope_head_dim=64)
+    config = {"no YaRN, rope 18": dataclasses.replace(base, qk_rope_head_dim=18, rope_scaling=None),
+              "V2-shaped": dataclasses.replace(tiny_v2(), qk_rope_head_dim=64),
+              "MTP decode+draft": dataclasses.replace(base, num_nextn_predict_layers=1)}.get(variant, base)
+    model = build_model(config, seed=1).eval()
+    if variant == "int8":
+        from openr2.quant.checkpoint import quantize_model
+
+        quantize_model(model, "int8")
+    fn = compiled.decode_draft_step if variant == "MTP decode+draft" else compiled.decode_step
+    gen = torch.Generator().manual_seed(3)
+    pool_c, pool_r = _filled_pool(model, 8, 4, gen)
+    ids, positions, *cache = _step_args(model, [13, 6], 8, 4, gen)
+    compiled.paged_attention.load()
+    module = compiled._Step(model, fn, {"block_size": 4})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.export.export(module, (ids, positions, pool_c, pool_r, *cache), strict=False)
+    given = dict(module.named_parameters()) | dict(module.named_buffers())
+    constants = program.graph_signature.lifted_tensor_constants
+    assert not constants, f"the step reads tensors that are neither parameters nor buffers: {constants}"
+    read = set(program.graph_signature.parameters) | set(program.graph_signature.buffers)
+    assert read <= set(given) and "model.rotary.inv_freq" in read
