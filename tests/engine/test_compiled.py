@@ -458,3 +458,30 @@ def test_exported_steps_read_only_the_models_parameters_and_buffers(variant):
     assert not constants, f"the step reads tensors that are neither parameters nor buffers: {constants}"
     read = set(program.graph_signature.parameters) | set(program.graph_signature.buffers)
     assert read <= set(given) and "model.rotary.inv_freq" in read
+
+
+def test_a_step_reading_a_plain_tensor_attribute_is_refused_before_building(tmp_path):
+    """Export lifts a plain tensor attribute as a constant; one of more than 8 values would be a constant of the
+    package's own that its loader is never given: build refuses it right after export, naming it, and writes
+    nothing. Up to 8 values inductor inlines (then it exports, as rope dims up to 16 did)."""
+    from openr2.engine import aoti
+
+    class Step(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.freq = torch.arange(n, dtype=torch.float32)  # a plain attribute, as the rope frequencies were
+
+        def forward(self, *args):  # as _Step's: (x, pool, table, write slots, write index)
+            x, pool, table, slots, index = args
+            return x * self.freq + pool[0, :1].sum() + table.sum() + slots.sum() + index.sum()
+
+    def example(n):
+        return torch.ones(1, n), torch.ones(2, 4, n), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), \
+            torch.zeros(1, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"not the model's parameters or buffers: freq \(32,\)"):
+        aoti.build(str(tmp_path), "step", {}, Step(32), example(32), (1,), 2, 1, {})
+    assert not any(tmp_path.iterdir())
+    program = torch.export.export(Step(8), example(8), strict=False)
+    assert program.graph_signature.lifted_tensor_constants  # lifted, but inlined by inductor
+    aoti._check_constants(program)
