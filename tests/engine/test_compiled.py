@@ -446,7 +446,9 @@ def test_exported_steps_read_only_the_models_parameters_and_buffers(variant):
         quantize_model(model, "int8")
     fn = compiled.decode_draft_step if variant == "MTP decode+draft" else compiled.decode_step
     gen = torch.Generator().manual_seed(3)
-    pool_c, pool_r = _filled_pool(model, 8, 4, gen)
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers  # the MTP module's keys too
+    pool_c, pool_r = (torch.randn(layers, 32, width, generator=gen) for width in (config.kv_lora_rank,
+                                                                                  config.qk_rope_head_dim))
     ids, positions, *cache = _step_args(model, [13, 6], 8, 4, gen)
     compiled.paged_attention.load()
     module = compiled._Step(model, fn, {"block_size": 4})
