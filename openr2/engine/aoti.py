@@ -93,6 +93,7 @@ def build(cache_dir: str, prefix: str, key: dict, module: torch.nn.Module, examp
     with warnings.catch_warnings():  # torch's own export/packaging trips its LeafSpec deprecation
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(module, example, dynamic_shapes={"args": tuple(shapes)}, strict=False)
+        _check_constants(program)
         lo, hi = (1, 1) if rows == 1 else _rows_range(program, pools, writes, width)
         if not lo <= rows <= hi:
             raise AssertionError(f"export's range of rows {lo}..{hi} misses its own example ({rows} rows)")
@@ -108,9 +109,24 @@ def build(cache_dir: str, prefix: str, key: dict, module: torch.nn.Module, examp
                           indent=1, sort_keys=True)
             for name in (built, manifest):
                 os.chmod(name, 0o600)
+            # loaded before it is made visible: a package this process cannot run is never left for the next
+            loader = _load(built, constants)
             os.replace(built, path)
             os.replace(manifest, path[: -len(".pt2")] + ".json")  # the manifest last: it makes the package visible
-    return Package(lo, hi, path, _load(path, constants))
+    return Package(lo, hi, path, loader)
+
+
+def _check_constants(program) -> None:
+    """Refuse, before minutes of building, a step that reads a tensor that is neither a parameter nor a buffer
+    (export lifts it as a constant: a plain tensor attribute, or one made in forward) unless inductor inlines it (a
+    scalar or up to 8 values, GraphLowering.can_inline_constant): the package would read it as a constant of
+    its own (_tensor_constant<i>) that its loader is never given."""
+    lifted = {name: program.constants[name] for name in program.graph_signature.lifted_tensor_constants}
+    stray = [f"{name} {tuple(t.shape)}" for name, t in lifted.items()
+             if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] <= 8))]
+    if stray:
+        raise ValueError(f"the step reads tensor(s) that are not the model's parameters or buffers: {', '.join(stray)} "
+                         "(make each a buffer)")
 
 
 def _rows_range(program, pools: tuple, writes: tuple, width: int) -> tuple[int, float]:
@@ -139,8 +155,14 @@ def _load(path: str, constants: dict):
     compiling and running test programs (~2.5-5 s per process, only to warn on a mismatch; the key holds
     the CPU capability), then loads the package a second time."""
     loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+    names = loader.get_constant_fqns()
+    missing = [name for name in names if name not in constants]
+    if missing:  # a tensor the step captured that is no parameter or buffer (inductor names it _tensor_constant<i>)
+        raise ValueError(f"the package reads {len(missing)} tensor constant(s) that are not the model's parameters or "
+                       f"buffers: {', '.join(missing[:4])} (a plain tensor attribute or a tensor made in forward; "
+                       "make it a buffer)")
     # (constants, use_inactive, check_full_update, user_managed)
-    loader.load_constants({name: constants[name] for name in loader.get_constant_fqns()}, False, True, True)
+    loader.load_constants({name: constants[name] for name in names}, False, True, True)
     return loader
 
 

@@ -239,7 +239,7 @@ class CompiledStep:
                                      width, constants)
                 self.num_built += 1
             except Exception as e:  # export covers what torch.compile does; if not, that path still works
-                warnings.warn(f"{self.step.__name__} not exported ({type(e).__name__}: {str(e)[:200]}); "
+                warnings.warn(f"{self.step.__name__} not exported ({type(e).__name__}: {str(e)[:300]}); "
                               "using torch.compile", stacklevel=3)
                 package = aoti.Package(1, 1, None) if rows == 1 else aoti.Package(2, math.inf, None)
         packages.append(package)

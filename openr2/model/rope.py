@@ -55,9 +55,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        # A plain attribute, not a buffer: it must stay float32 when the model is cast to bf16, and it is
-        # derived from the config, so checkpoints never carry it.
-        self.inv_freq, self.attention_factor = rope_inv_freq(config)
+        inv_freq, self.attention_factor = rope_inv_freq(config)
+        # A buffer, not a plain attribute: an exported step (engine/aoti.py) is given the model's parameters and
+        # buffers, and a plain tensor became a constant of its own that the package's loader was never given
+        # (inductor inlines tensors of up to 8 values, so only rope dims over 16 failed). Non-persistent: it is
+        # derived from the config, so state dicts and checkpoints never carry it; float32 through casts (_apply).
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Moves reach it, casts (model.to(bfloat16), .double()) do not: the exact float32 frequencies are put
+        # back on the new device, so the angles are the same whatever the model's dtype.
+        exact = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = exact.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import pytest
 import torch
@@ -438,3 +439,110 @@ def test_sparse_attention_decode_step_compiles_and_equals_eager(tmp_path):
     for name, g, w, r in zip(("c_kv", "k_rope", "k_index"), pools, eager, ref):
         assert_close_to_reference(g, w, r, what=f"sparse step {name} writes")
     assert not torch.equal(pool.k_index, index_before)  # the step wrote its tokens' indexer keys
+
+
+@pytest.mark.slow
+def test_a_64_dim_rope_exports_and_matches_eager(tmp_path):
+    """V3's 64 rope dims (32 inverse frequencies): the one-row decode step exports to a package on disk and gives
+    the eager step's logits and pool writes. (The frequencies were a plain tensor attribute: inductor inlines a
+    tensor of up to 8 values, but captured this one as a constant the package's loader was never given, and the
+    step fell back to torch.compile.)"""
+    config = dataclasses.replace(tiny_v3(), num_nextn_predict_layers=0, qk_rope_head_dim=64)
+    model = build_model(config, seed=2).eval()
+    gen = torch.Generator().manual_seed(12)
+    pool_c, pool_r = _filled_pool(model, 8, 4, gen)
+    args = _step_args(model, [13], 8, 4, gen)
+    eager_c, eager_r, ref_c, ref_r = pool_c.clone(), pool_r.clone(), pool_c.double(), pool_r.double()
+    step = compiled.CompiledStep(model, compiled.decode_step, (2, 3), 4, str(tmp_path))
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not exported.*")
+        got = step(*args[:2], pool_c, pool_r, *args[2:], block_size=4)
+        want = compiled.decode_step(model, *args[:2], eager_c, eager_r, *args[2:], 4)
+    assert (step.num_packages, step.num_built) == (1, 1) and step._multi is None
+    assert len(list(tmp_path.glob("decode_step-*.pt2"))) == 1 and len(list(tmp_path.glob("decode_step-*.json"))) == 1
+    ref = _decode_step64(model, *args[:2], ref_c, ref_r, *args[2:], 4)
+    for name, g, w, r in zip(("logits", "hidden"), got, want, ref):
+        assert_close_to_reference(g, w, r, what=f"{name}, rope 64")
+    assert_close_to_reference(pool_r, eager_r, ref_r, what="pool_r writes, rope 64")
+
+
+def test_a_package_reading_a_tensor_the_model_lacks_names_it(monkeypatch):
+    """A package whose constants are not all the model's parameters and buffers is refused with their names (the
+    engine's fall-back warning quotes it), not with a bare KeyError."""
+    from openr2.engine import aoti
+
+    class Loader:
+        def __init__(self, *args):
+            pass
+
+        def get_constant_fqns(self):
+            return ["model.norm.weight", "_tensor_constant0"]
+
+        def load_constants(self, *args):
+            raise AssertionError("loaded with a constant missing")
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", Loader)
+    with pytest.raises(ValueError, match="not the model's parameters or buffers: _tensor_constant0 "):
+        aoti._load("step.pt2", {"model.norm.weight": torch.ones(2)})
+
+
+@pytest.mark.parametrize("variant", ["rope 64", "no YaRN, rope 18", "V2-shaped", "int8", "MTP decode+draft"])
+def test_exported_steps_read_only_the_models_parameters_and_buffers(variant):
+    """Export alone (seconds, no build): every tensor the decode step reads is a parameter or buffer of the
+    model, so its package's loader is given all of them. A lifted tensor constant (a plain tensor attribute, as
+    the rope frequencies were) would reach AOTInductor as a constant of its own, which it inlines only up to 8
+    values: larger ones fail to load and the step falls back to torch.compile."""
+    from openr2.presets import tiny_v2
+
+    base = dataclasses.replace(tiny_v3(), num_nextn_predict_layers=0, qk_rope_head_dim=64)
+    config = {"no YaRN, rope 18": dataclasses.replace(base, qk_rope_head_dim=18, rope_scaling=None),
+              "V2-shaped": dataclasses.replace(tiny_v2(), qk_rope_head_dim=64),
+              "MTP decode+draft": dataclasses.replace(base, num_nextn_predict_layers=1)}.get(variant, base)
+    model = build_model(config, seed=1).eval()
+    if variant == "int8":
+        from openr2.quant.checkpoint import quantize_model
+
+        quantize_model(model, "int8")
+    fn = compiled.decode_draft_step if variant == "MTP decode+draft" else compiled.decode_step
+    gen = torch.Generator().manual_seed(3)
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers  # the MTP module's keys too
+    pool_c, pool_r = (torch.randn(layers, 32, width, generator=gen) for width in (config.kv_lora_rank,
+                                                                                  config.qk_rope_head_dim))
+    ids, positions, *cache = _step_args(model, [13, 6], 8, 4, gen)
+    compiled.paged_attention.load()
+    module = compiled._Step(model, fn, {"block_size": 4})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.export.export(module, (ids, positions, pool_c, pool_r, *cache), strict=False)
+    given = dict(module.named_parameters()) | dict(module.named_buffers())
+    constants = program.graph_signature.lifted_tensor_constants
+    assert not constants, f"the step reads tensors that are neither parameters nor buffers: {constants}"
+    read = set(program.graph_signature.parameters) | set(program.graph_signature.buffers)
+    assert read <= set(given) and "model.rotary.inv_freq" in read
+
+
+def test_a_step_reading_a_plain_tensor_attribute_is_refused_before_building(tmp_path):
+    """Export lifts a plain tensor attribute as a constant; one of more than 8 values would be a constant of the
+    package's own that its loader is never given: build refuses it right after export, naming it, and writes
+    nothing. Up to 8 values inductor inlines (then it exports, as rope dims up to 16 did)."""
+    from openr2.engine import aoti
+
+    class Step(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.freq = torch.arange(n, dtype=torch.float32)  # a plain attribute, as the rope frequencies were
+
+        def forward(self, *args):  # as _Step's: (x, pool, table, write slots, write index)
+            x, pool, table, slots, index = args
+            return x * self.freq + pool[0, :1].sum() + table.sum() + slots.sum() + index.sum()
+
+    def example(n):
+        return torch.ones(1, n), torch.ones(2, 4, n), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), \
+            torch.zeros(1, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"not the model's parameters or buffers: freq \(32,\)"):
+        aoti.build(str(tmp_path), "step", {}, Step(32), example(32), (1,), 2, 1, {})
+    assert not any(tmp_path.iterdir())
+    program = torch.export.export(Step(8), example(8), strict=False)
+    assert program.graph_signature.lifted_tensor_constants  # lifted, but inlined by inductor
+    aoti._check_constants(program)

@@ -151,3 +151,36 @@ def test_bfloat16_rotates_in_float32_like_the_real_form():
     assert_close_to_reference(fast, plain, ref, what="bfloat16 rope vs the real form")
     given = xb.clone()
     assert apply_rope(given, cos, sin, inplace=True) is given and torch.equal(given, fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_frequencies_are_a_float32_buffer_outside_state_dicts(dtype, tmp_path):
+    """The inverse frequencies are a buffer (an exported step reads them as a model tensor), kept exactly
+    float32 whatever the model's dtype and never in a state dict or a saved checkpoint; the tables the model
+    computes are those of the float32 frequencies (so outputs are unchanged by the cast)."""
+    import safetensors
+
+    from openr2.checkpoints import load_model, save_model
+    from openr2.model.transformer import build_model, cast_model
+    from openr2.presets import tiny_v3
+
+    config = dataclasses.replace(tiny_v3(), qk_rope_head_dim=64, num_nextn_predict_layers=0)
+    exact, factor = rope_inv_freq(config)
+    model = build_model(config, dtype=dtype)
+    rotary = model.rotary
+    assert "inv_freq" in dict(rotary.named_buffers()) and rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, exact)  # not a float32 copy of a rounded bfloat16 value
+    assert not any("inv_freq" in k for k in model.state_dict())
+    positions = torch.tensor([[0, 1, 4095, 100_000]])
+    cos, sin = rotary(positions, dtype)
+    angles = positions[..., None].float() * exact
+    assert torch.equal(cos, (angles.cos() * factor).to(dtype)) and torch.equal(sin, (angles.sin() * factor).to(dtype))
+    cast_model(model, torch.float16).to("cpu").float()  # casts back and forth, a move: still the same values
+    assert torch.equal(rotary.inv_freq, exact)
+
+    save_model(model, tmp_path)
+    with safetensors.safe_open(next(tmp_path.glob("*.safetensors")), "pt") as f:
+        assert not any("inv_freq" in k for k in f.keys())
+    loaded = load_model(tmp_path, dtype=dtype)
+    assert loaded.rotary.inv_freq.dtype == torch.float32 and torch.equal(loaded.rotary.inv_freq, exact)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
