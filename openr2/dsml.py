@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from openr2.tool_calls import ParsedCall, partial_suffix
+from openr2.tool_calls import ParsedCall, ToolCallParser, partial_suffix
 
 DSML = "｜DSML｜"
 INVOKE_OPEN, INVOKE_CLOSE = f"<{DSML}invoke", f"</{DSML}invoke>"
@@ -225,29 +225,11 @@ V4 = DsmlDialect("v4", "tool_calls")
 DSML_DIALECTS = (V32, V4)
 
 
-class DsmlParser:
-    """Splits an answer into content and DSML calls, delta by delta (the interface of tool_calls.ToolCallParser:
-    feed/finish return (content delta, calls completed), their concatenation equals parse(answer)). The blank
-    line the encoders put before a calls block belongs to the block, not to the content."""
-
-    def __init__(self, dialect: DsmlDialect, tool_names, max_calls: int | None = None):
-        self.dialect, self.tool_names, self.max_calls = dialect, frozenset(tool_names), max_calls
-        self.calls: list[ParsedCall] = []
-        self._buf = ""
-        self._in_block = False
-
-    def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
-        p = DsmlParser(self.dialect, self.tool_names, self.max_calls)
-        c1, calls1 = p.feed(text)
-        c2, calls2 = p.finish()
-        return c1 + c2, calls1 + calls2
-
-    def feed(self, delta: str) -> tuple[str, list[ParsedCall]]:
-        self._buf += delta
-        return self._drain(final=False)
-
-    def finish(self) -> tuple[str, list[ParsedCall]]:
-        return self._drain(final=True)
+class DsmlParser(ToolCallParser):
+    """Splits an answer into content and DSML calls, delta by delta (tool_calls.ToolCallParser's interface and
+    state, with a DsmlDialect: feed/finish return (content delta, calls completed), their concatenation equals
+    parse(answer)). The blank line the encoders put before a calls block belongs to the block, not to the
+    content."""
 
     def _drain(self, final: bool) -> tuple[str, list[ParsedCall]]:
         d = self.dialect

@@ -157,7 +157,7 @@ class ToolCallParser:
         self._in_block = False
 
     def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
-        p = ToolCallParser(self.dialect, self.tool_names, self.max_calls)
+        p = type(self)(self.dialect, self.tool_names, self.max_calls)
         c1, calls1 = p.feed(text)
         c2, calls2 = p.finish()
         return c1 + c2, calls1 + calls2
