@@ -4,6 +4,7 @@ load beside it, driving an engine through a burst of requests, and the kernel-fl
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from openr2.config import ModelConfig
 
+
+def cpu_name() -> str:
+    """The CPU's model name (benchmarks name the CPU they ran on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 def make_hf_checkpoint(path: str, config: ModelConfig, seed: int, eval_mode: bool = True):
     """Random DeepseekV3ForCausalLM of `config`'s shape, every tensor perturbed, saved to `path`; returns its

@@ -24,19 +24,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)  # run from a checkout
 
-import httpx  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import cpu_name  # noqa: E402
 from bench.server import (  # noqa: E402
     MODEL_NAME,
     free_port,
@@ -45,18 +43,8 @@ from bench.server import (  # noqa: E402
     prompts_for,
     server_round,
     stop_server,
+    wait_healthy,
 )
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def start(args: list[str], threads: int, log_path: str, port: int, cpus: set[int] | None = None) -> subprocess.Popen:
@@ -66,18 +54,7 @@ def start(args: list[str], threads: int, log_path: str, port: int, cpus: set[int
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
                             preexec_fn=pin)
-    deadline = time.time() + 900  # a first compiled start builds its decode steps (minutes on 2 vCPUs)
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"FAIL: {cmd} exited with {proc.returncode}:\n{open(log_path).read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise SystemExit(f"FAIL: {cmd} not healthy after 900 s:\n{open(log_path).read()}")
+    return wait_healthy(proc, port, log_path)
 
 
 def side_prompts(side: str, round_name: str, n: int) -> list[str]:

@@ -120,11 +120,16 @@ def start_server(ckpt: str, data_dir: str, port: int, threads: int, log_path: st
     cmd = [sys.executable, "-m", "openr2", "serve", "--model", ckpt, "--port", str(port), "--data-dir", data_dir,
            "--served-model-name", MODEL_NAME]
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.time() + 900  # a first start compiles its decode steps (minutes on 2 vCPUs; then cached)
+    return wait_healthy(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), port, log_path)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log_path: str, timeout_s: float = 900) -> subprocess.Popen:
+    """proc once its /health answers 200; SystemExit with its log if it exits or is not healthy in time (a first
+    start compiles its decode steps: minutes on 2 vCPUs, then cached)."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"FAIL: server exited with {proc.returncode}:\n{open(log_path).read()}")
+            raise SystemExit(f"FAIL: {proc.args} exited with {proc.returncode}:\n{open(log_path).read()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -132,7 +137,7 @@ def start_server(ckpt: str, data_dir: str, port: int, threads: int, log_path: st
             pass
         time.sleep(0.2)
     stop_server(proc)
-    raise SystemExit(f"FAIL: server not healthy after 900 s:\n{open(log_path).read()}")
+    raise SystemExit(f"FAIL: {proc.args} not healthy after {timeout_s:.0f} s:\n{open(log_path).read()}")
 
 
 def stop_server(proc: subprocess.Popen) -> str:

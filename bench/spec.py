@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
-from bench.common import busy_cpu_s, other_load, run_requests  # noqa: E402
+from bench.common import busy_cpu_s, cpu_name, other_load, run_requests  # noqa: E402
 from openr2.chat_format import encode_chat  # noqa: E402
 from openr2.checkpoints import load_model  # noqa: E402
 from openr2.engine.compiled import compiled_decode_draft_step, compiled_decode_step  # noqa: E402
@@ -46,15 +45,6 @@ QUESTIONS = ["What is 347+589?", "Subtract 199 from 512.", "Compute 806 - 327.",
              "What do you get when you add 64 and 958?", "How much is 731 minus 48?"]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def prompts(tokenizer, count: int) -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
-from bench.common import run_requests, time_rows  # noqa: E402
+from bench.common import cpu_name, run_requests, time_rows  # noqa: E402
 from openr2.checkpoints import load_model  # noqa: E402
 from openr2.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from openr2.engine.grammar import GrammarState, StructuredOutputsParams  # noqa: E402
@@ -44,12 +43,6 @@ SCHEMA = {"type": "array", "minItems": 200, "items": {
     "required": ["name", "id", "ok"], "additionalProperties": False}}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 grammar_s = {"masks": 0.0, "advance": 0.0, "tokens": 0}  # CPU time inside the grammar state, all runs
