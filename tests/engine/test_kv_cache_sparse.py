@@ -220,7 +220,9 @@ def test_mtp_speculative_greedy_equals_plain_greedy(compile, tmp_path):
     """MTP drafts on V3.2 (the MTP layer's indexer keys in the pool's layer L; verify rows of 1 + k tokens
     through the sparse path; rejected tokens' keys overwritten later): greedy outputs equal those without
     drafts, with chunked prefills beside decodes and prompts up to ~9x index_topk. compiled: the decode, fused
-    decode-and-draft and draft steps compiled, the indexer keys passed to each."""
+    decode-and-draft and draft steps compiled, the indexer keys passed to each, one row at a time (each width's
+    one-row package: the several-rows ones double the export time, ~4 min here, and the V3.2 decode's several
+    rows are compiled in test_llm_greedy_generation_equals_transformers_generate)."""
     from openr2.engine.llm import LLM
     from openr2.engine.sampling import SamplingParams
 
@@ -232,7 +234,7 @@ def test_mtp_speculative_greedy_equals_plain_greedy(compile, tmp_path):
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     options = dict(compile=compile, block_size=8, num_blocks=40, max_num_batched_tokens=48)
     if compile:
-        options["compile_cache_dir"] = str(tmp_path)
+        options.update(compile_cache_dir=str(tmp_path), max_num_seqs=1)
     outs = {}
     for spec in (None, "mtp:2"):
         llm = LLM(model, speculative_config=spec, **options)
