@@ -77,6 +77,7 @@ class CompressorState:
     prev_kv: torch.Tensor | None = None  # [B, M, d]: the last complete block's first halves (overlap only),
     prev_gate: torch.Tensor | None = None  # its gates with the position bias added
     entries: torch.Tensor | None = None  # [B, N, d]: every entry so far
+    rate: int = 0  # tokens per entry (set by the compressor that fills it)
     # overlap only: the last forward's complete blocks' first halves (kv, gate with bias) [B, n, M, d] each,
     # so that a paged cache can keep the overlap state at each of its block boundaries (engine/v4_cache.py)
     block_halves: tuple | None = None
@@ -98,6 +99,12 @@ class CompressorState:
     def take(self, indices: torch.Tensor) -> torch.Tensor:
         """The entries at indices [B, T, k] (each < num_entries): [B, T, k, d]."""
         return take_entries(self.entries, indices)
+
+    def index_scores(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The indexer's scores of every entry (this state holds the indexer's): `compressed_index_scores` over
+        `all()`; a paged cache scores its entries where they lie."""
+        keys = self.all()
+        return compressed_index_scores(q, keys, weights, entry_visible(positions, keys.shape[1], self.rate))
 
 
 class Compressor(nn.Module):
@@ -129,7 +136,7 @@ class Compressor(nn.Module):
     def update(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState) -> None:
         """Continue the state's tokens with x [B, T, D]: the blocks it completes become entries (state.extend)."""
         kv, gate = self.kv_proj(x), self.gate_proj(x)
-        first = state.num_entries
+        first, state.rate = state.num_entries, self.rate
         if state.pending_kv is not None:
             kv, gate = torch.cat((state.pending_kv, kv), dim=1), torch.cat((state.pending_gate, gate), dim=1)
         usable = kv.shape[1] // self.rate * self.rate
@@ -201,14 +208,16 @@ class CompressedIndexer(Compressor):
         """-> (indices [B, T, k], valid [B, T, k]): the query's top-k entries, k = min(index_topk, N); a pick
         is invalid where fewer than k entries are visible (its score was -inf)."""
         B, T, _ = x.shape
-        keys = self(x, rotary, state)  # [B, N, Di]
+        if state is None:  # no cache: the entries of the whole sequence
+            state = CompressorState(entries=self(x, rotary), rate=self.rate)
+        else:
+            self.update(x, rotary, state)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim), cos[:, :, None],
                       sin[:, :, None])
         weights = self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
-        visible = entry_visible(positions, keys.shape[1], self.rate)
-        scores = compressed_index_scores(q, keys, weights, visible)
-        indices = scores.topk(min(self.topk, keys.shape[1]), dim=-1).indices
-        return indices, visible.gather(-1, indices)
+        scores = state.index_scores(q, weights, positions)  # [B, T, N]
+        indices = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return indices, indices < ((positions + 1) // self.rate)[..., None]
 
 
 class CompressedAttention(nn.Module):
@@ -266,7 +275,7 @@ class CompressedAttention(nn.Module):
             states = cache.states[self.layer_idx] if cache is not None else (None, None)
             store = states[0]
             if store is None:  # no cache: the entries of the whole sequence
-                store = CompressorState(entries=self.compressor(x, ropes["rotary"]))
+                store = CompressorState(entries=self.compressor(x, ropes["rotary"]), rate=self.rate)
             else:
                 self.compressor.update(x, ropes["rotary"], store)
             if getattr(self.compressor, "indexer", None) is not None:

@@ -176,13 +176,15 @@ def test_row_state_bytes_is_the_largest_state(model, dtype):
 
 def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
     """On the gathered path a CSA layer's own entries are never gathered whole from the pool: each query's
-    index_topk are read by row (`take`); the indexer's entries and HCA's are (`all`). The masked reference
-    ("naive") reads every entry, and both give the same logits."""
-    from openr2.engine import v4_cache
+    index_topk are read by row (`take`), and the indexer's entries are scanned where they lie (`index_scores`,
+    the fused kernel), never gathered either; only HCA's are (`all`). The masked reference ("naive") reads
+    every entry, and both give the same logits."""
+    from openr2.engine import paged_attention, v4_cache
 
+    assert paged_attention.load(), "the paged kernel builds here"
     config = model.config
     calls = []
-    for name in ("all", "take"):
+    for name in ("all", "take", "index_scores"):
         original = getattr(v4_cache.PagedEntries, name)
 
         def spy(self, *args, _name=name, _original=original):
@@ -190,6 +192,10 @@ def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(v4_cache.PagedEntries, name, spy)
+    scanned = []
+    original_scan = paged_attention.paged_index_scores
+    monkeypatch.setattr(paged_attention, "paged_index_scores",
+                        lambda *args: scanned.append(args[2].data_ptr()) or original_scan(*args))
     ids = torch.randint(0, config.vocab_size, (1, 81), generator=torch.Generator().manual_seed(2))
     assert_decided(model, ids, what="v4 selected entries")
     out = {}
@@ -199,18 +205,49 @@ def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
         with torch.inference_mode():
             model(ids[:, :80], cache=cache, attn_impl=impl)
             calls.clear()
+            scanned.clear()
             cache = pool.row_cache([0, 1, 2, 3, 4, 5], 80, cache.row_state())
             out[impl] = model(ids[:, 80:], cache=cache, attn_impl=impl)  # 20 entries per CSA layer, top-8
         csa = {pool.entries[i].data_ptr() for i in (1, 3)}
+        index = {pool.index_entries[i].data_ptr() for i in (1, 3)}
         whole = {ptr for name, ptr in calls if name == "all"}
-        assert whole >= {pool.index_entries[1].data_ptr(), pool.index_entries[3].data_ptr(),
-                         pool.entries[2].data_ptr()}
+        assert set(scanned) == index and {ptr for name, ptr in calls if name == "index_scores"} == index
+        assert pool.entries[2].data_ptr() in whole and not whole & index
         if impl == "sparse":
-            assert not whole & csa and {ptr for name, ptr in calls if name == "take"} == csa
+            assert whole == {pool.entries[2].data_ptr()} and {ptr for name, ptr in calls if name == "take"} == csa
         else:
             assert whole >= csa
     assert_close_to_reference(out["sparse"], out["naive"], reference64(model, ids)[:, 80:],
                               what="paged sparse vs naive")
+
+
+def test_paged_index_scan_equals_the_gathered_scores():
+    """The indexer's scan in place (PagedEntries.index_scores: the fused kernel over the entries' pool rows through
+    a shuffled block table, 4 entries per block) equals the reference products over the gathered entries
+    (CompressorState.index_scores), for a prompt chunk whose first queries see no entry yet (all -inf) and for
+    one query past 37 entries; within float32 rounding of the float64 products."""
+    from openr2.engine.v4_cache import PagedEntries
+    from openr2.model.compressed import CompressorState
+
+    config = tiny_v4()
+    gen = torch.Generator().manual_seed(4)
+    pool = V4Pool(config, num_blocks=12, block_size=BS)
+    Hi, Di = config.index_n_heads, config.index_head_dim
+    table = torch.randperm(12, generator=gen)[:10]
+    for start, T in ((0, 23), (151, 1)):
+        st = PagedEntries(pool=pool, store=pool.index_entries[1], table=table, rate=4, stored=start // 4)
+        st.extend(torch.randn(1, (start + T) // 4 - start // 4, Di, generator=gen))
+        if start:
+            pool.index_entries[1][st.slots()[: start // 4]] = torch.randn(start // 4, Di, generator=gen)
+        q, w = torch.randn(1, T, Hi, Di, generator=gen), torch.randn(1, T, Hi, generator=gen)
+        positions = torch.arange(start, start + T)[None]
+        plain = CompressorState(entries=st.all(), rate=4)
+        got, want = st.index_scores(q, w, positions), plain.index_scores(q, w, positions)
+        dots = torch.einsum("bthd,bnd->bthn", q.double(), st.all().double()).relu() * Di ** -0.5
+        ref = torch.einsum("bthn,bth->btn", dots, w.double())
+        assert torch.equal(got.isinf(), want.isinf()) and bool(got[0, :3].isinf().all()) == (start == 0)
+        finite = ~want.isinf()
+        assert_close_to_reference(got[finite], want[finite], ref[finite], what="paged index scan")
 
 
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
