@@ -73,6 +73,8 @@ class V4Pool:
         unit = math.lcm(*(m for m in self.rates if m)) if any(self.rates) else 1
         fits = max(block_size, config.sliding_window - 1)
         hint = f"; for example block_size {-(-fits // unit) * unit}"
+        if -(-fits // unit) * unit < 4 * config.sliding_window:  # the smallest valid one; 4W: a quarter key per token
+            hint += f" ({-(-4 * config.sliding_window // unit) * unit} keeps the window's keys at a quarter per token)"
         if bad:
             raise ValueError(f"DeepSeek-V4 needs block_size a multiple of every compression rate (got "
                              f"{block_size}, rates {bad}): a complete block must hold whole compressed entries{hint}")

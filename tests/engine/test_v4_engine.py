@@ -46,9 +46,10 @@ def test_pool_kinds_from_one_budget():
     running = 3 * V4Pool.row_state_bytes(config, BS, torch.float32)
     assert V4Pool.from_budget(config, 10 * per_block + running, block_size=BS, max_num_seqs=3).num_blocks == 10
     assert V4Pool.from_budget(config, 10 * per_block + running - 1, block_size=BS, max_num_seqs=3).num_blocks == 9
-    with pytest.raises(ValueError, match="multiple of every compression rate.*for example block_size 16$"):
+    quarter = "keeps the window.s keys at a quarter per token"
+    with pytest.raises(ValueError, match=rf"multiple of every compression rate.*for example block_size 16 \(64 {quarter}\)$"):
         V4Pool(config, 4, block_size=8)  # HCA's 16 tokens per entry would straddle blocks
-    with pytest.raises(ValueError, match="block_size >= sliding_window - 1.*for example block_size 48$"):
+    with pytest.raises(ValueError, match=rf"block_size >= sliding_window - 1.*for example block_size 48 \(160 {quarter}\)$"):
         V4Pool(dataclasses.replace(config, sliding_window=40), 4, block_size=32)
     assert pool.window.shape == (4, 10 * 15, Dh)
     pool.entries[1].normal_()
