@@ -251,6 +251,46 @@ def test_paged_index_scan_equals_the_gathered_scores():
         assert_close_to_reference(got[finite], want[finite], ref[finite], what="paged index scan")
 
 
+def test_decode_rows_batched_equal_row_by_row(model):
+    """Decode rows at different lengths in one forward (CompressedCacheRows: projections and attention batched,
+    each row's keys padded to the longest) give each row's own forward's logits: rows of 5 tokens (no HCA entry,
+    one CSA entry: fewer than top-8), 40 and 87 (more entries than index_topk) over the paged cache, against
+    each row alone over the contiguous CompressedCache, for 6 steps (crossing CSA, HCA and cache-block
+    boundaries)."""
+    from openr2.model.compressed import CompressedCache, CompressedCacheRows
+
+    config, V = model.config, model.config.vocab_size
+    gen = torch.Generator().manual_seed(21)
+    lengths = (5, 40, 87)
+    seqs = [torch.randint(0, V, (n + 6,), generator=gen).tolist() for n in lengths]
+    for seq in seqs[1:]:  # the short row sees at most 2 entries: it keeps them all
+        assert_decided(model, torch.tensor([seq]), what="v4 batched rows")
+    pool = V4Pool(config, num_blocks=24, block_size=BS)
+    tables = [[b + 8 * r for b in torch.randperm(8, generator=gen).tolist()] for r in range(3)]
+    with torch.inference_mode():
+        states, plain = [], [CompressedCache.for_model(config) for _ in seqs]
+        for r, (seq, n) in enumerate(zip(seqs, lengths)):
+            cache = pool.row_cache(tables[r], 0, None)
+            model(torch.tensor([seq[:n]]), cache=cache, attn_impl="sparse")
+            states.append(cache.row_state())
+            model(torch.tensor([seq[:n]]), cache=plain[r], attn_impl="sparse")
+        got, want = [], []
+        for step in range(6):
+            ids = torch.tensor([[seq[n + step]] for seq, n in zip(seqs, lengths)])
+            positions = torch.tensor([[n + step] for n in lengths])
+            rows = [pool.row_cache(tables[r], n + step, states[r]) for r, n in enumerate(lengths)]
+            got.append(model(ids, positions, cache=CompressedCacheRows(rows), attn_impl="sparse"))
+            states = [row.row_state() for row in rows]
+            want.append(torch.cat([model(ids[r : r + 1], positions[r : r + 1], cache=plain[r], attn_impl="sparse")
+                                   for r in range(3)]))
+    full = [torch.tensor([seq]) for seq in seqs]
+    ref = torch.stack([torch.cat([reference64(model, f)[0, n + s] for f, n in zip(full, lengths)])
+                       for s in range(6)])
+    assert_close_to_reference(torch.stack([g[:, 0].reshape(-1) for g in got]),
+                              torch.stack([w[:, 0].reshape(-1) for w in want]), ref.view(6, -1),
+                              what="V4 decode rows batched vs one by one")
+
+
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
     seq = torch.tensor([prompt])
     with torch.inference_mode():
