@@ -109,12 +109,14 @@ def test_paged_rows_equal_the_full_forward(model):
                               what="V4 over the paged cache vs the full forward")
 
 
-@pytest.mark.parametrize("dtype,bs", [(torch.float32, BS), (torch.bfloat16, BS), (torch.float32, 32)])
+@pytest.mark.parametrize("dtype,bs", [(torch.float32, BS), (torch.bfloat16, BS), (torch.float32, 32),
+                                      (torch.float32, 64)])
 def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype, bs):
     """What the pool stores is what CompressedCache keeps: a row in chunks (7, 9, 16, 16, 19 across a block end,
     then decode) and a prefix-cache hit on its first 48 tokens give the very logits CompressedCache gives with the same chunks,
-    in float32 and in bfloat16 (stored in the model's dtype, gates in float32); in blocks of 16 and of 32 (the
-    hit mid-block: 32 tokens from the pool, 16 recomputed)."""
+    in float32 and in bfloat16 (stored in the model's dtype, gates in float32); in blocks of 16, of 32 (the
+    hit mid-block: 32 tokens from the pool, 16 recomputed) and of 64 (4 x the window: no hit, the row's window
+    from its running state across the block end)."""
     import copy
 
     from openr2.model.compressed import CompressedCache
