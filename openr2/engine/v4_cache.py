@@ -258,9 +258,9 @@ class V4RowCache(CompressedCache):
             self.states[i] = (*paged, CompressorState())[:2]
 
     def extend_window(self, layer_idx, kv, positions, window):
-        past = self.windows[layer_idx]
-        self.new_keys[layer_idx] = kv if past is None else torch.cat((past, kv), dim=1)
-        return super().extend_window(layer_idx, kv, positions, window)
+        keys, key_positions = super().extend_window(layer_idx, kv, positions, window)
+        self.new_keys[layer_idx] = keys  # the window before this forward, then its keys: what `advance` writes
+        return keys, key_positions
 
     def advance(self, num_tokens: int) -> None:
         """After the model's last layer: write the window keys and overlap states at each block end this forward
