@@ -320,6 +320,24 @@ def test_llm_greedy_with_preemption_equals_the_full_forward(model):
         assert out.outputs[0].token_ids == _greedy_full(model, prompt, new)
 
 
+def test_llm_greedy_in_blocks_of_four_windows(model):
+    """Blocks of 64 = 4 x the window (the window kept at a block end is a quarter key per token): two rows decode
+    across a block end from their running state alone, then a prompt extending row 0 hits its first block
+    (the window rebuilt from that block's end); every output equals greedy decoding by the full forward."""
+    from openr2.engine.llm import LLM
+    from openr2.engine.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (50, 29)]
+    llm = LLM(model, compile=False, block_size=64, num_blocks=8, max_num_batched_tokens=32)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _greedy_full(model, prompt, 24)
+    longer = prompts[0] + outs[0].outputs[0].token_ids
+    again = llm.generate([longer], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert again.num_cached_tokens == 64 and again.outputs[0].token_ids == _greedy_full(model, longer, 10)
+
+
 def test_speculative_decoding_is_refused(model):
     from openr2.engine.llm import LLM
 
