@@ -252,6 +252,20 @@ def dense_step_elements(cfg, S):
     return cfg.num_hidden_layers * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
 
 
+def cpu_time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, None]:
+    """time_rows in this process's CPU seconds (one thread: the step's own work, whatever else runs)."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in rows}
+    for _ in range(runs):
+        for name, fn in rows.items():
+            t1 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t1)
+    return times, None
+
+
 def v4_decode_step(model, pool, table, S):
     """One decode step of one row at position S (a block boundary: no state needed, nothing written)."""
     ids, positions, rows = torch.tensor([[7]]), torch.tensor([[S]]), table[: S // pool.block_size + 1]
@@ -316,7 +330,12 @@ def v4_main():
     ap.add_argument("--v4-dense-prefill", type=int, default=32768)
     ap.add_argument("--v4-chunk", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, and steps timed in this process's CPU time (what other processes' load "
+                         "disturbs least) instead of wall time")
     args = ap.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
     contexts = [int(c) for c in args.contexts.split(",")]
     bs, chunk = args.block_size, args.v4_chunk
     if any(S % bs or S % chunk for S in contexts):
@@ -369,7 +388,7 @@ def v4_main():
         steps = {"v4": v4_decode_step(model, pool, rows, S), "dense": dense_decode_step(dense, dpool, dtable, S)}
         if first is not None:
             steps["v4_first"] = first
-        times, other = time_rows(steps, args.runs, warmup=1)
+        times, other = (cpu_time_rows if args.cpu_time else time_rows)(steps, args.runs, warmup=1)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         best = {k: 1e3 * min(v) for k, v in times.items()}  # on a shared machine: the least disturbed run
         load = os.getloadavg()[0]
