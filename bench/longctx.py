@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
-from bench.common import time_rows  # noqa: E402
+from bench.common import cpu_name, time_rows  # noqa: E402
 from openr2.engine.kv_cache import KVPool, bytes_per_token  # noqa: E402
 from openr2.engine.runner import ModelRunner  # noqa: E402
 from openr2.model.indexer import Indexer  # noqa: E402
@@ -180,5 +180,232 @@ def main():
     print(json.dumps(result))
 
 
+# ------------------------------------------------------------------------------------------ DeepSeek-V4 (issue 18)
+V4_DOC = """DeepSeek-V4 long context (--v4): decode step time at 4K..1M over the engine's paged V4 cache
+(engine/v4_cache.py) against the same model size with V3 dense MLA, prefill tokens/s, cache bytes, and the bytes
+each decode step reads from the cache (for the bench model, and projected to V4-Flash / V3 dimensions).
+
+The model (`v4_config`) is V4-shaped but small: one CSA layer (4:1 entries, a 16 x 16 indexer keeping the top
+128) and one HCA layer (128:1), window 128, 4 heads of 64, 4 hyper-connection streams, MoE (hash-routed then
+scored), float32; the pool's blocks are 512 tokens (4 x the window: the window kept at each block end costs
+127/512 keys per token), shuffled in the pool. The dense model (`v4_dense_config`) is DeepSeek-V3 of the same
+hidden size, layers, heads and experts, MLA with latent 64 + rope 16 (the paged in-place kernel reads the whole
+context per step).
+
+Decode: one new token at each context S (a block boundary, so the step writes nothing and repeats), eager, as
+engine/runner.py runs V4 (the row cache rebuilt from the pool at S, CSA's indexer scanning its entries in place,
+its top-k entries gathered, HCA's entries gathered). Contexts up to --v4-prefill are decoded over the cache a real
+chunked prefill filled; longer ones over a pool filled with unit-variance random values (the step's work does not
+depend on them): the `fill` column says which. Each context's step is timed in interleaved rounds beside the
+first context's step again, so `/first` compares the two within one window of a shared machine's load.
+Dense decode always runs over random latents (a dense 1M prefill is ~N^2 / 2 attention: hours here).
+
+Prefill: one prompt through the model over the paged cache in chunks of --v4-chunk (the engine's path: a row
+cache per chunk, the running state carried), time to reach each context and tokens/s of the chunk ending there;
+the dense model likewise up to --v4-dense-prefill, its MLA path chosen per chunk as the runner does.
+
+Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/longctx.py --v4 [--contexts 4096,32768,131072,1048576
+      --v4-prefill 131072 --runs 5]
+"""
+
+
+def v4_config():
+    from openr2.presets import _YARN_V4, tiny_v4
+
+    return dataclasses.replace(
+        tiny_v4(), vocab_size=4096, hidden_size=128, moe_intermediate_size=128, n_routed_experts=8,
+        num_hidden_layers=2, layer_types=["compressed_sparse_attention", "heavily_compressed_attention"],
+        mlp_layer_types=["hash_moe", "moe"], compress_rates={"compressed_sparse_attention": 4,
+                                                             "heavily_compressed_attention": 128},
+        sliding_window=128, num_attention_heads=4, head_dim=64, qk_rope_head_dim=16, q_lora_rank=64, o_groups=2,
+        o_lora_rank=32, hc_mult=4, index_n_heads=16, index_head_dim=16, index_topk=128,
+        max_position_embeddings=1 << 21, rope_scaling=dict(_YARN_V4))
+
+
+def v4_dense_config(cfg):
+    from openr2.presets import tiny_v3
+
+    return dataclasses.replace(
+        tiny_v3(), vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, n_routed_experts=cfg.n_routed_experts, n_group=1,
+        topk_group=1, first_k_dense_replace=0, kv_lora_rank=64, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1 << 21, rope_scaling=None,
+        num_nextn_predict_layers=0)
+
+
+def v4_step_elements(cfg, S):
+    """Cache elements one decode step at context S reads, all layers: the window's W - 1 keys; CSA: every indexer
+    entry (the scan) and the index_topk selected entries; HCA: every entry."""
+    total = 0
+    for i in range(cfg.num_hidden_layers):
+        m, Dh = cfg.compress_rate(i), cfg.head_dim
+        total += (cfg.sliding_window - 1) * Dh
+        if m and cfg.layer_types[i] == "compressed_sparse_attention":
+            total += S // m * cfg.index_head_dim + min(cfg.index_topk, S // m) * Dh
+        elif m:
+            total += S // m * Dh
+    return total
+
+
+def dense_step_elements(cfg, S):
+    return cfg.num_hidden_layers * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def cpu_time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, None]:
+    """time_rows in this process's CPU seconds (one thread: the step's own work, whatever else runs)."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in rows}
+    for _ in range(runs):
+        for name, fn in rows.items():
+            t1 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t1)
+    return times, None
+
+
+def v4_decode_step(model, pool, table, S):
+    """One decode step of one row at position S (a block boundary: no state needed, nothing written)."""
+    ids, positions, rows = torch.tensor([[7]]), torch.tensor([[S]]), table[: S // pool.block_size + 1]
+
+    def run():
+        with torch.inference_mode():
+            return model(ids, positions, cache=pool.row_cache(rows, S, None), attn_impl="sparse")
+    return run
+
+
+def dense_decode_step(model, pool, table, S):
+    ids, positions = torch.tensor([[7]]), torch.tensor([[S]])
+
+    def run():
+        with torch.inference_mode():
+            return model(ids, positions, cache=pool.view([table], [S], [1]), attn_impl="absorbed")
+    return run
+
+
+def v4_prefill(model, pool, table, prompt, chunk, marks):
+    """Chunked prefill of `prompt` over the V4 pool (the engine's path); -> {context: (s to reach it, tokens/s of
+    the chunk ending there)} for each context in marks."""
+    out, state, t0 = {}, None, time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(prompt), chunk):
+            n, t1 = min(chunk, len(prompt) - s), time.perf_counter()
+            cache = pool.row_cache(table, s, state)
+            model(prompt[None, s : s + n], torch.arange(s, s + n)[None], cache=cache, attn_impl="sparse")
+            state = cache.row_state()
+            if s + n in marks:
+                now = time.perf_counter()
+                out[s + n] = (now - t0, n / (now - t1))
+                print(f"# v4 prefill reached {s + n}: {now - t0:.1f} s, last chunk {n / (now - t1):.0f} tokens/s "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return out
+
+
+def dense_prefill(model, cfg, pool, table, prompt, chunk, marks):
+    runner = SimpleNamespace(_attn_impl=partial(ModelRunner._attn_impl, SimpleNamespace(
+        model=SimpleNamespace(config=cfg))))
+    out, t0 = {}, time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(prompt), chunk):
+            n, t1 = min(chunk, len(prompt) - s), time.perf_counter()
+            model(prompt[None, s : s + n], torch.arange(s, s + n)[None], cache=pool.view([table], [s], [n]),
+                  attn_impl=runner._attn_impl(n, s + n))
+            if s + n in marks:
+                now = time.perf_counter()
+                out[s + n] = (now - t0, n / (now - t1))
+    return out
+
+
+def v4_main():
+    from openr2.engine.v4_cache import V4Pool
+    from openr2.presets import deepseek_v3, deepseek_v4_flash
+
+    ap = argparse.ArgumentParser(description=V4_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--v4", action="store_true")
+    ap.add_argument("--contexts", default="4096,32768,131072,1048576")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--v4-prefill", type=int, default=131072, help="real prefill up to this many tokens")
+    ap.add_argument("--v4-dense-prefill", type=int, default=32768)
+    ap.add_argument("--v4-chunk", type=int, default=2048)
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, and steps timed in this process's CPU time (what other processes' load "
+                         "disturbs least) instead of wall time")
+    args = ap.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    bs, chunk = args.block_size, args.v4_chunk
+    if any(S % bs or S % chunk for S in contexts):
+        raise SystemExit(f"contexts must be multiples of the block size {bs} and the chunk {chunk}")
+    torch.manual_seed(0)
+    cfg = v4_config()
+    dcfg = v4_dense_config(cfg)
+    model, dense = build_model(cfg, seed=0).eval(), build_model(dcfg, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    flash, v3 = deepseek_v4_flash(), deepseek_v3()
+    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "block_size": bs, "decode": [], "prefill": {}, "cache_bytes": {}}
+    # the real prefill: one prompt up to max(contexts within --v4-prefill)
+    P = max([S for S in contexts if S <= args.v4_prefill], default=0)
+    prompt = torch.randint(0, cfg.vocab_size, (max(P, args.v4_dense_prefill),), generator=gen)
+    filled = V4Pool(cfg, P // bs + 1, bs) if P else None
+    table = torch.randperm(P // bs + 1, generator=gen).tolist() if P else []
+    if P:
+        t0 = time.perf_counter()
+        result["prefill"]["v4"] = v4_prefill(model, filled, table, prompt[:P], chunk, set(contexts))
+        print(f"# v4 prefill of {P} tokens: {time.perf_counter() - t0:.1f} s")
+    DP = args.v4_dense_prefill
+    if DP:
+        pool = KVPool(dcfg, -(-DP // BLOCK), BLOCK)
+        result["prefill"]["dense"] = dense_prefill(dense, dcfg, pool, list(range(pool.num_blocks)), prompt[:DP],
+                                                   chunk, set(contexts) | {DP})
+        del pool
+    for name, c in (("bench_v4", cfg), ("bench_dense", dcfg)):
+        pool_cls = V4Pool if c.is_v4 else KVPool
+        per_token = pool_cls.bytes_per_block(c, bs, torch.float32) / bs if c.is_v4 else bytes_per_token(c, torch.float32)
+        result["cache_bytes"][name] = {"per_token": per_token, **{str(S): per_token * S for S in contexts}}
+    print(f"{'context':>8} {'fill':>8} {'v4 ms':>7} {'/first':>7} {'v4 best':>8} {'/first':>6} {'dense ms':>9} "
+          f"{'v4 MB':>7} {'dense MB':>9} "
+          f"{'Flash MB':>9} {'V3 MB':>8} {'load':>5}   (MB read from the cache per step; Flash/V3: bf16 at "
+          f"V4-Flash's / V3's dimensions)")
+    first = None
+    for S in contexts:
+        if S <= P:
+            pool, rows, fill = filled, table, "prefill"
+        else:
+            pool = V4Pool(cfg, S // bs + 1, bs)
+            for t in (pool.window, *pool.entries.values(), *pool.index_entries.values(),
+                      *(h for pair in pool.halves.values() for h in pair)):
+                t.normal_(generator=gen)
+            rows, fill = torch.randperm(pool.num_blocks, generator=gen).tolist(), "random"
+        dpool = KVPool(dcfg, -(-(S + 1) // BLOCK), BLOCK)
+        for t in (dpool.c_kv, dpool.k_rope):
+            t.normal_(generator=gen)
+        dtable = torch.randperm(dpool.num_blocks, generator=gen).tolist()
+        steps = {"v4": v4_decode_step(model, pool, rows, S), "dense": dense_decode_step(dense, dpool, dtable, S)}
+        if first is not None:
+            steps["v4_first"] = first
+        times, other = (cpu_time_rows if args.cpu_time else time_rows)(steps, args.runs, warmup=1)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        best = {k: 1e3 * min(v) for k, v in times.items()}  # on a shared machine: the least disturbed run
+        load = os.getloadavg()[0]
+        mb = {"v4": 4 * v4_step_elements(cfg, S) / 1e6, "dense": 4 * dense_step_elements(dcfg, S) / 1e6,
+              "v4_flash_bf16": 2 * v4_step_elements(flash, S) / 1e6, "v3_bf16": 2 * dense_step_elements(v3, S) / 1e6}
+        vs_first = ms["v4"] / ms.get("v4_first", ms["v4"])
+        best_vs_first = best["v4"] / best.get("v4_first", best["v4"])
+        print(f"{S:>8} {fill:>8} {ms['v4']:>7.2f} {vs_first:>7.2f} {best['v4']:>8.2f} {best_vs_first:>6.2f} "
+              f"{ms['dense']:>9.2f} {mb['v4']:>7.2f} {mb['dense']:>9.1f} {mb['v4_flash_bf16']:>9.1f} "
+              f"{mb['v3_bf16']:>8.0f} {load:>5.1f}", flush=True)
+        result["decode"].append({"context": S, "fill": fill, "ms": ms, "best_ms": best,
+                                 "v4_vs_first_same_window": vs_first, "best_v4_vs_first": best_vs_first,
+                                 "mb_read": mb, "other_processes": other, "load_avg_1m": load})
+        first = first or steps["v4"]  # keeps the first context's pool alive
+        del dpool
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
-    main()
+    v4_main() if "--v4" in sys.argv[1:] else main()

@@ -3,7 +3,7 @@
 What a block of `block_size` tokens holds, per layer (model/compressed.py says what each thing is):
 - every layer: the window's keys at the block's end, the rotated keys [Dh] of its last W - 1 tokens (what a
   forward starting at the next block boundary reads: a prefix-cache hit there finds its window; block_size
-  >= W - 1, so a block's window costs (W - 1) / block_size keys per token, not one);
+  >= W - 1);
 - CSA and HCA layers (compression rate M, block_size a multiple of M): the block's block_size / M entries [Dh];
 - CSA layers: the indexer's entries [Di] (rate M too), and per overlapping compressor (the layer's, the
   indexer's) its overlap state at the block's end: the first halves of the block's last compression block,
@@ -12,20 +12,23 @@ Every kind is indexed by the same block table, so one prefix-cache hit and one c
 and `from_budget` counts them all. A block is reusable once complete: at a block boundary no compression block
 is pending (M divides block_size), so entries, indexer entries and overlap state there say everything.
 
-The incomplete cache block's window keys (< block_size per layer) and the incomplete compression block's
-projections (< M tokens per compressor) are per sequence: `V4RowState` rides on the sequence
-(Sequence.cache_state) from one step to its next, valid at its `length`. A sequence
-without a valid one (new, preempted and recomputed, a prefix-cache hit) starts at a block boundary, where the
-state is rebuilt from the pool. The budget sets aside the most such state max_num_seqs sequences hold
-(`row_state_bytes`).
+A running sequence's state between steps is `V4RowState`, riding on the sequence (Sequence.cache_state), valid
+at its `length`: per layer its window (the last W - 1 keys: a ring's worth, whatever the block size) and each
+compressor's incomplete compression block (< M tokens' projections) and overlap halves. A sequence without a
+valid one (new, preempted and recomputed, a prefix-cache hit) starts at a block boundary, where the state is
+rebuilt from the pool. The budget sets aside the most such state max_num_seqs sequences hold
+(`row_state_bytes`). So the pool's window costs (W - 1) / block_size keys per token per layer: blocks of 4W
+(512 for the release's window of 128) keep it under a quarter of a key; prefix hits are whole blocks anyway.
 
 `V4RowCache` is model/compressed.py's CompressedCache for one row (the model's cache protocol:
-`extend_window`, `states`, `advance`), filled from the pool before the forward and written back by `advance`:
-the window keys and overlap state at each block end this forward reached, the completed entries. The engine
-runs V4 eagerly (engine/runner.py): decode rows together as CompressedCacheRows, prompt chunks a row each.
-The compressors' entries are `PagedEntries`: on the gathered CSA path a query's selected entries are read
-from the pool by row (k per query, not N); the indexer's entries (its scan scores them all), HCA's (all
-attended) and the window's W - 1 keys are gathered per forward.
+`extend_window`, `states`, `advance`), built from the row state (or the pool at a block boundary) before the
+forward; compressors' entries are `PagedEntries`, written to the pool as they complete; `advance` writes the
+window keys and overlap state at each block end the forward reached. A decode step reads in place: the window
+from the row state, the CSA indexer's entries scanned where they lie by the fused kernel
+(engine/paged_attention.py's `paged_index_scores`, entry blocks of block_size / M rows), then only the selected
+index_topk entries gathered by row (`take`); HCA's entries (1/128 of the context, all attended) are gathered.
+The engine runs V4 eagerly (engine/runner.py): decode rows together as CompressedCacheRows, prompt chunks a row
+each.
 
 Shape legend: L layers, Dh head_dim, Di indexer head dim, M compression rate, W sliding window.
 """
@@ -45,9 +48,9 @@ _GATE_DTYPE = torch.float32  # gates carry the float32 position bias (FLOAT32_PA
 
 @dataclass(frozen=True)
 class V4RowState:
-    """A sequence's running state after `length` tokens: per layer the window keys of its incomplete cache block
-    [1, length % block_size, Dh], and a pair (layer's, indexer's) of its compressors' (pending_kv, pending_gate,
-    prev_kv, prev_gate) or None. Never mutated: a fork shares it."""
+    """A sequence's running state after `length` tokens: per layer its window, the last min(length, W - 1) keys
+    [1, n, Dh] (a ring's worth: whatever the block size), and a pair (layer's, indexer's) of its compressors'
+    (pending_kv, pending_gate, prev_kv, prev_gate) or None. Never mutated: a fork shares it."""
 
     length: int
     keys: tuple
@@ -70,6 +73,8 @@ class V4Pool:
         unit = math.lcm(*(m for m in self.rates if m)) if any(self.rates) else 1
         fits = max(block_size, config.sliding_window - 1)
         hint = f"; for example block_size {-(-fits // unit) * unit}"
+        if -(-fits // unit) * unit < 4 * config.sliding_window:  # the smallest valid one; 4W: a quarter key per token
+            hint += f" ({-(-4 * config.sliding_window // unit) * unit} keeps the window's keys at a quarter per token)"
         if bad:
             raise ValueError(f"DeepSeek-V4 needs block_size a multiple of every compression rate (got "
                              f"{block_size}, rates {bad}): a complete block must hold whole compressed entries{hint}")
@@ -106,11 +111,11 @@ class V4Pool:
 
     @staticmethod
     def row_state_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        """The most a sequence's V4RowState holds: per layer block_size - 1 window keys; per compressor M - 1
+        """The most a sequence's V4RowState holds: per layer W - 1 window keys; per compressor M - 1
         pending tokens' kv and gate projections (model dtype) and, overlapping ones, the last block's first
         halves (kv in the model dtype, gate float32)."""
         e, g = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=_GATE_DTYPE).element_size()
-        total = config.num_hidden_layers * (block_size - 1) * config.head_dim * e
+        total = config.num_hidden_layers * (config.sliding_window - 1) * config.head_dim * e
         for i in range(config.num_hidden_layers):
             m = config.compress_rate(i)
             if not m:
@@ -162,47 +167,58 @@ class V4Pool:
 
 @dataclass
 class PagedEntries(CompressorState):
-    """A compressor's entries for one row's forward (model/compressed.py's entries protocol): the first `stored`
-    in the pool (`store`, the layer's entries there), this forward's new ones in `new` until `advance` writes
-    them. `take` reads only the selected entries' rows; `all` gathers every entry (HCA, the indexer's scan)."""
+    """A compressor's entries for one row's forward (model/compressed.py's entries protocol), kept in the pool:
+    the first `stored` are there when the forward starts, and `extend` writes this forward's new ones there at
+    once (their blocks are the row's own: a forward only completes entries in blocks past its prefix-cache
+    hit). `take` reads only the selected entries' rows; `index_scores` (the indexer's entries) scans them in
+    place through the block table (engine/paged_attention.py's fused scan: neither a copy of the entries nor
+    the [Hi, N] products is made); `all` gathers every entry (HCA's, attended whole: 1/128 of the context)."""
 
     pool: V4Pool | None = None
     store: torch.Tensor | None = None  # [pool entries, d]
     table: torch.Tensor | None = None
-    rate: int = 0
     stored: int = 0
-    new: torch.Tensor | None = None  # [1, n, d]
     _all: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_entries(self) -> int:
-        return self.stored + (0 if self.new is None else self.new.shape[1])
+        return self.stored
 
     def extend(self, new: torch.Tensor) -> None:
-        self.new = new if self.new is None else torch.cat((self.new, new), dim=1)
-        self._all = None
+        n = new.shape[1]
+        if n:
+            w = torch.arange(self.stored, self.stored + n, device=self.store.device)
+            self.store.index_copy_(0, self.pool.entry_slots(self.table, self.rate, w), new[0].to(self.store.dtype))
+            self.stored += n
+            self._all = None
+
+    def slots(self) -> torch.Tensor:
+        """Pool rows of entries 0..stored-1."""
+        return self.pool.entry_slots(self.table, self.rate, torch.arange(self.stored, device=self.store.device))
 
     def all(self) -> torch.Tensor:
         if self._all is None:
-            w = torch.arange(self.stored, device=self.store.device)
-            parts = [self.store.index_select(0, self.pool.entry_slots(self.table, self.rate, w))[None]]
-            if self.new is not None:
-                parts.append(self.new)
-            self._all = torch.cat(parts, dim=1)
+            self._all = self.store.index_select(0, self.slots())[None]
         return self._all
 
     def take(self, indices: torch.Tensor) -> torch.Tensor:
         B, T, k = indices.shape
-        d, flat = self.store.shape[-1], indices.reshape(-1)
-        if self.num_entries == 0:
-            return self.store.new_zeros(B, T, k, d)
-        if self.stored:
-            slots = self.pool.entry_slots(self.table, self.rate, flat.clamp(max=self.stored - 1))
-            out = self.store.index_select(0, slots)
-        if self.new is not None and self.new.shape[1]:
-            fresh = self.new[0].index_select(0, (flat - self.stored).clamp(min=0))
-            out = fresh if not self.stored else torch.where((flat < self.stored)[:, None], out, fresh)
-        return out.view(B, T, k, d)
+        if self.stored == 0:
+            return self.store.new_zeros(B, T, k, self.store.shape[-1])
+        slots = self.pool.entry_slots(self.table, self.rate, indices.reshape(-1).clamp(max=self.stored - 1))
+        return self.store.index_select(0, slots).view(B, T, k, -1)
+
+    def index_scores(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from openr2.engine import paged_attention
+
+        if not self.stored or not paged_attention.kernel_reads(self.store):
+            return super().index_scores(q, weights, positions)
+        per = self.pool.block_size // self.rate  # entries per cache block: the scan's block size
+        last = (positions + 1) // self.rate - 1  # the query's last visible entry (-1: none yet)
+        scores = paged_attention.paged_index_scores(
+            q, weights, self.store[None], 0, self.table[None, : -(-self.stored // per)], last.clamp(min=0),
+            self.stored, per, q.shape[-1] ** -0.5)
+        return scores.masked_fill_((last < 0)[..., None], float("-inf"))
 
 
 class V4RowCache(CompressedCache):
@@ -216,22 +232,15 @@ class V4RowCache(CompressedCache):
             raise ValueError(f"a DeepSeek-V4 row without its running state must start at a block boundary "
                              f"(block_size {pool.block_size}), not at {length}")
         self.pool, self.length, self.start = pool, length, length
-        device = pool.window.device
-        self.table = torch.tensor(block_table, dtype=torch.long, device=device)
+        self.table = torch.tensor(block_table, dtype=torch.long, device=pool.window.device)
         self.new_keys: dict[int, torch.Tensor] = {}
         bs, tail = pool.block_size, pool.tail
-        self.base = length - length % bs  # the incomplete cache block's first position
-        self.partial = [state.keys[i] if state is not None else None for i in range(pool.num_layers)]
-        first = max(0, length - tail)  # the window before this forward: positions first..length-1
         for i in range(pool.num_layers):
-            parts = []
-            if first < self.base:  # the previous block's last base - first keys
-                block = int(self.table[self.base // bs - 1])
-                parts.append(pool.window[i, (block + 1) * tail - (self.base - first) : (block + 1) * tail])
-            if length > self.base:
-                parts.append(self.partial[i][0, max(first, self.base) - self.base :])
-            if parts:
-                self.windows[i] = torch.cat(parts)[None]
+            if state is not None:  # the window before this forward: its last min(length, W - 1) keys
+                self.windows[i] = state.keys[i]
+            elif length:  # at a block boundary: the window kept at the previous block's end
+                block = int(self.table[length // bs - 1])
+                self.windows[i] = pool.window[i, block * tail + max(0, tail - length) : (block + 1) * tail][None]
             m = pool.rates[i]
             if not m:
                 continue
@@ -244,49 +253,45 @@ class V4RowCache(CompressedCache):
                     st.pending_kv, st.pending_gate, st.prev_kv, st.prev_gate = state.states[i][j]
                 elif pool.csa[i] and length:  # at a block boundary: the overlap state stored at its end
                     kv, gate = pool.halves[(i, j)]
-                    block = self.table[length // pool.block_size - 1]
+                    block = self.table[length // bs - 1]
                     st.prev_kv, st.prev_gate = kv[block][None], gate[block][None]
             self.states[i] = (*paged, CompressorState())[:2]
 
     def extend_window(self, layer_idx, kv, positions, window):
-        self.new_keys[layer_idx] = kv
-        return super().extend_window(layer_idx, kv, positions, window)
+        keys, key_positions = super().extend_window(layer_idx, kv, positions, window)
+        self.new_keys[layer_idx] = keys  # the window before this forward, then its keys: what `advance` writes
+        return keys, key_positions
 
     def advance(self, num_tokens: int) -> None:
-        """After the model's last layer: write this forward's keys, entries and overlap states to the pool."""
+        """After the model's last layer: write the window keys and overlap states at each block end this forward
+        reached to the pool (its new entries are there already: PagedEntries.extend)."""
         pool, start, end = self.pool, self.start, self.start + num_tokens
         bs, tail = pool.block_size, pool.tail
+        ends = range(start // bs + 1, end // bs + 1)  # blocks this forward completed (1-based: block e ends at e bs)
         for i in range(pool.num_layers):
-            keys = self.new_keys[i][0].to(pool.dtype)  # positions base..end-1
-            if self.partial[i] is not None:
-                keys = torch.cat((self.partial[i][0], keys))
-            for b in range(start // bs, end // bs):  # blocks this forward completed: keep their last keys
-                block, e = int(self.table[b]), (b + 1) * bs - self.base
-                pool.window[i, block * tail : (block + 1) * tail] = keys[e - tail : e]
-            self.partial[i] = keys[end // bs * bs - self.base :][None].clone()
-            m = pool.rates[i]
-            if not m or end // m == start // m:
+            if not ends:
+                break
+            keys = self.new_keys[i][0]  # positions first..end-1
+            first = end - keys.shape[0]
+            for e in ends:
+                block = int(self.table[e - 1])
+                pool.window[i, block * tail : (block + 1) * tail] = keys[e * bs - tail - first : e * bs - first]
+            if not pool.csa[i]:
                 continue
-            n0, n1 = start // m, end // m
-            kinds = [pool.entries] + ([pool.index_entries] if pool.csa[i] else [])
-            for j, entries in enumerate(kinds):
-                st = self.states[i][j]
-                w = torch.arange(n0, n1, device=self.table.device)
-                entries[i].index_copy_(0, pool.entry_slots(self.table, m, w), st.new[0].to(pool.dtype))
-                if not pool.csa[i]:
-                    continue
-                kv_halves, gate_halves = st.block_halves  # [1, n1 - n0, M, d]: compression blocks n0..n1-1
+            m = pool.rates[i]
+            n0 = start // m
+            for j in range(2):
+                kv_halves, gate_halves = self.states[i][j].block_halves  # [1, n, M, d]: compression blocks n0..
                 kv, gate = pool.halves[(i, j)]
-                bs = pool.block_size
-                for b in range(start // bs, end // bs):  # blocks whose end this forward reached
-                    w = (b + 1) * bs // m - 1 - n0
-                    kv[self.table[b]] = kv_halves[0, w].to(kv.dtype)
-                    gate[self.table[b]] = gate_halves[0, w].to(gate.dtype)
+                for e in ends:
+                    w = e * bs // m - 1 - n0
+                    kv[self.table[e - 1]] = kv_halves[0, w].to(kv.dtype)
+                    gate[self.table[e - 1]] = gate_halves[0, w].to(gate.dtype)
         super().advance(num_tokens)
 
     def row_state(self) -> V4RowState:
-        """The compressors' running state after this forward (copies: the slices would keep the forward's
-        projections alive)."""
+        """The running state after this forward: each layer's window (its last W - 1 keys) and the compressors'
+        state (copies: slices would keep the forward's projections alive)."""
         states = []
         for i in range(self.pool.num_layers):
             pair = []
@@ -295,4 +300,5 @@ class V4RowCache(CompressedCache):
                 pair.append(None if st.pending_kv is None else tuple(
                     None if t is None else t.clone() for t in parts))
             states.append(tuple(pair))
-        return V4RowState(self.length, tuple(self.partial), tuple(states))
+        keys = tuple(None if w is None else w.to(self.pool.dtype).clone() for w in self.windows)
+        return V4RowState(self.length, keys, tuple(states))

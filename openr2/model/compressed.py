@@ -77,6 +77,7 @@ class CompressorState:
     prev_kv: torch.Tensor | None = None  # [B, M, d]: the last complete block's first halves (overlap only),
     prev_gate: torch.Tensor | None = None  # its gates with the position bias added
     entries: torch.Tensor | None = None  # [B, N, d]: every entry so far
+    rate: int = 0  # tokens per entry (set by the compressor that fills it)
     # overlap only: the last forward's complete blocks' first halves (kv, gate with bias) [B, n, M, d] each,
     # so that a paged cache can keep the overlap state at each of its block boundaries (engine/v4_cache.py)
     block_halves: tuple | None = None
@@ -98,6 +99,12 @@ class CompressorState:
     def take(self, indices: torch.Tensor) -> torch.Tensor:
         """The entries at indices [B, T, k] (each < num_entries): [B, T, k, d]."""
         return take_entries(self.entries, indices)
+
+    def index_scores(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The indexer's scores of every entry (this state holds the indexer's): `compressed_index_scores` over
+        `all()`; a paged cache scores its entries where they lie."""
+        keys = self.all()
+        return compressed_index_scores(q, keys, weights, entry_visible(positions, keys.shape[1], self.rate))
 
 
 class Compressor(nn.Module):
@@ -129,7 +136,7 @@ class Compressor(nn.Module):
     def update(self, x: torch.Tensor, rotary: RotaryEmbedding, state: CompressorState) -> None:
         """Continue the state's tokens with x [B, T, D]: the blocks it completes become entries (state.extend)."""
         kv, gate = self.kv_proj(x), self.gate_proj(x)
-        first = state.num_entries
+        first, state.rate = state.num_entries, self.rate
         if state.pending_kv is not None:
             kv, gate = torch.cat((state.pending_kv, kv), dim=1), torch.cat((state.pending_gate, gate), dim=1)
         usable = kv.shape[1] // self.rate * self.rate
@@ -201,14 +208,16 @@ class CompressedIndexer(Compressor):
         """-> (indices [B, T, k], valid [B, T, k]): the query's top-k entries, k = min(index_topk, N); a pick
         is invalid where fewer than k entries are visible (its score was -inf)."""
         B, T, _ = x.shape
-        keys = self(x, rotary, state)  # [B, N, Di]
+        if state is None:  # no cache: the entries of the whole sequence
+            state = CompressorState(entries=self(x, rotary), rate=self.rate)
+        else:
+            self.update(x, rotary, state)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim), cos[:, :, None],
                       sin[:, :, None])
         weights = self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
-        visible = entry_visible(positions, keys.shape[1], self.rate)
-        scores = compressed_index_scores(q, keys, weights, visible)
-        indices = scores.topk(min(self.topk, keys.shape[1]), dim=-1).indices
-        return indices, visible.gather(-1, indices)
+        scores = state.index_scores(q, weights, positions)  # [B, T, N]
+        indices = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return indices, indices < ((positions + 1) // self.rate)[..., None]
 
 
 class CompressedAttention(nn.Module):
@@ -246,6 +255,8 @@ class CompressedAttention(nn.Module):
         instead of N, what matters at long context)."""
         if attn_impl not in V4_ATTN_IMPLS:
             raise ValueError(f"DeepSeek-V4 attn_impl must be one of {V4_ATTN_IMPLS}, got {attn_impl!r}")
+        if isinstance(cache, CompressedCacheRows) and x.shape[1] == 1 and attn_impl == "sparse":
+            return self._decode_rows(x, positions, ropes, cache)
         if isinstance(cache, CompressedCacheRows):  # rows at different lengths: each through its own cache
             return torch.cat([self.forward(x[b : b + 1], positions[b : b + 1], _row_ropes(ropes, b), row, attn_impl)
                               for b, row in enumerate(cache.rows)])
@@ -266,7 +277,7 @@ class CompressedAttention(nn.Module):
             states = cache.states[self.layer_idx] if cache is not None else (None, None)
             store = states[0]
             if store is None:  # no cache: the entries of the whole sequence
-                store = CompressorState(entries=self.compressor(x, ropes["rotary"]))
+                store = CompressorState(entries=self.compressor(x, ropes["rotary"]), rate=self.rate)
             else:
                 self.compressor.update(x, ropes["rotary"], store)
             if getattr(self.compressor, "indexer", None) is not None:
@@ -296,6 +307,43 @@ class CompressedAttention(nn.Module):
                 out.append(attend_with_sinks(q[:, t], block_keys, block_mask, self.sinks, self.scale))
         out = out[0] if len(out) == 1 else torch.cat(out, dim=1)  # [B, T, H, Dh]
         out = rope_tail(out, hc, -hs)  # values carry rope: rotate back by the query's position
+        return self.o_b_proj(self._grouped_out(out))
+
+    def _decode_rows(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict,
+                     cache: CompressedCacheRows) -> torch.Tensor:
+        """One new token per row (decode) over rows at different lengths, the gathered ("sparse") path batched:
+        projections and the attention run over all rows at once; only what reads a row's own cache (its window,
+        its compressors' update, the indexer's scan and pick) runs per row. Each row's keys are its window then
+        its selected (CSA) or all (HCA) entries, padded to the longest row's and masked."""
+        B, H, Dh = x.shape[0], self.num_heads, self.head_dim
+        cos, sin = ropes["compress" if self.rate else "main"]
+        hc, hs = cos[:, :, None], sin[:, :, None]
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = rope_tail(unweighted_rms_norm(self.q_b_proj(q_latent).view(B, 1, H, Dh), self.eps), hc, hs)
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, 1, Dh]
+        keys, valid = [], []
+        for b, row in enumerate(cache.rows):
+            here = slice(b, b + 1)
+            window, _ = row.extend_window(self.layer_idx, kv[here], positions[here], self.window)  # all visible
+            parts, seen = [window[0]], [torch.ones(window.shape[1], dtype=torch.bool, device=x.device)]
+            if self.compressor is not None:
+                store, index_state = row.states[self.layer_idx]
+                self.compressor.update(x[here], ropes["rotary"], store)
+                indexer = getattr(self.compressor, "indexer", None)
+                if indexer is not None:
+                    picked = indexer.select(x[here], q_latent[here], positions[here], cos[here], sin[here],
+                                            ropes["rotary"], index_state)
+                    parts.append(store.take(picked[0])[0, 0])
+                    seen.append(picked[1][0, 0])
+                else:  # HCA: every entry so far is complete for the row's newest token
+                    parts.append(store.all()[0])
+                    seen.append(torch.ones(parts[-1].shape[0], dtype=torch.bool, device=x.device))
+            keys.append(torch.cat(parts))
+            valid.append(torch.cat(seen))
+        keys = nn.utils.rnn.pad_sequence(keys, batch_first=True)  # [B, S, Dh], zero-padded
+        mask = nn.utils.rnn.pad_sequence(valid, batch_first=True)[:, None]  # [B, 1, S]
+        out = attend_with_sinks(q, keys.to(q.dtype), mask, self.sinks, self.scale)
+        out = rope_tail(out, hc, -hs)
         return self.o_b_proj(self._grouped_out(out))
 
     def _grouped_out(self, out: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,10 @@ def test_pool_kinds_from_one_budget():
     running = 3 * V4Pool.row_state_bytes(config, BS, torch.float32)
     assert V4Pool.from_budget(config, 10 * per_block + running, block_size=BS, max_num_seqs=3).num_blocks == 10
     assert V4Pool.from_budget(config, 10 * per_block + running - 1, block_size=BS, max_num_seqs=3).num_blocks == 9
-    with pytest.raises(ValueError, match="multiple of every compression rate.*for example block_size 16$"):
+    quarter = "keeps the window.s keys at a quarter per token"
+    with pytest.raises(ValueError, match=rf"multiple of every compression rate.*for example block_size 16 \(64 {quarter}\)$"):
         V4Pool(config, 4, block_size=8)  # HCA's 16 tokens per entry would straddle blocks
-    with pytest.raises(ValueError, match="block_size >= sliding_window - 1.*for example block_size 48$"):
+    with pytest.raises(ValueError, match=rf"block_size >= sliding_window - 1.*for example block_size 48 \(160 {quarter}\)$"):
         V4Pool(dataclasses.replace(config, sliding_window=40), 4, block_size=32)
     assert pool.window.shape == (4, 10 * 15, Dh)
     pool.entries[1].normal_()
@@ -108,12 +109,14 @@ def test_paged_rows_equal_the_full_forward(model):
                               what="V4 over the paged cache vs the full forward")
 
 
-@pytest.mark.parametrize("dtype,bs", [(torch.float32, BS), (torch.bfloat16, BS), (torch.float32, 32)])
+@pytest.mark.parametrize("dtype,bs", [(torch.float32, BS), (torch.bfloat16, BS), (torch.float32, 32),
+                                      (torch.float32, 64)])
 def test_paged_rows_are_the_compressed_cache_bit_for_bit(model, dtype, bs):
     """What the pool stores is what CompressedCache keeps: a row in chunks (7, 9, 16, 16, 19 across a block end,
     then decode) and a prefix-cache hit on its first 48 tokens give the very logits CompressedCache gives with the same chunks,
-    in float32 and in bfloat16 (stored in the model's dtype, gates in float32); in blocks of 16 and of 32 (the
-    hit mid-block: 32 tokens from the pool, 16 recomputed)."""
+    in float32 and in bfloat16 (stored in the model's dtype, gates in float32); in blocks of 16, of 32 (the
+    hit mid-block: 32 tokens from the pool, 16 recomputed) and of 64 (4 x the window: no hit, the row's window
+    from its running state across the block end)."""
     import copy
 
     from openr2.model.compressed import CompressedCache
@@ -176,13 +179,15 @@ def test_row_state_bytes_is_the_largest_state(model, dtype):
 
 def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
     """On the gathered path a CSA layer's own entries are never gathered whole from the pool: each query's
-    index_topk are read by row (`take`); the indexer's entries and HCA's are (`all`). The masked reference
-    ("naive") reads every entry, and both give the same logits."""
-    from openr2.engine import v4_cache
+    index_topk are read by row (`take`), and the indexer's entries are scanned where they lie (`index_scores`,
+    the fused kernel), never gathered either; only HCA's are (`all`). The masked reference ("naive") reads
+    every entry, and both give the same logits."""
+    from openr2.engine import paged_attention, v4_cache
 
+    assert paged_attention.load(), "the paged kernel builds here"
     config = model.config
     calls = []
-    for name in ("all", "take"):
+    for name in ("all", "take", "index_scores"):
         original = getattr(v4_cache.PagedEntries, name)
 
         def spy(self, *args, _name=name, _original=original):
@@ -190,6 +195,10 @@ def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
             return _original(self, *args)
 
         monkeypatch.setattr(v4_cache.PagedEntries, name, spy)
+    scanned = []
+    original_scan = paged_attention.paged_index_scores
+    monkeypatch.setattr(paged_attention, "paged_index_scores",
+                        lambda *args: scanned.append(args[2].data_ptr()) or original_scan(*args))
     ids = torch.randint(0, config.vocab_size, (1, 81), generator=torch.Generator().manual_seed(2))
     assert_decided(model, ids, what="v4 selected entries")
     out = {}
@@ -199,18 +208,89 @@ def test_sparse_rows_read_only_the_selected_entries(model, monkeypatch):
         with torch.inference_mode():
             model(ids[:, :80], cache=cache, attn_impl=impl)
             calls.clear()
+            scanned.clear()
             cache = pool.row_cache([0, 1, 2, 3, 4, 5], 80, cache.row_state())
             out[impl] = model(ids[:, 80:], cache=cache, attn_impl=impl)  # 20 entries per CSA layer, top-8
         csa = {pool.entries[i].data_ptr() for i in (1, 3)}
+        index = {pool.index_entries[i].data_ptr() for i in (1, 3)}
         whole = {ptr for name, ptr in calls if name == "all"}
-        assert whole >= {pool.index_entries[1].data_ptr(), pool.index_entries[3].data_ptr(),
-                         pool.entries[2].data_ptr()}
+        assert set(scanned) == index and {ptr for name, ptr in calls if name == "index_scores"} == index
+        assert pool.entries[2].data_ptr() in whole and not whole & index
         if impl == "sparse":
-            assert not whole & csa and {ptr for name, ptr in calls if name == "take"} == csa
+            assert whole == {pool.entries[2].data_ptr()} and {ptr for name, ptr in calls if name == "take"} == csa
         else:
             assert whole >= csa
     assert_close_to_reference(out["sparse"], out["naive"], reference64(model, ids)[:, 80:],
                               what="paged sparse vs naive")
+
+
+def test_paged_index_scan_equals_the_gathered_scores():
+    """The indexer's scan in place (PagedEntries.index_scores: the fused kernel over the entries' pool rows through
+    a shuffled block table, 4 entries per block) equals the reference products over the gathered entries
+    (CompressorState.index_scores), for a prompt chunk whose first queries see no entry yet (all -inf) and for
+    one query past 37 entries; within float32 rounding of the float64 products."""
+    from openr2.engine.v4_cache import PagedEntries
+    from openr2.model.compressed import CompressorState
+
+    config = tiny_v4()
+    gen = torch.Generator().manual_seed(4)
+    pool = V4Pool(config, num_blocks=12, block_size=BS)
+    Hi, Di = config.index_n_heads, config.index_head_dim
+    table = torch.randperm(12, generator=gen)[:10]
+    for start, T in ((0, 23), (151, 1)):
+        st = PagedEntries(pool=pool, store=pool.index_entries[1], table=table, rate=4, stored=start // 4)
+        st.extend(torch.randn(1, (start + T) // 4 - start // 4, Di, generator=gen))
+        if start:
+            pool.index_entries[1][st.slots()[: start // 4]] = torch.randn(start // 4, Di, generator=gen)
+        q, w = torch.randn(1, T, Hi, Di, generator=gen), torch.randn(1, T, Hi, generator=gen)
+        positions = torch.arange(start, start + T)[None]
+        plain = CompressorState(entries=st.all(), rate=4)
+        got, want = st.index_scores(q, w, positions), plain.index_scores(q, w, positions)
+        dots = torch.einsum("bthd,bnd->bthn", q.double(), st.all().double()).relu() * Di ** -0.5
+        ref = torch.einsum("bthn,bth->btn", dots, w.double())
+        assert torch.equal(got.isinf(), want.isinf()) and bool(got[0, :3].isinf().all()) == (start == 0)
+        finite = ~want.isinf()
+        assert_close_to_reference(got[finite], want[finite], ref[finite], what="paged index scan")
+
+
+def test_decode_rows_batched_equal_row_by_row(model):
+    """Decode rows at different lengths in one forward (CompressedCacheRows: projections and attention batched,
+    each row's keys padded to the longest) give each row's own forward's logits: rows of 5 tokens (no HCA entry,
+    one CSA entry: fewer than top-8), 40 and 87 (more entries than index_topk) over the paged cache, against
+    each row alone over the contiguous CompressedCache, for 6 steps (crossing CSA, HCA and cache-block
+    boundaries)."""
+    from openr2.model.compressed import CompressedCache, CompressedCacheRows
+
+    config, V = model.config, model.config.vocab_size
+    gen = torch.Generator().manual_seed(21)
+    lengths = (5, 40, 87)
+    seqs = [torch.randint(0, V, (n + 6,), generator=gen).tolist() for n in lengths]
+    for seq in seqs[1:]:  # the short row sees at most 2 entries: it keeps them all
+        assert_decided(model, torch.tensor([seq]), what="v4 batched rows")
+    pool = V4Pool(config, num_blocks=24, block_size=BS)
+    tables = [[b + 8 * r for b in torch.randperm(8, generator=gen).tolist()] for r in range(3)]
+    with torch.inference_mode():
+        states, plain = [], [CompressedCache.for_model(config) for _ in seqs]
+        for r, (seq, n) in enumerate(zip(seqs, lengths)):
+            cache = pool.row_cache(tables[r], 0, None)
+            model(torch.tensor([seq[:n]]), cache=cache, attn_impl="sparse")
+            states.append(cache.row_state())
+            model(torch.tensor([seq[:n]]), cache=plain[r], attn_impl="sparse")
+        got, want = [], []
+        for step in range(6):
+            ids = torch.tensor([[seq[n + step]] for seq, n in zip(seqs, lengths)])
+            positions = torch.tensor([[n + step] for n in lengths])
+            rows = [pool.row_cache(tables[r], n + step, states[r]) for r, n in enumerate(lengths)]
+            got.append(model(ids, positions, cache=CompressedCacheRows(rows), attn_impl="sparse"))
+            states = [row.row_state() for row in rows]
+            want.append(torch.cat([model(ids[r : r + 1], positions[r : r + 1], cache=plain[r], attn_impl="sparse")
+                                   for r in range(3)]))
+    full = [torch.tensor([seq]) for seq in seqs]
+    ref = torch.stack([torch.cat([reference64(model, f)[0, n + s] for f, n in zip(full, lengths)])
+                       for s in range(6)])
+    assert_close_to_reference(torch.stack([g[:, 0].reshape(-1) for g in got]),
+                              torch.stack([w[:, 0].reshape(-1) for w in want]), ref.view(6, -1),
+                              what="V4 decode rows batched vs one by one")
 
 
 def _greedy_full(model, prompt: list[int], new: int) -> list[int]:
@@ -238,6 +318,24 @@ def test_llm_greedy_with_preemption_equals_the_full_forward(model):
     assert llm.engine.blocks.num_free == llm.engine.pool.num_blocks
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == _greedy_full(model, prompt, new)
+
+
+def test_llm_greedy_in_blocks_of_four_windows(model):
+    """Blocks of 64 = 4 x the window (the window kept at a block end is a quarter key per token): two rows decode
+    across a block end from their running state alone, then a prompt extending row 0 hits its first block
+    (the window rebuilt from that block's end); every output equals greedy decoding by the full forward."""
+    from openr2.engine.llm import LLM
+    from openr2.engine.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (50, 29)]
+    llm = LLM(model, compile=False, block_size=64, num_blocks=8, max_num_batched_tokens=32)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _greedy_full(model, prompt, 24)
+    longer = prompts[0] + outs[0].outputs[0].token_ids
+    again = llm.generate([longer], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert again.num_cached_tokens == 64 and again.outputs[0].token_ids == _greedy_full(model, longer, 10)
 
 
 def test_speculative_decoding_is_refused(model):
