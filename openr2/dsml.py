@@ -154,14 +154,16 @@ class DsmlDialect:
         return DsmlParser(self, tool_names, max_calls)
 
     def calls_grammar(self, tools: list[tuple[str, dict]], token_id: Callable[[str], int | None],
-                      max_calls: int | None = None, after_begin: bool = False) -> str:
+                      max_calls: int | None = None, after_begin: bool = False, free_text: bool = False) -> str:
         """An llguidance Lark grammar of one calls block (as calls_text writes it), then nothing more: each call
         names one of `tools` ((name, JSON Schema of its arguments)) and writes that schema's declared
         properties in order (so a schema without `properties` gets `{}`), required ones always, plain strings
         as raw text without the DSML marker and every other value as JSON under its own schema; at most
         max_calls calls (None: any number >= 1). after_begin: the block's opening marker was already generated
-        (a trigger token). ValueError for a schema DSML cannot carry (required properties it does not
-        declare, names with quotes)."""
+        (a trigger token). free_text (strict tools under tool_choice 'auto'): any text first, and the block
+        only if that text opens one: the opening marker is several tokens in the releases' vocabularies, so
+        the grammar itself watches for it (whatever tokens spell it) instead of a trigger token. ValueError
+        for a schema DSML cannot carry (required properties it does not declare, names with quotes)."""
         def marker(text: str) -> str:
             tid = token_id(text)
             return f"<[{tid}]>" if tid is not None else json.dumps(text)
@@ -192,9 +194,14 @@ class DsmlDialect:
             lines.append(f'call_{i}: {json.dumps(f"{INVOKE_OPEN} name={json.dumps(name)}>" + chr(10))} {body} '
                          f'{json.dumps(INVOKE_CLOSE)}')
         more = "" if max_calls == 1 else ' ("\\n" call)*'
-        begin = "" if after_begin else f'"\\n\\n" {marker(self.open)} '
-        return "\n".join([f'start: {begin}"\\n" call{more} "\\n" {marker(self.close)}',
-                          "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *lines])
+        block = f'"\\n" call{more} "\\n" {marker(self.close)}'
+        if free_text:  # text without the opening marker, ended by EOS, or by the marker and then the block
+            start = [f"start: free | lead {block}", "free: FREE", f"lead[suffix={json.dumps(self.open)}]: FREE",
+                     f"FREE: /(?s:.*)/ & ~/(?s:.*{re.escape(self.open)}.*)/"]
+        else:
+            begin = "" if after_begin else f'"\\n\\n" {marker(self.open)} '
+            start = [f"start: {begin}{block}"]
+        return "\n".join([*start, "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *lines])
 
     def parse_invoke(self, text: str) -> tuple[str, dict] | None:
         """One whole invoke (markers included) -> (name, arguments), or None if it is not a well-formed one:
