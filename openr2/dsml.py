@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from openr2.tool_calls import ParsedCall, ToolCallParser, partial_suffix
+from openr2.tool_calls import ParsedCall, ToolCallParser
 
 DSML = "｜DSML｜"
 INVOKE_OPEN, INVOKE_CLOSE = f"<{DSML}invoke", f"</{DSML}invoke>"
@@ -233,57 +233,15 @@ DSML_DIALECTS = (V32, V4)
 
 
 class DsmlParser(ToolCallParser):
-    """Splits an answer into content and DSML calls, delta by delta (tool_calls.ToolCallParser's interface and
-    state, with a DsmlDialect: feed/finish return (content delta, calls completed), their concatenation equals
-    parse(answer)). The blank line the encoders put before a calls block belongs to the block, not to the
-    content."""
+    """Splits an answer into content and DSML calls, delta by delta (tool_calls.ToolCallParser's interface,
+    state and block reading, with a DsmlDialect's markers: feed/finish return (content delta, calls completed),
+    their concatenation equals parse(answer)). The blank line the encoders put before a calls block belongs to
+    the block, not to the content."""
 
-    def _drain(self, final: bool) -> tuple[str, list[ParsedCall]]:
-        d = self.dialect
-        content: list[str] = []
-        calls: list[ParsedCall] = []
-        while self._buf:
-            if not self._in_block:
-                i = self._buf.find(d.open)
-                if i < 0:
-                    keep = 0 if final else max(partial_suffix(self._buf, "\n\n" + d.open), partial_suffix(self._buf, d.open))
-                    content.append(self._buf[:len(self._buf) - keep])
-                    self._buf = self._buf[len(self._buf) - keep:]
-                    break
-                content.append(self._buf[:i].removesuffix("\n\n"))
-                self._buf, self._in_block = self._buf[i + len(d.open):], True
-                continue
-            head = self._buf.lstrip()
-            if head.startswith(d.close):
-                self._buf, self._in_block = head[len(d.close):], False
-                continue
-            if head.startswith(INVOKE_OPEN):
-                end = head.find(INVOKE_CLOSE)
-                if end < 0:
-                    if final:  # cut short: the model's text, not a call
-                        content.append(head)
-                        self._buf = ""
-                    break
-                end += len(INVOKE_CLOSE)
-                call = self._call(head[:end])
-                if call is None:
-                    content.append(head[:end])
-                else:
-                    calls.append(call)
-                    self.calls.append(call)
-                self._buf = head[end:]
-                continue
-            # text inside the block that is no call: back to content, up to the next marker
-            marks = [j for j in (head.find(INVOKE_OPEN), head.find(d.close)) if j >= 0]
-            if marks:
-                content.append(head[:min(marks)])
-                self._buf = head[min(marks):]
-                continue
-            if final:
-                content.append(head)
-                self._buf = ""
-            break  # else wait: a marker may still be arriving
-        return "".join(content), calls
+    lead = "\n\n"
+
+    def markers(self) -> tuple[str, str, str, str]:
+        return self.dialect.open, self.dialect.close, INVOKE_OPEN, INVOKE_CLOSE
 
     def _call(self, text: str) -> ParsedCall | None:
         parsed = self.dialect.parse_invoke(text)
