@@ -36,6 +36,36 @@ def test_v4_renders_the_release_test_vector():
     assert encode_v4(messages, tools, thinking=True) == expected
 
 
+@pytest.mark.parametrize("case,thinking", [(3, True), (4, False)])
+def test_v4_internal_roles_render_the_release_test_vectors(case, thinking):
+    """The release's cases 3 (a developer turn with tools after a latest_reminder, thinking, tool results) and 4
+    (latest_reminder, an answer the next turn's `action` task follows, chat mode), as vLLM's test renders them."""
+    data = json.loads((DATA / f"v4_input_{case}.json").read_text())
+    msgs = [{("reasoning_content" if k == "reasoning" else k): v for k, v in m.items()} for m in data]
+    assert encode_v4(msgs, thinking=thinking) == (DATA / f"v4_output_{case}.txt").read_text()
+
+
+def test_v4_reasoning_effort_and_bad_internal_fields():
+    from openr2.dsml_encoding import REASONING_EFFORT_MAX
+
+    ask = [{"role": "user", "content": "Hi"}]
+    plain = "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>"
+    assert encode_v4(ask, thinking=True, reasoning_effort="max") == plain.replace("<｜User｜>", REASONING_EFFORT_MAX
+                                                                                  + "<｜User｜>")
+    assert encode_v4(ask, thinking=True, reasoning_effort="high") == encode_v4(ask, thinking=True) == plain
+    assert encode_v4(ask, thinking=False, reasoning_effort="max").endswith("<｜Assistant｜></think>")  # chat: none
+    assert REASONING_EFFORT_MAX not in encode_v4(ask, thinking=False, reasoning_effort="max")
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        encode_v4(ask, reasoning_effort="medium")
+    with pytest.raises(ValueError, match="task"):
+        encode_v4([{"role": "user", "content": "x", "task": "nope"}])
+    with pytest.raises(ValueError, match="developer"):
+        encode_v4([{"role": "developer", "content": ""}])
+    # a task other than `action` puts its token right after the turn; the answer after a task has no thinking
+    rendered = encode_v4([{"role": "user", "content": "x", "task": "title"}, {"role": "assistant", "content": "T"}])
+    assert rendered == "<｜begin▁of▁sentence｜><｜User｜>x<｜title｜>T<｜end▁of▁sentence｜>"
+
+
 def test_generation_prompts_and_chat_mode():
     ask = [{"role": "user", "content": "Hi"}]
     assert encode_v32(ask, thinking=True).endswith("<｜User｜>Hi<｜Assistant｜><think>")

@@ -55,7 +55,7 @@ class TemplateFeatures:
     def thinking_option(self, req, implied: bool | None) -> dict:
         """The template's `thinking` option: the request's own choice (a 400 naming its parameter if the
         template has no such mode), else what the model alias implies where the template has that mode, else
-        nothing (the template's default)."""
+        nothing (the template's default); with thinking on, V4's reasoning-effort level from `reasoning_effort`."""
         asked, param = req.thinking_choice()
         modes = self.thinking_modes
         if asked is not None and asked not in modes:
@@ -63,7 +63,16 @@ class TemplateFeatures:
             raise bad_request(f"The model '{self.model_name}' has no {mode} mode: its chat template "
                               f"{'always thinks' if modes == {True} else 'never thinks'}.", param)
         chosen = asked if asked is not None else implied
-        return {} if chosen is None or chosen not in modes else {"thinking": chosen}
+        options = {} if chosen is None or chosen not in modes else {"thinking": chosen}
+        if options.get("thinking") and self.effort_levels and req.reasoning_effort is not None:
+            # V4's encoder has two levels, as vLLM maps OpenAI's: "xhigh" / "max" -> max, the others -> high
+            options["reasoning_effort"] = "max" if req.reasoning_effort in ("xhigh", "max") else "high"
+        return options
+
+    @functools.cached_property
+    def effort_levels(self) -> bool:
+        """Whether the prompt has reasoning-effort levels: DeepSeek-V4's release encoder (no jinja template)."""
+        return self.model_type == "deepseek_v4" and getattr(self.tokenizer, "chat_template", None) is None
 
     def structured_outputs(self, req):
         """The engine's constraint for a chat request (engine.grammar.StructuredOutputsParams), or None: a

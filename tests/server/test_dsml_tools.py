@@ -189,3 +189,20 @@ def test_strict_tools_under_auto_on_a_random_v32_checkpoint(live):
         assert choice.finish_reason in ("stop", "length", "tool_calls")
         for call in choice.message.tool_calls or []:
             jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_v4_reasoning_effort_through_http(tmp_path):
+    """reasoning_effort on a template-less deepseek_v4 checkpoint: "max" / "xhigh" put the release's
+    maximum-effort preamble before the conversation, the other levels think without it, "none" does not think."""
+    from openr2.dsml_encoding import REASONING_EFFORT_MAX
+
+    with serve_scripted(_bare_tokenizer(), lambda prompt: "Done.", tmp_path, model_type="deepseek_v4") as (
+            base_url, server, engine):
+        assert server.template.effort_levels
+        client = _openai(base_url)
+        for effort, preamble, ending in (("max", True, "<think>"), ("xhigh", True, "<think>"),
+                                         ("medium", False, "<think>"), ("none", False, "</think>")):
+            client.chat.completions.create(model="tiny", messages=ASK, reasoning_effort=effort)
+            prompt = engine.prompts[-1]
+            assert prompt.startswith("<｜begin▁of▁sentence｜>" + REASONING_EFFORT_MAX) == preamble, effort
+            assert prompt.endswith("<｜User｜>Weather in Paris?<｜Assistant｜>" + ending), effort
