@@ -99,7 +99,7 @@ def _load() -> ctypes.CDLL | None:
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "openr2", "kernels")
     path = os.path.join(folder, f"token_mask_{key}.so")
     if not os.path.isfile(path):
-        compiler = os.environ.get("CC", "cc")
+        compiler, tmp = os.environ.get("CC", "cc"), None
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
@@ -107,6 +107,8 @@ def _load() -> ctypes.CDLL | None:
             subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE], check=True, capture_output=True, timeout=120)
             os.replace(tmp, path)  # whole or not at all: another process may load it at any moment
         except (OSError, subprocess.SubprocessError) as e:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
             detail = getattr(e, "stderr", b"") or b""
             log.warning("grammar masks: cannot build %s with %s (%s %s); using the slower numpy path",
                         _SOURCE, compiler, e, detail.decode(errors="replace")[:500])
