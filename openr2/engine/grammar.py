@@ -150,7 +150,7 @@ class GrammarState:
         self.executor, self.use_kernel = executor, use_kernel
         self._words = (tokenizer_vocab_size + 31) // 32
         self._bits = np.empty((1, self._words), dtype=np.int32)  # reused: one step's masks at a time
-        self._ahead = None  # a running prefetch (Future) of row 0, or True once its row is in _bits[0]
+        self._ahead = None  # the submitted prefetch (a Future) of row 0
 
     def prefetch(self) -> None:
         """Start computing the next position's mask (no drafts) on the executor; no-op without one."""
@@ -165,12 +165,9 @@ class GrammarState:
     def _settle(self) -> bool:
         """Wait for a running prefetch; True when row 0 of the buffer holds the current position's mask."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
+        if ahead is None or ahead.cancel():  # none, or not started (its thread had no CPU yet): compute it here
             return False
-        if ahead is not True:
-            if ahead.cancel():  # not started (the thread had no CPU so far): compute it here, do not wait
-                return False
-            ahead.result()
+        ahead.result()
         return True
 
     def masks(self, drafts: list[int]) -> TokenMask | None:
