@@ -198,6 +198,8 @@ def _pick_template(tokenizer: Tokenizer | None, template: str | None) -> str | N
 # Checkpoints whose release ships no jinja template, only a Python encoder (their model_type -> ours):
 # DeepSeek-V3.2 (V3.2-Exp still had a template, in the V3.1 dialect, and keeps it) and V4.
 ENCODERS = {"deepseek_v32": encode_v32, "deepseek_v4": encode_v4}
+# their options: V4's encoder also takes a reasoning effort ("high" or "max", dsml_encoding.V4_EFFORTS)
+ENCODER_OPTIONS = {"deepseek_v32": {"thinking", "tools"}, "deepseek_v4": {"thinking", "tools", "reasoning_effort"}}
 
 
 def render_chat(messages: Iterable[Any], tokenizer: Tokenizer | None = None, add_generation_prompt: bool = True,
@@ -206,7 +208,7 @@ def render_chat(messages: Iterable[Any], tokenizer: Tokenizer | None = None, add
 
     With a template (the `template` argument, else the tokenizer's `chat_template`) render it with jinja;
     else a checkpoint of a `model_type` in ENCODERS gets its release's encoder (options: `tools`, `thinking`,
-    off by default as on DeepSeek's API; its user turns end with the generation prompt whatever
+    off by default as on DeepSeek's API, and for V4 `reasoning_effort`; its user turns end with the generation prompt whatever
     add_generation_prompt says); otherwise use the built-in R1 format, where `thinking=False` ends the prompt with `<｜Assistant｜>`
     instead of `<｜Assistant｜><think>\\n`. Extra keyword arguments go to the template (tools, thinking...),
     which decides what they mean (DeepSeek-R1's own template ignores `thinking`; the built-in format
@@ -215,10 +217,12 @@ def render_chat(messages: Iterable[Any], tokenizer: Tokenizer | None = None, add
     msgs = normalize_messages(messages)
     source = _pick_template(tokenizer, template)
     if source is None and model_type in ENCODERS:
-        unknown = set(template_kwargs) - {"thinking", "tools"}
+        unknown = set(template_kwargs) - ENCODER_OPTIONS[model_type]
         if unknown:
             raise ValueError(f"{model_type} chat format: unknown option(s) {sorted(unknown)}")
-        return ENCODERS[model_type](msgs, template_kwargs.get("tools"), bool(template_kwargs.get("thinking", False)))
+        extra = {k: template_kwargs[k] for k in ("reasoning_effort",) if k in template_kwargs}
+        return ENCODERS[model_type](msgs, template_kwargs.get("tools"), bool(template_kwargs.get("thinking", False)),
+                                    **extra)
     if source is None:
         unknown = set(template_kwargs) - {"thinking"}
         if unknown:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from openr2.tool_calls import ParsedCall, ToolCallParser, partial_suffix
+from openr2.tool_calls import ParsedCall, ToolCallParser
 
 DSML = "｜DSML｜"
 INVOKE_OPEN, INVOKE_CLOSE = f"<{DSML}invoke", f"</{DSML}invoke>"
@@ -154,14 +154,16 @@ class DsmlDialect:
         return DsmlParser(self, tool_names, max_calls)
 
     def calls_grammar(self, tools: list[tuple[str, dict]], token_id: Callable[[str], int | None],
-                      max_calls: int | None = None, after_begin: bool = False) -> str:
+                      max_calls: int | None = None, after_begin: bool = False, free_text: bool = False) -> str:
         """An llguidance Lark grammar of one calls block (as calls_text writes it), then nothing more: each call
         names one of `tools` ((name, JSON Schema of its arguments)) and writes that schema's declared
         properties in order (so a schema without `properties` gets `{}`), required ones always, plain strings
         as raw text without the DSML marker and every other value as JSON under its own schema; at most
         max_calls calls (None: any number >= 1). after_begin: the block's opening marker was already generated
-        (a trigger token). ValueError for a schema DSML cannot carry (required properties it does not
-        declare, names with quotes)."""
+        (a trigger token). free_text (strict tools under tool_choice 'auto'): any text first, and the block
+        only if that text opens one: the opening marker is several tokens in the releases' vocabularies, so
+        the grammar itself watches for it (whatever tokens spell it) instead of a trigger token. ValueError
+        for a schema DSML cannot carry (required properties it does not declare, names with quotes)."""
         def marker(text: str) -> str:
             tid = token_id(text)
             return f"<[{tid}]>" if tid is not None else json.dumps(text)
@@ -192,9 +194,14 @@ class DsmlDialect:
             lines.append(f'call_{i}: {json.dumps(f"{INVOKE_OPEN} name={json.dumps(name)}>" + chr(10))} {body} '
                          f'{json.dumps(INVOKE_CLOSE)}')
         more = "" if max_calls == 1 else ' ("\\n" call)*'
-        begin = "" if after_begin else f'"\\n\\n" {marker(self.open)} '
-        return "\n".join([f'start: {begin}"\\n" call{more} "\\n" {marker(self.close)}',
-                          "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *lines])
+        block = f'"\\n" call{more} "\\n" {marker(self.close)}'
+        if free_text:  # text without the opening marker, ended by EOS, or by the marker and then the block
+            start = [f"start: free | lead {block}", "free: FREE", f"lead[suffix={json.dumps(self.open)}]: FREE",
+                     f"FREE: /(?s:.*)/ & ~/(?s:.*{re.escape(self.open)}.*)/"]
+        else:
+            begin = "" if after_begin else f'"\\n\\n" {marker(self.open)} '
+            start = [f"start: {begin}{block}"]
+        return "\n".join([*start, "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *lines])
 
     def parse_invoke(self, text: str) -> tuple[str, dict] | None:
         """One whole invoke (markers included) -> (name, arguments), or None if it is not a well-formed one:
@@ -226,57 +233,15 @@ DSML_DIALECTS = (V32, V4)
 
 
 class DsmlParser(ToolCallParser):
-    """Splits an answer into content and DSML calls, delta by delta (tool_calls.ToolCallParser's interface and
-    state, with a DsmlDialect: feed/finish return (content delta, calls completed), their concatenation equals
-    parse(answer)). The blank line the encoders put before a calls block belongs to the block, not to the
-    content."""
+    """Splits an answer into content and DSML calls, delta by delta (tool_calls.ToolCallParser's interface,
+    state and block reading, with a DsmlDialect's markers: feed/finish return (content delta, calls completed),
+    their concatenation equals parse(answer)). The blank line the encoders put before a calls block belongs to
+    the block, not to the content."""
 
-    def _drain(self, final: bool) -> tuple[str, list[ParsedCall]]:
-        d = self.dialect
-        content: list[str] = []
-        calls: list[ParsedCall] = []
-        while self._buf:
-            if not self._in_block:
-                i = self._buf.find(d.open)
-                if i < 0:
-                    keep = 0 if final else max(partial_suffix(self._buf, "\n\n" + d.open), partial_suffix(self._buf, d.open))
-                    content.append(self._buf[:len(self._buf) - keep])
-                    self._buf = self._buf[len(self._buf) - keep:]
-                    break
-                content.append(self._buf[:i].removesuffix("\n\n"))
-                self._buf, self._in_block = self._buf[i + len(d.open):], True
-                continue
-            head = self._buf.lstrip()
-            if head.startswith(d.close):
-                self._buf, self._in_block = head[len(d.close):], False
-                continue
-            if head.startswith(INVOKE_OPEN):
-                end = head.find(INVOKE_CLOSE)
-                if end < 0:
-                    if final:  # cut short: the model's text, not a call
-                        content.append(head)
-                        self._buf = ""
-                    break
-                end += len(INVOKE_CLOSE)
-                call = self._call(head[:end])
-                if call is None:
-                    content.append(head[:end])
-                else:
-                    calls.append(call)
-                    self.calls.append(call)
-                self._buf = head[end:]
-                continue
-            # text inside the block that is no call: back to content, up to the next marker
-            marks = [j for j in (head.find(INVOKE_OPEN), head.find(d.close)) if j >= 0]
-            if marks:
-                content.append(head[:min(marks)])
-                self._buf = head[min(marks):]
-                continue
-            if final:
-                content.append(head)
-                self._buf = ""
-            break  # else wait: a marker may still be arriving
-        return "".join(content), calls
+    lead = "\n\n"
+
+    def markers(self) -> tuple[str, str, str, str]:
+        return self.dialect.open, self.dialect.close, INVOKE_OPEN, INVOKE_CLOSE
 
     def _call(self, text: str) -> ParsedCall | None:
         parsed = self.dialect.parse_invoke(text)

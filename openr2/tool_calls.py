@@ -169,41 +169,50 @@ class ToolCallParser:
     def finish(self) -> tuple[str, list[ParsedCall]]:
         return self._drain(final=True)
 
+    lead = ""  # text right before the block's opening marker that belongs to the block (DSML: a blank line)
+
+    def markers(self) -> tuple[str, str, str, str]:
+        """(block open, block close, call open, call close) of the dialect's calls block."""
+        return TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END
+
     def _drain(self, final: bool) -> tuple[str, list[ParsedCall]]:
+        begin, end_block, call_open, call_close = self.markers()
         content: list[str] = []
         calls: list[ParsedCall] = []
         while self._buf:
             if not self._in_block:
-                i = self._buf.find(TOOL_CALLS_BEGIN)
+                i = self._buf.find(begin)
                 if i < 0:
-                    keep = 0 if final else partial_suffix(self._buf, TOOL_CALLS_BEGIN)
+                    keep = 0 if final else max(partial_suffix(self._buf, self.lead + begin),
+                                               partial_suffix(self._buf, begin))
                     content.append(self._buf[:len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
-                content.append(self._buf[:i])
-                self._buf, self._in_block = self._buf[i + len(TOOL_CALLS_BEGIN):], True
+                content.append(self._buf[:i].removesuffix(self.lead))
+                self._buf, self._in_block = self._buf[i + len(begin):], True
                 continue
             head = self._buf.lstrip()
-            if head.startswith(TOOL_CALLS_END):
-                self._buf, self._in_block = head[len(TOOL_CALLS_END):], False
+            if head.startswith(end_block):
+                self._buf, self._in_block = head[len(end_block):], False
                 continue
-            if head.startswith(TOOL_CALL_BEGIN):
-                end = head.find(TOOL_CALL_END)
+            if head.startswith(call_open):
+                end = head.find(call_close)
                 if end < 0:
                     if final:  # cut short: the model's text, not a call
                         content.append(head)
                         self._buf = ""
                     break
-                call = self._call(head[len(TOOL_CALL_BEGIN):end])
+                end += len(call_close)
+                call = self._call(head[:end])
                 if call is None:
-                    content.append(head[:end + len(TOOL_CALL_END)])
+                    content.append(head[:end])
                 else:
                     calls.append(call)
                     self.calls.append(call)
-                self._buf = head[end + len(TOOL_CALL_END):]
+                self._buf = head[end:]
                 continue
             # text inside the block that is no call: back to content, up to the next marker
-            marks = [j for j in (head.find(TOOL_CALL_BEGIN), head.find(TOOL_CALLS_END)) if j >= 0]
+            marks = [j for j in (head.find(call_open), head.find(end_block)) if j >= 0]
             if marks:
                 content.append(head[:min(marks)])
                 self._buf = head[min(marks):]
@@ -214,8 +223,9 @@ class ToolCallParser:
             break  # else wait: a marker may still be arriving
         return "".join(content), calls
 
-    def _call(self, body: str) -> ParsedCall | None:
-        parsed = self.dialect.parse_call(body)
+    def _call(self, text: str) -> ParsedCall | None:
+        """One whole call (its markers included) -> a ParsedCall, or None if it is not a valid one."""
+        parsed = self.dialect.parse_call(text[len(TOOL_CALL_BEGIN):-len(TOOL_CALL_END)])
         if parsed is None or parsed[0] not in self.tool_names:
             return None
         if self.max_calls is not None and len(self.calls) >= self.max_calls:

@@ -36,6 +36,36 @@ def test_v4_renders_the_release_test_vector():
     assert encode_v4(messages, tools, thinking=True) == expected
 
 
+@pytest.mark.parametrize("case,thinking", [(3, True), (4, False)])
+def test_v4_internal_roles_render_the_release_test_vectors(case, thinking):
+    """The release's cases 3 (a developer turn with tools after a latest_reminder, thinking, tool results) and 4
+    (latest_reminder, an answer the next turn's `action` task follows, chat mode), as vLLM's test renders them."""
+    data = json.loads((DATA / f"v4_input_{case}.json").read_text())
+    msgs = [{("reasoning_content" if k == "reasoning" else k): v for k, v in m.items()} for m in data]
+    assert encode_v4(msgs, thinking=thinking) == (DATA / f"v4_output_{case}.txt").read_text()
+
+
+def test_v4_reasoning_effort_and_bad_internal_fields():
+    from openr2.dsml_encoding import REASONING_EFFORT_MAX
+
+    ask = [{"role": "user", "content": "Hi"}]
+    plain = "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>"
+    assert encode_v4(ask, thinking=True, reasoning_effort="max") == plain.replace("<｜User｜>", REASONING_EFFORT_MAX
+                                                                                  + "<｜User｜>")
+    assert encode_v4(ask, thinking=True, reasoning_effort="high") == encode_v4(ask, thinking=True) == plain
+    assert encode_v4(ask, thinking=False, reasoning_effort="max").endswith("<｜Assistant｜></think>")  # chat: none
+    assert REASONING_EFFORT_MAX not in encode_v4(ask, thinking=False, reasoning_effort="max")
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        encode_v4(ask, reasoning_effort="medium")
+    with pytest.raises(ValueError, match="task"):
+        encode_v4([{"role": "user", "content": "x", "task": "nope"}])
+    with pytest.raises(ValueError, match="developer"):
+        encode_v4([{"role": "developer", "content": ""}])
+    # a task other than `action` puts its token right after the turn; the answer after a task has no thinking
+    rendered = encode_v4([{"role": "user", "content": "x", "task": "title"}, {"role": "assistant", "content": "T"}])
+    assert rendered == "<｜begin▁of▁sentence｜><｜User｜>x<｜title｜>T<｜end▁of▁sentence｜>"
+
+
 def test_generation_prompts_and_chat_mode():
     ask = [{"role": "user", "content": "Hi"}]
     assert encode_v32(ask, thinking=True).endswith("<｜User｜>Hi<｜Assistant｜><think>")
@@ -145,6 +175,63 @@ def test_the_calls_grammar_takes_exactly_the_calls_the_parser_reads(dialect):
     assert not accepts(other.calls_text(two[:1]))  # only the checkpoint's own block
     with pytest.raises(ValueError):
         dialect.calls_grammar([("t", {"type": "object", "required": ["x"]})], tok.token_to_id)
+
+
+@pytest.mark.parametrize("dialect", [V32, V4], ids=["v3.2", "v4"])
+def test_strict_tools_under_auto_free_text_then_every_opened_block_validates(dialect):
+    """tool_choice 'auto' with strict tools (free_text=True): text with no calls block ends freely; once the
+    model spells the multi-token opening marker (in whatever tokens: here split at a random point, so the
+    tokens differ from the tokenizer's own), the grammar takes over and the arguments always validate. The
+    "model" is random logits at every step (temperature 1 and greedy), sampled through the engine's masks."""
+    import jsonschema
+    import torch
+
+    from openr2.engine.grammar import GrammarCompiler, StructuredOutputsParams
+    from openr2.engine.sampling import SamplingParams, sample
+    from openr2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "openr2" / "assets" / "openr2-demo")
+    schemas = {"weather": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                            "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                                                            "units": {"enum": ["C", "F"]}},
+                           "required": ["city", "days"], "additionalProperties": False},
+               "time": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 4}}}}
+    grammar = dialect.calls_grammar(list(schemas.items()), tok.token_to_id, free_text=True)
+    compiler = GrammarCompiler(tok, tok.vocab_size, prefetch=False)
+    compiled = compiler.compile(StructuredOutputsParams(grammar=grammar))
+    text = tok.encode("Let me check that.")
+    state = compiler.state(compiled, [])
+    for t in text + [tok.eos_token_id]:  # free text, no block: the answer may end
+        assert state.masks([]).blocked(tok.vocab_size)[0, t] == 0
+        state.advance(t)
+    rng = random.Random(0)
+    calls_seen = 0
+    for trial in range(10):
+        state = compiler.state(compiled, [])
+        cut = rng.randrange(1, len(dialect.open))
+        opening = tok.encode("Sure.\n\n" + dialect.open[:cut]) + tok.encode(dialect.open[cut:])
+        params = SamplingParams(temperature=0 if trial % 4 == 0 else 1.0)
+        gen = torch.Generator().manual_seed(trial)
+        out = []
+        for step in range(600):
+            mask = state.masks([])
+            if step < len(opening):  # the "model" writes the opening marker
+                token = opening[step]
+                assert not mask.blocked(tok.vocab_size)[0, token]
+            else:
+                logits = torch.randn(1, tok.vocab_size, generator=gen) * 3
+                token = int(sample(logits, [params], [gen], blocked=[mask]).token_ids[0])
+            if token == tok.eos_token_id:
+                break
+            state.advance(token)
+            out.append(token)
+        assert token == tok.eos_token_id and state.matcher.is_stopped(), trial
+        content, calls = DsmlParser(dialect, schemas).parse(tok.decode(out))
+        assert content == "Sure." and calls, trial
+        for call in calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        calls_seen += len(calls)
+    assert calls_seen >= 10
 
 
 def test_v4_merges_results_into_one_user_turn_in_call_order():

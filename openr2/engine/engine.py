@@ -389,6 +389,8 @@ class LLMEngine:
                 return
         if num_drafts:
             self.scheduler.register_full_blocks(seq)
+        if seq.grammar is not None:  # the next position's mask, computed while the next forward runs
+            seq.grammar.prefetch()
 
     def _room(self, seq: Sequence) -> int:
         """The most drafts a sequence's limits leave room for (max_tokens, the context window)."""

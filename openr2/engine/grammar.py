@@ -4,7 +4,9 @@ Owns `StructuredOutputsParams` (vLLM's name: a JSON Schema, any JSON object, or 
 optionally after a trigger token), `GrammarCompiler` (the served tokenizer's view for the grammar library,
 compiled grammars cached by text) and `GrammarState`, one per sequence: the matcher over its committed
 tokens and the masks of the tokens it blocks at the next step's positions (the sampled one and each draft's).
-The masks are applied by the batched sampler (sampling.apply_blocked); this module never sees logits.
+The masks are packed bits (engine/token_mask.TokenMask), applied by the batched sampler
+(sampling.apply_blocked); this module never sees logits. Each state computes its next position's mask ahead,
+on one background thread, while the model runs (GrammarState.prefetch).
 
 Reasoning stays free: a state starts with pending trigger tokens (the engine adds `</think>` when the prompt
 opens a reasoning block; a request may add its own, e.g. the tool-calls marker for `tool_choice: auto`) and
@@ -25,10 +27,12 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+
+from openr2.engine.token_mask import TokenMask
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,12 @@ class GrammarCompiler:
     """The tokenizer's view for llguidance (built on the first constrained request) and the texts of
     grammars already validated against it (LRU), so a schema many requests share is checked once."""
 
-    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 256):
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 256, prefetch: bool = True,
+                 use_kernel: bool = True):
         self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
+        self.prefetch, self.use_kernel = prefetch, use_kernel  # False, False: the reference (benchmarks)
         self._ll_tokenizer = None
+        self._executor = None  # one thread computing the next masks while the model runs (made on first use)
         self._cache: OrderedDict[str, None] = OrderedDict()
 
     @property
@@ -122,34 +129,72 @@ class GrammarCompiler:
         matcher = LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
-        return GrammarState(matcher, self.ll_tokenizer.vocab_size, self.vocab_size, triggers, self.ll_tokenizer.eos_token)
+        if self.prefetch and self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="openr2-grammar")
+        return GrammarState(matcher, self.ll_tokenizer.vocab_size, self.vocab_size, triggers,
+                            self.ll_tokenizer.eos_token, self._executor, self.use_kernel)
 
 
 class GrammarState:
-    """One sequence's grammar position over its committed tokens (see the module docstring)."""
+    """One sequence's grammar position over its committed tokens (see the module docstring).
 
-    def __init__(self, matcher, tokenizer_vocab_size: int, vocab_size: int, triggers: list[int], eos_token_id: int):
+    The mask of the next position is computed ahead: `prefetch()` (the engine calls it once a step's tokens are
+    committed) starts it on the compiler's thread, where it runs while the next step's model forward does
+    (llguidance releases the GIL); `masks` then takes it and computes only the draft positions' rows. The
+    matcher is touched by one thread at a time: everything else waits for a running prefetch first."""
+
+    def __init__(self, matcher, tokenizer_vocab_size: int, vocab_size: int, triggers: list[int], eos_token_id: int,
+                 executor=None, use_kernel: bool = True):
         self.matcher, self.pending, self.eos_token_id = matcher, list(triggers), eos_token_id
         self.tokenizer_vocab_size, self.vocab_size = tokenizer_vocab_size, vocab_size
+        self.executor, self.use_kernel = executor, use_kernel
+        self._words = (tokenizer_vocab_size + 31) // 32
+        self._bits = np.empty((1, self._words), dtype=np.int32)  # reused: one step's masks at a time
+        self._ahead = None  # the submitted prefetch (a Future) of row 0
 
-    def masks(self, drafts: list[int]) -> torch.Tensor | None:
-        """blocked [1 + K, V] bool, True where the grammar refuses the token: row j for the position after
-        drafts[:j]; None when no position is constrained. A draft the grammar refuses is blocked in its own
-        row (so verification rejects it); the rows after it are never reached and repeat that row."""
+    def prefetch(self) -> None:
+        """Start computing the next position's mask (no drafts) on the executor; no-op without one."""
+        if self.executor is None or self.pending or self._ahead is not None or self.matcher.is_stopped():
+            return
+        self._ahead = self.executor.submit(self._compute_row, 0)
+
+    def _compute_row(self, j: int) -> None:
+        # llguidance writes row j in place (as llguidance.torch does, whose import loads dynamo)
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data + j * self._bits.strides[0], self._words * 4)
+
+    def _settle(self) -> bool:
+        """Wait for a running prefetch; True when row 0 of the buffer holds the current position's mask."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.cancel():  # none, or not started (its thread had no CPU yet): compute it here
+            return False
+        ahead.result()
+        return True
+
+    def masks(self, drafts: list[int]) -> TokenMask | None:
+        """The masks [1 + K] of the positions after drafts[:j] (engine/token_mask.TokenMask: the allowed
+        tokens' bits); None when no position is constrained. A draft the grammar refuses is blocked in its
+        own row (so verification rejects it); the rows after it are never reached and repeat that row. The
+        mask lives in a buffer the next call reuses: it is valid for one step."""
+        have_first = self._settle()
         if self.matcher.is_error():  # a parser limit hit on the way (a pathological schema): end this request
             raise RuntimeError(f"grammar: {self.matcher.get_error()}")
-        n_tok = self.tokenizer_vocab_size
-        bits = np.full((1 + len(drafts), (n_tok + 31) // 32), -1, dtype=np.int32)  # all allowed: free rows
+        n_tok, rows = self.tokenizer_vocab_size, 1 + len(drafts)
+        if self._bits.shape[0] < rows:
+            grown = np.empty((rows, self._words), dtype=np.int32)
+            grown[0] = self._bits[0]
+            self._bits = grown
+        bits = self._bits[:rows]
         pending, consumed, first = list(self.pending), 0, None  # first: the first constrained row
         try:
-            for j in range(len(drafts) + 1):
+            for j in range(rows):
                 if pending:
+                    bits[j] = -1  # free
                     if j < len(drafts) and drafts[j] == pending[0]:
                         pending.pop(0)
                     continue
                 first = j if first is None else first
-                # llguidance writes row j in place (as llguidance.torch does, whose import loads dynamo)
-                self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data + j * bits.strides[0], bits.shape[1] * 4)
+                if not (j == 0 and have_first):
+                    self._compute_row(j)
                 d = drafts[j] if j < len(drafts) else None
                 # a refused token would put the matcher in its error state: test the mask's bit first
                 if d is None or d >= n_tok or not (int(bits[j, d >> 5]) >> (d & 31)) & 1:  # numpy int32
@@ -166,13 +211,11 @@ class GrammarState:
                 self.matcher.rollback(consumed)
         if first is None:
             return None
-        np.invert(bits, out=bits)  # set bits: blocked tokens (16 KB at 128K, where a bool [V] is 128 KB)
-        blocked = unpack(bits, n_tok, self.vocab_size)
-        blocked[:first] = False  # free rows block nothing, as unconstrained sampling does
-        return blocked
+        return TokenMask(bits, first, n_tok, self.use_kernel)
 
     def advance(self, token_id: int) -> None:
         """Commit one generated token."""
+        self._settle()
         if self.pending:
             if token_id == self.pending[0]:
                 self.pending.pop(0)
@@ -181,12 +224,3 @@ class GrammarState:
             return
         if not self.matcher.consume_token(token_id):
             raise RuntimeError(f"grammar: token {token_id} is not allowed here: {self.matcher.get_error()}")
-
-
-def unpack(bits: np.ndarray, n_tok: int, vocab_size: int) -> torch.Tensor:
-    """int32 bitmask [N, ceil(n_tok / 32)] (bit i of word w: token 32 w + i) -> bool [N, vocab_size]; ids past
-    n_tok are set (blocked). numpy's unpackbits: ~10 us at 128K tokens, where torch shifts took milliseconds."""
-    out = np.unpackbits(bits.view(np.uint8), axis=1, count=n_tok, bitorder="little")
-    if vocab_size > n_tok:
-        out = np.concatenate([out, np.ones((bits.shape[0], vocab_size - n_tok), dtype=np.uint8)], axis=1)
-    return torch.from_numpy(out[:, :vocab_size].view(np.bool_))

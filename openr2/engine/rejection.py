@@ -46,7 +46,8 @@ def sample_with_drafts(
     A row without drafts is drawn exactly as `sample` draws it (same generator use), and each row draws
     len(drafts) uniforms and then one race from its own generator, so seeded runs reproduce.
     Penalties see each position's history: the output so far plus the drafts before it.
-    `blocked`: per row None or its grammar masks [len(drafts) + 1, V] bool (True: refused), row j for the
+    `blocked`: per row None or its grammar masks of len(drafts) + 1 rows (a TokenMask, or bool [n, V], True:
+    refused), row j for the
     position after drafts[:j] (engine/grammar.py); a blocked draft has p = 0 there and is rejected.
     `logits` is not modified unless `scratch`: the caller hands it over (the engine's own concatenation of the
     rows) and the masks are written into it, saving a copy of [M, V].

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable
 
 from openr2.chat_format import ToolSupport, render_chat, thinking_modes, tool_support, with_tools
-from openr2.dsml import DsmlParser
+from openr2.dsml import DsmlDialect, DsmlParser
 from openr2.server.errors import bad_request
 from openr2.tool_calls import ToolCallParser
 
@@ -55,7 +55,7 @@ class TemplateFeatures:
     def thinking_option(self, req, implied: bool | None) -> dict:
         """The template's `thinking` option: the request's own choice (a 400 naming its parameter if the
         template has no such mode), else what the model alias implies where the template has that mode, else
-        nothing (the template's default)."""
+        nothing (the template's default); with thinking on, V4's reasoning-effort level from `reasoning_effort`."""
         asked, param = req.thinking_choice()
         modes = self.thinking_modes
         if asked is not None and asked not in modes:
@@ -63,13 +63,23 @@ class TemplateFeatures:
             raise bad_request(f"The model '{self.model_name}' has no {mode} mode: its chat template "
                               f"{'always thinks' if modes == {True} else 'never thinks'}.", param)
         chosen = asked if asked is not None else implied
-        return {} if chosen is None or chosen not in modes else {"thinking": chosen}
+        options = {} if chosen is None or chosen not in modes else {"thinking": chosen}
+        if options.get("thinking") and self.effort_levels and req.reasoning_effort is not None:
+            # V4's encoder has two levels, as vLLM maps OpenAI's: "xhigh" / "max" -> max, the others -> high
+            options["reasoning_effort"] = "max" if req.reasoning_effort in ("xhigh", "max") else "high"
+        return options
+
+    @functools.cached_property
+    def effort_levels(self) -> bool:
+        """Whether the prompt has reasoning-effort levels: DeepSeek-V4's release encoder (no jinja template)."""
+        return self.model_type == "deepseek_v4" and getattr(self.tokenizer, "chat_template", None) is None
 
     def structured_outputs(self, req):
         """The engine's constraint for a chat request (engine.grammar.StructuredOutputsParams), or None: a
         calls block in the template's dialect for tool_choice 'required' / named (the calls must happen) or for
         `strict` tools under 'auto' (free text until the model opens a calls block, then the block is kept to
-        the schemas); else response_format's JSON. A 400 names the parameter whose grammar does not compile."""
+        the schemas: a trigger token where the opening marker is one, else, for DSML, a grammar of free text
+        that watches for the marker); else response_format's JSON. A 400 names the parameter whose grammar does not compile."""
         from openr2.engine.grammar import StructuredOutputsParams
 
         forced = req.forced_tools
@@ -80,12 +90,16 @@ class TemplateFeatures:
         schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
                    for t in req.tools}
         max_calls = 1 if req.parallel_tool_calls is False or isinstance(req.tool_choice, dict) else None
-        trigger = self.tokenizer.token_to_id(self.tools.dialect.trigger) if strict_auto else None
-        if strict_auto and trigger is None:
+        dialect = self.tools.dialect
+        trigger = self.tokenizer.token_to_id(dialect.trigger) if strict_auto else None
+        if strict_auto and trigger is None and not isinstance(dialect, DsmlDialect):
             raise bad_request("strict tools with tool_choice 'auto' need a tokenizer whose tool-call markers "
                               "are special tokens.", "tools")
-        grammar = self.tools.dialect.calls_grammar([(n, schemas[n]) for n in names], self.tokenizer.token_to_id,
-                                                   max_calls, after_begin=strict_auto)
+        tools = [(n, schemas[n]) for n in names]
+        if strict_auto and trigger is None:  # DSML: the block's opening is several tokens, the grammar watches
+            grammar = dialect.calls_grammar(tools, self.tokenizer.token_to_id, max_calls, free_text=True)
+            return _checked(StructuredOutputsParams(grammar=grammar), "tools")
+        grammar = dialect.calls_grammar(tools, self.tokenizer.token_to_id, max_calls, after_begin=strict_auto)
         return _checked(StructuredOutputsParams(grammar=grammar, trigger_token_ids=(trigger,) if strict_auto else ()),
                         "tools")
 

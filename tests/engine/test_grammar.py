@@ -76,10 +76,67 @@ def test_apply_blocked_equals_masked_fill(density):
     assert torch.equal(out, expected) and torch.equal(x, before)
 
 
+@pytest.mark.parametrize("n_tok,vocab", [(300, 300), (300, 320), (301, 333), (64, 64), (330, 300)])
+def test_packed_masks_applied_in_place_equal_the_unpacked_reference(n_tok, vocab):
+    """The C pass over the packed words (token_mask.c) against numpy's unpackbits + masked_fill: words all
+    allowed, all blocked and mixed, a partial last word, model vocabularies padded past the tokenizer's (and
+    one smaller than it), free rows before the first constrained one; a non-contiguous logits view too."""
+    import numpy as np
+
+    from openr2.engine import token_mask
+    from openr2.engine.token_mask import TokenMask
+
+    assert token_mask._kernel() is not None  # a C compiler is part of the build environment (as for the
+    rng = np.random.default_rng(n_tok + vocab)  # paged attention kernel): the fast path is what runs here
+    words = (n_tok + 31) // 32
+    for trial in range(20):
+        bits = rng.integers(-2**31, 2**31, size=(3, words), dtype=np.int64).astype(np.int32)
+        bits[:, rng.integers(0, words, size=3)] = -1  # whole words allowed
+        bits[:, rng.integers(0, words, size=3)] = 0  # whole words blocked
+        if trial % 4 == 0:
+            bits[1:] = 0
+            bits[1:, words // 2] = 1 << (trial % 32)  # one token allowed
+        mask = TokenMask(bits, first=trial % 3, n_tok=n_tok)
+        x = torch.randn(3, vocab + 5, dtype=torch.float32)[:, 2 : 2 + vocab]  # a view with a row stride
+        expected = x.masked_fill(mask.blocked(vocab), float("-inf"))
+        mask.apply_(x)
+        assert torch.equal(x, expected), trial
+        y = torch.randn(3, vocab)
+        reference = TokenMask(bits, mask.first, n_tok, use_kernel=False)
+        reference.apply_(y_ref := y.clone())
+        mask.apply_(y)
+        assert torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="3 rows"):
+        mask.apply_(torch.zeros(2, vocab))
+
+
+def test_prefetched_masks_equal_masks_computed_in_the_step():
+    """The next position's mask computed ahead on the compiler's thread equals the one computed in place,
+    with drafts after it, along a whole constrained answer."""
+    from openr2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(str(DEMO))
+    text = json.dumps({"name": "ab", "n": 12, "ok": True, "tags": ["a", "bb"]}, separators=(",", ":"))
+    ids = tok.encode(text)
+    states = {}
+    for prefetch in (True, False):
+        compiler = GrammarCompiler(tok, tok.vocab_size, prefetch=prefetch)
+        states[prefetch] = compiler.state(compiler.compile(JSON), [])
+    for i, t in enumerate(ids):
+        drafts = ids[i + 1 : i + 3]
+        a, b = (states[p].masks(drafts) for p in (True, False))
+        assert torch.equal(a.blocked(tok.vocab_size), b.blocked(tok.vocab_size)), i
+        assert not a.blocked(tok.vocab_size)[0, t]
+        for p in (True, False):
+            states[p].advance(t)
+            states[p].prefetch()
+    assert states[True].matcher.is_accepting()
+
+
 def _allowed(state, drafts):
     """The complement of GrammarState.masks (which gives the blocked tokens), None for free rows."""
-    blocked = state.masks(drafts)
-    return None if blocked is None else ~blocked
+    mask = state.masks(drafts)
+    return None if mask is None else ~mask.blocked(state.vocab_size)
 
 
 def test_masks_with_drafts_roll_back_and_refuse_a_bad_draft():

@@ -406,3 +406,44 @@ def test_chat_page_splits_thinking_from_the_answer_across_split_reads(tmp_path):
         finally:
             browser.close()
 
+
+
+@pytest.mark.slow
+def test_chat_page_shows_tool_calls_and_the_balance(tmp_path):
+    """With tools typed into the page, a scripted DeepSeek-V3.2 server's call is shown as a call (streamed
+    tool_calls deltas), with a note that the page runs no tools; a key with a prepaid balance shows it in the
+    header, and the balance goes down after an answer."""
+    from tests.server._scripted import serve_scripted
+    from tests.server.test_dsml_tools import WEATHER, _bare_tokenizer, script
+
+    chromium, sync_api = _browser_or_skip()
+    with serve_scripted(_bare_tokenizer(), script, tmp_path, model_type="deepseek_v32") as (base_url, server, _):
+        key_id, secret = server.ledger.create_key("page")
+        server.ledger.set_balance(key_id, 5 * 10**12)  # $5.00
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                problems = []
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.goto(base_url + "/")
+                page.fill("#api-key", secret)
+                page.dispatch_event("#api-key", "change")
+                page.locator("#balance", has_text="balance $5.00").wait_for()  # (the page's CSP forbids eval)
+                page.click("#tools-box summary")
+                page.fill("#tools", json.dumps([WEATHER]))
+                page.dispatch_event("#tools", "change")
+                page.fill("#prompt", "Weather in Paris?")
+                page.keyboard.press("Enter")
+                page.wait_for_selector(".msg.assistant:not(.streaming)")
+                turn = page.locator(".msg.assistant").nth(0)
+                assert turn.locator(".answer").text_content() == "Let me check."
+                call = turn.locator(".toolcall").text_content()
+                assert call.startswith("tool call get_weather ")
+                assert json.loads(call.removeprefix("tool call get_weather ")) == {"city": "Paris", "days": 2}
+                assert "does not run tools" in turn.locator(".note").text_content()
+                page.locator("#balance", has_text="balance $4.99").wait_for()  # refreshed after the answer
+                assert not problems, problems
+            finally:
+                browser.close()

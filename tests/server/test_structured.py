@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 import torch
 
+import openr2
 from openr2.checkpoints import save_model
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v3
@@ -198,3 +200,32 @@ def test_anthropic_tool_choice_and_output_format(live):
                                  extra_body={"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}})
     assert msg.stop_reason == "end_turn"
     jsonschema.validate(json.loads(msg.content[-1].text), SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def demo_live(tmp_path_factory):
+    """The bundled demo model (openr2/assets/openr2-demo) as `openr2 serve` serves it."""
+    demo = Path(openr2.__file__).parent / "assets" / "openr2-demo"
+    with serve(demo, tmp_path_factory.mktemp("data"), ServerConfig(model_name="demo")) as s:
+        yield s
+
+
+def test_a_named_tool_choice_on_the_demo_model_validates_and_the_follow_up_answers(demo_live):
+    """The issue's first check, on the bundled demo model itself: the call's arguments validate, and the turn
+    with the tool's result gets an answer."""
+    client = _client(demo_live[0])
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model="demo", messages=ask, tools=[WEATHER], max_tokens=200, temperature=1.0, seed=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_THINKING)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    history = [*ask, {"role": "assistant", "content": choice.message.content,
+                      "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
+               {"role": "tool", "tool_call_id": call.id, "content": "21C and sunny"}]
+    follow = client.chat.completions.create(model="demo", messages=history, tools=[WEATHER], max_tokens=64,
+                                            extra_body=NO_THINKING)
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls") and follow.usage.completion_tokens > 0
