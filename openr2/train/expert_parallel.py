@@ -97,15 +97,17 @@ class EPExperts(RoutedExperts):
 class ExpertParallel:
     """What the Trainer needs to know about the expert-parallel model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, dist: Dist, group):
-        self.model, self.dist, self.group = model, dist, group
+    def __init__(self, model: nn.Module, rank: int, size: int, group, loss_scale: int):
+        """rank and size within the expert-parallel `group`; loss_scale: the data-parallel replicas' loss
+        factor (the world size under DDP, the pipeline's data-parallel size under pipeline parallelism)."""
+        self.model, self.rank, self.size, self.group = model, rank, size, group
         self.expert_names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, EPExperts)
                              for p in EXPERT_PARAMS]
         self.expert_params = {id(p) for name, p in model.named_parameters() if name in self.expert_names}
-        # the loss is scaled by the world size for DDP's average; nothing averages the experts' gradients
+        # the loss is scaled by the data-parallel size for DDP's average; nothing averages the experts' gradients
         for name, p in model.named_parameters():
             if name in self.expert_names:
-                p.register_hook(lambda g, w=dist.world_size: g / w)
+                p.register_hook(lambda g, w=loss_scale: g / w)
 
     def experts(self) -> list[EPExperts]:
         return [m for m in self.model.modules() if isinstance(m, EPExperts)]
@@ -133,13 +135,13 @@ class ExpertParallel:
 
     # -------------------------------------------------------------- whole state <-> this rank's slices
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.dist.world_size)]
+        parts = [torch.empty_like(t) for _ in range(self.size)]
         torch_dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts)
 
     def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        local = t.shape[0] // self.dist.world_size
-        return t[self.dist.rank * local:(self.dist.rank + 1) * local].clone()
+        local = t.shape[0] // self.size
+        return t[self.rank * local:(self.rank + 1) * local].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with whole expert tensors (collective: every rank calls it)."""
@@ -163,8 +165,9 @@ class ExpertParallel:
         return self._map_optimizer(state, self._slice)
 
 
-def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
-    """Keep 1/n of every MoE layer's routed experts on this rank (n == world size); None when n is 1."""
+def apply(model: nn.Module, n: int, dist: Dist, layout=None) -> ExpertParallel | None:
+    """Keep 1/n of every MoE layer's routed experts on this rank; None when n is 1. Without `layout`
+    (mesh.Layout) n must be the world size (DDP); with one, the experts are split over its "ep" sub-mesh."""
     if n == 1:
         return None
     moe = [m for m in model.modules() if isinstance(m, MoE)]
@@ -174,6 +177,11 @@ def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
     if experts % n:
         raise ValueError(f"expert_parallel={n} does not divide the model's {experts} routed experts "
                          "(n_routed_experts)")
+    if layout is not None:
+        group = layout.group("ep")
+        for m in moe:
+            m.experts = EPExperts(m.experts, layout.ep_rank, n, group)
+        return ExpertParallel(model, layout.ep_rank, n, group, layout.dp)
     if dist.world_size == 1:
         raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
     if dist.world_size % n:
@@ -185,4 +193,4 @@ def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
     group = torch_dist.new_group(list(range(n)))
     for m in moe:
         m.experts = EPExperts(m.experts, dist.rank, n, group)
-    return ExpertParallel(model, dist, group)
+    return ExpertParallel(model, dist.rank, n, group, dist.world_size)

@@ -119,13 +119,7 @@ class Trainer(TrainingLoop):
         for m in self.moe:  # the sequence-wise aux loss weight comes from the training config
             m.aux_loss_alpha = config.aux_loss_alpha
         self.has_mtp = config.mtp_lambda > 0 and len(getattr(model, "mtp", ())) > 0
-        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist)  # None without EP
-        self.module = dist_utils.wrap(model, config.distributed, self.dist,
-                                      self.ep.expert_names if self.ep else ())  # what the step calls
-        self.sharded = dist_utils.is_sharded(model)
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
-                                           betas=config.betas, weight_decay=config.weight_decay,
-                                           foreach=False)
+        self._parallelize(model, config)
         self._plain_copy: torch.nn.Module | None = None
         self.step = 0
         self.interrupted = False
@@ -133,6 +127,24 @@ class Trainer(TrainingLoop):
         self.evals: list[dict] = []  # this call's evaluation records (rank 0)
         if config.resume:
             self._resume(config.resume)
+
+    def _parallelize(self, model: torch.nn.Module, config: TrainConfig) -> None:
+        """Set ep (expert_parallel.py, None without), module (what the step calls), sharded and optimizer
+        (pipeline_trainer.py has its own)."""
+        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist)  # None without EP
+        self.module = dist_utils.wrap(model, config.distributed, self.dist,
+                                      self.ep.expert_names if self.ep else ())  # what the step calls
+        self.sharded = dist_utils.is_sharded(model)
+        self.optimizer = self._adamw(model)
+
+    def _adamw(self, params: torch.nn.Module) -> torch.optim.AdamW:
+        cfg = self.config
+        return torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=lr_at(cfg, 0), betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay, foreach=False)
+
+    def _own_optimizer_state(self, state: dict) -> dict:
+        """The part of a whole (single-process format) optimizer state this rank's optimizer holds."""
+        return self.ep.local_optimizer_state(state) if self.ep else state
 
     # ------------------------------------------------------------------ state dicts (any parallelism)
     def _optimizer_state(self) -> dict:
@@ -183,7 +195,7 @@ class Trainer(TrainingLoop):
             raise ValueError(f"{state['path']}: checkpoint lacks {missing[:3]} of this model")
         if self.ep:  # whole experts in the file: this rank keeps its slice of them and of their moments
             loaded = self.ep.local_state_dict(loaded)
-            state["optimizer"] = self.ep.local_optimizer_state(state["optimizer"])
+        state["optimizer"] = self._own_optimizer_state(state["optimizer"])
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, loaded, options=options)
         try:
