@@ -13,7 +13,8 @@ fused path does). The all-to-all is torch's differentiable functional collective
 reverse all-to-all; it works on gloo too), so the gradient of an expert collects every rank's tokens; the Trainer scales each rank's loss by the
 world size for DDP's average, so expert gradients, which nothing averages, are divided by it here.
 
-Only N == world size for now (no expert-data-parallel replicas), and not with FSDP.
+N may be below the world size: the processes form a DeviceMesh (mesh.py) of world/N expert replicas x N
+expert shards; the replicas of a shard sum their expert gradients. Not with FSDP yet.
 What it does not own: the routing math (model/moe.py), the load all-reduce (trainer.py does it for DDP).
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from openr2.model.moe import MoE, RoutedExperts, _fused_ok, _GroupedExperts
+from openr2.train import mesh
 from openr2.train.distributed import Dist
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -97,10 +99,11 @@ class EPExperts(RoutedExperts):
 class ExpertParallel:
     """What the Trainer needs to know about the expert-parallel model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, rank: int, size: int, group, loss_scale: int):
+    def __init__(self, model: nn.Module, rank: int, size: int, group, loss_scale: int, replicas=None):
         """rank and size within the expert-parallel `group`; loss_scale: the data-parallel replicas' loss
-        factor (the world size under DDP, the pipeline's data-parallel size under pipeline parallelism)."""
-        self.model, self.rank, self.size, self.group = model, rank, size, group
+        factor (the world size under DDP, the pipeline's data-parallel size under pipeline parallelism);
+        replicas: the group of the ranks holding the same experts (None when each shard is held once)."""
+        self.model, self.rank, self.size, self.group, self.replicas = model, rank, size, group, replicas
         self.expert_names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, EPExperts)
                              for p in EXPERT_PARAMS]
         self.expert_params = {id(p) for name, p in model.named_parameters() if name in self.expert_names}
@@ -119,8 +122,18 @@ class ExpertParallel:
             total, m.sent_bytes = total + m.sent_bytes, 0
         return total
 
+    def sum_replica_grads(self, params: list[torch.Tensor]) -> None:
+        """Expert gradients summed over the ranks that hold the same experts (each saw its own tokens)."""
+        if self.replicas is None:
+            return
+        for p in params:
+            if p.grad is not None and id(p) in self.expert_params:
+                torch_dist.all_reduce(p.grad, group=self.replicas)
+
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed."""
+        """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed
+        (after summing the expert replicas' gradients: call once per step, after the backward)."""
+        self.sum_replica_grads(params)
         shared = [p.grad for p in params if p.grad is not None and id(p) not in self.expert_params]
         local = [p.grad for p in params if p.grad is not None and id(p) in self.expert_params]
         sq = lambda gs: sum((g.double().pow(2).sum() for g in gs), torch.zeros((), dtype=torch.float64))  # noqa: E731
@@ -166,8 +179,8 @@ class ExpertParallel:
 
 
 def apply(model: nn.Module, n: int, dist: Dist, layout=None) -> ExpertParallel | None:
-    """Keep 1/n of every MoE layer's routed experts on this rank; None when n is 1. Without `layout`
-    (mesh.Layout) n must be the world size (DDP); with one, the experts are split over its "ep" sub-mesh."""
+    """Keep 1/n of every MoE layer's routed experts on this rank; None when n is 1. The experts are split
+    over the "ep" sub-mesh of `layout` (mesh.Layout; by default the world as world/n replicas x n shards)."""
     if n == 1:
         return None
     moe = [m for m in model.modules() if isinstance(m, MoE)]
@@ -181,16 +194,10 @@ def apply(model: nn.Module, n: int, dist: Dist, layout=None) -> ExpertParallel |
         group = layout.group("ep")
         for m in moe:
             m.experts = EPExperts(m.experts, layout.ep_rank, n, group)
-        return ExpertParallel(model, layout.ep_rank, n, group, layout.dp)
+        return ExpertParallel(model, layout.ep_rank, n, group, layout.dp,
+                              layout.group("edp") if layout.edp > 1 else None)
     if dist.world_size == 1:
         raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
     if dist.world_size % n:
         raise ValueError(f"expert_parallel={n} does not divide the world size {dist.world_size}")
-    if dist.world_size != n:
-        raise ValueError(f"expert_parallel={n} with {dist.world_size} processes: expert parallelism over a "
-                         "part of the processes (expert-data-parallel replicas) is not supported yet; "
-                         f"use --expert-parallel {dist.world_size} or torchrun --nproc-per-node {n}")
-    group = torch_dist.new_group(list(range(n)))
-    for m in moe:
-        m.experts = EPExperts(m.experts, dist.rank, n, group)
-    return ExpertParallel(model, dist.rank, n, group, dist.world_size)
+    return apply(model, n, dist, mesh.build(dist, 1, n, model.device))

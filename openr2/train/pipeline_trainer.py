@@ -176,11 +176,8 @@ class PipelineTrainer(Trainer):
                 if p.grad is not None:
                     torch_dist.all_reduce(p.grad, group=group)
                     p.grad /= layout.dp
-        if layout.edp > 1 and self.expert_local:
-            group = layout.group("edp")
-            for p in self.expert_local:
-                if p.grad is not None:
-                    torch_dist.all_reduce(p.grad, group=group)
+        if self.ep:
+            self.ep.sum_replica_grads(self.expert_local)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model: each stage's squares summed over the pipeline ranks."""

@@ -176,3 +176,26 @@ def test_flags(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--pipeline-parallel" in out and "--pp-schedule" in out and "--microbatches" in out
+
+
+def test_memory_per_rank_adds_up_to_the_model(capsys):
+    """`openr2 info --ep --pp`: the stages' dense parameters plus ep times their expert shares are the whole
+    model (MTP included), and the busiest rank of V3 at EP64 x PP16 is printed."""
+    from openr2.cli import main
+    from openr2.model.transformer import Transformer
+    from openr2.presets import deepseek_v3
+    from openr2.train.memory import per_rank
+
+    config = deepseek_v3()
+    with torch.device("meta"):
+        total = sum(p.numel() for p in Transformer(config).parameters())
+    ranks = per_rank(config, 64, 16)
+    assert [len(r.layers) for r in ranks].count(4) == 13 and sum(len(r.layers) for r in ranks) == 61
+    assert sum(r.dense_params + 64 * r.expert_params for r in ranks) == total
+    b = ranks[1].bytes(ep=64, dp=64)
+    assert b["weights"] == 2 * (ranks[1].dense_params + ranks[1].expert_params)
+    assert b["moments"] == int((ranks[1].dense_params / 64 + ranks[1].expert_params) * 8)
+    assert main(["info", "deepseek-v3", "--ep", "64", "--pp", "16"]) == 0
+    assert "busiest rank: 27.41 GiB" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="does not divide the 256 routed experts"):
+        per_rank(config, 48, 16)
