@@ -160,9 +160,6 @@ class TrainConfig(_Options):
             raise bad("distributed", f"expected one of {STRATEGIES}")
         if self.expert_parallel < 1:
             raise bad("expert_parallel", "must be at least 1")
-        if self.expert_parallel > 1 and self.distributed == "fsdp":
-            raise bad("expert_parallel", "expert parallelism with distributed=fsdp is not supported yet "
-                                         "(use distributed=ddp: attention and shared experts data-parallel)")
         self._validate_pipeline()
         for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
             v = getattr(self, k)

@@ -14,7 +14,8 @@ reverse all-to-all; it works on gloo too), so the gradient of an expert collects
 world size for DDP's average, so expert gradients, which nothing averages, are divided by it here.
 
 N may be below the world size: the processes form a DeviceMesh (mesh.py) of world/N expert replicas x N
-expert shards; the replicas of a shard sum their expert gradients. Not with FSDP yet.
+expert shards; the replicas of a shard sum their expert gradients. Under FSDP2 the experts are its
+`ignored_params` (this rank's slices, never sharded or reduced by it) and the rest is sharded.
 What it does not own: the routing math (model/moe.py), the load all-reduce (trainer.py does it for DDP).
 """
 
@@ -133,17 +134,23 @@ class ExpertParallel:
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed
         (after summing the expert replicas' gradients: call once per step, after the backward)."""
+        from torch.distributed.tensor import DTensor
+
         self.sum_replica_grads(params)
         shared = [p.grad for p in params if p.grad is not None and id(p) not in self.expert_params]
         local = [p.grad for p in params if p.grad is not None and id(p) in self.expert_params]
         sq = lambda gs: sum((g.double().pow(2).sum() for g in gs), torch.zeros((), dtype=torch.float64))  # noqa: E731
         expert_sq = sq(local)
         torch_dist.all_reduce(expert_sq, group=self.group)
-        norm = (sq(shared) + expert_sq).sqrt()
+        sharded = [g for g in shared if isinstance(g, DTensor)]  # FSDP: each rank holds a shard of these
+        shard_sq = sq([g.to_local() for g in sharded])
+        if sharded:
+            torch_dist.all_reduce(shard_sq)
+        norm = (sq([g for g in shared if not isinstance(g, DTensor)]) + shard_sq + expert_sq).sqrt()
         if math.isfinite(max_norm):
-            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            scale = min(1.0, max_norm / (norm.item() + 1e-6))
             for g in shared + local:
-                g.mul_(scale.to(g.dtype))
+                g.mul_(scale)
         return norm
 
     # -------------------------------------------------------------- whole state <-> this rank's slices
@@ -157,8 +164,10 @@ class ExpertParallel:
         return t[self.rank * local:(self.rank + 1) * local].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state with whole expert tensors (collective: every rank calls it)."""
-        return {k: self._gather(v) if k in self.expert_names else v for k, v in self.model.state_dict().items()}
+        """The model's state with whole expert tensors, and whole FSDP-sharded ones (collective: every rank
+        calls it)."""
+        return {k: self._gather(v) if k in self.expert_names else v.full_tensor() if hasattr(v, "full_tensor")
+                else v for k, v in self.model.state_dict().items()}
 
     def local_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self._slice(v) if k in self.expert_names else v for k, v in state.items()}

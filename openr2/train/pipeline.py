@@ -131,7 +131,7 @@ def check_model(model: nn.Module, pp: int, schedule: str) -> None:
     if cfg.tie_word_embeddings:
         raise ValueError("pipeline_parallel: tied embeddings (tie_word_embeddings) would put one weight on the "
                          "first and the last stage")
-    if getattr(cfg, "index_topk", 0):
+    if cfg.has_indexer:
         raise ValueError("pipeline_parallel: sparse attention (V3.2's indexer) is not split into stages yet")
     stages = pp * STAGES_PER_RANK[schedule]
     if stages > cfg.num_hidden_layers + 2:

@@ -151,8 +151,9 @@ class Trainer(TrainingLoop):
         """Parameter-name keyed, whole (unsharded) optimizer state: the same file whatever the parallelism."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        state = get_optimizer_state_dict(self.model, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
+        # cpu_offload leaves the other ranks empty: expert parallelism gathers its moments on every rank
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=self.sharded and not self.ep))
         return self.ep.full_optimizer_state(state) if self.ep else state
 
     def full_model(self) -> torch.nn.Module:
