@@ -5,10 +5,12 @@ Every rank records the start and end of each forward (F), backward (B: whole, or
 zero-bubble schedules) and weight-backward (W) chunk its stages run (pipeline.record_timeline) and the span
 of each schedule.step (the pipeline's part of a training step: the optimizer, the gradient and load
 all-reduces around it are not a bubble); bubble = 1 - (sum of the rank's chunk times in it) / (its time),
-averaged over ranks and steps after the warm-up. The schedules run one after the other, alternated `--rounds` times, the
-one-process step on the same global batch beside them. The formula assumes equal chunk times (B = 2F,
-I = W = F): 1F1B (p-1)/(m+p-1); interleaved, 2 stages per rank, (p-1)/(2m+p-1); ZB-V and DualPipeV fill
-the bubble with W chunks (0 in that limit). On a CPU box with fewer free cores than ranks a rank also waits
+averaged over ranks and steps after the warm-up. Beside it, "replayed": the bubble the schedule's action order leaves
+with the measured mean chunk times, one core per rank and free communication (pipeline.simulated_bubble),
+and the formula (pipeline.ideal_bubble: equal chunk times, 1F1B (p-1)/(m+p-1), interleaved
+(p-1)/(2m+p-1), ZB-V and DualPipeV their tables played with F = I = W). measured - replayed is what
+communication and waiting for a core cost. The schedules run one after the other, alternated `--rounds`
+times, the one-process step on the same global batch beside them. On a CPU box with fewer free cores than ranks a rank also waits
 for a core: read the bubble beside the load average.
 
     python bench/parallel.py --pipeline --nproc 4 --layers 8 --steps 8 --rounds 2
@@ -117,7 +119,7 @@ def bubbles(ranks: list[dict], warmup: int) -> tuple[list[float], dict[str, floa
 def main(args) -> None:
     import tempfile
 
-    from openr2.train.pipeline import ideal_bubble
+    from openr2.train.pipeline import ideal_bubble, simulated_bubble
 
     if args.worker:
         return worker(args)
@@ -141,20 +143,22 @@ def main(args) -> None:
                     b, chunk_ms[s] = bubbles(ranks, args.warmup)
                     idle[s] += b
     base = statistics.median(steps["none"])
-    print(f"{'schedule':>12} {'step ms':>8} {'vs 1 proc':>9} {'bubble':>7} {'formula':>8} {'F ms':>6} {'B ms':>6} "
-          f"{'W ms':>6} {'last loss':>10}")
+    print(f"{'schedule':>12} {'step ms':>8} {'vs 1 proc':>9} {'bubble':>7} {'replayed':>8} {'formula':>8} "
+          f"{'F ms':>6} {'B ms':>6} {'W ms':>6} {'last loss':>10}")
     rows = []
     for s in sides:
         step = statistics.median(steps[s])
         if s == "none":
-            print(f"{'1 process':>12} {step * 1e3:8.1f} {1:9.2f} {'':>7} {'':>8} {'':>6} {'':>6} {'':>6} "
+            print(f"{'1 process':>12} {step * 1e3:8.1f} {1:9.2f} {'':>7} {'':>8} {'':>8} {'':>6} {'':>6} {'':>6} "
                   f"{losses[s]:10.4f}")
             continue
         bubble, formula, c = statistics.mean(idle[s]), ideal_bubble(s, p, m), chunk_ms[s]
-        print(f"{s:>12} {step * 1e3:8.1f} {step / base:9.2f} {bubble:7.3f} {formula:8.3f} {c.get('F', 0):6.2f} "
-              f"{c.get('B', 0):6.2f} {c.get('W', 0):6.2f} {losses[s]:10.4f}")
+        replayed = simulated_bubble(s, p, m, c["F"], c["B"], c.get("W", 0.0))
+        print(f"{s:>12} {step * 1e3:8.1f} {step / base:9.2f} {bubble:7.3f} {replayed:8.3f} {formula:8.3f} "
+              f"{c.get('F', 0):6.2f} {c.get('B', 0):6.2f} {c.get('W', 0):6.2f} {losses[s]:10.4f}")
         rows.append({"schedule": s, "step_ms": round(step * 1e3, 2), "bubble": round(bubble, 4),
-                     "formula": round(formula, 4), "chunk_ms": {k: round(v, 3) for k, v in c.items()}})
+                     "replayed": round(replayed, 4), "formula": round(formula, 4),
+                     "chunk_ms": {k: round(v, 3) for k, v in c.items()}})
     print(f"# load average at the end (1/5 min): {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
     print(json.dumps({"bench": "parallel-pipeline", "model": args.model, "layers": args.layers, "pp": p,
                       "microbatches": m, "single_step_ms": round(base * 1e3, 2), "schedules": rows,

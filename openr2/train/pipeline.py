@@ -174,14 +174,76 @@ def record_timeline(stage, log: list) -> None:
         setattr(stage, method, timed)
 
 
+TORCH_NAMES = {"1f1b": "1F1B", "interleaved": "Interleaved1F1B", "zbv": "ZBVZeroBubble", "dualpipev": "DualPipeV"}
+
+
+def simulated_bubble(schedule: str, pp: int, microbatches: int, f: float = 1.0, b: float = 2.0,
+                     w: float = 0.0) -> float:
+    """The idle share of a step that `schedule` leaves with chunk times f (forward), b (backward; its input
+    part when w > 0 splits it: zbv and dualpipev run I and W chunks, I taking b and W taking w, a whole
+    backward b + w), one core per rank and free communication: torch's own action order of each rank
+    (pipelining's get_schedule_ops) played against the data dependencies (F after the previous stage's F,
+    I/B after the next stage's I/B, W after its I). Averaged over ranks, against the last rank's end."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    from torch.distributed.pipelining.schedules import _Action, _ComputationType
+
+    num_stages = pp * STAGES_PER_RANK[schedule]
+    cost = {"F": f, "I": b, "W": w, "B": b + w}
+    if schedule == "1f1b":  # Schedule1F1B's loop (torch's table of it numbers the last rank's micro-batches from 1)
+        F, B = _ComputationType.FORWARD, _ComputationType.FULL_BACKWARD
+        queues = []
+        for r in range(pp):
+            warm = min(microbatches, pp - 1 - r)
+            order = [(F, i) for i in range(warm)]
+            order += [x for i in range(microbatches - warm) for x in ((F, warm + i), (B, i))]
+            order += [(B, i) for i in range(microbatches - warm, microbatches)]
+            queues.append([_Action(r, kind, i) for kind, i in order])
+    else:
+        ops = get_schedule_ops(TORCH_NAMES[schedule], pp, microbatches)
+        queues = [[s for a in rank if a is not None for s in (a.sub_actions or [a])
+                   if s.computation_type.value in cost] for rank in ops]
+    done: dict[tuple[str, int, int], float] = {}  # (kind, stage, microbatch) -> end time
+    free, busy = [0.0] * pp, [0.0] * pp
+
+    def ready(kind: str, stage: int, mb: int) -> float | None:
+        if kind == "F":
+            deps = [("F", stage - 1, mb)] if stage else []
+        elif kind == "W":
+            deps = [("I", stage, mb)]
+        else:
+            deps = [("F", stage, mb)] + ([] if stage == num_stages - 1 else [("B", stage + 1, mb)])
+        ends = [done.get(d) if d[0] != "B" else done.get(d, done.get(("I", *d[1:]))) for d in deps]
+        return None if any(e is None for e in ends) else max(ends, default=0.0)
+
+    while any(queues):
+        progressed = False
+        for r, queue in enumerate(queues):
+            while queue:
+                a = queue[0]
+                kind = a.computation_type.value
+                at = ready(kind, a.stage_index, a.microbatch_index)
+                if at is None:
+                    break
+                start = max(free[r], at)
+                free[r] = start + cost[kind]
+                busy[r] += cost[kind]
+                done[(kind, a.stage_index, a.microbatch_index)] = free[r]
+                queue.pop(0)
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"{schedule}: the action order deadlocks in the simulation")
+    span = max(free)
+    return sum(1 - x / span for x in busy) / pp
+
+
 def ideal_bubble(schedule: str, pp: int, microbatches: int) -> float:
-    """The idle share of a step the schedule's design leaves, all chunks taking equal time (forward F,
-    backward B = 2F, split backward I = W = F): 1F1B (p-1)/(m+p-1); interleaved with v = 2 stages per
-    rank (p-1)/(v m + p-1); ZB-V and DualPipeV fill the bubble with weight-gradient chunks: 0 in the limit
-    (their warm-up and cool-down still leave some when m is small; see bench/parallel.py's measured)."""
+    """The idle share of a step the schedule's design leaves, all chunks taking equal time: 1F1B
+    (p-1)/(m+p-1) (B = 2F); interleaved with 2 stages per rank (p-1)/(2m+p-1); ZB-V and DualPipeV, which
+    fill the bubble with weight-gradient chunks, have no closed form here: their action tables played with
+    F = I = W (simulated_bubble; 0 in the limit of many micro-batches)."""
     p, m = pp, microbatches
     if schedule == "1f1b":
         return (p - 1) / (m + p - 1)
     if schedule == "interleaved":
         return (p - 1) / (2 * m + p - 1)
-    return 0.0
+    return simulated_bubble(schedule, p, m, 1.0, 1.0, 1.0)

@@ -146,6 +146,20 @@ def test_layout_helpers():
     assert pipeline.ideal_bubble("interleaved", 4, 8) == pytest.approx(3 / 19)
 
 
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 16)])
+def test_replayed_schedules_give_the_formulas(pp, m):
+    """Playing each schedule's action order against the data dependencies (pipeline.simulated_bubble)
+    reproduces the closed forms of 1F1B (B = 2F) and interleaved 1F1B, whatever F; the zero-bubble schedules
+    (F = I = W) leave less than 1F1B, and less again with more micro-batches."""
+    for f in (1.0, 0.37):
+        assert pipeline.simulated_bubble("1f1b", pp, m, f, 2 * f) == pytest.approx((pp - 1) / (m + pp - 1))
+        assert pipeline.simulated_bubble("interleaved", pp, m, f, 2 * f) == \
+            pytest.approx((pp - 1) / (2 * m + pp - 1))
+    for s in ("zbv", "dualpipev"):
+        assert pipeline.ideal_bubble(s, pp, m) < pipeline.ideal_bubble("1f1b", pp, m)
+        assert pipeline.ideal_bubble(s, pp, 2 * m) < pipeline.ideal_bubble(s, pp, m)
+
+
 def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="pp_schedule"):
         TrainConfig(pp_schedule="gpipe")
