@@ -11,8 +11,10 @@ replicas. So the update is the one process's on the whole batch, to the order of
 
 The grad norm sums the squares of each stage's parameters over the pipeline ranks (expert slices over the
 ep group first); expert loads are summed over the dp group before the correction-bias update; logged
-losses are summed from the last stage's ranks. Checkpoints gather each stage's tensors (experts first over
-the ep group) into the single-process format, so a run resumes under any layout.
+losses are summed from the last stage's ranks. A rank keeps only its stages' layers (the model is built whole,
+then the other layers are freed; the embedding and head stay on every rank). Checkpoints gather each
+stage's tensors (experts first over the ep group) into the single-process format, so a run resumes under
+any layout.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class PipelineTrainer(Trainer):
         self.stages = nn.ModuleList(pipeline.StageModule(model, i, num_stages, layers[i], self.has_mtp)
                                     for i in self.stage_ids)
         self.holds_first, self.holds_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
+        self.full_keys = list(model.state_dict())  # the single-process order of a checkpoint's tensors
+        own_layers = {i for s in self.stages for i in s.layers}
+        for i in range(len(model.layers)):  # free the other stages' layers (the embedding and head stay)
+            if str(i) not in own_layers:
+                model.layers[i] = nn.Identity()
         from torch.distributed.pipelining import PipelineStage
 
         group = self.layout.group("pp")
@@ -225,8 +232,7 @@ class PipelineTrainer(Trainer):
         own = {k: v.detach().cpu() for k, v in state.items() if k in self.own_names}
         merged = {k: v for part in self._pp_gather(own) for k, v in part.items()}
         device = self.model.device
-        # in the model's order (non-persistent buffers aside, which no stage saves)
-        return {k: merged[k].to(device) for k in self.model.state_dict() if k in merged}
+        return {k: merged[k].to(device) for k in self.full_keys}
 
     def _optimizer_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -241,6 +247,10 @@ class PipelineTrainer(Trainer):
             for group, theirs in zip(merged["param_groups"], part["param_groups"]):
                 group["params"] += theirs["params"]
         return merged
+
+    def _own_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keep = self.model.state_dict()  # this rank's layers, the embedding and the head
+        return {k: v for k, v in super()._own_model_state(state).items() if k in keep}
 
     def _own_optimizer_state(self, state: dict) -> dict:
         state = super()._own_optimizer_state(state)

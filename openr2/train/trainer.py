@@ -142,6 +142,11 @@ class Trainer(TrainingLoop):
         return torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=lr_at(cfg, 0), betas=cfg.betas,
                                  weight_decay=cfg.weight_decay, foreach=False)
 
+    def _own_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a whole (single-process format) model state this rank holds: with expert
+        parallelism its slice of the experts."""
+        return self.ep.local_state_dict(state) if self.ep else state
+
     def _own_optimizer_state(self, state: dict) -> dict:
         """The part of a whole (single-process format) optimizer state this rank's optimizer holds."""
         return self.ep.local_optimizer_state(state) if self.ep else state
@@ -194,8 +199,7 @@ class Trainer(TrainingLoop):
         missing = [k for k in self.model.state_dict() if k not in loaded]
         if missing:
             raise ValueError(f"{state['path']}: checkpoint lacks {missing[:3]} of this model")
-        if self.ep:  # whole experts in the file: this rank keeps its slice of them and of their moments
-            loaded = self.ep.local_state_dict(loaded)
+        loaded = self._own_model_state(loaded)
         state["optimizer"] = self._own_optimizer_state(state["optimizer"])
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, loaded, options=options)
