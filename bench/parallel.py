@@ -8,6 +8,7 @@ printed beside it (other jobs on a shared box move these numbers). CPU and gloo 
 --device cuda (NCCL, one GPU per rank).
 
     python bench/parallel.py --nproc 2 --steps 12 --rounds 2
+    python bench/parallel.py --pipeline --nproc 4 --steps 8 --rounds 2   # pipeline bubble per schedule
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout: bench.parallel_pp
 
 
 class RandomWindows:
@@ -101,7 +103,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--pipeline", action="store_true", help="pipeline schedules' bubble and step time instead "
+                   "(bench/parallel_pp.py; --nproc pipeline ranks)")
+    from bench.parallel_pp import add_arguments
+
+    add_arguments(p)
     args = p.parse_args()
+    if args.pipeline:
+        from bench.parallel_pp import main as pipeline_main
+
+        return pipeline_main(args)
     if args.worker:
         return worker(args)
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}; model {args.model}, "

@@ -35,6 +35,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "model_type": config.model_type, **stats.to_dict()}))
         return 0
+    if args.ep > 1 or args.pp > 1:
+        return _info_parallel(args, config)
     if config.is_v4:
         return _info_v4(args.model, config, stats)
     layers = stats.num_layers
@@ -70,6 +72,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _info_parallel(args: argparse.Namespace, config) -> int:
+    """`openr2 info MODEL --ep E --pp P [--dp D]`: training memory per rank (train/memory.py)."""
+    from openr2.train.memory import per_rank
+
+    ep, pp, dp = args.ep, args.pp, args.dp or args.ep
+    if dp % ep:
+        raise ValueError(f"--dp {dp} must be a multiple of --ep {ep} (expert parallelism inside data parallelism)")
+    ranks = per_rank(config, ep, pp)
+    print(f"{args.model}: {config.num_hidden_layers} layers in {pp} pipeline stages, {config.n_routed_experts} routed "
+          f"experts over {ep} ranks, {dp} data-parallel ranks per stage ({pp * dp} ranks); bf16 weights, fp32 "
+          f"gradients, fp32 master weights and AdamW moments sharded over data parallelism (ZeRO-1); "
+          "activations not counted")
+    print(f"{'stage':>5} {'layers':>9} {'dense params':>14} {'expert params':>14} {'weights':>10} {'grads':>10} "
+          f"{'master+moments':>14} {'total':>10}")
+    rows = []
+    for r in ranks:
+        b = r.bytes(ep, dp)
+        total = sum(b.values())
+        rows.append(total)
+        span = f"{r.layers.start}-{r.layers.stop - 1}" if len(r.layers) else "-"
+        extra = " +embed" if r.stage == 0 else " +head,MTP" if r.stage == pp - 1 else ""
+        print(f"{r.stage:>5} {span:>9} {r.dense_params:>14,} {r.expert_params:>14,} {_mib(b['weights']):>10} "
+              f"{_mib(b['gradients']):>10} {_mib(b['master'] + b['moments']):>14} {_mib(total):>10}{extra}")
+    print(f"busiest rank: {_mib(max(rows))}")
+    if args.json:
+        print(json.dumps({"model": args.model, "ep": ep, "pp": pp, "dp": dp,
+                          "stages": [{"stage": r.stage, "layers": [r.layers.start, r.layers.stop],
+                                      "dense_params": r.dense_params, "expert_params": r.expert_params,
+                                      **r.bytes(ep, dp)} for r in ranks]}))
     return 0
 
 
@@ -658,6 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a checkpoint or preset")
     info.add_argument("model", help="checkpoint directory or preset name (deepseek-v3, deepseek-v2-lite, ...)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--ep", type=int, default=1, help="training memory per rank with the routed experts split "
+                                                         "over this many ranks (with --pp)")
+    info.add_argument("--pp", type=int, default=1, help="... and the layers over this many pipeline stages")
+    info.add_argument("--dp", type=int, default=0, help="data-parallel ranks per stage, sharding the optimizer "
+                                                         "state (ZeRO-1; default: --ep)")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", help="complete one prompt, streaming", late_flags=_add_engine_flags)
     _add_sampling_flags(gen, n=True)

@@ -195,23 +195,26 @@ class Transformer(nn.Module):
         cache.write(attn.layer_idx, *attn.latent_kv(mtp.input_layernorm(x), cos, sin, kernel_impl))
         return x
 
-    def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                    moe_impl: str = "grouped") -> list[torch.Tensor]:
+    def forward_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, positions: torch.Tensor | None = None,
+                    moe_impl: str = "grouped", embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Draft logits of each MTP depth k = 1..D from the main model's final-normed hidden [B, T, D].
 
         Depth k at position i combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}; its logits have
         T - k positions. h^0 is the main model's hidden, h^k the output of depth k's block.
+        embeds [B, T, D]: Emb(input_ids) given instead of input_ids (a pipeline's last stage, which has no
+        embedding table, receives them from the first stage).
         """
-        B, T = input_ids.shape
+        B, T = hidden.shape[:2]
         if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            positions = torch.arange(T, device=hidden.device).expand(B, T)
         drafts, h = [], hidden
         for k, mtp in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
             pos = positions[:, : T - k]
             cos, sin = self.rotary(pos, h.dtype)
-            h, normed = mtp(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), pos, cos, sin, moe_impl)
+            e = self.embed_tokens(input_ids[:, k:]) if embeds is None else embeds[:, k:]
+            h, normed = mtp(h[:, : T - k], e, pos, cos, sin, moe_impl)
             drafts.append(self.lm_head(normed))
         return drafts
 

@@ -15,6 +15,7 @@ from typing import Any
 
 MODES = ("pretrain", "sft")
 STRATEGIES = ("ddp", "fsdp")  # data parallelism under torchrun (distributed.py)
+PP_SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev")  # torch.distributed.pipelining's (pipeline.py)
 
 
 class _Options:
@@ -79,6 +80,10 @@ class TrainConfig(_Options):
     deterministic: bool = True
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     expert_parallel: int = 1  # under torchrun: routed experts split over this many ranks (expert_parallel.py)
+    # under torchrun: the layers split into pipeline stages over this many ranks (pipeline.py, mesh.py)
+    pipeline_parallel: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved | zbv | dualpipev (the last three: two stages per rank)
+    microbatches: int = 0  # per batch and data-parallel rank through the pipeline (0: as many as stages)
     eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
     # What to train and on what (read by run.py, the `openr2 train` command; the loop ignores them).
     model: str = "small-moe"  # a preset name or a directory/config.json (fresh weights)
@@ -155,9 +160,7 @@ class TrainConfig(_Options):
             raise bad("distributed", f"expected one of {STRATEGIES}")
         if self.expert_parallel < 1:
             raise bad("expert_parallel", "must be at least 1")
-        if self.expert_parallel > 1 and self.distributed == "fsdp":
-            raise bad("expert_parallel", "expert parallelism with distributed=fsdp is not supported yet "
-                                         "(use distributed=ddp: attention and shared experts data-parallel)")
+        self._validate_pipeline()
         for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, str) and v):
@@ -169,6 +172,18 @@ class TrainConfig(_Options):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise bad("device", "expected auto, cpu or cuda[:N]")
         self._validate_sparse_attention()
+
+    def _validate_pipeline(self) -> None:
+        bad = self._bad
+        if self.pipeline_parallel < 1:
+            raise bad("pipeline_parallel", "must be at least 1")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise bad("pp_schedule", f"expected one of {PP_SCHEDULES}")
+        if self.microbatches < 0:
+            raise bad("microbatches", "must be 0 (as many as stages) or more")
+        if self.pipeline_parallel > 1 and self.distributed == "fsdp":
+            raise bad("pipeline_parallel", "pipeline stages with distributed=fsdp are not supported yet "
+                                           "(use distributed=ddp: each stage's replicas sum their gradients)")
 
     def _validate_sparse_attention(self) -> None:
         bad = self._bad

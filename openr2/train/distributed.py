@@ -86,7 +86,8 @@ def shutdown(dist: Dist) -> None:
 
 def wrap(model: torch.nn.Module, strategy: str, dist: Dist, local_params: list[str] = ()) -> torch.nn.Module:
     """The module the training step calls. FSDP shards `model` in place (its parameters become DTensors).
-    DDP leaves `local_params` (names) alone: each rank holds its own (expert parallelism's experts)."""
+    DDP and FSDP leave `local_params` (names) alone: each rank holds its own (expert parallelism's experts;
+    FSDP's `ignored_params`: neither sharded nor reduced)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed strategy {strategy!r}: expected one of {STRATEGIES}")
     if not dist.enabled:
@@ -101,9 +102,11 @@ def wrap(model: torch.nn.Module, strategy: str, dist: Dist, local_params: list[s
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard
 
+    named = dict(model.named_parameters())
+    ignored = {named[n] for n in local_params} or None
     for layer in list(model.layers) + list(model.mtp):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
     return model
 
 

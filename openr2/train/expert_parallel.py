@@ -13,7 +13,9 @@ fused path does). The all-to-all is torch's differentiable functional collective
 reverse all-to-all; it works on gloo too), so the gradient of an expert collects every rank's tokens; the Trainer scales each rank's loss by the
 world size for DDP's average, so expert gradients, which nothing averages, are divided by it here.
 
-Only N == world size for now (no expert-data-parallel replicas), and not with FSDP.
+N may be below the world size: the processes form a DeviceMesh (mesh.py) of world/N expert replicas x N
+expert shards; the replicas of a shard sum their expert gradients. Under FSDP2 the experts are its
+`ignored_params` (this rank's slices, never sharded or reduced by it) and the rest is sharded.
 What it does not own: the routing math (model/moe.py), the load all-reduce (trainer.py does it for DDP).
 """
 
@@ -28,6 +30,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from openr2.model.moe import MoE, RoutedExperts, _fused_ok, _GroupedExperts
+from openr2.train import mesh
 from openr2.train.distributed import Dist
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -97,15 +100,18 @@ class EPExperts(RoutedExperts):
 class ExpertParallel:
     """What the Trainer needs to know about the expert-parallel model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, dist: Dist, group):
-        self.model, self.dist, self.group = model, dist, group
+    def __init__(self, model: nn.Module, rank: int, size: int, group, loss_scale: int, replicas=None):
+        """rank and size within the expert-parallel `group`; loss_scale: the data-parallel replicas' loss
+        factor (the world size under DDP, the pipeline's data-parallel size under pipeline parallelism);
+        replicas: the group of the ranks holding the same experts (None when each shard is held once)."""
+        self.model, self.rank, self.size, self.group, self.replicas = model, rank, size, group, replicas
         self.expert_names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, EPExperts)
                              for p in EXPERT_PARAMS]
         self.expert_params = {id(p) for name, p in model.named_parameters() if name in self.expert_names}
-        # the loss is scaled by the world size for DDP's average; nothing averages the experts' gradients
+        # the loss is scaled by the data-parallel size for DDP's average; nothing averages the experts' gradients
         for name, p in model.named_parameters():
             if name in self.expert_names:
-                p.register_hook(lambda g, w=dist.world_size: g / w)
+                p.register_hook(lambda g, w=loss_scale: g / w)
 
     def experts(self) -> list[EPExperts]:
         return [m for m in self.model.modules() if isinstance(m, EPExperts)]
@@ -117,33 +123,51 @@ class ExpertParallel:
             total, m.sent_bytes = total + m.sent_bytes, 0
         return total
 
+    def sum_replica_grads(self, params: list[torch.Tensor]) -> None:
+        """Expert gradients summed over the ranks that hold the same experts (each saw its own tokens)."""
+        if self.replicas is None:
+            return
+        for p in params:
+            if p.grad is not None and id(p) in self.expert_params:
+                torch_dist.all_reduce(p.grad, group=self.replicas)
+
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed."""
+        """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed
+        (after summing the expert replicas' gradients: call once per step, after the backward)."""
+        from torch.distributed.tensor import DTensor
+
+        self.sum_replica_grads(params)
         shared = [p.grad for p in params if p.grad is not None and id(p) not in self.expert_params]
         local = [p.grad for p in params if p.grad is not None and id(p) in self.expert_params]
         sq = lambda gs: sum((g.double().pow(2).sum() for g in gs), torch.zeros((), dtype=torch.float64))  # noqa: E731
         expert_sq = sq(local)
         torch_dist.all_reduce(expert_sq, group=self.group)
-        norm = (sq(shared) + expert_sq).sqrt()
+        sharded = [g for g in shared if isinstance(g, DTensor)]  # FSDP: each rank holds a shard of these
+        shard_sq = sq([g.to_local() for g in sharded])
+        if sharded:
+            torch_dist.all_reduce(shard_sq)
+        norm = (sq([g for g in shared if not isinstance(g, DTensor)]) + shard_sq + expert_sq).sqrt()
         if math.isfinite(max_norm):
-            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            scale = min(1.0, max_norm / (norm.item() + 1e-6))
             for g in shared + local:
-                g.mul_(scale.to(g.dtype))
+                g.mul_(scale)
         return norm
 
     # -------------------------------------------------------------- whole state <-> this rank's slices
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.dist.world_size)]
+        parts = [torch.empty_like(t) for _ in range(self.size)]
         torch_dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts)
 
     def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        local = t.shape[0] // self.dist.world_size
-        return t[self.dist.rank * local:(self.dist.rank + 1) * local].clone()
+        local = t.shape[0] // self.size
+        return t[self.rank * local:(self.rank + 1) * local].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state with whole expert tensors (collective: every rank calls it)."""
-        return {k: self._gather(v) if k in self.expert_names else v for k, v in self.model.state_dict().items()}
+        """The model's state with whole expert tensors, and whole FSDP-sharded ones (collective: every rank
+        calls it)."""
+        return {k: self._gather(v) if k in self.expert_names else v.full_tensor() if hasattr(v, "full_tensor")
+                else v for k, v in self.model.state_dict().items()}
 
     def local_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self._slice(v) if k in self.expert_names else v for k, v in state.items()}
@@ -163,8 +187,9 @@ class ExpertParallel:
         return self._map_optimizer(state, self._slice)
 
 
-def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
-    """Keep 1/n of every MoE layer's routed experts on this rank (n == world size); None when n is 1."""
+def apply(model: nn.Module, n: int, dist: Dist, layout=None) -> ExpertParallel | None:
+    """Keep 1/n of every MoE layer's routed experts on this rank; None when n is 1. The experts are split
+    over the "ep" sub-mesh of `layout` (mesh.Layout; by default the world as world/n replicas x n shards)."""
     if n == 1:
         return None
     moe = [m for m in model.modules() if isinstance(m, MoE)]
@@ -174,15 +199,14 @@ def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
     if experts % n:
         raise ValueError(f"expert_parallel={n} does not divide the model's {experts} routed experts "
                          "(n_routed_experts)")
+    if layout is not None:
+        group = layout.group("ep")
+        for m in moe:
+            m.experts = EPExperts(m.experts, layout.ep_rank, n, group)
+        return ExpertParallel(model, layout.ep_rank, n, group, layout.dp,
+                              layout.group("edp") if layout.edp > 1 else None)
     if dist.world_size == 1:
         raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
     if dist.world_size % n:
         raise ValueError(f"expert_parallel={n} does not divide the world size {dist.world_size}")
-    if dist.world_size != n:
-        raise ValueError(f"expert_parallel={n} with {dist.world_size} processes: expert parallelism over a "
-                         "part of the processes (expert-data-parallel replicas) is not supported yet; "
-                         f"use --expert-parallel {dist.world_size} or torchrun --nproc-per-node {n}")
-    group = torch_dist.new_group(list(range(n)))
-    for m in moe:
-        m.experts = EPExperts(m.experts, dist.rank, n, group)
-    return ExpertParallel(model, dist, group)
+    return apply(model, n, dist, mesh.build(dist, 1, n, model.device))

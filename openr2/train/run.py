@@ -207,7 +207,9 @@ def build_dataset(cfg: TrainConfig, tokenizer):
     examples += mixture_examples(items, cfg.num_examples, tokenizer, cfg.seed, cfg.chat_variety) if items else []
     if not examples:
         raise ValueError("train: no data: give tasks and/or data files")
-    return SFTDataset(examples, cfg.batch_size, cfg.seq_len, tokenizer.pad_token_id, seed=cfg.seed)
+    # pipeline stages exchange fixed shapes: every batch padded to seq_len
+    return SFTDataset(examples, cfg.batch_size, cfg.seq_len, tokenizer.pad_token_id, seed=cfg.seed,
+                      pad_to_max=cfg.pipeline_parallel > 1)
 
 
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
@@ -318,6 +320,10 @@ def train(cfg: TrainConfig, export: str | None = None, command: str | None = Non
 
         model = convert_to_dsa(model, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, seed=cfg.seed)
         trainer_class = DSATrainer
+    if cfg.pipeline_parallel > 1:  # stages over ranks (pipeline_trainer.py; it refuses V3.2's indexers)
+        from openr2.train.pipeline_trainer import PipelineTrainer
+
+        trainer_class = PipelineTrainer
     trainer = trainer_class(model, dataset, cfg, tokenizer, evaluator=make_evaluator(cfg, tokenizer, cfg.steps))
     history = trainer.train()
     wall = time.time() - start

@@ -119,13 +119,7 @@ class Trainer(TrainingLoop):
         for m in self.moe:  # the sequence-wise aux loss weight comes from the training config
             m.aux_loss_alpha = config.aux_loss_alpha
         self.has_mtp = config.mtp_lambda > 0 and len(getattr(model, "mtp", ())) > 0
-        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist)  # None without EP
-        self.module = dist_utils.wrap(model, config.distributed, self.dist,
-                                      self.ep.expert_names if self.ep else ())  # what the step calls
-        self.sharded = dist_utils.is_sharded(model)
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(config, 0),
-                                           betas=config.betas, weight_decay=config.weight_decay,
-                                           foreach=False)
+        self._parallelize(model, config)
         self._plain_copy: torch.nn.Module | None = None
         self.step = 0
         self.interrupted = False
@@ -134,13 +128,37 @@ class Trainer(TrainingLoop):
         if config.resume:
             self._resume(config.resume)
 
+    def _parallelize(self, model: torch.nn.Module, config: TrainConfig) -> None:
+        """Set ep (expert_parallel.py, None without), module (what the step calls), sharded and optimizer
+        (pipeline_trainer.py has its own)."""
+        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist)  # None without EP
+        self.module = dist_utils.wrap(model, config.distributed, self.dist,
+                                      self.ep.expert_names if self.ep else ())  # what the step calls
+        self.sharded = dist_utils.is_sharded(model)
+        self.optimizer = self._adamw(model)
+
+    def _adamw(self, params: torch.nn.Module) -> torch.optim.AdamW:
+        cfg = self.config
+        return torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=lr_at(cfg, 0), betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay, foreach=False)
+
+    def _own_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a whole (single-process format) model state this rank holds: with expert
+        parallelism its slice of the experts."""
+        return self.ep.local_state_dict(state) if self.ep else state
+
+    def _own_optimizer_state(self, state: dict) -> dict:
+        """The part of a whole (single-process format) optimizer state this rank's optimizer holds."""
+        return self.ep.local_optimizer_state(state) if self.ep else state
+
     # ------------------------------------------------------------------ state dicts (any parallelism)
     def _optimizer_state(self) -> dict:
         """Parameter-name keyed, whole (unsharded) optimizer state: the same file whatever the parallelism."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        state = get_optimizer_state_dict(self.model, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
+        # cpu_offload leaves the other ranks empty: expert parallelism gathers its moments on every rank
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=self.sharded and not self.ep))
         return self.ep.full_optimizer_state(state) if self.ep else state
 
     def full_model(self) -> torch.nn.Module:
@@ -181,9 +199,8 @@ class Trainer(TrainingLoop):
         missing = [k for k in self.model.state_dict() if k not in loaded]
         if missing:
             raise ValueError(f"{state['path']}: checkpoint lacks {missing[:3]} of this model")
-        if self.ep:  # whole experts in the file: this rank keeps its slice of them and of their moments
-            loaded = self.ep.local_state_dict(loaded)
-            state["optimizer"] = self.ep.local_optimizer_state(state["optimizer"])
+        loaded = self._own_model_state(loaded)
+        state["optimizer"] = self._own_optimizer_state(state["optimizer"])
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, loaded, options=options)
         try:

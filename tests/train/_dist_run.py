@@ -43,14 +43,18 @@ class Batches:
 
 
 def main(out_dir: str, strategy: str, dtype: str = "float64", resume: str = "") -> None:
-    """strategy "ddp", "fsdp", or "ep" (DDP with the experts split over the processes): 10 steps, saved at step
+    """strategy "ddp", "fsdp", "ep" (DDP with the experts split over the processes) or "epN" (over N of them):
+    10 steps, saved at step
     5 and at the end; resumed from the checkpoint directory `resume` when given."""
     torch.set_num_threads(1)
     dist = distributed.init()
-    ep = strategy == "ep"
+    # "ep": the experts over all processes, "epN": over N of them (world/N replicas); "fsdp-ep": EP with FSDP2
+    ep = strategy.startswith("ep") or strategy == "fsdp-ep"
+    strategy = "fsdp" if strategy == "fsdp-ep" else strategy
     cfg = TrainConfig(mode="sft", steps=10, batch_size=B, seq_len=T, lr=1e-2, warmup_steps=2,
-                      grad_accum=2, out_dir=out_dir, distributed="ddp" if ep else strategy, log_every=1,
-                      expert_parallel=dist.world_size if ep else 1, save_every=5, resume=resume or None)
+                      grad_accum=2, out_dir=out_dir, distributed="ddp" if strategy.startswith("ep") else strategy, log_every=1,
+                      expert_parallel=(int(strategy[2:] or dist.world_size)) if strategy.startswith("ep") else
+                      dist.world_size if ep else 1, save_every=5, resume=resume or None)
     # .to(float64) casts the router too (build_model's dtype= keeps it float32); float64_compute() lifts the
     # steps that cast to float32 whatever the model's dtype (RMSNorm, router, the trainer's cross-entropy).
     # "float32" (a third argument) runs the test's old setting, for comparison.
