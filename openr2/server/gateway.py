@@ -36,6 +36,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -65,6 +66,18 @@ class _Retry(Exception):
 
 class _ErrorEvent(Exception):
     """An upstream's stream carried an error event: the request failed there, the upstream itself is alive."""
+
+
+class _BadStream(Exception):
+    """An upstream's stream the gateway cannot read (a chunk that is not JSON, a choice out of range)."""
+
+
+class _Dropped(Exception):
+    """An upstream's stream ended before every choice finished: the upstream dropped it."""
+
+
+# the upstream cannot be reached, dropped the connection or went silent: it is taken out at once
+_TRANSPORT = (aiohttp.ClientError, TimeoutError, OSError, _Dropped)
 
 
 def upstream_body(ids: list[int], params) -> dict:
@@ -98,7 +111,8 @@ class UpstreamBackend:
         self.pool, self.tokenizer = pool, tokenizer
         self._max_model_len = max_model_len
         self.failure: str | None = None  # never dead: upstreams come and go (a 503 while none is healthy)
-        self.client = client
+        self.client = client  # the health probes' (a few requests a second at most)
+        self.session: aiohttp.ClientSession | None = None  # the generations' (see start)
         self._probes: asyncio.Task | None = None
         self.usage_sources = {"upstream": 0, "local": 0}  # for /metrics
 
@@ -140,12 +154,20 @@ class UpstreamBackend:
         return []
 
     async def start(self) -> None:
-        """Open the connection pool, probe every upstream once, then keep probing in the background."""
+        """Open the connection pools, probe every upstream once, then keep probing in the background.
+
+        Generations stream through aiohttp, whose keep-alive pool hands out an idle connection in O(1) and
+        whose HTTP parser is C: reading 32 streams it spends ~16 us of CPU per SSE event against httpx's ~80
+        (httpcore re-checks every pooled connection, a poll each, whenever a request starts or ends), and
+        per streamed token that CPU is the gateway's cost (BENCHMARKS.md). The probes keep httpx."""
         if self.client is None:
-            # no pool limit: every open stream holds a connection; a long prefill may take minutes
-            self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
-                                            limits=httpx.Limits(max_connections=None,
-                                                                max_keepalive_connections=256))
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.pool.probe_timeout_s))
+        if self.session is None:
+            # no limit on connections: every open stream holds one (keep-alive: reused once its answer was
+            # read to the end); no total timeout: a long prefill may take minutes, a silent upstream 600 s
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0))
         await self.pool.probe_all(self.client)
         self._probes = asyncio.create_task(self.pool.run(self.client))
 
@@ -154,6 +176,8 @@ class UpstreamBackend:
             self._probes.cancel()
         if self.client is not None:
             await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     async def generate(self, prompt: dict, params, request_id: str | None = None, salt: str | None = None,
                        priority: int = 0, restartable: bool = False) -> AsyncIterator[RequestOutput]:
@@ -200,20 +224,32 @@ def _cache_salt(key_id: str) -> str:
     return hashlib.blake2b(key_id.encode(), digest_size=16, person=b"openr2-salt").hexdigest()
 
 
-async def _sse_events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:
+async def _sse_events(pieces: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """The `data:` payloads of a server-sent event stream, grouped by what each network read brought: one
     event at a time while the gateway keeps up, several at once when it falls behind (then they go on to
     the client as one chunk, which is what keeps its CPU per token down under load). Nothing waits for
-    more: each read is passed on as it arrives."""
+    more: each read is passed on as it arrives. After `[DONE]` (the last group yielded) the rest of the body
+    is read, at most _DRAIN_S, without yielding: a response read to its end hands its connection back to the
+    pool for the next request (keep-alive), where one closed early would cost a new connection each time."""
     buffer = b""
-    async for piece in resp.aiter_bytes():  # content-decoded, unlike aiter_raw
+    async for piece in pieces:
         buffer += piece
         *lines, buffer = buffer.split(b"\n")
         events = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if b"[DONE]" in events:
+            yield events[:events.index(b"[DONE]") + 1]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_DRAIN_S):
+                    async for _ in pieces:
+                        pass
+            return
         if events:
             yield events
     if buffer.startswith(b"data:"):
         yield [buffer[5:].strip()]
+
+
+_DRAIN_S = 1.0  # how long the end of a body after [DONE] is waited for before its connection is dropped
 
 
 class _Run:
@@ -226,33 +262,35 @@ class _Run:
         self.chunks = 0  # text-bearing choice deltas: the running completion count (one token each, mostly)
         self.reported = None
         self.last: RequestOutput | None = None  # the last output yielded
+        self.failure: Exception | None = None  # a bad event that came after text in the same read (_feed)
 
     async def stream(self, body: dict) -> AsyncIterator[RequestOutput]:
         state, pool = self.state, self.backend.pool
         state.outstanding += 1
         state.served += 1
         try:
-            async with self.backend.client.stream("POST", f"{state.upstream.url}/v1/completions",
-                                                  json={**body, "model": state.model},
-                                                  headers=state.headers()) as resp:
-                if resp.status_code != 200:
+            async with self.backend.session.post(f"{state.upstream.url}/v1/completions",
+                                                 json={**body, "model": state.model},
+                                                 headers=state.headers()) as resp:
+                if resp.status != 200:
                     await self._refuse(resp)
-                async for events in _sse_events(resp):
-                    output, done = self._feed(events)
+                # content-decoded as it arrives; ends after [DONE], the body read (keep-alive)
+                async for events in _sse_events(resp.content.iter_any()):
+                    output = self._feed(events)
                     if output is not None:
                         self.last = output
                         yield output
-                    if done:
-                        break
+                    if self.failure is not None:
+                        raise self.failure
             if not self._all_finished:
-                raise httpx.RemoteProtocolError("the stream ended before every choice finished")
-        except (httpx.HTTPError, _ErrorEvent) as e:
+                raise _Dropped("the stream ended before every choice finished")
+        except (*_TRANSPORT, _BadStream, _ErrorEvent) as e:
             if self._all_finished:  # lost after the last choice ended (before [DONE]): the answer is whole
                 pass
             elif self.last is None:
-                if isinstance(e, httpx.TransportError):  # it cannot be reached or dropped the connection
+                if isinstance(e, _TRANSPORT):  # it cannot be reached or dropped the connection
                     pool.mark_failed(state, f"{type(e).__name__}: {e}")
-                raise _Retry(str(e)) from None
+                raise _Retry(f"{type(e).__name__}: {e}") from None
             else:
                 self._settle_delivered()
                 raise UpstreamFailed(f"The upstream failed mid-answer ({type(e).__name__}); the part delivered "
@@ -265,42 +303,48 @@ class _Run:
             state.outstanding -= 1
         yield self._final()
 
-    async def _refuse(self, resp: httpx.Response) -> None:
+    async def _refuse(self, resp: aiohttp.ClientResponse) -> None:
         """A non-200 answer: a retry elsewhere for the upstream's trouble, else the client's 4xx as is."""
-        raw = await resp.aread()
-        if resp.status_code in _RETRY_STATUS:  # the health probes, not this answer, take it out
-            raise _Retry(f"answered {resp.status_code}")
+        raw = await resp.read()
+        if resp.status in _RETRY_STATUS:  # the health probes, not this answer, take it out
+            raise _Retry(f"answered {resp.status}")
         error = {}
         with contextlib.suppress(ValueError, AttributeError):
             error = json.loads(raw).get("error") or {}
         error = error if isinstance(error, dict) else {"message": str(error)}
-        status = resp.status_code if 400 <= resp.status_code < 500 else 502
+        status = resp.status if 400 <= resp.status < 500 else 502
         message = error.get("message") or raw[:200].decode(errors="replace")
         param = error.get("param") if isinstance(error.get("param"), str) else None
         raise APIError(status, f"upstream: {message}", param=param)
 
-    def _feed(self, events: list[bytes]) -> tuple[RequestOutput | None, bool]:
-        """The events that arrived together -> (one output carrying all their text, or None; [DONE] seen)."""
+    def _feed(self, events: list[bytes]) -> RequestOutput | None:
+        """The events that arrived together -> one output carrying all their text, or None (no text)."""
         for o in self.outputs:
             o.text_delta = ""
-        changed = done = False
+        changed = False
         for data in events:
             if data == b"[DONE]":
-                done = True
+                continue
+            try:
+                changed |= self._apply(data)
+            except (_ErrorEvent, _BadStream) as e:
+                if not changed:
+                    raise
+                # the text before it goes out first, as it would have had it come in a read of its own
+                self.failure = e
                 break
-            changed |= self._apply(data)
         if not changed:
-            return None, done
-        return self._output(finished=False, usage=Usage(len(self.ids), 0, self.chunks, 0)), done
+            return None
+        return self._output(finished=False, usage=Usage(len(self.ids), 0, self.chunks, 0))
 
     def _apply(self, data: bytes) -> bool:
         """One upstream chunk into the choices' state; True if it added text."""
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise httpx.DecodingError(f"not JSON: {data[:80]!r}") from None
+            raise _BadStream(f"not JSON: {data[:80]!r}") from None
         if not isinstance(chunk, dict):
-            raise httpx.DecodingError("a chunk that is not an object")
+            raise _BadStream("a chunk that is not an object")
         if chunk.get("error"):  # an error event in the stream (openr2, vLLM): this request failed there
             raise _ErrorEvent(f"upstream error event: {json.dumps(chunk['error'])[:200]}")
         reported = reported_usage(chunk)
@@ -310,10 +354,10 @@ class _Run:
         for choice in chunk.get("choices") or []:
             i = choice.get("index", 0) if isinstance(choice, dict) else None
             if not isinstance(i, int) or not 0 <= i < len(self.outputs):
-                raise httpx.DecodingError(f"a choice index out of range: {i!r}")
+                raise _BadStream(f"a choice index out of range: {i!r}")
             out, delta = self.outputs[i], choice.get("text") or ""
             if not isinstance(delta, str):
-                raise httpx.DecodingError(f"a choice text that is not a string: {delta!r:.80}")
+                raise _BadStream(f"a choice text that is not a string: {delta!r:.80}")
             if delta:
                 out.text += delta
                 out.text_delta += delta

@@ -290,13 +290,19 @@ def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
 
 
 def test_sse_events_are_grouped_by_read_and_survive_split_lines():
-    reads = [b'data: {"a": 1}\r\n\r\ndata: {"b"', b': 2}\n\n: a comment\n\ndata: {"c": 3}\n\ndata: [DONE]\n\n']
+    """...and after [DONE] nothing more is yielded, but the body is read to its end (so that its connection
+    goes back to the keep-alive pool)."""
+    reads = [b'data: {"a": 1}\r\n\r\ndata: {"b"', b': 2}\n\n: a comment\n\ndata: {"c": 3}\n\ndata: [DONE]\n\n'
+             b'data: {"late": 1}\n\n', b'data: {"later": 2}\n\n']
+    read = []
 
     async def body():
         for piece in reads:
+            read.append(piece)
             yield piece
 
     async def collect():
-        return [events async for events in _sse_events(httpx.Response(200, content=body()))]
+        return [events async for events in _sse_events(body())]
 
     assert asyncio.run(collect()) == [[b'{"a": 1}'], [b'{"b": 2}', b'{"c": 3}', b"[DONE]"]]
+    assert read == reads
