@@ -278,6 +278,14 @@ class Server:
         return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling,
                                                      structured_outputs=structured) for ids in prompts]
 
+    def completion_token_text(self, req):
+        """How a completion's logprobs name tokens: their text, or "token_id:<id>" when the request asks
+        (return_tokens_as_token_ids, vLLM's; a gateway in front asks, text can be ambiguous)."""
+        if req.return_tokens_as_token_ids:
+            return lambda i: f"token_id:{i}"
+        text = self.tokenizer.decode
+        return lambda i: text([i])
+
     async def run_completion(self, key_id: str, req, prompts: list[list[int]], params: list, request_id: str,
                              priority: int = 0, bill: bool = True, start: float | None = None):
         """All prompts concurrently to the end; like run_chat, returns (Completion, outputs) when not billing."""
@@ -310,9 +318,8 @@ class Server:
                 if bill and out is not None:
                     await asyncio.to_thread(self.bill, key_id, "/v1/completions", out, f"{request_id}-{i}")
             raise
-        text = self.tokenizer.decode
         response = completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
-                                           echo=bool(req.echo), token_text=lambda i: text([i]))
+                                           echo=bool(req.echo), token_text=self.completion_token_text(req))
         if not bill:
             for out in outputs:
                 self.metrics.count_usage("batch:/v1/completions", out.usage)
@@ -509,9 +516,8 @@ def create_app(server: Server) -> FastAPI:
         except BaseException:
             await server.release(reserved)
             raise
-        text = server.tokenizer.decode
         chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
-                                  token_text=lambda i: text([i]))
+                                  token_text=server.completion_token_text(req))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/completions",
                                    request_id, reserved=reserved)
         return StreamingResponse(events, media_type="text/event-stream")

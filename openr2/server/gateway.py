@@ -22,9 +22,13 @@ routes bill the last output they received. A client that goes away is billed the
 
 Usage: the upstream's counts where it reports them (upstream_usage.py), the tokenizer's where it does not;
 cached prompt tokens only from the upstream. The last output carries `usage_source` ("upstream" or "local",
-counted on /metrics), every output the chosen upstream's price table (`prices`, None for the server's). Not
-supported yet (400s): logprobs, since upstreams return token strings, not ids; constrained decoding, whose
-grammar runs in openr2's own sampler.
+counted on /metrics), every output the chosen upstream's price table (`prices`, None for the server's).
+
+Logprobs: asked of the upstream in the completions API's form with `return_tokens_as_token_ids` (vLLM's; openr2
+takes it), so tokens come back as ids; an upstream that names them by text instead (llama.cpp) has them mapped
+back through a table of each id's text (then alternatives that read the same are one entry, as that upstream
+sent them). The routes show them as they show the local engine's. Not supported (a 400): constrained decoding,
+whose grammar runs in openr2's own sampler.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from openr2.chat_format import ReasoningParser, prompt_opens_reasoning
 from openr2.engine.engine import CompletionOutput, RequestOutput
+from openr2.engine.sampling import TokenSample
 from openr2.engine.usage import Usage
 from openr2.server.errors import APIError
 from openr2.server.metrics import PREFIX
@@ -83,8 +88,6 @@ _TRANSPORT = (aiohttp.ClientError, TimeoutError, OSError, _Dropped)
 def upstream_body(ids: list[int], params) -> dict:
     """The /v1/completions body for one request: vLLM's names, extensions only when they are not defaults
     (so that a server without them, llama.cpp's, is not handed fields it might refuse)."""
-    if params.logprobs is not None:
-        raise ValueError("logprobs: not available through the gateway yet (upstreams return token text, not ids)")
     if params.structured_outputs is not None:  # its grammar runs in openr2's own sampler, which is not here
         raise ValueError("response_format: constrained decoding (json_object, json_schema, strict tools, a required "
                          "or named tool_choice) is not available through the gateway yet")
@@ -92,6 +95,10 @@ def upstream_body(ids: list[int], params) -> dict:
             "stream": True, "stream_options": {"include_usage": True}}
     if params.max_tokens is not None:
         body["max_tokens"] = params.max_tokens
+    if params.logprobs is not None:  # the completions API's: how many alternatives per token (0: none)
+        # tokens named "token_id:<id>" where the upstream can (openr2, vLLM; others ignore it and name them by
+        # text, which _Run maps back to ids: the same text, but alternatives of one text are then one entry)
+        body["logprobs"], body["return_tokens_as_token_ids"] = params.logprobs, True
     optional = {"top_k": -1, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "repetition_penalty": 1.0, "seed": None, "ignore_eos": False, "skip_special_tokens": True,
                 "include_stop_str_in_output": False}
@@ -115,6 +122,7 @@ class UpstreamBackend:
         self.session: aiohttp.ClientSession | None = None  # the generations' (see start)
         self._probes: asyncio.Task | None = None
         self.usage_sources = {"upstream": 0, "local": 0}  # for /metrics
+        self._token_ids: dict[str, int] | None = None  # token text -> an id with that text (logprobs)
 
     # ------------------------------------------------------------------------- backend interface
     @property
@@ -179,6 +187,21 @@ class UpstreamBackend:
         if self.session is not None:
             await self.session.close()
 
+    async def token_ids(self) -> dict[str, int]:
+        """Each token's text (the tokenizer's decode of it alone, as openr2 and vLLM name logprob tokens) ->
+        its id, the lowest where several ids read the same (their text, all the routes show, is the same);
+        built once, off the event loop, on the first request asking for logprobs."""
+        if self._token_ids is None:
+            def build() -> dict[str, int]:
+                texts = self.tokenizer.backend.decode_batch([[i] for i in range(self.tokenizer.vocab_size)],
+                                                            skip_special_tokens=False)
+                table: dict[str, int] = {}
+                for i, t in enumerate(texts):
+                    table.setdefault(t, i)
+                return table
+            self._token_ids = await asyncio.to_thread(build)
+        return self._token_ids
+
     async def generate(self, prompt: dict, params, request_id: str | None = None, salt: str | None = None,
                        priority: int = 0, restartable: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield outputs as the upstream's chunks arrive; the last is finished and carries the usage.
@@ -188,6 +211,7 @@ class UpstreamBackend:
         (priority > 0) also wait for a healthy upstream instead of failing."""
         ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
         body = upstream_body(ids, params)
+        token_ids = await self.token_ids() if params.logprobs is not None else None
         tried: set = set()
         last_error = None
         while True:
@@ -200,7 +224,7 @@ class UpstreamBackend:
                 tried.clear()
                 continue
             tried.add(state)
-            run = _Run(self, state, ids, text, params, request_id or "")
+            run = _Run(self, state, ids, text, params, request_id or "", token_ids)
             sent = {**body, "cache_salt": _cache_salt(salt)} if state.upstream.cache_salt and salt else body
             try:
                 # aclosing: a consumer that stops (a client gone) closes the upstream stream now, not at GC
@@ -252,13 +276,22 @@ async def _sse_events(pieces: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
 _DRAIN_S = 1.0  # how long the end of a body after [DONE] is waited for before its connection is dropped
 
 
+def _logprob(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadStream(f"a logprob that is not a number: {value!r:.40}")
+    return float(value)
+
+
 class _Run:
     """One request on one upstream: the SSE stream read, turned into outputs, and its usage."""
 
-    def __init__(self, backend: UpstreamBackend, state: UpstreamState, ids, text, params, request_id: str):
+    def __init__(self, backend: UpstreamBackend, state: UpstreamState, ids, text, params, request_id: str,
+                 token_ids: dict[str, int] | None = None):
         self.backend, self.state, self.ids, self.prompt = backend, state, ids, text
         self.params, self.request_id = params, request_id
-        self.outputs = [CompletionOutput(index=i) for i in range(params.n)]
+        self.token_ids = token_ids  # logprobs asked: token text -> id (UpstreamBackend.token_ids)
+        self.outputs = [CompletionOutput(index=i, logprobs=[] if token_ids is not None else None)
+                        for i in range(params.n)]
         self.chunks = 0  # text-bearing choice deltas: the running completion count (one token each, mostly)
         self.reported = None
         self.last: RequestOutput | None = None  # the last output yielded
@@ -320,7 +353,7 @@ class _Run:
     def _feed(self, events: list[bytes]) -> RequestOutput | None:
         """The events that arrived together -> one output carrying all their text, or None (no text)."""
         for o in self.outputs:
-            o.text_delta = ""
+            o.text_delta, o.token_ids_delta = "", []
         changed = False
         for data in events:
             if data == b"[DONE]":
@@ -363,16 +396,54 @@ class _Run:
                 out.text_delta += delta
                 self.chunks += 1
                 changed = True
+            if self.token_ids is not None and choice.get("logprobs"):
+                samples = self._samples(choice["logprobs"])
+                out.logprobs += samples
+                out.token_ids += (new := [s.token_id for s in samples])
+                out.token_ids_delta += new
+                changed |= bool(new)
             if choice.get("finish_reason") and out.finish_reason is None:
                 # held back until the usage has come (_final): then the last output carries it
                 out.stop_reason = choice["finish_reason"]
         return changed
 
+    def _samples(self, logprobs) -> list[TokenSample]:
+        """A chunk's legacy completions logprobs (tokens, token_logprobs, top_logprobs) -> TokenSamples, the
+        tokens' ids looked up by their text; at most `logprobs` alternatives each, in the upstream's order."""
+        tokens, lps = (logprobs.get("tokens"), logprobs.get("token_logprobs")) if isinstance(logprobs, dict) \
+            else (None, None)
+        tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+        tops = tops if tops is not None else [None] * len(tokens or [])
+        if not (isinstance(tokens, list) and isinstance(lps, list) and isinstance(tops, list)
+                and len(tokens) == len(lps) == len(tops)):
+            raise _BadStream(f"logprobs that are not the completions API's: {json.dumps(logprobs)[:120]}")
+        samples = []
+        for token, lp, top in zip(tokens, lps, tops):
+            alternatives = [(self._token_id(t), _logprob(x)) for t, x in (top or {}).items()] \
+                if isinstance(top, dict) or top is None else None
+            if alternatives is None:
+                raise _BadStream(f"top_logprobs that are not token -> logprob: {json.dumps(top)[:120]}")
+            samples.append(TokenSample(self._token_id(token), None if lp is None else _logprob(lp),
+                                       alternatives[:self.params.logprobs]))
+        return samples
+
+    def _token_id(self, token) -> int:
+        if isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit():
+            if int(token[9:]) < self.backend.tokenizer.vocab_size:
+                return int(token[9:])
+            raise _BadStream(f"logprobs name a token id past this tokenizer's vocabulary: {token!r:.40}")
+        token_id = self.token_ids.get(token) if isinstance(token, str) else None
+        if token_id is None:
+            raise _BadStream(f"logprobs name a token no id of this tokenizer reads as: {token!r:.80} (is the "
+                             f"upstream serving a model with this checkpoint's tokenizer?)")
+        return token_id
+
     def _output(self, finished: bool, usage: Usage) -> RequestOutput:
         outputs = []
         for o in self.outputs:
             copy = CompletionOutput(index=o.index, text=o.text, text_delta=o.text_delta,
-                                    finish_reason=o.finish_reason)
+                                    finish_reason=o.finish_reason, logprobs=o.logprobs,
+                                    token_ids_delta=o.token_ids_delta)
             if not finished:
                 copy.finish_reason = None
             outputs.append(copy)
@@ -387,7 +458,7 @@ class _Run:
 
     def _final(self) -> RequestOutput:
         for o in self.outputs:
-            o.text_delta = ""
+            o.text_delta, o.token_ids_delta = "", []
             o.finish_reason = "length" if o.stop_reason == "length" else "stop"
         usage, source = self._usage(self.reported)
         out = self._output(finished=True, usage=usage)
@@ -399,6 +470,8 @@ class _Run:
         tokenizer = self.backend.tokenizer
 
         def completion() -> int:
+            if self.token_ids is not None:  # logprobs name every token: counted exactly
+                return sum(len(o.token_ids) for o in self.outputs)
             return sum(len(tokenizer.encode(o.text)) for o in self.outputs)
 
         def reasoning() -> int:

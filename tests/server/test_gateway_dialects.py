@@ -30,12 +30,20 @@ ANSWER = ["Two", " and", " two", "</think>", "The", " answer", " is", " 4."]
 USER = [{"role": "user", "content": "What is 2+2?"}]
 
 
-def _chunk(text: str, finish: str | None = None, **extra) -> str:
+def _chunk(text: str, finish: str | None = None, logprobs: dict | None = None, **extra) -> str:
     """One llama.cpp /v1/completions stream chunk (its field order and extras)."""
-    body = {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+    body = {"choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
             "created": 1733000000, "id": "chatcmpl-replay", "model": "gpt-3.5-turbo", "system_fingerprint": "b6100",
             "object": "text_completion", **extra}
     return f"data: {json.dumps(body)}\n\n"
+
+
+def _by_text(piece: str) -> dict:
+    """Legacy logprobs naming the piece's tokens by text, as llama.cpp's server does (no token ids)."""
+    tok = tiny_tokenizer()
+    texts = [tok.decode([i]) for i in tok.encode(piece)]
+    return {"tokens": texts, "token_logprobs": [-0.5] * len(texts), "text_offset": [0] * len(texts),
+            "top_logprobs": [{t: -0.5, "<｜User｜>": -1.5} for t in texts]}
 
 
 def replay_app(dialect: str) -> FastAPI:
@@ -67,7 +75,7 @@ def replay_app(dialect: str) -> FastAPI:
                 yield f"data: {json.dumps({'error': {'code': 500, 'message': 'poisoned'}})}\n\n"
                 return
             for piece in ANSWER[:-1]:
-                yield _chunk(piece)
+                yield _chunk(piece, logprobs=_by_text(piece) if body.get("logprobs") is not None else None)
                 if dialect == "stalls" and piece == "</think>":
                     try:
                         await asyncio.sleep(60)  # until the gateway hangs up
@@ -306,3 +314,18 @@ def test_sse_events_are_grouped_by_read_and_survive_split_lines():
 
     assert asyncio.run(collect()) == [[b'{"a": 1}'], [b'{"b": 2}', b'{"c": 3}', b"[DONE]"]]
     assert read == reads
+
+
+def test_logprobs_named_by_text_are_mapped_back_to_ids(ckpt, tmp_path):
+    """An upstream that names logprob tokens by their text (llama.cpp's server): the gateway finds their ids
+    (the tokenizer's decode of each id alone), so the client sees the same tokens and alternatives."""
+    with run_app(replay_app("llama-cpp-python")) as up, gateway(ckpt, tmp_path, [up]) as (base_url, server):
+        resp = _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=10, logprobs=True,
+                                                         top_logprobs=1)
+        tok = server.tokenizer
+        want = [tok.decode([i]) for piece in ANSWER[:-1] for i in tok.encode(piece)]
+        content = resp.choices[0].logprobs.content
+        assert [t.token for t in content] == want and {t.logprob for t in content} == {-0.5}
+        assert [[(x.token, x.logprob) for x in t.top_logprobs] for t in content] == [[(t, -0.5)] for t in want]
+        # the completion count is the tokens the logprobs named (the upstream reported none)
+        assert resp.usage.completion_tokens == len(want)
