@@ -122,6 +122,8 @@ class Server:
         self.config = config or ServerConfig()
         self.limiter = ledger.rate_limiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
+        # more models a backend serves by name (a gateway's upstreams), each at its model's default mode
+        self.other_models = list(getattr(engine, "served_model_names", ()))
         self.metrics = Metrics(self)
         if self.config.policy is not None:  # every generation (chat, completions, messages, batches) passes it
             self.engine = PolicyEngine(engine, self.config.policy, self.metrics)
@@ -153,15 +155,18 @@ class Server:
 
     @property
     def model_names(self) -> list[str]:
-        """The served model's name, then its aliases."""
-        return [self.config.model_name, *(a for a in self.config.model_aliases if a != self.config.model_name)]
+        """The served model's name, the backend's other models, then the aliases."""
+        names = [self.config.model_name, *self.other_models, *self.config.model_aliases]
+        return list(dict.fromkeys(names))
 
     def check_model(self, name: str) -> bool | None:
         """404 unless `name` is the served model or an alias; returns the thinking mode an alias implies."""
         if name not in self.model_names:
             raise not_found(f"The model '{name}' does not exist; this server serves '{self.config.model_name}'.",
                             "model", "model_not_found")
-        return None if name == self.config.model_name else self.config.model_aliases[name]
+        if name == self.config.model_name or name in self.other_models:
+            return None
+        return self.config.model_aliases[name]
 
     async def acquire(self, key_id: str, num_tokens: int) -> float:
         """The limiter's answer (limiter.acquire): at once from memory; from the database (replicas) on the
@@ -209,7 +214,8 @@ class Server:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
         cost = self.prices_for(output).cost(usage, batch=False)
-        self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
+        model = getattr(output, "model", None) or self.config.model_name  # a gateway's other models
+        self.ledger.record_usage(key_id, model, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None,
                                  usage_source=usage_source(output))
 
@@ -234,8 +240,8 @@ class Server:
         here (the batch worker bills with the line), else the ChatCompletion after billing. Interactive
         requests (bill=True) are timed into the latency histograms from `start` (perf_counter)."""
         timer = self.metrics.timer(start) if bill else None
-        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
-                                      cache_salt(key_id, req), priority, restartable=True)
+        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt, "model": req.model}, params,
+                                      request_id, cache_salt(key_id, req), priority, restartable=True)
         last = None
         try:
             last = await self.first_output(stream)
@@ -294,7 +300,7 @@ class Server:
 
         async def run(i: int, ids: list[int]):
             timer = self.metrics.timer(start) if bill else None
-            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}",
+            stream = self.engine.generate({"prompt_token_ids": ids, "model": req.model}, params[i], f"{request_id}-{i}",
                                           cache_salt(key_id, req), priority, restartable=True)
             try:
                 lasts[i] = await self.first_output(stream)
@@ -482,8 +488,8 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)))
         try:  # a stream releases at its end (sse_events)
-            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
-                                            cache_salt(key_id, req))
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt, "model": req.model}, params,
+                                            request_id, cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
@@ -510,7 +516,7 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_completion(key_id, req, prompts, params, request_id, start=start)))
         try:
-            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id,
+            stream = server.engine.generate({"prompt_token_ids": prompts[0], "model": req.model}, params[0], request_id,
                                             cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:

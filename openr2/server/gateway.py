@@ -134,6 +134,11 @@ class UpstreamBackend:
         return min(known) if known else 4096
 
     @property
+    def served_model_names(self) -> list[str]:
+        """Models served besides the gateway's own (upstreams' served_model_name): /v1/models lists them."""
+        return self.pool.served_model_names
+
+    @property
     def num_running(self) -> int:
         return sum(s.outstanding for s in self.pool.states)
 
@@ -210,12 +215,14 @@ class UpstreamBackend:
         starts again on another upstream; only what reached a client is ever billed, and once. Batch lines
         (priority > 0) also wait for a healthy upstream instead of failing."""
         ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        # the model the request named, where upstreams serve it under that name; else the gateway's own
+        served = prompt.get("model") if prompt.get("model") in self.pool.served_model_names else None
         body = upstream_body(ids, params)
         token_ids = await self.token_ids() if params.logprobs is not None else None
         tried: set = set()
         last_error = None
         while True:
-            state = self.pool.pick(ids, tried)
+            state = self.pool.pick(ids, tried, served)
             if state is None:
                 if priority <= 0:
                     why = f" (the last one: {last_error})" if last_error else ""
@@ -224,7 +231,7 @@ class UpstreamBackend:
                 tried.clear()
                 continue
             tried.add(state)
-            run = _Run(self, state, ids, text, params, request_id or "", token_ids)
+            run = _Run(self, state, ids, text, params, request_id or "", token_ids, served)
             sent = {**body, "cache_salt": _cache_salt(salt)} if state.upstream.cache_salt and salt else body
             try:
                 # aclosing: a consumer that stops (a client gone) closes the upstream stream now, not at GC
@@ -286,8 +293,9 @@ class _Run:
     """One request on one upstream: the SSE stream read, turned into outputs, and its usage."""
 
     def __init__(self, backend: UpstreamBackend, state: UpstreamState, ids, text, params, request_id: str,
-                 token_ids: dict[str, int] | None = None):
+                 token_ids: dict[str, int] | None = None, served: str | None = None):
         self.backend, self.state, self.ids, self.prompt = backend, state, ids, text
+        self.served = served  # the model name the request is billed under (None: the gateway's own)
         self.params, self.request_id = params, request_id
         self.token_ids = token_ids  # logprobs asked: token text -> id (UpstreamBackend.token_ids)
         self.outputs = [CompletionOutput(index=i, logprobs=[] if token_ids is not None else None)
@@ -449,6 +457,7 @@ class _Run:
             outputs.append(copy)
         out = RequestOutput(self.request_id, self.prompt, self.ids, outputs, finished, usage)
         out.prices = self.state.upstream.prices  # Server.prices_for bills with them
+        out.model = self.served  # and Server.bill records the request under this model (None: the server's)
         out.usage_source = "local"  # counted here until the final output says otherwise (_final)
         return out
 

@@ -10,6 +10,7 @@ import json
 import sqlite3
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -329,3 +330,29 @@ def test_logprobs_named_by_text_are_mapped_back_to_ids(ckpt, tmp_path):
         assert [[(x.token, x.logprob) for x in t.top_logprobs] for t in content] == [[(t, -0.5)] for t in want]
         # the completion count is the tokens the logprobs named (the upstream reported none)
         assert resp.usage.completion_tokens == len(want)
+
+
+def test_one_gateway_serves_several_models_each_on_its_own_upstreams(ckpt, tmp_path):
+    """Upstreams configured with a served_model_name serve that model at the gateway, the others its own:
+    /v1/models lists both, each request goes only to its model's upstreams (chat, completions, Anthropic's
+    messages), the ledger records the model asked for, and a model nobody serves is a 404."""
+    alpha, own = replay_app("llama.cpp"), replay_app("llama.cpp")
+    with run_app(alpha) as a, run_app(own) as b, \
+            gateway(ckpt, tmp_path, [Upstream(a, served_model_name="alpha"), Upstream(b)]) as (base_url, server):
+        client = _client(base_url)
+        listed = [m.id for m in client.models.list().data]
+        assert listed[:2] == ["tiny", "alpha"]
+        for model, upstream, other in (("alpha", alpha, own), ("tiny", own, alpha)):
+            before = len(other.state.bodies)
+            chat = client.chat.completions.create(model=model, messages=USER, max_tokens=10)
+            text = client.completions.create(model=model, prompt="2+2=", max_tokens=10)
+            message = anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0).messages.create(
+                model=model, max_tokens=10, messages=USER)
+            assert len(upstream.state.bodies) >= 3 and len(other.state.bodies) == before
+            assert chat.model == text.model == model
+            db = sqlite3.connect(tmp_path / "ledger.sqlite")
+            models = {r[0]: r[1] for r in db.execute("SELECT request_id, model FROM usage")}
+            db.close()
+            assert models[chat.id] == models[text.id + "-0"] == models[message.id] == model
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gamma", messages=USER, max_tokens=10)
