@@ -5,7 +5,8 @@ engine-shaped outputs (`RequestOutput`), plus `tokenizer`, `max_model_len`, `fai
 `num_waiting`. AsyncEngine is the in-process one; this is the other. So keys, rate limits, balances, the
 ledger, batches, metrics, the chat page, the reasoning split and tool calls are the same code either way:
 the gateway renders and tokenises the prompt itself (the checkpoint's own chat template) and sends the ids
-to an upstream's /v1/completions, which openr2, vLLM, SGLang and llama.cpp all accept, streaming, with
+to an upstream's /v1/completions, which openr2, vLLM, SGLang and llama.cpp's llama-server all accept (an
+upstream configured `token_ids = false`, llama-cpp-python's server, gets the ids' text), streaming, with
 `stream_options.include_usage`. Each upstream chunk becomes one output at once (no buffering); `<think>`
 returned inline is split by the routes as for the local engine. An upstream configured with `cache_salt`
 gets each request's key, hashed, as `cache_salt` (vLLM's field; openr2 takes it too), so its prefix cache is
@@ -207,6 +208,13 @@ class UpstreamBackend:
             self._token_ids = await asyncio.to_thread(build)
         return self._token_ids
 
+    def _prompt_text(self, ids: list[int]) -> str:
+        """The prompt as text for a server that tokenises it itself (with the same vocabulary: a GGUF the
+        exporter wrote): special tokens spelt out, which llama.cpp parses back to their ids, and the leading
+        BOS left out, since such a server adds its own (sending it too would double it)."""
+        bos = self.tokenizer.bos_token_id
+        return self.tokenizer.decode(ids[1:] if ids and ids[0] == bos else ids)
+
     async def generate(self, prompt: dict, params, request_id: str | None = None, salt: str | None = None,
                        priority: int = 0, restartable: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield outputs as the upstream's chunks arrive; the last is finished and carries the usage.
@@ -233,6 +241,8 @@ class UpstreamBackend:
             tried.add(state)
             run = _Run(self, state, ids, text, params, request_id or "", token_ids, served)
             sent = {**body, "cache_salt": _cache_salt(salt)} if state.upstream.cache_salt and salt else body
+            if not state.upstream.token_ids:  # a server that takes text only: the same ids, as text
+                sent = {**sent, "prompt": self._prompt_text(ids)}
             try:
                 # aclosing: a consumer that stops (a client gone) closes the upstream stream now, not at GC
                 async with contextlib.aclosing(run.stream(sent)) as outputs:
@@ -243,11 +253,11 @@ class UpstreamBackend:
                 last_error = str(e)
                 logger.warning("request %s: upstream %s failed before any token (%s); trying another",
                                request_id, state.upstream.url, e)
-            except UpstreamFailed:
+            except UpstreamFailed as e:
                 if not restartable:
                     raise
-                logger.warning("request %s: upstream %s failed midway; starting again elsewhere",
-                               request_id, state.upstream.url)
+                logger.warning("request %s: upstream %s failed midway (%s); starting again elsewhere",
+                               request_id, state.upstream.url, e.__cause__ or e)
 
 
 def _cache_salt(key_id: str) -> str:
@@ -301,6 +311,7 @@ class _Run:
         self.outputs = [CompletionOutput(index=i, logprobs=[] if token_ids is not None else None)
                         for i in range(params.n)]
         self.chunks = 0  # text-bearing choice deltas: the running completion count (one token each, mostly)
+        self.token_chunks = 0  # choice deltas with text or without a finish_reason (see _usage)
         self.reported = None
         self.last: RequestOutput | None = None  # the last output yielded
         self.failure: Exception | None = None  # a bad event that came after text in the same read (_feed)
@@ -335,7 +346,7 @@ class _Run:
             else:
                 self._settle_delivered()
                 raise UpstreamFailed(f"The upstream failed mid-answer ({type(e).__name__}); the part delivered "
-                                     f"is billed.") from None
+                                     f"is billed.") from e
         except (GeneratorExit, asyncio.CancelledError):  # the client went away: it is billed what it got
             if self.last is not None:
                 self._settle_delivered()
@@ -410,6 +421,8 @@ class _Run:
                 out.token_ids += (new := [s.token_id for s in samples])
                 out.token_ids_delta += new
                 changed |= bool(new)
+            if delta or not choice.get("finish_reason"):  # a token's chunk, not a bare end-of-choice one
+                self.token_chunks += 1
             if choice.get("finish_reason") and out.finish_reason is None:
                 # held back until the usage has come (_final): then the last output carries it
                 out.stop_reason = choice["finish_reason"]
@@ -481,7 +494,11 @@ class _Run:
         def completion() -> int:
             if self.token_ids is not None:  # logprobs name every token: counted exactly
                 return sum(len(o.token_ids) for o in self.outputs)
-            return sum(len(tokenizer.encode(o.text)) for o in self.outputs)
+            # the text re-tokenised, but never fewer than the token chunks (a token each at least): a sampled
+            # sequence need not be the text's own tokenisation (llama-cpp-python streams a chunk per token,
+            # empty while a character's bytes are incomplete, and no usage: 8 tokens of a tiny model's answer
+            # re-tokenise to 4)
+            return max(self.token_chunks, sum(len(tokenizer.encode(o.text)) for o in self.outputs))
 
         def reasoning() -> int:
             if self.prompt is None:  # a text completion: no chat, no reasoning split

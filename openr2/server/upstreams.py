@@ -52,6 +52,9 @@ class Upstream:
     # the model name clients ask the gateway for to reach this upstream; None: the gateway's own
     # (--served-model-name and its aliases). Several names make one gateway serve several models
     served_model_name: str | None = None
+    # send prompts as token ids (openr2, vLLM, SGLang, llama.cpp's llama-server); false for servers that take
+    # text only (llama-cpp-python's): the prompt's text then, its leading BOS left to the server to add
+    token_ids: bool = True
 
     def __post_init__(self):
         parsed = urlparse(self.url)
@@ -63,22 +66,25 @@ class Upstream:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not math.isfinite(self.weight) or self.weight <= 0:
             raise ValueError(f"upstream {self.url}: weight must be a positive number, got {self.weight!r}")
-        if not isinstance(self.cache_salt, bool):
-            raise ValueError(f"upstream {self.url}: cache_salt must be true or false, got {self.cache_salt!r}")
+        for name in ("cache_salt", "token_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"upstream {self.url}: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("model", "api_key", "served_model_name"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"upstream {self.url}: {name} must be a non-empty string, got {value!r}")
 
 
-_UPSTREAM_KEYS = {"url", "model", "models", "weight", "api_key", "prices", "cache_salt", "served_model_name"}
+_UPSTREAM_KEYS = {"url", "model", "models", "weight", "api_key", "prices", "cache_salt", "served_model_name",
+                  "token_ids"}
 
 
 def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
     """A gateway TOML file -> (upstreams, its other top-level keys). Each `[[upstreams]]` table has `url`,
     optional `model` (or `models`, its first entry), `weight`, `api_key`, `prices` (a table of
-    billing.PriceTable's file keys, or the path of a price file, relative to this file), `cache_salt` and
-    `served_model_name` (the name clients ask for; default: the gateway's own)."""
+    billing.PriceTable's file keys, or the path of a price file, relative to this file), `cache_salt`,
+    `served_model_name` (the name clients ask for; default: the gateway's own) and `token_ids` (false: send
+    prompts as text)."""
     import tomllib  # Python 3.11+, imported where used as billing.py does
 
     path = os.fspath(path)
@@ -115,7 +121,8 @@ def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
             raise ValueError(f"{where}: prices must be a table or a file path")
         try:
             upstreams.append(Upstream(table["url"], model, table.get("weight", 1.0), table.get("api_key"), prices,
-                                      table.get("cache_salt", False), table.get("served_model_name")))
+                                      table.get("cache_salt", False), table.get("served_model_name"),
+                                      table.get("token_ids", True)))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     return upstreams, data
