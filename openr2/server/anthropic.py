@@ -53,7 +53,8 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, run(key_id, prompt, ids, params, events, start)))
         try:
-            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, msg_id, key_id)
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt, "model": req.model}, params,
+                                            msg_id, key_id)
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
@@ -64,8 +65,8 @@ def add_anthropic_routes(app: FastAPI, server) -> None:
     async def run(key_id, prompt, ids, params, shape: MessageStream, start):
         """A non-streamed message: the engine run to its end and billed as run_chat does."""
         timer, msg_id = server.metrics.timer(start), shape.id
-        stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, msg_id, key_id,
-                                        restartable=True)
+        stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt, "model": shape.model}, params,
+                                        msg_id, key_id, restartable=True)
         last = None
         try:
             last = await server.first_output(stream)

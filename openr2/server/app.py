@@ -122,6 +122,8 @@ class Server:
         self.config = config or ServerConfig()
         self.limiter = ledger.rate_limiter(self.config.requests_per_min, self.config.tokens_per_min)
         self.created = int(time.time())
+        # more models a backend serves by name (a gateway's upstreams), each at its model's default mode
+        self.other_models = list(getattr(engine, "served_model_names", ()))
         self.metrics = Metrics(self)
         if self.config.policy is not None:  # every generation (chat, completions, messages, batches) passes it
             self.engine = PolicyEngine(engine, self.config.policy, self.metrics)
@@ -153,15 +155,18 @@ class Server:
 
     @property
     def model_names(self) -> list[str]:
-        """The served model's name, then its aliases."""
-        return [self.config.model_name, *(a for a in self.config.model_aliases if a != self.config.model_name)]
+        """The served model's name, the backend's other models, then the aliases."""
+        names = [self.config.model_name, *self.other_models, *self.config.model_aliases]
+        return list(dict.fromkeys(names))
 
     def check_model(self, name: str) -> bool | None:
         """404 unless `name` is the served model or an alias; returns the thinking mode an alias implies."""
         if name not in self.model_names:
             raise not_found(f"The model '{name}' does not exist; this server serves '{self.config.model_name}'.",
                             "model", "model_not_found")
-        return None if name == self.config.model_name else self.config.model_aliases[name]
+        if name == self.config.model_name or name in self.other_models:
+            return None
+        return self.config.model_aliases[name]
 
     async def acquire(self, key_id: str, num_tokens: int) -> float:
         """The limiter's answer (limiter.acquire): at once from memory; from the database (replicas) on the
@@ -209,7 +214,8 @@ class Server:
         self.metrics.count_usage(endpoint, output.usage)
         usage = output.usage
         cost = self.prices_for(output).cost(usage, batch=False)
-        self.ledger.record_usage(key_id, self.config.model_name, endpoint, usage, False, cost, request_id,
+        model = getattr(output, "model", None) or self.config.model_name  # a gateway's other models
+        self.ledger.record_usage(key_id, model, endpoint, usage, False, cost, request_id,
                                  content=content if self.config.log_content else None,
                                  usage_source=usage_source(output))
 
@@ -234,8 +240,8 @@ class Server:
         here (the batch worker bills with the line), else the ChatCompletion after billing. Interactive
         requests (bill=True) are timed into the latency histograms from `start` (perf_counter)."""
         timer = self.metrics.timer(start) if bill else None
-        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
-                                      cache_salt(key_id, req), priority, restartable=True)
+        stream = self.engine.generate({"prompt_token_ids": ids, "prompt": prompt, "model": req.model}, params,
+                                      request_id, cache_salt(key_id, req), priority, restartable=True)
         last = None
         try:
             last = await self.first_output(stream)
@@ -278,6 +284,14 @@ class Server:
         return req, prompts, [req.to_sampling_params(16, max_model_len, len(ids), self.config.default_sampling,
                                                      structured_outputs=structured) for ids in prompts]
 
+    def completion_token_text(self, req):
+        """How a completion's logprobs name tokens: their text, or "token_id:<id>" when the request asks
+        (return_tokens_as_token_ids, vLLM's; a gateway in front asks, text can be ambiguous)."""
+        if req.return_tokens_as_token_ids:
+            return lambda i: f"token_id:{i}"
+        text = self.tokenizer.decode
+        return lambda i: text([i])
+
     async def run_completion(self, key_id: str, req, prompts: list[list[int]], params: list, request_id: str,
                              priority: int = 0, bill: bool = True, start: float | None = None):
         """All prompts concurrently to the end; like run_chat, returns (Completion, outputs) when not billing."""
@@ -286,7 +300,7 @@ class Server:
 
         async def run(i: int, ids: list[int]):
             timer = self.metrics.timer(start) if bill else None
-            stream = self.engine.generate({"prompt_token_ids": ids}, params[i], f"{request_id}-{i}",
+            stream = self.engine.generate({"prompt_token_ids": ids, "model": req.model}, params[i], f"{request_id}-{i}",
                                           cache_salt(key_id, req), priority, restartable=True)
             try:
                 lasts[i] = await self.first_output(stream)
@@ -310,9 +324,8 @@ class Server:
                 if bill and out is not None:
                     await asyncio.to_thread(self.bill, key_id, "/v1/completions", out, f"{request_id}-{i}")
             raise
-        text = self.tokenizer.decode
         response = completion_from_outputs(outputs, req.model, int(time.time()), id=request_id, n=params[0].n,
-                                           echo=bool(req.echo), token_text=lambda i: text([i]))
+                                           echo=bool(req.echo), token_text=self.completion_token_text(req))
         if not bill:
             for out in outputs:
                 self.metrics.count_usage("batch:/v1/completions", out.usage)
@@ -475,8 +488,8 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_chat(key_id, req, prompt, ids, params, request_id, start=start)))
         try:  # a stream releases at its end (sse_events)
-            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt}, params, request_id,
-                                            cache_salt(key_id, req))
+            stream = server.engine.generate({"prompt_token_ids": ids, "prompt": prompt, "model": req.model}, params,
+                                            request_id, cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
@@ -503,15 +516,14 @@ def create_app(server: Server) -> FastAPI:
             return await server.released_after(reserved, server.unless_disconnected(
                 request, server.run_completion(key_id, req, prompts, params, request_id, start=start)))
         try:
-            stream = server.engine.generate({"prompt_token_ids": prompts[0]}, params[0], request_id,
+            stream = server.engine.generate({"prompt_token_ids": prompts[0], "model": req.model}, params[0], request_id,
                                             cache_salt(key_id, req))
             first = await server.first_output(stream)
         except BaseException:
             await server.release(reserved)
             raise
-        text = server.tokenizer.decode
         chunks = CompletionStream(request_id, req.model, int(time.time()), params[0].n, echo=bool(req.echo),
-                                  token_text=lambda i: text([i]))
+                                  token_text=server.completion_token_text(req))
         events = server.sse_events(stream, first, chunks, req.include_usage, start, key_id, "/v1/completions",
                                    request_id, reserved=reserved)
         return StreamingResponse(events, media_type="text/event-stream")

@@ -261,8 +261,8 @@ class CompletionStream:
                 if self.echo:
                     text = _echo_text(output, self.token_text) + text
             reason = finish_reason(out.finish_reason)
-            if not text and reason is None:
-                continue
+            if not text and reason is None and not (out.logprobs is not None and out.token_ids_delta):
+                continue  # (a token whose text is held back still sends its logprobs: counts stay aligned)
             if reason is not None:
                 self.done.add(index)
             logprobs = None

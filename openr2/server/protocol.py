@@ -466,6 +466,8 @@ class CompletionRequest(_SamplingRequest):
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
+    # vLLM's extension: logprob tokens named "token_id:<id>", not by text (unambiguous: what a gateway asks for)
+    return_tokens_as_token_ids: bool | None = False
 
     @field_validator("prompt")
     @classmethod

@@ -4,6 +4,11 @@ Owns `Upstream` (one OpenAI-compatible server: openr2, vLLM, SGLang, llama.cpp),
 `--upstream URL` flags or a TOML file's `[[upstreams]]` tables, and `UpstreamPool`: the choice of an
 upstream for a request and the health of each. It does not speak the completions protocol (gateway.py).
 
+Models: each upstream serves one model name at the gateway, its `served_model_name` or (unset) the gateway's
+own; a request goes only to upstreams of the model it names, so one gateway serves several models, all
+rendered and tokenised with the gateway's one checkpoint tokenizer and chat template (a family of
+fine-tunes or quantisations of one base, say; models with other tokenizers need a gateway each).
+
 Choice: least outstanding requests per unit of weight, with prefix affinity. A prompt of at least
 `affinity_tokens` tokens hashes its first `affinity_tokens` tokens to a preferred upstream (weighted
 rendezvous hashing, so that adding or losing an upstream moves only its share of prefixes), and goes there
@@ -44,6 +49,12 @@ class Upstream:
     # send each request's API key as `cache_salt` (hashed; vLLM's field, openr2 takes it too): the upstream
     # then shares prefix-cache blocks only within one key, as the local engine does; off for servers without it
     cache_salt: bool = False
+    # the model name clients ask the gateway for to reach this upstream; None: the gateway's own
+    # (--served-model-name and its aliases). Several names make one gateway serve several models
+    served_model_name: str | None = None
+    # send prompts as token ids (openr2, vLLM, SGLang, llama.cpp's llama-server); false for servers that take
+    # text only (llama-cpp-python's): the prompt's text then, its leading BOS left to the server to add
+    token_ids: bool = True
 
     def __post_init__(self):
         parsed = urlparse(self.url)
@@ -55,21 +66,25 @@ class Upstream:
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not math.isfinite(self.weight) or self.weight <= 0:
             raise ValueError(f"upstream {self.url}: weight must be a positive number, got {self.weight!r}")
-        if not isinstance(self.cache_salt, bool):
-            raise ValueError(f"upstream {self.url}: cache_salt must be true or false, got {self.cache_salt!r}")
-        for name in ("model", "api_key"):
+        for name in ("cache_salt", "token_ids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"upstream {self.url}: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("model", "api_key", "served_model_name"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"upstream {self.url}: {name} must be a non-empty string, got {value!r}")
 
 
-_UPSTREAM_KEYS = {"url", "model", "models", "weight", "api_key", "prices", "cache_salt"}
+_UPSTREAM_KEYS = {"url", "model", "models", "weight", "api_key", "prices", "cache_salt", "served_model_name",
+                  "token_ids"}
 
 
 def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
     """A gateway TOML file -> (upstreams, its other top-level keys). Each `[[upstreams]]` table has `url`,
     optional `model` (or `models`, its first entry), `weight`, `api_key`, `prices` (a table of
-    billing.PriceTable's file keys, or the path of a price file, relative to this file) and `cache_salt`."""
+    billing.PriceTable's file keys, or the path of a price file, relative to this file), `cache_salt`,
+    `served_model_name` (the name clients ask for; default: the gateway's own) and `token_ids` (false: send
+    prompts as text)."""
     import tomllib  # Python 3.11+, imported where used as billing.py does
 
     path = os.fspath(path)
@@ -106,7 +121,8 @@ def load_upstreams(path: str | os.PathLike) -> tuple[list[Upstream], dict]:
             raise ValueError(f"{where}: prices must be a table or a file path")
         try:
             upstreams.append(Upstream(table["url"], model, table.get("weight", 1.0), table.get("api_key"), prices,
-                                      table.get("cache_salt", False)))
+                                      table.get("cache_salt", False), table.get("served_model_name"),
+                                      table.get("token_ids", True)))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     return upstreams, data
@@ -169,10 +185,18 @@ class UpstreamPool:
         self.probe_interval_s, self.probe_timeout_s = probe_interval_s, probe_timeout_s
         self._ties = 0  # rotates among equally loaded upstreams
 
+    @property
+    def served_model_names(self) -> list[str]:
+        """The model names upstreams are configured to serve besides the gateway's own, in config order."""
+        return list(dict.fromkeys(s.upstream.served_model_name for s in self.states
+                                  if s.upstream.served_model_name is not None))
+
     # ------------------------------------------------------------------------------------- choice
-    def pick(self, prompt_ids: list[int], exclude=()) -> UpstreamState | None:
-        """The upstream for a request (see the module docstring), None when no healthy one is left."""
-        candidates = [s for s in self.states if s.healthy and s not in exclude and s.model]
+    def pick(self, prompt_ids: list[int], exclude=(), served: str | None = None) -> UpstreamState | None:
+        """The upstream for a request for model `served` (None: the gateway's own; see the module docstring),
+        None when no healthy one serving it is left."""
+        candidates = [s for s in self.states if s.healthy and s not in exclude and s.model
+                      and s.upstream.served_model_name == served]
         if not candidates:
             return None
         least = min(s.load for s in candidates)

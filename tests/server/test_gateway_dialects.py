@@ -10,6 +10,7 @@ import json
 import sqlite3
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -30,12 +31,20 @@ ANSWER = ["Two", " and", " two", "</think>", "The", " answer", " is", " 4."]
 USER = [{"role": "user", "content": "What is 2+2?"}]
 
 
-def _chunk(text: str, finish: str | None = None, **extra) -> str:
+def _chunk(text: str, finish: str | None = None, logprobs: dict | None = None, **extra) -> str:
     """One llama.cpp /v1/completions stream chunk (its field order and extras)."""
-    body = {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+    body = {"choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
             "created": 1733000000, "id": "chatcmpl-replay", "model": "gpt-3.5-turbo", "system_fingerprint": "b6100",
             "object": "text_completion", **extra}
     return f"data: {json.dumps(body)}\n\n"
+
+
+def _by_text(piece: str) -> dict:
+    """Legacy logprobs naming the piece's tokens by text, as llama.cpp's server does (no token ids)."""
+    tok = tiny_tokenizer()
+    texts = [tok.decode([i]) for i in tok.encode(piece)]
+    return {"tokens": texts, "token_logprobs": [-0.5] * len(texts), "text_offset": [0] * len(texts),
+            "top_logprobs": [{t: -0.5, "<｜User｜>": -1.5} for t in texts]}
 
 
 def replay_app(dialect: str) -> FastAPI:
@@ -67,7 +76,7 @@ def replay_app(dialect: str) -> FastAPI:
                 yield f"data: {json.dumps({'error': {'code': 500, 'message': 'poisoned'}})}\n\n"
                 return
             for piece in ANSWER[:-1]:
-                yield _chunk(piece)
+                yield _chunk(piece, logprobs=_by_text(piece) if body.get("logprobs") is not None else None)
                 if dialect == "stalls" and piece == "</think>":
                     try:
                         await asyncio.sleep(60)  # until the gateway hangs up
@@ -290,13 +299,60 @@ def test_no_healthy_upstream_is_a_503(ckpt, tmp_path):
 
 
 def test_sse_events_are_grouped_by_read_and_survive_split_lines():
-    reads = [b'data: {"a": 1}\r\n\r\ndata: {"b"', b': 2}\n\n: a comment\n\ndata: {"c": 3}\n\ndata: [DONE]\n\n']
+    """...and after [DONE] nothing more is yielded, but the body is read to its end (so that its connection
+    goes back to the keep-alive pool)."""
+    reads = [b'data: {"a": 1}\r\n\r\ndata: {"b"', b': 2}\n\n: a comment\n\ndata: {"c": 3}\n\ndata: [DONE]\n\n'
+             b'data: {"late": 1}\n\n', b'data: {"later": 2}\n\n']
+    read = []
 
     async def body():
         for piece in reads:
+            read.append(piece)
             yield piece
 
     async def collect():
-        return [events async for events in _sse_events(httpx.Response(200, content=body()))]
+        return [events async for events in _sse_events(body())]
 
     assert asyncio.run(collect()) == [[b'{"a": 1}'], [b'{"b": 2}', b'{"c": 3}', b"[DONE]"]]
+    assert read == reads
+
+
+def test_logprobs_named_by_text_are_mapped_back_to_ids(ckpt, tmp_path):
+    """An upstream that names logprob tokens by their text (llama.cpp's server): the gateway finds their ids
+    (the tokenizer's decode of each id alone), so the client sees the same tokens and alternatives."""
+    with run_app(replay_app("llama-cpp-python")) as up, gateway(ckpt, tmp_path, [up]) as (base_url, server):
+        resp = _client(base_url).chat.completions.create(model="tiny", messages=USER, max_tokens=10, logprobs=True,
+                                                         top_logprobs=1)
+        tok = server.tokenizer
+        want = [tok.decode([i]) for piece in ANSWER[:-1] for i in tok.encode(piece)]
+        content = resp.choices[0].logprobs.content
+        assert [t.token for t in content] == want and {t.logprob for t in content} == {-0.5}
+        assert [[(x.token, x.logprob) for x in t.top_logprobs] for t in content] == [[(t, -0.5)] for t in want]
+        # the completion count is the tokens the logprobs named (the upstream reported none)
+        assert resp.usage.completion_tokens == len(want)
+
+
+def test_one_gateway_serves_several_models_each_on_its_own_upstreams(ckpt, tmp_path):
+    """Upstreams configured with a served_model_name serve that model at the gateway, the others its own:
+    /v1/models lists both, each request goes only to its model's upstreams (chat, completions, Anthropic's
+    messages), the ledger records the model asked for, and a model nobody serves is a 404."""
+    alpha, own = replay_app("llama.cpp"), replay_app("llama.cpp")
+    with run_app(alpha) as a, run_app(own) as b, \
+            gateway(ckpt, tmp_path, [Upstream(a, served_model_name="alpha"), Upstream(b)]) as (base_url, server):
+        client = _client(base_url)
+        listed = [m.id for m in client.models.list().data]
+        assert listed[:2] == ["tiny", "alpha"]
+        for model, upstream, other in (("alpha", alpha, own), ("tiny", own, alpha)):
+            before = len(other.state.bodies)
+            chat = client.chat.completions.create(model=model, messages=USER, max_tokens=10)
+            text = client.completions.create(model=model, prompt="2+2=", max_tokens=10)
+            message = anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0).messages.create(
+                model=model, max_tokens=10, messages=USER)
+            assert len(upstream.state.bodies) >= 3 and len(other.state.bodies) == before
+            assert chat.model == text.model == model
+            db = sqlite3.connect(tmp_path / "ledger.sqlite")
+            models = {r[0]: r[1] for r in db.execute("SELECT request_id, model FROM usage")}
+            db.close()
+            assert models[chat.id] == models[text.id + "-0"] == models[message.id] == model
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gamma", messages=USER, max_tokens=10)

@@ -1,6 +1,8 @@
 """The gateway in front of llama.cpp's server (llama-cpp-python's `[server]` extra) serving a GGUF that openr2's
-exporter wrote: the official client gets the answer and usage llama.cpp gives for the same prompt ids, and the
-ledger holds them. Skipped where llama-cpp-python's server is not installed (it builds llama.cpp from source)."""
+exporter wrote: the official client gets the answer llama.cpp gives for the same prompt, with its counts, and
+the ledger holds them. That server takes text prompts only (not ids), so its upstream is configured
+`token_ids = false`. Skipped where llama-cpp-python's server is not installed (it builds llama.cpp from
+source: `make bench-deps`, then `pip install 'llama-cpp-python[server]'`)."""
 
 import contextlib
 import importlib.util
@@ -15,13 +17,15 @@ import pytest
 
 from openr2.chat_format import render_chat
 from openr2.export.gguf import export_gguf
+from openr2.server.upstreams import Upstream
 from openr2.tokenizer import Tokenizer
 from tests.export.test_gguf import save_checkpoint
 from tests.server._live import free_port
 from tests.server._upstreams import gateway, stop
 
+SERVER_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("sse_starlette") is None,
+    any(importlib.util.find_spec(m) is None for m in SERVER_MODULES),
     reason="needs llama-cpp-python's server: pip install 'llama-cpp-python[server]' (compiles llama.cpp; "
            "not installed here)")]
 USER = [{"role": "user", "content": "What is 2+2?"}]
@@ -34,7 +38,10 @@ def llama_server(tmp_path_factory):
     export_gguf(path, path / "m-f32.gguf", "f32")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(path / "m-f32.gguf"),
-                             "--port", str(port), "--n_ctx", "512", "--model_alias", "m"],
+                             "--port", str(port), "--n_ctx", "512", "--model_alias", "m",
+                             # else each new request, the gateway's health probes included, cancels the one
+                             # being generated (its default): a gateway's upstream must not
+                             "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -54,9 +61,11 @@ def test_same_answer_and_usage_as_llama_cpp(llama_server, tmp_path):
     ckpt, url = llama_server
     tok = Tokenizer.from_pretrained(ckpt)
     ids = tok.encode(render_chat(USER, tok))
-    direct = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": ids, "max_tokens": 8,
+    assert ids[0] == tok.bos_token_id  # which llama.cpp adds itself: the text goes without it
+    direct = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": tok.decode(ids[1:]), "max_tokens": 8,
                                                        "temperature": 0}, timeout=60).json()
-    with gateway(ckpt, tmp_path, [url]) as (base_url, _):
+    assert direct["usage"]["prompt_tokens"] == len(ids)  # the same prompt ids, BOS included
+    with gateway(ckpt, tmp_path, [Upstream(url, token_ids=False)]) as (base_url, _):
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
         resp = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
         assert resp.choices[0].text == direct["choices"][0]["text"]

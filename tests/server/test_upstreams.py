@@ -126,7 +126,8 @@ def test_serve_with_upstreams_builds_a_gateway(tmp_path, monkeypatch, capsys):
 
     tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
     (tmp_path / "gateway.toml").write_text('max_model_len = 1024\nprobe_interval_s = 5\n'
-                                           '[[upstreams]]\nurl = "http://a:8000"\nmodel = "r1"\nweight = 3\n')
+                                           '[[upstreams]]\nurl = "http://a:8000"\nmodel = "r1"\nweight = 3\n'
+                                           'served_model_name = "reasoner"\n')
     apps = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))  # instead of listening
     argv = ["serve", "--model", str(tmp_path / "ckpt"), "--data-dir", str(tmp_path / "data")]
@@ -135,6 +136,7 @@ def test_serve_with_upstreams_builds_a_gateway(tmp_path, monkeypatch, capsys):
     assert isinstance(backend, UpstreamBackend) and backend.max_model_len == 1024
     assert [(s.upstream.url, s.model, s.upstream.weight) for s in backend.pool.states] == [
         ("http://a:8000", "r1", 3), ("http://b:8001", None, 1.0)]
+    assert apps[0].state.server.model_names[:2] == ["ckpt", "reasoner"]  # its own model and the upstream's
     assert backend.pool.probe_interval_s == 5
     (tmp_path / "bad.toml").write_text('[[upstreams]]\nurl = "http://a"\nwieght = 2\n')
     assert main([*argv, "--config", str(tmp_path / "bad.toml")]) == 2
