@@ -13,12 +13,6 @@ step, shapes, config, parameter names and shapes, openr2's model code) and the f
 manifest: anything else (a truncated or edited file, a manifest for other code) is named in a warning, its
 manifest removed, and the package built again. The hash in the name makes packages of other code, torch
 versions or models invisible to this one. A package holds no weights: it reads the model's own tensors.
-
-Pruning (`prune`, after each build: only a build grows the directory): packages of another torch version (this
-install can never use them), leftovers of builds that did not finish, and then the least recently used packages
-(a package's manifest is touched whenever a process loads it) until the directory fits its cap, by default
-1 GiB ($OPENR2_COMPILED_CACHE_MB). Packages this process has loaded are never removed; another process that
-finds a package gone between reading its manifest and loading it builds it again (with a warning).
 """
 
 from __future__ import annotations
@@ -28,16 +22,11 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 
 import torch
-
-DEFAULT_MAX_MB = 1024  # the cache directory's cap unless $OPENR2_COMPILED_CACHE_MB says otherwise
-_IN_USE: set[str] = set()  # packages this process has loaded (or built): never pruned
 
 
 @dataclass
@@ -71,10 +60,7 @@ def find(cache_dir: str, prefix: str, key: dict, rows: int, constants: dict) -> 
                 raise ValueError(f"built for another {', '.join(changed)}")
             if _sha256(path) != manifest["sha256"]:
                 raise ValueError("its sha256 differs from the manifest's (a corrupt or partly written file)")
-            package = Package(lo, hi, path, _load(path, constants))
-            _IN_USE.add(path)
-            os.utime(manifest_path)  # its last use: pruning removes the least recently used first
-            return package
+            return Package(lo, hi, path, _load(path, constants))
         except Exception as e:  # unreadable, stale or corrupt: never used; built again by the caller
             warnings.warn(f"{path}: cached compiled step not used ({type(e).__name__}: {str(e)[:200]}); "
                           "compiling it again", stacklevel=4)
@@ -127,89 +113,7 @@ def build(cache_dir: str, prefix: str, key: dict, module: torch.nn.Module, examp
             loader = _load(built, constants)
             os.replace(built, path)
             os.replace(manifest, path[: -len(".pt2")] + ".json")  # the manifest last: it makes the package visible
-    _IN_USE.add(path)
     return Package(lo, hi, path, loader)
-
-
-def max_bytes() -> int:
-    """The cache directory's cap: $OPENR2_COMPILED_CACHE_MB (MiB), else DEFAULT_MAX_MB."""
-    value = os.environ.get("OPENR2_COMPILED_CACHE_MB")
-    if value is None:
-        return DEFAULT_MAX_MB << 20
-    try:
-        mb = float(value)
-    except ValueError:
-        raise ValueError(f"OPENR2_COMPILED_CACHE_MB: expected a number of MiB, got {value!r}") from None
-    if mb < 0:
-        raise ValueError(f"OPENR2_COMPILED_CACHE_MB: must be >= 0, got {value!r}")
-    return int(mb * (1 << 20))
-
-
-def prune(cache_dir: str, limit: int | None = None, keep=(), stale_after_s: float = 3600.0) -> list[str]:
-    """Remove from cache_dir (the paths removed are returned):
-    - packages whose manifest names another torch version, or that cannot be read;
-    - what builds that did not finish left (a temporary directory, or a package without its manifest) once
-      older than stale_after_s (a build under way in another process is younger);
-    - then the least recently used packages (by their manifest's time: `find` touches it) until the rest take
-      at most `limit` bytes (default max_bytes()).
-    Never a package in `keep` or one this process has loaded or built."""
-    limit = max_bytes() if limit is None else limit
-    keep = set(keep) | _IN_USE
-    now = time.time()
-    removed, packages = [], []  # packages: (last use, bytes, package path)
-    try:
-        entries = list(os.scandir(cache_dir))
-    except FileNotFoundError:
-        return removed
-    manifests = {e.path[: -len(".json")] + ".pt2" for e in entries if e.name.endswith(".json")}
-    for entry in entries:
-        try:
-            age = now - entry.stat().st_mtime
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name.startswith("tmp") and age > stale_after_s:
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                    removed.append(entry.path)
-            elif entry.name.endswith(".pt2") and entry.path not in manifests:
-                if age > stale_after_s and entry.path not in keep:
-                    os.remove(entry.path)
-                    removed.append(entry.path)
-            elif entry.name.endswith(".json"):
-                path = entry.path[: -len(".json")] + ".pt2"
-                size = entry.stat().st_size + (os.path.getsize(path) if os.path.exists(path) else 0)
-                if path not in keep and _torch_version(entry.path) != torch.__version__:
-                    _remove_package(path)
-                    removed.append(path)
-                else:
-                    packages.append((entry.stat().st_mtime, size, path))
-        except FileNotFoundError:  # another process removed it meanwhile
-            continue
-    total = sum(size for _, size, _ in packages)
-    for _, size, path in sorted(packages):  # least recently used first
-        if total <= limit:
-            break
-        if path not in keep:
-            _remove_package(path)
-            removed.append(path)
-            total -= size
-    return removed
-
-
-def _torch_version(manifest_path: str) -> str | None:
-    """The torch version a manifest's package was built with; None if the manifest cannot be read."""
-    try:
-        with open(manifest_path) as f:
-            return json.load(f)["key"]["torch"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _remove_package(path: str) -> None:
-    """The manifest first: without it nothing reads the package."""
-    for name in (path[: -len(".pt2")] + ".json", path):
-        try:
-            os.remove(name)
-        except FileNotFoundError:
-            pass
 
 
 def _check_constants(program) -> None:

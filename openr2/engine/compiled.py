@@ -238,7 +238,6 @@ class CompiledStep:
                 package = aoti.build(self.cache_dir, prefix, key, module, tuple(example), self.pools, self.table_arg,
                                      width, constants)
                 self.num_built += 1
-                _prune(self.cache_dir)
             except Exception as e:  # export covers what torch.compile does; if not, that path still works
                 warnings.warn(f"{self.step.__name__} not exported ({type(e).__name__}: {str(e)[:300]}); "
                               "using torch.compile", stacklevel=3)
@@ -256,14 +255,6 @@ class CompiledStep:
                 "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
                 "config": hashlib.sha256(config.encode()).hexdigest(),
                 "parameters": hashlib.sha256("\n".join(params).encode()).hexdigest(), "code": _code_hash()}
-
-
-def _prune(cache_dir: str) -> None:
-    """Keep the cache directory within its cap after a build (aoti.prune); a failure to prune only warns."""
-    try:
-        aoti.prune(cache_dir)
-    except (OSError, ValueError) as e:
-        warnings.warn(f"{cache_dir}: compiled steps not pruned ({type(e).__name__}: {e})", stacklevel=3)
 
 
 def default_cache_dir() -> str:
