@@ -13,7 +13,11 @@ read the speed-ups (medians of per-round ratios), not the absolute rates.
       speculative round of mtp:k at width k + 1); speculation pays only if these stay near 1.
   (c) 8 and 32 concurrent requests: aggregate tokens/s with mtp:k vs without.
 
+On a machine other processes load heavily, `--clock cpu --threads 1` times this process's CPU seconds (what
+each side costs, without the time others held the CPU; caches are still shared, so it is not a quiet machine).
+
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/spec.py [--runs 5 --threads 1,2 --only a,b,c --quick]
+      [--clock cpu --threads 1]
 Prints a table per question and a final JSON line.
 """
 
@@ -41,6 +45,7 @@ from openr2.engine.sampling import SamplingParams  # noqa: E402
 from openr2.tokenizer import Tokenizer  # noqa: E402
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "openr2", "assets", "openr2-demo")
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time
 QUESTIONS = ["What is 347+589?", "Subtract 199 from 512.", "Compute 806 - 327.", "hi there",
              "What do you get when you add 64 and 958?", "How much is 731 minus 48?"]
 
@@ -52,8 +57,10 @@ def prompts(tokenizer, count: int) -> list[dict]:
     return [{"prompt_token_ids": encode_chat([{"role": "user", "content": q}], tokenizer)} for q in qs]
 
 
-def engine_for(model, tokenizer, spec) -> LLMEngine:
-    engine = LLMEngine(model, tokenizer, EngineConfig(compile=True, speculative_config=spec, kv_cache_bytes=64 << 20))
+def engine_for(model, tokenizer, spec, max_num_seqs: int = 64) -> LLMEngine:
+    """A compiled engine, warmed up (its compiled steps, speculative widths included, built or loaded now)."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(compile=True, speculative_config=spec, kv_cache_bytes=64 << 20,
+                                                      max_num_seqs=max_num_seqs))
     engine.warm_up()
     return engine
 
@@ -68,7 +75,8 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
     median round; speedup: the median over rounds of the first spec's round time over this one's, each at
     its best thread count; decode_*: the same after each burst's last first token (the prompts' passes
     left out); the load other processes put on the machine meanwhile is printed."""
-    engines = {str(spec): engine_for(model, tokenizer, spec) for spec in specs}
+    rows = max(len(batch) for batch in batches)  # the engines warm up the compiled shapes of this many rows
+    engines = {str(spec): engine_for(model, tokenizer, spec, rows) for spec in specs}
     reference = None
     for name, engine in engines.items():
         for t in threads:
@@ -91,7 +99,7 @@ def measure(model, tokenizer, specs, batches, params, threads, runs) -> dict:
                 total = first = 0.0
                 for batch in batches:
                     first_token_s = []
-                    total += run_requests(engine, batch, params, first_token_s)[0]
+                    total += run_requests(engine, batch, params, first_token_s, CLOCK[0])[0]
                     first += max(first_token_s)
                 times[name, t].append(total)
                 decode_times[name, t].append(total - first)
@@ -144,9 +152,9 @@ def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
             torch.set_num_threads(t)
             for key, (step, args, block_size) in cases.items():
                 for _ in range(repeats):
-                    start = time.perf_counter()
+                    start = CLOCK[0]()
                     step(*args, block_size=block_size)
-                    times[key, t].append(time.perf_counter() - start)
+                    times[key, t].append(CLOCK[0]() - start)
     return {key: min(statistics.median(times[key, t]) for t in threads) for key in cases}
 
 
@@ -157,13 +165,21 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--quick", action="store_true", help="batch 1 with mtp:1 and mtp:2 only, no (c)")
     ap.add_argument("--only", default="a,b,c", help="the questions to run, e.g. a,b")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time this process's CPU seconds instead of wall time (a machine other processes load "
+                         "heavily; one thread only, since a second thread's CPU seconds add up)")
     args = ap.parse_args()
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
+        if args.threads != "1":
+            ap.error("--clock cpu times one thread: pass --threads 1")
     only = set(args.only.split(","))
     threads = [int(t) for t in args.threads.split(",")]
     model = load_model(DEMO)
     tokenizer = Tokenizer.from_pretrained(DEMO)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    print(f"# bench/spec.py on {cpu_name()}, torch {torch.__version__}, threads {threads}, demo model, greedy")
+    print(f"# bench/spec.py on {cpu_name()}, torch {torch.__version__}, threads {threads}, demo model, greedy, "
+          f"clock {args.clock}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
     specs = [None, "mtp:1", "mtp:2"] if args.quick else [None, "mtp:1", "mtp:2", "mtp:3", "ngram:3"]
     result = {"cpu": cpu_name()}

@@ -30,7 +30,7 @@ from openr2.engine.kv_cache import KVPool
 from openr2.engine.prefix_cache import BlockManager
 from openr2.engine.rejection import sample_with_drafts
 from openr2.engine.runner import ModelRunner
-from openr2.engine.sampling import SamplingParams, make_generator, max_tokens_for
+from openr2.engine.sampling import SamplingParams, TokenSample, make_generator, max_tokens_for
 from openr2.engine.scheduler import Scheduler, SchedulerConfig
 from openr2.engine.sequence import Sequence
 from openr2.engine.speculative import SpecStats, SpeculativeConfig, Speculator
@@ -222,11 +222,15 @@ class LLMEngine:
     def warm_up(self) -> None:
         """Run the decode shapes a server meets (one row, several rows) once on an idle engine, so that
         compilation (EngineConfig.compile) happens now, or its packages are loaded from disk, rather than
-        inside the first requests: batches of 1, 2, ... rows until every compiled batch size is covered."""
+        inside the first requests: batches of 1, 2, ... rows until every compiled batch size is covered. With
+        speculative decoding, also every width of a step with drafts, and the MTP's draft steps."""
         if self.requests:
             raise RuntimeError("warm_up needs an idle engine")
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         max_rows = min(COMPILED_DECODE_MAX_TOKENS, self.config.max_num_seqs, self.pool.num_blocks)
+        max_drafts = self.runner.max_drafts(1)
+        if self.speculator is not None and max_drafts is not None:  # a step k + 1 tokens wide, for each k
+            self.runner.prepare(self.speculator.compiled_shapes(max_drafts), max_rows)
         rows = 1
         while rows is not None:
             for i in range(rows):
@@ -236,6 +240,7 @@ class LLMEngine:
             more = self.runner.uncompiled_rows(max_rows)
             rows = more if more is not None and more > rows else None  # a batch that did not cover: stop
         self.reset_prefix_cache()  # the warm-up's blocks must not look like anyone's cached prefix
+        self.runner.prune_compiled()  # the packages it loaded or built are the ones kept
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -274,7 +279,7 @@ class LLMEngine:
                 ready.append(seq)
         touched, failed = {}, {}
         if ready:
-            self._sample(ready, out.logits, touched, failed)
+            self._sample(ready, out.logits, touched, failed, out.argmax)
         if self.speculator is not None:
             verified_k = self.speculator.k
             self.speculator.propose([(seq, self._room(seq)) for seq, _ in plan if not seq.is_finished
@@ -336,9 +341,11 @@ class LLMEngine:
             raise ValueError(f"structured_outputs: {e}") from None
         req.triggers = ([self.think_ids[1]] if req.starts_in_reasoning else []) + list(spec.trigger_token_ids)
 
-    def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict, failed: dict) -> None:
+    def _sample(self, ready: list[Sequence], logits: dict[int, torch.Tensor], touched: dict, failed: dict,
+                argmax: dict[int, list[int]] | None = None) -> None:
         """Verify drafts and sample for every ready row, appending the committed tokens; a request whose own
-        work raises goes to `failed` (request_id -> the exception) and gets no token this step."""
+        work raises goes to `failed` (request_id -> the exception) and gets no token this step. argmax: the
+        runner's argmax tokens of rows' logits (StepOutput.argmax), where it has them."""
         rows = []  # (sequence, its logits rows [1 + drafts, V], their grammar masks or None)
         for seq in ready:
             req = self.requests[seq.request_id]
@@ -352,16 +359,23 @@ class LLMEngine:
             rows += [(s, logits[seq.seq_id], m) for s, m in zip(group, masks)]
         if not rows:
             return
-        try:
-            tokens = _sample_rows(rows)
-        except Exception:  # some row broke the batch: sample each alone to find whose request it was
-            tokens = []
-            for row in rows:
-                try:
-                    tokens += _sample_rows([row])
-                except Exception as e:
-                    failed[row[0].request_id] = e
-                    tokens.append(None)
+        # plain greedy rows (no penalties, logprobs or grammar) take the argmax: sample_with_drafts' own choice
+        plain = [i for i, (s, _, m) in enumerate(rows) if m is None and s.params.greedy
+                 and not s.params.has_penalties and s.params.logprobs is None]
+        tokens = [None] * len(rows)
+        if plain:
+            argmax = argmax or {}
+            todo = [i for i in plain if rows[i][0].seq_id not in argmax]
+            if todo:
+                found = torch.cat([rows[i][1] for i in todo]).argmax(-1).tolist()
+                for i in todo:
+                    argmax[rows[i][0].seq_id], found = found[: rows[i][1].shape[0]], found[rows[i][1].shape[0] :]
+            for i in plain:
+                tokens[i] = _greedy_commit(rows[i][0].draft_token_ids, argmax[rows[i][0].seq_id])
+        others = [i for i in range(len(rows)) if tokens[i] is None]
+        if others:
+            for i, t in zip(others, self._sample_others([rows[i] for i in others], failed)):
+                tokens[i] = t
         for (seq, *_), committed in zip(rows, tokens):
             if seq.request_id in failed:
                 continue
@@ -372,6 +386,22 @@ class LLMEngine:
                 failed[req.request_id] = e
                 continue
             touched[req.request_id] = req
+
+    @staticmethod
+    def _sample_others(rows: list, failed: dict) -> list:
+        """_sample_rows over rows; a row that breaks the batch is found by sampling each alone (its request
+        goes to `failed`, its tokens are None)."""
+        try:
+            tokens = _sample_rows(rows)
+        except Exception:  # some row broke the batch: sample each alone to find whose request it was
+            tokens = []
+            for row in rows:
+                try:
+                    tokens += _sample_rows([row])
+                except Exception as e:
+                    failed[row[0].request_id] = e
+                    tokens.append(None)
+        return tokens
 
     def _commit(self, req: _Request, seq: Sequence, tokens: list) -> None:
         """The verified tokens: its accepted drafts (whose cache entries become committed) and one sampled."""
@@ -487,6 +517,13 @@ class LLMEngine:
         from openr2.chat_format import count_reasoning_tokens
 
         return count_reasoning_tokens(token_ids, end, req.starts_in_reasoning, start)
+
+
+def _greedy_commit(drafts: list[int], argmax: list[int]) -> list[TokenSample]:
+    """A plain greedy row's committed tokens from the argmax token at each of its positions: the drafts that
+    equal the argmax before them, then the argmax after the last accepted one (sample_with_drafts' greedy rule)."""
+    a = next((j for j, t in enumerate(drafts) if argmax[j] != t), len(drafts))
+    return [TokenSample(t, None, None) for t in drafts[:a]] + [TokenSample(argmax[a], None, None)]
 
 
 def _sample_rows(rows: list[tuple[Sequence, torch.Tensor, torch.Tensor | None]]) -> list[list]:

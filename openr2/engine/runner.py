@@ -47,6 +47,7 @@ class ModelRunner:
                 from openr2.engine.compiled import compiled_decode_step
 
                 self._compiled_decode = compiled_decode_step(model, compile_cache_dir)
+                self.prune_compiled()
 
     @torch.inference_mode()
     def run(self, plan: list[tuple[Sequence, int]], with_hidden: bool = False) -> StepOutput:
@@ -233,6 +234,54 @@ class ModelRunner:
         step, block_size = self._decode_step(), self.pool.block_size
         return next((rows for rows in range(1, max_rows + 1) if not step.covers(rows, 1, block_size)), None)
 
+    def prepare(self, shapes: list[tuple[str, int]], max_rows: int) -> None:
+        """Load (or build) now the compiled steps' packages for `shapes`, (step, new tokens per row) pairs, where
+        step is "decode", "decode-draft" or "draft-<depth>" (engine/compiled.py), for every row count from 1 to
+        max_rows that keeps a step within COMPILED_DECODE_MAX_TOKENS: a speculative engine's warm-up
+        (Speculator.compiled_shapes), so that its first requests do not build them. The steps run on stand-in
+        inputs whose writes land in block 0 of the pool: call it on an idle engine (its prefix cache reset)."""
+        if self._compiled_decode is None:
+            return
+        from openr2.engine import compiled
+
+        names = {"decode": compiled.compiled_decode_step, "decode-draft": compiled.compiled_decode_draft_step}
+        bs, D = self.pool.block_size, self.model.config.hidden_size
+        for name, width in shapes:
+            if name in names:
+                step = names[name](self.model, self.compile_cache_dir)
+            else:
+                step = compiled.compiled_draft_step(self.model, int(name.removeprefix("draft-")), self.compile_cache_dir)
+            top = min(max_rows, COMPILED_DECODE_MAX_TOKENS // width)
+            rows = 1
+            while rows is not None:
+                *cache, block_size = self.pool.decode_args([[0]] * rows, [0] * rows, width)
+                ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+                positions = torch.arange(width, device=self.device).expand(rows, width).contiguous()
+                if name in names:
+                    args = (ids, positions, *cache, *self.pool.index_args())
+                else:
+                    hidden = torch.zeros(rows, width, D, dtype=self.model.dtype, device=self.device)
+                    last = torch.zeros(rows, dtype=torch.long, device=self.device)
+                    args = (hidden, ids, positions, *cache, last, *self.pool.index_args())
+                with torch.inference_mode():
+                    step(*args, block_size=block_size)
+                rows = next((r for r in range(rows + 1, top + 1) if not step.covers(r, width, bs)), None)
+
+    def prune_compiled(self) -> None:
+        """Keep the compiled steps' directory within its cap (engine/compile_cache.py), the packages this
+        model's steps run with marked as just used and kept; a failure to prune only warns."""
+        if self._compiled_decode is None:
+            return
+        from openr2.engine import compile_cache, compiled
+
+        steps = compiled._COMPILED.get(self.model, {}).values()  # the model's compiled steps, by name
+        in_use = [p.path for step in steps for ps in step._packages.values() for p in ps if p.path]
+        try:
+            compile_cache.touch(in_use)
+            compile_cache.prune(self._compiled_decode.cache_dir, keep=in_use)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"compiled steps not pruned ({type(e).__name__}: {e})", stacklevel=2)
+
     def _decode_step(self):
         if self.fused_draft:
             from openr2.engine.compiled import compiled_decode_draft_step
@@ -253,12 +302,15 @@ class ModelRunner:
         positions = torch.tensor(positions, device=self.device).view(B, T)
         logits, hidden, *fused = self._decode_compiled(ids, positions, cache)
         logits = logits.float()
+        # the argmax of every position, for greedy rows (the fused step found it already): one host sync
+        next_ids = (fused[0] if fused else logits.argmax(-1)).tolist()
         for b, (seq, _) in enumerate(group):
             out.logits[seq.seq_id] = logits[b]
+            out.argmax[seq.seq_id] = next_ids[b]
             if with_hidden:
                 out.hidden[seq.seq_id] = hidden[b]
         if fused:  # the first MTP draft step ran inside the same call
-            next_ids, accepted, drafts = fused[0].tolist(), fused[1].tolist(), fused[2].tolist()
+            accepted, drafts = fused[1].tolist(), fused[2].tolist()
             for b, (seq, _) in enumerate(group):
                 out.drafts[seq.seq_id] = FusedDraft(next_ids[b], accepted[b], drafts[b], fused[3], b)
 
@@ -295,3 +347,4 @@ class StepOutput:
     logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V] float32, for rows that reached their end
     hidden: dict[int, torch.Tensor]  # seq_id -> [new tokens, D], when asked
     drafts: dict[int, FusedDraft] = field(default_factory=dict)  # with fused_draft: compiled rows
+    argmax: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> argmax token of each logits row, if known

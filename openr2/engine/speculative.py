@@ -154,6 +154,19 @@ class Speculator:
         self.mtp = MTPDrafter(runner, num_mtp_modules) if config.method == "mtp" else None
         self.k = 0  # drafts the policy chose for the current step's decode rows
 
+    def compiled_shapes(self, max_drafts: int) -> list[tuple[str, int]]:
+        """The compiled steps (runner.prepare's names) and widths this speculation may run with up to max_drafts
+        drafts per row in a compiled step (runner.max_drafts of one row): n-gram drafts widen the decode step;
+        the MTP verifies in the decode step fused with its first draft step (a step choosing no drafts runs
+        the plain decode step), redoes that draft step over a step's positions for rows whose committed tokens
+        are not the argmax ones, and chains one-position draft steps for drafts 2..k."""
+        k = min(self.config.num_speculative_tokens, max_drafts)
+        if self.mtp is None:
+            return [("decode", w) for w in range(1, k + 2)]
+        chained = sorted({(j - 1) % self.mtp.num_modules for j in range(2, k + 1)})
+        return [("decode", 1)] + [("decode-draft", w) for w in range(1, k + 2)] + \
+            [("draft-0", w) for w in range(1, k + 2)] + [(f"draft-{d}", 1) for d in chained if d]
+
     def propose(self, rows: list[tuple[Sequence, int]], starts: dict[int, int], out, prefilling: set[int]) -> None:
         """rows: (live sequence, the most drafts its limits leave room for); starts: seq_id -> the first
         position the step fed it; out: the step's runner.StepOutput; prefilling: seq_ids whose prompt the step
