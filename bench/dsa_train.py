@@ -116,7 +116,8 @@ def main() -> None:
     print(f"# {args.mode}, needle:{args.length}: sequences of {lengths[0]}-{lengths[-1]} tokens, k = {args.index_topk}; "
           f"{len(problems)} held-out problems; {args.steps} model-updating steps each "
           f"(+{args.warmup_steps} indexer warm-up), batch {args.batch_size}")
-    print(f"{'model':32s} {'held-out loss':>14s} {'vs dense':>9s} {'all-token loss':>15s} {'vs dense':>9s} "
+    second = "answer loss" if args.mode == "pretrain" else "all-token loss"
+    print(f"{'model':32s} {'held-out loss':>14s} {'vs dense':>9s} {second:>15s} {'vs dense':>9s} "
           f"{'needle acc':>11s}")
     for label, r in rows.items():
         print(f"{label:32s} {r['held_out_loss']:14.5f} {r['held_out_loss'] / base:9.4f} {r['all_token_loss']:15.4f} "
@@ -164,26 +165,39 @@ def _score_sft(models, problems, tokenizer, index_topk):
 
 def _score_pretrain(models, problems, tokenizer, index_topk):
     """held-out loss = every token of the held-out texts (train/data.to_text, one text per sequence, as pretraining
-    reads them); all-token = the same; needle accuracy = the greedy continuation of "HAYSTACK\nWhat is the
-    passkey?\n" through the model's own cache contains "The answer is PASSKEY"."""
-    from openr2.train.data import to_text
+    reads them); answer loss = the passkey's tokens where the text after the question first quotes it (what only
+    retrieval from the haystack predicts; the final "The answer is" copies it from the line before), in the
+    all-token column's place; needle accuracy = the greedy continuation of
+    "HAYSTACK\nWhat is the passkey?\n" through the model's own cache contains "The answer is PASSKEY"."""
+    from openr2.tasks.needle import QUESTION
+    from openr2.train.data import IGNORE_INDEX, to_text
     from openr2.train.dsa_loss import dense_attention
     from openr2.train.evaluate import held_out_loss
     from openr2.train.greedy import greedy_completion
 
-    texts = [tokenizer.encode(to_text(p)) + [tokenizer.eos_token_id] for p in problems]
+    texts, answers = [], []
+    for p in problems:
+        text = to_text(p)
+        ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+        at = text.index(p.answer, text.index(QUESTION))  # the passkey as the reply first quotes it: retrieved
+        start, end = (len(tokenizer.encode(text[:i])) for i in (at, at + len(p.answer)))  # (prefix-stable here)
+        labels = [IGNORE_INDEX] * (start - 1) + ids[start:end] + [IGNORE_INDEX] * (len(ids) - end)
+        texts.append(ids)
+        answers.append((torch.tensor([ids[:-1]]), torch.tensor([labels])))
     lengths = sorted(len(ids) for ids in texts)
     batches = [(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])) for ids in texts]
     rows = {}
     for label, model, dense in _variants(models, index_topk):
         with dense_attention(model) if dense else _nothing(), torch.no_grad():
             loss = held_out_loss(model, batches)
+            answer_loss = held_out_loss(model, answers)
             model.eval()
             hits = 0
             for p in problems:
                 out = greedy_completion(model, tokenizer, tokenizer.encode(f"{p.prompt}\n"), 40)
                 hits += f"The answer is {p.answer}" in tokenizer.decode(out)
-        rows[label] = {"held_out_loss": loss, "all_token_loss": loss, "needle_accuracy": hits / len(problems)}
+        rows[label] = {"held_out_loss": loss, "all_token_loss": answer_loss, "answer_loss": answer_loss,
+                       "needle_accuracy": hits / len(problems)}
     return lengths, rows
 
 
