@@ -27,6 +27,9 @@ sum over a prompt's chunks is its prefill time.
 Cache bytes per token: dense MLA (deepseek_v3) vs V3.2 (latent + indexer key), float32 and bfloat16, and a
 float32 pool with bf16 indexer keys.
 
+Also one layer's indexer scan alone (scan, scan_bf16: the kernel over the float32 / bf16 keys), the part of the
+DSA step that grows with the context.
+
 Each later context also times the first context's DSA step again in the same interleaved rounds, so that
 "DSA here / DSA at the first context" comes from one window of a shared machine's load.
 
@@ -95,6 +98,19 @@ def with_bf16_index(pool):
     out = copy.copy(pool)
     out.k_index = pool.k_index.to(torch.bfloat16)
     return out
+
+
+def scan(cfg, pool, table, S):
+    """The indexer scan of one layer alone (engine/paged_attention.py's kernel over the pool's indexer keys, a
+    float32 or bf16 pool), one query at position S: the part of a DSA step that grows with the context."""
+    from openr2.engine import paged_attention
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 1, cfg.index_n_heads, cfg.index_head_dim, generator=gen)
+    w = torch.randn(1, 1, cfg.index_n_heads, generator=gen)
+    block_table, positions = torch.tensor(table), torch.tensor([[S]])
+    return lambda: paged_attention.paged_index_scores(q, w, pool.k_index, 0, block_table, positions, S + 1, BLOCK,
+                                                      cfg.index_head_dim**-0.5)
 
 
 def runner_impl(cfg, mode):
@@ -171,7 +187,8 @@ def main():
         pool_bf16 = with_bf16_index(pool)
         rows = {"dense": decode_step(model, 1 << 30, pool, table, S), "dsa": decode_step(model, K, pool, table, S),
                 "dsa_bf16": decode_step(model, K, pool_bf16, table, S),
-                "dsa_gather": decode_step(model, K, pool, table, S, read="gather")}
+                "dsa_gather": decode_step(model, K, pool, table, S, read="gather"),
+                "scan": scan(cfg, pool, table, S), "scan_bf16": scan(cfg, pool_bf16, table, S)}
         if args.compiled:
             rows["dsa_compiled"] = compiled_decode_step(model, K, pool, table, S)
             print(f"# {S}: compiled vs eager DSA logits, max diff "
@@ -192,7 +209,8 @@ def main():
             print(f"# {S}: dsa compiled {ms['dsa_compiled']:.2f} ms (eager {ms['dsa']:.2f})")
         print(f"{S:>8} {ms['dense']:>9.2f} {ms['dsa']:>8.2f} {ms['dsa_bf16']:>12.2f} {ms['dsa_gather']:>14.2f} "
               f"{mb['dense']:>14.1f} {mb['dsa']:>12.1f} {vs_first:>10.2f} {bf16_vs_first:>11.2f} {load:>8.2f}   "
-              f"(logits max diff: dsa vs dsa_gather {diff:.2g}, dsa vs dsa_bf16 {diff_bf16:.2g})")
+              f"(logits max diff: dsa vs dsa_gather {diff:.2g}, dsa vs dsa_bf16 {diff_bf16:.2g}; one layer's scan "
+              f"{ms['scan']:.2f} ms, bf16 {ms['scan_bf16']:.2f} ms)")
         result["decode"].append({"context": S, "ms": ms, "mb_read": mb, "other_processes": other,
                                  "load_avg_1m": load, "dsa_vs_gather_max_logit_diff": diff,
                                  "dsa_vs_bf16_max_logit_diff": diff_bf16, "dsa_vs_first_same_window": vs_first,
