@@ -591,6 +591,9 @@ ENGINE_HELP = {  # what a user needs to pick a value; a field not listed here ge
     "max_model_len": "context length, prompt + completion (default: the model's max_position_embeddings)",
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
     "compile": COMPILE_HELP,
+    "index_cache_dtype": "DeepSeek-V3.2: the cached indexer keys' dtype, bfloat16 for half their bytes and a faster "
+                         "scan (AMX where the CPU has it; scores from bf16-rounded keys and queries; default: the "
+                         "model's dtype)",
 }
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,

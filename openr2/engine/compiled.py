@@ -88,7 +88,7 @@ class DecodeView:
         """[B, T, S] for S = every key of the tables, -inf past each query."""
         S = self._num_keys()
         args = (q_index, weights, self.pool_k, layer_idx, self.block_table, positions, S, self.block_size, scale)
-        if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool_k):
+        if self.read_impl == "blocks" and paged_attention.index_kernel_reads(self.pool_k):
             return paged_attention.paged_index_scores(*args)
         slots = paged_attention.block_slots(self.block_table, self.block_size, S)
         return paged_attention.gather_index_scores(*args, slots=slots)

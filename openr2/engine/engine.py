@@ -53,6 +53,9 @@ class EngineConfig:
     compile_cache_dir: str | None = None  # compiled steps kept here; default $OPENR2_CACHE_DIR or ~/.cache/openr2
     # vLLM's: {"method": "mtp" | "ngram", "num_speculative_tokens": k, ...} (engine/speculative.py) or "mtp:2"
     speculative_config: dict | str | None = None
+    # DeepSeek-V3.2: the indexer keys' dtype in the cache ("bfloat16": half their bytes, scanned with AMX tiles
+    # where the CPU has them; scores from bf16-rounded keys and queries); None: the model's dtype
+    index_cache_dtype: str | None = None
 
 
 @dataclass
@@ -70,6 +73,18 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def _index_cache_dtype(name: str | None, config) -> torch.dtype | None:
+    """EngineConfig.index_cache_dtype as a dtype (None: the model's); only a model with an indexer takes one."""
+    if name is None:
+        return None
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"index_cache_dtype {name!r}: expected bfloat16 or float32")
+    if config.is_v4 or not config.has_indexer:
+        raise ValueError("index_cache_dtype applies to DeepSeek-V3.2 models (indexer keys in the cache); "
+                         f"this one is {config.model_type}")
+    return getattr(torch, name)
 
 
 class RequestError(RuntimeError):
@@ -139,10 +154,13 @@ class LLMEngine:
             raise ValueError("speculative decoding is not supported for DeepSeek-V4 yet (its paged cache cannot "
                              "roll back rejected drafts' compressor state)")
         pool_cls = V4Pool if mconf.is_v4 else KVPool
+        index_dtype = _index_cache_dtype(config.index_cache_dtype, mconf)  # refused for models without one
+        extra = {} if index_dtype is None else {"index_dtype": index_dtype}
         if config.num_blocks is not None:
-            self.pool = pool_cls(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers)
+            self.pool = pool_cls(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers,
+                                 **extra)
         else:
-            running = {"max_num_seqs": config.max_num_seqs} if mconf.is_v4 else {}  # their compressor states
+            running = {"max_num_seqs": config.max_num_seqs} if mconf.is_v4 else extra  # V4: compressor states
             self.pool = pool_cls.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
                                              model.device, num_layers, **running)
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,

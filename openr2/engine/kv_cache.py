@@ -64,6 +64,7 @@ class LatentKind:
     rope_dim: int
     tokens_per_entry: int = 1
     index_dim: int = 0  # the lightning indexer's key (V3.2), 0: none
+    index_dtype: torch.dtype | None = None  # the indexer key's dtype; None: the pool's (bfloat16: opt-in scan)
 
     @property
     def fields(self) -> dict[str, int]:
@@ -75,37 +76,48 @@ class LatentKind:
     def entries_per_block(self, block_size: int) -> int:
         return -(-block_size // self.tokens_per_entry)
 
+    def field_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype field `name` is stored in, in a pool of `dtype`."""
+        return self.index_dtype if name == "k_index" and self.index_dtype is not None else dtype
+
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return self.entries_per_block(block_size) * sum(self.fields.values()) * elem
+        return self.entries_per_block(block_size) * sum(
+            width * self.field_dtype(name, dtype).itemsize for name, width in self.fields.items())
 
 
-def cache_kinds(config: ModelConfig, num_layers: int | None = None) -> list[LatentKind]:
+def cache_kinds(config: ModelConfig, num_layers: int | None = None,
+                index_dtype: torch.dtype | None = None) -> list[LatentKind]:
     """The cache kind of each cached layer (decoder layers, then MTP layers): the latent cache for all, with
     the indexer key beside the latent for a model with DeepSeek Sparse Attention (V3.2: every attention layer,
-    the MTP layers' included, has an indexer)."""
-    kind = LatentKind(config.kv_lora_rank, config.qk_rope_head_dim,
-                      index_dim=config.index_head_dim if config.has_indexer else 0)
+    the MTP layers' included, has an indexer), in `index_dtype` (None: the pool's dtype)."""
+    if index_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"index_dtype {index_dtype}: expected float32 or bfloat16 (or None: the pool's dtype)")
+    indexed = config.has_indexer
+    kind = LatentKind(config.kv_lora_rank, config.qk_rope_head_dim, index_dim=config.index_head_dim if indexed else 0,
+                      index_dtype=index_dtype if indexed else None)
     return [kind] * (num_layers or config.num_hidden_layers)
 
 
-def bytes_per_token(config: ModelConfig, dtype: torch.dtype, num_layers: int | None = None) -> int:
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype, num_layers: int | None = None,
+                    index_dtype: torch.dtype | None = None) -> int:
     """Cache bytes one token takes across all cached layers: L x (C + R [+ Di]) elements for the latent cache
-    (and the indexer key)."""
-    return sum(kind.bytes_per_block(1, dtype) for kind in cache_kinds(config, num_layers))
+    (and the indexer key, in index_dtype)."""
+    return sum(kind.bytes_per_block(1, dtype) for kind in cache_kinds(config, num_layers, index_dtype))
 
 
 class KVPool:
     """num_layers: cached layers, indexed by the attention's layer_idx; the decoder layers by default, plus
-    the MTP layers (indices L..L+D-1) when the engine drafts with them."""
+    the MTP layers (indices L..L+D-1) when the engine drafts with them. index_dtype: the indexer keys' dtype
+    (V3.2; None: `dtype`); bfloat16 is the opt-in low-precision scan (engine/paged_attention.py: AMX tiles
+    where the CPU has them), half the indexer key's bytes."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, index_dtype: torch.dtype | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 (got {num_blocks}); raise the cache memory budget")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.kinds = cache_kinds(config, num_layers)
+        self.kinds = cache_kinds(config, num_layers, index_dtype)
         # layers of one kind share stacked tensors: kind -> {field: [layers, entries, width]}, and each
         # layer's index in its kind's stack
         self.tensors: dict[LatentKind, dict[str, torch.Tensor]] = {}
@@ -113,8 +125,8 @@ class KVPool:
         for kind in dict.fromkeys(self.kinds):
             layers = [i for i, k in enumerate(self.kinds) if k == kind]
             entries = num_blocks * kind.entries_per_block(block_size)
-            self.tensors[kind] = {name: torch.zeros(len(layers), entries, width, dtype=dtype, device=device)
-                                  for name, width in kind.fields.items()}
+            self.tensors[kind] = {name: torch.zeros(len(layers), entries, width, dtype=kind.field_dtype(name, dtype),
+                                                    device=device) for name, width in kind.fields.items()}
         for i, kind in enumerate(self.kinds):
             self.index_in_kind.append(self.kinds[:i].count(kind))
         latent = self.tensors[self.kinds[0]]
@@ -125,10 +137,10 @@ class KVPool:
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 64,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    num_layers: int | None = None) -> KVPool:
+                    num_layers: int | None = None, index_dtype: torch.dtype | None = None) -> KVPool:
         """As many blocks as fit `budget_bytes`, a block costing what every cached layer's kind stores for it."""
-        per_block = sum(kind.bytes_per_block(block_size, dtype) for kind in cache_kinds(config, num_layers))
-        return cls(config, int(budget_bytes // per_block), block_size, dtype, device, num_layers)
+        per_block = sum(kind.bytes_per_block(block_size, dtype) for kind in cache_kinds(config, num_layers, index_dtype))
+        return cls(config, int(budget_bytes // per_block), block_size, dtype, device, num_layers, index_dtype)
 
     @property
     def nbytes(self) -> int:
@@ -232,7 +244,7 @@ class PagedView:
         sum fused (engine/paged_attention.py), or gathered in position order (read="gather", the reference)."""
         args = (q_index, weights, self.pool.k_index, self._layer(layer_idx), self.block_table, positions,
                 self.num_keys, self.pool.block_size, scale)
-        if self.read_impl == "blocks" and paged_attention.kernel_reads(self.pool.k_index):
+        if self.read_impl == "blocks" and paged_attention.index_kernel_reads(self.pool.k_index):
             return paged_attention.paged_index_scores(*args)
         return paged_attention.gather_index_scores(*args, slots=self.slots(), chunk_elements=_SCORE_CHUNK_ELEMENTS)
 

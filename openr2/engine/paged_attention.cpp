@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +33,13 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -258,9 +266,13 @@ void attend(const Problem& p) {
 
 // ---------------------------------------------------------------------------------------------- indexer scan
 // I[b, t, j] = sum_h w[b, t, h] ReLU(scale q[b, t, h] . k[j]) for key j of row b's context, read in place.
-// The heads are the vector lanes: per key, D broadcast-FMAs give its H products, and ReLU, the head weight and
-// the sum over heads fold into one more FMA per vector and one horizontal sum per key: the [H, S] products
-// are never stored. (scale > 0 moves out of the ReLU onto the weights.)
+// float32 pool: the heads are the vector lanes: per key, D broadcast-FMAs give its H products, and ReLU, the
+// head weight and the sum over heads fold into one more FMA per vector and one horizontal sum per key: the
+// [H, S] products are never stored. (scale > 0 moves out of the ReLU onto the weights.)
+// bfloat16 pool (opt-in, as DeepSeek's kernels score in low precision): the queries are rounded to bfloat16 too
+// and the products of 16 keys x 16 heads are one AMX tile (bf16 pairs multiplied exactly, summed in float32),
+// then ReLU, head weight and head sum in AVX-512 as above; without AMX (or for D not a multiple of 32, blocks not
+// of 16 keys) each block's keys are widened to float32 and scored by the float32 code.
 constexpr int64_t kIndexChunkTokens = 2048;  // keys per task
 
 template <int KB>
@@ -320,12 +332,145 @@ inline void index_keys(const float* k, int64_t n, int64_t D, const float* qt, co
   for (; j < n; ++j) index_block<1>(k + j * D, D, qt, w, HV, Hp, out + j);
 }
 
+// ReLU, head weight and head sum of the products c [n][Hp] (row-major) -> out[0..n)
+inline void weigh_heads(const float* c, int64_t n, const float* w, int64_t HV, float* out) {
+  const int64_t Hp = HV * kLanes;
+  for (int64_t u = 0; u < n; ++u) {
+    Vec tot(0.f);
+    for (int64_t v = 0; v < HV; ++v)
+      tot = at::vec::fmadd(at::vec::maximum(Vec::loadu(c + u * Hp + v * kLanes), Vec(0.f)),
+                           Vec::loadu(w + v * kLanes), tot);
+    out[u] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, tot);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define OPENR2_AMX 1
+// AMX: CPUID leaf 7 (EDX bits 22 AMX-BF16, 24 AMX-TILE) and the kernel's permission for the tile state
+// (Linux: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process; granted or refused).
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: products of 16 keys x 16 heads (float32); 4: 16 keys x 32 dims (bf16); 5-7: 16 pairs of dims x
+// 16 heads (bf16, pair-interleaved). Each thread configures its own tiles.
+__attribute__((target("amx-tile"))) void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 drops these stores otherwise (ldtilecfg's read unseen)
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// c [16][Hp] = the products of 16 keys (k: rows D bf16 apart) with a query's heads, HG = Hp / 16 groups of
+// 16; qv holds the query pair-interleaved per (32 dims, head group): qv[((s * HG + g) * 16 + r) * 32 + 2 h + i]
+// = q[16 g + h][32 s + 2 r + i] (AMX's B layout), so tile C[u][h] += sum_{r, i} k[u][32 s + 2 r + i] * that.
+__attribute__((target("amx-tile,amx-bf16"))) void amx_products16(const uint16_t* k, int64_t D,
+                                                                  const uint16_t* qv, int64_t HG, float* c) {
+  const int64_t ldc = HG * 16 * sizeof(float);
+  for (int64_t g0 = 0; g0 < HG; g0 += 4) {
+    const int64_t ng = std::min<int64_t>(4, HG - g0);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = 0; s < D / 32; ++s) {
+      _tile_loadd(4, k + s * 32, D * 2);
+      const uint16_t* b = qv + (s * HG + g0) * 512;
+      _tile_loadd(5, b, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (ng > 1) {
+        _tile_loadd(6, b + 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (ng > 2) {
+        _tile_loadd(7, b + 1024, 64);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if (ng > 3) {
+        _tile_loadd(5, b + 1536, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    float* cg = c + g0 * 16;
+    _tile_stored(0, cg, ldc);
+    if (ng > 1) _tile_stored(1, cg + 16, ldc);
+    if (ng > 2) _tile_stored(2, cg + 32, ldc);
+    if (ng > 3) _tile_stored(3, cg + 48, ldc);
+  }
+}
+#endif
+
 struct IndexProblem {
-  const float *q, *w, *pool;
+  const float *q, *w;  // q: float32 (bf16 pools: the queries rounded to bf16, widened back)
+  const void* pool;     // float32 or bfloat16 [N, D], one layer
   const int64_t *table, *pos;
   float* out;
   int64_t B, T, H, D, W, S, block_size, num_blocks;
   float scale;
+  bool bf16, amx;
+};
+
+// One thread's scorer of one block's keys for the queries of its row: the float32 code over float32 keys (in
+// place, or widened from bf16 into a buffer once per block), or AMX over bf16 keys in place.
+class BlockScorer {
+ public:
+  BlockScorer(const IndexProblem& p, const float* qt, const float* wt, const uint16_t* qv)
+      : p_(p), qt_(qt), wt_(wt), qv_(qv), HV_((p.H + kLanes - 1) / kLanes) {
+    if (p.bf16 && !p.amx) wide_.resize(p.block_size * p.D);
+    if (p.amx) c_.resize(16 * HV_ * kLanes);
+#ifdef OPENR2_AMX
+    if (p.amx) amx_configure();
+#endif
+  }
+  ~BlockScorer() {
+#ifdef OPENR2_AMX
+    if (p_.amx) amx_release();
+#endif
+  }
+  void block(int64_t slot0) {  // the block whose first pool slot is slot0
+    if (!p_.bf16) {
+      keys_ = static_cast<const float*>(p_.pool) + slot0 * p_.D;
+    } else if (!p_.amx) {
+      const auto* src = static_cast<const at::BFloat16*>(p_.pool) + slot0 * p_.D;
+      for (int64_t i = 0; i < p_.block_size * p_.D; ++i) wide_[i] = static_cast<float>(src[i]);
+      keys_ = wide_.data();
+    } else {
+      keys16_ = static_cast<const uint16_t*>(p_.pool) + slot0 * p_.D;
+    }
+  }
+  void keys(int64_t n, int64_t bt, float* o) {  // the first n keys of the block for query bt
+    const int64_t D = p_.D, Hp = HV_ * kLanes;
+    if (!p_.amx) return index_keys(keys_, n, D, qt_ + bt * D * Hp, wt_ + bt * Hp, HV_, o);
+#ifdef OPENR2_AMX
+    for (int64_t j = 0; j < n; j += 16) {  // whole tiles of 16 keys (blocks are whole tiles): extra rows unused
+      amx_products16(keys16_ + j * D, D, qv_ + bt * D * Hp, Hp / 16, c_.data());
+      weigh_heads(c_.data(), std::min<int64_t>(16, n - j), wt_ + bt * Hp, HV_, o + j);
+    }
+#endif
+  }
+
+ private:
+  const IndexProblem& p_;
+  const float *qt_, *wt_;
+  const uint16_t* qv_;
+  const int64_t HV_;
+  const float* keys_ = nullptr;
+  const uint16_t* keys16_ = nullptr;
+  std::vector<float> wide_, c_;
 };
 
 void index_scan(const IndexProblem& p) {
@@ -348,11 +493,21 @@ void index_scan(const IndexProblem& p) {
                   p.table[b * W + i], " (row ", b, ") outside the pool's ", p.num_blocks, " blocks");
     for (int64_t c = 0; c < nblk; c += chunk_blocks) task_row.push_back(b), task_first.push_back(c);
   }
-  // per query: its heads transposed to lanes, qt [D][Hp], and the weights times the scale (padding lanes 0)
-  std::vector<float> qt(B * T * D * Hp, 0.f), wt(B * T * Hp, 0.f);
+  // per query: its heads transposed to lanes, qt [D][Hp], and the weights times the scale (padding lanes 0);
+  // for AMX the heads pair-interleaved per 32 dims and 16 heads instead (amx_products16)
+  std::vector<float> qt(p.amx ? 0 : B * T * D * Hp, 0.f), wt(B * T * Hp, 0.f);
+  std::vector<uint16_t> qv(p.amx ? B * T * D * Hp : 0, 0);
   for (int64_t bt = 0; bt < B * T; ++bt)
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t d = 0; d < D; ++d) qt[(bt * D + d) * Hp + h] = p.q[(bt * H + h) * D + d];
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = p.q[(bt * H + h) * D + d];
+        if (!p.amx) {
+          qt[(bt * D + d) * Hp + h] = x;
+        } else {  // x is a bf16 value widened: its bits are the top half of the float's
+          const int64_t s = d / 32, r = (d % 32) / 2, i = d % 2, g = h / 16;
+          qv[bt * D * Hp + ((s * (Hp / 16) + g) * 16 + r) * 32 + 2 * (h % 16) + i] = c10::bit_cast<uint32_t>(x) >> 16;
+        }
+      }
       wt[bt * Hp + h] = p.w[bt * H + h] * p.scale;
     }
   // keys past each query's position (and past its row's context): -inf, as the reference masks them
@@ -366,31 +521,38 @@ void index_scan(const IndexProblem& p) {
   const int64_t tasks = static_cast<int64_t>(task_row.size());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
+    BlockScorer scorer(p, qt.data(), wt.data(), qv.data());
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task_row[task];
       const int64_t nblk = (row_keys[b] + bs - 1) / bs;
       for (int64_t blk = task_first[task]; blk < std::min(nblk, task_first[task] + chunk_blocks); ++blk) {
-        const float* k = p.pool + p.table[b * W + blk] * bs * D;
         const int64_t j0 = blk * bs;
+        scorer.block(p.table[b * W + blk] * bs);
         for (int64_t t = 0; t < T; ++t) {  // the block stays in L1/L2 for every query of the row
           const int64_t bt = b * T + t;
           const int64_t n = std::min(bs, p.pos[bt] + 1 - j0);  // keys of this block the query sees
-          const float* qtt = qt.data() + bt * D * Hp;
-          const float* wtt = wt.data() + bt * Hp;
-          float* o = p.out + bt * S + j0;
-          if (n > 0) index_keys(k, n, D, qtt, wtt, HV, o);
+          if (n > 0) scorer.keys(n, bt, p.out + bt * S + j0);
         }
       }
     }
   });
 }
 
+bool index_amx_usable(int64_t D, int64_t block_size) {
+#ifdef OPENR2_AMX
+  return kLanes == 16 && D % 32 == 0 && block_size % 16 == 0 && amx_usable();
+#else
+  return false;
+#endif
+}
+
 at::Tensor paged_index_scores(const at::Tensor& q_index, const at::Tensor& weights, const at::Tensor& pool_k,
                               int64_t layer, const at::Tensor& block_table, const at::Tensor& positions,
                               int64_t num_keys, int64_t block_size, double scale) {
   TORCH_CHECK(q_index.dim() == 4 && weights.dim() == 3, "q_index [B, T, H, D] and weights [B, T, H]");
-  TORCH_CHECK(pool_k.dim() == 3 && pool_k.scalar_type() == at::kFloat && pool_k.is_contiguous(),
-              "pool_k: a contiguous float32 [L, N, D]");
+  const bool bf16 = pool_k.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(pool_k.dim() == 3 && (pool_k.scalar_type() == at::kFloat || bf16) && pool_k.is_contiguous(),
+              "pool_k: a contiguous float32 or bfloat16 [L, N, D]");
   const int64_t B = q_index.size(0), T = q_index.size(1), H = q_index.size(2), D = q_index.size(3);
   TORCH_CHECK(weights.size(0) == B && weights.size(1) == T && weights.size(2) == H, "weights shape");
   TORCH_CHECK(pool_k.size(2) == D, "pool_k width ", pool_k.size(2), " != the queries' ", D);
@@ -399,16 +561,22 @@ at::Tensor paged_index_scores(const at::Tensor& q_index, const at::Tensor& weigh
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T, "positions [B, T]");
   TORCH_CHECK(block_size > 0 && pool_k.size(1) % block_size == 0, "pool slots must be whole blocks");
   TORCH_CHECK(scale > 0, "scale must be > 0 (it moves out of the ReLU)");
-  const auto q = q_index.to(at::kFloat).contiguous(), w = weights.to(at::kFloat).contiguous();
+  // a bf16 pool scores bf16 queries: rounded here, then widened (exactly) for the float32 code's layout
+  const auto q = (bf16 ? q_index.to(at::kBFloat16) : q_index).to(at::kFloat).contiguous();
+  const auto w = weights.to(at::kFloat).contiguous();
   const auto table = block_table.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   auto out = at::empty({B, T, num_keys}, q.options());
   if (B * T == 0 || num_keys == 0) return out;
-  IndexProblem p{q.data_ptr<float>(), w.data_ptr<float>(), pool_k.select(0, layer).data_ptr<float>(),
+  IndexProblem p{q.data_ptr<float>(), w.data_ptr<float>(), pool_k.select(0, layer).data_ptr(),
                  table.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), out.data_ptr<float>(), B, T, H, D,
-                 table.size(1), num_keys, block_size, pool_k.size(1) / block_size, static_cast<float>(scale)};
+                 table.size(1), num_keys, block_size, pool_k.size(1) / block_size, static_cast<float>(scale),
+                 bf16, bf16 && index_amx_usable(D, block_size)};
   index_scan(p);
   return out;
 }
+
+// Whether a bf16 indexer pool of key width D and this block size is scored with AMX here (else widened).
+bool paged_index_amx(int64_t D, int64_t block_size) { return index_amx_usable(D, block_size); }
 
 at::Tensor paged_latent_attention(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& pool_c,
                                   const at::Tensor& pool_r, int64_t layer, const at::Tensor& block_table,
@@ -447,6 +615,7 @@ TORCH_LIBRARY(openr2, m) {
   // num_keys is a SymInt: a compiled step's key count follows its dynamic block-table width
   m.def("paged_index_scores(Tensor q_index, Tensor weights, Tensor pool_k, int layer, Tensor block_table, "
         "Tensor positions, SymInt num_keys, int block_size, float scale) -> Tensor");
+  m.def("paged_index_amx(int index_dim, int block_size) -> bool", &paged_index_amx);
 }
 
 TORCH_LIBRARY_IMPL(openr2, CPU, m) {

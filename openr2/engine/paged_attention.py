@@ -38,11 +38,13 @@ the kernel cannot be built) read through the gather reference.
 extension: keys read in place through the block table, and per key the products of all indexer heads, ReLU,
 head weight and head sum fused in registers, so neither a gathered copy of the keys (64 MB per layer at
 128K tokens) nor the [Hi, S] products are ever written; `gather_index_scores` (model/indexer.py's products
-over the gathered keys) is its reference. It is compute-bound (Hi Di FMAs per 4 Di bytes of key), so
-bfloat16 keys would halve the bytes but not the time; AMX/bf16 dot products would change the numbers.
+over the gathered keys) is its reference. In float32 it is compute-bound (Hi Di FMAs per 4 Di bytes of key).
+Opt-in, a bfloat16 indexer-key pool (as DeepSeek's kernels score in low precision: FP8 there) is scanned with
+AMX tiles (16 keys x 16 heads x 32 dims per instruction, bf16 products exact, float32 sums), the queries
+rounded to bf16 too; its reference is the same gather with bf16-rounded queries (bench/longctx.py times both).
 The sparse read of the selected latents stays a gather of K rows (kv_cache.py says why).
 
-Not here: bfloat16 pools (the kernel's loads would convert) and a CUDA kernel (FlashMLA-style).
+Not here: bfloat16 latent pools (the latent kernel's loads would convert) and a CUDA kernel (FlashMLA-style).
 
 Shape legend: B rows, T new tokens per row (padded), H heads, C kv_lora_rank, R rope dim, L cached layers,
 N pool slots, W blocks per row's table, S context keys.
@@ -155,6 +157,20 @@ def kernel_reads(pool: torch.Tensor) -> bool:
     return _loaded if _loaded is not None else load()
 
 
+def index_kernel_reads(pool_k: torch.Tensor) -> bool:
+    """Whether `paged_index_scores` reads this indexer-key pool: float32, or bfloat16 (the opt-in low-precision
+    scan: AMX where the CPU has it and D % 32 == block_size % 16 == 0, see `index_scan_amx`), on CPU."""
+    if pool_k.device.type != "cpu" or pool_k.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return _loaded if _loaded is not None else load()
+
+
+def index_scan_amx(index_dim: int, block_size: int) -> bool:
+    """Whether a bfloat16 indexer-key pool of this key width and block size is scanned with AMX tiles here
+    (otherwise its keys are widened to float32 per block and scored by the float32 code: correct, slower)."""
+    return load() and bool(torch.ops.openr2.paged_index_amx(index_dim, block_size))
+
+
 def paged_latent_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, pool_c: torch.Tensor,
                            pool_r: torch.Tensor, layer_idx: int, block_table: torch.Tensor,
                            positions: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
@@ -185,7 +201,10 @@ def gather_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: to
                         chunk_elements: int = 1 << 26) -> torch.Tensor:
     """The reference of `paged_index_scores` (same arguments): each row's keys gathered in position order, then
     model/indexer.py's `index_scores` products in its order (q . k per head, scale, ReLU, the weights' head
-    sum), `chunk_elements` of the [B, t, Hi, S] products at a time."""
+    sum), `chunk_elements` of the [B, t, Hi, S] products at a time. A bfloat16 pool is scored with bfloat16
+    queries (rounded here; the products of two bf16 values are exact in float32), as the kernel scores it."""
+    if pool_k.dtype == torch.bfloat16:
+        q_index = q_index.to(torch.bfloat16)
     if slots is None:
         slots = block_slots(block_table, block_size, num_keys)
     keys = pool_k[layer_idx].index_select(0, slots.flatten())
