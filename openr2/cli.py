@@ -556,6 +556,9 @@ ENGINE_HELP = {  # what a user needs to pick a value; a field not listed here ge
     "max_num_batched_tokens": "tokens per step; longer prompts are prefilled in chunks",
     "max_model_len": "context length, prompt + completion (default: the model's max_position_embeddings)",
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
+    "cache_dir": "keep complete prefix-cache blocks in this directory too (the disk tier): they outlive the memory "
+                 "pool and restarts; files are checksummed, owner-only, scoped by model and tenant",
+    "cache_dir_bytes": "size cap of --cache-dir, e.g. 64GiB (least recently used blocks go first)",
     "compile": COMPILE_HELP,
 }
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

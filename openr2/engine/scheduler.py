@@ -68,7 +68,12 @@ class Scheduler:
             # at least one token must be computed to get logits, so never take the block holding the last one
             if len(seq.block_hashes) < (seq.num_tokens - 1) // bs:
                 seq.block_hashes = chain_hashes(seq.token_ids, bs, seq.salt, (seq.num_tokens - 1) // bs)
-            hits = self.blocks.lookup(seq.block_hashes[: (seq.num_tokens - 1) // bs])
+            hashes = seq.block_hashes[: (seq.num_tokens - 1) // bs]
+            hits = self.blocks.lookup(hashes)
+            if len(hits) < len(hashes) and self.blocks.disk is not None:
+                # the disk tier: load what fits beside the blocks this step's chunk may need
+                spare = self.blocks.num_free - self.blocks.cost(hits, self.blocks.blocks_for(min(budget, seq.num_tokens)) + 1)
+                hits += self.blocks.load(hashes[len(hits) :], hits, spare)
             cached = len(hits) * bs
             n = min(seq.num_tokens - cached, budget)
             new = self.blocks.blocks_for(cached + n) - len(hits)
@@ -150,6 +155,8 @@ class Scheduler:
             seq.block_hashes += chain_hashes(seq.token_ids, bs, seq.salt, full, parent, len(seq.block_hashes))
         for i in range(seq.num_registered, full):
             self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+        if full > seq.num_registered:  # the disk tier writes them through (asynchronously)
+            self.blocks.spill(seq.block_table[seq.num_registered : full], seq.block_hashes[seq.num_registered : full])
         seq.num_registered = max(seq.num_registered, full)
 
 

@@ -149,6 +149,27 @@ class V4Pool:
                 per, n = bs // self.rates[i], num_tokens // self.rates[i]
                 t[dst * per : dst * per + n] = t[src * per : src * per + n]
 
+    def _block_fields(self):
+        """(name, [num_blocks, ...] view of the pool) of everything a block holds."""
+        yield "window", self.window.view(self.num_layers, self.num_blocks, self.tail, -1).transpose(0, 1)
+        for name, table in (("entries", self.entries), ("index_entries", self.index_entries)):
+            for i, t in table.items():
+                yield f"{name}.{i}", t.view(self.num_blocks, self.block_size // self.rates[i], -1)
+        for (i, j), (kv, gate) in self.halves.items():
+            yield f"halves.{i}.{j}.kv", kv
+            yield f"halves.{i}.{j}.gate", gate
+
+    def export_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of what the pool holds for `blocks` (the disk tier, engine/disk_cache.py): name -> [n, ...]."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.window.device)
+        return {name: t.index_select(0, index).contiguous() for name, t in self._block_fields()}
+
+    def import_blocks(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Write export_blocks' tensors (for other blocks, or another process's pool of this layout) into `blocks`."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.window.device)
+        for name, t in self._block_fields():
+            t.index_copy_(0, index, tensors[name].to(t.device, t.dtype))
+
     def row_cache(self, block_table: list[int], length: int, state: V4RowState | None) -> V4RowCache:
         """The cache for one row's forward of tokens from `length` on; `state` the row's V4RowState at that
         length, or None at a block boundary (rebuilt from the pool)."""
