@@ -234,6 +234,11 @@ class LLMEngine:
 
             self.blocks.disk.cache.set_fingerprint(model_fingerprint(self.model))
 
+    def flush_cache(self) -> None:
+        """Wait until the blocks queued for the disk tier (cache_dir) are written; nothing without one."""
+        if self.blocks.disk is not None:
+            self.blocks.disk.cache.flush()
+
     def warm_up(self) -> None:
         """Run the decode shapes a server meets (one row, several rows) once on an idle engine, so that
         compilation (EngineConfig.compile) happens now, or its packages are loaded from disk, rather than

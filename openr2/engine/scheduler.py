@@ -71,9 +71,7 @@ class Scheduler:
             hashes = seq.block_hashes[: (seq.num_tokens - 1) // bs]
             hits = self.blocks.lookup(hashes)
             if len(hits) < len(hashes) and self.blocks.disk is not None:
-                # the disk tier: load what fits beside the blocks this step's chunk may need
-                spare = self.blocks.num_free - self.blocks.cost(hits, self.blocks.blocks_for(min(budget, seq.num_tokens)) + 1)
-                hits += self.blocks.load(hashes[len(hits) :], hits, spare)
+                hits += self.blocks.load(hashes[len(hits) :], hits, self._loadable(seq, hashes, hits, budget))
             cached = len(hits) * bs
             n = min(seq.num_tokens - cached, budget)
             new = self.blocks.blocks_for(cached + n) - len(hits)
@@ -90,6 +88,16 @@ class Scheduler:
             insert_by_priority(self.running, seq)
             plan.append((seq, n))
             budget -= n
+
+    def _loadable(self, seq: Sequence, hashes: list, hits: list[int], budget: int) -> int:
+        """How many blocks past the memory tier's hits the disk tier may load for `seq`: all of its prefix if
+        they fit beside the blocks of this step's chunk after them; else what leaves room for a whole chunk."""
+        bs, free = self.blocks.block_size, self.blocks.num_free - self.blocks.cost(hits, 0)
+        end = len(hashes) * bs
+        if len(hashes) - len(hits) + self.blocks.blocks_for(end + min(seq.num_tokens - end, budget)) - len(hashes) \
+                <= free:
+            return len(hashes) - len(hits)
+        return free - self.blocks.blocks_for(min(budget, seq.num_tokens)) - 1
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start `child` (a copy of the parent's tokens) from the parent's cache: full blocks shared, the

@@ -119,10 +119,18 @@ def test_memory_and_disk_hits_interleave(mla, tmp_path):
     out = _generate(a, prompt)
     assert out.usage.cached_prompt_tokens == 96 and a.blocks.disk.cache.stats.hits == 1
     assert out.outputs[0].token_ids == cold.outputs[0].token_ids
-    small = _engine(mla, tmp_path, num_blocks=9, chunk=16)  # 7 blocks of prompt + answer; 9 in the pool
-    out = _generate(small, prompt)
-    assert out.outputs[0].token_ids == cold.outputs[0].token_ids
-    assert 0 < out.usage.cached_prompt_tokens <= 96
+    # a pool of 9 blocks, 4 of them held by another request: the disk loads what leaves room for a chunk
+    small = _engine(mla, tmp_path, num_blocks=9, chunk=16)
+    other = _prompt(40, seed=9)
+    small.add_request("other", other, GREEDY)
+    small.step()
+    small.add_request("again", prompt, GREEDY)
+    done = {}
+    while small.has_unfinished_requests():
+        done |= {o.request_id: o for o in small.step() if o.finished}
+    assert done["again"].outputs[0].token_ids == cold.outputs[0].token_ids
+    assert 0 < done["again"].usage.cached_prompt_tokens < 96  # what fitted; the rest computed
+    assert done["other"].outputs[0].token_ids == _generate(_engine(mla, None), other).outputs[0].token_ids
 
 
 def test_corrupt_torn_or_misplaced_files_are_misses(mla, tmp_path):
