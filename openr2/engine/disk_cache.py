@@ -121,6 +121,13 @@ class DiskCache:
         self.max_pending_bytes = max_pending_bytes
         self.namespace = namespace(fingerprint, layout)
         self.stats = DiskStats()
+        # every file of a layout has the same header length and size; (name, dtype, shape, offset, nbytes) per field
+        self._fields, offset = [], len(self._head(self.namespace, bytes(16)))
+        for name, shape, dtype in layout.fields:
+            nbytes = _numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+            self._fields.append((name, getattr(torch, dtype), shape, offset, nbytes))
+            offset += nbytes + (-nbytes % _ALIGN)
+        self.file_size = offset + _DIGEST
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -132,6 +139,7 @@ class DiskCache:
         self._total = 0
         self._scan()
         self._queued: set[str] = set()
+        self._touched: list[str] = []  # files read since the writer last touched any
         self._pending_bytes = 0
         self._queue: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="openr2-disk-cache", daemon=True)
@@ -180,6 +188,7 @@ class DiskCache:
     def put(self, block_hash: bytes, tensors: dict[str, torch.Tensor]) -> bool:
         """Queue one block's tensors (the caller's own copies, not views of the pool) to be written; False when
         it is already there or the queue is full (then it is not written)."""
+        self._touch()
         path = self.file_of(block_hash)
         if path in self._queued or path in self._files:
             return False
@@ -193,12 +202,19 @@ class DiskCache:
         self._queue.put((path, block_hash, self.namespace, tensors, nbytes))
         return True
 
+    def _touch(self) -> None:
+        if self._touched:
+            self._queue.put(("touch", self._touched))
+            self._touched = []
+
     def flush(self) -> None:
-        """Wait until every queued block is written."""
+        """Wait until every queued block is written (and every read file touched)."""
+        self._touch()
         self._queue.join()
 
     def close(self) -> None:
         if self._writer.is_alive():
+            self._touch()
             self._queue.put(None)
             self._writer.join()
 
@@ -208,6 +224,13 @@ class DiskCache:
             try:
                 if item is None:
                     return
+                if item[0] == "touch":
+                    for path in item[1]:
+                        try:
+                            os.utime(path)
+                        except OSError:
+                            pass
+                    continue
                 path, block_hash, ns, tensors, nbytes = item
                 start = time.perf_counter()
                 try:
@@ -227,22 +250,37 @@ class DiskCache:
             finally:
                 self._queue.task_done()
 
-    def _write(self, path: str, block_hash: bytes, ns: bytes, tensors: dict[str, torch.Tensor]) -> int:
-        parts = []
-        for name, t in tensors.items():
-            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-            parts.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), data))
+    def _head(self, ns: bytes, block_hash: bytes) -> bytes:
+        """A file's magic, header (namespace, block hash, each tensor's name, dtype, shape and bytes) and padding:
+        a function of the layout and the key alone, so a reader compares bytes instead of parsing."""
+        if getattr(self, "_template", (None,))[0] != ns:  # all but the block hash, once per namespace
+            head = self._head_of(ns, bytes(16))
+            i = head.index(b'"block": "') + len(b'"block": "')
+            self._template = (ns, head[:i], head[i + 32 :])
+        _, before, after = self._template
+        return before + block_hash.hex().encode() + after
+
+    def _head_of(self, ns: bytes, block_hash: bytes) -> bytes:
+        tensors = [[name, dtype, list(shape), _numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()]
+                   for name, shape, dtype in self.layout.fields]
         header = json.dumps({"format": FORMAT, "namespace": ns.hex(), "block": block_hash.hex(),
-                             "tensors": [[n, d, s, len(b)] for n, d, s, b in parts]}).encode()
+                             "tensors": tensors}).encode()
         head = MAGIC + len(header).to_bytes(4, "little") + header
+        return head + bytes(-len(head) % _ALIGN)
+
+    def _write(self, path: str, block_hash: bytes, ns: bytes, tensors: dict[str, torch.Tensor]) -> int:
+        chunks = [self._head(ns, block_hash)]
+        for name, dtype, shape, _, nbytes in self._fields:
+            t = tensors[name]
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), f"{name}: not the layout's"
+            chunks += [t.contiguous().reshape(-1).view(torch.uint8).numpy(), bytes(-nbytes % _ALIGN)]
         digest = xxhash.xxh3_128()
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = f"{path}{_TMP}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
-                for chunk in [head + bytes(-len(head) % _ALIGN)] + [
-                        piece for *_, b in parts for piece in (b, bytes(-len(b) % _ALIGN))]:
+                for chunk in chunks:
                     digest.update(chunk)
                     f.write(chunk)
                 f.write(digest.digest())
@@ -261,63 +299,51 @@ class DiskCache:
 
     # ------------------------------------------------------------------------------------ reading
     def get(self, block_hash: bytes) -> dict[str, torch.Tensor] | None:
-        """The block's tensors (name -> one block's tensor, as the layout says), or None: no file, or one that
-        fails a check (then deleted)."""
-        path = self.file_of(block_hash)
-        start = time.perf_counter()
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                data = bytearray(size)
-                got = f.readinto(data)
-        except (FileNotFoundError, IsADirectoryError):
-            self.stats.misses += 1
-            return None
-        tensors = self._parse(data, got, block_hash)
-        if tensors is None:
-            self.stats.corrupt += 1
-            with self._lock:
-                if path in self._files:
-                    self._total -= self._files.pop(path)
-            _unlink(path)
-            return None
-        try:
-            os.utime(path)  # recently used: survives a restart's scan
-        except OSError:
-            pass
-        with self._lock:
-            if path not in self._files:
-                self._total += size
-            self._files[path] = size
-            self._files.move_to_end(path)
-        self.stats.hits += 1
-        self.stats.read_s += time.perf_counter() - start
-        return tensors
+        """One block's tensors (name -> the layout's shape), or None (see read)."""
+        n, tensors = self.read([block_hash])
+        return {name: t[0] for name, t in tensors.items()} if n else None
 
-    def _parse(self, data: bytearray, got: int, block_hash: bytes) -> dict[str, torch.Tensor] | None:
-        if got != len(data) or len(data) < len(MAGIC) + 4 + _DIGEST or not data.startswith(MAGIC):
-            return None
-        view = memoryview(data)
-        if xxhash.xxh3_128(view[:-_DIGEST]).digest() != bytes(view[-_DIGEST:]):
-            return None
-        n = int.from_bytes(view[8:12], "little")
-        try:
-            header = json.loads(bytes(view[12 : 12 + n]))
-        except ValueError:
-            return None
-        if header.get("format") != FORMAT or header.get("namespace") != self.namespace.hex() \
-                or header.get("block") != block_hash.hex():
-            return None
-        expected = {name: (list(shape), dtype) for name, shape, dtype in self.layout.fields}
-        offset = 12 + n + (-(12 + n) % _ALIGN)
-        out = {}
-        for name, dtype, shape, nbytes in header["tensors"]:
-            if expected.get(name) != (shape, dtype) or offset + nbytes > len(data) - _DIGEST:
-                return None
-            t = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=offset)
-            out[name] = t.view(getattr(torch, dtype)).view(shape)
-            offset += nbytes + (-nbytes % _ALIGN)
-        return out if out.keys() == expected.keys() else None
+    def read(self, hashes: list[bytes]) -> tuple[int, dict[str, torch.Tensor]]:
+        """(n, name -> [n, ...]): the blocks of the longest prefix of `hashes` whose files pass every check,
+        read into one buffer (the tensors are views of it). A missing file ends the prefix; one that fails a
+        check (size, header, key, checksum) too, and is deleted."""
+        start, size = time.perf_counter(), self.file_size
+        buffer = bytearray(len(hashes) * size)
+        view = memoryview(buffer)
+        n = 0
+        for h in hashes:
+            path = self.file_of(h)
+            row = view[n * size : (n + 1) * size]
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    got = f.readinto(row)
+                    extra = f.read(1)
+            except (FileNotFoundError, IsADirectoryError):
+                self.stats.misses += 1
+                break
+            if got != size or extra or not row[: len(head := self._head(self.namespace, h))] == head \
+                    or xxhash.xxh3_128(row[:-_DIGEST]).digest() != row[-_DIGEST:]:
+                self.stats.corrupt += 1
+                with self._lock:
+                    if path in self._files:
+                        self._total -= self._files.pop(path)
+                _unlink(path)
+                break
+            with self._lock:
+                if path not in self._files:
+                    self._total += size
+                self._files[path] = size
+                self._files.move_to_end(path)
+            n += 1
+        if n:  # recently used, also for the next start's scan: the writer thread touches the files, later (a
+            # queued item now would wake it in the middle of a load)
+            self._touched += [self.file_of(h) for h in hashes[:n]]
+        self.stats.hits += n
+        self.stats.read_s += time.perf_counter() - start
+        rows = torch.frombuffer(buffer, dtype=torch.uint8).view(-1, size)[:n] if n else torch.empty(0, size,
+                                                                                                 dtype=torch.uint8)
+        return n, {name: rows[:, offset : offset + nbytes].view(dtype).view(n, *shape)
+                   for name, dtype, shape, offset, nbytes in self._fields}
 
 
 def _unlink(path: str) -> None:
@@ -331,7 +357,7 @@ class DiskTier:
     """A pool's blocks to and from a DiskCache: the pool's `export_blocks` / `import_blocks` pair (each pool kind's
     own) and the cache's files. The block manager (prefix_cache.py) decides which blocks go and come."""
 
-    LOAD_BATCH = 64  # blocks imported per call
+    LOAD_BATCH = 128  # blocks read into one buffer and imported per call
 
     def __init__(self, pool, cache: DiskCache):
         self.pool, self.cache = pool, cache
@@ -348,17 +374,10 @@ class DiskTier:
             for j, i in enumerate(todo):
                 self.cache.put(hashes[i], {name: t[j] for name, t in tensors.items()})
 
-    def read(self, hashes: list[bytes]) -> list[dict[str, torch.Tensor]]:
-        """The blocks of the longest prefix of `hashes` on disk (read and checked)."""
-        out = []
-        for h in hashes:
-            tensors = self.cache.get(h)
-            if tensors is None:
-                break
-            out.append(tensors)
-        return out
+    def read(self, hashes: list[bytes]) -> tuple[int, dict[str, torch.Tensor]]:
+        """(n, name -> [n, ...]): the blocks of the longest prefix of `hashes` on disk (read and checked)."""
+        return self.cache.read(hashes)
 
-    def load(self, blocks: list[int], read: list[dict[str, torch.Tensor]]) -> None:
-        """Write `read` blocks' tensors into the pool's `blocks`."""
-        names = read[0].keys()
-        self.pool.import_blocks(blocks, {name: torch.stack([r[name] for r in read]) for name in names})
+    def load(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Write read blocks' tensors into the pool's `blocks`."""
+        self.pool.import_blocks(blocks, tensors)

@@ -121,15 +121,15 @@ class BlockManager:
                     if h in self.block_of or len(want) == self.disk.LOAD_BATCH:
                         break
                     want.append(h)
-                read = self.disk.read(want[: self.num_free])
-                if not read:
+                n, tensors = self.disk.read(want[: self.num_free])
+                if not n:
                     break
-                blocks = self.allocate(len(read))  # referenced: later allocations cannot take them
-                self.disk.load(blocks, read)
+                blocks = self.allocate(n)  # referenced: later allocations cannot take them
+                self.disk.load(blocks, tensors)
                 for b, h in zip(blocks, want):
                     self.block_of[h], self.hash_of[b] = b, h
                 out += blocks
-                if len(read) < len(want):
+                if n < len(want):
                     break
         finally:
             self.release(hits + out)

@@ -158,7 +158,7 @@ def test_corrupt_torn_or_misplaced_files_are_misses(mla, tmp_path):
     assert out.usage.cached_prompt_tokens == 0 and c.blocks.disk.cache.stats.corrupt == 0  # block 0: no file
     assert out.outputs[0].token_ids == cold.outputs[0].token_ids
     d = _engine(mla, tmp_path)
-    assert d.blocks.disk.read(chain_hashes(prompt, BS, None, 5)) != []  # c wrote block 0 again
+    assert d.blocks.disk.read(chain_hashes(prompt, BS, None, 5))[0] == 1  # c wrote block 0 again; 1 is torn
     stats = d.blocks.disk.cache.stats
     assert stats.hits == 1 and stats.corrupt == 1  # block 1 torn
     for h, path in zip(chain_hashes(prompt, BS, None, 5)[2:3], files[2:3]):
