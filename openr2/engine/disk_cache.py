@@ -121,6 +121,7 @@ class DiskCache:
         self.max_pending_bytes = max_pending_bytes
         self.namespace = namespace(fingerprint, layout)
         self.stats = DiskStats()
+        self._template: tuple = (None, b"", b"")  # (namespace, header bytes before / after the block hash)
         # every file of a layout has the same header length and size; (name, dtype, shape, offset, nbytes) per field
         self._fields, offset = [], len(self._head(self.namespace, bytes(16)))
         for name, shape, dtype in layout.fields:
@@ -253,7 +254,7 @@ class DiskCache:
     def _head(self, ns: bytes, block_hash: bytes) -> bytes:
         """A file's magic, header (namespace, block hash, each tensor's name, dtype, shape and bytes) and padding:
         a function of the layout and the key alone, so a reader compares bytes instead of parsing."""
-        if getattr(self, "_template", (None,))[0] != ns:  # all but the block hash, once per namespace
+        if self._template[0] != ns:  # all but the block hash, once per namespace
             head = self._head_of(ns, bytes(16))
             i = head.index(b'"block": "') + len(b'"block": "')
             self._template = (ns, head[:i], head[i + 32 :])
