@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from bench.common import cpu_name, time_rows  # noqa: E402
+from openr2.config import ModelConfig  # noqa: E402
 from openr2.engine.kv_cache import KVPool, bytes_per_token  # noqa: E402
 from openr2.engine.runner import ModelRunner  # noqa: E402
 from openr2.model.indexer import Indexer  # noqa: E402
@@ -155,7 +156,18 @@ def main():
                     help="contexts at which to time one 512-token prefill chunk (default: --contexts; 0: none)")
     ap.add_argument("--chunk-runs", type=int, default=1, help="rounds of the chunk timing (each chunk takes s)")
     ap.add_argument("--compiled", action="store_true", help="also time DSA through the compiled decode step")
+    ap.add_argument("--disk-restart", metavar="KIND:TOKENS", action="append",
+                    help="instead: TTFT of a cached prompt after a server restart (--cache-dir), e.g. v4-hca:900000, "
+                         "v4:131072 or mla:16384 (repeatable; disk_restart below)")
+    ap.add_argument("--disk-overhead", action="store_true",
+                    help="instead: step times with and without the disk tier writing (disk_overhead below)")
     args = ap.parse_args()
+    if args.disk_overhead:
+        disk_overhead(args.runs)
+        return
+    if args.disk_restart:
+        disk_restart(args.disk_restart)
+        return
     torch.manual_seed(0)
     cfg = config(args.heads)
     model = build_model(cfg, seed=0).eval()
@@ -499,6 +511,225 @@ def prefill_prompts(result, model, cfg, lengths, gen):
             result["prefill"][P][mode] = {"s": time.perf_counter() - t0, "chunks": impls, "load_avg_1m": load}
             print(f"prefill {P} tokens ({mode}): {result['prefill'][P][mode]['s']:.2f} s, chunks "
                   f"{dict((i, impls.count(i)) for i in impls)}, load {load:.2f}", flush=True)
+
+# ------------------------------------------------------------------------------------------------------------
+# The disk tier (--cache-dir, engine/disk_cache.py): a long prompt asked again after a server restart.
+#
+# A checkpoint (random perturbed weights, a byte-level BPE of vocab 4096 trained on generated lines, as
+# bench/server.py makes) is served by `python -m openr2 serve --cache-dir DIR` (a subprocess, eager, chunks of
+# 512 tokens). One prompt of TOKENS random token ids goes to /v1/completions (max_tokens 1, greedy, logprobs):
+# its time is the cold TTFT (the whole prefill; for 900K tokens the "fill"). The server is stopped (SIGTERM: the
+# lifespan waits for the disk tier's queue), started again on the same directory, and the same prompt is sent:
+# its time is the TTFT after the restart (the blocks loaded from disk, the last partial block computed), and its
+# usage must count the loaded tokens as cached (billed at the cache-hit price) and its token equal the cold one.
+# A second request to that server is served from the memory tier. The restart is repeated 3 times (medians). The files were just written, so they are in the
+# page cache (the same machine: a restart, not a reboot).
+
+
+def v4_small(vocab_size: int) -> ModelConfig:
+    """The smallest honest V4 shape for 1M tokens: one layer of each attention kind at the release's rates
+    (sliding window 128, CSA 4:1 with a top-64 indexer of 4 x 32, HCA 128:1), head_dim 64 (rope 16), 2
+    hyper-connection streams, hash-routed then scored MoE, YaRN to 1M positions as the release."""
+    from openr2.presets import _YARN_V4, tiny_v4
+
+    return dataclasses.replace(
+        tiny_v4(), vocab_size=vocab_size, num_hidden_layers=3,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        sliding_window=128, head_dim=64, qk_rope_head_dim=16, index_n_heads=4, index_head_dim=32, index_topk=64,
+        max_position_embeddings=1 << 20, rope_scaling=dict(_YARN_V4), bos_token_id=0, eos_token_id=1)
+
+
+def v4_small_hca(vocab_size: int) -> ModelConfig:
+    """v4_small without its CSA layer: sliding window + HCA 128:1 (V4-Pro opens with HCA layers). A CSA layer's
+    indexer scores every compressed entry for every prompt token (N^2 / 8 scores for N tokens, ~4 h of the
+    reference path for 900K tokens here), so the 900K fill is measured on this shape."""
+    return dataclasses.replace(v4_small(vocab_size), num_hidden_layers=2,
+                               layer_types=["sliding_attention", "heavily_compressed_attention"],
+                               mlp_layer_types=["hash_moe", "moe"])
+
+
+def mla_small(vocab_size: int, max_len: int) -> ModelConfig:
+    """bench/server.py's demo-sized MoE + MLA (small_moe) with room for the prompt."""
+    from openr2.presets import small_moe
+
+    return dataclasses.replace(small_moe(), vocab_size=vocab_size, num_nextn_predict_layers=0,
+                               max_position_embeddings=max(max_len, small_moe().max_position_embeddings),
+                               bos_token_id=0, eos_token_id=1)
+
+
+def _serve(cmd: list[str], env: dict, port: int, log: str):
+    """`openr2 serve` started; (process, seconds until /health answers)."""
+    import subprocess
+
+    from bench.server import wait_healthy
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    wait_healthy(proc, port, log)
+    return proc, time.perf_counter() - t0
+
+
+def _ask(port: int, prompt: list[int]):
+    """One completion of the prompt (1 token, greedy): (seconds, its token, usage)."""
+    import httpx
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    t0 = time.perf_counter()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=None)
+    elapsed = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise SystemExit(f"FAIL: {r.status_code} {r.text[:500]}")
+    out = r.json()
+    return elapsed, out["choices"][0]["logprobs"]["tokens"], out["usage"]
+
+
+def disk_restart(specs: list[str], restarts_n: int = 3) -> None:
+    import tempfile
+
+    from bench.common import cpu_name
+    from bench.server import _lines, free_port, stop_server
+    from openr2.checkpoints import save_model
+    from openr2.engine.v4_cache import V4Pool
+    from openr2.tokenizer import train_bpe
+    from tests.hf_utils import perturb_
+
+    results = []
+    print(f"cpu: {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    for spec in specs:
+        kind, tokens = spec.split(":")
+        tokens = int(tokens)
+        with tempfile.TemporaryDirectory(prefix="openr2-disk-") as tmp:
+            tokenizer = train_bpe(_lines(2000, 0), vocab_size=4096)
+            V = tokenizer.vocab_size
+            cfg = {"v4": v4_small, "v4-hca": v4_small_hca}[kind](V) if kind.startswith("v4") else \
+                mla_small(V, tokens + 64)
+            model = build_model(cfg, seed=0)
+            perturb_(model, seed=1, scale=0.05)
+            ckpt = os.path.join(tmp, "ckpt")
+            save_model(model, ckpt)
+            tokenizer.save_pretrained(ckpt)
+            bs = 128 if cfg.is_v4 else 64
+            per_block = V4Pool.bytes_per_block(cfg, bs, torch.float32) if cfg.is_v4 else \
+                bs * bytes_per_token(cfg, torch.float32)
+            num_blocks = -(-(tokens + 64) // bs) + 4
+            gen = torch.Generator().manual_seed(5)
+            prompt = torch.randint(4, V, (tokens,), generator=gen).tolist()
+            cache_dir = os.path.join(tmp, "cache")
+            port = free_port()
+            flags = ["--cache-dir", cache_dir, "--cache-dir-bytes", "64GiB", "--num-blocks", str(num_blocks),
+                     "--block-size", str(bs), "--max-num-batched-tokens", "512", "--no-compile",
+                     "--max-model-len", str(tokens + 64)]
+            env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")}
+
+            log1, log2 = os.path.join(tmp, "serve1.log"), os.path.join(tmp, "serve2.log")
+            serve = [sys.executable, "-m", "openr2", "serve", "--model", ckpt, "--port", str(port),
+                     "--data-dir", os.path.join(tmp, "data"), "--served-model-name", "bench", *flags]
+            proc, listen1 = _serve(serve, env, port, log1)
+            cold_s, cold_tok, cold_usage = _ask(port, prompt)
+            t0 = time.perf_counter()
+            how = stop_server(proc)
+            stop_s = time.perf_counter() - t0
+            files = [os.path.join(d, f) for d, _, fs in os.walk(cache_dir) for f in fs]
+            disk_bytes = sum(os.path.getsize(f) for f in files)
+            restarts = []
+            for _ in range(restarts_n):  # each a fresh process: its first request loads from disk
+                proc, listen2 = _serve(serve, env, port, log2)
+                try:
+                    warm_s, warm_tok, warm_usage = _ask(port, prompt)
+                    mem_s, mem_tok, mem_usage = _ask(port, prompt)
+                finally:
+                    stop_server(proc)
+                restarts.append({"listen_s": listen2, "ttft_s": warm_s, "memory_ttft_s": mem_s,
+                                 "same_token": cold_tok == warm_tok == mem_tok,
+                                 "cached": warm_usage["prompt_tokens_details"]["cached_tokens"]})
+            warm_s, mem_s = (statistics.median(r[k] for r in restarts) for k in ("ttft_s", "memory_ttft_s"))
+            cached = min(r["cached"] for r in restarts)
+            row = {"kind": kind, "tokens": tokens, "block_size": bs, "pool_bytes": num_blocks * per_block,
+                   "params": sum(p.numel() for p in model.parameters()),
+                   "cold_ttft_s": cold_s, "listen_s": listen1, "stop": how, "stop_s": stop_s,
+                   "files": len(files), "disk_bytes": disk_bytes, "restarts": restarts,
+                   "restart_ttft_s_median": warm_s, "memory_ttft_s_median": mem_s, "cached_tokens": cached,
+                   "cold_usage": cold_usage, "restart_usage": warm_usage,
+                   "same_token": all(r["same_token"] for r in restarts), "load_1m": os.getloadavg()[0]}
+            results.append(row)
+            ttfts = ", ".join(f"{r['ttft_s']:.2f}" for r in restarts)
+            listens = ", ".join(f"{r['listen_s']:.1f}" for r in restarts)
+            print(f"{kind} {tokens} tokens: cold (fill) {cold_s:.1f} s; after a restart (median of {restarts_n}) TTFT "
+                  f"{warm_s:.2f} s ({ttfts}; {cached} cached, "
+                  f"{len(files)} files, {disk_bytes / 2**20:.0f} MiB); memory-tier TTFT {mem_s:.2f} s; "
+                  f"cold/restart {cold_s / warm_s:.1f}x; same token {row['same_token']}; listening after "
+                  f"{listens} s; stop {how}; load {row['load_1m']:.1f}")
+    print(json.dumps({"disk_restart": results}))
+
+
+def disk_overhead(runs: int) -> None:
+    """Do the disk tier's writes stall steps? The demo-sized MLA model (mla_small), eager, blocks of 16, in one
+    process: a 4096-token prompt's prefill (chunks of 512: 32 blocks written per chunk), then 8 rows decoding 256
+    tokens each (a block completes every 16 steps per row). Without and with --cache-dir (a fresh directory per
+    run, so every block is written), runs interleaved; per run the prefill's seconds and the decode steps'
+    median / p99 / max ms. The writes happen on the writer thread; the step pays the copy out of the pool."""
+    import tempfile
+
+    from bench.common import cpu_name
+    from openr2.engine.engine import EngineConfig, LLMEngine
+    from openr2.engine.sampling import SamplingParams
+
+    cfg = mla_small(4096, 8192)
+    model = build_model(cfg, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(4, 4096, (4096,), generator=gen).tolist()
+    rows = [torch.randint(4, 4096, (64,), generator=gen).tolist() for _ in range(8)]
+    print(f"cpu: {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    out = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory(prefix="openr2-disk-") as tmp:
+        for r in range(runs):
+            for mode in ("off", "on"):
+                cache_dir = os.path.join(tmp, f"{r}") if mode == "on" else None
+                engine = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=600, max_num_batched_tokens=512,
+                                                              cache_dir=cache_dir))
+                spill_s = [0.0]
+                if cache_dir:  # the step's own share of the writes: copying the blocks out and queueing them
+                    def timed(blocks, hashes, spill=engine.blocks.spill, acc=spill_s):
+                        t0 = time.perf_counter()
+                        spill(blocks, hashes)
+                        acc[0] += time.perf_counter() - t0
+                    engine.blocks.spill = timed
+                t0 = time.perf_counter()
+                engine.add_request("long", long_prompt, SamplingParams(max_tokens=1, temperature=0))
+                while engine.has_unfinished_requests():
+                    engine.step()
+                prefill_s = time.perf_counter() - t0
+                for i, p in enumerate(rows):
+                    engine.add_request(f"r{i}", p, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True))
+                engine.step()  # the rows' prompts
+                steps = []
+                while engine.has_unfinished_requests():
+                    t0 = time.perf_counter()
+                    engine.step()
+                    steps.append((time.perf_counter() - t0) * 1e3)
+                steps.sort()
+                row = {"prefill_s": prefill_s, "step_ms_median": statistics.median(steps),
+                       "step_ms_p99": steps[int(0.99 * (len(steps) - 1))], "step_ms_max": steps[-1]}
+                if cache_dir:
+                    engine.flush_cache()
+                    st = engine.blocks.disk.cache.stats
+                    row |= {"written": st.written, "dropped": st.dropped, "writer_s": st.write_s,
+                            "spill_s": spill_s[0], "spill_ms_per_block": spill_s[0] * 1e3 / max(1, st.written)}
+                out[mode].append(row)
+                print(mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    summary = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in out.items()}
+    for k in ("prefill_s", "step_ms_median", "step_ms_p99", "step_ms_max"):
+        print(f"{k:>15}: off {summary['off'][k]:8.2f}  on {summary['on'][k]:8.2f}  on/off "
+              f"{summary['on'][k] / summary['off'][k]:.3f}")
+    on = summary["on"]
+    print(f"the steps' own cost of the writes: {on['spill_ms_per_block']:.3f} ms per block copied out and queued "
+          f"({on['spill_s']:.3f} s in all over the prefill and the decode); the writer thread "
+          f"{on['writer_s'] * 1e3 / on['written']:.3f} ms per block")
+    print(json.dumps({"disk_overhead": out, "median": summary, "load_1m": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

@@ -590,6 +590,9 @@ ENGINE_HELP = {  # what a user needs to pick a value; a field not listed here ge
     "max_num_batched_tokens": "tokens per step; longer prompts are prefilled in chunks",
     "max_model_len": "context length, prompt + completion (default: the model's max_position_embeddings)",
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
+    "cache_dir": "keep complete prefix-cache blocks in this directory too (the disk tier): they outlive the memory "
+                 "pool and restarts; files are checksummed, owner-only, scoped by model and tenant",
+    "cache_dir_bytes": "size cap of --cache-dir, e.g. 64GiB (least recently used blocks go first)",
     "compile": COMPILE_HELP,
     "index_cache_dtype": "DeepSeek-V3.2: the cached indexer keys' dtype, bfloat16 for half their bytes and a faster "
                          "scan (AMX where the CPU has it; scores from bf16-rounded keys and queries; default: the "

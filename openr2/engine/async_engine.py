@@ -129,6 +129,11 @@ class AsyncEngine:
                 self._aborts.append(request_id)
                 self._work.notify()
 
+    async def stop(self) -> None:
+        """At the server's shutdown (its lifespan's end): blocks still queued for the disk tier are written, so
+        that the next start finds them."""
+        await asyncio.to_thread(self.engine.flush_cache)
+
     def shutdown(self) -> None:
         with self._work:
             self._stopped = True

@@ -49,6 +49,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget: prompt chunks beyond it continue next step
     max_model_len: int | None = None  # prompt + output; default max_position_embeddings
     enable_prefix_caching: bool = True
+    # the disk tier of prefix caching (engine/disk_cache.py): complete blocks written here, loaded after a restart
+    cache_dir: str | None = None
+    cache_dir_bytes: int = 16 << 30  # the disk tier's size cap (least recently used block files go first)
     compile: bool = False  # compile the decode step (engine/compiled.py): minutes once, then faster decode
     compile_cache_dir: str | None = None  # compiled steps kept here; default $OPENR2_CACHE_DIR or ~/.cache/openr2
     # vLLM's: {"method": "mtp" | "ngram", "num_speculative_tokens": k, ...} (engine/speculative.py) or "mtp:2"
@@ -163,8 +166,15 @@ class LLMEngine:
             running = {"max_num_seqs": config.max_num_seqs} if mconf.is_v4 else extra  # V4: compressor states
             self.pool = pool_cls.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
                                              model.device, num_layers, **running)
+        disk = None
+        if config.cache_dir is not None:
+            if not config.enable_prefix_caching:
+                raise ValueError("cache_dir: the disk tier of prefix caching needs enable_prefix_caching")
+            from openr2.engine.disk_cache import DiskTier
+
+            disk = DiskTier.open(self.pool, model, config.cache_dir, config.cache_dir_bytes)
         self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
-                                   self.pool.copy_block)
+                                   self.pool.copy_block, disk)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(model, self.pool, config.compile, config.compile_cache_dir)
         self.speculator = Speculator(speculative, self.runner, self.scheduler, len(model.mtp)) \
@@ -234,8 +244,18 @@ class LLMEngine:
         return self._output(req)
 
     def reset_prefix_cache(self) -> None:
-        """Drop all cached prefixes (vLLM's name): call it after updating the model's weights in place."""
+        """Drop all cached prefixes (vLLM's name): call it after updating the model's weights in place (the disk
+        tier then keys this model's blocks by its new weights)."""
         self.blocks.reset()
+        if self.blocks.disk is not None:
+            from openr2.engine.disk_cache import model_fingerprint
+
+            self.blocks.disk.cache.set_fingerprint(model_fingerprint(self.model))
+
+    def flush_cache(self) -> None:
+        """Wait until the blocks queued for the disk tier (cache_dir) are written; nothing without one."""
+        if self.blocks.disk is not None:
+            self.blocks.disk.cache.flush()
 
     def warm_up(self) -> None:
         """Run the decode shapes a server meets (one row, several rows) once on an idle engine, so that
@@ -257,7 +277,7 @@ class LLMEngine:
                 self.step()
             more = self.runner.uncompiled_rows(max_rows)
             rows = more if more is not None and more > rows else None  # a batch that did not cover: stop
-        self.reset_prefix_cache()  # the warm-up's blocks must not look like anyone's cached prefix
+        self.blocks.reset()  # the warm-up's blocks must not look like anyone's cached prefix (none is a full block)
         self.runner.prune_compiled()  # the packages it loaded or built are the ones kept
 
     def has_unfinished_requests(self) -> bool:

@@ -155,6 +155,25 @@ class KVPool:
             for t in fields.values():
                 t[:, d : d + n] = t[:, s : s + n]
 
+    def _block_fields(self):
+        """(name, [layers, num_blocks, entries per block, width] view of the pool) of every field."""
+        for k, (kind, fields) in enumerate(self.tensors.items()):
+            per = kind.entries_per_block(self.block_size)
+            for name, t in fields.items():
+                yield (name if len(self.tensors) == 1 else f"{k}.{name}"), t.view(t.shape[0], self.num_blocks, per, -1)
+
+    def export_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of what the pool holds for `blocks` (the disk tier, engine/disk_cache.py): field -> [n, layers,
+        entries per block, width]."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.c_kv.device)
+        return {name: t.index_select(1, index).movedim(1, 0).contiguous() for name, t in self._block_fields()}
+
+    def import_blocks(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Write export_blocks' tensors (for other blocks, or another process's pool of this layout) into `blocks`."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.c_kv.device)
+        for name, t in self._block_fields():
+            t.index_copy_(1, index, tensors[name].to(t.device, t.dtype).movedim(0, 1))
+
     def view(self, block_tables: list[list[int]], num_computed: list[int], num_new: list[int],
              read: str = "blocks") -> PagedView:
         """The cache for one forward: row b has num_computed[b] cached tokens and num_new[b] new ones.

@@ -10,14 +10,26 @@ pool's `copy_block`).
 
 from __future__ import annotations
 
+import array
 import hashlib
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from openr2.engine.disk_cache import DiskTier
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
-    data = parent + b"".join(t.to_bytes(4, "little", signed=False) for t in tokens)
-    return hashlib.blake2b(data, digest_size=16).digest()
+    """blake2b-128 of the parent hash and the tokens as 4-byte little-endian unsigned integers."""
+    data = array.array("I", tokens)  # 4 bytes each (asserted below); an id >= 2**32 or < 0 raises OverflowError
+    if sys.byteorder != "little":
+        data.byteswap()
+    return hashlib.blake2b(parent + data.tobytes(), digest_size=16).digest()
+
+
+assert array.array("I").itemsize == 4, "block hashes take token ids as 4-byte integers"
 
 
 def root_hash(salt: str | None) -> bytes:
@@ -39,10 +51,13 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, nu
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 copy_block: Callable[[int, int, int], None] | None = None):
+                 copy_block: Callable[[int, int, int], None] | None = None, disk: DiskTier | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.copy_block = copy_block  # (src, dst, num_tokens): copies cached contents (KVPool.copy_block)
         self.caching = enable_prefix_caching
+        if disk is not None and not enable_prefix_caching:
+            raise ValueError("cache_dir: the disk tier of prefix caching needs enable_prefix_caching")
+        self.disk = disk  # the disk tier (engine/disk_cache.py): complete blocks written through, loaded on a miss
         self.ref_count = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.block_of: dict[bytes, int] = {}
@@ -83,6 +98,47 @@ class BlockManager:
                     break
                 hits.append(block)
         return hits
+
+    def load(self, hashes: list[bytes], hits: list[int], max_blocks: int) -> list[int]:
+        """Continue the memory tier's `hits` through the disk tier: the blocks of the longest prefix of `hashes`
+        (at most max_blocks) found in memory or on disk, those on disk read into free (or least recently used)
+        blocks and registered; all left unreferenced like any cached block. `hits` are kept from eviction
+        meanwhile."""
+        out: list[int] = []
+        if self.disk is None or not self.caching or max_blocks <= 0:
+            return out
+        hashes = hashes[:max_blocks]
+        self.acquire(hits)
+        try:
+            while len(out) < len(hashes):
+                block = self.block_of.get(hashes[len(out)])
+                if block is not None:  # past a block evicted from memory, the chain may go on in memory
+                    self.acquire([block])
+                    out.append(block)
+                    continue
+                want = []
+                for h in hashes[len(out) :]:
+                    if h in self.block_of or len(want) == self.disk.LOAD_BATCH:
+                        break
+                    want.append(h)
+                n, tensors = self.disk.read(want[: self.num_free])
+                if not n:
+                    break
+                blocks = self.allocate(n)  # referenced: later allocations cannot take them
+                self.disk.load(blocks, tensors)
+                for b, h in zip(blocks, want):
+                    self.block_of[h], self.hash_of[b] = b, h
+                out += blocks
+                if n < len(want):
+                    break
+        finally:
+            self.release(hits + out)
+        return out
+
+    def spill(self, blocks: list[int], hashes: list[bytes]) -> None:
+        """Offer just-completed blocks to the disk tier (written asynchronously, those not there already)."""
+        if self.disk is not None and self.caching and blocks:
+            self.disk.spill(blocks, hashes)
 
     def cost(self, hits: list[int], num_new: int) -> int:
         """Free blocks consumed by taking `hits` (those now evictable leave the free count) plus num_new."""

@@ -68,7 +68,10 @@ class Scheduler:
             # at least one token must be computed to get logits, so never take the block holding the last one
             if len(seq.block_hashes) < (seq.num_tokens - 1) // bs:
                 seq.block_hashes = chain_hashes(seq.token_ids, bs, seq.salt, (seq.num_tokens - 1) // bs)
-            hits = self.blocks.lookup(seq.block_hashes[: (seq.num_tokens - 1) // bs])
+            hashes = seq.block_hashes[: (seq.num_tokens - 1) // bs]
+            hits = self.blocks.lookup(hashes)
+            if len(hits) < len(hashes) and self.blocks.disk is not None:
+                hits += self.blocks.load(hashes[len(hits) :], hits, self._loadable(seq, hashes, hits, budget))
             cached = len(hits) * bs
             n = min(seq.num_tokens - cached, budget)
             new = self.blocks.blocks_for(cached + n) - len(hits)
@@ -85,6 +88,16 @@ class Scheduler:
             insert_by_priority(self.running, seq)
             plan.append((seq, n))
             budget -= n
+
+    def _loadable(self, seq: Sequence, hashes: list, hits: list[int], budget: int) -> int:
+        """How many blocks past the memory tier's hits the disk tier may load for `seq`: all of its prefix if
+        they fit beside the blocks of this step's chunk after them; else what leaves room for a whole chunk."""
+        bs, free = self.blocks.block_size, self.blocks.num_free - self.blocks.cost(hits, 0)
+        end = len(hashes) * bs
+        if len(hashes) - len(hits) + self.blocks.blocks_for(end + min(seq.num_tokens - end, budget)) - len(hashes) \
+                <= free:
+            return len(hashes) - len(hits)
+        return free - self.blocks.blocks_for(min(budget, seq.num_tokens)) - 1
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start `child` (a copy of the parent's tokens) from the parent's cache: full blocks shared, the
@@ -150,6 +163,8 @@ class Scheduler:
             seq.block_hashes += chain_hashes(seq.token_ids, bs, seq.salt, full, parent, len(seq.block_hashes))
         for i in range(seq.num_registered, full):
             self.blocks.register(seq.block_table[i], seq.block_hashes[i])
+        if full > seq.num_registered:  # the disk tier writes them through (asynchronously)
+            self.blocks.spill(seq.block_table[seq.num_registered : full], seq.block_hashes[seq.num_registered : full])
         seq.num_registered = max(seq.num_registered, full)
 
 

@@ -154,6 +154,32 @@ class V4Pool:
                 per, n = bs // self.rates[i], num_tokens // self.rates[i]
                 t[dst * per : dst * per + n] = t[src * per : src * per + n]
 
+    def _block_fields(self):
+        """(name, [num_blocks, ...] view of the pool) of each compressed kind a block holds."""
+        for name, table in (("entries", self.entries), ("index_entries", self.index_entries)):
+            for i, t in table.items():
+                yield f"{name}.{i}", t.view(self.num_blocks, self.block_size // self.rates[i], -1)
+        for (i, j), (kv, gate) in self.halves.items():
+            yield f"halves.{i}.{j}.kv", kv
+            yield f"halves.{i}.{j}.gate", gate
+
+    def export_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of what the pool holds for `blocks` (the disk tier, engine/disk_cache.py): name -> [n, ...], the
+        window keys as [n, layers, W - 1, Dh]."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.window.device)
+        window = self.window.view(self.num_layers, self.num_blocks, self.tail, -1)
+        out = {"window": window.index_select(1, index).transpose(0, 1).contiguous()}
+        return out | {name: t.index_select(0, index).contiguous() for name, t in self._block_fields()}
+
+    def import_blocks(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Write export_blocks' tensors (for other blocks, or another process's pool of this layout) into `blocks`."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.window.device)
+        window, src = self.window.view(self.num_layers, self.num_blocks, self.tail, -1), tensors["window"]
+        for i in range(self.num_layers):  # a layer's window is contiguous in the pool
+            window[i].index_copy_(0, index, src[:, i].to(window.device, window.dtype))
+        for name, t in self._block_fields():
+            t.index_copy_(0, index, tensors[name].to(t.device, t.dtype))
+
     def row_cache(self, block_table: list[int], length: int, state: V4RowState | None) -> V4RowCache:
         """The cache for one row's forward of tokens from `length` on; `state` the row's V4RowState at that
         length, or None at a block boundary (rebuilt from the pool)."""
