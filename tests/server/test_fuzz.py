@@ -79,7 +79,7 @@ _PROMPT = {"type": "string", "minLength": 1, "maxLength": 200}  # an empty promp
 _STOP = {"type": "string", "minLength": 1, "maxLength": 8}
 _TOOL = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,20}$"}, "description": {"type": "string", "maxLength": 40},
-    "parameters": {"type": "object", "maxProperties": 2}}}
+    "parameters": {"type": "object", "maxProperties": 2}, "strict": {"type": "boolean"}}}
 _IDS = {"type": "array", "minItems": 1, "maxItems": 20, "items": _ints(0, VOCAB - 1)}
 # the server's ranges (engine/sampling.py, protocol.py), small where size costs time on the tiny model
 SAMPLING = {
