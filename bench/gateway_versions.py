@@ -1,8 +1,8 @@
 """Gateway versions: the gateway's CPU per streamed token, throughput and TTFT, of this checkout's code against
 another checkout's (say, the commit before a change), over one shared upstream.
 
-One upstream, `python -m openr2 serve` over the tiny chat test model (tests/checkpoints.py, --no-compile: a fast
-upstream, so that the gateways' own work shows), and two gateways `python -m openr2 serve --upstream <it>`,
+One upstream, `python -m openr2 serve` over the tiny chat test model (tests/checkpoints.py; or bench/server.py's
+small_moe with --upstream-model small_moe), --no-compile, one torch thread, and two gateways `python -m openr2 serve --upstream <it>`,
 one run from each checkout (its PYTHONPATH), all subprocesses on free 127.0.0.1 ports. With two or more CPUs the
 upstream is pinned to the first, the gateways and this client to the last (as when a gateway does not share the
 engine's CPUs). Each round sends --clients concurrent streaming chat requests x --max-tokens (bench/server.py's
@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)  # run from a checkout
 
 from bench.common import cpu_name  # noqa: E402
 from bench.replicas import proc_cpu_s  # noqa: E402
-from bench.server import MODEL_NAME, free_port, server_round, stop_server, wait_healthy  # noqa: E402
+from bench.server import MODEL_NAME, free_port, make_checkpoint, server_round, stop_server, wait_healthy  # noqa: E402
 
 
 def start(root: str, args: list[str], log_path: str, port: int, cpus: set[int]) -> subprocess.Popen:
@@ -49,19 +49,25 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=6, help="timed rounds (median reported)")
+    ap.add_argument("--upstream-model", choices=["tiny", "small_moe"], default="tiny",
+                    help="tiny: a fast upstream (its events reach the gateway several per read); small_moe: "
+                         "bench/server.py's, slower (one event per read: the gateway's full cost per token)")
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     up_cpus, gw_cpus = ({cpus[0]}, {cpus[-1]}) if len(cpus) > 1 else (set(cpus), set(cpus))
     os.sched_setaffinity(0, gw_cpus)  # the client
     sides = {"baseline": os.path.abspath(args.baseline), "this": os.path.abspath(ROOT)}
-    print(f"# gateway versions: tiny upstream (not compiled), {args.clients} streams x {args.max_tokens} tokens, "
+    print(f"# gateway versions: {args.upstream_model} upstream (not compiled), {args.clients} streams x {args.max_tokens} tokens, "
           f"runs {args.runs}; cpus {os.cpu_count()} ({cpu_name()}), upstream on {sorted(up_cpus)}, gateways and "
           f"client on {sorted(gw_cpus)}; load average {os.getloadavg()[0]:.1f} at the start; baseline "
           f"{sides['baseline']}")
     rows: dict[str, list[tuple[float, float, float]]] = {"direct": [], "baseline": [], "this": []}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt")
-        save_tiny_chat_checkpoint(ckpt)
+        if args.upstream_model == "tiny":
+            save_tiny_chat_checkpoint(ckpt)
+        else:
+            make_checkpoint(ckpt)
         up_port = free_port()
         upstream = start(ROOT, ["--model", ckpt, "--no-compile", "--data-dir", os.path.join(tmp, "up"),
                                 "--block-size", "16", "--num-blocks", "4096"], os.path.join(tmp, "up.log"), up_port,
@@ -101,7 +107,7 @@ def main() -> None:
               f"{s['cpu_ms_per_token_rounds']} |")
     ratio = summary["this"]["cpu_ms_per_token"] / summary["baseline"]["cpu_ms_per_token"]
     print(f"CPU per token this / baseline: {ratio:.2f}x; load average {os.getloadavg()[0]:.1f} at the end")
-    print(json.dumps({"bench": "gateway_versions", "clients": args.clients, "max_tokens": args.max_tokens,
+    print(json.dumps({"bench": "gateway_versions", "upstream_model": args.upstream_model, "clients": args.clients, "max_tokens": args.max_tokens,
                       "runs": args.runs, "cpu": cpu_name(), "cpu_ratio": round(ratio, 3), **summary}))
 
 
