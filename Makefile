@@ -42,14 +42,15 @@ lint: imports
 bench: setup
 	$(PY) bench/forward.py
 
-# llama-cpp-python for the llama.cpp agreement tests and bench/gguf.py (those tests skip without it).
+# llama-cpp-python (and its server, the gateway's llama.cpp upstream test) for the llama.cpp agreement tests and
+# bench/gguf.py (those tests skip without it).
 # It compiles llama.cpp from source (~10 min on 2 cores, once; pip's cache serves it after that) with the
 # multimodal library and the tools turned off, as nothing here uses them. Its dependencies are light
 # (numpy, jinja2, diskcache, typing-extensions); torch is not among them.
 LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 bench-deps: setup
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install 'llama-cpp-python[server]==0.3.36'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .import_linter_cache .grimp_cache

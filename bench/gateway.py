@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)  # run from a checkout
 import torch  # noqa: E402
 
 from bench.common import cpu_name  # noqa: E402
+from bench.replicas import proc_cpu_s  # noqa: E402
 from bench.server import (  # noqa: E402
     MODEL_NAME,
     free_port,
@@ -102,7 +103,7 @@ def main() -> None:
                           *(["--no-compile"] if args.no_compile else [])], args.threads,
                          os.path.join(tmp, "up.log"), up_port, engine_cpus)
         gateway = None
-        direct, through = [], []
+        direct, through, gateway_cpu_ms = [], [], []  # and the gateway's CPU-ms per streamed token, per round
         try:
             gateway = start(["--model", ckpt, "--data-dir", os.path.join(tmp, "gw"), "--upstream",
                              f"http://127.0.0.1:{up_port}"], 1, os.path.join(tmp, "gw.log"), gw_port, other_cpus)
@@ -111,8 +112,10 @@ def main() -> None:
             for r in range(args.runs):
                 direct.append(asyncio.run(server_round(up_port, side_prompts("direct", f"r{r}", args.clients),
                                                        args.max_tokens)))
+                cpu0 = proc_cpu_s([gateway.pid])
                 through.append(asyncio.run(server_round(gw_port, side_prompts("gateway", f"r{r}", args.clients),
                                                         args.max_tokens)))
+                gateway_cpu_ms.append((proc_cpu_s([gateway.pid]) - cpu0) * 1e3 / max(1, through[-1]["completion_tokens"]))
             lone = asyncio.run(lone_ttfts({"direct": up_port, "gateway": gw_port}, args.single))
         finally:
             if gateway is not None:
@@ -139,6 +142,9 @@ def main() -> None:
           f"{[round(x, 3) for x in ratios]})")
     print(f"added TTFT, median of per-round differences: p50 {add50 * ms:+.1f} ms, p99 {add99 * ms:+.1f} ms "
           f"(target <= 5 ms; per round p50 {[round(x * ms, 1) for x in added_p50]})")
+    cpu_per_token = statistics.median(gateway_cpu_ms)
+    print(f"gateway CPU per streamed token (/proc, 10 ms ticks), median of rounds: {cpu_per_token:.3f} ms "
+          f"(per round {[round(x, 3) for x in gateway_cpu_ms]})")
     print(f"lone requests ({args.single} per side, alternating): TTFT median direct "
           f"{statistics.median(lone['direct']) * ms:.1f} ms, gateway {statistics.median(lone['gateway']) * ms:.1f} ms; "
           f"added median {lone50 * ms:+.1f} ms, p90 {lone90 * ms:+.1f} ms (target <= 5 ms); load average "
@@ -149,6 +155,7 @@ def main() -> None:
                       "round_ratios": [round(x, 4) for x in ratios], "added_ttft_p50_ms": round(add50 * ms, 2),
                       "added_ttft_p99_ms": round(add99 * ms, 2), "lone_added_ttft_median_ms": round(lone50 * ms, 2),
                       "lone_added_ttft_p90_ms": round(lone90 * ms, 2), "errors": errors,
+                      "gateway_cpu_ms_per_token": round(cpu_per_token, 4),
                       "direct": {k: v for k, v in d.items() if k != "errors"},
                       "gateway": {k: v for k, v in g.items() if k != "errors"}}))
 
