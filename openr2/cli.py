@@ -583,7 +583,8 @@ SPECULATIVE_HELP = ("speculative decoding: mtp:K drafts K tokens with the checkp
                     "prompt lookup; outputs are unchanged (exact rejection sampling)")
 CLI_DEFAULTS = {"compile": True}  # where the command line's default differs from EngineConfig's (compiled by default)
 ENGINE_HELP = {  # what a user needs to pick a value; a field not listed here gets a generic line
-    "block_size": "tokens per KV-cache block",
+    "block_size": "tokens per KV-cache block (default 64; DeepSeek-V4: the smallest multiple of its compression "
+                  "rates >= 4 x its window)",
     "kv_cache_bytes": "memory for the KV cache, e.g. 512MiB, 2GiB or bytes (K/M/G = KiB/MiB/GiB)",
     "num_blocks": "exact number of KV-cache blocks (overrides --kv-cache-bytes)",
     "max_num_seqs": "most sequences in one step",

@@ -152,6 +152,31 @@ def tiny_v4() -> ModelConfig:
     )
 
 
+def v4_demo() -> ModelConfig:
+    """The small DeepSeek-V4 the `v4-demo` recipe trains (`openr2 train --preset v4-demo`, contexts <= 8K): hidden
+    128 in 4 layers (sliding / CSA 4:1 with an 8 x 32 indexer keeping 64 entries / HCA 128:1 / CSA), window 128,
+    4 heads of 64 (rope 16) over one shared KV head, 2 hyper-connection streams, a hash-routed then scored MoE
+    (8 experts top-2 + 1 shared), one MTP module. The compressed branches' YaRN stretches the 8K it trains on
+    by 128 (to 1M positions); the window's rope is unscaled (it only sees 128 tokens). vocab_size is the
+    tokenizer's."""
+    return ModelConfig(
+        model_type="deepseek_v4", vocab_size=512, hidden_size=128, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64, qk_rope_head_dim=16, q_lora_rank=64,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, scoring_func="sqrtsoftplus",
+        routed_scaling_factor=1.5, norm_topk_prob=True, topk_method="noaux_tc",
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        sliding_window=128, hc_mult=2, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=2, o_lora_rank=64,
+        swiglu_limit=10.0, index_n_heads=8, index_head_dim=32, index_topk=64, max_position_embeddings=1048576,
+        rope_theta=10000.0, compress_rope_theta=160000.0,
+        rope_scaling={"type": "yarn", "factor": 128, "original_max_position_embeddings": 8192, "beta_fast": 32,
+                      "beta_slow": 1},
+        num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+    )
+
+
 def tiny_v2() -> ModelConfig:
     """A V2-Lite-shaped test model: plain q_proj, softmax greedy routing, no YaRN, two dense layers."""
     return ModelConfig(
@@ -212,6 +237,7 @@ PRESETS = {
     "tiny-v32": tiny_v32,
     "tiny-v4": tiny_v4,
     "tiny-v2": tiny_v2,
+    "v4-demo": v4_demo,
     "bench-moe": bench_moe,
     "small-moe": small_moe,
     "demo": demo,

@@ -42,7 +42,7 @@ from openr2.model.transformer import Transformer
 
 @dataclass
 class EngineConfig:
-    block_size: int = 64
+    block_size: int | None = None  # tokens per block; default 64, DeepSeek-V4 V4Pool.default_block_size's
     kv_cache_bytes: int = 256 << 20  # memory budget of the latent cache pool
     num_blocks: int | None = None  # exact pool size; overrides kv_cache_bytes
     max_num_seqs: int = 64
@@ -159,12 +159,13 @@ class LLMEngine:
         pool_cls = V4Pool if mconf.is_v4 else KVPool
         index_dtype = _index_cache_dtype(config.index_cache_dtype, mconf)  # refused for models without one
         extra = {} if index_dtype is None else {"index_dtype": index_dtype}
+        block_size = config.block_size or (V4Pool.default_block_size(mconf) if mconf.is_v4 else 64)
         if config.num_blocks is not None:
-            self.pool = pool_cls(mconf, config.num_blocks, config.block_size, model.dtype, model.device, num_layers,
+            self.pool = pool_cls(mconf, config.num_blocks, block_size, model.dtype, model.device, num_layers,
                                  **extra)
         else:
             running = {"max_num_seqs": config.max_num_seqs} if mconf.is_v4 else extra  # V4: compressor states
-            self.pool = pool_cls.from_budget(mconf, config.kv_cache_bytes, config.block_size, model.dtype,
+            self.pool = pool_cls.from_budget(mconf, config.kv_cache_bytes, block_size, model.dtype,
                                              model.device, num_layers, **running)
         disk = None
         if config.cache_dir is not None:
@@ -173,7 +174,7 @@ class LLMEngine:
             from openr2.engine.disk_cache import DiskTier
 
             disk = DiskTier.open(self.pool, model, config.cache_dir, config.cache_dir_bytes)
-        self.blocks = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
+        self.blocks = BlockManager(self.pool.num_blocks, block_size, config.enable_prefix_caching,
                                    self.pool.copy_block, disk)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens))
         self.runner = ModelRunner(model, self.pool, config.compile, config.compile_cache_dir)

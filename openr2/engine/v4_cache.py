@@ -57,8 +57,21 @@ class V4RowState:
     states: tuple
 
 
+def _entry_unit(config: ModelConfig) -> int:
+    """The least common multiple of the model's compression rates (1 without any)."""
+    rates = [config.compress_rate(i) for i in range(config.num_hidden_layers)]
+    return math.lcm(*(m for m in rates if m)) if any(rates) else 1
+
+
 class V4Pool:
     """The pool of a DeepSeek-V4 model's caches (the module docstring); KVPool's interface for the engine."""
+
+    @staticmethod
+    def default_block_size(config: ModelConfig) -> int:
+        """The engine's block size for this model unless told: the smallest that holds whole compressed entries
+        of every rate and keeps the window's W - 1 keys at most a quarter key per token (>= 4 W)."""
+        unit = _entry_unit(config)
+        return -(-4 * config.sliding_window // unit) * unit
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -70,11 +83,11 @@ class V4Pool:
             raise ValueError("DeepSeek-V4 MTP layers have no paged cache yet (speculative decoding is off for V4)")
         self.rates = [config.compress_rate(i) for i in range(L)]
         bad = sorted({m for m in self.rates if m and block_size % m})
-        unit = math.lcm(*(m for m in self.rates if m)) if any(self.rates) else 1
+        unit = _entry_unit(config)
         fits = max(block_size, config.sliding_window - 1)
         hint = f"; for example block_size {-(-fits // unit) * unit}"
         if -(-fits // unit) * unit < 4 * config.sliding_window:  # the smallest valid one; 4W: a quarter key per token
-            hint += f" ({-(-4 * config.sliding_window // unit) * unit} keeps the window's keys at a quarter per token)"
+            hint += f" ({self.default_block_size(config)} keeps the window's keys at a quarter per token)"
         if bad:
             raise ValueError(f"DeepSeek-V4 needs block_size a multiple of every compression rate (got "
                              f"{block_size}, rates {bad}): a complete block must hold whole compressed entries{hint}")

@@ -42,6 +42,7 @@ from torch import nn
 from openr2.config import ModelConfig
 from openr2.model.layers import Float32RMSNorm
 from openr2.model.rope import RotaryEmbedding, apply_rope
+from openr2.model.topk import top_k_indices
 
 V4_ATTN_IMPLS = ("naive", "sparse")
 SCORE_CHUNK_ELEMENTS = 1 << 26  # indexer products [B, t, Hi, N] formed at once (compressed_index_scores)
@@ -202,21 +203,25 @@ class CompressedIndexer(Compressor):
         self.scorer = nn.Module()  # transformers' name for the head weights' owner
         self.scorer.weights_proj = nn.Linear(config.hidden_size, Hi, bias=False)
 
+    def queries(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the indexer's queries [B, T, Hi, Di], rotated; its head weights [B, T, Hi] in float32)."""
+        B, T, _ = x.shape
+        q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim), cos[:, :, None],
+                      sin[:, :, None])
+        return q, self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
+
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, rotary: RotaryEmbedding,
                state: CompressorState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (indices [B, T, k], valid [B, T, k]): the query's top-k entries, k = min(index_topk, N); a pick
         is invalid where fewer than k entries are visible (its score was -inf)."""
-        B, T, _ = x.shape
         if state is None:  # no cache: the entries of the whole sequence
             state = CompressorState(entries=self(x, rotary), rate=self.rate)
         else:
             self.update(x, rotary, state)
-        q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim), cos[:, :, None],
-                      sin[:, :, None])
-        weights = self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
-        scores = state.index_scores(q, weights, positions)  # [B, T, N]
-        indices = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        scores = state.index_scores(*self.queries(x, q_latent, cos, sin), positions)  # [B, T, N]
+        indices = top_k_indices(scores, self.topk)
         return indices, indices < ((positions + 1) // self.rate)[..., None]
 
 
@@ -263,10 +268,7 @@ class CompressedAttention(nn.Module):
         B, T, _ = x.shape
         cos, sin = ropes["compress" if self.rate else "main"]
         hc, hs = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-        q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim)
-        q = rope_tail(unweighted_rms_norm(q, self.eps), hc, hs)
-        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, Dh]
+        q_latent, q, kv = self.project(x, cos, sin)
         key_positions = positions
         if cache is not None:  # the window's earlier keys, then this forward's
             kv, key_positions = cache.extend_window(self.layer_idx, kv, positions, self.window)
@@ -309,18 +311,25 @@ class CompressedAttention(nn.Module):
         out = rope_tail(out, hc, -hs)  # values carry rope: rotate back by the query's position
         return self.o_b_proj(self._grouped_out(out))
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] and the layer's (cos, sin) -> (q latent [B, T, q_lora_rank], queries [B, T, H, Dh] and
+        this forward's keys [B, T, Dh], both normed and rotated)."""
+        B, T, _ = x.shape
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(B, T, self.num_heads, self.head_dim)
+        q = rope_tail(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
+        return q_latent, q, rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)
+
     def _decode_rows(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict,
                      cache: CompressedCacheRows) -> torch.Tensor:
         """One new token per row (decode) over rows at different lengths, the gathered ("sparse") path batched:
         projections and the attention run over all rows at once; only what reads a row's own cache (its window,
         its compressors' update, the indexer's scan and pick) runs per row. Each row's keys are its window then
         its selected (CSA) or all (HCA) entries, padded to the longest row's and masked."""
-        B, H, Dh = x.shape[0], self.num_heads, self.head_dim
         cos, sin = ropes["compress" if self.rate else "main"]
         hc, hs = cos[:, :, None], sin[:, :, None]
-        q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = rope_tail(unweighted_rms_norm(self.q_b_proj(q_latent).view(B, 1, H, Dh), self.eps), hc, hs)
-        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, 1, Dh]
+        q_latent, q, kv = self.project(x, cos, sin)  # kv [B, 1, Dh]
         keys, valid = [], []
         for b, row in enumerate(cache.rows):
             here = slice(b, b + 1)

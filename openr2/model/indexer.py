@@ -12,7 +12,8 @@ over the keys t may see (s <= t; the others are -inf), and MLA attends over the 
 of them when fewer are visible). Every step is transformers' DeepseekV32Indexer: the same products in the
 same order and precision (q . k and the head sum in float32, the head weights' projection kept in float32),
 and like it no Hadamard rotation (an orthogonal map, q . k unchanged) and no FP8 rounding of q and k, which
-the official kernels add. Ties go as torch.topk breaks them, as there.
+the official kernels add. The top-k is model/topk.py's exact two-stage one over long rows: torch.topk's
+values; ties at the k-th score may take other indices (which transformers leaves to torch.topk).
 
 The selection is discrete: the indexer runs without autograd, so the language-model loss trains nothing in
 it (as in transformers; the indexer's own KL loss is training's business, through `scores`).
@@ -40,6 +41,7 @@ from torch import nn
 from openr2.config import ModelConfig
 from openr2.model.layers import Linear
 from openr2.model.rope import apply_rope
+from openr2.model.topk import top_k_indices
 
 # the [B, T, H, S] float32 products of `index_scores` are made this many elements at most at a time
 _SCORE_CHUNK_ELEMENTS = 1 << 26
@@ -113,7 +115,7 @@ class Indexer(nn.Module):
         if cache is None:
             if T <= self.index_topk:  # the t-th token sees t + 1 keys
                 return None
-            return self.scores(x, xq, cos, sin, kernel_impl).topk(self.index_topk, dim=-1).indices
+            return top_k_indices(self.scores(x, xq, cos, sin, kernel_impl), self.index_topk)
         cache.write_indexer(self.layer_idx, self.keys(x, cos, sin, kernel_impl))
         # position p sees p + 1 keys. A cache that scores inside a compiled step (`selects_always`) skips this
         # check, a host sync: its top-k then holds every visible key, dense MLA up to rounding
@@ -122,10 +124,11 @@ class Indexer(nn.Module):
             return None
         scores = cache.index_scores(self.layer_idx, self.queries(xq, cos, sin, kernel_impl), self.head_weights(x),
                                     positions, self.scale)
-        if always:  # K more -inf columns: a top-K exists whatever the context, with no branch on its size
+        if always:  # K more -inf columns: a top-K exists whatever the context, with no branch on its size (so
+            # one torch.topk, not top_k_indices' two stages, which branch on it)
             pad = scores.new_full((*scores.shape[:2], self.index_topk), float("-inf"))
             return torch.cat((scores, pad), dim=-1).topk(self.index_topk, dim=-1).indices
-        return scores.topk(min(self.index_topk, scores.shape[-1]), dim=-1).indices
+        return top_k_indices(scores, self.index_topk)
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float,

@@ -42,6 +42,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         "eval_wordings": "addition:3,subtraction:3", "eval_samples": 50, "final_eval_samples": 500,
         "save_every": 500, "out_dir": "runs/demo", "deterministic": False, "mtp_lambda": 0.3, "log_every": 10,
     },
+    # A small DeepSeek-V4 (presets.v4_demo: sliding / CSA / HCA / CSA layers, 2 hyper-connection streams, hash
+    # routing, MTP) from scratch on the synthetic tasks plus passkey retrieval in up to ~12K characters of
+    # filler (~6K tokens with the demo tokenizer) in 8K-token windows; its CSA indexers learn by their KL
+    # (train/csa.py). Needle accuracy at 32K..1M (`openr2 eval --task needle:LENGTH`) is what it is for.
+    "v4-demo": {
+        "mode": "sft", "model": "v4-demo", "vocab_size": 512, "seq_len": 8192, "batch_size": 1, "steps": 1500,
+        "lr": 2e-3, "warmup_steps": 50, "min_lr_ratio": 0.05, "weight_decay": 0.1, "grad_clip": 1.0,
+        "tasks": "addition:1-5:2,subtraction:1-5:1,multiplication:1-3:1,needle:200-12000:3",
+        "num_examples": 40_000, "eval_every": 500,
+        "eval_tasks": "addition:1-5,needle:4000,needle:12000", "eval_samples": 20, "final_eval_samples": 100,
+        "save_every": 250, "out_dir": "runs/v4-demo", "deterministic": False, "mtp_lambda": 0.3, "log_every": 10,
+    },
     # The start of the GRPO demonstration (bench/rl.py, BENCHMARKS.md): the demo model fine-tuned on sums of
     # 3-6 two-digit terms, added in a random order, stopped while 4 terms are far from saturated (held-out
     # greedy ~60-65%, maj@8 ~71-76%, pass@8 ~94-97% at temperature 0.7); ~4.5 minutes on 2 CPU cores.
@@ -320,6 +332,10 @@ def train(cfg: TrainConfig, export: str | None = None, command: str | None = Non
 
         model = convert_to_dsa(model, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, seed=cfg.seed)
         trainer_class = DSATrainer
+    elif model.config.is_v4 and "compressed_sparse_attention" in model.config.layer_types:
+        from openr2.train.csa import CSATrainer
+
+        trainer_class = CSATrainer  # the CSA indexers learn by their KL beside the LM loss
     if cfg.pipeline_parallel > 1:  # stages over ranks (pipeline_trainer.py; it refuses V3.2's indexers)
         from openr2.train.pipeline_trainer import PipelineTrainer
 

@@ -400,3 +400,13 @@ def test_forked_samples_carry_the_running_state(model):
     out = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True))[0]
     want = _greedy_full(model, prompt, 20)
     assert [o.token_ids for o in out.outputs] == [want, want]
+
+
+def test_engine_default_block_size(model):
+    from openr2.engine.engine import EngineConfig, LLMEngine
+    from openr2.presets import v4_demo
+
+    # the smallest multiple of the compression rates (lcm 16 / 128) >= 4 x the window (16 / 128)
+    assert (V4Pool.default_block_size(tiny_v4()), V4Pool.default_block_size(v4_demo())) == (64, 512)
+    assert LLMEngine(model, None, EngineConfig(num_blocks=4)).pool.block_size == 64
+    assert LLMEngine(model, None, EngineConfig(num_blocks=4, block_size=BS)).pool.block_size == BS
