@@ -319,7 +319,7 @@ class DiskCache:
                 with open(path, "rb", buffering=0) as f:
                     got = f.readinto(row)
                     extra = f.read(1)
-            except (FileNotFoundError, IsADirectoryError):
+            except OSError:  # no file (or one this process cannot read): a miss
                 self.stats.misses += 1
                 break
             if got != size or extra or not row[: len(head := self._head(self.namespace, h))] == head \

@@ -6,6 +6,10 @@ never serves another). Blocks whose reference count drops to zero keep their con
 until the pool needs them back, oldest first (LRU). Partial blocks are never shared: a fork (n samples
 of one prompt) shares the full blocks and copies the partial last one (`fork`, copy-on-write through the
 pool's `copy_block`).
+
+With a disk tier (engine/disk_cache.py, `cache_dir`), every block offered to the cache is also written to disk
+(`spill`), and a lookup that misses in memory goes on from the files (`load`): blocks read into the pool and
+registered as if they had been computed here.
 """
 
 from __future__ import annotations

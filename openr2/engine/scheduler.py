@@ -4,7 +4,7 @@ Every step spends a token budget: first on running sequences (one token each whe
 drafts when speculating; a prompt chunk when prefilling), in priority then admission order, preempting from the other end (lowest
 priority, most recently admitted; their blocks freed, to be recomputed later) when blocks run out; then
 on admitting waiting sequences, best priority first, each starting from the longest cached prefix of its
-tokens. Sequences join and leave between steps. Priority 0 is interactive, 1 is batch work. A sample
+tokens (the memory tier's, continued from the disk tier's files when there is one: engine/disk_cache.py). Sequences join and leave between steps. Priority 0 is interactive, 1 is batch work. A sample
 forked off a computed prompt (`fork`) starts from its parent's cache (BlockManager.fork).
 """
 
