@@ -100,6 +100,20 @@ def with_bf16_index(pool):
     return out
 
 
+def cpu_time_rows(rows, runs, warmup):
+    """time_rows (bench/common.py: interleaved rounds) by process CPU seconds per call; no load share."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in rows}
+    for _ in range(runs):
+        for name, fn in rows.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return times, None
+
+
 def scan(cfg, pool, table, S):
     """The indexer scan of one layer alone (engine/paged_attention.py's kernel over the pool's indexer keys, a
     float32 or bf16 pool), one query at position S: the part of a DSA step that grows with the context."""
@@ -155,6 +169,9 @@ def main():
                     help="contexts at which to time one 512-token prefill chunk (default: --contexts; 0: none)")
     ap.add_argument("--chunk-runs", type=int, default=1, help="rounds of the chunk timing (each chunk takes s)")
     ap.add_argument("--compiled", action="store_true", help="also time DSA through the compiled decode step")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time each step by this process's CPU time instead of the wall clock (with one thread, "
+                         "OMP_NUM_THREADS=1: the step's own compute, not the time other processes held the CPU)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = config(args.heads)
@@ -198,7 +215,7 @@ def main():
         # the two DSA reads are one function: the same logits (the fast one within float32 rounding)
         diff = (rows["dsa"]() - rows["dsa_gather"]()).abs().max().item()
         diff_bf16 = (rows["dsa"]() - rows["dsa_bf16"]()).abs().max().item()
-        times, other = time_rows(rows, args.runs, warmup=1)
+        times, other = (cpu_time_rows if args.cpu_time else time_rows)(rows, args.runs, warmup=1)
         load = os.getloadavg()[0]
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         best = {k: 1e3 * min(v) for k, v in times.items()}  # the least disturbed run of each row
