@@ -96,7 +96,7 @@ def with_bf16_index(pool):
     """The same pool with its indexer keys rounded to bfloat16 (a copy of those; the latents shared), as
     KVPool(index_dtype=torch.bfloat16) stores them."""
     out = copy.copy(pool)
-    out.k_index = pool.k_index.to(torch.bfloat16)
+    out.k_index, out.index_dtype = pool.k_index.to(torch.bfloat16), torch.bfloat16
     return out
 
 
