@@ -116,6 +116,21 @@ def time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, float | None]:
     return times, other_frac
 
 
+def cpu_time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, None]:
+    """time_rows in this process's CPU seconds per call (with one thread, OMP_NUM_THREADS=1: the step's own
+    work, whatever else runs on the machine); no load share to report."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in rows}
+    for _ in range(runs):
+        for name, fn in rows.items():
+            t1 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t1)
+    return times, None
+
+
 aten = torch.ops.aten
 # The kernels whose FLOPs the model itself needs: dense products and attention, forward and backward
 # (under inference_mode the dispatcher shows linear and SDPA whole, with autograd their parts).

@@ -18,7 +18,9 @@ the held-out chats, the filler included: plain language modelling at contexts > 
 greedy passkey accuracy (train/greedy.py, the
 model's own cache) of: the dense run; the dsa run attending sparsely (its top-K keys, as trained); the dsa run
 attending densely (the same weights with every key). The ratio dsa-sparse / dense of the held-out loss is the
-question.
+question. --mode pretrain asks it of DeepSeek's own setting, continued pre-training (the SFT reply loss, ~0.001
+nats, cannot resolve 1%: two dense seeds differ several-fold, --dense-seed2): plain needle texts, the loss on
+every token of the held-out texts, the passkey's retrieval loss beside it, greedy continuation accuracy.
 
 Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/dsa_train.py [--length 400 --index-topk 64 --index-n-heads 4
       --base-steps 100 --base-lr 2e-3 --warmup-steps 20 --steps 40 --lr 5e-4 --batch-size 4 --seq-len 384

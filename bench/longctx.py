@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
-from bench.common import cpu_name, time_rows  # noqa: E402
+from bench.common import cpu_name, cpu_time_rows, time_rows  # noqa: E402
 from openr2.config import ModelConfig  # noqa: E402
 from openr2.engine.kv_cache import KVPool, bytes_per_token  # noqa: E402
 from openr2.engine.runner import ModelRunner  # noqa: E402
@@ -97,7 +97,7 @@ def with_bf16_index(pool):
     """The same pool with its indexer keys rounded to bfloat16 (a copy of those; the latents shared), as
     KVPool(index_dtype=torch.bfloat16) stores them."""
     out = copy.copy(pool)
-    out.k_index = pool.k_index.to(torch.bfloat16)
+    out.k_index, out.index_dtype = pool.k_index.to(torch.bfloat16), torch.bfloat16
     return out
 
 
@@ -161,6 +161,9 @@ def main():
                          "v4:131072 or mla:16384 (repeatable; disk_restart below)")
     ap.add_argument("--disk-overhead", action="store_true",
                     help="instead: step times with and without the disk tier writing (disk_overhead below)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time each step by this process's CPU time instead of the wall clock (with one thread, "
+                         "OMP_NUM_THREADS=1: the step's own compute, not the time other processes held the CPU)")
     args = ap.parse_args()
     if args.disk_overhead:
         disk_overhead(args.runs)
@@ -210,7 +213,7 @@ def main():
         # the two DSA reads are one function: the same logits (the fast one within float32 rounding)
         diff = (rows["dsa"]() - rows["dsa_gather"]()).abs().max().item()
         diff_bf16 = (rows["dsa"]() - rows["dsa_bf16"]()).abs().max().item()
-        times, other = time_rows(rows, args.runs, warmup=1)
+        times, other = (cpu_time_rows if args.cpu_time else time_rows)(rows, args.runs, warmup=1)
         load = os.getloadavg()[0]
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         best = {k: 1e3 * min(v) for k, v in times.items()}  # the least disturbed run of each row
@@ -312,20 +315,6 @@ def v4_step_elements(cfg, S):
 
 def dense_step_elements(cfg, S):
     return cfg.num_hidden_layers * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-
-
-def cpu_time_rows(rows: dict, runs: int, warmup: int) -> tuple[dict, None]:
-    """time_rows in this process's CPU seconds (one thread: the step's own work, whatever else runs)."""
-    for fn in rows.values():
-        for _ in range(warmup):
-            fn()
-    times: dict = {name: [] for name in rows}
-    for _ in range(runs):
-        for name, fn in rows.items():
-            t1 = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t1)
-    return times, None
 
 
 def v4_decode_step(model, pool, table, S):

@@ -87,8 +87,10 @@ class DecodeView:
                      scale: float) -> torch.Tensor:
         """[B, T, S] for S = every key of the tables, -inf past each query."""
         S = self._num_keys()
+        if self.pool_k.dtype == torch.bfloat16:  # a bf16 model's keys, or the opt-in bf16 scan: bf16 queries
+            q_index = q_index.to(torch.bfloat16)
         args = (q_index, weights, self.pool_k, layer_idx, self.block_table, positions, S, self.block_size, scale)
-        if self.read_impl == "blocks" and paged_attention.index_kernel_reads(self.pool_k):
+        if self.read_impl == "blocks" and paged_attention.index_kernel_reads(self.pool_k, q_index.dtype):
             return paged_attention.paged_index_scores(*args)
         slots = paged_attention.block_slots(self.block_table, self.block_size, S)
         return paged_attention.gather_index_scores(*args, slots=slots)

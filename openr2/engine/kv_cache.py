@@ -118,6 +118,7 @@ class KVPool:
             raise ValueError(f"num_blocks must be >= 1 (got {num_blocks}); raise the cache memory budget")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kinds = cache_kinds(config, num_layers, index_dtype)
+        self.index_dtype = index_dtype if config.has_indexer else None
         # layers of one kind share stacked tensors: kind -> {field: [layers, entries, width]}, and each
         # layer's index in its kind's stack
         self.tensors: dict[LatentKind, dict[str, torch.Tensor]] = {}
@@ -261,9 +262,11 @@ class PagedView:
         """[B, T, S] float32: the indexer's score of each row's context keys 0..S-1 (S = the longest context),
         -inf past each query's position. Reads the indexer keys only: in place by block table, ReLU and head
         sum fused (engine/paged_attention.py), or gathered in position order (read="gather", the reference)."""
+        if self.pool.index_dtype == torch.bfloat16:  # the opt-in bf16 scan: queries rounded as the keys are
+            q_index = q_index.to(torch.bfloat16)
         args = (q_index, weights, self.pool.k_index, self._layer(layer_idx), self.block_table, positions,
                 self.num_keys, self.pool.block_size, scale)
-        if self.read_impl == "blocks" and paged_attention.index_kernel_reads(self.pool.k_index):
+        if self.read_impl == "blocks" and paged_attention.index_kernel_reads(self.pool.k_index, q_index.dtype):
             return paged_attention.paged_index_scores(*args)
         return paged_attention.gather_index_scores(*args, slots=self.slots(), chunk_elements=_SCORE_CHUNK_ELEMENTS)
 

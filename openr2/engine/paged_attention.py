@@ -157,10 +157,12 @@ def kernel_reads(pool: torch.Tensor) -> bool:
     return _loaded if _loaded is not None else load()
 
 
-def index_kernel_reads(pool_k: torch.Tensor) -> bool:
-    """Whether `paged_index_scores` reads this indexer-key pool: float32, or bfloat16 (the opt-in low-precision
-    scan: AMX where the CPU has it and D % 32 == block_size % 16 == 0, see `index_scan_amx`), on CPU."""
-    if pool_k.device.type != "cpu" or pool_k.dtype not in (torch.float32, torch.bfloat16):
+def index_kernel_reads(pool_k: torch.Tensor, q_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `paged_index_scores` scores queries of q_dtype over this indexer-key pool as the reference would:
+    float32 keys; or bfloat16 keys and bfloat16 queries (a bf16 model's, or rounded by the opt-in bf16 scan:
+    AMX where the CPU has it and D % 32 == block_size % 16 == 0, see `index_scan_amx`), on CPU. (The kernel
+    rounds float32 queries over bf16 keys, which the float32 reference does not.)"""
+    if pool_k.device.type != "cpu" or not (pool_k.dtype == torch.float32 or q_dtype == pool_k.dtype == torch.bfloat16):
         return False
     return _loaded if _loaded is not None else load()
 
@@ -201,10 +203,8 @@ def gather_index_scores(q_index: torch.Tensor, weights: torch.Tensor, pool_k: to
                         chunk_elements: int = 1 << 26) -> torch.Tensor:
     """The reference of `paged_index_scores` (same arguments): each row's keys gathered in position order, then
     model/indexer.py's `index_scores` products in its order (q . k per head, scale, ReLU, the weights' head
-    sum), `chunk_elements` of the [B, t, Hi, S] products at a time. A bfloat16 pool is scored with bfloat16
-    queries (rounded here; the products of two bf16 values are exact in float32), as the kernel scores it."""
-    if pool_k.dtype == torch.bfloat16:
-        q_index = q_index.to(torch.bfloat16)
+    sum), `chunk_elements` of the [B, t, Hi, S] products at a time. (The kernel scores a bfloat16 pool with the
+    queries rounded to bf16: the reference of that is this function given the rounded queries.)"""
     if slots is None:
         slots = block_slots(block_table, block_size, num_keys)
     keys = pool_k[layer_idx].index_select(0, slots.flatten())

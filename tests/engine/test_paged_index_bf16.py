@@ -1,7 +1,7 @@
 """The opt-in bfloat16 indexer scan (engine/paged_attention.py): a bf16 pool of indexer keys, scored with the
 queries rounded to bf16 as well, by AMX tiles where the CPU has them (16 keys x 16 heads x 32 dims) and by
-widened float32 code otherwise. Its reference is gather_index_scores over the same bf16 pool (bf16-rounded queries,
-float32 products); the bound comes from the float64 run of that reference on the same rounded inputs (the
+widened float32 code otherwise. Its reference is gather_index_scores over the same bf16 pool given the bf16-rounded
+queries (float32 products); the bound comes from the float64 run of that reference on the same rounded inputs (the
 products of two bf16 values are exact in float32, so only the sums' rounding differs, tests/numerics.py).
 Also the pool's `index_dtype` (KVPool) and its bytes."""
 
@@ -37,7 +37,7 @@ def _check_bf16(problem, what, topk=None):
     for layer in range(LAYERS):
         args = (pool_k, layer, block_table, positions, S, bs, scale)
         fast = paged_attention.paged_index_scores(q, w, *args)
-        plain = paged_attention.gather_index_scores(q, w, *args)
+        plain = paged_attention.gather_index_scores(q.to(torch.bfloat16), w, *args)  # the kernel rounds q so
         with float64_compute():  # the same bf16-rounded queries and keys, products and sums in float64
             ref = paged_attention.gather_index_scores(q.to(torch.bfloat16).double(), w.double(), pool_k.double(),
                                                       *args[1:])
