@@ -7,8 +7,10 @@ checked separately: greedy continuation, teacher-forced logits, tokenization. Im
 llama.cpp's AMX kernels (ggml-cpu/amx, used for Q4_0/Q4_1/Q8_0/K-quant products with more than one row when
 the build has AMX_INT8, as a -march=native build on a Sapphire Rapids CPU does) crash: GCC 12 drops the stores
 that fill the on-stack tile configuration, `ldtilecfg` reads a zeroed colsb and stale rows and faults
-(SIGSEGV in ggml_backend_amx_mul_mat; ggml-org/llama.cpp issue 20824, fix proposed in PR 26954). `load`
-therefore turns llama.cpp's extra (repacking) weight buffers off in such builds.
+(SIGSEGV in ggml_backend_amx_mul_mat; ggml-org/llama.cpp issue 20824, fix proposed in PR 26954). The AMX
+buffer also takes F16 weights whose real product it then refuses (attn_k_b with rows of 16 times a permuted
+q_nope: GGML_ASSERT(*cur_backend_id != -1) in the scheduler). `load` therefore turns llama.cpp's extra
+(repacking) weight buffers off in such builds, as llama.cpp's `--no-repack` does.
 """
 
 from __future__ import annotations
