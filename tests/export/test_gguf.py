@@ -263,3 +263,35 @@ def test_fp8_checkpoint_exports_dequantised(v3, tmp_path):
     state = export.gguf_state_dict(str(tmp_path / "m.gguf"), config)
     ref = load_model(tmp_path / "fp8").state_dict()
     assert np.allclose(state["layers.1.self_attn.o_proj.weight"].numpy(), ref["layers.1.self_attn.o_proj.weight"].numpy())
+
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "openr2", "assets", "openr2-demo")
+
+
+@pytest.mark.parametrize("which, export_type", [("v3", "q8_0"), ("v2", "q4_0"), ("demo", "q8_0")])
+def test_names_and_blocks_are_what_the_gguf_package_expects(request, tmp_path, which, export_type):
+    """Every tensor is one the installed gguf package lists for deepseek2 (llama.cpp's current names: split
+    attn_k_b/attn_v_b, no attn_kv_b) and every quantized tensor's rows hold whole blocks of its type."""
+    if which == "demo":
+        if not os.path.isfile(os.path.join(DEMO, "config.json")):
+            pytest.skip("the bundled demo model is not there")
+        path, layers = DEMO, json.load(open(os.path.join(DEMO, "config.json")))["num_hidden_layers"]
+    else:
+        path, model = request.getfixturevalue(which)
+        layers = model.config.num_hidden_layers
+    out = tmp_path / "m.gguf"
+    export.export_gguf(path, out, export_type)
+    arch = gguf.MODEL_ARCH.DEEPSEEK2
+    assert gguf.MODEL_ARCH_NAMES[arch] == export.ARCH
+    bases = [gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]]
+    allowed = {b.format(bid=i) + suffix for b in bases for i in range(layers) for suffix in (".weight", ".bias")}
+    reader = gguf.GGUFReader(out)
+    quantized = 0
+    for t in reader.tensors:
+        assert t.name in allowed, t.name
+        block = gguf.GGML_QUANT_SIZES[T(t.tensor_type)][0]
+        assert int(t.shape[0]) % block == 0, (t.name, t.tensor_type)  # shape[0]: the row (innermost) length
+        quantized += T(t.tensor_type) not in (T.F32, T.F16)
+    names = {t.name for t in reader.tensors}
+    assert {f"blk.{layers - 1}.attn_k_b.weight", f"blk.{layers - 1}.attn_v_b.weight"} <= names
+    assert quantized > 0 and not any("attn_kv_b" in n for n in names)
