@@ -266,7 +266,7 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("no sequence could be scheduled: the KV cache pool is too small")
             return []
-        start_s = time.perf_counter()
+        start_s = time.process_time()  # the policy rates steps by this process's CPU seconds (SpecPolicy)
         prefilling = {seq.seq_id for seq, _ in plan if seq.num_tokens - seq.num_computed > 1}
         self._num_committed = 0
         out = self.runner.run(plan, with_hidden=self.speculator is not None and self.speculator.mtp is not None)
@@ -288,7 +288,7 @@ class LLMEngine:
             if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
                 # the step's time includes drafting for the next one: steadily, the same k's cost
                 self.speculator.policy.record(len(plan), verified_k, self._num_committed,
-                                              time.perf_counter() - start_s)
+                                              time.process_time() - start_s)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []
