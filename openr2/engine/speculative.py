@@ -93,7 +93,7 @@ class SpecPolicy:
     tries a k it has measured fewer than `min_samples` times (one slow step, such as the first after a
     stretch without drafts, which drafts outside the fused step, would otherwise shut a k out until the next
     probe), and every `probe_every` steps retries another so the rates stay current.
-    Steps are timed in this process's CPU seconds (the engine passes them), not wall time: on a machine other
+    On CPU, steps are timed in this process's CPU seconds (the engine passes them), not wall time: on a machine other
     processes load, a step's wall time is mostly when the scheduler let it run, and the policy switched
     speculation off at random (a quarter of batch-1 steps with 10 processes on 2 vCPUs, against its better
     rate); the CPU seconds a width costs are what it changes, and on an idle machine they follow wall time.
