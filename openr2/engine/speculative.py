@@ -95,8 +95,10 @@ class SpecPolicy:
     probe), and every `probe_every` steps retries another so the rates stay current.
     On CPU, steps are timed in this process's CPU seconds (the engine passes them), not wall time: on a machine other
     processes load, a step's wall time is mostly when the scheduler let it run, and the policy switched
-    speculation off at random (a quarter of batch-1 steps with 10 processes on 2 vCPUs, against its better
-    rate); the CPU seconds a width costs are what it changes, and on an idle machine they follow wall time.
+    speculation off against its better rate (demo model, mtp:1, batch 1, load ~20 on 2 vCPUs: k = 0 on 44% of
+    steps with wall time and one sample per width, 18% with CPU time, 6% with CPU time and min_samples 3, where
+    one step in probe_every is a probe); the CPU seconds a width costs are what it changes, and on an idle
+    machine they follow wall time.
     The caller may cap k for a step (`choose(rows, max_k)`: the engine keeps a compiled step from growing
     past what its compiled shapes take, where an eager step would lose anyway).
     Seeded random rows always carry the configured k: their random draws depend on it, and a choice made
