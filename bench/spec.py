@@ -12,6 +12,8 @@ read the speed-ups (medians of per-round ratios), not the absolute rates.
       step alone, one row, k = 1, 2, 3, and the decode step fused with the first MTP draft step (one
       speculative round of mtp:k at width k + 1); speculation pays only if these stay near 1.
   (c) 8 and 32 concurrent requests: aggregate tokens/s with mtp:k vs without.
+  (d) (with --only d) where a batch-1 step's time goes, off vs mtp:1: the engine thread's CPU time per
+      step in the compiled call, the runner, sampling, drafting and the policy.
 
 On a machine other processes load heavily, `--clock cpu --threads 1` times this process's CPU seconds (what
 each side costs, without the time others held the CPU; caches are still shared, so it is not a quiet machine).
@@ -158,6 +160,59 @@ def step_widths(model, widths, threads, rounds=30, repeats=20) -> dict:
     return {key: min(statistics.median(times[key, t]) for t in threads) for key in cases}
 
 
+PARTS = {"step": ("engine", "step"), "compiled call": ("compiled", "__call__"), "runner.run": ("runner", "run"),
+         "sample+commit": ("engine", "_sample"), "output": ("engine", "_output"), "propose": ("spec", "propose"),
+         "policy.choose": ("policy", "choose"), "policy.record": ("policy", "record"), "runner.draft": ("runner", "draft")}
+
+
+def step_parts(model, tokenizer, params, specs, rounds=3) -> dict:
+    """(d) Where a step's time goes at batch 1, one thread: the engine thread's CPU microseconds per engine
+    step in each part (the methods of PARTS wrapped with a timer; nested parts are included in their callers),
+    best of `rounds` rounds over all questions, prefill steps included; and per committed token."""
+    from openr2.engine import compiled, engine, runner, speculative
+
+    owners = {"engine": engine.LLMEngine, "compiled": compiled.CompiledStep, "runner": runner.ModelRunner,
+              "spec": speculative.Speculator, "policy": speculative.SpecPolicy}
+    spent: dict[str, int] = {}
+    originals = []
+    for part, (owner, name) in PARTS.items():
+        cls = owners[owner]
+        fn = getattr(cls, name)
+        originals.append((cls, name, fn))
+
+        def timed(*args, _fn=fn, _part=part, **kwargs):
+            start = time.thread_time_ns()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[_part] = spent.get(_part, 0) + time.thread_time_ns() - start
+
+        setattr(cls, name, timed)
+    torch.set_num_threads(1)
+    try:
+        engines = {str(spec): engine_for(model, tokenizer, spec, 1) for spec in specs}
+        batches = [[p] for p in prompts(tokenizer, len(QUESTIONS))]
+        best = {}
+        for _ in range(rounds):
+            for name, eng in engines.items():
+                spent.clear()
+                num_steps = num_tokens = 0
+                for batch in batches:
+                    for i, p in enumerate(batch):
+                        eng.add_request(f"r{i}", p, params)
+                    while eng.has_unfinished_requests():
+                        num_steps += 1
+                        num_tokens += sum(len(o.outputs[0].token_ids_delta) for o in eng.step())
+                row = {part: ns / num_steps / 1e3 for part, ns in spent.items()}
+                row["steps"], row["per token"] = num_steps, spent["step"] / num_tokens / 1e3
+                if name not in best or row["step"] < best[name]["step"]:
+                    best[name] = row
+    finally:
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="timed rounds (each runs every side)")
@@ -190,6 +245,14 @@ def main() -> int:
         print_batch1(batch1, result)
     if "b" in only:
         print_widths(step_widths(model, [1, 2, 3, 4], threads), result)
+    if "d" in only:
+        parts = step_parts(model, tokenizer, params, [None, "mtp:1"])
+        print("\n(d) where a step's time goes, batch 1, one thread: engine-thread CPU us per engine step (nested "
+              "parts inside their callers; prefill steps included)")
+        print(f"{'part':<15}" + "".join(f"{'off' if n == 'None' else n:>10}" for n in parts))
+        for part in ["steps", *PARTS, "per token"]:
+            print(f"{part:<15}" + "".join(f"{row.get(part, 0):>10.1f}" for row in parts.values()))
+        result["d_step_parts_us"] = parts
     if "c" in only and not args.quick:
         print("\n(c) concurrent requests, compiled, aggregate tokens/s")
         print(f"{'requests':>8} {'speculation':<12} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11}")

@@ -181,6 +181,8 @@ class LLMEngine:
         self.speculator = Speculator(speculative, self.runner, self.scheduler, len(model.mtp)) \
             if speculative is not None else None
         self.spec_stats = SpecStats()
+        # the policy rates steps in this process's CPU seconds on CPU (SpecPolicy); a GPU's work is not in them
+        self._step_clock = time.process_time if model.device.type == "cpu" else time.perf_counter
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
@@ -305,7 +307,7 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("no sequence could be scheduled: the KV cache pool is too small")
             return []
-        start_s = time.perf_counter()
+        start_s = self._step_clock()
         prefilling = {seq.seq_id for seq, _ in plan if seq.num_tokens - seq.num_computed > 1}
         self._num_committed = 0
         out = self.runner.run(plan, with_hidden=self.speculator is not None and self.speculator.mtp is not None)
@@ -327,7 +329,7 @@ class LLMEngine:
             if not prefilling:  # the policy learns from decode steps only (a prompt chunk would skew the rate)
                 # the step's time includes drafting for the next one: steadily, the same k's cost
                 self.speculator.policy.record(len(plan), verified_k, self._num_committed,
-                                              time.perf_counter() - start_s)
+                                              self._step_clock() - start_s)
         for request_id in failed:  # one of its samples may have got a token before another failed
             touched.pop(request_id, None)
         finished = []

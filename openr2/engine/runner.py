@@ -278,7 +278,7 @@ class ModelRunner:
         in_use = [p.path for step in steps for ps in step._packages.values() for p in ps if p.path]
         try:
             compile_cache.touch(in_use)
-            compile_cache.prune(self._compiled_decode.cache_dir, keep=in_use)
+            compile_cache.prune(self.compile_cache_dir or compiled.default_cache_dir(), keep=in_use)
         except (OSError, ValueError) as e:
             warnings.warn(f"compiled steps not pruned ({type(e).__name__}: {e})", stacklevel=2)
 

@@ -90,16 +90,23 @@ class SpecPolicy:
     last `window` pure decode steps and rates k by their mean committed tokens over the lower quartile of
     their seconds (other processes delay a step, nothing makes one faster than it costs: a moving average
     of per-step rates followed such delays and, after a few, stayed with the worse k), runs the best k,
-    tries a k it has not measured yet, and every `probe_every` steps retries another so the rates stay
-    current.
+    tries a k it has measured fewer than `min_samples` times (one slow step, such as the first after a
+    stretch without drafts, which drafts outside the fused step, would otherwise shut a k out until the next
+    probe), and every `probe_every` steps retries another so the rates stay current.
+    On CPU, steps are timed in this process's CPU seconds (the engine passes them), not wall time: on a machine other
+    processes load, a step's wall time is mostly when the scheduler let it run, and the policy switched
+    speculation off against its better rate (demo model, mtp:1, batch 1, load ~20 on 2 vCPUs: k = 0 on 44% of
+    steps with wall time and one sample per width, 18% with CPU time, 6% with CPU time and min_samples 3, where
+    one step in probe_every is a probe); the CPU seconds a width costs are what it changes, and on an idle
+    machine they follow wall time.
     The caller may cap k for a step (`choose(rows, max_k)`: the engine keeps a compiled step from growing
     past what its compiled shapes take, where an eager step would lose anyway).
     Seeded random rows always carry the configured k: their random draws depend on it, and a choice made
     from wall-clock time would make them irreproducible (greedy outputs do not depend on k at all).
     """
 
-    def __init__(self, max_k: int, probe_every: int = 64, window: int = 16):
-        self.max_k, self.probe_every, self.window = max_k, probe_every, window
+    def __init__(self, max_k: int, probe_every: int = 64, window: int = 16, min_samples: int = 3):
+        self.max_k, self.probe_every, self.window, self.min_samples = max_k, probe_every, window, min_samples
         self.rate: dict[tuple[int, int], float] = {}  # (batch class, k) -> committed tokens per second
         self.samples: dict[tuple[int, int], collections.deque] = {}  # the same -> its last (tokens, seconds)
         self.steps = 0
@@ -112,8 +119,8 @@ class SpecPolicy:
         c = self.batch_class(num_rows)
         top = self.max_k if max_k is None else max(0, min(self.max_k, max_k))
         self.steps += 1
-        for k in range(top, -1, -1):  # every k measured once first, widest first
-            if (c, k) not in self.rate:
+        for k in range(top, -1, -1):  # every k measured a few times first, widest first
+            if len(self.samples.get((c, k), ())) < self.min_samples:
                 return k
         best = max(range(top + 1), key=lambda k: self.rate[c, k])
         if top and self.steps % self.probe_every == 0:

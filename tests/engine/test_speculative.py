@@ -218,9 +218,11 @@ def test_policy_measures_every_width_then_runs_the_best_and_keeps_probing():
         k = policy.choose(num_rows=8)
         chosen.append(k)
         policy.record(8, k, tokens[k], seconds[k])
-    assert chosen[:3] == [2, 1, 0]  # each width measured once, widest first
+    assert chosen[:9] == [2] * 3 + [1] * 3 + [0] * 3  # each width measured min_samples times, widest first
     assert chosen.count(1) >= 30 and 0 in chosen[3:] and 2 in chosen[3:]  # the best, and probes of the others
     assert policy.choose(num_rows=1) == 2  # another batch size class is measured on its own
+    for _ in range(policy.min_samples):
+        policy.record(1, 2, 2, 1.0)
     policy.record(8, 2, 2, 1e-3)  # a much faster step replaces a stale (e.g. compiling) measurement
     assert policy.rate[policy.batch_class(8), 2] == pytest.approx(2000)
 
@@ -277,6 +279,20 @@ def test_compiled_draft_over_prompts_equals_eager():
         ref = draft(float64_copy(model), False, torch.float64)
     for fast, plain, r, what in zip(draft(model, True), draft(model, False), ref, ("logits", "block output", "cache")):
         assert_close_to_reference(fast, plain, r, what=f"draft over prompts: {what}")
+
+
+def test_one_slow_step_does_not_shut_a_width_out():
+    """The first step with drafts after a stretch without costs more (its first draft runs outside the fused
+    step): a width is measured min_samples times before the policy settles, so that step alone does not decide."""
+    from openr2.engine.speculative import SpecPolicy
+
+    policy = SpecPolicy(max_k=1, probe_every=1000)
+    chosen = []
+    for i in range(30):
+        k = policy.choose(num_rows=1)
+        chosen.append(k)
+        policy.record(1, k, 2 if k else 1, (10.0 if i == 0 else 1.0) if k else 0.7)  # k = 1: 2 tokens/s, 0: 1.43
+    assert chosen[:3] == [1, 1, 1] and chosen[-10:] == [1] * 10
 
 
 def test_policy_rates_hold_against_delayed_steps():
