@@ -188,7 +188,9 @@ def test_anthropic_tool_choice_and_output_format(live):
     client = anthropic.Anthropic(base_url=live[0] + "/anthropic", api_key="unused", max_retries=0)
     tool = {"name": WEATHER["function"]["name"], "description": "Weather of a city",
             "input_schema": WEATHER["function"]["parameters"]}
-    for choice in ({"type": "tool", "name": "get_weather"}, {"type": "any"}):
+    # one call each (parallel calls off): a random model may otherwise go on opening calls until max_tokens
+    for choice in ({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+                   {"type": "any", "disable_parallel_tool_use": True}):
         msg = client.messages.create(model="tiny", max_tokens=400, messages=[{"role": "user", "content": "Paris?"}],
                                      tools=[tool], tool_choice=choice, thinking={"type": "disabled"})
         uses = [b for b in msg.content if b.type == "tool_use"]
