@@ -153,12 +153,11 @@ def tiny_v4() -> ModelConfig:
 
 
 def v4_demo() -> ModelConfig:
-    """The small DeepSeek-V4 the `v4-demo` recipe trains (`openr2 train --preset v4-demo`, contexts <= 8K): hidden
+    """The small DeepSeek-V4 the `v4-demo` recipe trains (`openr2 train --preset v4-demo`, 4K contexts): hidden
     128 in 4 layers (sliding / CSA 4:1 with an 8 x 32 indexer keeping 64 entries / HCA 128:1 / CSA), window 128,
     4 heads of 64 (rope 16) over one shared KV head, 2 hyper-connection streams, a hash-routed then scored MoE
-    (8 experts top-2 + 1 shared), one MTP module. The compressed branches' YaRN stretches the 8K it trains on
-    by 128 (to 1M positions); the window's rope is unscaled (it only sees 128 tokens). vocab_size is the
-    tokenizer's."""
+    (8 experts top-2 + 1 shared), one MTP module. The compressed branches' YaRN stretches 8K positions by 128
+    (to 1M); the window's rope is unscaled (it only sees 128 tokens). vocab_size is the tokenizer's."""
     return ModelConfig(
         model_type="deepseek_v4", vocab_size=512, hidden_size=128, moe_intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=1, head_dim=64, qk_rope_head_dim=16, q_lora_rank=64,

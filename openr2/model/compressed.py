@@ -211,6 +211,7 @@ class CompressedIndexer(Compressor):
                       sin[:, :, None])
         return q, self.scorer.weights_proj(x).float() * self.num_heads ** -0.5
 
+    @torch.no_grad()  # a discrete choice: nothing it returns carries gradient (training's KL rescores, csa_loss.py)
     def select(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, rotary: RotaryEmbedding,
                state: CompressorState | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,15 +43,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "save_every": 500, "out_dir": "runs/demo", "deterministic": False, "mtp_lambda": 0.3, "log_every": 10,
     },
     # A small DeepSeek-V4 (presets.v4_demo: sliding / CSA / HCA / CSA layers, 2 hyper-connection streams, hash
-    # routing, MTP) from scratch on the synthetic tasks plus passkey retrieval in up to ~12K characters of
-    # filler (~6K tokens with the demo tokenizer) in 8K-token windows; its CSA indexers learn by their KL
-    # (train/csa.py). Needle accuracy at 32K..1M (`openr2 eval --task needle:LENGTH`) is what it is for.
+    # routing, MTP) from scratch on the synthetic tasks plus passkey retrieval in up to ~7K characters of
+    # filler (~3.5K tokens with the demo tokenizer) in 4K-token windows; its CSA indexers learn by their KL
+    # (train/csa.py). A step costs ~6.7 s of CPU time (BENCHMARKS.md): ~2 CPU-hours. Needle accuracy at
+    # 32K..1M (`openr2 eval --task needle:LENGTH`) is what it is for.
     "v4-demo": {
-        "mode": "sft", "model": "v4-demo", "vocab_size": 512, "seq_len": 8192, "batch_size": 1, "steps": 1500,
+        "mode": "sft", "model": "v4-demo", "vocab_size": 512, "seq_len": 4096, "batch_size": 1, "steps": 1000,
         "lr": 2e-3, "warmup_steps": 50, "min_lr_ratio": 0.05, "weight_decay": 0.1, "grad_clip": 1.0,
-        "tasks": "addition:1-5:2,subtraction:1-5:1,multiplication:1-3:1,needle:200-12000:3",
-        "num_examples": 40_000, "eval_every": 500,
-        "eval_tasks": "addition:1-5,needle:4000,needle:12000", "eval_samples": 20, "final_eval_samples": 100,
+        "tasks": "addition:1-5:2,subtraction:1-5:1,multiplication:1-3:1,needle:200-7000:3",
+        "num_examples": 20_000, "eval_every": 250,
+        "eval_tasks": "addition:1-5,needle:2000,needle:7000", "eval_samples": 20, "final_eval_samples": 100,
         "save_every": 250, "out_dir": "runs/v4-demo", "deterministic": False, "mtp_lambda": 0.3, "log_every": 10,
     },
     # The start of the GRPO demonstration (bench/rl.py, BENCHMARKS.md): the demo model fine-tuned on sums of
