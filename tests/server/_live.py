@@ -43,10 +43,11 @@ def run_app(app):
 
 @contextlib.contextmanager
 def serve(ckpt: Path, data: Path, config: ServerConfig | None = None, log_content: bool = False,
-          prices: billing.PriceTable | None = None):
+          prices: billing.PriceTable | None = None, engine_config: EngineConfig | None = None):
     """Yield (base_url, Server); the ledger is data/ledger.sqlite."""
     config = config or ServerConfig(model_name="tiny", default_max_tokens=16)
-    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=256)))
+    engine_config = engine_config or EngineConfig(block_size=16, num_blocks=256)
+    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), engine_config))
     ledger = Ledger(data / "ledger.sqlite", data_dir=data, log_content=log_content)
     server = Server(engine, ledger, prices or billing.PriceTable(), config)
     try:

@@ -4,33 +4,20 @@ ledger bills them at the cache-hit price."""
 
 from __future__ import annotations
 
-import contextlib
-
 import httpx
 import openai
 
 from openr2 import billing
-from openr2.engine.async_engine import AsyncEngine
-from openr2.engine.engine import EngineConfig, LLMEngine
+from openr2.engine.engine import EngineConfig
 from openr2.engine.usage import Usage
-from openr2.server.app import Server, ServerConfig, create_app
-from openr2.server.ledger import Ledger
+from openr2.server.app import ServerConfig
 from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import run_app
+from tests.server._live import serve
 
 
-@contextlib.contextmanager
 def _serve(ckpt, data, cache_dir):
-    engine = AsyncEngine(LLMEngine.from_pretrained(str(ckpt), EngineConfig(block_size=16, num_blocks=64,
-                                                                           cache_dir=str(cache_dir))))
-    ledger = Ledger(data / "ledger.sqlite", data_dir=data)
-    server = Server(engine, ledger, billing.PriceTable(), ServerConfig(model_name="tiny", default_max_tokens=8))
-    try:
-        with run_app(create_app(server)) as base_url:
-            yield base_url, engine
-    finally:
-        engine.shutdown()
-        ledger.close()
+    return serve(ckpt, data, ServerConfig(model_name="tiny", default_max_tokens=8),
+                 engine_config=EngineConfig(block_size=16, num_blocks=64, cache_dir=str(cache_dir)))
 
 
 def _cost(base_url) -> int:
@@ -48,11 +35,11 @@ def test_a_restarted_server_bills_the_disk_blocks_as_cache_hits(tmp_path):
         first = openai.OpenAI(base_url=base_url + "/v1", api_key="x").chat.completions.create(**kwargs)
     assert first.usage.prompt_cache_hit_tokens == 0 and first.usage.prompt_tokens > 64
     assert any(cache.rglob("*.blk"))
-    with _serve(ckpt, data, cache) as (base_url, engine):
+    with _serve(ckpt, data, cache) as (base_url, server):
         before = _cost(base_url)
         again = openai.OpenAI(base_url=base_url + "/v1", api_key="x").chat.completions.create(**kwargs)
         after = _cost(base_url)
-        assert engine.engine.blocks.disk.cache.stats.hits > 0
+        assert server.engine.engine.blocks.disk.cache.stats.hits > 0
     u = again.usage
     assert u.prompt_cache_hit_tokens == (first.usage.prompt_tokens - 1) // 16 * 16  # every full prompt block
     assert u.prompt_tokens_details.cached_tokens == u.prompt_cache_hit_tokens
