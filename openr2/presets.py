@@ -158,21 +158,14 @@ def v4_demo() -> ModelConfig:
     4 heads of 64 (rope 16) over one shared KV head, 2 hyper-connection streams, a hash-routed then scored MoE
     (8 experts top-2 + 1 shared), one MTP module. The compressed branches' YaRN stretches 8K positions by 128
     (to 1M); the window's rope is unscaled (it only sees 128 tokens). vocab_size is the tokenizer's."""
-    return ModelConfig(
-        model_type="deepseek_v4", vocab_size=512, hidden_size=128, moe_intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=64, qk_rope_head_dim=16, q_lora_rank=64,
-        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, scoring_func="sqrtsoftplus",
-        routed_scaling_factor=1.5, norm_topk_prob=True, topk_method="noaux_tc",
-        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                     "compressed_sparse_attention"],
-        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        sliding_window=128, hc_mult=2, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=2, o_lora_rank=64,
-        swiglu_limit=10.0, index_n_heads=8, index_head_dim=32, index_topk=64, max_position_embeddings=1048576,
-        rope_theta=10000.0, compress_rope_theta=160000.0,
+    return dataclasses.replace(
+        tiny_v4(), vocab_size=512, hidden_size=128, moe_intermediate_size=128, head_dim=64, qk_rope_head_dim=16,
+        q_lora_rank=64, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        sliding_window=128, o_lora_rank=64, index_n_heads=8, index_head_dim=32, index_topk=64,
+        max_position_embeddings=1048576,
         rope_scaling={"type": "yarn", "factor": 128, "original_max_position_embeddings": 8192, "beta_fast": 32,
                       "beta_slow": 1},
-        num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+        num_nextn_predict_layers=1,
     )
 
 
