@@ -79,6 +79,8 @@ class TrainConfig(_Options):
     deterministic: bool = True
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     expert_parallel: int = 1  # under torchrun: routed experts split over this many ranks (expert_parallel.py)
+    redundant_experts: int = 0  # with expert_parallel: replica slots per MoE layer for hot experts (eplb.py)
+    rebalance_every: int = 10  # with redundant_experts: steps between placements from the measured loads
     eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
     # What to train and on what (read by run.py, the `openr2 train` command; the loop ignores them).
     model: str = "small-moe"  # a preset name or a directory/config.json (fresh weights)
@@ -155,6 +157,10 @@ class TrainConfig(_Options):
             raise bad("distributed", f"expected one of {STRATEGIES}")
         if self.expert_parallel < 1:
             raise bad("expert_parallel", "must be at least 1")
+        if self.redundant_experts < 0 or self.rebalance_every < 0:
+            raise bad("redundant_experts" if self.redundant_experts < 0 else "rebalance_every", "must be >= 0")
+        if self.redundant_experts and self.expert_parallel == 1:
+            raise bad("redundant_experts", "replicas of hot experts need expert parallelism (expert_parallel > 1)")
         if self.expert_parallel > 1 and self.distributed == "fsdp":
             raise bad("expert_parallel", "expert parallelism with distributed=fsdp is not supported yet "
                                          "(use distributed=ddp: attention and shared experts data-parallel)")

@@ -13,6 +13,14 @@ fused path does). The all-to-all is torch's differentiable functional collective
 reverse all-to-all; it works on gloo too), so the gradient of an expert collects every rank's tokens; the Trainer scales each rank's loss by the
 world size for DDP's average, so expert gradients, which nothing averages, are divided by it here.
 
+With `redundant` R > 0 (`--redundant-experts`, EPLB) each layer has E + R physical slots, (E + R)/N per
+rank, placed by eplb.rebalance from the measured loads (at the start: uniform loads) and re-placed every
+`rebalance_every` steps (`after_step`): the weights and optimizer moments move into their new slots. A
+replicated expert's pairs split round-robin over its replicas (Placement.to_physical); before the grad
+norm its replicas' gradients are summed (an all-reduce of the replicated experts only) into every replica,
+so replicas stay copies of one logical expert (same weights, gradient and moments: the same AdamW
+update), the norm counts each logical expert once, and checkpoints read each expert's primary slot.
+
 Only N == world size for now (no expert-data-parallel replicas), and not with FSDP.
 What it does not own: the routing math (model/moe.py), the load all-reduce (trainer.py does it for DDP).
 """
@@ -20,6 +28,7 @@ What it does not own: the routing math (model/moe.py), the load all-reduce (trai
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as torch_dist
@@ -28,7 +37,9 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from openr2.model.moe import MoE, RoutedExperts, _fused_ok, _GroupedExperts
+from openr2.train import eplb
 from openr2.train.distributed import Dist
+from openr2.train.eplb import Placement
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -39,25 +50,36 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 
 class EPExperts(RoutedExperts):
-    """This rank's experts [first, first + E/N) of a RoutedExperts; same forward signature, same parameter
-    names (gate_up_proj, down_proj: the local slices), so the model around it is unchanged."""
+    """This rank's physical expert slots of a RoutedExperts: [first, first + E/N) without redundant experts,
+    else the slots its `placement` (eplb.py) gives this rank (replicas of hot experts included). Same forward
+    signature (logical expert ids in), same parameter names (gate_up_proj, down_proj: the local slots), so
+    the model around it is unchanged."""
 
-    def __init__(self, full: RoutedExperts, rank: int, size: int, group):
+    def __init__(self, full: RoutedExperts, rank: int, size: int, group, placement: Placement | None = None):
         nn.Module.__init__(self)
         self.group = group  # its own process group: never interleaved with DDP's gradient all-reduces
-        local = full.num_experts // size
+        self.placement = placement or Placement.identity(full.num_experts)
+        self.logical_experts = full.num_experts
+        local = self.placement.phy2log.numel() // size
         self.num_experts, self.intermediate = local, full.intermediate
         self.rank, self.size = rank, size
-        part = slice(rank * local, (rank + 1) * local)
+        part = self.local_logical()
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[part].clone())
         self.down_proj = nn.Parameter(full.down_proj.detach()[part].clone())
         self.sent_bytes = 0  # what this rank sent to others through all-to-all in forwards, since reset
+        self.rows_run = 0  # (token, slot) rows this rank's slots ran in forwards, since reset
+        self.load = torch.zeros(full.num_experts, dtype=torch.long)  # this rank's pairs per logical expert
+
+    def local_logical(self) -> torch.Tensor:
+        """The logical expert of each of this rank's slots."""
+        return self.placement.phy2log[self.rank * self.num_experts:(self.rank + 1) * self.num_experts]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str = "grouped"):
         """x [N, D], weights [N, K], ids [N, K] (global expert ids) -> [N, D], as RoutedExperts.forward."""
         N, K = ids.shape
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)  # pairs sorted by expert, hence by the rank that holds it
+        self.load += torch.bincount(ids.flatten(), minlength=self.logical_experts).cpu()
+        flat = self.placement.to_physical(ids, self.rank).flatten()  # a physical slot per pair
+        order = flat.argsort(stable=True)  # pairs sorted by slot, hence by the rank that holds it
         # rows per expert, exchanged: each rank learns how many rows of each of its experts every rank sends
         sent = torch.bincount(flat, minlength=self.num_experts * self.size)
         received = torch.empty_like(sent)  # [source rank, local expert]
@@ -65,6 +87,7 @@ class EPExperts(RoutedExperts):
         received = received.view(self.size, self.num_experts)
         in_splits = sent.view(self.size, self.num_experts).sum(1).tolist()
         out_splits = received.sum(1).tolist()
+        self.rows_run += sum(out_splits)
         rows = _exchange(x.index_select(0, order // K), out_splits, in_splits, self.group)
         local_ids = torch.arange(self.num_experts, device=x.device).repeat(self.size).repeat_interleave(
             received.flatten())  # the rows arrive by source rank, each source's sorted by expert
@@ -97,10 +120,13 @@ class EPExperts(RoutedExperts):
 class ExpertParallel:
     """What the Trainer needs to know about the expert-parallel model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, dist: Dist, group):
+    def __init__(self, model: nn.Module, dist: Dist, group, rebalance_every: int = 0, groups: int = 1,
+                 nodes: int = 1):
         self.model, self.dist, self.group = model, dist, group
-        self.expert_names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, EPExperts)
-                             for p in EXPERT_PARAMS]
+        self.rebalance_every, self.groups, self.nodes = rebalance_every, groups, nodes
+        self.owner = {f"{name}.{p}": m for name, m in model.named_modules() if isinstance(m, EPExperts)
+                      for p in EXPERT_PARAMS}
+        self.expert_names = list(self.owner)
         self.expert_params = {id(p) for name, p in model.named_parameters() if name in self.expert_names}
         # the loss is scaled by the world size for DDP's average; nothing averages the experts' gradients
         for name, p in model.named_parameters():
@@ -110,6 +136,12 @@ class ExpertParallel:
     def experts(self) -> list[EPExperts]:
         return [m for m in self.model.modules() if isinstance(m, EPExperts)]
 
+    @property
+    def redundant(self) -> int:
+        """Physical slots beyond the logical experts, per MoE layer."""
+        m = self.experts()[0]
+        return m.num_experts * m.size - m.logical_experts
+
     def take_sent_bytes(self) -> int:
         """All-to-all bytes this rank sent in forwards since the last call (backward sends as much again)."""
         total = 0
@@ -118,11 +150,17 @@ class ExpertParallel:
         return total
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed."""
+        """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed
+        (after the replicas of each expert got their summed gradient: each logical expert counted once)."""
+        self._sum_replica_grads()
+        primary = {id(p): m.placement.replica[m.num_experts * m.rank:m.num_experts * (m.rank + 1)] == 0
+                   for m in self.experts() for p in (m.gate_up_proj, m.down_proj)}
         shared = [p.grad for p in params if p.grad is not None and id(p) not in self.expert_params]
         local = [p.grad for p in params if p.grad is not None and id(p) in self.expert_params]
+        counted = [p.grad[primary[id(p)].to(p.device)] for p in params
+                   if p.grad is not None and id(p) in self.expert_params]
         sq = lambda gs: sum((g.double().pow(2).sum() for g in gs), torch.zeros((), dtype=torch.float64))  # noqa: E731
-        expert_sq = sq(local)
+        expert_sq = sq(counted)
         torch_dist.all_reduce(expert_sq, group=self.group)
         norm = (sq(shared) + expert_sq).sqrt()
         if math.isfinite(max_norm):
@@ -131,28 +169,95 @@ class ExpertParallel:
                 g.mul_(scale.to(g.dtype))
         return norm
 
-    # -------------------------------------------------------------- whole state <-> this rank's slices
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    def _sum_replica_grads(self) -> None:
+        """Each replicated expert's gradient = the sum of its replicas' (every rank, one all-reduce of the
+        replicated experts only), written back into every replica: replicas stay copies of one expert."""
+        for m in self.experts():
+            hot = (m.placement.count > 1).nonzero().flatten()
+            if not hot.numel():
+                continue
+            index = torch.full((m.logical_experts,), -1, dtype=torch.long)
+            index[hot] = torch.arange(hot.numel())
+            mine = index[m.local_logical()]
+            slots = (mine >= 0).nonzero().flatten()
+            for p in (m.gate_up_proj, m.down_proj):
+                at, into = slots.to(p.device), mine[slots].to(p.device)
+                total = p.grad.new_zeros(hot.numel(), *p.shape[1:]).index_add_(0, into, p.grad[at])
+                torch_dist.all_reduce(total, group=self.group)
+                p.grad[at] = total[into]
+
+    def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> dict:
+        """After optimizer step `step` (1-based): per MoE layer, the largest rank's rows over the mean
+        (`ep_rows_max_over_mean`, what the step's experts ran per rank), and every rebalance_every steps
+        with redundant experts, a new placement from the loads since the last one (`ep_rebalanced`)."""
+        experts = self.experts()
+        rows = torch.zeros(self.dist.world_size, len(experts), dtype=torch.float64)
+        rows[self.dist.rank] = torch.tensor([float(m.rows_run) for m in experts], dtype=torch.float64)
+        torch_dist.all_reduce(rows, group=self.group)
+        for m in experts:
+            m.rows_run = 0
+        record = {"ep_rows_max_over_mean": (rows.max(0).values / rows.mean(0).clamp(min=1e-30)).tolist()}
+        if self.redundant and self.rebalance_every and step % self.rebalance_every == 0:
+            self.rebalance(optimizer)
+            record["ep_rebalanced"] = True
+        return record
+
+    @torch.no_grad()
+    def rebalance(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Place every layer's slots anew (eplb.rebalance) from the logical loads of all ranks since the
+        last call, and move the experts' weights and optimizer moments into their new slots (each rank
+        gathers the whole experts, then keeps its slots: simple, and as many bytes as a checkpoint)."""
+        experts = self.experts()
+        load = torch.stack([m.load for m in experts]).to(torch.float64)
+        torch_dist.all_reduce(load, group=self.group)
+        slots = experts[0].num_experts * self.dist.world_size
+        phy2log, replica, count = eplb.rebalance(load, slots, self.groups, self.nodes, self.dist.world_size)
+        for i, m in enumerate(experts):
+            moved = []
+            for p in (m.gate_up_proj, m.down_proj):
+                state = optimizer.state.get(p, {}) if optimizer is not None else {}
+                for t in [p.data] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]:
+                    moved.append((t, self._gather(t, m)))
+            m.placement = Placement.build(phy2log[i], replica[i], count[i])
+            for t, whole in moved:
+                t.copy_(whole[m.local_logical().to(whole.device)])
+            m.load.zero_()
+
+    @torch.no_grad()
+    def replicas_agree(self) -> bool:
+        """Whether every replica of every expert holds its primary's weights bitwise (collective)."""
+        ok = True
+        for m in self.experts():
+            for p in (m.gate_up_proj, m.down_proj):
+                parts = [torch.empty_like(p) for _ in range(self.dist.world_size)]
+                torch_dist.all_gather(parts, p.data.contiguous(), group=self.group)
+                slots = torch.cat(parts)
+                ok &= torch.equal(slots, slots[m.placement.primary.to(p.device)][m.placement.phy2log.to(p.device)])
+        return ok
+
+    # -------------------------------------------------------------- whole state <-> this rank's slots
+    def _gather(self, t: torch.Tensor, m: EPExperts) -> torch.Tensor:
+        """This rank's slots of one expert tensor -> the whole logical tensor [E, ...] (collective)."""
         parts = [torch.empty_like(t) for _ in range(self.dist.world_size)]
         torch_dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat(parts)
+        return torch.cat(parts)[m.placement.primary.to(t.device)]
 
-    def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        local = t.shape[0] // self.dist.world_size
-        return t[self.dist.rank * local:(self.dist.rank + 1) * local].clone()
+    def _slice(self, t: torch.Tensor, m: EPExperts) -> torch.Tensor:
+        return t[m.local_logical().to(t.device)].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with whole expert tensors (collective: every rank calls it)."""
-        return {k: self._gather(v) if k in self.expert_names else v for k, v in self.model.state_dict().items()}
+        return {k: self._gather(v, self.owner[k]) if k in self.owner else v
+                for k, v in self.model.state_dict().items()}
 
     def local_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: self._slice(v) if k in self.expert_names else v for k, v in state.items()}
+        return {k: self._slice(v, self.owner[k]) if k in self.owner else v for k, v in state.items()}
 
     def _map_optimizer(self, state: dict, fn) -> dict:
         per_param = {}
         for k, s in state["state"].items():
-            per_param[k] = {n: fn(v) if k in self.expert_names and torch.is_tensor(v) and v.dim() else v
-                            for n, v in s.items()} if k in self.expert_names else s
+            per_param[k] = {n: fn(v, self.owner[k]) if torch.is_tensor(v) and v.dim() else v
+                            for n, v in s.items()} if k in self.owner else s
         return {**state, "state": per_param}
 
     def full_optimizer_state(self, state: dict) -> dict:
@@ -163,9 +268,13 @@ class ExpertParallel:
         return self._map_optimizer(state, self._slice)
 
 
-def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
-    """Keep 1/n of every MoE layer's routed experts on this rank (n == world size); None when n is 1."""
+def apply(model: nn.Module, n: int, dist: Dist, redundant: int = 0, rebalance_every: int = 0
+          ) -> ExpertParallel | None:
+    """Keep 1/n of every MoE layer's routed experts on this rank (n == world size), plus `redundant` replica
+    slots per layer placed by EPLB (replaced every `rebalance_every` steps); None when n is 1."""
     if n == 1:
+        if redundant:
+            raise ValueError(f"redundant_experts={redundant} needs expert parallelism (expert_parallel > 1)")
         return None
     moe = [m for m in model.modules() if isinstance(m, MoE)]
     if not moe:
@@ -174,6 +283,9 @@ def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
     if experts % n:
         raise ValueError(f"expert_parallel={n} does not divide the model's {experts} routed experts "
                          "(n_routed_experts)")
+    if (experts + redundant) % n:
+        raise ValueError(f"redundant_experts={redundant}: {experts} experts + {redundant} replicas do not split "
+                         f"over {n} ranks (make n_routed_experts + redundant_experts a multiple of {n})")
     if dist.world_size == 1:
         raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
     if dist.world_size % n:
@@ -183,6 +295,13 @@ def apply(model: nn.Module, n: int, dist: Dist) -> ExpertParallel | None:
                          "part of the processes (expert-data-parallel replicas) is not supported yet; "
                          f"use --expert-parallel {dist.world_size} or torchrun --nproc-per-node {n}")
     group = torch_dist.new_group(list(range(n)))
-    for m in moe:
-        m.experts = EPExperts(m.experts, dist.rank, n, group)
-    return ExpertParallel(model, dist, group)
+    groups = moe[0].gate.num_groups
+    nodes = max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", n)))
+    placement = [None] * len(moe)
+    if redundant:  # the first placement before any load is known: every expert equally loaded
+        phy2log, replica, count = eplb.rebalance(torch.ones(len(moe), experts), experts + redundant, groups,
+                                                 nodes, n)
+        placement = [Placement.build(*t) for t in zip(phy2log, replica, count)]
+    for m, where in zip(moe, placement):
+        m.experts = EPExperts(m.experts, dist.rank, n, group, where)
+    return ExpertParallel(model, dist, group, rebalance_every, groups, nodes)
