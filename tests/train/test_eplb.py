@@ -120,6 +120,15 @@ def test_bad_settings_are_refused():
         expert_parallel.apply(model, 1, Dist(), redundant=2)
 
 
+def test_flags(capsys):
+    from openr2.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--redundant-experts" in out and "--rebalance-every" in out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     one, two = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("eplb")
