@@ -92,8 +92,8 @@ class Gate(nn.Module):
         before = share.cumsum(dim=-1) - share
         kept = before < self.top_p
         kept[:, : self.min_k] = True
-        self.extra = ((self.top_p - before[:, self.min_k:]).clamp(min=0).sum(-1) / self.top_p).mean() \
-            if weights.requires_grad else None  # training only (and no attribute writes in compiled decode)
+        if weights.requires_grad:  # training only (no module attribute written in compiled or exported steps)
+            self.extra = ((self.top_p - before[:, self.min_k:]).clamp(min=0).sum(-1) / self.top_p).mean()
         return weights * kept, ids
 
 
@@ -395,7 +395,7 @@ class MoE(nn.Module):
             f = chosen.sum(1) * (E / (K * T))
             p = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E).mean(1)
             terms.append(self.aux_loss_alpha * (f * p).sum(-1).mean())
-        if kept is not None and self.compute_penalty and self.gate.extra is not None:
+        if kept is not None and self.compute_penalty and weights.requires_grad:  # extra: this forward's
             terms.append(self.compute_penalty * self.gate.extra)  # fewer experts per token (dynamic sparsity)
         self.aux_loss = sum(terms) if terms else None
 
