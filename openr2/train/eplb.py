@@ -79,8 +79,8 @@ def rebalance(load: torch.Tensor, slots: int, groups: int, nodes: int, ranks: in
         raise ValueError(f"rebalance: {slots} physical slots do not split over {ranks} ranks")
     if nodes < 1 or ranks % nodes:
         raise ValueError(f"rebalance: {ranks} ranks do not split over {nodes} nodes")
-    if groups % nodes or slots % nodes:
-        groups = nodes = 1  # the global policy
+    if groups % nodes:
+        groups = nodes = 1  # the global policy (slots % nodes == 0 follows from the checks above)
     load = load.double().cpu()
     group_size, per_node = experts // groups, experts // nodes
     # 1. groups onto nodes; experts renumbered node by node ("node-logical" ids)
