@@ -42,7 +42,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     layers = stats.num_layers
     rows = [
         ("model", f"{args.model} ({config.model_type}, {layers} layers, {config.n_routed_experts} routed experts "
-                  f"top-{config.num_experts_per_tok})"),
+                  f"top-{config.num_experts_per_tok}" + (f", dynamic: top-p {config.routing_top_p} keeping "
+                  f"{config.routing_min_k}..{config.num_experts_per_tok} per token, active parameters below at "
+                  f"the most" if config.routing_top_p else "") + ")"),
         ("total parameters", f"{stats.total_params:,}"),
         ("active parameters", f"{stats.active_params:,} per token ({_short(stats.active_params)}; head counted, "
                               f"input embedding not, MTP excluded)"),
