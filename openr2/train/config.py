@@ -184,9 +184,10 @@ class TrainConfig(_Options):
             raise bad("pp_schedule", f"expected one of {PP_SCHEDULES}")
         if self.microbatches < 0:
             raise bad("microbatches", "must be 0 (as many as stages) or more")
-        if self.pipeline_parallel > 1 and self.distributed == "fsdp":
-            raise bad("pipeline_parallel", "pipeline stages with distributed=fsdp are not supported yet "
-                                           "(use distributed=ddp: each stage's replicas sum their gradients)")
+        if self.pipeline_parallel > 1 and self.distributed == "fsdp" and self.pp_schedule in ("zbv", "dualpipev"):
+            raise bad("pp_schedule", f"{self.pp_schedule} with distributed=fsdp is not supported yet (its split "
+                                     "backward gave wrong gradients / hung under FSDP2 here): use 1f1b or "
+                                     "interleaved with fsdp, or distributed=ddp")
 
     def _validate_redundant_experts(self) -> None:
         bad = self._bad
