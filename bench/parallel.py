@@ -9,6 +9,7 @@ printed beside it (other jobs on a shared box move these numbers). CPU and gloo 
 
     python bench/parallel.py --nproc 2 --steps 12 --rounds 2
     python bench/parallel.py --pipeline --nproc 4 --steps 8 --rounds 2   # pipeline bubble per schedule
+    python bench/parallel.py --imbalance --nproc 2 --redundant 2 --skew 0.5 --steps 16 --rounds 2  # EPLB
 """
 
 from __future__ import annotations
@@ -54,14 +55,17 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     config = get_preset(args.model)
     model = build_model(config, seed=0, device=device)
+    skewed = skew_router(model, args.skew) if args.skew else False
     cfg = TrainConfig(mode="pretrain", steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       warmup_steps=1, out_dir=args.out, expert_parallel=args.ep, save_every=args.steps + 1,
-                      deterministic=False, device=args.device)
-    times, last = [], [time.perf_counter()]
+                      deterministic=False, device=args.device, redundant_experts=args.redundant,
+                      rebalance_every=args.rebalance_every, balance_gamma=0.0 if skewed else 1e-3)
+    times, last, imbalance = [], [time.perf_counter()], []
 
     def on_step(step, record):
         now = time.perf_counter()
         times.append((now - last[0], record.get("all_to_all_bytes", 0), record["loss"]))
+        imbalance.append(record.get("ep_rows_max_over_mean"))
         last[0] = now
 
     trainer = Trainer(model, RandomWindows(args.batch_size, args.seq_len, config.vocab_size), cfg, on_step=on_step)
@@ -70,10 +74,25 @@ def worker(args) -> None:
     if dist.is_main:
         with open(os.path.join(args.out, "times.json"), "w") as f:
             json.dump(times, f)
+        with open(os.path.join(args.out, "imbalance.json"), "w") as f:
+            json.dump(imbalance, f)
     distributed.shutdown(dist)
 
 
-def run_side(args, nproc: int, threads: int, out: str) -> list:
+def skew_router(model, skew: float) -> bool:
+    """A skewed routing workload: every noaux_tc gate's correction bias set to skew * (E-1-e)/(E-1), so expert 0
+    is the hottest and the load falls with the id (kept: the caller turns the bias update off). The hot
+    experts then sit together on the first ranks of a contiguous placement, as correlated hot experts do."""
+    from openr2.model.moe import MoE
+
+    gates = [m.gate for m in model.modules() if isinstance(m, MoE) and hasattr(m.gate, "e_score_correction_bias")]
+    for g in gates:
+        E = g.e_score_correction_bias.numel()
+        g.e_score_correction_bias.copy_(skew * torch.arange(E - 1, -1, -1, dtype=torch.float32) / (E - 1))
+    return bool(gates)
+
+
+def run_side(args, nproc: int, threads: int, out: str, redundant: int = 0) -> list:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     common = [str(Path(__file__)), "--worker", "--out", out, "--model", args.model, "--steps", str(args.steps),
               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--device", args.device]
@@ -81,12 +100,58 @@ def run_side(args, nproc: int, threads: int, out: str) -> list:
         cmd = [sys.executable, *common, "--threads", str(threads), "--ep", "1"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               *common, "--threads", "1", "--ep", str(nproc)]
+               *common, "--threads", "1", "--ep", str(nproc), "--redundant", str(redundant),
+               "--rebalance-every", str(args.rebalance_every), "--skew", str(args.skew)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     with open(os.path.join(out, "times.json")) as f:
         return json.load(f)
+
+
+def load_imbalance(args) -> None:
+    """EPLB: per-rank load imbalance (rows the ranks' experts ran, max over mean, per MoE layer and step) of
+    EP=nproc runs without and with --redundant replica slots on a skewed routing workload (--skew), measured
+    in the runs (all-to-all, gloo), alternated --rounds times; then the placement policy alone on DeepSeek-V3's
+    shape (256 experts, 58 MoE layers, one redundant slot per rank) for Zipf-skewed loads."""
+    from openr2.train.eplb import rebalance
+
+    print(f"# EPLB load imbalance: model {args.model}, EP={args.nproc}, global batch {args.batch_size} x "
+          f"{args.seq_len}, {args.steps} steps, skew {args.skew}, rebalance every {args.rebalance_every}; "
+          f"load average at the start {os.getloadavg()[0]:.2f}")
+    sides = {0: [], args.redundant: []}
+    times = {0: [], args.redundant: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for red in sides:
+                out = os.path.join(tmp, f"eplb-{red}-{r}")
+                times[red] += [t for t, _, _ in run_side(args, args.nproc, 1, out, red)[args.warmup:]]
+                with open(os.path.join(out, "imbalance.json")) as f:
+                    rows = json.load(f)
+                # with replicas: the steps after the first placement from measured loads
+                sides[red] += rows[args.rebalance_every if red else args.warmup:]
+    print(f"{'redundant slots':>16} {'max/mean rows per rank (mean over steps, per MoE layer)':>58} {'step ms':>9}")
+    result = {}
+    for red, rows in sides.items():
+        per_layer = [statistics.mean(step[i] for step in rows) for i in range(len(rows[0]))]
+        result[red] = per_layer
+        print(f"{red:>16} {' '.join(f'{v:.3f}' for v in per_layer):>58} {statistics.median(times[red]) * 1e3:9.1f}")
+    g = torch.Generator().manual_seed(0)
+    print("# the policy alone, DeepSeek-V3 shape (256 experts in 8 groups, 58 layers), Zipf(s) loads, max/mean "
+          "tokens per rank:")
+    print(f"{'s':>5} {'nodes x ranks':>14} {'no replicas':>12} {'EPLB, +1 slot per rank':>23}")
+    for s_exp in (0.6, 1.0, 1.4):
+        base = 1.0 / torch.arange(1, 257, dtype=torch.float64) ** s_exp
+        load = torch.stack([base[torch.randperm(256, generator=g)] for _ in range(58)])
+        for nodes, ranks in ((1, 8), (4, 32), (8, 64)):
+            plain = load.view(58, ranks, -1).sum(-1)
+            phy2log, _, count = rebalance(load, 256 + ranks, 8, nodes, ranks)
+            placed = (load / count).gather(1, phy2log).view(58, ranks, -1).sum(-1)
+            ratio = lambda x: float((x.max(1).values / x.mean(1)).mean())  # noqa: E731
+            print(f"{s_exp:>5} {f'{nodes} x {ranks}':>14} {ratio(plain):12.3f} {ratio(placed):23.3f}")
+    print(f"# load average at the end: {os.getloadavg()[0]:.2f}")
+    print(json.dumps({"bench": "eplb", "model": args.model, "nproc": args.nproc, "skew": args.skew,
+                      "max_over_mean_per_layer": {str(k): [round(v, 4) for v in vs] for k, vs in result.items()}}))
 
 
 def main() -> None:
@@ -108,6 +173,10 @@ def main() -> None:
     from bench.parallel_pp import add_arguments
 
     add_arguments(p)
+    p.add_argument("--imbalance", action="store_true", help="EPLB: load imbalance without and with --redundant")
+    p.add_argument("--redundant", type=int, default=0, help="replica slots per MoE layer (with --imbalance)")
+    p.add_argument("--rebalance-every", type=int, default=4)
+    p.add_argument("--skew", type=float, default=0.0, help="skewed routing: correction-bias spread (0: off)")
     args = p.parse_args()
     if args.pipeline:
         from bench.parallel_pp import main as pipeline_main
@@ -115,6 +184,8 @@ def main() -> None:
         return pipeline_main(args)
     if args.worker:
         return worker(args)
+    if args.imbalance:
+        return load_imbalance(args)
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}; model {args.model}, "
           f"global batch {args.batch_size} x {args.seq_len}, {args.steps} steps ({args.warmup} warm-up) x "
           f"{args.rounds} rounds; load average at the start {os.getloadavg()[0]:.2f}")

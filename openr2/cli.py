@@ -31,18 +31,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     from openr2.model.accounting import model_stats
 
     config = _resolve_config(args.model)
+    if args.ep > 1 or args.pp > 1:
+        return _info_parallel(args, config)
     stats = model_stats(config)
     if args.json:
         print(json.dumps({"model": args.model, "model_type": config.model_type, **stats.to_dict()}))
         return 0
-    if args.ep > 1 or args.pp > 1:
-        return _info_parallel(args, config)
     if config.is_v4:
         return _info_v4(args.model, config, stats)
     layers = stats.num_layers
     rows = [
         ("model", f"{args.model} ({config.model_type}, {layers} layers, {config.n_routed_experts} routed experts "
-                  f"top-{config.num_experts_per_tok})"),
+                  f"top-{config.num_experts_per_tok}" + (f", dynamic: top-p {config.routing_top_p} keeping "
+                  f"{config.routing_min_k}..{config.num_experts_per_tok} per token, active parameters below at "
+                  f"the most" if config.routing_top_p else "") + ")"),
         ("total parameters", f"{stats.total_params:,}"),
         ("active parameters", f"{stats.active_params:,} per token ({_short(stats.active_params)}; head counted, "
                               f"input embedding not, MTP excluded)"),
@@ -83,6 +85,12 @@ def _info_parallel(args: argparse.Namespace, config) -> int:
     if dp % ep:
         raise ValueError(f"--dp {dp} must be a multiple of --ep {ep} (expert parallelism inside data parallelism)")
     ranks = per_rank(config, ep, pp)
+    if args.json:
+        print(json.dumps({"model": args.model, "ep": ep, "pp": pp, "dp": dp,
+                          "stages": [{"stage": r.stage, "layers": [r.layers.start, r.layers.stop],
+                                      "dense_params": r.dense_params, "expert_params": r.expert_params,
+                                      **r.bytes(ep, dp)} for r in ranks]}))
+        return 0
     print(f"{args.model}: {config.num_hidden_layers} layers in {pp} pipeline stages, {config.n_routed_experts} routed "
           f"experts over {ep} ranks, {dp} data-parallel ranks per stage ({pp * dp} ranks); bf16 weights, fp32 "
           f"gradients, fp32 master weights and AdamW moments sharded over data parallelism (ZeRO-1); "
@@ -99,11 +107,6 @@ def _info_parallel(args: argparse.Namespace, config) -> int:
         print(f"{r.stage:>5} {span:>9} {r.dense_params:>14,} {r.expert_params:>14,} {_mib(b['weights']):>10} "
               f"{_mib(b['gradients']):>10} {_mib(b['master'] + b['moments']):>14} {_mib(total):>10}{extra}")
     print(f"busiest rank: {_mib(max(rows))}")
-    if args.json:
-        print(json.dumps({"model": args.model, "ep": ep, "pp": pp, "dp": dp,
-                          "stages": [{"stage": r.stage, "layers": [r.layers.start, r.layers.stop],
-                                      "dense_params": r.dense_params, "expert_params": r.expert_params,
-                                      **r.bytes(ep, dp)} for r in ranks]}))
     return 0
 
 

@@ -39,13 +39,14 @@ V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_c
 V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
 _V4_RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention",
                            128: "heavily_compressed_attention"}  # the release's `compress_ratios`
+_DYNAMIC_ROUTING_KEYS = ("routing_top_p", "routing_min_k", "routing_compute_penalty")
 # V4's own keys (None for the other model types), written to config.json only for deepseek_v4
 _V4_KEYS = ("head_dim", "layer_types", "mlp_layer_types", "compress_rates", "compress_rope_theta", "sliding_window",
             "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "swiglu_limit")
 # MLA / V3-routing keys V4 has no use for
 _NOT_V4_KEYS = ("intermediate_size", "n_group", "topk_group", "topk_method", "first_k_dense_replace",
                 "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "rope_interleave", "aux_loss_alpha",
-                "seq_aux")
+                "seq_aux") + _DYNAMIC_ROUTING_KEYS
 _NULLABLE = {"q_lora_rank", "pad_token_id", "bos_token_id", "eos_token_id", "num_key_value_heads"}
 _ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
                   "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
@@ -95,6 +96,13 @@ class ModelConfig:
     initializer_range: float = 0.02
     aux_loss_alpha: float = 0.0001
     seq_aux: bool = True
+    # Dynamic sparsity (openr2's, not a DeepSeek release's; model/moe.py): with routing_top_p > 0 each token
+    # keeps the fewest of its num_experts_per_tok candidates (best gate first) whose normalised gates reach
+    # routing_top_p, at least routing_min_k of them; training adds routing_compute_penalty times a smooth
+    # count of the experts kept beyond the first. 0 = fixed top-k. Written to config.json only when on.
+    routing_top_p: float = 0.0
+    routing_min_k: int = 1
+    routing_compute_penalty: float = 0.0
     # DeepSeek Sparse Attention (deepseek_v32 only; None otherwise): the lightning indexer's heads and head
     # dim, and how many keys each query keeps
     index_n_heads: int | None = None
@@ -222,6 +230,8 @@ class ModelConfig:
             if f.name in _INDEXER_KEYS and not (self.has_indexer or self.is_v4):
                 continue
             if f.name in (_NOT_V4_KEYS if self.is_v4 else _V4_KEYS):
+                continue
+            if f.name in _DYNAMIC_ROUTING_KEYS and not self.routing_top_p:
                 continue
             out[f.name] = getattr(self, f.name)
         if self.is_v4:
@@ -368,6 +378,12 @@ class ModelConfig:
                                       f"{self.topk_method!r}")
         if not (isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.n_routed_experts):
             raise bad("num_experts_per_tok", f"must be in 1..n_routed_experts ({self.n_routed_experts})")
+        if not (isinstance(self.routing_top_p, (int, float)) and 0 <= self.routing_top_p <= 1):
+            raise bad("routing_top_p", "must be in [0, 1] (0: fixed top-k)")
+        if not (isinstance(self.routing_min_k, int) and 1 <= self.routing_min_k <= self.num_experts_per_tok):
+            raise bad("routing_min_k", f"must be in 1..num_experts_per_tok ({self.num_experts_per_tok})")
+        if not (isinstance(self.routing_compute_penalty, (int, float)) and self.routing_compute_penalty >= 0):
+            raise bad("routing_compute_penalty", "must be >= 0")
         if self.topk_method == "greedy":
             return
         if not (isinstance(self.n_group, int) and self.n_group > 0 and self.n_routed_experts % self.n_group == 0):

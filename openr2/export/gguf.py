@@ -59,6 +59,11 @@ def check_exportable(config: ModelConfig, source: str) -> None:
     if not config.rope_interleave:
         raise bad("rope_interleave false: llama.cpp's deepseek2 rotates interleaved pairs")
     has_moe = config.n_routed_experts > 0 and config.first_k_dense_replace < config.num_hidden_layers
+    if has_moe and config.routing_top_p:
+        raise bad(f"dynamic sparsity (routing_top_p {config.routing_top_p}: a variable number of experts per "
+                  f"token, {config.routing_min_k}..{config.num_experts_per_tok}): llama.cpp's deepseek2 runs "
+                  f"exactly n_expert_used = {config.num_experts_per_tok} experts for every token, so it would "
+                  "compute another model")
     if has_moe and config.n_shared_experts < 1:
         raise bad("no shared expert: llama.cpp's deepseek2 requires one")
     if has_moe and config.topk_method == "group_limited_greedy" and config.topk_group < config.n_group:

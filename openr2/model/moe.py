@@ -44,6 +44,9 @@ class Gate(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        # dynamic sparsity (see _keep_top_p): 0 = fixed top-k; `extra` is the last forward's smooth count
+        self.top_p, self.min_k = float(config.routing_top_p), config.routing_min_k
+        self.extra: torch.Tensor | None = None
         if self.method == "noaux_tc":
             # Aux-loss-free balancing bias: selection only, never in the weights; updated outside the optimizer.
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
@@ -70,9 +73,28 @@ class Gate(nn.Module):
                 dropped[:, :, None], float("-inf")).flatten(1)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
+        if self.top_p:
+            weights, ids = self._keep_top_p(weights, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, ids, scores
+
+
+    def _keep_top_p(self, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic sparsity: of the top_k candidates, best gate first, keep each one while the normalised gates
+        before it sum to less than top_p (and the first min_k whatever they sum to); the others get weight 0
+        (MoE.forward runs only the kept pairs). `extra` = per token, sum over the slots past min_k of
+        relu(top_p - mass before the slot) / top_p: each term in [0, 1], > 0 exactly when its slot is kept,
+        so its mean is a differentiable stand-in for the experts kept beyond min_k (the compute penalty)."""
+        weights, at = weights.sort(dim=-1, descending=True)
+        ids = ids.gather(1, at)
+        share = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        before = share.cumsum(dim=-1) - share
+        kept = before < self.top_p
+        kept[:, : self.min_k] = True
+        if weights.requires_grad:  # training only (no module attribute written in compiled or exported steps)
+            self.extra = ((self.top_p - before[:, self.min_k:]).clamp(min=0).sum(-1) / self.top_p).mean()
+        return weights * kept, ids
 
 
 class RoutedExperts(nn.Module):
@@ -315,7 +337,12 @@ class MoE(nn.Module):
 
     While training it also keeps what balancing needs: `expert_load` counts the tokens routed to each
     expert since the last `update_correction_bias`, and `aux_loss` is the last forward's sequence-wise
-    balance loss (DeepSeek-V3's L_Bal, weight aux_loss_alpha; None when alpha is 0 or not training).
+    balance loss (DeepSeek-V3's L_Bal, weight aux_loss_alpha) plus, with dynamic sparsity, the compute
+    penalty (routing_compute_penalty times Gate.extra); None when both are off or not training.
+
+    Dynamic sparsity (config.routing_top_p > 0): the gate gives dropped candidates weight 0 and the experts
+    run on the kept pairs only (each a row: every expert path, EP included, sees K = 1); the compiled
+    decode path ("decode", no host sync) runs all top_k candidates, the dropped ones with weight 0.
     """
 
     def __init__(self, config: ModelConfig):
@@ -325,6 +352,7 @@ class MoE(nn.Module):
         n_shared = config.n_shared_experts
         self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
         self.aux_loss_alpha = config.aux_loss_alpha
+        self.compute_penalty = config.routing_compute_penalty
         # not a buffer (never saved or cast); on the CPU explicitly, also when the model is built on "meta"
         self.expert_load = torch.zeros(config.n_routed_experts, device="cpu")
         self.aux_loss: torch.Tensor | None = None
@@ -335,26 +363,41 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, ids, scores = self.gate(flat, kernel_impl)
         if self.training:
-            self._balance_stats(ids, scores, shape[0])
-        out = self.experts(flat, weights, ids, moe_impl).view(shape)
+            self._balance_stats(ids, scores, shape[0], weights if self.gate.top_p else None)
+        if self.gate.top_p and moe_impl != "decode":
+            out = self._kept_pairs_only(flat, weights, ids, moe_impl).view(shape)
+        else:  # fixed top-k; or the compiled decode step (no host sync): dropped pairs run with weight 0
+            out = self.experts(flat, weights, ids, moe_impl).view(shape)
         if self.shared_experts is not None:
             shared = self.shared_experts(x, kernel_impl)
             out = out + shared if records_grad(out, shared) else out.add_(shared)
         return out
 
-    def _balance_stats(self, ids: torch.Tensor, scores: torch.Tensor, batch: int) -> None:
+    def _kept_pairs_only(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, moe_impl: str):
+        """Dynamic sparsity: the experts run on the kept (token, expert) pairs only, one pair a row."""
+        token, slot = (weights != 0).nonzero(as_tuple=True)
+        y = self.experts(x.index_select(0, token), weights[token, slot, None], ids[token, slot, None], moe_impl)
+        return torch.zeros_like(x).index_add(0, token, y)
+
+    def _balance_stats(self, ids: torch.Tensor, scores: torch.Tensor, batch: int,
+                       weights: torch.Tensor | None = None) -> None:
+        """Loads and the aux loss; `weights` (dynamic sparsity) tells the kept pairs (weight != 0)."""
         E, K = self.gate.num_experts, self.gate.top_k
-        counts = torch.bincount(ids.flatten(), minlength=E)
+        kept = None if weights is None else weights != 0
+        counts = torch.bincount(ids.flatten() if kept is None else ids[kept], minlength=E)
         self.expert_load = self.expert_load.to(counts.device) + counts.float()
-        if not self.aux_loss_alpha:
-            self.aux_loss = None
-            return
-        # per sequence: f_i = E / (K T) * #tokens choosing i, P_i = mean_t s'_i,t (s' normalised per token)
-        T = ids.shape[0] // batch
-        chosen = torch.zeros(batch * T, E, device=ids.device).scatter_(1, ids, 1.0).view(batch, T, E)
-        f = chosen.sum(1) * (E / (K * T))
-        p = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E).mean(1)
-        self.aux_loss = self.aux_loss_alpha * (f * p).sum(-1).mean()
+        terms = []
+        if self.aux_loss_alpha:
+            # per sequence: f_i = E / (K T) * #tokens choosing i, P_i = mean_t s'_i,t (s' normalised per token)
+            T = ids.shape[0] // batch
+            chosen = torch.zeros(batch * T, E, device=ids.device).scatter_(
+                1, ids, 1.0 if kept is None else kept.float()).view(batch, T, E)
+            f = chosen.sum(1) * (E / (K * T))
+            p = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E).mean(1)
+            terms.append(self.aux_loss_alpha * (f * p).sum(-1).mean())
+        if kept is not None and self.compute_penalty and weights.requires_grad:  # extra: this forward's
+            terms.append(self.compute_penalty * self.gate.extra)  # fewer experts per token (dynamic sparsity)
+        self.aux_loss = sum(terms) if terms else None
 
 
 @torch.no_grad()

@@ -84,6 +84,8 @@ class TrainConfig(_Options):
     pipeline_parallel: int = 1
     pp_schedule: str = "1f1b"  # 1f1b | interleaved | zbv | dualpipev (the last three: two stages per rank)
     microbatches: int = 0  # per batch and data-parallel rank through the pipeline (0: as many as stages)
+    redundant_experts: int = 0  # with expert_parallel: replica slots per MoE layer for hot experts (eplb.py)
+    rebalance_every: int = 10  # with redundant_experts: steps between placements from the measured loads
     eval_every: int = 0  # 0: evaluate at the end only (when an evaluator is given)
     # What to train and on what (read by run.py, the `openr2 train` command; the loop ignores them).
     model: str = "small-moe"  # a preset name or a directory/config.json (fresh weights)
@@ -161,6 +163,7 @@ class TrainConfig(_Options):
         if self.expert_parallel < 1:
             raise bad("expert_parallel", "must be at least 1")
         self._validate_pipeline()
+        self._validate_redundant_experts()
         for k in ("model", "init_from", "tokenizer", "tasks", "eval_tasks", "device"):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, str) and v):
@@ -181,9 +184,25 @@ class TrainConfig(_Options):
             raise bad("pp_schedule", f"expected one of {PP_SCHEDULES}")
         if self.microbatches < 0:
             raise bad("microbatches", "must be 0 (as many as stages) or more")
-        if self.pipeline_parallel > 1 and self.distributed == "fsdp":
-            raise bad("pipeline_parallel", "pipeline stages with distributed=fsdp are not supported yet "
-                                           "(use distributed=ddp: each stage's replicas sum their gradients)")
+        if self.pipeline_parallel > 1 and self.distributed == "fsdp" and self.pp_schedule in ("zbv", "dualpipev"):
+            raise bad("pp_schedule", f"{self.pp_schedule} with distributed=fsdp is not supported yet (its split "
+                                     "backward gave wrong gradients / hung under FSDP2 here): use 1f1b or "
+                                     "interleaved with fsdp, or distributed=ddp")
+
+    def _validate_redundant_experts(self) -> None:
+        bad = self._bad
+        if self.redundant_experts < 0 or self.rebalance_every < 0:
+            raise bad("redundant_experts" if self.redundant_experts < 0 else "rebalance_every", "must be >= 0")
+        if not self.redundant_experts:
+            return
+        if self.expert_parallel == 1:
+            raise bad("redundant_experts", "replicas of hot experts need expert parallelism (expert_parallel > 1)")
+        if self.distributed == "fsdp":
+            raise bad("redundant_experts", "redundant experts (--redundant-experts) with --distributed fsdp are "
+                                           "not supported yet (use --distributed ddp)")
+        if self.pipeline_parallel > 1:
+            raise bad("redundant_experts", "redundant experts (--redundant-experts) with pipeline parallelism "
+                                           "(--pipeline-parallel > 1) are not supported yet")
 
     def _validate_sparse_attention(self) -> None:
         bad = self._bad

@@ -16,12 +16,25 @@ world size for DDP's average, so expert gradients, which nothing averages, are d
 N may be below the world size: the processes form a DeviceMesh (mesh.py) of world/N expert replicas x N
 expert shards; the replicas of a shard sum their expert gradients. Under FSDP2 the experts are its
 `ignored_params` (this rank's slices, never sharded or reduced by it) and the rest is sharded.
+
+With `redundant` R > 0 (`--redundant-experts`, EPLB) each layer has E + R physical slots, (E + R)/N per
+rank, placed by eplb.rebalance from the measured loads (at the start: uniform loads) and re-placed every
+`rebalance_every` steps (`after_step`): the weights and optimizer moments move into their new slots. A
+replicated expert's pairs split round-robin over its replicas (Placement.to_physical); before the grad
+norm its replicas' gradients are summed (an all-reduce of the replicated experts only) into every replica,
+so replicas stay copies of one logical expert (same weights, gradient and moments: the same AdamW
+update), the norm counts each logical expert once, and checkpoints read each expert's primary slot.
+
+Redundant experts only with N == world size, without FSDP and without pipeline parallelism for now
+(TrainConfig refuses the other combinations).
+
 What it does not own: the routing math (model/moe.py), the load all-reduce (trainer.py does it for DDP).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as torch_dist
@@ -30,8 +43,9 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from openr2.model.moe import MoE, RoutedExperts, _fused_ok, _GroupedExperts
-from openr2.train import mesh
+from openr2.train import eplb, mesh
 from openr2.train.distributed import Dist
+from openr2.train.eplb import Placement
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -42,25 +56,36 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 
 class EPExperts(RoutedExperts):
-    """This rank's experts [first, first + E/N) of a RoutedExperts; same forward signature, same parameter
-    names (gate_up_proj, down_proj: the local slices), so the model around it is unchanged."""
+    """This rank's physical expert slots of a RoutedExperts: [first, first + E/N) without redundant experts,
+    else the slots its `placement` (eplb.py) gives this rank (replicas of hot experts included). Same forward
+    signature (logical expert ids in), same parameter names (gate_up_proj, down_proj: the local slots), so
+    the model around it is unchanged."""
 
-    def __init__(self, full: RoutedExperts, rank: int, size: int, group):
+    def __init__(self, full: RoutedExperts, rank: int, size: int, group, placement: Placement | None = None):
         nn.Module.__init__(self)
         self.group = group  # its own process group: never interleaved with DDP's gradient all-reduces
-        local = full.num_experts // size
+        self.placement = placement or Placement.identity(full.num_experts)
+        self.logical_experts = full.num_experts
+        local = self.placement.phy2log.numel() // size
         self.num_experts, self.intermediate = local, full.intermediate
         self.rank, self.size = rank, size
-        part = slice(rank * local, (rank + 1) * local)
+        part = self.local_logical()
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[part].clone())
         self.down_proj = nn.Parameter(full.down_proj.detach()[part].clone())
         self.sent_bytes = 0  # what this rank sent to others through all-to-all in forwards, since reset
+        self.rows_run = 0  # (token, slot) rows this rank's slots ran in forwards, since reset
+        self.load = torch.zeros(full.num_experts, dtype=torch.long)  # this rank's pairs per logical expert
+
+    def local_logical(self) -> torch.Tensor:
+        """The logical expert of each of this rank's slots."""
+        return self.placement.phy2log[self.rank * self.num_experts:(self.rank + 1) * self.num_experts]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, impl: str = "grouped"):
         """x [N, D], weights [N, K], ids [N, K] (global expert ids) -> [N, D], as RoutedExperts.forward."""
         N, K = ids.shape
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)  # pairs sorted by expert, hence by the rank that holds it
+        self.load += torch.bincount(ids.flatten(), minlength=self.logical_experts).cpu()
+        flat = self.placement.to_physical(ids, self.rank).flatten()  # a physical slot per pair
+        order = flat.argsort(stable=True)  # pairs sorted by slot, hence by the rank that holds it
         # rows per expert, exchanged: each rank learns how many rows of each of its experts every rank sends
         sent = torch.bincount(flat, minlength=self.num_experts * self.size)
         received = torch.empty_like(sent)  # [source rank, local expert]
@@ -68,6 +93,7 @@ class EPExperts(RoutedExperts):
         received = received.view(self.size, self.num_experts)
         in_splits = sent.view(self.size, self.num_experts).sum(1).tolist()
         out_splits = received.sum(1).tolist()
+        self.rows_run += sum(out_splits)
         rows = _exchange(x.index_select(0, order // K), out_splits, in_splits, self.group)
         local_ids = torch.arange(self.num_experts, device=x.device).repeat(self.size).repeat_interleave(
             received.flatten())  # the rows arrive by source rank, each source's sorted by expert
@@ -100,13 +126,17 @@ class EPExperts(RoutedExperts):
 class ExpertParallel:
     """What the Trainer needs to know about the expert-parallel model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, rank: int, size: int, group, loss_scale: int, replicas=None):
+    def __init__(self, model: nn.Module, rank: int, size: int, group, loss_scale: int, replicas=None,
+                 rebalance_every: int = 0, groups: int = 1, nodes: int = 1):
         """rank and size within the expert-parallel `group`; loss_scale: the data-parallel replicas' loss
         factor (the world size under DDP, the pipeline's data-parallel size under pipeline parallelism);
-        replicas: the group of the ranks holding the same experts (None when each shard is held once)."""
+        replicas: the group of the ranks holding the same experts (None when each shard is held once);
+        rebalance_every, groups, nodes: EPLB's (after_step, eplb.rebalance)."""
         self.model, self.rank, self.size, self.group, self.replicas = model, rank, size, group, replicas
-        self.expert_names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, EPExperts)
-                             for p in EXPERT_PARAMS]
+        self.rebalance_every, self.groups, self.nodes = rebalance_every, groups, nodes
+        self.owner = {f"{name}.{p}": m for name, m in model.named_modules() if isinstance(m, EPExperts)
+                      for p in EXPERT_PARAMS}
+        self.expert_names = list(self.owner)
         self.expert_params = {id(p) for name, p in model.named_parameters() if name in self.expert_names}
         # the loss is scaled by the data-parallel size for DDP's average; nothing averages the experts' gradients
         for name, p in model.named_parameters():
@@ -115,6 +145,12 @@ class ExpertParallel:
 
     def experts(self) -> list[EPExperts]:
         return [m for m in self.model.modules() if isinstance(m, EPExperts)]
+
+    @property
+    def redundant(self) -> int:
+        """Physical slots beyond the logical experts, per MoE layer."""
+        m = self.experts()[0]
+        return m.num_experts * m.size - m.logical_experts
 
     def take_sent_bytes(self) -> int:
         """All-to-all bytes this rank sent in forwards since the last call (backward sends as much again)."""
@@ -133,14 +169,20 @@ class ExpertParallel:
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model: replicated gradients counted once, expert slices summed
-        (after summing the expert replicas' gradients: call once per step, after the backward)."""
+        (after summing the expert-data-parallel replicas' gradients, and giving the EPLB replicas of each
+        expert their summed gradient: each logical expert counted once; call once per step, after the backward)."""
         from torch.distributed.tensor import DTensor
 
         self.sum_replica_grads(params)
+        self._sum_replica_grads()
+        primary = {id(p): m.placement.replica[m.num_experts * m.rank:m.num_experts * (m.rank + 1)] == 0
+                   for m in self.experts() for p in (m.gate_up_proj, m.down_proj)}
         shared = [p.grad for p in params if p.grad is not None and id(p) not in self.expert_params]
         local = [p.grad for p in params if p.grad is not None and id(p) in self.expert_params]
+        counted = [p.grad[primary[id(p)].to(p.device)] for p in params
+                   if p.grad is not None and id(p) in self.expert_params]
         sq = lambda gs: sum((g.double().pow(2).sum() for g in gs), torch.zeros((), dtype=torch.float64))  # noqa: E731
-        expert_sq = sq(local)
+        expert_sq = sq(counted)
         torch_dist.all_reduce(expert_sq, group=self.group)
         sharded = [g for g in shared if isinstance(g, DTensor)]  # FSDP: each rank holds a shard of these
         shard_sq = sq([g.to_local() for g in sharded])
@@ -153,30 +195,96 @@ class ExpertParallel:
                 g.mul_(scale)
         return norm
 
-    # -------------------------------------------------------------- whole state <-> this rank's slices
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    def _sum_replica_grads(self) -> None:
+        """Each replicated expert's gradient = the sum of its replicas' (every rank, one all-reduce of the
+        replicated experts only), written back into every replica: replicas stay copies of one expert."""
+        for m in self.experts():
+            hot = (m.placement.count > 1).nonzero().flatten()
+            if not hot.numel():
+                continue
+            index = torch.full((m.logical_experts,), -1, dtype=torch.long)
+            index[hot] = torch.arange(hot.numel())
+            mine = index[m.local_logical()]
+            slots = (mine >= 0).nonzero().flatten()
+            for p in (m.gate_up_proj, m.down_proj):
+                at, into = slots.to(p.device), mine[slots].to(p.device)
+                total = p.grad.new_zeros(hot.numel(), *p.shape[1:]).index_add_(0, into, p.grad[at])
+                torch_dist.all_reduce(total, group=self.group)
+                p.grad[at] = total[into]
+
+    def after_step(self, optimizer: torch.optim.Optimizer, step: int) -> dict:
+        """After optimizer step `step` (1-based): per MoE layer, the largest rank's rows over the mean
+        (`ep_rows_max_over_mean`, what the step's experts ran per rank), and every rebalance_every steps
+        with redundant experts, a new placement from the loads since the last one (`ep_rebalanced`)."""
+        experts = self.experts()
+        rows = torch.zeros(self.size, len(experts), dtype=torch.float64)
+        rows[self.rank] = torch.tensor([float(m.rows_run) for m in experts], dtype=torch.float64)
+        torch_dist.all_reduce(rows, group=self.group)
+        for m in experts:
+            m.rows_run = 0
+        record = {"ep_rows_max_over_mean": (rows.max(0).values / rows.mean(0).clamp(min=1e-30)).tolist()}
+        if self.redundant and self.rebalance_every and step % self.rebalance_every == 0:
+            self.rebalance(optimizer)
+            record["ep_rebalanced"] = True
+        return record
+
+    @torch.no_grad()
+    def rebalance(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Place every layer's slots anew (eplb.rebalance) from the logical loads of all ranks since the
+        last call, and move the experts' weights and optimizer moments into their new slots (each rank
+        gathers the whole experts, then keeps its slots: simple, and as many bytes as a checkpoint)."""
+        experts = self.experts()
+        load = torch.stack([m.load for m in experts]).to(torch.float64)
+        torch_dist.all_reduce(load, group=self.group)
+        slots = experts[0].num_experts * self.size
+        phy2log, replica, count = eplb.rebalance(load, slots, self.groups, self.nodes, self.size)
+        for i, m in enumerate(experts):
+            moved = []
+            for p in (m.gate_up_proj, m.down_proj):
+                state = optimizer.state.get(p, {}) if optimizer is not None else {}
+                for t in [p.data] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]:
+                    moved.append((t, self._gather(t, m)))
+            m.placement = Placement.build(phy2log[i], replica[i], count[i])
+            for t, whole in moved:
+                t.copy_(whole[m.local_logical().to(whole.device)])
+            m.load.zero_()
+
+    @torch.no_grad()
+    def replicas_agree(self) -> bool:
+        """Whether every replica of every expert holds its primary's weights bitwise (collective)."""
+        ok = True
+        for m in self.experts():
+            for p in (m.gate_up_proj, m.down_proj):
+                parts = [torch.empty_like(p) for _ in range(self.size)]
+                torch_dist.all_gather(parts, p.data.contiguous(), group=self.group)
+                slots = torch.cat(parts)
+                ok &= torch.equal(slots, slots[m.placement.primary.to(p.device)][m.placement.phy2log.to(p.device)])
+        return ok
+
+    # -------------------------------------------------------------- whole state <-> this rank's slots
+    def _gather(self, t: torch.Tensor, m: EPExperts) -> torch.Tensor:
+        """This rank's slots of one expert tensor -> the whole logical tensor [E, ...] (collective)."""
         parts = [torch.empty_like(t) for _ in range(self.size)]
         torch_dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat(parts)
+        return torch.cat(parts)[m.placement.primary.to(t.device)]
 
-    def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        local = t.shape[0] // self.size
-        return t[self.rank * local:(self.rank + 1) * local].clone()
+    def _slice(self, t: torch.Tensor, m: EPExperts) -> torch.Tensor:
+        return t[m.local_logical().to(t.device)].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with whole expert tensors, and whole FSDP-sharded ones (collective: every rank
         calls it)."""
-        return {k: self._gather(v) if k in self.expert_names else v.full_tensor() if hasattr(v, "full_tensor")
-                else v for k, v in self.model.state_dict().items()}
+        return {k: self._gather(v, self.owner[k]) if k in self.owner else v.full_tensor()
+                if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
 
     def local_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: self._slice(v) if k in self.expert_names else v for k, v in state.items()}
+        return {k: self._slice(v, self.owner[k]) if k in self.owner else v for k, v in state.items()}
 
     def _map_optimizer(self, state: dict, fn) -> dict:
         per_param = {}
         for k, s in state["state"].items():
-            per_param[k] = {n: fn(v) if k in self.expert_names and torch.is_tensor(v) and v.dim() else v
-                            for n, v in s.items()} if k in self.expert_names else s
+            per_param[k] = {n: fn(v, self.owner[k]) if torch.is_tensor(v) and v.dim() else v
+                            for n, v in s.items()} if k in self.owner else s
         return {**state, "state": per_param}
 
     def full_optimizer_state(self, state: dict) -> dict:
@@ -187,10 +295,14 @@ class ExpertParallel:
         return self._map_optimizer(state, self._slice)
 
 
-def apply(model: nn.Module, n: int, dist: Dist, layout=None) -> ExpertParallel | None:
-    """Keep 1/n of every MoE layer's routed experts on this rank; None when n is 1. The experts are split
-    over the "ep" sub-mesh of `layout` (mesh.Layout; by default the world as world/n replicas x n shards)."""
+def apply(model: nn.Module, n: int, dist: Dist, layout=None, redundant: int = 0, rebalance_every: int = 0
+          ) -> ExpertParallel | None:
+    """Keep 1/n of every MoE layer's routed experts on this rank, plus `redundant` replica slots per layer
+    placed by EPLB (re-placed every `rebalance_every` steps); None when n is 1. The experts are split over
+    the "ep" sub-mesh of `layout` (mesh.Layout; by default the world as world/n replicas x n shards)."""
     if n == 1:
+        if redundant:
+            raise ValueError(f"redundant_experts={redundant} needs expert parallelism (expert_parallel > 1)")
         return None
     moe = [m for m in model.modules() if isinstance(m, MoE)]
     if not moe:
@@ -199,14 +311,30 @@ def apply(model: nn.Module, n: int, dist: Dist, layout=None) -> ExpertParallel |
     if experts % n:
         raise ValueError(f"expert_parallel={n} does not divide the model's {experts} routed experts "
                          "(n_routed_experts)")
-    if layout is not None:
-        group = layout.group("ep")
-        for m in moe:
-            m.experts = EPExperts(m.experts, layout.ep_rank, n, group)
-        return ExpertParallel(model, layout.ep_rank, n, group, layout.dp,
-                              layout.group("edp") if layout.edp > 1 else None)
-    if dist.world_size == 1:
-        raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
-    if dist.world_size % n:
-        raise ValueError(f"expert_parallel={n} does not divide the world size {dist.world_size}")
-    return apply(model, n, dist, mesh.build(dist, 1, n, model.device))
+    if (experts + redundant) % n:
+        raise ValueError(f"redundant_experts={redundant}: {experts} experts + {redundant} replicas do not split "
+                         f"over {n} ranks (make n_routed_experts + redundant_experts a multiple of {n})")
+    if redundant and n != dist.world_size:
+        # the placement comes from the loads of one expert-parallel group: its replicas (edp) or the other
+        # pipeline stages would each place their slots differently
+        raise ValueError(f"redundant_experts={redundant} needs expert parallelism over all processes "
+                         f"(expert_parallel={n}, world size {dist.world_size}): --redundant-experts with "
+                         "--expert-parallel below the world size or with --pipeline-parallel is not supported yet")
+    if layout is None:
+        if dist.world_size == 1:
+            raise ValueError(f"expert_parallel={n} needs {n} processes: launch with torchrun --nproc-per-node {n}")
+        if dist.world_size % n:
+            raise ValueError(f"expert_parallel={n} does not divide the world size {dist.world_size}")
+        layout = mesh.build(dist, 1, n, model.device)
+    group = layout.group("ep")
+    groups = moe[0].gate.num_groups
+    nodes = max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", n)))
+    placement = [None] * len(moe)
+    if redundant:  # the first placement before any load is known: every expert equally loaded
+        phy2log, replica, count = eplb.rebalance(torch.ones(len(moe), experts), experts + redundant, groups,
+                                                 nodes, n)
+        placement = [Placement.build(*t) for t in zip(phy2log, replica, count)]
+    for m, where in zip(moe, placement):
+        m.experts = EPExperts(m.experts, layout.ep_rank, n, group, where)
+    return ExpertParallel(model, layout.ep_rank, n, group, layout.dp,
+                          layout.group("edp") if layout.edp > 1 else None, rebalance_every, groups, nodes)

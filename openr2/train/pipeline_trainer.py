@@ -1,5 +1,7 @@
-"""The Trainer under pipeline parallelism (`pipeline_parallel` > 1), alone or with expert parallelism, on
-the DeviceMesh of mesh.py: pp stages x dp data-parallel replicas (ep of them splitting the experts).
+"""The Trainer under pipeline parallelism (`pipeline_parallel` > 1), alone or with expert parallelism and
+FSDP2, on the DeviceMesh of mesh.py: pp stages x dp data-parallel replicas (ep of them splitting the
+experts; with distributed=fsdp the rest of each stage is sharded over the dp ranks, which then
+reduce-scatter its gradients themselves).
 
 Each step, for each of grad_accum batches: every rank reads the same global batch, takes its data-parallel
 rows and runs them through its pipeline's schedule in `microbatches` micro-batches (pipeline.py). The loss
@@ -64,6 +66,9 @@ class PipelineTrainer(Trainer):
         for i in range(len(model.layers)):  # free the other stages' layers (the embedding and head stay)
             if str(i) not in own_layers:
                 model.layers[i] = nn.Identity()
+        self.fsdp = config.distributed == "fsdp" and self.layout.dp > 1
+        if self.fsdp:
+            self._shard(self.layout.mesh["edp", "ep"]._flatten("dp"))
         from torch.distributed.pipelining import PipelineStage
 
         group = self.layout.group("pp")
@@ -82,6 +87,18 @@ class PipelineTrainer(Trainer):
         self.replicated = [p for p in self.params if id(p) not in expert_ids]
         self.expert_local = [p for p in self.params if id(p) in expert_ids]
         self.timeline: list | None = None
+
+    def _shard(self, dp_mesh) -> None:
+        """FSDP2 over each stage's data-parallel ranks: every decoder / MTP layer, then the stage's rest
+        (embedding, norm, head); the experts are its ignored parameters (expert parallelism's)."""
+        from torch.distributed.fsdp import fully_shard
+
+        ignored = {p for p in self.model.parameters() if self.ep and id(p) in self.ep.expert_params} or None
+        for stage in self.stages:
+            blocks = list(stage.layers.values()) + (list(stage.mtp) if hasattr(stage, "mtp") else [])
+            for block in blocks:
+                fully_shard(block, mesh=dp_mesh, ignored_params=ignored)
+            fully_shard(stage, mesh=dp_mesh, ignored_params=ignored)
 
     # ------------------------------------------------------------------ one step
     def record_timeline(self) -> list:
@@ -177,7 +194,7 @@ class PipelineTrainer(Trainer):
         """Replicated gradients: summed over the dp group, divided by dp (the loss was scaled by it); expert
         gradients: summed over the expert replicas (edp)."""
         layout = self.layout
-        if layout.dp > 1:
+        if layout.dp > 1 and not self.fsdp:  # FSDP reduce-scatters (and averages) its own
             group = layout.group("dp")
             for p in self.replicated:
                 if p.grad is not None:
@@ -195,14 +212,18 @@ class PipelineTrainer(Trainer):
         experts = sq(self.expert_local)
         if self.ep:
             torch_dist.all_reduce(experts, group=self.layout.group("ep"))
-        total = sq(self.replicated) + experts
+        sharded = [p for p in self.replicated if p.grad is not None and hasattr(p.grad, "to_local")]
+        shards = sum((p.grad.to_local().double().pow(2).sum() for p in sharded), torch.zeros((), dtype=torch.float64))
+        if sharded:  # FSDP: each data-parallel rank holds a shard of these
+            torch_dist.all_reduce(shards, group=self.layout.group("dp"))
+        total = sq([p for p in self.replicated if not hasattr(p.grad, "to_local")]) + shards + experts
         torch_dist.all_reduce(total, group=self.layout.group("pp"))
         norm = total.sqrt()
         if max_norm != float("inf"):
-            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            scale = min(1.0, max_norm / (norm.item() + 1e-6))
             for p in self.params:
                 if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
+                    p.grad.mul_(scale)
         return norm
 
     def _balance(self) -> list[dict]:
@@ -228,7 +249,8 @@ class PipelineTrainer(Trainer):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state: this rank's stages (experts gathered over the ep group), gathered over
         the pipeline (collective: every rank calls it)."""
-        state = self.ep.full_state_dict() if self.ep else self.model.state_dict()
+        state = self.ep.full_state_dict() if self.ep else \
+            {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
         own = {k: v.detach().cpu() for k, v in state.items() if k in self.own_names}
         merged = {k: v for part in self._pp_gather(own) for k, v in part.items()}
         device = self.model.device

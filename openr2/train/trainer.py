@@ -25,7 +25,9 @@ tokenizer).train()` runs `config.steps` optimizer steps:
   resume under a different parallelism.
 - with expert_parallel N (expert_parallel.py) each rank holds 1/N of the routed experts, tokens travel to
   them by all-to-all, the rest stays DDP; the grad norm sums the ranks' expert parts, checkpoints gather the
-  experts (the single-process format) and resume slices them; records carry all_to_all_bytes.
+  experts (the single-process format) and resume slices them; records carry all_to_all_bytes and
+  ep_rows_max_over_mean; with redundant_experts R, EPLB (eplb.py) re-places R replicas of hot experts every
+  rebalance_every steps (the same math).
 Float32 on CPU; bf16 autocast on CUDA.
 """
 
@@ -131,7 +133,8 @@ class Trainer(TrainingLoop):
     def _parallelize(self, model: torch.nn.Module, config: TrainConfig) -> None:
         """Set ep (expert_parallel.py, None without), module (what the step calls), sharded and optimizer
         (pipeline_trainer.py has its own)."""
-        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist)  # None without EP
+        self.ep = expert_parallel.apply(model, config.expert_parallel, self.dist, None, config.redundant_experts,
+                                        config.rebalance_every)  # None without EP
         self.module = dist_utils.wrap(model, config.distributed, self.dist,
                                       self.ep.expert_names if self.ep else ())  # what the step calls
         self.sharded = dist_utils.is_sharded(model)
@@ -337,6 +340,7 @@ class Trainer(TrainingLoop):
             record["expert_load"] = loads
         if self.ep:  # this rank's, forward and backward (the backward sends what the forward sent)
             record["all_to_all_bytes"] = 2 * self.ep.take_sent_bytes()
+            record.update(self.ep.after_step(self.optimizer, self.step))  # rows per rank; EPLB rebalances
         return record
 
     def lr_at(self, step: int) -> float:

@@ -4,8 +4,8 @@ imports is most of a run's time on 2 cores).
 
     _pp_run.py OUT NAME=LAYOUT[@CHECKPOINT] ...
 
-LAYOUT: "single" (one process), or "SCHEDULE[:EP]": pipeline_parallel 2 with that pp_schedule, the experts
-split over EP data-parallel ranks of each stage (4 processes for EP 2); @CHECKPOINT resumes from it. Rank 0
+LAYOUT: "single" (one process), or "SCHEDULE[:EP[:fsdp]]": pipeline_parallel 2 with that pp_schedule, the
+experts split over EP data-parallel ranks of each stage (4 processes for EP 2), FSDP2 over those ranks; @CHECKPOINT resumes from it. Rank 0
 writes each job's per-step records and whole weights to OUT/NAME/result.pt."""
 
 import os
@@ -27,13 +27,15 @@ KEYS = ("loss", "mtp_loss", "aux_loss", "grad_norm", "tokens", "lr", "step", "ex
 
 
 def run(out_dir: str, layout: str, resume: str | None) -> dict:
-    pp, schedule, ep = 1, "1f1b", 1
+    pp, schedule, ep, strategy = 1, "1f1b", 1, "ddp"
     if layout != "single":
         schedule, *rest = layout.split(":")
         pp, ep = 2, int(rest[0]) if rest else 1
+        strategy = rest[1] if len(rest) > 1 else "ddp"
     cfg = TrainConfig(mode="sft", steps=STEPS, batch_size=B, seq_len=T, lr=1e-2, warmup_steps=2, grad_accum=2,
                       out_dir=out_dir, log_every=1, save_every=SAVE_EVERY, resume=resume, pipeline_parallel=pp,
-                      pp_schedule=schedule, microbatches=MICROBATCHES, expert_parallel=ep)
+                      pp_schedule=schedule, microbatches=MICROBATCHES, expert_parallel=ep,
+                      distributed=strategy)
     # float64 from end to end, as _dist_run.py (see test_distributed.py for why)
     model = build_model(tiny_v3(), seed=0).to(torch.float64)
     with float64_compute():

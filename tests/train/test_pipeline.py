@@ -1,6 +1,6 @@
 """Pipeline parallelism (openr2/train/pipeline.py, pipeline_trainer.py, mesh.py): the stages chained in one
 process are the model (outputs and gradients, float64); 2-process gloo runs with each schedule (1f1b,
-interleaved, zbv, dualpipev) and 4-process EP2 x PP2 runs log the per-step losses, grad norms and expert loads
+interleaved, zbv, dualpipev) and 4-process EP2 x PP2 runs (with FSDP2 too) log the per-step losses, grad norms and expert loads
 of one process on the same global batch and end with its weights (float64, bounds derived in
 test_distributed.py); checkpoints written by EP2 x PP2 resume on one process and back as they resume in
 their own layout; impossible layouts are refused with the reason."""
@@ -79,19 +79,20 @@ def test_each_schedule_matches_one_process(single, tmp_path):
 
 @pytest.mark.slow
 def test_ep_x_pp_matches_one_process_and_resumes_across_layouts(single, tmp_path):
-    """4 processes: experts split over the 2 data-parallel ranks of each of 2 stages (DeviceMesh pp x ep).
-    Then the step-3 checkpoints: EP2 x PP2's resumed on one process and one process's under EP2 x PP2
-    equal each file resumed in its own layout (steps 4..6 and the final weights)."""
+    """4 processes: experts split over the 2 data-parallel ranks of each of 2 stages (DeviceMesh pp x ep),
+    the rest replicated (dualpipev, zbv) or FSDP2-sharded over them (interleaved, 1f1b: 3D). Then the step-3
+    checkpoints: EP2 x PP2's resumed on one process and one process's under EP2 x PP2 x FSDP equal each file
+    resumed in its own layout (steps 4..6 and the final weights)."""
     single_dir, ref = single
-    runs = _launch(tmp_path, 4, "ep-1f1b=1f1b:2", "ep-dualpipev=dualpipev:2",
-                   f"from-single=zbv:2@{single_dir / 'single' / STEP3}",
-                   f"own-ep=interleaved:2@{tmp_path / 'ep-1f1b' / STEP3}")
+    runs = _launch(tmp_path, 4, "ep-dualpipev=dualpipev:2", "ep-interleaved-fsdp=interleaved:2:fsdp",
+                   f"from-single=1f1b:2:fsdp@{single_dir / 'single' / STEP3}",
+                   f"own-ep=zbv:2@{tmp_path / 'ep-dualpipev' / STEP3}")
     bounds = _weight_bounds(ref)
-    for name in ("ep-1f1b", "ep-dualpipev"):
+    for name in ("ep-dualpipev", "ep-interleaved-fsdp"):
         assert all(b > 0 for b in runs[name]["all_to_all_bytes"])  # the tokens did travel
         _assert_matches(runs[name], ref, bounds, what=name)
     resumed = _launch(tmp_path, 1, f"own-single=single@{single_dir / 'single' / STEP3}",
-                      f"from-ep=single@{tmp_path / 'ep-1f1b' / STEP3}")
+                      f"from-ep=single@{tmp_path / 'ep-dualpipev' / STEP3}")
     # resumed runs are compared with each other (loading rounds the router to float32): from the same file,
     # steps 4..6 reorder sums as above, starting from equal weights
     from_step3 = [0.0] * 4 + [b - bounds[3] for b in bounds[4:]]
@@ -165,8 +166,8 @@ def test_bad_layouts_are_refused():
         TrainConfig(pp_schedule="gpipe")
     with pytest.raises(ValueError, match="pipeline_parallel.*at least 1"):
         TrainConfig(pipeline_parallel=0)
-    with pytest.raises(ValueError, match="pipeline_parallel.*fsdp"):
-        TrainConfig(pipeline_parallel=2, distributed="fsdp")
+    with pytest.raises(ValueError, match="zbv with distributed=fsdp is not supported yet"):
+        TrainConfig(pipeline_parallel=2, distributed="fsdp", pp_schedule="zbv")
     with pytest.raises(ValueError, match="does not divide the world size 3"):
         mesh.build(Dist(0, 3), pp=2)
     with pytest.raises(ValueError, match="expert_parallel=4 does not divide the 2 data-parallel ranks"):
