@@ -339,8 +339,8 @@ def test_int4_models_decode_eagerly():
 @pytest.mark.slow
 def test_a_restart_loads_the_compiled_steps_from_disk(model, tmp_path):
     """A second engine (a fresh process's model object) loads the packages the first compiled, for one row and
-    several: no compiling. A corrupt package or a manifest for other code is never used: named in a warning,
-    compiled again."""
+    several: no compiling. A corrupt package is never used: named in a warning, compiled again; one another torch
+    wrote is pruned when an engine starts, and compiled again."""
     import copy
     import json
 
@@ -373,7 +373,8 @@ def test_a_restart_loads_the_compiled_steps_from_disk(model, tmp_path):
         third.warm_up()
     messages = [str(w.message) for w in caught if "cached compiled step not used" in str(w.message)]
     assert any(str(one_row) in m and "sha256" in m for m in messages), messages
-    assert any(str(several) in m and "another torch" in m for m in messages), messages
+    # the other torch's package went when the engine started (engine/compile_cache.prune), so it is built again
+    assert not any(str(several) in m for m in messages), messages
     decode = third.runner._compiled_decode
     assert (decode.num_loaded, decode.num_built) == (0, 2)
     done = _run(third, [(str(i), p, GREEDY) for i, p in enumerate(prompts)])
