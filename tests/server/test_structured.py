@@ -106,21 +106,27 @@ def test_json_object_and_streaming_and_completions(live):
     jsonschema.validate(json.loads(completion.choices[0].text), SCHEMA)
 
 
+def _named_weather_call(client, model, tools, seed, max_tokens):
+    """Ask with tool_choice naming get_weather: exactly one call, to it, whose arguments validate; returns the
+    conversation with that call and the tool's result, ready for the follow-up turn."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=model, messages=ask, tools=tools, max_tokens=max_tokens, temperature=1.0, seed=seed,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_THINKING)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    return [*ask, {"role": "assistant", "content": choice.message.content,
+                   "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
+            {"role": "tool", "tool_call_id": call.id, "content": "21C and sunny"}]
+
+
 def test_named_tool_choice_returns_arguments_that_validate_and_the_next_turn_answers(live):
     client = _client(live[0])
-    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     for seed in range(5):
-        first = client.chat.completions.create(
-            model="tiny", messages=ask, tools=[WEATHER, TIME], max_tokens=400, temperature=1.0, seed=seed,
-            tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_THINKING)
-        choice = first.choices[0]
-        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
-        call = choice.message.tool_calls[0]
-        assert call.function.name == "get_weather"
-        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    history = [*ask, {"role": "assistant", "content": choice.message.content,
-                      "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
-               {"role": "tool", "tool_call_id": call.id, "content": "21C and sunny"}]
+        history = _named_weather_call(client, "tiny", [WEATHER, TIME], seed, max_tokens=400)
     follow = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER, TIME], max_tokens=8,
                                             extra_body=NO_THINKING)
     assert follow.choices[0].finish_reason in ("stop", "length") and follow.usage.completion_tokens > 0
@@ -216,18 +222,7 @@ def test_a_named_tool_choice_on_the_demo_model_validates_and_the_follow_up_answe
     """The issue's first check, on the bundled demo model itself: the call's arguments validate, and the turn
     with the tool's result gets an answer."""
     client = _client(demo_live[0])
-    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(
-        model="demo", messages=ask, tools=[WEATHER], max_tokens=200, temperature=1.0, seed=0,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_THINKING)
-    choice = first.choices[0]
-    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
-    call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    history = [*ask, {"role": "assistant", "content": choice.message.content,
-                      "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
-               {"role": "tool", "tool_call_id": call.id, "content": "21C and sunny"}]
+    history = _named_weather_call(client, "demo", [WEATHER], seed=0, max_tokens=200)
     follow = client.chat.completions.create(model="demo", messages=history, tools=[WEATHER], max_tokens=64,
                                             extra_body=NO_THINKING)
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls") and follow.usage.completion_tokens > 0
