@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -70,3 +72,13 @@ def serve_tiny(tmp_path_factory, config: ServerConfig | None = None):
     save_tiny_chat_checkpoint(ckpt)
     with serve(ckpt, tmp_path_factory.mktemp("data"), config) as running:
         yield running
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server process as an operator does (SIGTERM: its lifespan finishes), killing it after 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

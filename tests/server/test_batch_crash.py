@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import openai
 import pytest
 
 from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import free_port
+from tests.server._live import free_port, stop
 from tests.server.test_app import _batch_file
 
 pytestmark = pytest.mark.slow
@@ -66,8 +65,4 @@ def test_sigkill_mid_batch_then_resume(tmp_path):
         report = httpx.get(f"http://127.0.0.1:{port}/v1/usage").json()["data"][0]
         assert report["batch_requests"] == report["requests"] == 20  # each line billed once
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+        stop(proc)

@@ -18,7 +18,6 @@ import openai
 import pytest
 
 from openr2.server.upstreams import Upstream
-from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import free_port
 from tests.server._upstreams import ROOT, gateway, start_upstream, stop, wait_ready
 
@@ -29,13 +28,6 @@ USER = [{"role": "user", "content": "What is 2+2?"}]
 def _client(base_url):
     return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0,
                          _strict_response_validation=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,8 +28,7 @@ from openr2.engine.usage import Usage
 from openr2.server.app import ServerConfig
 from openr2.server.metrics import Metrics
 from openr2.server.policy import Policy, PolicyEngine, _AnswerWatch
-from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import free_port, serve
+from tests.server._live import free_port, serve, stop
 from tests.server._scripted import serve_scripted
 from tests.tokenizer_utils import tiny_tokenizer
 
@@ -78,13 +76,6 @@ def _billed(server) -> tuple[int, int, int, int]:
 def _judge_tokens(base_url: str) -> float:
     m = re.search(r'openr2_prompt_tokens_total\{endpoint="policy:judge"\} (\S+)', httpx.get(base_url + "/metrics").text)
     return float(m.group(1)) if m else 0.0
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -381,12 +372,7 @@ def test_openr2_serve_with_a_rules_file(ckpt, tmp_path):
         assert choice.model_extra["content_filter"] == {"rule": "no-sesame", "on": "request"}
         assert _refusals(base_url) == {("no-sesame", "request"): 1.0}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _watched(patterns: list[str], deltas: list[str]) -> list[CompletionOutput]:

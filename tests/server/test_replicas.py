@@ -5,7 +5,6 @@ a prepaid key's concurrent requests through both are all debited; a key's rate l
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 from openr2.billing import format_usd
 from tests.checkpoints import save_tiny_chat_checkpoint
-from tests.server._live import free_port
+from tests.server._live import free_port, stop
 from tests.server.test_app import _batch_file
 
 pytestmark = pytest.mark.slow
@@ -54,12 +53,7 @@ def _wait_healthy(proc: subprocess.Popen, base: str) -> None:
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture

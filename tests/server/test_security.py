@@ -14,18 +14,10 @@ import openai
 import pytest
 
 from openr2.server.app import ServerConfig
-from tests.checkpoints import save_tiny_chat_checkpoint
 from tests.server._live import db_bytes, serve
 from tests.server.test_app import _batch_file, _client, _wait_for_batch
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    save_tiny_chat_checkpoint(path)
-    return path
 
 
 def _config(**kwargs) -> ServerConfig:

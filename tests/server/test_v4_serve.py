@@ -5,8 +5,6 @@ offline `LLM`'s greedy text; the same prompt again is a prefix-cache hit, billed
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ from openr2.checkpoints import save_model
 from openr2.model.transformer import build_model
 from openr2.presets import tiny_v4
 from tests.hf_utils import perturb_
-from tests.server._live import free_port
+from tests.server._live import free_port, stop
 from tests.tokenizer_utils import tiny_tokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest " * 2
@@ -60,11 +58,7 @@ def test_serve_v4_completion_with_usage(tmp_path):
         first = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
         again = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+        stop(proc)
     P = len(offline.prompt_token_ids)
     for resp in (first, again):
         assert resp["choices"][0]["text"] == offline.outputs[0].text
